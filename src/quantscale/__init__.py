@@ -1,0 +1,3 @@
+"""quantscale: post-training quantization for LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from quantscale.cli import main
+
+raise SystemExit(main())

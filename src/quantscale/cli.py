@@ -1,0 +1,44 @@
+"""The `quantscale` command.
+
+Each module in `quantscale.commands` adds one sub-command through `register(subparsers)`;
+the parser it adds sets `func`, which receives the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from quantscale import __version__, commands
+from quantscale.errors import QuantscaleError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every sub-command found in `quantscale.commands`."""
+    parser = argparse.ArgumentParser(prog="quantscale", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"quantscale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"quantscale.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QuantscaleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
