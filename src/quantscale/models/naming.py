@@ -1,0 +1,81 @@
+"""What a parameter name says about its module: kind (attention q/k/v/o, experts, router...)
+and whether quantization leaves it alone by default."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+# (kind, regex on the module path, i.e. the parameter name without its last component)
+_KINDS: list[tuple[str, str]] = [
+    ("embeddings", r"(^|\.)(embed_tokens|wte|wpe|embeddings?|word_embeddings)$"),
+    ("lm_head", r"(^|\.)(lm_head|output|embed_out)$"),
+    ("norm", r"(norm|ln_\w+|layernorm|ln_f)$"),
+    ("router", r"(^|\.)(gate|router|e_score_correction_bias)$"),
+    ("attention.q", r"\.(q_proj|wq|q_a_proj|q_b_proj)$"),
+    ("attention.k", r"\.(k_proj|wk)$"),
+    ("attention.v", r"\.(v_proj|wv)$"),
+    ("attention.qkv", r"\.(qkv_proj|query_key_value|c_attn|kv_a_proj_with_mqa|kv_b_proj)$"),
+    ("attention.o", r"\.(o_proj|wo|dense|c_proj|out_proj)$"),
+    ("experts.w1", r"experts\.\d+\.(w1|gate_proj)$"),
+    ("experts.w2", r"experts\.\d+\.(w2|down_proj)$"),
+    ("experts.w3", r"experts\.\d+\.(w3|up_proj)$"),
+    ("mlp.gate", r"\.(gate_proj|w1)$"),
+    ("mlp.up", r"\.(up_proj|w3)$"),
+    ("mlp.down", r"\.(down_proj|w2)$"),
+    ("mamba.in_proj", r"mixer\.in_proj$"),
+    ("mamba.x_proj", r"mixer\.x_proj$"),
+    ("mamba.dt_proj", r"mixer\.dt_proj$"),
+    ("mamba.conv1d", r"mixer\.conv1d$"),
+]
+_COMPILED = [(kind, re.compile(pattern)) for kind, pattern in _KINDS]
+
+# Modules that FP8 / weight quantization skips unless asked (matched against the module path).
+DEFAULT_IGNORE = (
+    "*embed_tokens*",
+    "*embeddings*",
+    "lm_head",
+    "*.lm_head",
+    "*norm*",
+    "*.gate",
+    "*.router",
+    "*e_score_correction_bias*",
+    "*.conv1d",
+)
+
+
+def module_path(param_name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj`."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def module_kind(param_name: str) -> str:
+    """Kind of the module owning a parameter (or of a module path); "other" if unknown."""
+    path = module_path(param_name) if param_name.endswith((".weight", ".bias")) else param_name
+    if param_name.endswith("e_score_correction_bias"):
+        return "router"
+    for kind, pattern in _COMPILED:
+        if pattern.search(path):
+            return kind
+    return "other"
+
+
+def matches_any(module: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """True if a module path matches a glob pattern, a `re:` regex, or a path component name.
+
+    A bare name such as `gate` or `self_attn` matches any module with that component, the way
+    `modules_to_not_convert` entries are read by transformers.
+    """
+    parts = module.split(".")
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], module):
+                return True
+        elif fnmatch.fnmatchcase(module, pattern) or pattern in parts:
+            return True
+    return False
+
+
+def is_ignored(module: str, extra: list[str] | tuple[str, ...] = ()) -> bool:
+    """Whether a module is skipped by default or by the user's extra patterns."""
+    return matches_any(module, DEFAULT_IGNORE) or matches_any(module, extra)
