@@ -1,0 +1,56 @@
+"""Walk a causal LM the way quantization needs: its decoder layers and their Linear modules."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quantscale.models.naming import is_ignored
+
+# Attribute paths of the decoder-layer list in the architectures we know, most specific first.
+_LAYER_PATHS = (
+    "model.layers",
+    "backbone.layers",
+    "transformer.h",
+    "model.decoder.layers",
+    "layers",
+)
+
+
+def _get(obj: object, path: str) -> object | None:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name prefix, module list) of the model's repeated blocks."""
+    for path in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def quantizable_linears(
+    module: nn.Module, prefix: str = "", ignore: tuple[str, ...] | list[str] = ()
+) -> dict[str, nn.Linear]:
+    """Full name -> Linear for every Linear under `module` not ignored by default or by `ignore`."""
+    found = {}
+    for name, child in module.named_modules():
+        full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+        if isinstance(child, nn.Linear) and not is_ignored(full, ignore):
+            found[full] = child
+    return found
+
+
+def layer_linears(
+    model: nn.Module, ignore: tuple[str, ...] | list[str] = ()
+) -> list[dict[str, nn.Linear]]:
+    """For each decoder layer, its quantizable Linear modules by full name."""
+    prefix, layers = decoder_layers(model)
+    return [quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)]
