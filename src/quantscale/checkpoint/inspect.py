@@ -1,0 +1,269 @@
+"""Precision report of a checkpoint, from the shard headers only (no tensor data is read).
+
+Per module kind (attention q/k/v/o, experts w1/w2/w3, router, embeddings, norms, lm_head...)
+it lists dtypes, shapes, scale dtypes/shapes and the block size the scale grid implies; then
+counts (FP8 weights, scale tensors, other tensors by dtype), bytes by dtype and the saving
+against the same checkpoint with its quantized weights in bf16 and no scales.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from quantscale.checkpoint.io import Checkpoint, TensorInfo
+from quantscale.formats.fp8 import block_grid
+from quantscale.models.naming import module_kind
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+# Scale tensors sit next to the weight they scale: `<m>.weight` -> `<m>.weight<suffix>`.
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
+
+
+def scale_names(weight: str) -> list[str]:
+    """Candidate scale tensor names of a weight, HF `weight_scale_inv` first."""
+    return [weight + suffix for suffix in SCALE_SUFFIXES]
+
+
+def weight_of_scale(name: str) -> str | None:
+    """`<m>.weight_scale_inv` / `<m>.weight_scale` -> `<m>.weight`; None for other names."""
+    for suffix in SCALE_SUFFIXES:
+        if name.endswith(".weight" + suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def find_scale(tensors: dict[str, TensorInfo], weight: str) -> str | None:
+    """Name of the scale stored for `weight`, if any."""
+    return next((n for n in scale_names(weight) if n in tensors), None)
+
+
+def infer_block(
+    weight: tuple[int, ...], scale: tuple[int, ...], hint: tuple[int, int] | None = None
+) -> str:
+    """Block size a scale grid implies for a 2-D weight, e.g. "128x128", "per-channel"."""
+    if len(scale) == 0 or all(d == 1 for d in scale):
+        return "per-tensor"
+    if len(weight) != 2 or len(scale) != 2:
+        return "?"
+    if scale[1] == 1 and scale[0] == weight[0]:
+        return "per-channel"
+    if hint is not None and block_grid(weight, hint) == tuple(scale):
+        return f"{hint[0]}x{hint[1]}"
+    return f"{_block_dim(weight[0], scale[0])}x{_block_dim(weight[1], scale[1])}"
+
+
+def _block_dim(size: int, tiles: int) -> str:
+    """Tile length b with ceil(size/b) == tiles, preferring a power of two."""
+    if tiles <= 0 or tiles > size:
+        return "?"
+    lo = -(-size // tiles)  # smallest b with ceil(size/b) <= tiles
+    hi = (size - 1) // (tiles - 1) if tiles > 1 else size  # largest b with ceil(size/b) >= tiles
+    if lo > hi:
+        return "?"
+    power = 1 << (lo - 1).bit_length()
+    return str(power if power <= hi else lo)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+@dataclass
+class KindSummary:
+    """All non-scale tensors of one module kind, with the scales of its weights."""
+
+    kind: str
+    tensors: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)
+    scale_dtypes: dict[str, int] = field(default_factory=dict)
+    scale_shapes: dict[str, int] = field(default_factory=dict)
+    blocks: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+
+
+@dataclass
+class PrecisionReport:
+    """What `quantscale inspect` prints; `to_dict()` is its JSON form."""
+
+    path: str
+    shards: int
+    tensors: int
+    fp8_weights: int
+    scale_tensors: int
+    scale_elements: int
+    other_tensors: dict[str, int]
+    bytes_by_dtype: dict[str, int]
+    total_bytes: int
+    bf16_bytes: int
+    kinds: list[KindSummary]
+    quantization_config: dict | None
+
+    @property
+    def saving_bytes(self) -> int:
+        return self.bf16_bytes - self.total_bytes
+
+    @property
+    def saving_fraction(self) -> float:
+        return self.saving_bytes / self.bf16_bytes if self.bf16_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["saving_bytes"] = self.saving_bytes
+        out["saving_fraction"] = self.saving_fraction
+        return out
+
+
+def _config_block(qc: dict | None) -> tuple[int, int] | None:
+    block = (qc or {}).get("weight_block_size")
+    if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block):
+        return block[0], block[1]
+    return None
+
+
+def _add(counter: dict[str, int], key: str, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
+
+
+def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
+    """Build the precision report of a checkpoint from its headers."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = Checkpoint(ckpt)
+    tensors = ckpt.tensors
+    hint = _config_block(ckpt.quantization_config)
+    kinds: dict[str, KindSummary] = {}
+    bytes_by_dtype: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    fp8 = scales = scale_elems = bf16_bytes = 0
+    for name, info in tensors.items():
+        bytes_by_dtype[info.dtype] += info.nbytes
+        if weight_of_scale(name) in tensors:
+            scales += 1
+            scale_elems += _numel(info.shape)
+            continue
+        row = kinds.setdefault(module_kind(name), KindSummary(module_kind(name)))
+        _add_tensor(row, info)
+        if info.dtype in FP8_DTYPES:
+            fp8 += 1
+            bf16_bytes += 2 * _numel(info.shape)
+        else:
+            other[info.dtype] += 1
+            bf16_bytes += info.nbytes
+        scale = find_scale(tensors, name)
+        if scale is not None:
+            _add_scale(row, info, tensors[scale], hint)
+    return PrecisionReport(
+        path=str(ckpt.path),
+        shards=len(ckpt.shards),
+        tensors=len(tensors),
+        fp8_weights=fp8,
+        scale_tensors=scales,
+        scale_elements=scale_elems,
+        other_tensors=dict(sorted(other.items())),
+        bytes_by_dtype=dict(sorted(bytes_by_dtype.items())),
+        total_bytes=sum(bytes_by_dtype.values()),
+        bf16_bytes=bf16_bytes,
+        kinds=sorted(kinds.values(), key=_kind_rank),
+        quantization_config=ckpt.quantization_config,
+    )
+
+
+_KIND_GROUPS = ("embeddings", "attention", "mlp", "experts", "router", "mamba", "norm", "lm_head")
+
+
+_PART_ORDER = ("q", "k", "v", "qkv", "o", "w1", "w2", "w3", "gate", "up", "down")
+
+
+def _kind_rank(row: KindSummary) -> tuple[int, int, str]:
+    """Report order: embeddings, attention q/k/v/o, MLP, experts, router, norms, lm_head."""
+    group, _, part = row.kind.partition(".")
+    rank = _KIND_GROUPS.index(group) if group in _KIND_GROUPS else len(_KIND_GROUPS)
+    sub = _PART_ORDER.index(part) if part in _PART_ORDER else len(_PART_ORDER)
+    return rank, sub, row.kind
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _add_tensor(row: KindSummary, info: TensorInfo) -> None:
+    row.tensors += 1
+    row.bytes += info.nbytes
+    _add(row.dtypes, info.dtype)
+    _add(row.shapes, _shape(info.shape))
+
+
+def _add_scale(
+    row: KindSummary, weight: TensorInfo, scale: TensorInfo, hint: tuple[int, int] | None
+) -> None:
+    row.bytes += scale.nbytes
+    _add(row.scale_dtypes, scale.dtype)
+    _add(row.scale_shapes, _shape(scale.shape))
+    _add(row.blocks, infer_block(weight.shape, scale.shape, hint))
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _cell(counts: dict[str, int], limit: int = 3) -> str:
+    """`{"6144x3072": 2}` -> "6144x3072"; several values get their counts."""
+    if not counts:
+        return "-"
+    if len(counts) == 1:
+        return next(iter(counts))
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k} ({v:,})" for k, v in items[:limit])
+    return text + (f", +{len(items) - limit} more" if len(items) > limit else "")
+
+
+def render(report: PrecisionReport, console=None) -> None:
+    """Print the report as a rich table plus a summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"Precision report: {report.path}")
+    table.add_column("Module kind", no_wrap=True)
+    table.add_column("Tensors", justify="right")
+    for col in ("DType", "Shape", "Scale", "Block"):
+        table.add_column(col)
+    table.add_column("Bytes", justify="right", no_wrap=True)
+    for row in report.kinds:
+        scale = _cell(row.scale_shapes)
+        if row.scale_dtypes:
+            scale = f"{_cell(row.scale_dtypes)} {scale}"
+        cells = (_cell(row.dtypes), _cell(row.shapes), scale, _cell(row.blocks))
+        table.add_row(row.kind, f"{row.tensors:,}", *cells, _human(row.bytes))
+    console.print(table)
+    for line in summary_lines(report):
+        console.print(line, highlight=False)
+
+
+def summary_lines(report: PrecisionReport) -> list[str]:
+    """The counts, bytes and saving in plain words."""
+    other = ", ".join(f"{n:,} {dt}" for dt, n in report.other_tensors.items()) or "none"
+    bytes_line = ", ".join(f"{dt} {_human(b)}" for dt, b in report.bytes_by_dtype.items())
+    qc = report.quantization_config
+    lines = [
+        f"{report.tensors:,} tensors in {report.shards} shard(s): {report.fp8_weights:,} FP8 "
+        f"weights, {report.scale_tensors:,} FP8 scale parameters "
+        f"({report.scale_elements:,} scale values), other tensors: {other}",
+        f"bytes by dtype: {bytes_line}; total {_human(report.total_bytes)}",
+        f"as bf16 (quantized weights in bf16, no scales): {_human(report.bf16_bytes)}; "
+        f"saving {_human(report.saving_bytes)} ({100 * report.saving_fraction:.1f}%)",
+        f"quantization_config: {qc if qc is not None else 'none'}",
+    ]
+    return lines

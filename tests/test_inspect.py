@@ -1,0 +1,122 @@
+"""Precision report: exact counts and bytes on a MiniMax-M2-shaped checkpoint, headers only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantscale.checkpoint import io
+from quantscale.checkpoint.inspect import infer_block, precision_report
+from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.synthetic import write_llama_like, write_minimax_like
+from quantscale.cli import main
+
+LAYERS, EXPERTS, VOCAB, H = 2, 4, 512, 3072
+
+
+@pytest.fixture(scope="module")
+def minimax(tmp_path_factory):
+    return write_minimax_like(tmp_path_factory.mktemp("mm") / "ckpt", LAYERS, EXPERTS, 2)
+
+
+def _expected():
+    """MiniMax-M2 sizes worked out from its published dimensions, per layer."""
+    linear = [(6144, H), (1024, H), (1024, H), (H, 6144)] + [(1536, H), (H, 1536), (1536, H)] * (
+        EXPERTS
+    )
+    fp8_elems = sum(o * i for o, i in linear) * LAYERS
+    scale_elems = sum(-(-o // 128) * -(-i // 128) for o, i in linear) * LAYERS
+    norms = (H + H + 6144 + 1024) * LAYERS + H  # in/post layernorm, q_norm, k_norm; final norm
+    bf16_elems = norms + 2 * VOCAB * H  # + embed_tokens, lm_head
+    f32_elems = (EXPERTS * H + EXPERTS) * LAYERS  # router gate + e_score_correction_bias
+    return {
+        "fp8_weights": len(linear) * LAYERS,
+        "scale_elements": scale_elems,
+        "bytes": {
+            "F8_E4M3": fp8_elems,
+            "BF16": 2 * bf16_elems,
+            "F32": 4 * (f32_elems + scale_elems),
+        },
+        "bf16_bytes": 2 * fp8_elems + 2 * bf16_elems + 4 * f32_elems,
+        "other": {"BF16": 4 * LAYERS + 3, "F32": 2 * LAYERS},
+    }
+
+
+def test_counts_and_bytes_exact(minimax):
+    report = precision_report(minimax)
+    exp = _expected()
+    assert report.fp8_weights == exp["fp8_weights"] == 32
+    assert report.scale_tensors == exp["fp8_weights"]
+    assert report.scale_elements == exp["scale_elements"]
+    assert report.bytes_by_dtype == exp["bytes"]
+    assert report.total_bytes == sum(exp["bytes"].values())
+    assert report.other_tensors == exp["other"]
+    assert report.bf16_bytes == exp["bf16_bytes"]
+    assert report.saving_bytes == exp["bf16_bytes"] - report.total_bytes
+    assert report.shards == 2 and report.tensors == 2 * 32 + 4 * LAYERS + 3 + 2 * LAYERS
+
+
+def test_per_kind_rows(minimax):
+    rows = {r.kind: r for r in precision_report(minimax).kinds}
+    q = rows["attention.q"]
+    assert (q.tensors, q.dtypes, q.shapes) == (LAYERS, {"F8_E4M3": LAYERS}, {"6144x3072": LAYERS})
+    assert q.scale_shapes == {"48x24": LAYERS} and q.blocks == {"128x128": LAYERS}
+    assert rows["attention.o"].scale_shapes == {"24x48": LAYERS}
+    assert rows["experts.w2"].scale_shapes == {"24x12": LAYERS * EXPERTS}
+    assert rows["experts.w1"].tensors == LAYERS * EXPERTS
+    assert rows["router"].dtypes == {"F32": 2 * LAYERS} and not rows["router"].scale_shapes
+    assert rows["norm"].dtypes == {"BF16": 4 * LAYERS + 1}
+    assert rows["lm_head"].shapes == {f"{VOCAB}x{H}": 1}
+    assert list(rows)[0] == "embeddings" and list(rows)[-1] == "lm_head"
+
+
+def test_header_only(minimax, monkeypatch):
+    """The report never loads tensor data."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(Checkpoint, "get", refuse)
+    monkeypatch.setattr(Checkpoint, "iter_shard", refuse)
+    monkeypatch.setattr(io, "safe_open", refuse)
+    assert precision_report(minimax).fp8_weights == 32
+
+
+def test_bf16_bytes_equal_real_bf16_checkpoint(tmp_path):
+    """`bf16_bytes` is what the same model weighs in bf16 (written independently)."""
+    args = dict(hidden=256, intermediate=384, layers=2, vocab=96, shards=2, seed=3)
+    fp8 = precision_report(write_llama_like(tmp_path / "fp8", fp8=True, **args))
+    bf16 = Checkpoint(write_llama_like(tmp_path / "bf16", **args))
+    assert fp8.fp8_weights == 14 and fp8.bf16_bytes == bf16.total_bytes()
+    assert 0 < fp8.saving_fraction < 0.5
+
+
+@pytest.mark.parametrize(
+    ("weight", "scale", "expected"),
+    [
+        ((6144, 3072), (48, 24), "128x128"),
+        ((576, 1536), (5, 12), "128x128"),  # SmolLM2 edge tiles
+        ((1000, 130), (8, 2), "128x128"),
+        ((256, 512), (4, 4), "64x128"),
+        ((256, 512), (256, 1), "per-channel"),
+        ((256, 512), (), "per-tensor"),
+    ],
+)
+def test_infer_block(weight, scale, expected):
+    assert infer_block(weight, scale) == expected
+
+
+def test_cli_inspect(minimax, capsys):
+    assert main(["inspect", str(minimax), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fp8_weights"] == 32 and data["scale_tensors"] == 32
+    assert data["bf16_bytes"] == _expected()["bf16_bytes"]
+    assert main(["inspect", str(minimax)]) == 0
+    text = capsys.readouterr().out
+    assert "32 FP8 scale parameters" in text and "attention.q" in text
+
+
+def test_cli_inspect_missing_dir(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
