@@ -1,0 +1,126 @@
+"""Observer base class and registry.
+
+An observer turns the tensors it sees into a (min, max) range per scale element. Its
+reduction is either the strategy of its `QuantArgs` (one range per scale element, see
+`quantscale.qdq.to_rows`), or, with `axis`, one range per index along that axis, or one
+range for the whole tensor. Per-batch statistics combine across `update` calls by
+`combine`: 'minmax' (running extremes), 'ema' (w += sigma*(cur - w), first batch seeds it)
+or 'mean' (running average).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from quantscale.errors import QuantscaleError
+from quantscale.qdq import ACTIVATION, to_rows
+from quantscale.scheme import QuantArgs
+
+OBSERVERS: dict[str, type[Observer]] = {}
+
+
+def register_observer(name: str, *aliases: str) -> Callable[[type[Observer]], type[Observer]]:
+    """Class decorator registering an observer under `name` (and aliases)."""
+
+    def deco(cls: type[Observer]) -> type[Observer]:
+        for key in (name, *aliases):
+            OBSERVERS[key.lower()] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_observer(name: str, **kwargs) -> Observer:
+    """Instantiate a registered observer by name (case-insensitive)."""
+    cls = OBSERVERS.get(name.lower())
+    if cls is None:
+        raise QuantscaleError(f"unknown observer {name!r}; known: {', '.join(sorted(OBSERVERS))}")
+    return cls(**kwargs)
+
+
+class Observer:
+    """Collects a range from tensors; subclasses override `observe(rows)`."""
+
+    name = "base"
+    default_combine = "minmax"
+
+    def __init__(
+        self,
+        args: QuantArgs | None = None,
+        *,
+        role: str = ACTIVATION,
+        axis: int | None = None,
+        combine: str | None = None,
+        sigma: float = 0.01,
+    ) -> None:
+        self.args = args if args is not None else QuantArgs()
+        self.role, self.axis, self.sigma = role, axis, sigma
+        self.combine = combine or self.default_combine
+        if self.combine not in ("minmax", "ema", "mean"):
+            raise QuantscaleError(f"observer combine must be minmax, ema or mean: {combine!r}")
+        self.reset()
+
+    def reset(self) -> None:
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+        self.count = 0
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """x as [R, N] (one row per range) and the output shape."""
+        x = x.detach().float()
+        if self.axis is not None:
+            return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1), (x.shape[self.axis],)
+        return to_rows(x, self.args, self.role)
+
+    def observe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (min, max) of one batch, each [R]."""
+        return rows.amin(dim=1), rows.amax(dim=1)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Observe one tensor (batch) and fold it into the running range."""
+        rows, shape = self.rows(x)
+        mn, mx = (t.reshape(shape) for t in self.observe(rows))
+        if self.min_val is None or self.min_val.shape != mn.shape:
+            if self.min_val is not None:
+                raise QuantscaleError(
+                    f"{self.name} observer: range shape changed from "
+                    f"{tuple(self.min_val.shape)} to {tuple(mn.shape)} between batches"
+                )
+            self.min_val, self.max_val = mn, mx
+        elif self.combine == "minmax":
+            self.min_val = torch.minimum(self.min_val, mn)
+            self.max_val = torch.maximum(self.max_val, mx)
+        elif self.combine == "ema":
+            self.min_val = self.min_val + self.sigma * (mn - self.min_val)
+            self.max_val = self.max_val + self.sigma * (mx - self.max_val)
+        else:
+            n = self.count
+            self.min_val = (self.min_val * n + mn) / (n + 1)
+            self.max_val = (self.max_val * n + mx) / (n + 1)
+        self.count += 1
+
+    def min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The collected (min, max)."""
+        if self.min_val is None:
+            raise QuantscaleError(f"{self.name} observer has seen no data")
+        return self.min_val, self.max_val
+
+    def amax(self) -> torch.Tensor:
+        """max(|min|, |max|) of the collected range."""
+        mn, mx = self.min_max()
+        return torch.maximum(mn.abs(), mx.abs())
+
+
+@register_observer("minmax", "static_minmax", "memoryless_minmax")
+class MinMaxObserver(Observer):
+    """Running min / max."""
+
+
+@register_observer("ema", "moving_average_minmax")
+class EMAObserver(Observer):
+    """Per-batch min / max, averaged with w += sigma*(cur - w)."""
+
+    default_combine = "ema"

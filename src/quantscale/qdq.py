@@ -1,0 +1,202 @@
+"""Scheme-generic quantize / dequantize, used by RTN, GPTQ, calibration and fake-quant runtime.
+
+Scale shapes per strategy (weights [out, in], activations [..., hidden]):
+  tensor [1]; channel [out, 1] (weights) or [hidden] (activations); group / tensor_group
+  [..., ceil(in/group_size)]; block [ceil(out/bh), ceil(in/bw)]; token [..., 1].
+All scales are float32 *dequantization multipliers*: x ~= (q - zp) * scale. NVFP4
+(tensor_group) adds `global_scale` in compressed-tensors' convention (448*6/amax, i.e.
+1/scale_2): x ~= q * scale / global_scale, and `scale` holds exact E4M3 values. MX scales
+hold exact powers of two. Zero ranges always give finite, non-zero scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantscale.formats.fp4 import E2M1_MAX, e2m1_decode, e2m1_encode, nvfp4_block_scale
+from quantscale.formats.fp4 import nvfp4_scale_2 as _nvfp4_scale_2
+from quantscale.formats.fp8 import E4M3, E4M3_MAX, _tiles, cast_fp8, expand_block_scale
+from quantscale.formats.fp8 import scale_from_amax as _scale_from_amax
+from quantscale.formats.intq import int_dtype, int_range
+from quantscale.formats.mxfp4 import mx_scale_exponent, mx_scale_value
+from quantscale.scheme import QuantArgs
+
+WEIGHT, ACTIVATION = "weight", "activation"
+
+
+@dataclass
+class QParams:
+    """Quantization parameters; see the module docstring for shapes and conventions."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+
+
+def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """compressed-tensors' NVFP4 global scale 448*6/amax (= 1/scale_2), float32 [1]."""
+    return (1.0 / _nvfp4_scale_2(amax)).reshape(1)
+
+
+def to_rows(x: torch.Tensor, args: QuantArgs, role: str = WEIGHT) -> tuple[torch.Tensor, tuple]:
+    """View `x` as [R, N]: one row per scale element, plus the scale shape (R elements).
+
+    Groups and blocks that overhang the tensor are zero-padded (zeros never widen a range).
+    """
+    s = args.strategy
+    if s == "tensor":
+        return x.reshape(1, -1), (1,)
+    if s == "token":
+        return x.reshape(-1, x.shape[-1]), (*x.shape[:-1], 1)
+    if s == "channel":
+        if role == WEIGHT:
+            return x.reshape(-1, x.shape[-1]), (*x.shape[:-1], 1)
+        return x.reshape(-1, x.shape[-1]).t(), (x.shape[-1],)
+    if s in ("group", "tensor_group"):
+        g = args.group_size
+        pad = -x.shape[-1] % g
+        xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
+        shape = (*x.shape[:-1], xp.shape[-1] // g)
+        return xp.reshape(-1, g), shape
+    if s == "block":
+        if x.ndim != 2:
+            raise ValueError(f"block strategy needs a 2-D weight, got shape {tuple(x.shape)}")
+        t = _tiles(x, tuple(args.block_structure))
+        return t.permute(0, 2, 1, 3).reshape(t.shape[0] * t.shape[2], -1), (t.shape[0], t.shape[2])
+    raise ValueError(f"unknown strategy {s!r}")
+
+
+def reduce_minmax(
+    x: torch.Tensor, args: QuantArgs, role: str = WEIGHT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-strategy (min, max) of x as float32 tensors of the scale shape."""
+    rows, shape = to_rows(x.detach().float(), args, role)
+    return rows.amin(dim=1).reshape(shape), rows.amax(dim=1).reshape(shape)
+
+
+def compute_qparams(
+    args: QuantArgs,
+    min_vals: torch.Tensor,
+    max_vals: torch.Tensor,
+    global_scale: torch.Tensor | None = None,
+) -> QParams:
+    """Scales (and zero points) from per-strategy ranges; the range always includes 0.
+
+    NVFP4: `global_scale` defaults to 448*6/max|range| over all elements given.
+    """
+    mn = torch.clamp(min_vals.float(), max=0.0)
+    mx = torch.clamp(max_vals.float(), min=0.0)
+    amax = torch.maximum(-mn, mx)
+    if args.type == "float":
+        if args.num_bits == 8:
+            return QParams(_scale_from_amax(amax, E4M3_MAX))
+        if args.is_nvfp4:
+            if global_scale is None:
+                global_scale = nvfp4_global_scale(amax.max() if amax.numel() else 0.0)
+            gs = global_scale.float().to(amax.device)
+            return QParams(nvfp4_block_scale(amax, 1.0 / gs), global_scale=gs)
+        if args.is_mx:
+            return QParams(mx_scale_value(mx_scale_exponent(amax)))
+        return QParams(_scale_from_amax(amax, E2M1_MAX))
+    qmin, qmax = int_range(args.num_bits)
+    if args.symmetric:
+        return QParams(_scale_from_amax(amax, qmax))
+    scale = (mx - mn) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = torch.round(qmin - mn / scale).clamp(qmin, qmax)
+    return QParams(scale, zero_point=zp)
+
+
+def _expand(t: torch.Tensor, x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Make a scale-shaped tensor broadcastable to x (x may be a column slice)."""
+    if t.ndim == x.ndim and all(a in (b, 1) for a, b in zip(t.shape, x.shape, strict=True)):
+        return t
+    if args.strategy in ("group", "tensor_group"):
+        return t.repeat_interleave(args.group_size, dim=-1)[..., : x.shape[-1]]
+    if args.strategy == "block":
+        return expand_block_scale(t, tuple(x.shape), tuple(args.block_structure))
+    return t
+
+
+def _effective_scale(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
+    scale = _expand(qp.scale.float().to(x.device), x, args)
+    if qp.global_scale is not None:
+        scale = scale / qp.global_scale.float().to(x.device)
+    return scale
+
+
+def _zero_point(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor | None:
+    if qp.zero_point is None:
+        return None
+    return _expand(qp.zero_point.float().to(x.device), x, args)
+
+
+def _to_grid(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
+    """x mapped onto the format's grid (float32): integers, E4M3 or E2M1 values."""
+    v = x.float() / _effective_scale(x, args, qp)
+    if args.type == "float":
+        return cast_fp8(v, E4M3).float() if args.num_bits == 8 else e2m1_decode(e2m1_encode(v))
+    zp = _zero_point(x, args, qp)
+    qmin, qmax = int_range(args.num_bits)
+    v = torch.round(v)
+    return (v + zp if zp is not None else v).clamp(qmin, qmax)
+
+
+def quantize(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
+    """Quantized values: int8 (int16 above 8 bits), float8_e4m3fn, or E2M1 codes (uint8)."""
+    grid = _to_grid(x, args, qp)
+    if args.type == "int":
+        return grid.to(int_dtype(args.num_bits))
+    return grid.to(E4M3) if args.num_bits == 8 else e2m1_encode(grid)
+
+
+def dequantize(
+    q: torch.Tensor, args: QuantArgs, qp: QParams, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `quantize`: (q - zp) * scale [/ global_scale] in `dtype`."""
+    v = e2m1_decode(q) if args.type == "float" and args.num_bits == 4 else q.float()
+    zp = _zero_point(q, args, qp)
+    if zp is not None:
+        v = v - zp
+    return (v * _effective_scale(q, args, qp)).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
+    """Quantize-dequantize in x's dtype. x may be a column slice of a weight with the matching
+    slice of group scales (the slice must start at a group boundary), or scales already
+    expanded to x's shape."""
+    grid = _to_grid(x, args, qp)
+    zp = _zero_point(x, args, qp)
+    if zp is not None:
+        grid = grid - zp
+    return (grid * _effective_scale(x, args, qp)).to(x.dtype)
+
+
+def fake_quantize_dynamic(
+    x: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fake-quantize an activation with scales computed from x itself (dynamic / token)."""
+    mn, mx = reduce_minmax(x, args, ACTIVATION)
+    return fake_quantize(x, args, compute_qparams(args, mn, mx, global_scale))
+
+
+def quantize_weight_rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest weight quantization -> (w_hat in w's dtype, QParams).
+
+    Uses min-max ranges, or `args.observer` (e.g. 'mse') with `args.observer_kwargs`.
+    """
+    global_scale = None
+    if args.is_nvfp4:
+        global_scale = nvfp4_global_scale(w.detach().abs().amax() if w.numel() else 0.0)
+    if args.observer in (None, "minmax", "static_minmax", "memoryless_minmax"):
+        mn, mx = reduce_minmax(w, args, WEIGHT)
+    else:
+        from quantscale.observers import get_observer
+
+        obs = get_observer(args.observer, args=args, role=WEIGHT, **args.observer_kwargs)
+        obs.update(w)
+        mn, mx = obs.min_max()
+    qp = compute_qparams(args, mn, mx, global_scale)
+    return fake_quantize(w, args, qp), qp

@@ -1,0 +1,413 @@
+"""One typed schema that is both the user's recipe and the saved `quantization_config`.
+
+Field names follow compressed-tensors (`QuantizationArgs`, `QuantizationScheme`,
+`QuantizationConfig`) so that its own pydantic models parse what `Recipe.to_quantization_config`
+writes. Module-name patterns: `re:<regex>` (matched from the start, as compressed-tensors and
+vLLM do), a glob with `*`/`?`, or a plain name that matches exactly or as a dotted suffix
+(`lm_head` matches `model.lm_head`). Targets without a dot or wildcard that start with a capital
+letter (`Linear`) match the module's class name.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from quantscale.errors import QuantscaleError
+
+Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group"]
+
+DEFAULT_IGNORE = [
+    "lm_head",
+    "re:.*embed_tokens$",
+    "re:.*embeddings?$",
+    "re:.*norm$",
+    r"re:.*\.gate$",
+    "re:.*e_score_correction_bias$",
+]
+
+
+class QuantArgs(BaseModel):
+    """How one tensor (weight or activation) is quantized."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_bits: int = 8
+    type: Literal["int", "float"] = "int"
+    symmetric: bool = True
+    group_size: int | None = None
+    strategy: Strategy | None = None
+    block_structure: list[int] | None = None
+    dynamic: bool | Literal["local"] = False
+    actorder: Literal["group", "weight"] | None = None
+    scale_dtype: str | None = None
+    zp_dtype: str | None = None
+    observer: str | None = None
+    observer_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("type", "strategy", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("actorder", mode="before")
+    @classmethod
+    def _actorder(cls, v: Any) -> Any:
+        if v is False:
+            return None
+        aliases = {"static": "weight", "dynamic": "group"}
+        return aliases.get(v.lower(), v.lower()) if isinstance(v, str) else v
+
+    @field_validator("block_structure", mode="before")
+    @classmethod
+    def _block(cls, v: Any) -> Any:
+        return [int(p) for p in v.split("x")] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _infer_and_check(self) -> QuantArgs:
+        s, g = self.strategy, self.group_size
+        if s is None:
+            s = "tensor" if g is None else "channel" if g == -1 else "group"
+            object.__setattr__(self, "strategy", s)
+        if s in ("group", "tensor_group") and (g is None or g <= 0):
+            raise ValueError(f"strategy {s!r} needs a positive group_size, got {g}")
+        if s == "block" and (not self.block_structure or len(self.block_structure) != 2):
+            raise ValueError("strategy 'block' needs block_structure [rows, cols]")
+        if s != "block" and self.block_structure is not None:
+            raise ValueError(f"block_structure given with strategy {s!r}; use strategy 'block'")
+        if s == "token" and not self.dynamic:
+            raise ValueError("strategy 'token' is dynamic only: set dynamic: true")
+        if self.dynamic == "local" and s != "tensor_group":
+            raise ValueError("dynamic 'local' needs strategy 'tensor_group'")
+        if self.type == "float" and self.num_bits not in (4, 8):
+            raise ValueError(f"float quantization supports 4 or 8 bits, got {self.num_bits}")
+        if self.type == "float" and not self.symmetric:
+            raise ValueError("float quantization is symmetric only")
+        return self
+
+    @property
+    def is_nvfp4(self) -> bool:
+        """FP4 with a per-tensor global scale and E4M3 group scales."""
+        return self.type == "float" and self.num_bits == 4 and self.strategy == "tensor_group"
+
+    @property
+    def is_mx(self) -> bool:
+        """FP4 with power-of-two (E8M0) group scales."""
+        return (
+            self.type == "float"
+            and self.num_bits == 4
+            and self.strategy == "group"
+            and (self.scale_dtype in ("uint8", "torch.uint8") or self.group_size == 32)
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """Dict in compressed-tensors' QuantizationArgs layout (unset optional fields left out)."""
+        d = self.model_dump()
+        for key in ("actorder", "block_structure", "scale_dtype", "zp_dtype", "observer"):
+            if d.get(key) is None:
+                d.pop(key)
+        if not d["observer_kwargs"]:
+            d.pop("observer_kwargs")
+        return d
+
+
+class QuantScheme(BaseModel):
+    """Weights / input / output activation settings for the modules matching `targets`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    weights: QuantArgs | None = None
+    input_activations: QuantArgs | None = None
+    output_activations: QuantArgs | None = None
+    format: str | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        """Dict in compressed-tensors' QuantizationScheme layout."""
+        return {
+            "targets": list(self.targets),
+            "weights": self.weights.to_config() if self.weights else None,
+            "input_activations": (
+                self.input_activations.to_config() if self.input_activations else None
+            ),
+            "output_activations": (
+                self.output_activations.to_config() if self.output_activations else None
+            ),
+            "format": self.format,
+        }
+
+
+def match_pattern(name: str, pattern: str, module_type: str | None = None) -> bool:
+    """Whether module `name` (of class `module_type`) matches a target/ignore pattern."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    if module_type is not None and pattern == module_type:
+        return True
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _specificity(name: str, pattern: str, module_type: str | None) -> int | None:
+    """0 exact name, 1 regex/glob/suffix, 2 class name, None no match (compressed-tensors order)."""
+    if pattern == name:
+        return 0
+    if module_type is not None and pattern == module_type:
+        return 2
+    return 1 if match_pattern(name, pattern) else None
+
+
+def _to_ct_pattern(pattern: str) -> str:
+    """Glob -> equivalent `re:` pattern; other patterns unchanged."""
+    if pattern.startswith("re:") or not any(ch in pattern for ch in "*?["):
+        return pattern
+    return "re:" + fnmatch.translate(pattern)
+
+
+class Recipe(BaseModel):
+    """A quantization request: config groups, ignore list and per-module overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    config_groups: dict[str, QuantScheme]
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    overrides: dict[str, QuantScheme | str | None] = Field(default_factory=dict)
+    kv_cache_scheme: QuantArgs | None = None
+    format: str | None = None
+
+    @field_validator("overrides", mode="after")
+    @classmethod
+    def _resolve_override_presets(cls, v: dict) -> dict:
+        return {k: (preset_scheme(s) if isinstance(s, str) else s) for k, s in v.items()}
+
+    def is_ignored(self, module_name: str) -> bool:
+        """Whether the ignore list (or a `None` override) excludes the module."""
+        if any(match_pattern(module_name, p) for p in self.ignore):
+            return True
+        return any(s is None and match_pattern(module_name, p) for p, s in self.overrides.items())
+
+    def scheme_for(
+        self, module_name: str, module_type: str | None = "Linear"
+    ) -> QuantScheme | None:
+        """The scheme for one module, or None when ignored / untargeted.
+
+        Overrides come first; among all matching targets the most specific wins (exact name,
+        then pattern, then class name), then the earliest.
+        """
+        if self.is_ignored(module_name):
+            return None
+        candidates: list[tuple[int, int, QuantScheme]] = []
+        order = 0
+        for pattern, scheme in self.overrides.items():
+            spec = _specificity(module_name, pattern, None)
+            if spec is not None:
+                candidates.append((spec, order, scheme))
+            order += 1
+        for scheme in self.config_groups.values():
+            for target in scheme.targets:
+                spec = _specificity(module_name, target, module_type)
+                if spec is not None:
+                    candidates.append((spec, order, scheme))
+            order += 1
+        if not candidates:
+            return None
+        return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+    def resolved_format(self) -> str:
+        """Global `format`: the explicit one, the groups' common one, or 'mixed-precision'."""
+        if self.format:
+            return self.format
+        formats = {s.format or "dense" for s in self._all_schemes()}
+        return formats.pop() if len(formats) == 1 else "mixed-precision"
+
+    def _all_schemes(self) -> list[QuantScheme]:
+        extra = [s for s in self.overrides.values() if isinstance(s, QuantScheme)]
+        return list(self.config_groups.values()) + extra
+
+    def to_quantization_config(self, status: str = "compressed") -> dict[str, Any]:
+        """config.json `quantization_config` in compressed-tensors' layout.
+
+        Overrides become config groups targeting their pattern (a pattern outranks a class
+        name there too); `None` overrides join `ignore`. Globs are written as `re:` patterns.
+        """
+        groups: dict[str, Any] = {}
+        ignore = [_to_ct_pattern(p) for p in self.ignore]
+        for i, (pattern, scheme) in enumerate(self.overrides.items()):
+            if scheme is None:
+                ignore.append(_to_ct_pattern(pattern))
+                continue
+            cfg = scheme.to_config()
+            cfg["targets"] = [_to_ct_pattern(pattern)]
+            groups[f"override_{i}"] = cfg
+        for name, scheme in self.config_groups.items():
+            groups[name] = scheme.to_config()
+        return {
+            "quant_method": "compressed-tensors",
+            "format": self.resolved_format(),
+            "quantization_status": status,
+            "config_groups": groups,
+            "ignore": ignore,
+            "kv_cache_scheme": self.kv_cache_scheme.to_config() if self.kv_cache_scheme else None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+        }
+
+    @classmethod
+    def from_quantization_config(cls, cfg: dict[str, Any]) -> Recipe:
+        """Parse a compressed-tensors `quantization_config` (override groups restored)."""
+        if cfg.get("quant_method", "compressed-tensors") != "compressed-tensors":
+            raise QuantscaleError(
+                f"quantization_config has quant_method {cfg.get('quant_method')!r}; "
+                "expected 'compressed-tensors'"
+            )
+        groups, overrides = {}, {}
+        for name, g in cfg.get("config_groups", {}).items():
+            if isinstance(g, list):  # a preset name mapped to its targets
+                scheme = preset_scheme(name).model_copy(update={"targets": g})
+            else:
+                scheme = QuantScheme.model_validate(_strip_ct_only(g))
+            if name.startswith("override_") and len(scheme.targets) == 1:
+                overrides[scheme.targets[0]] = scheme.model_copy(update={"targets": ["Linear"]})
+            else:
+                groups[name] = scheme
+        kv = cfg.get("kv_cache_scheme")
+        return cls(
+            config_groups=groups,
+            ignore=list(cfg.get("ignore") or []),
+            overrides=overrides,
+            kv_cache_scheme=QuantArgs.model_validate(_strip_args(kv)) if kv else None,
+            format=cfg.get("format"),
+        )
+
+
+def _strip_args(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {k: v for k, v in d.items() if k in QuantArgs.model_fields} if d else d
+
+
+def _strip_ct_only(g: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in g.items() if k in QuantScheme.model_fields}
+    for role in ("weights", "input_activations", "output_activations"):
+        out[role] = _strip_args(out.get(role))
+    return out
+
+
+# ---------------------------------------------------------------- presets
+
+_FP8 = {"num_bits": 8, "type": "float", "symmetric": True}
+_INT8 = {"num_bits": 8, "type": "int", "symmetric": True}
+_FP4 = {"num_bits": 4, "type": "float", "symmetric": True}
+_NVFP4_W = {
+    **_FP4,
+    "strategy": "tensor_group",
+    "group_size": 16,
+    "scale_dtype": "torch.float8_e4m3fn",
+}
+_MXFP4_W = {**_FP4, "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"}
+_INT4_G128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "FP8_BLOCK": {
+        "weights": {**_FP8, "strategy": "block", "block_structure": [128, 128]},
+        "input_activations": {**_FP8, "strategy": "group", "group_size": 128, "dynamic": True},
+        "format": "float-quantized",
+    },
+    "FP8_DYNAMIC": {
+        "weights": {**_FP8, "strategy": "channel"},
+        "input_activations": {**_FP8, "strategy": "token", "dynamic": True},
+        "format": "float-quantized",
+    },
+    "FP8": {
+        "weights": {**_FP8, "strategy": "tensor"},
+        "input_activations": {**_FP8, "strategy": "tensor", "observer": "minmax"},
+        "format": "float-quantized",
+    },
+    "W8A8": {
+        "weights": {**_INT8, "strategy": "channel"},
+        "input_activations": {**_INT8, "strategy": "tensor", "observer": "minmax"},
+        "format": "int-quantized",
+    },
+    "W8A8_DYNAMIC": {
+        "weights": {**_INT8, "strategy": "channel"},
+        "input_activations": {**_INT8, "strategy": "token", "dynamic": True},
+        "format": "int-quantized",
+    },
+    "W8A16": {"weights": {**_INT8, "strategy": "channel"}, "format": "pack-quantized"},
+    "W4A16": {"weights": {**_INT4_G128, "symmetric": True}, "format": "pack-quantized"},
+    "W4A16_ASYM": {"weights": {**_INT4_G128, "symmetric": False}, "format": "pack-quantized"},
+    "NVFP4": {
+        "weights": _NVFP4_W,
+        "input_activations": {**_NVFP4_W, "dynamic": "local", "observer": "minmax"},
+        "format": "nvfp4-pack-quantized",
+    },
+    "NVFP4A16": {"weights": _NVFP4_W, "format": "nvfp4-pack-quantized"},
+    "MXFP4A16": {"weights": _MXFP4_W, "format": "mxfp4-pack-quantized"},
+    "MXFP4": {
+        "weights": _MXFP4_W,
+        "input_activations": {**_MXFP4_W, "dynamic": True},
+        "format": "mxfp4-pack-quantized",
+    },
+}
+
+
+def normalize_preset_name(name: str) -> str:
+    """Upper case with '-' -> '_' ('w4a16-asym' -> 'W4A16_ASYM')."""
+    return name.strip().upper().replace("-", "_")
+
+
+def preset_scheme(name: str, targets: list[str] | None = None) -> QuantScheme:
+    """The named preset as a QuantScheme (targets default to ['Linear'])."""
+    key = normalize_preset_name(name)
+    if key not in PRESETS:
+        raise QuantscaleError(f"unknown scheme preset {name!r}; known: {', '.join(PRESETS)}")
+    scheme = QuantScheme.model_validate(copy.deepcopy(PRESETS[key]))
+    return scheme.model_copy(update={"targets": targets or ["Linear"]})
+
+
+def preset_recipe(name: str) -> Recipe:
+    """A recipe applying one preset to every Linear, with the default ignore list."""
+    return Recipe(name=normalize_preset_name(name), config_groups={"group_0": preset_scheme(name)})
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Build a Recipe from a dict: a compressed-tensors quantization_config, a full Recipe,
+    or the shorthand {scheme: PRESET, ignore: [...], overrides: {pattern: PRESET|scheme|null}}."""
+    data = dict(data.get("quantization_config", data))
+    try:
+        if "quant_method" in data:
+            return Recipe.from_quantization_config(data)
+        if "scheme" in data:
+            base = preset_recipe(data.pop("scheme"))
+            return Recipe.model_validate({**base.model_dump(), **data})
+        return Recipe.model_validate(data)
+    except (ValueError, TypeError) as exc:
+        raise QuantscaleError(f"{source}: invalid quantization recipe: {exc}") from exc
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A preset name (case-insensitive, '-' == '_') or a YAML/JSON recipe file."""
+    text = str(name_or_path)
+    if normalize_preset_name(text) in PRESETS:
+        return preset_recipe(text)
+    path = Path(text)
+    if not path.is_file():
+        raise QuantscaleError(
+            f"{text!r} is neither a scheme preset ({', '.join(PRESETS)}) nor a recipe file"
+        )
+    try:
+        raw = path.read_text()
+        data = json.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise QuantscaleError(f"{path}: cannot read recipe: {exc}") from exc
+    if not isinstance(data, dict):
+        raise QuantscaleError(
+            f"{path}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    return recipe_from_dict(data, str(path))

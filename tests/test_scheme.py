@@ -1,0 +1,146 @@
+"""QuantArgs / QuantScheme / Recipe schema, presets and compressed-tensors compatibility."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from quantscale.errors import QuantscaleError
+from quantscale.scheme import (
+    PRESETS,
+    QuantArgs,
+    Recipe,
+    load_recipe,
+    match_pattern,
+    preset_scheme,
+    recipe_from_dict,
+)
+
+
+def test_strategy_inference_and_validation():
+    assert QuantArgs().strategy == "tensor"
+    assert QuantArgs(group_size=128).strategy == "group"
+    assert QuantArgs(group_size=-1).strategy == "channel"
+    assert QuantArgs(strategy="BLOCK", block_structure="128x64").block_structure == [128, 64]
+    with pytest.raises(ValidationError):
+        QuantArgs(strategy="group")
+    with pytest.raises(ValidationError):
+        QuantArgs(strategy="token")  # static token
+    with pytest.raises(ValidationError):
+        QuantArgs(strategy="block")
+    with pytest.raises(ValidationError):
+        QuantArgs(strategy="group", group_size=16, dynamic="local")
+    with pytest.raises(ValidationError):
+        QuantArgs(bogus=1)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate_in_compressed_tensors(name):
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    cfg = load_recipe(name).to_quantization_config()
+    parsed = ct.QuantizationConfig.model_validate(json.loads(json.dumps(cfg)))
+    ours = preset_scheme(name)
+    theirs = parsed.config_groups["group_0"]
+    assert theirs.weights.num_bits == ours.weights.num_bits
+    assert theirs.weights.strategy == ours.weights.strategy
+    assert theirs.format == ours.format
+    assert Recipe.from_quantization_config(cfg).config_groups == {"group_0": ours}
+
+
+def test_preset_lookup_is_case_and_dash_insensitive():
+    assert load_recipe("w4a16-asym").config_groups["group_0"].weights.symmetric is False
+    assert load_recipe("Nvfp4A16").config_groups["group_0"].weights.is_nvfp4
+    with pytest.raises(QuantscaleError, match="unknown|neither"):
+        load_recipe("W3A99")
+
+
+def test_preset_contents():
+    assert preset_scheme("W8A8").input_activations.dynamic is False
+    assert preset_scheme("W8A8_DYNAMIC").input_activations.strategy == "token"
+    w4 = preset_scheme("W4A16").weights
+    assert (w4.num_bits, w4.group_size, w4.symmetric) == (4, 128, True)
+    assert preset_scheme("FP8_BLOCK").weights.block_structure == [128, 128]
+    assert preset_scheme("NVFP4").input_activations.dynamic == "local"
+    assert preset_scheme("MXFP4A16").weights.is_mx
+
+
+def test_default_ignore_and_overrides():
+    r = recipe_from_dict(
+        {"scheme": "W4A16", "overrides": {"re:.*down_proj$": "W8A16", "*.o_proj": None}}
+    )
+    assert r.scheme_for("model.layers.0.mlp.down_proj").weights.num_bits == 8
+    assert r.scheme_for("model.layers.0.mlp.up_proj").weights.num_bits == 4
+    assert r.scheme_for("model.layers.0.mlp.gate_proj") is not None
+    for skipped in (
+        "lm_head",
+        "model.embed_tokens",
+        "model.layers.0.input_layernorm",
+        "model.norm",
+        "model.layers.0.mlp.gate",
+        "model.layers.0.self_attn.o_proj",
+    ):
+        assert r.scheme_for(skipped) is None, skipped
+
+
+def test_exact_name_beats_pattern_beats_class():
+    r = Recipe.model_validate(
+        {
+            "config_groups": {
+                "a": {"targets": ["Linear"], "weights": {"num_bits": 8}},
+                "b": {"targets": ["re:.*q_proj"], "weights": {"num_bits": 6}},
+                "c": {"targets": ["m.q_proj"], "weights": {"num_bits": 4}},
+            },
+            "ignore": [],
+        }
+    )
+    assert r.scheme_for("m.q_proj").weights.num_bits == 4
+    assert r.scheme_for("x.q_proj").weights.num_bits == 6
+    assert r.scheme_for("x.k_proj").weights.num_bits == 8
+    assert r.scheme_for("x.k_proj", module_type="Conv1d") is None
+
+
+def test_overrides_round_trip_through_quantization_config():
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    r = recipe_from_dict(
+        {"scheme": "W4A16", "overrides": {"*.down_proj": "W8A16", "*.v_proj": None}}
+    )
+    cfg = r.to_quantization_config()
+    ct.QuantizationConfig.model_validate(cfg)
+    assert any(p.startswith("re:") and "v_proj" in p for p in cfg["ignore"])
+    assert cfg["format"] == "pack-quantized"
+    back = Recipe.from_quantization_config(cfg)
+    for name in ("l.0.down_proj", "l.0.up_proj", "l.0.v_proj", "lm_head"):
+        a, b = r.scheme_for(name), back.scheme_for(name)
+        assert (a is None) == (b is None), name
+        assert a is None or a.weights == b.weights
+
+
+def test_mixed_formats_give_mixed_precision():
+    r = recipe_from_dict({"scheme": "NVFP4A16", "overrides": {"re:.*down_proj": "FP8_DYNAMIC"}})
+    assert r.to_quantization_config()["format"] == "mixed-precision"
+
+
+def test_match_pattern_forms():
+    assert match_pattern("model.lm_head", "lm_head")
+    assert not match_pattern("model.lm_head_x", "lm_head")
+    assert match_pattern("a.b.q_proj", "*.q_proj")
+    assert match_pattern("a.b.q_proj", "re:.*proj")
+    assert match_pattern("x", "Linear", "Linear")
+
+
+def test_load_recipe_from_yaml_and_json(tmp_path):
+    y = tmp_path / "r.yaml"
+    y.write_text("scheme: w8a8\nignore: [lm_head]\noverrides:\n  're:.*down_proj': null\n")
+    r = load_recipe(y)
+    assert r.ignore == ["lm_head"]
+    assert r.scheme_for("model.embed_tokens") is not None  # default ignore replaced
+    assert r.scheme_for("l.down_proj") is None
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"quantization_config": load_recipe("FP8").to_quantization_config()}))
+    assert load_recipe(j).config_groups["group_0"] == preset_scheme("FP8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("config_groups: {g: {weights: {num_bits: 4, strategy: group}}}\n")
+    with pytest.raises(QuantscaleError, match="bad.yaml"):
+        load_recipe(bad)
+    with pytest.raises(QuantscaleError, match="neither"):
+        load_recipe(tmp_path / "missing.yaml")
