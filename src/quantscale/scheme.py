@@ -21,17 +21,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantscale.errors import QuantscaleError
+from quantscale.models.naming import DEFAULT_IGNORE
 
 Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group"]
 
-DEFAULT_IGNORE = [
-    "lm_head",
-    "re:.*embed_tokens$",
-    "re:.*embeddings?$",
-    "re:.*norm$",
-    r"re:.*\.gate$",
-    "re:.*e_score_correction_bias$",
-]
 
 
 class QuantArgs(BaseModel):
