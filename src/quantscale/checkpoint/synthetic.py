@@ -271,7 +271,7 @@ def llama_config(
 
 def _llama_heads(hidden: int, heads: int | None, kv_heads: int | None) -> tuple[int, int]:
     if heads is None:
-        head_dim = 64 if hidden % 64 == 0 else hidden
+        head_dim = next((d for d in (128, 64) if hidden % d == 0), hidden)
         heads = hidden // head_dim
     if hidden % heads:
         raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
@@ -294,6 +294,7 @@ def write_llama_like(
     kv_heads: int | None = None,
     fp8: bool = False,
     block: tuple[int, int] = DEFAULT_BLOCK,
+    scale_fmt: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a bf16 LlamaForCausalLM checkpoint that transformers can load.
@@ -317,5 +318,6 @@ def write_llama_like(
     groups = _groups(layers, shards, layer_specs, head, tail)
     config = llama_config(hidden, intermediate, layers, vocab, heads, kv_heads)
     if fp8:
-        config["quantization_config"] = fp8_quantization_config(block, ["lm_head"], fmt="e4m3")
-    return _write(path, groups, config, seed, fp8, block, None, overwrite)
+        qc = fp8_quantization_config(block, ["lm_head"], scale_fmt, fmt="e4m3")
+        config["quantization_config"] = qc
+    return _write(path, groups, config, seed, fp8, block, scale_fmt, overwrite)
