@@ -1,0 +1,157 @@
+"""Dequantize an FP8 checkpoint (HF, compressed-tensors, ModelOpt or Neuron layout), streaming.
+
+Every convention stores the same thing under a different name: the dequantization
+multiplier, W = fp8.float() * scale per tile. Names by layout, for a module `<m>`:
+HF `<m>.weight_scale_inv`, compressed-tensors / ModelOpt `<m>.weight_scale` (ModelOpt's
+block scale is 4-D [out/bh, 1, in/bw, 1]; compressed-tensors may store it in bf16), Neuron
+`<m>.scale`. None of them is a reciprocal.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from quantscale import progress
+from quantscale.checkpoint.io import Checkpoint, transform_checkpoint
+from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
+from quantscale.models.naming import module_path
+
+SCALE_NAMES = ("weight_scale_inv", "weight_scale", "scale")
+ACTIVATION_SCALES = ("input_scale", "activation_scale")
+NEURON_KEY = "neuron_quantization"
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`bf16`/`bfloat16`, `fp16`/`float16`, `fp32`/`float32` -> torch dtype."""
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
+    key = aliases.get(name, name)
+    if key not in DTYPE_NAMES:
+        raise QuantscaleError(f"unknown dtype {name!r}; expected bf16, fp16 or fp32")
+    return DTYPE_NAMES[key]
+
+
+def config_block(config: dict | None) -> tuple[int, int] | None:
+    """Block size that a config declares in any of the three layouts, or None."""
+    config = config or {}
+    qc = config.get("quantization_config") or {}
+    if qc.get("weight_block_size"):
+        return tuple(qc["weight_block_size"])
+    for group in (qc.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        if weights.get("block_structure"):
+            return tuple(weights["block_structure"])
+    neuron = config.get(NEURON_KEY) or {}
+    if neuron.get("quantization_block_size"):
+        return tuple(neuron["quantization_block_size"])
+    return None
+
+
+def scale_name_for(ckpt: Checkpoint, weight_name: str) -> str | None:
+    """Name of the scale tensor that belongs to `<m>.weight`, in whichever layout is present."""
+    module = module_path(weight_name)
+    for suffix in SCALE_NAMES:
+        if f"{module}.{suffix}" in ckpt.tensors:
+            return f"{module}.{suffix}"
+    return None
+
+
+def as_block_scale(
+    scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] | None, where: str
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Bring any FP8 scale layout to a float32 [rows, cols] grid and the block it tiles.
+
+    Accepts a per-tensor scalar, a per-channel [out, 1] column, a 2-D block grid and
+    ModelOpt's 4-D [rows, 1, cols, 1]. `where` names the tensor in errors.
+    """
+    scale = scale.float()
+    if scale.ndim == 4 and scale.shape[1] == 1 and scale.shape[3] == 1:
+        scale = scale.reshape(scale.shape[0], scale.shape[2])
+    if scale.numel() == 1:
+        return scale.reshape(1, 1), tuple(shape)
+    if scale.ndim == 2 and tuple(scale.shape) == (shape[0], 1):
+        return scale, (1, shape[1])
+    if scale.ndim != 2:
+        raise CheckpointError(f"{where}: scale of shape {tuple(scale.shape)} is not a block grid")
+    if block:
+        candidates = [block]
+    else:  # undeclared: 128x128, else the power-of-two tile the grid implies
+        implied = (-(-shape[0] // scale.shape[0]), -(-shape[1] // scale.shape[1]))
+        pow2 = all(d & (d - 1) == 0 for d in implied)
+        candidates = [DEFAULT_BLOCK, implied] if pow2 else [DEFAULT_BLOCK]
+    for cand in candidates:
+        if block_grid(shape, cand) == tuple(scale.shape):
+            return scale, tuple(cand)
+    raise CheckpointError(
+        f"{where}: scale grid {tuple(scale.shape)} does not match weight {tuple(shape)} "
+        f"with block {block or DEFAULT_BLOCK}: expected {block_grid(shape, block or DEFAULT_BLOCK)}"
+    )
+
+
+def dequantize_weight(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] | None,
+    dtype: torch.dtype,
+    where: str,
+) -> torch.Tensor:
+    """fp8 weight x scale (any layout `as_block_scale` accepts) -> `dtype`."""
+    grid, tile = as_block_scale(scale, tuple(q.shape), block, where)
+    return dequantize_fp8_block(q, grid, tile, dtype)
+
+
+def _set_dtype(config: dict, dtype: torch.dtype) -> None:
+    name = str(dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+
+
+def dequantize_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | str = torch.bfloat16,
+    overwrite: bool = False,
+) -> Path:
+    """Write a plain (unquantized) copy of FP8 checkpoint `src` to `out`; returns `out`.
+
+    config.json loses `quantization_config` (and Neuron's block), so loaders read plain weights.
+    """
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    ckpt = Checkpoint(src)
+    block = config_block(ckpt.config)
+    scales: dict[str, str] = {}
+    for name, info in ckpt.tensors.items():
+        if info.dtype.startswith("F8") and name.endswith(".weight"):
+            scale = scale_name_for(ckpt, name)
+            if scale is None:
+                raise CheckpointError(
+                    f"{ckpt.path / info.shard}: FP8 tensor {name!r} has no scale "
+                    f"(looked for {', '.join(SCALE_NAMES)} beside it)"
+                )
+            scales[name] = scale
+    if not scales:
+        raise QuantscaleError(f"{ckpt.path}: no FP8 weights to dequantize")
+    dropped = set(scales.values())
+    for weight in scales:
+        dropped.update(f"{module_path(weight)}.{s}" for s in ACTIVATION_SCALES)
+
+    def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name in dropped:
+            return {}
+        if name not in scales:
+            return {name: tensor}
+        where = f"{ckpt.path / ckpt.tensors[name].shard}: tensor {name!r}"
+        return {name: dequantize_weight(tensor, ckpt.get(scales[name]), block, dtype, where)}
+
+    config = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
+    if config is not None:
+        config.pop("quantization_config", None)
+        config.pop(NEURON_KEY, None)
+        _set_dtype(config, dtype)
+    return transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)

@@ -1,0 +1,114 @@
+"""Quantize a bf16/fp16/fp32 checkpoint to HF fine-grained FP8 (block-wise E4M3), streaming.
+
+Every 2-D `<m>.weight` of a module that is not ignored becomes `<m>.weight` (float8_e4m3fn)
+plus `<m>.weight_scale_inv` (float32, the dequantization multiplier amax/448 per tile). The
+rest is copied unchanged; config.json gains the `quantization_config` transformers reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from quantscale import progress
+from quantscale.checkpoint.io import Checkpoint, TensorInfo, transform_checkpoint
+from quantscale.errors import QuantscaleError
+from quantscale.formats.fp8 import DEFAULT_BLOCK
+from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast
+from quantscale.models.naming import is_ignored, module_path
+
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
+SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "scale")
+
+
+def check_not_quantized(ckpt: Checkpoint) -> None:
+    """Raise if `ckpt` already holds a quantization_config, FP8 tensors or weight scales."""
+    qc = ckpt.quantization_config
+    if qc:
+        method = qc.get("quant_method", "?")
+        raise QuantscaleError(
+            f"{ckpt.path / 'config.json'}: already quantized (quant_method {method!r}); "
+            "dequantize it first (`quantscale dequantize`)"
+        )
+    for name, info in ckpt.tensors.items():
+        if info.dtype.startswith("F8") or name.endswith((".weight_scale_inv", ".weight_scale")):
+            raise QuantscaleError(
+                f"{ckpt.path / info.shard}: tensor {name!r} ({info.dtype}) is already quantized; "
+                "expected a bf16/fp16/fp32 checkpoint"
+            )
+
+
+def quantizable(info: TensorInfo, ignore: tuple[str, ...] | list[str] = ()) -> bool:
+    """Whether a tensor is the 2-D float weight of a module that FP8 quantization converts."""
+    if not info.name.endswith(".weight") or len(info.shape) != 2:
+        return False
+    return info.dtype in FLOAT_DTYPES and not is_ignored(module_path(info.name), tuple(ignore))
+
+
+def unconverted_modules(ckpt: Checkpoint, ignore: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Module names of 2-D weights left unquantized (plus a tied, absent `lm_head`)."""
+    modules = [
+        module_path(i.name)
+        for i in ckpt.tensors.values()
+        if i.name.endswith(".weight") and len(i.shape) == 2 and not quantizable(i, ignore)
+    ]
+    config = ckpt.config or {}
+    has_head = any(module_path(n).split(".")[-1] == "lm_head" for n in ckpt.tensors)
+    if config.get("tie_word_embeddings") and not has_head:
+        modules.append("lm_head")
+    return sorted(set(modules))
+
+
+def fp8_block_config(
+    block: tuple[int, int], not_converted: list[str], scale_fmt: str | None
+) -> dict:
+    """The `quantization_config` transformers' FineGrainedFP8 reads (DeepSeek-V3 layout)."""
+    qc = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [int(block[0]), int(block[1])],
+        "modules_to_not_convert": not_converted,
+    }
+    if scale_fmt == "ue8m0":
+        qc["scale_fmt"] = "ue8m0"
+    return qc
+
+
+def quantize_checkpoint_fp8(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    ignore: tuple[str, ...] | list[str] = (),
+    scale_fmt: str | None = None,
+    overwrite: bool = False,
+    backend: str = "auto",
+) -> Path:
+    """Write an FP8 block-wise copy of checkpoint `src` to `out`; returns `out`."""
+    ckpt = Checkpoint(src)
+    check_not_quantized(ckpt)
+    if scale_fmt not in (None, "ue8m0"):
+        raise QuantscaleError(f"unknown scale format {scale_fmt!r}; expected 'ue8m0' or none")
+    block = (int(block[0]), int(block[1]))
+    targets = {n for n, i in ckpt.tensors.items() if quantizable(i, ignore)}
+    if not targets:
+        raise QuantscaleError(f"{ckpt.path}: no 2-D weight left to quantize after ignores")
+    if backend == "auto":
+        total = sum(math.prod(ckpt.tensors[n].shape) for n in targets)
+        backend = choose_backend(total)
+
+    def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in targets:
+            return {name: tensor}
+        q, scale = quantize_fp8_block_fast(tensor, block, scale_fmt, backend=backend)
+        return {name: q, f"{name}_scale_inv": scale}
+
+    config = copy.deepcopy(ckpt.config) if ckpt.config is not None else {}
+    config["quantization_config"] = fp8_block_config(
+        block, unconverted_modules(ckpt, ignore), scale_fmt
+    )
+    return transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)

@@ -1,0 +1,35 @@
+"""`quantscale convert CKPT OUT --to {hf,compressed-tensors,neuron} [--explain]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from quantscale.errors import QuantscaleError
+
+TARGETS = ("hf", "compressed-tensors", "neuron")
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantscale.checkpoint.convert import convert_checkpoint, explain
+
+    if args.explain:
+        print(explain(args.to))
+        if args.ckpt is None:
+            return 0
+    if args.ckpt is None or args.out is None:
+        raise QuantscaleError("convert needs CKPT and OUT (or only --explain)")
+    out = convert_checkpoint(args.ckpt, args.out, args.to, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert", help="FP8 block checkpoint between HF, compressed-tensors and Neuron layouts"
+    )
+    p.add_argument("ckpt", nargs="?", help="FP8 checkpoint directory")
+    p.add_argument("out", nargs="?", help="output checkpoint directory")
+    p.add_argument("--to", required=True, choices=TARGETS, help="target convention")
+    p.add_argument("--explain", action="store_true", help="print the rule for each tensor kind")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=run)
