@@ -1,0 +1,205 @@
+"""Calibrate and quantize a Mamba / Mamba2 model end to end, Quamba-style; save and load it.
+
+`quantize_mamba(model, batches, recipe)` replaces each mixer by its quantized counterpart
+(`quantscale.runtime.quamba`), then, for Quamba2, measures the per-channel range of x,
+clusters and reorders channels and heads (`quantscale.algorithms.grouping`), calibrates every
+quantization point with its observer on the same batches, and freezes static INT8 scales.
+`save_quantized` writes config.json (with a `quantization_config` whose `quant_method` is
+"quamba") and model.safetensors (INT8 weights, float32 scales, group maps); `load_quantized`
+rebuilds the model from them and reproduces the same outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantscale.algorithms.grouping import GroupPlan, plan_channels, plan_heads
+from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
+from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.models.adapter import decoder_layers
+from quantscale.models.mamba import (
+    MambaKind,
+    MambaRecipe,
+    mamba_kind,
+    mixer_shape,
+    quantized_layers,
+    reorder_mixer,
+    resolve_points,
+)
+from quantscale.progress import track
+from quantscale.runtime.quamba import MODES, is_quantized_mixer, quantize_weight, quantized_mixer
+
+QUANT_METHOD = "quamba"
+FORMAT_VERSION = 1
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], description: str) -> None:
+    """Forward every batch of token ids through the model (outputs discarded)."""
+    for ids in track(batches, total=len(batches), description=description):
+        model(input_ids=ids, use_cache=False)
+
+
+def _mixers(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> quantized mixer."""
+    _, layers = decoder_layers(model)
+    return {i: layer.mixer for i, layer in enumerate(layers) if is_quantized_mixer(layer.mixer)}
+
+
+def _plan(mixer: nn.Module, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
+    """Grouping plan of one mixer from the channel ranges of its x."""
+    amax = mixer.act("ssm.x").channel_amax
+    if kind == "mamba":
+        return plan_channels(amax, recipe.head_groups, recipe.channel_groups)
+    shape = mixer_shape(mixer, kind)
+    stats = amax.reshape(shape["ssd_groups"], -1, shape["head_dim"])
+    return plan_heads(stats, recipe.head_groups, recipe.channel_groups)
+
+
+def _group_and_reorder(model, batches, kind: MambaKind, recipe: MambaRecipe) -> None:
+    """Quamba2: measure x's channel ranges, cluster, reorder weights, set the group maps."""
+    mixers = _mixers(model)
+    for mixer in mixers.values():
+        mixer.act("ssm.x").track_channels()
+    run_batches(model, batches, "channel ranges")
+    for mixer in mixers.values():
+        plan = _plan(mixer, kind, recipe)
+        act = mixer.act("ssm.x")
+        act.channel_amax = None
+        reorder_mixer(mixer, kind, plan)
+        act.set_groups(plan.group_id, plan.n_groups)
+
+
+@torch.no_grad()
+def _round_norms(model: nn.Module, layers: list[int]) -> None:
+    """Round the block norms' weights to a per-tensor INT8 grid (the `norm.weight` point)."""
+    _, blocks = decoder_layers(model)
+    for i in layers:
+        w = blocks[i].norm.weight
+        q, scale = quantize_weight(w.reshape(1, -1), "tensor")
+        w.copy_((q.float() * scale).reshape(w.shape).to(w.dtype))
+
+
+def quantize_mamba(
+    model: nn.Module, batches: Sequence[torch.Tensor], recipe: MambaRecipe | None = None
+) -> nn.Module:
+    """Quantize a MambaForCausalLM / Mamba2ForCausalLM in place with static INT8 scales.
+
+    `batches`: token-id tensors [batch, seq_len] for calibration. Returns the model, with
+    its quantized mixers in int8 mode and `config.quantization_config` set.
+    """
+    recipe = recipe or MambaRecipe()
+    kind = mamba_kind(model)
+    model.eval()
+    n_params = n_parameters(model)
+    specs = resolve_points(kind, recipe, n_params)
+    _, layers = decoder_layers(model)
+    chosen = quantized_layers(len(layers), recipe)
+    for i in chosen:
+        layers[i].mixer = quantized_mixer(layers[i].mixer, kind, specs, recipe.weight_strategy)
+    if specs["ssm.x"].quantize and specs["ssm.x"].piecewise:
+        _group_and_reorder(model, batches, kind, recipe)
+    mixers = _mixers(model)
+    for mixer in mixers.values():
+        mixer.start_calibration()
+    run_batches(model, batches, "calibration")
+    for mixer in mixers.values():
+        mixer.freeze()
+    if specs["norm.weight"].quantize:
+        _round_norms(model, chosen)
+    model.config.quantization_config = quantization_config(recipe, n_params, chosen)
+    return model
+
+
+def quantization_config(recipe: MambaRecipe, n_params: int, layers: list[int]) -> dict:
+    """The `quantization_config` saved in config.json."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "recipe": recipe.model_dump(),
+        "n_params": n_params,
+        "quantized_layers": layers,
+    }
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Switch every quantized mixer to `mode` ('int8' real INT8, 'fake' reference)."""
+    if mode not in MODES:
+        raise QuantscaleError(f"unknown mode {mode!r}; expected one of {MODES}")
+    for mixer in _mixers(model).values():
+        mixer.set_mode(mode)
+
+
+def _tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
+
+
+def save_quantized(
+    model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False
+) -> Path:
+    """Write a quantized model (config.json, model.safetensors, tokenizer files if given)."""
+    if not _mixers(model):
+        raise QuantscaleError("save_quantized: the model has no quantized Mamba mixers")
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if _tied(model):
+        tensors.pop("lm_head.weight", None)
+    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        writer.write_shard(SINGLE_NAME, tensors)
+        writer.write_json("config.json", model.config.to_dict())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(writer.tmp))
+        return writer.commit(write_index=False)
+
+
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by `save_quantized`, in int8 mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = Checkpoint(path)
+    qcfg = (ckpt.config or {}).get("quantization_config") or {}
+    if qcfg.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"{ckpt.path / 'config.json'}: quantization_config.quant_method is "
+            f"{qcfg.get('quant_method')!r}; expected {QUANT_METHOD!r}"
+        )
+    recipe = MambaRecipe.model_validate(qcfg["recipe"])
+    config = AutoConfig.from_pretrained(str(ckpt.path))
+    kind = mamba_kind(config)
+    specs = resolve_points(kind, recipe, int(qcfg["n_params"]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _, layers = decoder_layers(model)
+    for i in qcfg["quantized_layers"]:
+        layers[i].mixer = quantized_mixer(layers[i].mixer, kind, specs, recipe.weight_strategy)
+        layers[i].mixer.freeze(placeholder=True)
+    model = model.to_empty(device="cpu")
+    state = {name: ckpt.get(name) for name in ckpt.names()}
+    _load_state(model, state, ckpt.path)
+    return model.eval()
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load tensors strictly (a tied lm_head may be absent) and re-tie embeddings."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and _tie_config(model))]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: tensors do not match the quantized model; missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if _tie_config(model):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def _tie_config(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))

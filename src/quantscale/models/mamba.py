@@ -1,0 +1,253 @@
+"""Mamba / Mamba2 adapter: the quantization points of a mixer, their defaults, and reordering.
+
+Points of a mixer (transformers' `MambaMixer` / `Mamba2Mixer`), by name:
+
+weights (symmetric INT8, per output channel by default)
+  in_proj.weight, conv1d.weight, out_proj.weight, and for Mamba1 x_proj.weight, dt_proj.weight
+activations (static symmetric INT8 scales)
+  in_proj.input    output of the block's RMSNorm
+  conv1d.input     x (Mamba1) or xBC (Mamba2) from in_proj, before the causal conv
+  ssm.x            conv1d output after SiLU: the SSM's x; for Mamba1 also x_proj's input
+  ssm.B, ssm.C     Mamba1: x_proj output slices; Mamba2: conv1d output slices
+  ssm.dt           time step before its bias and softplus (dt_proj output / in_proj slice)
+  ssm.z            the gate (in_proj slice)
+  dt_proj.input    Mamba1 only: the low-rank time step (x_proj output slice)
+  out_proj.input   the gated SSM output (Mamba2: after the gated RMSNorm)
+kept in float unless asked
+  norm.weight      the RMSNorm before each block (asked: its weight is rounded to an INT8 grid)
+never quantized: A_log, D, dt bias, the mixer's gated norm, embeddings, final norm, lm_head.
+
+Quamba1 (`method="quamba1"`): per-tensor scales; ssm.x (the x_proj / SSM input) uses the
+percentile observer with an EMA of the per-batch value (alpha 0.9995, or 0.99999 for models
+under 300M parameters), every other point min-max. Quamba2 (`method="quamba2"`): ssm.x gets
+piecewise scales, one per (SSD group, head group, channel group) after clustering and
+reordering (see `quantscale.algorithms.grouping`), ssm.B / ssm.C one scale per SSD group,
+min-max everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from quantscale.algorithms.grouping import GroupPlan
+from quantscale.errors import QuantscaleError
+
+MambaKind = Literal["mamba", "mamba2"]
+
+_COMMON_ACTS = (
+    "in_proj.input",
+    "conv1d.input",
+    "ssm.x",
+    "ssm.B",
+    "ssm.C",
+    "ssm.dt",
+    "ssm.z",
+    "out_proj.input",
+)
+ACTIVATION_POINTS: dict[str, tuple[str, ...]] = {
+    "mamba": (*_COMMON_ACTS, "dt_proj.input"),
+    "mamba2": _COMMON_ACTS,
+}
+WEIGHT_POINTS: dict[str, tuple[str, ...]] = {
+    "mamba": (
+        "in_proj.weight",
+        "conv1d.weight",
+        "x_proj.weight",
+        "dt_proj.weight",
+        "out_proj.weight",
+    ),
+    "mamba2": ("in_proj.weight", "conv1d.weight", "out_proj.weight"),
+}
+OFF_BY_DEFAULT = ("norm.weight",)
+SMALL_MODEL_PARAMS = 300_000_000
+PIECEWISE_POINTS = ("ssm.x", "ssm.B", "ssm.C")
+
+
+def mamba_kind(model_or_config: Any) -> MambaKind:
+    """'mamba' or 'mamba2' from a model or its config; QuantscaleError for anything else."""
+    config = getattr(model_or_config, "config", model_or_config)
+    kind = getattr(config, "model_type", None)
+    if kind not in ("mamba", "mamba2"):
+        raise QuantscaleError(f"expected a Mamba or Mamba2 model, got model_type {kind!r}")
+    return kind
+
+
+def all_points(kind: MambaKind) -> tuple[str, ...]:
+    """Every point name of a mixer of this kind (weights, activations, optional ones)."""
+    return (*WEIGHT_POINTS[kind], *ACTIVATION_POINTS[kind], *OFF_BY_DEFAULT)
+
+
+class PointRule(BaseModel):
+    """A user override for one point; unset fields keep the method's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quantize: bool | None = None
+    observer: str | None = None
+    observer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    piecewise: bool | None = None
+
+
+class MambaRecipe(BaseModel):
+    """How to quantize a Mamba model, Quamba-style (saved with the quantized checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["quamba1", "quamba2"] = "quamba1"
+    weight_strategy: Literal["channel", "tensor"] = "channel"
+    percentile_alpha: float | None = None  # None: by model size (see module docstring)
+    ema_sigma: float = 0.01
+    head_groups: int = 4
+    channel_groups: int = 4
+    float_layers: list[int] = Field(default_factory=list)
+    points: dict[str, PointRule] = Field(default_factory=dict)
+    n_samples: int = 512
+    seq_len: int = 512
+    batch_size: int = 8
+
+    @field_validator("head_groups", "channel_groups", "n_samples", "seq_len", "batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @property
+    def piecewise(self) -> bool:
+        return self.method == "quamba2"
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """The resolved treatment of one point."""
+
+    quantize: bool
+    observer: str = "minmax"
+    observer_kwargs: tuple[tuple[str, Any], ...] = ()
+    piecewise: bool = False
+
+
+def default_alpha(n_params: int) -> float:
+    """Quamba's percentile: 0.99999 for small (130M-class) models, else 0.9995."""
+    return 0.99999 if n_params < SMALL_MODEL_PARAMS else 0.9995
+
+
+def _default_spec(name: str, recipe: MambaRecipe, alpha: float) -> PointSpec:
+    if name in OFF_BY_DEFAULT:
+        return PointSpec(quantize=False)
+    if name == "ssm.x" and not recipe.piecewise:
+        kwargs = (("alpha", alpha), ("sigma", recipe.ema_sigma))
+        return PointSpec(True, "percentile", kwargs)
+    return PointSpec(True, "minmax", (), recipe.piecewise and name in PIECEWISE_POINTS)
+
+
+def resolve_points(kind: MambaKind, recipe: MambaRecipe, n_params: int) -> dict[str, PointSpec]:
+    """Point name -> PointSpec: the method's defaults with the recipe's overrides applied."""
+    names = all_points(kind)
+    unknown = sorted(set(recipe.points) - set(names))
+    if unknown:
+        raise QuantscaleError(
+            f"unknown {kind} quantization point(s) {unknown}; known: {', '.join(names)}"
+        )
+    alpha = recipe.percentile_alpha or default_alpha(n_params)
+    specs = {}
+    for name in names:
+        spec = _default_spec(name, recipe, alpha)
+        rule = recipe.points.get(name)
+        if rule is not None:
+            spec = PointSpec(
+                quantize=spec.quantize if rule.quantize is None else rule.quantize,
+                observer=rule.observer or spec.observer,
+                observer_kwargs=tuple(sorted(rule.observer_kwargs.items()))
+                if rule.observer
+                else spec.observer_kwargs,
+                piecewise=spec.piecewise if rule.piecewise is None else rule.piecewise,
+            )
+        if spec.piecewise and name not in PIECEWISE_POINTS:
+            raise QuantscaleError(f"point {name!r} cannot have piecewise scales")
+        specs[name] = spec
+    return specs
+
+
+def quantized_layers(n_layers: int, recipe: MambaRecipe) -> list[int]:
+    """Indices of the layers to quantize (all but `recipe.float_layers`, negatives allowed)."""
+    skip = set()
+    for i in recipe.float_layers:
+        if not -n_layers <= i < n_layers:
+            raise QuantscaleError(f"float_layers entry {i} is outside 0..{n_layers - 1}")
+        skip.add(i % n_layers)
+    return [i for i in range(n_layers) if i not in skip]
+
+
+# ----------------------------------------------------------------------------- reordering
+
+
+def _take_rows(module: nn.Module, index: torch.Tensor) -> None:
+    """Reorder dim 0 of a module's weight (and bias) in place."""
+    module.weight.data = module.weight.data.index_select(0, index).contiguous()
+    if getattr(module, "bias", None) is not None:
+        module.bias.data = module.bias.data.index_select(0, index).contiguous()
+
+
+def _take_cols(linear: nn.Module, index: torch.Tensor) -> None:
+    linear.weight.data = linear.weight.data.index_select(1, index).contiguous()
+
+
+def _take(param: nn.Parameter, index: torch.Tensor) -> None:
+    param.data = param.data.index_select(0, index).contiguous()
+
+
+@torch.no_grad()
+def reorder_mixer(mixer: nn.Module, kind: MambaKind, plan: GroupPlan) -> None:
+    """Permute a mixer's x channels (and Mamba2 heads) as `plan` says, weights and all.
+
+    Works on transformers' mixers and on `quantscale.runtime.quamba` mixers before they are
+    frozen (same attribute names); the mixer's float output does not change.
+    """
+    perm = plan.perm.to(mixer.out_proj.weight.device)
+    inner = perm.numel()
+    arange = torch.arange
+    if kind == "mamba":
+        _take_rows(mixer.in_proj, torch.cat([perm, inner + perm]))
+        _take_rows(mixer.conv1d, perm)
+        _take_cols(mixer.x_proj, perm)
+        _take_rows(mixer.dt_proj, perm)
+        _take(mixer.A_log, perm)
+        _take(mixer.D, perm)
+    else:
+        heads = plan.head_perm.to(perm.device)
+        conv_dim = mixer.conv1d.weight.shape[0]
+        bc = arange(inner, conv_dim, device=perm.device)
+        rows = [perm, inner + perm, inner + bc, inner + conv_dim + heads]
+        _take_rows(mixer.in_proj, torch.cat(rows))
+        _take_rows(mixer.conv1d, torch.cat([perm, bc]))
+        _take(mixer.A_log, heads)
+        _take(mixer.D, heads)
+        _take(mixer.dt_bias, heads)
+        _take(mixer.norm.weight, perm)
+    _take_cols(mixer.out_proj, perm)
+
+
+def mixer_shape(mixer: nn.Module, kind: MambaKind) -> dict[str, int]:
+    """Sizes of a mixer: inner (x channels), heads, head_dim, ssd_groups, state."""
+    inner = mixer.out_proj.weight.shape[1]
+    if kind == "mamba":
+        return {
+            "inner": inner,
+            "heads": inner,
+            "head_dim": 1,
+            "ssd_groups": 1,
+            "state": mixer.A_log.shape[1],
+        }
+    return {
+        "inner": inner,
+        "heads": mixer.num_heads,
+        "head_dim": mixer.head_dim,
+        "ssd_groups": mixer.n_groups,
+        "state": mixer.ssm_state_size,
+    }

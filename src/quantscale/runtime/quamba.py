@@ -1,0 +1,533 @@
+"""Quantized Mamba / Mamba2 mixers with static INT8 scales (Quamba1 and Quamba2).
+
+`QMambaMixer` and `QMamba2Mixer` replace transformers' `MambaMixer` / `Mamba2Mixer` and
+mirror their CPU slow paths (full sequences, no generation cache). A mixer moves through
+modes:
+
+- ``float``: float weights, no quantization (equal to transformers' mixer up to rounding;
+  Mamba1's scan runs as a chunked parallel scan instead of a per-token loop);
+- ``calibrate``: as float, and every quantized activation point feeds its observers;
+- after `freeze()`: INT8 weights (`weight`, int8) with float32 `weight_scale`, and float32
+  activation scales (`acts.<point>.scale`, one per tensor or one per channel group with
+  `acts.<point>.group_id` mapping channels to groups). Then ``int8`` (the default) runs
+  in_proj, x_proj, dt_proj and out_proj as real INT8 matmuls (`torch._int_mm`, int32
+  accumulation) and conv1d on the INT8 values, and ``fake`` is the reference: every
+  quantized tensor is quantized and dequantized with the same scales and float ops are used.
+  The SSM consumes dequantized INT8 x, B, C, dt and z in both. Neither mode computes any
+  statistic at run time.
+
+Activation point names map to state-dict keys by replacing '.' with '_' (`ssm.x` ->
+`acts.ssm_x.scale`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantscale.algorithms.grouping import group_runs
+from quantscale.errors import QuantscaleError
+from quantscale.formats.intq import dequantize_int, quantize_int
+from quantscale.models.mamba import ACTIVATION_POINTS, MambaKind, PointSpec
+from quantscale.observers import get_observer
+from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
+from quantscale.scheme import QuantArgs
+
+Mode = Literal["float", "calibrate", "fake", "int8"]
+MODES = ("float", "calibrate", "fake", "int8")
+_ACT_ARGS = QuantArgs(num_bits=8, strategy="tensor")
+
+
+def act_key(point: str) -> str:
+    """ModuleDict key of an activation point (`ssm.x` -> `ssm_x`)."""
+    return point.replace(".", "_")
+
+
+def _scale_view(scale: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """A per-channel scale [C] shaped to broadcast along `dim` of an ndim tensor."""
+    if scale.numel() == 1:
+        return scale.reshape(())
+    shape = [1] * ndim
+    shape[dim] = scale.numel()
+    return scale.reshape(shape)
+
+
+class ActQuant(nn.Module):
+    """Static symmetric INT8 quantizer of one activation: per tensor or per channel group."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
+        self.register_buffer("group_id", None)
+        self._observers: list | None = None
+        self._members: list[torch.Tensor] | None = None
+        self.channel_amax: torch.Tensor | None = None
+
+    def set_groups(self, group_id: torch.Tensor, n_groups: int) -> None:
+        """Use one scale per group; `group_id` [channels] maps channels to groups."""
+        if group_id.shape != (self.channels,):
+            raise QuantscaleError(
+                f"group_id has shape {tuple(group_id.shape)}; expected ({self.channels},)"
+            )
+        self.group_id = group_id.long().clone()
+        self.scale = torch.ones(n_groups, dtype=torch.float32, device=self.scale.device)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.numel()
+
+    def track_channels(self) -> None:
+        """Start collecting the running max |x| per channel (for grouping)."""
+        self.channel_amax = torch.zeros(self.channels)
+
+    def start(self, spec: PointSpec) -> None:
+        """Attach fresh observers (one per group) built from the point's spec."""
+        kwargs = dict(spec.observer_kwargs)
+        self._observers = [
+            get_observer(spec.observer, args=_ACT_ARGS, **kwargs) for _ in range(self.n_groups)
+        ]
+        if self.group_id is not None:
+            gid = self.group_id.cpu()
+            self._members = [torch.nonzero(gid == g).flatten() for g in range(self.n_groups)]
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Feed one batch (channels last) to the channel tracker and the observers."""
+        flat = x.detach().float().reshape(-1, self.channels).cpu()
+        if self.channel_amax is not None:
+            self.channel_amax = torch.maximum(self.channel_amax, flat.abs().amax(dim=0))
+        if self._observers is None:
+            return
+        if self._members is None:
+            self._observers[0].update(flat)
+            return
+        for obs, members in zip(self._observers, self._members):
+            if members.numel():
+                obs.update(flat.index_select(1, members))
+
+    def finish(self) -> None:
+        """Turn the observers' ranges into the static scales; drop the observers."""
+        if self._observers is None:
+            raise QuantscaleError("activation quantizer finished without calibration data")
+        scales = self.scale.clone()
+        for g, obs in enumerate(self._observers):
+            if obs.min_val is None:  # an empty group: its scale is never used
+                continue
+            mn, mx = obs.min_max()
+            scales[g] = compute_qparams(_ACT_ARGS, mn, mx).scale.reshape(())
+        self.scale = scales.to(self.scale.device)
+        self._observers = self._members = None
+
+    def channel_scale(self) -> torch.Tensor:
+        """Scale per channel [C], or the single scale [1]."""
+        if self.group_id is None:
+            return self.scale
+        return self.scale[self.group_id]
+
+    def quantize(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """INT8 values of x (channels along `dim`)."""
+        return quantize_int(x, _scale_view(self.channel_scale(), x.ndim, dim % x.ndim))
+
+    def dequantize(self, q: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return dequantize_int(q, _scale_view(self.channel_scale(), q.ndim, dim % q.ndim))
+
+    def qdq(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Quantize then dequantize (float32)."""
+        return self.dequantize(self.quantize(x, dim), dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take the saved number of groups (and group map) before loading the values."""
+        scale = state_dict.get(prefix + "scale")
+        if scale is not None and scale.shape != self.scale.shape:
+            self.scale = torch.empty_like(scale, device=self.scale.device)
+        gid = state_dict.get(prefix + "group_id")
+        if gid is not None and self.group_id is None:
+            self.group_id = torch.empty_like(gid, device=self.scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def quantize_weight(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 weight [out, ...] -> (int8 weight, float32 scale [out, 1] or [1])."""
+    args = QuantArgs(num_bits=8, strategy=strategy)
+    rows = w.detach().float().reshape(w.shape[0], -1)
+    mn, mx = reduce_minmax(rows, args, WEIGHT)
+    qp = compute_qparams(args, mn, mx)
+    return quantize(rows, args, qp).reshape(w.shape), qp.scale.float().reshape(-1, 1)
+
+
+class _QWeight(nn.Module):
+    """A float weight (+ bias) that `freeze()` replaces by INT8 values and a scale."""
+
+    def __init__(self, module: nn.Module, quantized: bool, strategy: str) -> None:
+        super().__init__()
+        self.weight = _as_float_param(module.weight)
+        self.bias = None if module.bias is None else _as_float_param(module.bias)
+        self.quantized, self.strategy, self.frozen = quantized, strategy, False
+
+    def freeze(self, placeholder: bool = False) -> None:
+        """Quantize the weight (or, for loading, allocate empty INT8 buffers)."""
+        self.frozen = True
+        if not self.quantized:
+            return
+        w = self.weight
+        if placeholder:
+            q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+            rows = w.shape[0] if self.strategy == "channel" else 1
+            scale = torch.empty(rows, 1, dtype=torch.float32, device=w.device)
+        else:
+            q, scale = quantize_weight(w, self.strategy)
+        del self.weight
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", scale)
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight, or the dequantized INT8 weight once frozen."""
+        if not (self.frozen and self.quantized):
+            return self.weight
+        scale = self.weight_scale.reshape(-1, *([1] * (self.weight.ndim - 1)))
+        return self.weight.float() * scale
+
+
+def _as_float_param(p: nn.Parameter) -> nn.Parameter:
+    """The same parameter if float32 (so training updates the original), else a float copy."""
+    return p if p.dtype == torch.float32 else nn.Parameter(p.detach().float())
+
+
+class QLinear(_QWeight):
+    """Linear layer with an INT8 weight; the input quantizer is given at call time."""
+
+    def forward(
+        self, x: torch.Tensor, act: ActQuant | None, mode: Mode, use_bias: bool = True
+    ) -> torch.Tensor:
+        bias = self.bias if use_bias else None
+        if mode in ("float", "calibrate"):
+            return F.linear(x, self.weight, bias)
+        if mode == "int8" and act is not None and self.quantized:
+            return self._int8(x, act, bias)
+        x_in = act.qdq(x) if act is not None else x
+        return F.linear(x_in, self.float_weight(), bias)
+
+    def _int8(self, x: torch.Tensor, act: ActQuant, bias: torch.Tensor | None) -> torch.Tensor:
+        """INT8 x INT8 -> INT32 matmul per contiguous run of equal input scales."""
+        q = act.quantize(x).reshape(-1, x.shape[-1])
+        w_t = self.weight.t()
+        if act.group_id is None:
+            acc = torch._int_mm(q, w_t).float() * act.scale
+        else:
+            acc = sum(
+                torch._int_mm(q[:, s:e].contiguous(), w_t[s:e].contiguous()).float() * act.scale[g]
+                for s, e, g in group_runs(act.group_id)
+            )
+        out = acc * self.weight_scale.reshape(1, -1)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class QConv1d(_QWeight):
+    """Depthwise causal conv1d with an INT8 weight per channel."""
+
+    def __init__(self, conv: nn.Conv1d, quantized: bool, strategy: str) -> None:
+        super().__init__(conv, quantized, strategy)
+        self.kernel = conv.kernel_size[0]
+
+    def forward(self, x: torch.Tensor, act: ActQuant | None, mode: Mode) -> torch.Tensor:
+        """x [batch, channels, length] -> pre-activation output of the same shape."""
+        length, channels = x.shape[-1], x.shape[1]
+        if mode in ("fake", "int8") and act is not None and self.quantized:
+            # integer products summed over <= kernel taps are exact in float32
+            q = act.quantize(x, dim=1).float()
+            out = F.conv1d(q, self.weight.float(), None, padding=self.kernel - 1, groups=channels)
+            scale = _scale_view(act.channel_scale(), 3, 1) * self.weight_scale.reshape(1, -1, 1)
+            out = out[..., :length] * scale
+            return out if self.bias is None else out + self.bias.reshape(1, -1, 1)
+        if mode in ("fake", "int8") and act is not None:
+            x = act.qdq(x, dim=1)
+        weight = self.weight if mode in ("float", "calibrate") else self.float_weight()
+        out = F.conv1d(x, weight, self.bias, padding=self.kernel - 1, groups=channels)
+        return out[..., :length]
+
+
+def _mask(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions (as transformers' apply_mask_to_padding_states)."""
+    if attention_mask is None:
+        return x
+    return x * attention_mask[:, :, None].to(x.dtype)
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h_t = a_t h_{t-1} + b_t along dim 1 (h_0 = 0), by doubling.
+
+    Returns (prod a_1..a_t, h_t) for every t.
+    """
+    k, length = 1, a.shape[1]
+    while k < length:
+        b = torch.cat([b[:, :k], b[:, k:] + a[:, k:] * b[:, :-k]], dim=1)
+        a = torch.cat([a[:, :k], a[:, k:] * a[:, :-k]], dim=1)
+        k *= 2
+    return a, b
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    delta_bias: torch.Tensor,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """Mamba1's selective scan, token-major: u, delta, z [b, L, d]; A [d, n]; B, C [b, L, n].
+
+    Same math as transformers' `mamba_selective_scan` (softplus(delta + bias), zero initial
+    state, D skip, SiLU(z) gate), computed chunk by chunk with a parallel scan.
+    """
+    delta = F.softplus(delta + delta_bias)
+    batch, length, d = u.shape
+    h = u.new_zeros(batch, d, A.shape[1])
+    outs = []
+    for s in range(0, length, chunk):
+        dt = delta[:, s : s + chunk, :, None]
+        decay, states = _doubling_scan(
+            torch.exp(dt * A), dt * u[:, s : s + chunk, :, None] * B[:, s : s + chunk, None, :]
+        )
+        states = states + decay * h[:, None]
+        outs.append((states * C[:, s : s + chunk, None, :]).sum(-1))
+        h = states[:, -1]
+    y = torch.cat(outs, dim=1) + u * D
+    return y * F.silu(z)
+
+
+def _chunk_scan():
+    """transformers' torch reference of Mamba2's chunked SSD scan (never a CUDA kernel)."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    fn = modeling_mamba2.mamba2_chunk_scan
+    return getattr(fn, "__wrapped__", fn)
+
+
+class _QMixerBase(nn.Module):
+    """Shared state of the quantized mixers: points, activation quantizers and modes."""
+
+    kind: MambaKind
+
+    def __init__(self, specs: dict[str, PointSpec], layer_idx: int) -> None:
+        super().__init__()
+        self.specs = specs
+        self.layer_idx = layer_idx
+        self.mode: Mode = "float"
+        self.acts = nn.ModuleDict()
+
+    def _add_acts(self, channels: dict[str, int]) -> None:
+        for point in ACTIVATION_POINTS[self.kind]:
+            if self.specs[point].quantize:
+                self.acts[act_key(point)] = ActQuant(channels[point])
+
+    def act(self, point: str) -> ActQuant | None:
+        """The quantizer of an activation point, or None when the point stays float."""
+        key = act_key(point)
+        return self.acts[key] if key in self.acts else None
+
+    def _see(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """Observe x at a point while calibrating; returns x unchanged."""
+        act = self.act(point)
+        if act is not None and self.mode in ("calibrate", "float"):
+            if self.mode == "calibrate" or act.channel_amax is not None:
+                act.observe(x)
+        return x
+
+    def _dq(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """INT8 round trip of x at a point once frozen; x itself otherwise."""
+        act = self.act(point)
+        return act.qdq(x) if act is not None and self.mode in ("fake", "int8") else x
+
+    def _ssm_in(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """An SSM input: observed while calibrating, INT8 round trip once frozen."""
+        return self._dq(point, self._see(point, x))
+
+    def set_mode(self, mode: Mode) -> None:
+        if mode not in MODES:
+            raise QuantscaleError(f"unknown mixer mode {mode!r}; expected one of {MODES}")
+        frozen = all(m.frozen for m in self._weights())
+        if mode in ("fake", "int8") and not frozen:
+            raise QuantscaleError(f"mixer {self.layer_idx}: mode {mode!r} needs freeze() first")
+        if mode in ("float", "calibrate") and frozen:
+            raise QuantscaleError(f"mixer {self.layer_idx} is frozen; float modes are gone")
+        self.mode = mode
+
+    def start_calibration(self) -> None:
+        """Attach observers to every quantized activation point and switch to calibrate."""
+        for point in ACTIVATION_POINTS[self.kind]:
+            act = self.act(point)
+            if act is not None:
+                act.start(self.specs[point])
+        self.set_mode("calibrate")
+
+    def freeze(self, placeholder: bool = False) -> None:
+        """Static scales from the observers and INT8 weights; mode becomes int8.
+
+        `placeholder=True` allocates the buffers only (to load a saved state dict).
+        """
+        for act in self.acts.values():
+            act.channel_amax = None
+            if not placeholder:
+                act.finish()
+        for module in self._weights():
+            module.freeze(placeholder)
+        self.mode = "int8"
+
+    def _weights(self) -> list[_QWeight]:
+        return [m for m in self.children() if isinstance(m, _QWeight)]
+
+    def _check_cache(self, cache) -> None:
+        if cache is not None:
+            raise QuantscaleError(
+                "quantized Mamba mixers run whole sequences only: call the model with "
+                "use_cache=False (generation with a cache is not supported)"
+            )
+
+
+class QMambaMixer(_QMixerBase):
+    """Quantized `MambaMixer` (Mamba1)."""
+
+    kind = "mamba"
+
+    def __init__(self, mixer: nn.Module, specs: dict[str, PointSpec], strategy: str) -> None:
+        super().__init__(specs, mixer.layer_idx)
+        w = specs
+        self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, strategy)
+        self.conv1d = QConv1d(mixer.conv1d, w["conv1d.weight"].quantize, strategy)
+        self.x_proj = QLinear(mixer.x_proj, w["x_proj.weight"].quantize, strategy)
+        self.dt_proj = QLinear(mixer.dt_proj, w["dt_proj.weight"].quantize, strategy)
+        self.out_proj = QLinear(mixer.out_proj, w["out_proj.weight"].quantize, strategy)
+        self.A_log = _as_float_param(mixer.A_log)
+        self.D = _as_float_param(mixer.D)
+        self.rank = mixer.time_step_rank
+        self.state = mixer.ssm_state_size
+        inner, hidden = mixer.intermediate_size, mixer.hidden_size
+        self._add_acts(
+            {
+                "in_proj.input": hidden,
+                "conv1d.input": inner,
+                "ssm.x": inner,
+                "ssm.B": self.state,
+                "ssm.C": self.state,
+                "ssm.dt": inner,
+                "ssm.z": inner,
+                "dt_proj.input": self.rank,
+                "out_proj.input": inner,
+            }
+        )
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        self._check_cache(cache)
+        dtype, mode = hidden_states.dtype, self.mode
+        h = self._see("in_proj.input", _mask(hidden_states.float(), attention_mask))
+        x, z = self.in_proj(h, self.act("in_proj.input"), mode).chunk(2, dim=-1)
+        x = self._see("conv1d.input", x)
+        x = self.conv1d(x.transpose(1, 2), self.act("conv1d.input"), mode)
+        x = self._see("ssm.x", _mask(F.silu(x).transpose(1, 2), attention_mask))
+        dt_lr, B, C = self.x_proj(x, self.act("ssm.x"), mode).split(
+            [self.rank, self.state, self.state], dim=-1
+        )
+        dt_lr = self._see("dt_proj.input", dt_lr)
+        dt = self.dt_proj(dt_lr, self.act("dt_proj.input"), mode, use_bias=False)
+        y = selective_scan(
+            self._dq("ssm.x", x),
+            self._ssm_in("ssm.dt", dt),
+            -torch.exp(self.A_log.float()),
+            self._ssm_in("ssm.B", B),
+            self._ssm_in("ssm.C", C),
+            self.D,
+            self._ssm_in("ssm.z", z),
+            self.dt_proj.bias,
+        )
+        y = self._see("out_proj.input", y)
+        return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
+
+
+class QMamba2Mixer(_QMixerBase):
+    """Quantized `Mamba2Mixer`."""
+
+    kind = "mamba2"
+
+    def __init__(self, mixer: nn.Module, specs: dict[str, PointSpec], strategy: str) -> None:
+        super().__init__(specs, mixer.layer_idx)
+        w = specs
+        self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, strategy)
+        self.conv1d = QConv1d(mixer.conv1d, w["conv1d.weight"].quantize, strategy)
+        self.out_proj = QLinear(mixer.out_proj, w["out_proj.weight"].quantize, strategy)
+        self.A_log = _as_float_param(mixer.A_log)
+        self.D = _as_float_param(mixer.D)
+        self.dt_bias = _as_float_param(mixer.dt_bias)
+        self.norm = mixer.norm.float()
+        self.num_heads, self.head_dim = mixer.num_heads, mixer.head_dim
+        self.n_groups, self.ssm_state_size = mixer.n_groups, mixer.ssm_state_size
+        self.chunk_size, self.time_step_limit = mixer.chunk_size, mixer.time_step_limit
+        self.inner = mixer.intermediate_size
+        self.conv_dim = mixer.conv_dim
+        bc = self.n_groups * self.ssm_state_size
+        self._add_acts(
+            {
+                "in_proj.input": mixer.hidden_size,
+                "conv1d.input": self.conv_dim,
+                "ssm.x": self.inner,
+                "ssm.B": bc,
+                "ssm.C": bc,
+                "ssm.dt": self.num_heads,
+                "ssm.z": self.inner,
+                "out_proj.input": self.inner,
+            }
+        )
+        per_group = torch.arange(bc) // self.ssm_state_size
+        for point in ("ssm.B", "ssm.C"):
+            if specs[point].quantize and specs[point].piecewise:
+                self.act(point).set_groups(per_group, self.n_groups)
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        self._check_cache(cache)
+        dtype, mode = hidden_states.dtype, self.mode
+        batch, length, _ = hidden_states.shape
+        h = self._see("in_proj.input", _mask(hidden_states.float(), attention_mask))
+        z, xbc, dt = self.in_proj(h, self.act("in_proj.input"), mode).split(
+            [self.inner, self.conv_dim, self.num_heads], dim=-1
+        )
+        xbc = self._see("conv1d.input", xbc)
+        xbc = self.conv1d(xbc.transpose(1, 2), self.act("conv1d.input"), mode)
+        xbc = _mask(F.silu(xbc).transpose(1, 2), attention_mask)
+        bc = self.n_groups * self.ssm_state_size
+        x, B, C = xbc.split([self.inner, bc, bc], dim=-1)
+        groups = (batch, length, self.n_groups, self.ssm_state_size)
+        y = _chunk_scan()(
+            self._ssm_in("ssm.x", x).reshape(batch, length, self.num_heads, self.head_dim),
+            self._ssm_in("ssm.dt", dt),
+            -torch.exp(self.A_log.float()),
+            self._ssm_in("ssm.B", B).reshape(groups),
+            self._ssm_in("ssm.C", C).reshape(groups),
+            chunk_size=self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.time_step_limit,
+        )
+        y = self.norm(y.reshape(batch, length, -1), self._ssm_in("ssm.z", z))
+        y = self._see("out_proj.input", y)
+        return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
+
+
+def quantized_mixer(
+    mixer: nn.Module, kind: MambaKind, specs: dict[str, PointSpec], strategy: str = "channel"
+) -> _QMixerBase:
+    """The quantized counterpart (float mode) of a transformers mixer."""
+    cls = QMambaMixer if kind == "mamba" else QMamba2Mixer
+    return cls(mixer, specs, strategy)
+
+
+def is_quantized_mixer(module: nn.Module) -> bool:
+    return isinstance(module, _QMixerBase)

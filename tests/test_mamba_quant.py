@@ -1,0 +1,246 @@
+"""Quamba-style static INT8 quantization of tiny Mamba / Mamba2 models built from configs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quantscale.algorithms.grouping import plan_channels, plan_heads
+from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.mamba_quant import load_quantized, quantize_mamba, save_quantized, set_mode
+from quantscale.models.mamba import (
+    MambaRecipe,
+    PointRule,
+    mamba_kind,
+    mixer_shape,
+    reorder_mixer,
+    resolve_points,
+)
+from quantscale.runtime.quamba import QMamba2Mixer, QMambaMixer, quantized_mixer
+
+VOCAB = 64
+
+
+def _mamba1():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8)
+    return MambaForCausalLM(cfg).eval()
+
+
+def _mamba2():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        expand=2,
+        head_dim=8,
+        num_heads=8,
+        n_groups=2,
+        chunk_size=16,
+    )
+    return Mamba2ForCausalLM(cfg).eval()
+
+
+MAKERS = {"mamba": _mamba1, "mamba2": _mamba2}
+
+
+def _ids(seed: int, batch: int = 2, length: int = 40) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _batches() -> list[torch.Tensor]:
+    return [_ids(100 + i) for i in range(3)]
+
+
+@torch.no_grad()
+def _logits(model, ids, mask=None) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def _quantized(kind: str, **recipe) -> torch.nn.Module:
+    model = MAKERS[kind]()
+    recipe = {"head_groups": 2, "channel_groups": 2, **recipe}
+    return quantize_mamba(model, _batches(), MambaRecipe(**recipe))
+
+
+def _scales(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("scale")}
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_float_mixer_matches_transformers(kind):
+    model = MAKERS[kind]()
+    ids = _ids(0)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # right padding, as the cloze evaluation batches
+    ref, ref_masked = _logits(model, ids), _logits(model, ids, mask)
+    specs = resolve_points(kind, MambaRecipe(), 10**6)
+    for layer in model.backbone.layers:
+        layer.mixer = quantized_mixer(layer.mixer, kind, specs)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(model, ids, mask), ref_masked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_reorder_invariance(kind):
+    """Permuting channels / heads and the weights to match leaves float outputs unchanged."""
+    model = MAKERS[kind]()
+    ids = _ids(1)
+    ref = _logits(model, ids)
+    gen = torch.Generator().manual_seed(3)
+    for layer in model.backbone.layers:
+        shape = mixer_shape(layer.mixer, kind)
+        if kind == "mamba":
+            plan = plan_channels(torch.rand(shape["inner"], generator=gen), 2, 2)
+        else:
+            per_group = shape["heads"] // shape["ssd_groups"]
+            stats = torch.rand(shape["ssd_groups"], per_group, shape["head_dim"], generator=gen)
+            stats += 5 * torch.arange(per_group, 0, -1)[None, :, None]  # descending heads
+            plan = plan_heads(stats, 2, 2)
+            assert not torch.equal(plan.head_perm, torch.arange(shape["heads"]))
+        assert not torch.equal(plan.perm, torch.arange(plan.perm.numel()))
+        reorder_mixer(layer.mixer, kind, plan)
+    out = _logits(model, ids)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+@pytest.mark.parametrize("method", ["quamba1", "quamba2"])
+def test_int8_matches_fake_quant_and_is_close_to_float(kind, method):
+    ref_model = MAKERS[kind]()
+    ids = _ids(7)
+    ref = _logits(ref_model, ids)
+    model = _quantized(kind, method=method)
+    calls = []
+    real_int_mm = torch._int_mm
+
+    def counting_int_mm(a, b):
+        calls.append(tuple(a.shape))
+        return real_int_mm(a, b)
+
+    torch._int_mm = counting_int_mm
+    try:
+        q = _logits(model, ids)
+        n_int8 = len(calls)
+        set_mode(model, "fake")
+        fake = _logits(model, ids)
+    finally:
+        torch._int_mm = real_int_mm
+        set_mode(model, "int8")
+    assert n_int8 > 0 and len(calls) == n_int8  # only the int8 mode uses INT8 matmuls
+    torch.testing.assert_close(q, fake, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(q, ref)
+    assert torch.nn.functional.cosine_similarity(q.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_static_scales_do_not_depend_on_inputs(kind):
+    model = _quantized(kind, method="quamba2")
+    before = _scales(model)
+    a, b = _ids(11, batch=1), _ids(12, batch=1)
+    alone = _logits(model, a)
+    batched = _logits(model, torch.cat([a, 50 * torch.ones_like(b)]))  # an odd neighbour
+    _logits(model, b * 0 + 3)
+    after = _scales(model)
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+@pytest.mark.parametrize("method", ["quamba1", "quamba2"])
+def test_save_load_round_trip(kind, method, tmp_path):
+    model = _quantized(kind, method=method)
+    ids = _ids(21)
+    expected = _logits(model, ids)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=0, rtol=0)
+    original, reloaded = _scales(model), _scales(loaded)
+    assert original.keys() == reloaded.keys()
+    assert all(torch.equal(original[k], reloaded[k]) for k in original)
+    assert all(v.dtype == torch.float32 for v in reloaded.values())
+    int8 = [k for k, v in loaded.state_dict().items() if v.dtype == torch.int8]
+    assert any(k.endswith("in_proj.weight") for k in int8)
+    assert any(k.endswith("conv1d.weight") for k in int8)
+
+
+def test_piecewise_scale_counts():
+    model = _quantized("mamba2", method="quamba2", head_groups=4, channel_groups=4)
+    state = model.state_dict()
+    prefix = "backbone.layers.0.mixer.acts."
+    assert state[prefix + "ssm_x.scale"].shape == (2 * 4 * 4,)  # SSD groups x heads x channels
+    assert state[prefix + "ssm_B.scale"].shape == (2,)  # one per SSD group
+    assert state[prefix + "in_proj_input.scale"].shape == (1,)
+    model1 = _quantized("mamba", method="quamba1")
+    assert model1.state_dict()[prefix + "ssm_x.scale"].shape == (1,)
+
+
+def test_piecewise_reorders_to_contiguous_groups():
+    model = _quantized("mamba2", method="quamba2")
+    mixer = model.backbone.layers[0].mixer
+    gid = mixer.act("ssm.x").group_id.reshape(mixer.num_heads, mixer.head_dim)
+    assert (gid.diff(dim=-1) >= 0).all()
+
+
+def test_point_overrides_and_float_layers():
+    recipe = MambaRecipe(
+        points={
+            "conv1d.weight": PointRule(quantize=False),
+            "conv1d.input": PointRule(quantize=False),
+        },
+        float_layers=[-1],
+    )
+    model = quantize_mamba(_mamba1(), _batches(), recipe)
+    first, last = (layer.mixer for layer in model.backbone.layers)
+    assert isinstance(first, QMambaMixer) and not isinstance(last, QMambaMixer)
+    assert first.act("conv1d.input") is None and first.conv1d.weight.dtype == torch.float32
+    assert first.in_proj.weight.dtype == torch.int8
+    assert model.config.quantization_config["quantized_layers"] == [0]
+
+
+def test_quamba1_defaults():
+    specs = resolve_points("mamba", MambaRecipe(), n_params=10**6)
+    assert specs["ssm.x"].observer == "percentile"
+    assert dict(specs["ssm.x"].observer_kwargs)["alpha"] == 0.99999
+    assert dict(resolve_points("mamba", MambaRecipe(), 10**9)["ssm.x"].observer_kwargs)[
+        "alpha"
+    ] == pytest.approx(0.9995)
+    assert specs["in_proj.input"].observer == "minmax" and specs["conv1d.input"].quantize
+    assert not specs["norm.weight"].quantize
+    q2 = resolve_points("mamba2", MambaRecipe(method="quamba2"), 10**6)
+    assert q2["ssm.x"].piecewise and q2["ssm.B"].piecewise and not q2["ssm.z"].piecewise
+
+
+def test_errors():
+    with pytest.raises(QuantscaleError, match="unknown mamba quantization point"):
+        resolve_points("mamba", MambaRecipe(points={"x_proj.output": PointRule()}), 1)
+    with pytest.raises(QuantscaleError, match="cannot have piecewise"):
+        resolve_points("mamba", MambaRecipe(points={"ssm.z": PointRule(piecewise=True)}), 1)
+    with pytest.raises(QuantscaleError, match="model_type"):
+        mamba_kind(SimpleNamespace(model_type="llama"))
+    model = _quantized("mamba")
+    with pytest.raises(QuantscaleError, match="use_cache=False"):
+        model(input_ids=_ids(0), use_cache=True)
+    with pytest.raises(QuantscaleError, match="frozen"):
+        set_mode(model, "float")
+
+
+def test_load_rejects_other_checkpoints(tmp_path):
+    model = _mamba2()
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="quant_method"):
+        load_quantized(tmp_path / "plain")
+
+
+def test_mamba2_mixer_class():
+    model = _quantized("mamba2")
+    assert all(isinstance(layer.mixer, QMamba2Mixer) for layer in model.backbone.layers)
