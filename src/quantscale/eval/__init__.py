@@ -1,0 +1,20 @@
+"""Evaluation: perplexity, LAMBADA-style cloze and zero-shot multiple choice.
+
+`evaluate(model, tokenizer, tasks)` runs any of them on an in-memory model; the data come
+from `quantscale.assets` (held-out Wikipedia articles) and BIG-bench (zero-shot only).
+"""
+
+from quantscale.eval.cloze import cloze_accuracy, cloze_items
+from quantscale.eval.perplexity import perplexity
+from quantscale.eval.runner import evaluate, load_model, load_tokenizer
+from quantscale.eval.zeroshot import zeroshot_accuracy
+
+__all__ = [
+    "cloze_accuracy",
+    "cloze_items",
+    "evaluate",
+    "load_model",
+    "load_tokenizer",
+    "perplexity",
+    "zeroshot_accuracy",
+]

@@ -1,0 +1,109 @@
+"""`quantscale eval`: perplexity, cloze and zero-shot accuracy of a model vs a baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from quantscale.errors import QuantscaleError
+from quantscale.eval.runner import (
+    NAMED_MODELS,
+    TASKS,
+    evaluate,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Metrics where lower is better; the others are accuracies.
+LOWER_IS_BETTER = {"ppl"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `eval` sub-command."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint (perplexity, cloze, zero-shot), optionally vs a baseline",
+        description=__doc__,
+    )
+    parser.add_argument(
+        "model", help=f"checkpoint dir loadable by transformers, or one of {list(NAMED_MODELS)}"
+    )
+    parser.add_argument("--baseline", help="checkpoint dir or name to compare against")
+    parser.add_argument(
+        "--tasks", default="ppl,cloze", help=f"comma-separated subset of {','.join(TASKS)}"
+    )
+    parser.add_argument("--n-tokens", type=int, default=4096, help="held-out tokens for ppl")
+    parser.add_argument("--n-items", type=int, default=200, help="items for cloze / zero-shot")
+    parser.add_argument("--seq-len", type=int, default=512, help="perplexity window length")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise QuantscaleError(f"--tasks {text!r}: choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
+    tokenizer = load_tokenizer(path, tokenizer_fallback)
+    model = load_model(path, DTYPES[args.dtype])
+    return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate MODEL (and --baseline) and print the metrics with deltas."""
+    tasks = _parse_tasks(args.tasks)
+    baseline_path = resolve_model_path(args.baseline) if args.baseline else None
+    model_path = resolve_model_path(args.model)
+    report = {"model": str(model_path), "results": {}}
+    if baseline_path is not None:
+        report["baseline"] = str(baseline_path)
+        report["baseline_results"] = _evaluate_path(baseline_path, None, args, tasks)
+    report["results"] = _evaluate_path(model_path, baseline_path, args, tasks)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        Console().print(_table(report))
+    return 0
+
+
+def _table(report: dict) -> Table:
+    """Metrics as rows; baseline, model and delta as columns."""
+    base = report.get("baseline_results")
+    table = Table(title=f"quantscale eval: {Path(report['model']).name}")
+    table.add_column("metric")
+    if base is not None:
+        table.add_column("baseline", justify="right")
+    table.add_column("model", justify="right")
+    if base is not None:
+        table.add_column("delta", justify="right")
+    for name, value in report["results"].items():
+        row = [name]
+        if base is not None:
+            row.append(_fmt(name, base[name]))
+        row.append(_fmt(name, value))
+        if base is not None:
+            row.append(_delta(name, value - base[name]))
+        table.add_row(*row)
+    return table
+
+
+def _fmt(name: str, value: float) -> str:
+    return f"{value:.3f}" if name in LOWER_IS_BETTER else f"{100 * value:.1f}%"
+
+
+def _delta(name: str, diff: float) -> str:
+    worse = diff > 0 if name in LOWER_IS_BETTER else diff < 0
+    text = f"{diff:+.3f}" if name in LOWER_IS_BETTER else f"{100 * diff:+.1f} pt"
+    return f"[red]{text}[/red]" if worse and diff else f"[green]{text}[/green]"
