@@ -9,7 +9,11 @@ import pytest
 from quantscale.checkpoint import io
 from quantscale.checkpoint.inspect import infer_block, precision_report
 from quantscale.checkpoint.io import Checkpoint
-from quantscale.checkpoint.synthetic import write_llama_like, write_minimax_like
+from quantscale.checkpoint.synthetic import (
+    write_llama_like,
+    write_minimax_headers,
+    write_minimax_like,
+)
 from quantscale.cli import main
 
 LAYERS, EXPERTS, VOCAB, H = 2, 4, 512, 3072
@@ -120,3 +124,17 @@ def test_cli_inspect(minimax, capsys):
 def test_cli_inspect_missing_dir(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_full_size_minimax_counts(tmp_path, monkeypatch):
+    """The real MiniMax-M2 layout (62 layers, 256 experts; sparse data, real headers):
+    96,103 tensors = 47,864 FP8 weights + 47,864 scales + 124 fp32 + 251 bf16."""
+    path = write_minimax_headers(tmp_path / "full")
+    monkeypatch.setattr(io, "safe_open", None)  # any data read would fail
+    report = precision_report(path)
+    assert report.tensors == 96_103
+    assert report.fp8_weights == report.scale_tensors == 62 * (4 + 3 * 256) == 47_864
+    assert report.other_tensors == {"F32": 124, "BF16": 251}
+    rows = {r.kind: r for r in report.kinds}
+    assert rows["experts.w3"].tensors == 62 * 256
+    assert rows["attention.k"].scale_shapes == {"8x24": 62}

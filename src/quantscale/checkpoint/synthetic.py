@@ -8,15 +8,18 @@ norm weights are close to 1.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from quantscale.checkpoint.io import CONFIG_NAME, CheckpointWriter
-from quantscale.formats.fp8 import DEFAULT_BLOCK, quantize_fp8_block
+from quantscale.checkpoint.io import CONFIG_NAME, DTYPE_NAMES, DTYPES, INDEX_NAME, CheckpointWriter
+from quantscale.errors import OutputExistsError
+from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, quantize_fp8_block
 
 WEIGHT_STD = 0.02
 
@@ -212,6 +215,73 @@ def write_minimax_like(
     qc = fp8_quantization_config(block, MINIMAX_SKIP, scale_fmt) if fp8 else None
     config = minimax_config(layers, experts, vocab, qc)
     return _write(path, groups, config, seed, fp8, block, scale_fmt, overwrite)
+
+
+def write_minimax_headers(
+    path: str | os.PathLike,
+    layers: int = 62,
+    experts: int = 256,
+    vocab: int = 200064,
+    shards: int | None = None,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+) -> Path:
+    """Full-size MiniMax-M2 FP8 layout (96,103 tensors by default) with real headers and
+    sparse, all-zero data: for header-only tools at real scale, without ~230 GB of disk.
+    """
+    h = MINIMAX_HIDDEN
+    head = [Spec("model.embed_tokens.weight", (vocab, h), "embedding")]
+    tail = [
+        Spec("model.norm.weight", (h,), "norm"),
+        Spec("lm_head.weight", (vocab, h), "embedding"),
+    ]
+    groups = _groups(
+        layers, shards or layers, lambda i: minimax_layer_specs(i, experts), head, tail
+    )
+    path = Path(path)
+    if path.exists():
+        raise OutputExistsError(f"{path}: already exists")
+    path.mkdir(parents=True)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        entries = _header_entries(group, block)
+        name = shard_name(i, len(groups))
+        _write_sparse_shard(path / name, entries)
+        weight_map.update(dict.fromkeys(entries, name))
+    (path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = minimax_config(layers, experts, vocab, fp8_quantization_config(block, MINIMAX_SKIP))
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _header_entries(specs: list[Spec], block: tuple[int, int]) -> dict[str, tuple[str, tuple]]:
+    """name -> (safetensors dtype, shape), FP8 weight plus scale for each Linear."""
+    out = {}
+    for spec in specs:
+        if spec.role == "linear":
+            out[spec.name] = ("F8_E4M3", spec.shape)
+            out[spec.name + "_scale_inv"] = ("F32", block_grid(spec.shape, block))
+        else:
+            out[spec.name] = (DTYPE_NAMES[spec.dtype], spec.shape)
+    return out
+
+
+def _write_sparse_shard(file: Path, entries: dict[str, tuple[str, tuple]]) -> None:
+    header, offset = {}, 0
+    for name, (dtype, shape) in entries.items():
+        size = DTYPES[dtype][1]
+        for d in shape:
+            size *= d
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
 
 
 def _with_dtype(spec: Spec, dtype: torch.dtype) -> Spec:

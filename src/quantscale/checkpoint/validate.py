@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, weight_of_scale
+from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of, weight_of_scale
 from quantscale.checkpoint.io import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
-from quantscale.models.naming import module_kind, module_path
+from quantscale.models.naming import module_path
 
 ERROR, WARNING = "error", "warning"
 FMT_SPELLINGS = ("e4m3", "float8_e4m3fn")
@@ -398,7 +398,7 @@ def check_unquantized(ctx: _Context) -> list[Finding]:
     for name, info in ctx.ckpt.tensors.items():
         if not name.endswith(".weight") or len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
             continue
-        kind = module_kind(name)
+        kind = kind_of(name)
         if kind in ("embeddings", "norm") or (kind == "lm_head" and auto_skip_head):
             continue
         rules = skip_rules(module_path(name), ctx.skip)
@@ -462,11 +462,12 @@ def _read_scales(ctx: _Context, weights: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_scale_values(ctx: _Context, sample: int = 12, scale_sample: int = 4096) -> list[Finding]:
+def check_scale_values(ctx: _Context, sample: int = 12, scale_sample: int = 512) -> list[Finding]:
     """(f) inverted or implausible scales; ue8m0 scales must be powers of two.
 
-    Reads up to `scale_sample` scale tensors (all of them in most checkpoints: scales are
-    1/16384 of the weights) and a few tiles of up to `sample` weights.
+    Reads up to `scale_sample` scale tensors spread evenly over the checkpoint (all of them
+    in small checkpoints; a converter that inverts scales inverts them all) and a few tiles
+    of up to `sample` of those weights.
     """
     usable = [
         w
