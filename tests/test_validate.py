@@ -271,3 +271,31 @@ def test_cli_exit_codes(minimax, tmp_path, capsys):
     assert data["ok"] is False and data["errors"] == 1
     assert data["findings"][0]["code"] == "skip-list-quantized"
     assert main(["validate", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_text_names_tensors(minimax, tmp_path, capsys):
+    bad = mutate(
+        minimax,
+        tmp_path / "c",
+        config=lambda c: c["quantization_config"]["modules_to_not_convert"].append("self_attn"),
+    )
+    assert main(["validate", str(bad)]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[skip-list-quantized]" in out
+    assert "model.layers.*.self_attn.q_proj.weight in 2 layers" in out
+    assert "1 error(s), 0 warning(s)" in out
+
+
+def test_group_names():
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(62)]
+    names += [
+        f"model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight"
+        for i in range(3)
+        for e in range(5)
+    ]
+    names += ["lm_head.weight"]
+    assert group_names(names) == (
+        "model.layers.*.self_attn.q_proj.weight in 62 layers; "
+        "model.layers.*.block_sparse_moe.experts.*.w1.weight in 3 layers x 5 experts; "
+        "lm_head.weight"
+    )

@@ -88,19 +88,26 @@ _INDEX = re.compile(r"\.(layers|experts|h|blocks)\.(\d+)(?=\.)")
 
 def group_names(names: list[str], limit: int = 6) -> str:
     """Summarize tensor names: `model.layers.*.self_attn.q_proj.weight in 62 layers`."""
-    groups: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    groups: dict[str, list[str]] = defaultdict(list)
     for name in names:
-        for key, idx in _INDEX.findall(name):
-            groups[_INDEX.sub(lambda m: f".{m.group(1)}.*", name)][key].add(idx)
-        if not _INDEX.search(name):
-            groups[name]
-    parts = []
-    for pattern, indices in list(groups.items())[:limit]:
-        counts = " x ".join(f"{len(v)} {k}" for k, v in indices.items())
-        parts.append(f"{pattern} in {counts}" if counts else pattern)
+        groups[_INDEX.sub(lambda m: f".{m.group(1)}.*", name)].append(name)
+    parts = [_describe(pattern, members) for pattern, members in list(groups.items())[:limit]]
     if len(groups) > limit:
         parts.append(f"and {len(groups) - limit} more patterns")
     return "; ".join(parts)
+
+
+def _describe(pattern: str, members: list[str]) -> str:
+    if len(members) == 1:
+        return members[0]
+    indices: dict[str, set[str]] = defaultdict(set)
+    for name in members:
+        for key, idx in _INDEX.findall(name):
+            indices[key].add(idx)
+    counts = " x ".join(
+        f"{len(v)} {k if len(v) > 1 else k.rstrip('s')}" for k, v in indices.items()
+    )
+    return f"{pattern} in {counts}"
 
 
 def _component_match(module: str, entry: str) -> bool:
@@ -287,14 +294,22 @@ def check_skip_list(ctx: _Context) -> list[Finding]:
 def _skip_message(ctx: _Context, entry: str, weights: list[str], severity: str) -> str:
     example = max(sorted(weights), key=lambda n: ctx.fp8[n].shape[0])
     w, s = ctx.fp8[example], ctx.ckpt.tensors[ctx.scales[example]]
-    rule = (
-        "it names a component of these module paths"
-        if severity == ERROR
-        else "it is a substring of these module names (transformers 4.x and other loaders "
-        "that test `entry in name` skip them; transformers 5.x does not)"
-    )
+    rules = skip_rules(module_path(example), [entry])
+    if "transformers>=5" in rules:
+        rule = "transformers (4.x and 5.x) and substring-matching loaders skip them"
+    elif "component" in rules:
+        rule = (
+            "it names a component of these module paths: transformers 4.x and other loaders "
+            "that match entries as substrings skip them (transformers 5.x matches only a "
+            "prefix or suffix of the name)"
+        )
+    else:
+        rule = (
+            "it is a substring of these module names: transformers 4.x and other loaders that "
+            "test `entry in name` skip them; transformers 5.x does not"
+        )
     return (
-        f"modules_to_not_convert lists {entry!r} and {rule}, yet they are stored as FP8 "
+        f"modules_to_not_convert lists {entry!r}; {rule}, yet they are stored as FP8 "
         f"weights with scales ({len(weights)} modules). A loader that honours the list keeps "
         "them as ordinary unquantized Linear layers, loads raw fp8 values into them and "
         f"mis-reads the {list(s.shape)} scale as a per-channel one: MiniMax-M2 failed this way "
@@ -606,6 +621,7 @@ def validate_checkpoint(
 def render(report: ValidationReport, console=None) -> None:
     """Print findings, errors first, each with where it applies."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
     if not report.findings:
@@ -613,7 +629,8 @@ def render(report: ValidationReport, console=None) -> None:
         return
     for f in report.findings:
         style = "red" if f.severity == ERROR else "yellow"
-        console.print(f"[{style}]{f.severity.upper()}[/{style}] [{f.code}] {f.message}")
+        head = f"[{style}]{f.severity.upper()}[/{style}]"
+        console.print(f"{head} {escape(f'[{f.code}]')} {escape(f.message)}", highlight=False)
         if f.tensors:
             console.print(f"    where: {group_names(f.tensors)}", highlight=False)
     console.print(
