@@ -13,31 +13,25 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from quantscale.checkpoint.dequantize import SCALE_NAMES, scale_name_for
 from quantscale.checkpoint.io import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import block_grid
 from quantscale.models.naming import module_kind
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
-# Scale tensors sit next to the weight they scale: `<m>.weight` -> `<m>.weight<suffix>`.
-SCALE_SUFFIXES = ("_scale_inv", "_scale")
-
-
-def scale_names(weight: str) -> list[str]:
-    """Candidate scale tensor names of a weight, HF `weight_scale_inv` first."""
-    return [weight + suffix for suffix in SCALE_SUFFIXES]
 
 
 def weight_of_scale(name: str) -> str | None:
-    """`<m>.weight_scale_inv` / `<m>.weight_scale` -> `<m>.weight`; None for other names."""
-    for suffix in SCALE_SUFFIXES:
-        if name.endswith(".weight" + suffix):
-            return name[: -len(suffix)]
+    """`<m>.weight_scale_inv` (or `.weight_scale`, Neuron `.scale`) -> `<m>.weight`."""
+    for suffix in SCALE_NAMES:
+        if name.endswith("." + suffix):
+            return name[: -len(suffix)] + "weight"
     return None
 
 
-def find_scale(tensors: dict[str, TensorInfo], weight: str) -> str | None:
-    """Name of the scale stored for `weight`, if any."""
-    return next((n for n in scale_names(weight) if n in tensors), None)
+def find_scale(ckpt: Checkpoint, name: str) -> str | None:
+    """Name of the scale stored for weight `name` (None for non-`.weight` tensors)."""
+    return scale_name_for(ckpt, name) if name.endswith(".weight") else None
 
 
 _DIGITS = re.compile(r"\.\d+\.")
@@ -166,7 +160,7 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
         else:
             other[info.dtype] += 1
             bf16_bytes += info.nbytes
-        scale = find_scale(tensors, name)
+        scale = find_scale(ckpt, name)
         if scale is not None:
             _add_scale(row, info, tensors[scale], hint)
     return PrecisionReport(

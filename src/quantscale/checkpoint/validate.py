@@ -168,7 +168,7 @@ def _context(ckpt: Checkpoint) -> _Context:
     skip = (qc or {}).get("modules_to_not_convert") or []
     skip = [s for s in skip if isinstance(s, str)]
     fp8 = {n: i for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}
-    scales = {n: s for n in fp8 if (s := find_scale(ckpt.tensors, n)) is not None}
+    scales = {n: s for n in fp8 if (s := find_scale(ckpt, n)) is not None}
     return _Context(ckpt, qc, block, skip, fp8, scales)
 
 
