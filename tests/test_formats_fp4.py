@@ -153,3 +153,9 @@ def test_mxfp4_round_trip_and_storage():
     # the group max never exceeds 6 * scale by more than E2M1 rounding allows
     g = w.reshape(8, 2, 32).abs().amax(-1)
     assert (g <= 7 * scale + 1e-6).all()
+
+
+def test_fast_round_agrees_with_encode_decode():
+    x = torch.cat([torch.linspace(-8, 8, 6401), torch.randn(10000) * 3, torch.tensor([-0.0, 0.0])])
+    assert torch.equal(e2m1_round(x), e2m1_decode(e2m1_encode(x)))
+    assert torch.equal(torch.signbit(e2m1_round(x)), torch.signbit(e2m1_decode(e2m1_encode(x))))

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from quantscale.formats.fp4 import E2M1_MAX, e2m1_decode, e2m1_encode, nvfp4_block_scale
+from quantscale.formats.fp4 import (
+    E2M1_MAX,
+    e2m1_decode,
+    e2m1_encode,
+    e2m1_round,
+    nvfp4_block_scale,
+)
 from quantscale.formats.fp4 import nvfp4_scale_2 as _nvfp4_scale_2
 from quantscale.formats.fp8 import E4M3, E4M3_MAX, _tiles, cast_fp8, expand_block_scale
 from quantscale.formats.fp8 import scale_from_amax as _scale_from_amax
@@ -137,7 +143,7 @@ def _to_grid(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
     """x mapped onto the format's grid (float32): integers, E4M3 or E2M1 values."""
     v = x.float() / _effective_scale(x, args, qp)
     if args.type == "float":
-        return cast_fp8(v, E4M3).float() if args.num_bits == 8 else e2m1_decode(e2m1_encode(v))
+        return cast_fp8(v, E4M3).float() if args.num_bits == 8 else e2m1_round(v)
     zp = _zero_point(x, args, qp)
     qmin, qmax = int_range(args.num_bits)
     v = torch.round(v)

@@ -50,8 +50,15 @@ def e2m1_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E2M1 value (float32), saturating at +-6."""
-    return e2m1_decode(e2m1_encode(x))
+    """Round to the nearest E2M1 value (float32), saturating at +-6; same ties as `e2m1_encode`.
+
+    Within each binade the grid is uniform (step 0.5 below 2, 1 below 4, 2 up to 6), so
+    round-half-to-even of x/step reproduces the even-index tie rule.
+    """
+    a = x.float().abs()
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    r = (torch.round(a / step) * step).clamp(max=E2M1_MAX)
+    return torch.copysign(r, x.float())
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
