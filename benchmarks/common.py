@@ -1,0 +1,188 @@
+"""Shared benchmark helpers: one virtual environment per peer tool, timed subprocess jobs.
+
+- `peer_python(name, requirements)`: a venv under the quantscale cache with exactly those
+  pins (torch pinned to the CPU wheel on disk, or pip pulls a CUDA build), created once.
+- `run_job(cmd)`: run a command, return wall time, peak RSS (GNU time's max resident set of
+  the child) and the exit code.
+- `alternate(jobs, repeats)`: run several named jobs in turn (A B A B ...), so that load on
+  the machine hits all of them alike; `summarize` takes the min and median per job.
+- `loadavg()`: /proc/loadavg, recorded beside every measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TORCH_PIN = "torch==2.13.0"
+GNU_TIME = "/usr/bin/time"
+
+
+def venv_root() -> Path:
+    from quantscale.assets import cache_dir
+
+    return cache_dir() / "bench-venvs"
+
+
+def peer_python(name: str, requirements: Sequence[str], log: Callable[[str], None] = print) -> Path:
+    """Python of a venv holding `requirements` (plus the CPU torch pin); built on first use."""
+    root = venv_root() / name
+    python = root / "bin" / "python"
+    stamp = root / ".requirements.json"
+    wanted = [TORCH_PIN, *requirements]
+    if python.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return python
+    log(f"creating venv {root} with {' '.join(wanted)} (once; a few minutes)")
+    shutil.rmtree(root, ignore_errors=True)
+    venv.EnvBuilder(with_pip=True).create(root)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    subprocess.run([*pip, *wanted], check=True)
+    stamp.write_text(json.dumps(wanted))
+    return python
+
+
+@dataclass
+class Run:
+    """One timed run of a job."""
+
+    job: str
+    wall_s: float
+    peak_rss_mb: float
+    returncode: int
+    loadavg: str
+    output_tail: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split(" ")[0:3].__str__()
+    except OSError:
+        return "n/a"
+
+
+def run_job(
+    job: str, cmd: Sequence[str], env: dict | None = None, timeout: float | None = None
+) -> Run:
+    """Run `cmd`; wall time from here, peak RSS of the child from GNU time (or getrusage)."""
+    full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    with tempfile.NamedTemporaryFile(suffix=".time", delete=False) as f:
+        time_file = f.name
+    wrapped = list(cmd)
+    if Path(GNU_TIME).exists():
+        wrapped = [GNU_TIME, "-f", "%M", "-o", time_file, *cmd]
+    load = loadavg()
+    start = time.perf_counter()
+    proc = subprocess.run(wrapped, env=full_env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    rss_kb = _peak_rss_kb(time_file)
+    os.unlink(time_file)
+    tail = (proc.stdout + proc.stderr)[-2000:]
+    return Run(job, wall, rss_kb / 1024, proc.returncode, load, tail, _json_lines(proc.stdout))
+
+
+def _peak_rss_kb(time_file: str) -> float:
+    try:
+        return float(Path(time_file).read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+
+
+def _json_lines(stdout: str) -> dict:
+    """Merge `BENCH {json}` lines a job printed (its own internal timings)."""
+    found: dict = {}
+    for line in stdout.splitlines():
+        if line.startswith("BENCH "):
+            found.update(json.loads(line[6:]))
+    return found
+
+
+def alternate(
+    jobs: dict[str, Callable[[], Run]], repeats: int, log: Callable[[str], None] = print
+) -> dict[str, list[Run]]:
+    """Run each job `repeats` times, interleaved A B C A B C ..."""
+    runs: dict[str, list[Run]] = {name: [] for name in jobs}
+    for i in range(repeats):
+        for name, job in jobs.items():
+            run = job()
+            runs[name].append(run)
+            status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
+            log(
+                f"  [{i + 1}/{repeats}] {name}: {run.wall_s:.2f} s, {run.peak_rss_mb:.0f} MB "
+                f"peak RSS, load {run.loadavg} {status}"
+            )
+            if run.returncode != 0:
+                log(run.output_tail)
+    return runs
+
+
+def summarize(runs: list[Run]) -> dict:
+    """Min and median wall time and peak RSS of the successful runs."""
+    ok = [r for r in runs if r.returncode == 0]
+    if not ok:
+        return {"ok": False, "runs": len(runs)}
+    walls = [r.wall_s for r in ok]
+    summary = {
+        "ok": True,
+        "runs": len(ok),
+        "wall_min_s": min(walls),
+        "wall_median_s": statistics.median(walls),
+        "peak_rss_mb": max(r.peak_rss_mb for r in ok),
+        "loadavg": [r.loadavg for r in ok],
+    }
+    extras = [r.extra for r in ok if r.extra]
+    for key in sorted({k for e in extras for k in e}):
+        values = [e[key] for e in extras if isinstance(e.get(key), (int, float))]
+        if values:
+            summary[f"{key}_min"] = min(values)
+    return summary
+
+
+def machine() -> dict:
+    """Cores, memory, Python and platform, for the results file."""
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def write_results(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def this_python() -> str:
+    return sys.executable

@@ -1,0 +1,346 @@
+"""FP8 block-128 conversion of a bf16 checkpoint: quantscale vs peers vs the machine's floor.
+
+For each input (SmolLM2-135M from the cache; a synthetic ~1 GB Llama-shaped checkpoint) it
+runs, alternating, in separate processes:
+- floor: read every input byte and write as many bytes as our output has, no computation;
+- quantscale: `quantize_checkpoint_fp8` (the `quantscale quantize --scheme fp8-block` path);
+- llm-compressor 0.14 `model_free_ptq(scheme="FP8_BLOCK")`, in its own venv;
+- ModelOpt 0.47 FP8 2D blockwise weight-only + HF export, in its own venv (if it runs on CPU).
+Each job reports its own work time (after imports) on a `BENCH {json}` line; the table shows
+that, the process wall time, GB/s of bf16 read, peak RSS and ratios to the floor and to us.
+`--kernel` measures the in-memory quantizer alone against an in-memory copy of the bytes.
+
+    .venv/bin/python benchmarks/fp8_block.py [--repeats 3] [--quick] [--kernel] [--no-peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "fp8_block.json"
+
+LLMC_JOB = """
+import sys, time, json
+t0 = time.perf_counter()
+from llmcompressor import model_free_ptq
+t1 = time.perf_counter()
+model_free_ptq(sys.argv[1], sys.argv[2], scheme="FP8_BLOCK",
+               ignore=["lm_head", "re:.*embed_tokens$"], device="cpu")
+t2 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1}))
+"""
+
+LLMC_ONESHOT_JOB = """
+import sys, time, json
+t0 = time.perf_counter()
+import torch
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+t2 = time.perf_counter()
+oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_BLOCK",
+                                                 ignore=["lm_head"]))
+t3 = time.perf_counter()
+model.save_pretrained(sys.argv[2], save_compressed=True)
+t4 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
+                             "save_s": t4 - t3, "work_s": t4 - t1}))
+"""
+
+MODELOPT_JOB = """
+import sys, time, json
+t0 = time.perf_counter()
+import torch
+import modelopt.torch.quantization as mtq
+from modelopt.torch.export import export_hf_checkpoint
+from transformers import AutoModelForCausalLM
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+t2 = time.perf_counter()
+model = mtq.quantize(model, mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG, forward_loop=None)
+t3 = time.perf_counter()
+export_hf_checkpoint(model, export_dir=sys.argv[2])
+t4 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
+                             "save_s": t4 - t3, "work_s": t4 - t1}))
+"""
+
+
+# ---------------------------------------------------------------- jobs run in a subprocess
+
+
+def job_floor(src: Path, out: Path, out_bytes: int) -> None:
+    """Read all input shard bytes, write `out_bytes` to new files in `out`; no computation."""
+    t0 = time.perf_counter()
+    files = sorted(src.glob("*.safetensors"))
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    read = 0
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                read += n
+    t1 = time.perf_counter()
+    out.mkdir(parents=True)
+    per_file = -(-out_bytes // len(files))
+    left = out_bytes
+    for i in range(len(files)):
+        with open(out / f"shard-{i}.bin", "wb") as fh:
+            todo = min(per_file, left)
+            while todo > 0:
+                n = min(todo, len(buf))
+                fh.write(view[:n])
+                todo -= n
+                left -= n
+    t2 = time.perf_counter()
+    print("BENCH " + json.dumps({"read_s": t1 - t0, "write_s": t2 - t1, "work_s": t2 - t0}))
+
+
+def job_ours(src: Path, out: Path, backend: str) -> None:
+    t0 = time.perf_counter()
+    from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+
+    t1 = time.perf_counter()
+    quantize_checkpoint_fp8(src, out, backend=backend)
+    t2 = time.perf_counter()
+    print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1}))
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def cache_dir() -> Path:
+    from quantscale.assets import cache_dir as root
+
+    return root()
+
+
+def inputs(quick: bool) -> dict[str, Path]:
+    """Input checkpoints: SmolLM2 (if the cache can provide it) and a synthetic ~1 GB one."""
+    found = {}
+    try:
+        from quantscale.assets import smollm2_checkpoint
+
+        found["SmolLM2-135M"] = Path(smollm2_checkpoint())
+    except Exception as err:  # noqa: BLE001 - the benchmark still runs on the synthetic one
+        print(f"SmolLM2 unavailable ({err}); synthetic checkpoint only")
+    if not quick:
+        from quantscale.checkpoint.synthetic import write_llama_like
+
+        path = cache_dir() / "bench-inputs" / "llama-1gb-bf16"
+        if not (path / "config.json").exists():
+            print(f"writing synthetic checkpoint {path}")
+            write_llama_like(
+                path,
+                hidden=2048,
+                intermediate=5632,
+                layers=10,
+                vocab=16000,
+                shards=2,
+                overwrite=True,
+            )
+        found["synthetic-1GB"] = path
+    return found
+
+
+def output_bytes(src: Path) -> int:
+    """Bytes of tensors our FP8 output holds (fp8 weights + float32 scales + the rest)."""
+    from quantscale.checkpoint.fp8_quantize import quantizable
+    from quantscale.checkpoint.io import Checkpoint
+    from quantscale.formats.fp8 import block_grid
+
+    total = 0
+    for info in Checkpoint(src).tensors.values():
+        if quantizable(info):
+            rows, cols = block_grid(info.shape, (128, 128))
+            total += info.shape[0] * info.shape[1] + rows * cols * 4
+        else:
+            total += info.nbytes
+    return total
+
+
+def peers(enabled: bool) -> dict[str, tuple[Path, str]]:
+    """Peer name -> (python of its venv, job source); peers that fail to install are skipped."""
+    if not enabled:
+        return {}
+    found = {}
+    specs = {
+        "llmc-model-free": ("llmcompressor", ["llmcompressor==0.14.0.1"], LLMC_JOB),
+        "llmc-oneshot": ("llmcompressor", ["llmcompressor==0.14.0.1"], LLMC_ONESHOT_JOB),
+        "modelopt": (
+            "modelopt",
+            [
+                "nvidia-modelopt==0.47.0",
+                "transformers==5.24.0",
+                "accelerate",
+                "safetensors",
+                "requests",
+            ],
+            MODELOPT_JOB,
+        ),
+    }
+    for name, (venv_name, reqs, job) in specs.items():
+        try:
+            found[name] = (common.peer_python(venv_name, reqs), job)
+        except Exception as err:  # noqa: BLE001 - report and go on without that peer
+            print(f"{name}: venv not available ({err})")
+    return found
+
+
+def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backend: str) -> dict:
+    from quantscale.checkpoint.io import Checkpoint
+
+    ckpt = Checkpoint(src)
+    in_bytes = ckpt.total_bytes()
+    largest_shard = max((src / s).stat().st_size for s in ckpt.shards)
+    out_bytes = output_bytes(src)
+    work = cache_dir() / "bench-work"
+    me = [common.this_python(), str(Path(__file__).resolve())]
+
+    def job(name: str, cmd: list[str]):
+        out = work / name
+
+        def run():
+            shutil.rmtree(out, ignore_errors=True)
+            result = common.run_job(name, [*cmd, str(src), str(out)])
+            shutil.rmtree(out, ignore_errors=True)
+            return result
+
+        return run
+
+    jobs = {
+        "floor": job("floor", [*me, "--job", "floor", "--out-bytes", str(out_bytes)]),
+        "quantscale": job("quantscale", [*me, "--job", "ours", "--backend", backend]),
+    }
+    for name, (python, source) in peer_jobs.items():
+        jobs[name] = job(name, [str(python), "-c", source])
+    print(f"\n{label}: {src} ({in_bytes / 1e9:.3f} GB bf16 in, {out_bytes / 1e9:.3f} GB out)")
+    runs = common.alternate(jobs, repeats)
+    return {
+        "input": str(src),
+        "input_bytes": in_bytes,
+        "output_bytes": out_bytes,
+        "largest_shard_bytes": largest_shard,
+        "summary": {name: common.summarize(r) for name, r in runs.items()},
+        "runs": {name: [vars(x) for x in r] for name, r in runs.items()},
+    }
+
+
+def table(results: dict) -> None:
+    rows = []
+    for label, res in results.items():
+        s = res["summary"]
+        floor = s["floor"].get("work_s_min")
+        ours = s["quantscale"].get("work_s_min")
+        for name, summ in s.items():
+            if not summ.get("ok"):
+                rows.append([label, name, "failed", "", "", "", "", ""])
+                continue
+            w = summ.get("work_s_min", summ["wall_min_s"])
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{w:.2f}",
+                    f"{summ['wall_min_s']:.2f}",
+                    f"{res['input_bytes'] / w / 1e9:.2f}",
+                    f"{summ['peak_rss_mb']:.0f}",
+                    f"{w / floor:.2f}" if floor else "",
+                    f"{w / ours:.2f}" if ours else "",
+                ]
+            )
+    header = ["input", "job", "work s", "process s", "GB/s in", "peak RSS MB", "x floor", "x ours"]
+    common.print_table(rows, header)
+
+
+def kernel_bench(repeats: int) -> dict:
+    """Melem/s of the quantizers on a 4096x8192 bf16 weight vs an in-memory copy."""
+    import torch
+
+    from quantscale.formats import fp8_fast
+    from quantscale.formats.fp8 import quantize_fp8_block
+
+    w = torch.randn(4096, 8192).to(torch.bfloat16)
+    n = w.numel()
+
+    def best(fn) -> float:
+        fn()
+        return min(_timed(fn) for _ in range(repeats))
+
+    t_compile = time.perf_counter()
+    compiled = fp8_fast.compile_available()
+    if compiled:
+        fp8_fast.quantize_fp8_block_fast(w, backend="compile")
+    t_compile = time.perf_counter() - t_compile
+    result = {"elements": n, "loadavg": common.loadavg(), "compile_s": t_compile}
+    result["copy_GBps"] = 2 * w.nbytes / best(lambda: w.clone()) / 1e9
+    result["copy_Melem_s"] = n / (2 * w.nbytes / result["copy_GBps"] / 1e9) / 1e6
+    result["reference_Melem_s"] = n / best(lambda: quantize_fp8_block(w)) / 1e6
+    eager = best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="eager"))
+    result["eager_Melem_s"] = n / eager / 1e6
+    if compiled:
+        comp = best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="compile"))
+        result["compiled_Melem_s"] = n / comp / 1e6
+    for key in ("reference", "eager", "compiled"):
+        if f"{key}_Melem_s" in result:
+            result[f"{key}_vs_copy"] = result[f"{key}_Melem_s"] / result["copy_Melem_s"]
+    for key, value in result.items():
+        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+    return result
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--job", choices=["floor", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--out-bytes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="auto", help="quantscale kernel: auto, eager, compile")
+    p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 repeat")
+    p.add_argument("--kernel", action="store_true", help="in-memory kernel benchmark only")
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.job == "floor":
+        job_floor(Path(args.paths[0]), Path(args.paths[1]), args.out_bytes)
+        return 0
+    if args.job == "ours":
+        job_ours(Path(args.paths[0]), Path(args.paths[1]), args.backend)
+        return 0
+    payload = {"machine": common.machine(), "loadavg_start": common.loadavg()}
+    print("kernel (in memory):")
+    payload["kernel"] = kernel_bench(max(args.repeats, 3))
+    if not args.kernel:
+        repeats = 1 if args.quick else args.repeats
+        peer_jobs = peers(not args.no_peers)
+        payload["checkpoints"] = {
+            label: bench_input(label, src, repeats, peer_jobs, args.backend)
+            for label, src in inputs(args.quick).items()
+        }
+        print()
+        table(payload["checkpoints"])
+    payload["loadavg_end"] = common.loadavg()
+    common.write_results(args.results, payload)
+    print(f"\nresults: {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
