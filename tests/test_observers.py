@@ -155,3 +155,15 @@ def test_weight_group_observer_shape():
     mn, mx = obs.min_max()
     assert mn.shape == mx.shape == (6, 2)
     assert math.isfinite(float(mx.sum()))
+
+
+def test_local_dynamic_args_observe_a_per_tensor_range():
+    from quantscale.qdq import nvfp4_global_scale
+    from quantscale.scheme import preset_scheme
+
+    args = preset_scheme("NVFP4").input_activations
+    obs = get_observer("minmax", args=args)
+    obs.update(torch.tensor([[1.0, -2.0] * 16]))
+    obs.update(torch.tensor([[3.0, 0.0] * 8, [0.5, 0.5] * 8]))  # other batch shape
+    assert obs.amax().shape == (1,) and float(obs.amax()) == 3.0
+    assert float(nvfp4_global_scale(obs.amax())) == pytest.approx(448 * 6 / 3.0)

@@ -3,7 +3,9 @@
 An observer turns the tensors it sees into a (min, max) range per scale element. Its
 reduction is either the strategy of its `QuantArgs` (one range per scale element, see
 `quantscale.qdq.to_rows`), or, with `axis`, one range per index along that axis, or one
-range for the whole tensor. Per-batch statistics combine across `update` calls by
+range for the whole tensor. For `dynamic: local` args (NVFP4 activations) the range is
+per-tensor: it sets the static global scale (`qdq.nvfp4_global_scale(obs.amax())`), the
+group scales being computed at run time. Per-batch statistics combine across `update` calls by
 `combine`: 'minmax' (running extremes), 'ema' (w += sigma*(cur - w), first batch seeds it)
 or 'mean' (running average).
 """
@@ -73,6 +75,8 @@ class Observer:
         x = x.detach().float()
         if self.axis is not None:
             return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1), (x.shape[self.axis],)
+        if self.args.dynamic == "local":  # only the global (per-tensor) range is static
+            return x.reshape(1, -1), (1,)
         return to_rows(x, self.args, self.role)
 
     def observe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
