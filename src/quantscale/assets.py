@@ -55,7 +55,7 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
+def cache_lock(name: str) -> Iterator[None]:
     """Hold an exclusive file lock under the cache so that one process builds an asset."""
     lock_path = cache_dir() / f".{name}.lock"
     with open(lock_path, "w") as handle:
@@ -64,6 +64,9 @@ def _locked(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_locked = cache_lock  # the first name of cache_lock; quantscale.fixtures still imports it
 
 
 def _find_download(folder: Path, name: str, version: str) -> Path | None:
@@ -83,7 +86,7 @@ def fetch_wheel(name: str, version: str) -> Path:
     found = _find_download(folder, name, version)
     if found:
         return found
-    with _locked(f"wheel-{name}"):
+    with cache_lock(f"wheel-{name}"):
         found = _find_download(folder, name, version)
         if found:
             return found
@@ -153,7 +156,7 @@ def _build_checkpoint(name: str, make_gguf) -> Path:
     final = cache_dir() / "models" / name
     if (final / "config.json").exists():
         return final
-    with _locked(f"model-{name}"):
+    with cache_lock(f"model-{name}"):
         if (final / "config.json").exists():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)

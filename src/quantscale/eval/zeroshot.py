@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import nn
 
-from quantscale.assets import cache_dir
+from quantscale.assets import cache_dir, cache_lock
 from quantscale.errors import QuantscaleError
 
 BIGBENCH = ("bigbench", "1.0.0")
@@ -72,12 +72,15 @@ def bigbench_task_file(name: str) -> Path:
     if dest.exists():
         return dest
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".bigbench-") as tmp:
-        tree = _fetch_bigbench_tree(Path(tmp))
-        for task, (member, _) in TASKS.items():
-            target = folder / f"{task}.json"
-            shutil.copyfile(tree / member, target.with_suffix(".tmp"))
-            os.replace(target.with_suffix(".tmp"), target)
+    with cache_lock("bigbench"):
+        if dest.exists():
+            return dest
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".bigbench-") as tmp:
+            tree = _fetch_bigbench_tree(Path(tmp))
+            for task, (member, _) in TASKS.items():
+                target = folder / f"{task}.json"
+                shutil.copyfile(tree / member, target.with_suffix(".tmp"))
+                os.replace(target.with_suffix(".tmp"), target)
     return dest
 
 
