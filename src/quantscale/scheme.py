@@ -26,7 +26,6 @@ from quantscale.models.naming import DEFAULT_IGNORE
 Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group"]
 
 
-
 class QuantArgs(BaseModel):
     """How one tensor (weight or activation) is quantized."""
 
