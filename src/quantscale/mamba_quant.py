@@ -25,6 +25,7 @@ from quantscale.models.adapter import decoder_layers
 from quantscale.models.mamba import (
     MambaKind,
     MambaRecipe,
+    PointRule,
     mamba_kind,
     mixer_shape,
     quantized_layers,
@@ -203,3 +204,61 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
 
 def _tie_config(model: nn.Module) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
+    """Named scale strategies for Mamba models (None = the unquantized bf16 baseline).
+
+    Covers the seed's experiments: percentile alpha, EMA sigma, observer kind on the SSM
+    input, Quamba2 group counts, first/last layers kept in float, conv1d left in float.
+    """
+    q1, q2 = MambaRecipe(method="quamba1"), MambaRecipe(method="quamba2")
+
+    def x_rule(observer: str, **kwargs) -> dict[str, PointRule]:
+        return {"ssm.x": PointRule(observer=observer, observer_kwargs=kwargs)}
+
+    conv_off = {p: PointRule(quantize=False) for p in ("conv1d.weight", "conv1d.input")}
+    return {
+        "bf16": None,
+        "quamba1": q1,
+        "quamba1-alpha0.9995": q1.model_copy(update={"percentile_alpha": 0.9995}),
+        "quamba1-alpha0.999": q1.model_copy(update={"percentile_alpha": 0.999}),
+        "quamba1-sigma0.1": q1.model_copy(update={"ema_sigma": 0.1}),
+        "quamba1-minmax": q1.model_copy(update={"points": x_rule("minmax")}),
+        "quamba1-mse": q1.model_copy(update={"points": x_rule("mse")}),
+        "quamba1-aciq": q1.model_copy(update={"points": x_rule("aciq")}),
+        "quamba1-first-last-float": q1.model_copy(update={"float_layers": [0, -1]}),
+        "quamba1-conv1d-float": q1.model_copy(update={"points": conv_off}),
+        "quamba2": q2,
+        "quamba2-2x2": q2.model_copy(update={"head_groups": 2, "channel_groups": 2}),
+        "quamba2-8x8": q2.model_copy(update={"head_groups": 8, "channel_groups": 8}),
+        "quamba2-percentile": q2.model_copy(
+            update={"points": x_rule("percentile", alpha=0.99999, sigma=0.01)}
+        ),
+    }
+
+
+def calibration_token_batches(tokenizer, recipe: MambaRecipe) -> list[torch.Tensor]:
+    """The recipe's calibration windows (n_samples x seq_len) over the calibration articles."""
+    from quantscale.assets import calibration_batches
+
+    tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len)
+    return list(tokens.split(recipe.batch_size))
+
+
+def measure(model: nn.Module, tokenizer, n_tokens: int = 32768, n_items: int = 200) -> dict:
+    """Held-out Wikipedia perplexity (512-token windows) and cloze accuracy of a model."""
+    from quantscale.assets import eval_tokens
+    from quantscale.eval.cloze import cloze_accuracy
+    from quantscale.eval.perplexity import perplexity
+
+    tokens = eval_tokens(tokenizer, n_tokens)
+    return {
+        "ppl": perplexity(model, tokens, seq_len=512),
+        "cloze": cloze_accuracy(model, tokenizer, n_items=n_items),
+        "eval_tokens": int(tokens.numel()),
+        "cloze_items": n_items,
+    }

@@ -281,7 +281,7 @@ def selective_scan(
     D: torch.Tensor,
     z: torch.Tensor,
     delta_bias: torch.Tensor,
-    chunk: int = 64,
+    chunk: int = 8,
 ) -> torch.Tensor:
     """Mamba1's selective scan, token-major: u, delta, z [b, L, d]; A [d, n]; B, C [b, L, n].
 

@@ -1,0 +1,62 @@
+"""The trained Mamba fixtures (slow: they need the cached Wikipedia text, and train once)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from quantscale.cli import build_parser
+from quantscale.commands.mamba import _parse_groups, _recipe
+
+
+def test_cli_parses_mamba_commands():
+    args = build_parser().parse_args(
+        ["mamba", "quantize", "fixture:mamba2", "out", "--method", "quamba2", "--groups", "8x8"]
+    )
+    recipe = _recipe(args)
+    assert (recipe.method, recipe.head_groups, recipe.channel_groups) == ("quamba2", 8, 8)
+    assert (recipe.n_samples, recipe.seq_len) == (512, 512)
+    args = build_parser().parse_args(["mamba", "quantize", "m", "o", "--float-layers", "0,-1"])
+    assert _recipe(args).float_layers == [0, -1]
+    with pytest.raises(Exception, match="HEADSxCHANNELS"):
+        _parse_groups("4")
+
+
+@pytest.mark.slow
+def test_training_is_deterministic():
+    from quantscale.fixtures.mamba_train import (
+        FIXTURES,
+        _calibration_text,
+        fixture_tokenizer,
+        tokenize_text,
+        train_model,
+    )
+
+    stream = tokenize_text(fixture_tokenizer(), _calibration_text())[:20000]
+    spec = dataclasses.replace(FIXTURES["mamba"], steps=2, batch_size=2, seq_len=32)
+    (m1, log1), (m2, log2) = train_model(spec, stream), train_model(spec, stream)
+    assert log1["losses"] == log2["losses"]
+    for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_fixture_quantizes_with_small_perplexity_change(kind):
+    from quantscale.assets import eval_tokens
+    from quantscale.eval.perplexity import perplexity
+    from quantscale.fixtures.mamba_train import load_fixture, training_log
+    from quantscale.mamba_quant import calibration_token_batches, quantize_mamba
+    from quantscale.models.mamba import MambaRecipe
+
+    log = training_log(kind)
+    assert sum(log["losses"][-10:]) / 10 < log["losses"][0] - 2  # it learned something
+    model, tokenizer = load_fixture(kind)
+    tokens = eval_tokens(tokenizer, 4096)
+    base = perplexity(model, tokens)
+    recipe = MambaRecipe(method="quamba1", n_samples=32, seq_len=256)
+    quantize_mamba(model, calibration_token_batches(tokenizer, recipe), recipe)
+    quantized = perplexity(model, tokens)
+    assert base < quantized < base * 1.05
