@@ -53,9 +53,21 @@ def reference_ppl(model: nn.Module, windows: list[torch.Tensor]) -> float:
     return math.exp(nll / count)
 
 
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_perplexity_matches_transformers_loss(softcap):
-    model = tiny_llama(softcap)
+def tiny_mamba() -> nn.Module:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8)
+    return MambaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [tiny_llama, lambda: tiny_llama(5.0), tiny_mamba],
+    ids=["llama", "gemma3-softcap", "mamba"],
+)
+def test_perplexity_matches_transformers_loss(make):
+    model = make()
     tokens = torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(1))
     got = perplexity(model, tokens, seq_len=16, batch_size=2)
     windows = [tokens[i : i + 16] for i in range(0, 70, 16)]  # last window has 6 tokens
