@@ -1,0 +1,223 @@
+"""`QuantLinear`: a fake-quantized Linear carrying its quantization parameters as buffers.
+
+- `weight` holds the *fake-quantized* weight dequantize(quantize(W)) in the model's dtype once
+  `set_weight` has been called (before that: the float weight, unquantized). Exact codes are
+  recovered by re-quantizing it with `weight_qparams()`.
+- Buffers (float32, all optional, created when set or when loaded): `weight_scale`,
+  `weight_zero_point`, `weight_global_scale`, `weight_g_idx` (int32); static activations
+  `input_scale`, `input_zero_point`, `input_global_scale`, and `output_scale`,
+  `output_zero_point`. They keep float32 under `model.to(dtype)` and survive state_dict
+  save/load (loading creates them with the stored shapes).
+- forward: input activations fake-quantized with the static scales (dynamic schemes compute
+  them from x; a static scheme not yet calibrated passes x through), F.linear, then the
+  output activations likewise. With `use_int8 = True` and a W8A8 scheme
+  (`runtime.int8.supports_int8`) the matmul is a real INT8 x INT8 -> INT32 one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantscale.errors import QuantscaleError
+from quantscale.qdq import (
+    ACTIVATION,
+    QParams,
+    compute_qparams,
+    fake_quantize,
+    fake_quantize_dynamic,
+    quantize,
+    reduce_minmax,
+)
+from quantscale.runtime.int8 import int8_linear, supports_int8
+from quantscale.scheme import QuantArgs, QuantScheme, Recipe
+
+QPARAM_FIELDS = ("scale", "zero_point", "global_scale")
+ROLES = ("weight", "input", "output")
+BUFFERS = tuple(f"{r}_{f}" for r in ROLES for f in QPARAM_FIELDS) + ("weight_g_idx",)
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer quantized per `scheme`; see the module docstring."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        scheme: QuantScheme | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if scheme is None:
+            raise QuantscaleError("QuantLinear needs a QuantScheme")
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = scheme
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), False) if bias else None
+        self.use_int8 = False
+        self._w_int8: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> QuantLinear:
+        """Wrap `linear` (its parameters are shared, not copied) with `scheme`."""
+        ql = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, "meta")
+        ql.weight = linear.weight
+        ql.bias = linear.bias
+        return ql
+
+    # ------------------------------------------------------------------ qparams
+
+    def _set_qparams(self, role: str, qp: QParams | None) -> None:
+        for f in QPARAM_FIELDS:
+            value = None if qp is None else getattr(qp, f)
+            name = f"{role}_{f}"
+            if value is None:
+                self._buffers.pop(name, None)
+                continue
+            value = value.detach().to(device=self.weight.device, dtype=torch.float32)
+            self.register_buffer(name, value.clone().reshape(value.shape or (1,)))
+
+    def _qparams(self, role: str) -> QParams | None:
+        scale = self._buffers.get(f"{role}_scale")
+        if scale is None:
+            return None
+        return QParams(
+            scale,
+            self._buffers.get(f"{role}_zero_point"),
+            self._buffers.get(f"{role}_global_scale"),
+        )
+
+    def set_weight(
+        self, w_hat: torch.Tensor, qparams: QParams, g_idx: torch.Tensor | None = None
+    ) -> None:
+        """Install a fake-quantized weight and the qparams that produced it."""
+        if tuple(w_hat.shape) != tuple(self.weight.shape):
+            raise QuantscaleError(
+                f"set_weight: shape {tuple(w_hat.shape)} != weight {tuple(self.weight.shape)}"
+            )
+        dev, dtype = self.weight.device, self.weight.dtype
+        self.weight = nn.Parameter(w_hat.detach().to(device=dev, dtype=dtype), False)
+        self._set_qparams("weight", qparams)
+        self._buffers.pop("weight_g_idx", None)
+        if g_idx is not None:
+            self.register_buffer("weight_g_idx", g_idx.detach().to(dev, torch.int32).clone())
+        self._w_int8 = None
+
+    def weight_qparams(self) -> QParams | None:
+        """The weight's qparams, or None while the weight is unquantized."""
+        return self._qparams("weight")
+
+    def set_input_qparams(self, qp: QParams | None) -> None:
+        """Static input-activation qparams (None removes them)."""
+        self._set_qparams("input", qp)
+
+    def input_qparams(self) -> QParams | None:
+        return self._qparams("input")
+
+    def set_output_qparams(self, qp: QParams | None) -> None:
+        """Static output-activation qparams (None removes them)."""
+        self._set_qparams("output", qp)
+
+    def output_qparams(self) -> QParams | None:
+        return self._qparams("output")
+
+    # ------------------------------------------------------------------ forward
+
+    def _act(self, x: torch.Tensor, args: QuantArgs | None, role: str) -> torch.Tensor:
+        if args is None:
+            return x
+        qp = self._qparams(role)
+        if args.dynamic:
+            gs = qp.global_scale if qp is not None else None
+            return fake_quantize_dynamic(x, args, gs)
+        if qp is None:  # static scheme, not calibrated yet
+            return x
+        return fake_quantize(x, args, qp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_int8 and self._int8_ready():
+            out = self._forward_int8(x)
+        else:
+            x = self._act(x, self.scheme.input_activations, "input")
+            out = F.linear(x, self.weight, self.bias)
+        return self._act(out, self.scheme.output_activations, "output")
+
+    def _int8_ready(self) -> bool:
+        a = self.scheme.input_activations
+        ready = self.weight_qparams() is not None and (a.dynamic or self.input_qparams())
+        return supports_int8(self.scheme) and bool(ready)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight codes (cached), re-quantized from the fake-quantized weight."""
+        if self._w_int8 is None or self._w_int8.device != self.weight.device:
+            self._w_int8 = quantize(
+                self.weight.detach(), self.scheme.weights, self.weight_qparams()
+            )
+        return self._w_int8
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
+        args = self.scheme.input_activations
+        if args.dynamic:
+            qp = compute_qparams(args, *reduce_minmax(x, args, ACTIVATION))
+        else:
+            qp = self.input_qparams()
+        q_x = quantize(x, args, qp)
+        out = int8_linear(q_x, qp.scale, self.int8_weight(), self.weight_scale, self.bias)
+        return out.to(x.dtype)
+
+    # ------------------------------------------------------------------ state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in BUFFERS:
+            value = state_dict.get(prefix + name)
+            if value is not None:
+                self.register_buffer(name, torch.empty_like(value, device=self.weight.device))
+        self._w_int8 = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move like any module, but keep the qparam buffers' dtypes (float32 / int32)."""
+        kept = {n: b for n, b in self._buffers.items() if n in BUFFERS and b is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self._w_int8 = None
+        return self
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
+        for role, args in (
+            ("w", self.scheme.weights),
+            ("in", self.scheme.input_activations),
+            ("out", self.scheme.output_activations),
+        ):
+            if args is not None:
+                kind = "dyn" if args.dynamic else "static"
+                parts.append(f"{role}={args.type}{args.num_bits}/{args.strategy}/{kind}")
+        return ", ".join(parts)
+
+
+def replace_linears(model: nn.Module, recipe: Recipe) -> dict[str, QuantLinear]:
+    """Swap every nn.Linear the recipe targets for a QuantLinear, in place; name -> module."""
+    replaced: dict[str, QuantLinear] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        scheme = recipe.scheme_for(name, "Linear")
+        if scheme is None:
+            continue
+        ql = QuantLinear.from_linear(module, scheme)
+        model.set_submodule(name, ql)
+        replaced[name] = ql
+    return replaced
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    """Name -> QuantLinear for every QuantLinear in `model`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
