@@ -118,6 +118,13 @@ class QuantLinear(nn.Module):
     def input_qparams(self) -> QParams | None:
         return self._qparams("input")
 
+    def set_input_global_scale(self, global_scale: torch.Tensor | None) -> None:
+        """Static global scale of dynamic 'local' (NVFP4) input activations."""
+        self._buffers.pop("input_global_scale", None)
+        if global_scale is not None:
+            gs = global_scale.detach().to(self.weight.device, torch.float32).reshape(1)
+            self.register_buffer("input_global_scale", gs.clone())
+
     def set_output_qparams(self, qp: QParams | None) -> None:
         """Static output-activation qparams (None removes them)."""
         self._set_qparams("output", qp)
@@ -130,10 +137,9 @@ class QuantLinear(nn.Module):
     def _act(self, x: torch.Tensor, args: QuantArgs | None, role: str) -> torch.Tensor:
         if args is None:
             return x
-        qp = self._qparams(role)
         if args.dynamic:
-            gs = qp.global_scale if qp is not None else None
-            return fake_quantize_dynamic(x, args, gs)
+            return fake_quantize_dynamic(x, args, self._buffers.get(f"{role}_global_scale"))
+        qp = self._qparams(role)
         if qp is None:  # static scheme, not calibrated yet
             return x
         return fake_quantize(x, args, qp)

@@ -1,0 +1,127 @@
+"""quantize_model on a tiny Llama: layerwise static scales, algorithms, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantscale.errors import QuantscaleError
+from quantscale.observers import get_observer
+from quantscale.pipeline import (
+    WEIGHT_ALGORITHMS,
+    load_model,
+    quantize_model,
+    register_weight_algorithm,
+    save_quantized,
+)
+from quantscale.runtime.qlinear import QuantLinear, quant_linears
+from quantscale.scheme import preset_recipe
+
+
+def _batches(n: int = 6, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def test_w8a8_static_scales_set_and_really_static(tiny_llama, tmp_path):
+    ids = _batches(2, 16, seed=5)
+    ref = _logits(tiny_llama, ids)
+    linears = quantize_model(tiny_llama, "W8A8", _batches(), batch_size=2)
+    assert len(linears) == 14
+    for ql in linears.values():
+        assert ql.weight_scale.shape == (ql.out_features, 1)
+        assert ql.input_scale.shape == (1,) and ql.input_scale.item() > 0
+    out = _logits(tiny_llama, ids)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    state = {k: v.clone() for k, v in tiny_llama.state_dict().items() if "_scale" in k}
+    _logits(tiny_llama, _batches(3, 20, seed=9))  # different inputs
+    again = _logits(tiny_llama, ids)
+    assert torch.equal(again, out)
+    assert all(torch.equal(tiny_llama.state_dict()[k], v) for k, v in state.items())
+    # save / load reproduces outputs and scales
+    save_quantized(tiny_llama, tmp_path / "q")
+    loaded, tokenizer = load_model(tmp_path / "q")
+    assert tokenizer is None
+    assert set(quant_linears(loaded)) == set(linears)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(_logits(loaded, ids), out)
+
+
+def test_layer_inputs_come_from_quantized_layers(tiny_llama):
+    """Layer 1's static input scale equals the range of its inputs in the quantized model."""
+    data = _batches()
+    quantize_model(tiny_llama, "W8A8", data, batch_size=2)
+    q1 = tiny_llama.model.layers[1].self_attn.q_proj
+    obs = get_observer("minmax", args=q1.scheme.input_activations)
+    handle = q1.register_forward_pre_hook(lambda _m, a: obs.update(a[0]))
+    for ids in data.split(2):
+        _logits(tiny_llama, ids)
+    handle.remove()
+    assert q1.input_scale.item() == pytest.approx(float(obs.amax()) / 127, rel=1e-5)
+
+
+def test_rtn_weight_only_needs_no_data(tiny_llama):
+    linears = quantize_model(tiny_llama, "W4A16")
+    ql = next(iter(linears.values()))
+    assert ql.weight_scale.shape == (
+        ql.out_features,
+        ql.in_features // 128 + (ql.in_features % 128 > 0),
+    )
+    assert ql.weight.unique().numel() <= 16 * ql.weight_scale.numel()
+
+
+def test_static_activations_without_data_refused(tiny_llama):
+    with pytest.raises(QuantscaleError, match="calibration batches"):
+        quantize_model(tiny_llama, "W8A8")
+
+
+def test_overrides_keep_first_layer_float(tiny_llama):
+    recipe = preset_recipe("FP8")
+    recipe = recipe.model_copy(update={"overrides": {r"re:model\.layers\.0\.": None}})
+    linears = quantize_model(tiny_llama, recipe, _batches(4), batch_size=2)
+    assert all(n.startswith("model.layers.1.") for n in linears)
+    assert type(tiny_llama.model.layers[0].mlp.down_proj) is nn.Linear
+
+
+def test_registered_algorithm_sees_each_layer(tiny_llama):
+    calls = []
+
+    @register_weight_algorithm("probe")
+    class Probe:
+        needs_data = True
+
+        def start_layer(self, linears):
+            self.seen = {n: 0 for n in linears}
+            self.handles = [
+                m.register_forward_pre_hook(
+                    lambda _m, a, n=n: self.seen.__setitem__(n, self.seen[n] + 1)
+                )
+                for n, m in linears.items()
+            ]
+
+        def finish_layer(self, linears):
+            for h in self.handles:
+                h.remove()
+            calls.append(dict(self.seen))
+            for ql in linears.values():
+                assert isinstance(ql, QuantLinear)
+                ql.set_weight(torch.zeros_like(ql.weight), ql.weight_qparams() or _unit())
+
+    def _unit():
+        from quantscale.qdq import QParams
+
+        return QParams(torch.ones(1))
+
+    try:
+        quantize_model(tiny_llama, "W8A16", _batches(4), method="probe", batch_size=2)
+    finally:
+        WEIGHT_ALGORITHMS.pop("probe")
+    assert len(calls) == 2
+    assert all(set(c.values()) == {2} and len(c) == 7 for c in calls)  # 2 batches per layer
+    assert all((ql.weight == 0).all() for ql in quant_linears(tiny_llama).values())
