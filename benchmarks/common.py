@@ -83,6 +83,7 @@ def run_job(
     wrapped = list(cmd)
     if Path(GNU_TIME).exists():
         wrapped = [GNU_TIME, "-f", "%M", "-o", time_file, *cmd]
+    os.sync()  # start from clean page cache: earlier jobs' dirty pages must not slow this one
     load = loadavg()
     start = time.perf_counter()
     proc = subprocess.run(wrapped, env=full_env, capture_output=True, text=True, timeout=timeout)
