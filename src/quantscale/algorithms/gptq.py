@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantscale.errors import QuantscaleError
+from quantscale.pipeline import register_weight_algorithm
 from quantscale.qdq import (
     WEIGHT,
     QParams,
@@ -303,6 +304,7 @@ class _InputTracker:
         return out
 
 
+@register_weight_algorithm("gptq")
 @dataclass
 class GPTQ:
     """The "gptq" weight algorithm for `pipeline.quantize_model` (start_layer / finish_layer).
@@ -314,6 +316,7 @@ class GPTQ:
     lists every such case.
     """
 
+    needs_data = True
     block_size: int = DEFAULT_BLOCK_SIZE
     dampening_frac: float = DEFAULT_DAMPENING
     actorder: str | None = "args"
