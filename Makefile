@@ -27,3 +27,11 @@ test: lint
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+EVAL_STAMP := $(VENV)/.installed-eval
+$(EVAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c requirements.lock -e '.[test,eval]'
+	touch $(EVAL_STAMP)
+
+eval: $(EVAL_STAMP)
+	$(PY) -m quantscale eval smollm2 --tasks ppl,cloze,zeroshot
