@@ -17,7 +17,9 @@ from quantscale.errors import QuantscaleError
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every sub-command found in `quantscale.commands`."""
-    parser = argparse.ArgumentParser(prog="quantscale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="quantscale", description="Post-training quantization toolkit for LLMs."
+    )
     parser.add_argument("--version", action="version", version=f"quantscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
