@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, TensorInfo, transform_checkpoint
+from quantscale.checkpoint.io import Checkpoint, PlannedTensor, TensorInfo, transform_checkpoint
 from quantscale.errors import QuantscaleError
-from quantscale.formats.fp8 import DEFAULT_BLOCK
+from quantscale.formats.fp8 import DEFAULT_BLOCK, E4M3, block_grid
 from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast
 from quantscale.models.naming import is_ignored, module_path
 
@@ -107,8 +107,18 @@ def quantize_checkpoint_fp8(
         q, scale = quantize_fp8_block_fast(tensor, block, scale_fmt, backend=backend)
         return {name: q, f"{name}_scale_inv": scale}
 
+    def plan_fn(name: str, info: TensorInfo) -> list[PlannedTensor]:
+        if name not in targets:
+            return [(name, info.torch_dtype, info.shape)]
+        return [
+            (name, E4M3, info.shape),
+            (f"{name}_scale_inv", torch.float32, block_grid(info.shape, block)),
+        ]
+
     config = copy.deepcopy(ckpt.config) if ckpt.config is not None else {}
     config["quantization_config"] = fp8_block_config(
         block, unconverted_modules(ckpt, ignore), scale_fmt
     )
-    return transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)
+    return transform_checkpoint(
+        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+    )

@@ -3,18 +3,24 @@
 `Checkpoint` opens a directory read-only, validates its index against the shard headers
 (parsed without loading tensor data) and yields tensors shard by shard. `CheckpointWriter`
 writes a new directory under a temporary name and renames it into place when complete.
-`transform_checkpoint` combines both: one input shard resident at a time.
+`ShardStream` writes one safetensors file whose tensors are planned up front: the header
+first, then each tensor's bytes at its offset as soon as it exists (on a writer thread).
+`transform_checkpoint` combines them: with a `plan_fn` one input tensor and a few output
+tensors are resident at a time, without one a whole output shard is.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +47,13 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+# The order safetensors' save_file lays tensors out in: by dtype (this order), then by name.
+# Wider dtypes come first, so every tensor starts at a multiple of its element size.
+SAVE_ORDER = (
+    *("I64", "F64", "F32", "I32", "BF16", "F16", "I16"),
+    *("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"),
+)
+PlannedTensor = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape) of an output
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     shard: str
+    offset: int = field(default=-1, compare=False)  # file position of the first data byte
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -88,19 +102,19 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        info = _tensor_info(path, name, entry, data_size)
+        info = _tensor_info(path, name, entry, data_size, 8 + header_len)
         infos[name] = info
     return infos
 
 
-def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: dict, data_size: int, base: int) -> TensorInfo:
     dtype = entry.get("dtype")
     if dtype not in DTYPES:
         raise CheckpointError(
             f"{path}: tensor {name!r} has dtype {dtype!r}; expected one of {', '.join(DTYPES)}"
         )
-    info = TensorInfo(name, dtype, tuple(entry["shape"]), path.name)
     start, end = entry["data_offsets"]
+    info = TensorInfo(name, dtype, tuple(entry["shape"]), path.name, base + start)
     if end - start != info.nbytes:
         raise CheckpointError(
             f"{path}: tensor {name!r} spans {end - start} bytes but {dtype}{list(info.shape)} "
@@ -112,6 +126,22 @@ def _tensor_info(path: Path, name: str, entry: dict, data_size: int) -> TensorIn
             f"but the file holds only {data_size} data bytes"
         )
     return info
+
+
+def read_tensor(fd: int, info: TensorInfo, path: Path) -> torch.Tensor:
+    """Read one tensor's bytes from open shard `fd` at `info.offset` into a new tensor."""
+    data = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(data.numpy())
+    done = 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:]], info.offset + done)
+        if n == 0:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor {info.name!r} ends at byte "
+                f"{info.offset + info.nbytes} but the file ends at byte {info.offset + done}"
+            )
+        done += n
+    return data.view(info.torch_dtype).reshape(info.shape)
 
 
 class Checkpoint:
@@ -189,6 +219,17 @@ class Checkpoint:
             for name in self.names(shard):
                 yield name, f.get_tensor(name)
 
+    def read_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for one shard in file order, read with plain reads (no mmap).
+
+        Each tensor owns its memory, so it is freed as soon as the caller drops it.
+        """
+        infos = sorted((self.tensors[n] for n in self.names(shard)), key=lambda i: i.offset)
+        path = self.path / shard
+        with open(path, "rb", buffering=0) as f:
+            for info in infos:
+                yield info.name, read_tensor(f.fileno(), info, path)
+
     def extra_files(self) -> list[Path]:
         """Files other than shards, the index and config.json (tokenizer, generation config...)."""
         skip = {INDEX_NAME, CONFIG_NAME, *self.shards}
@@ -196,6 +237,135 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
+
+
+def safetensors_header(
+    plan: list[PlannedTensor], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The bytes before the data section of a safetensors file holding `plan`, and each
+    tensor's (start, end) in the file. Same layout and bytes as safetensors' `save_file`."""
+    known = []
+    for name, dtype, shape in plan:
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be saved")
+        known.append((SAVE_ORDER.index(DTYPE_NAMES[dtype]), name, dtype, tuple(shape)))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    spans: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for _, name, dtype, shape in sorted(known, key=lambda k: k[:2]):
+        if name in spans:
+            raise CheckpointError(f"tensor {name!r} planned twice")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape)}
+        header[name]["data_offsets"] = [pos, pos + size]
+        spans[name] = (pos, pos + size)
+        pos += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {
+        n: (a + base, b + base) for n, (a, b) in spans.items()
+    }
+
+
+class ShardStream:
+    """Write one safetensors file from a plan: header first, then each tensor, in any order,
+    at its planned offset as it arrives. With `threaded`, a writer thread does the writes
+    (at most `depth` tensors wait), so the caller computes the next tensor meanwhile.
+
+    Use as a context manager; `close()` raises if a planned tensor never arrived.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        plan: list[PlannedTensor],
+        metadata: dict[str, str] | None = None,
+        threaded: bool = True,
+        depth: int = 2,
+    ) -> None:
+        header, self.spans = safetensors_header(plan, metadata)
+        self.path = Path(path)
+        self.planned = {name: (dtype, tuple(shape)) for name, dtype, shape in plan}
+        self.missing = set(self.planned)
+        self.error: BaseException | None = None
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write(header, 0)
+        os.ftruncate(self.fd, max((end for _, end in self.spans.values()), default=len(header)))
+        self.queue: queue.Queue | None = None
+        if threaded:
+            self.queue = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+            self.thread.start()
+
+    def __enter__(self) -> ShardStream:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue (or write) one planned tensor."""
+        if name not in self.missing:
+            what = "written twice" if name in self.planned else "not in the plan"
+            raise CheckpointError(f"{self.path}: tensor {name!r} {what}")
+        dtype, shape = self.planned[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is {tensor.dtype}{list(tensor.shape)}; the plan "
+                f"says {dtype}{list(shape)}"
+            )
+        self.missing.discard(name)
+        data = tensor.contiguous().reshape(-1).view(torch.uint8)
+        if self.queue is None:
+            self._write(data, self.spans[name][0])
+            return
+        self._raise_if_failed()
+        self.queue.put((data, self.spans[name][0]))
+
+    def close(self) -> None:
+        """Wait for the writes, check every planned tensor arrived, close the file."""
+        self._stop()
+        self._raise_if_failed()
+        if self.missing:
+            names = ", ".join(sorted(self.missing)[:5])
+            raise CheckpointError(
+                f"{self.path}: {len(self.missing)} planned tensors never written ({names})"
+            )
+
+    def abort(self) -> None:
+        """Stop writing; the caller removes the incomplete file."""
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.queue is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.queue = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise CheckpointError(f"{self.path}: write failed ({self.error})") from self.error
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*item)
+                except OSError as err:
+                    self.error = err
+
+    def _write(self, data: bytes | torch.Tensor, offset: int) -> None:
+        view = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
 
 
 class CheckpointWriter:
@@ -232,6 +402,17 @@ class CheckpointWriter:
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         save_file(tensors, str(self.tmp / shard), metadata={"format": "pt"})
 
+    def open_shard(
+        self, shard: str, plan: list[PlannedTensor], threaded: bool = True
+    ) -> ShardStream:
+        """A `ShardStream` for one shard of planned tensors, recorded in the index."""
+        for name, dtype, shape in plan:
+            if name in self.weight_map:
+                raise CheckpointError(f"tensor {name!r} written twice ({shard})")
+            self.weight_map[name] = shard
+            self.total_size += math.prod(shape) * dtype.itemsize
+        return ShardStream(self.tmp / shard, plan, {"format": "pt"}, threaded)
+
     def write_json(self, name: str, obj: dict) -> None:
         (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -258,6 +439,8 @@ class CheckpointWriter:
 
 
 TensorFn = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+PlanFn = Callable[[str, TensorInfo], list[PlannedTensor]]
+Progress = Callable[[Iterator, int, str], Iterator]
 
 
 def transform_checkpoint(
@@ -266,36 +449,91 @@ def transform_checkpoint(
     tensor_fn: TensorFn,
     config: dict | None,
     overwrite: bool = False,
-    progress: Callable[[Iterator, int, str], Iterator] | None = None,
+    progress: Progress | None = None,
+    plan_fn: PlanFn | None = None,
+    threaded: bool = True,
 ) -> Path:
     """Stream `src` into `out`, mapping each tensor through `tensor_fn` shard by shard.
 
     `tensor_fn(name, tensor)` returns the output tensors for that input tensor (any names).
+    With `plan_fn(name, info)` saying up front which (name, dtype, shape) `tensor_fn` will
+    return, each output tensor is written as soon as it exists (`ShardStream`, on a writer
+    thread when `threaded`) and inputs are read with plain reads; otherwise each output shard
+    is collected in memory and saved whole.
     `config` is written as config.json (None: none is written). Other files are copied.
     """
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise OutputExistsError(f"{out}: output must differ from the input checkpoint")
-    names = [(shard, name) for shard in src.shards for name in src.names(shard)]
     with CheckpointWriter(out, overwrite=overwrite) as writer:
-        steps = iter(names)
-        if progress is not None:
-            steps = progress(steps, len(names), f"writing {out.name}")
-        current: str | None = None
-        handle = None
-        pending: dict[str, torch.Tensor] = {}
-        for shard, name in steps:
-            if shard != current:
-                if current is not None:
-                    writer.write_shard(current, pending)
-                    pending = {}
-                handle = safe_open(src.path / shard, framework="pt")
-                current = shard
-            pending.update(tensor_fn(name, handle.get_tensor(name)))
-        if current is not None:
-            writer.write_shard(current, pending)
+        if plan_fn is None:
+            _collect_shards(src, writer, tensor_fn, progress)
+        else:
+            _stream_shards(src, writer, tensor_fn, plan_fn, progress, threaded)
         if config is not None:
             writer.write_json(CONFIG_NAME, config)
         for extra in src.extra_files():
             writer.copy_file(extra)
         return writer.commit(write_index=src.index is not None or len(src.shards) > 1)
+
+
+def _collect_shards(
+    src: Checkpoint, writer: CheckpointWriter, tensor_fn: TensorFn, progress: Progress | None
+) -> None:
+    """Map every tensor, holding each output shard in memory until it is saved whole."""
+    names = [(shard, name) for shard in src.shards for name in src.names(shard)]
+    steps = iter(names)
+    if progress is not None:
+        steps = progress(steps, len(names), f"writing {writer.out.name}")
+    current: str | None = None
+    handle = None
+    pending: dict[str, torch.Tensor] = {}
+    for shard, name in steps:
+        if shard != current:
+            if current is not None:
+                writer.write_shard(current, pending)
+                pending = {}
+            handle = safe_open(src.path / shard, framework="pt")
+            current = shard
+        pending.update(tensor_fn(name, handle.get_tensor(name)))
+    if current is not None:
+        writer.write_shard(current, pending)
+
+
+def _stream_shards(
+    src: Checkpoint,
+    writer: CheckpointWriter,
+    tensor_fn: TensorFn,
+    plan_fn: PlanFn,
+    progress: Progress | None,
+    threaded: bool,
+) -> None:
+    """Map every tensor, writing each output as soon as `tensor_fn` returns it."""
+    items = ((shard, *item) for shard in src.shards for item in src.read_shard(shard))
+    if progress is not None:
+        items = progress(items, len(src.tensors), f"writing {writer.out.name}")
+    stream: ShardStream | None = None
+    plans: dict[str, list[PlannedTensor]] = {}
+    try:
+        for shard, name, tensor in items:
+            if stream is None or stream.path.name != shard:
+                if stream is not None:
+                    stream.close()
+                plans = {n: list(plan_fn(n, src.tensors[n])) for n in src.names(shard)}
+                plan = [(n, d, tuple(s)) for p in plans.values() for n, d, s in p]
+                stream = writer.open_shard(shard, plan, threaded)
+            outputs = tensor_fn(name, tensor)
+            planned = sorted(p[0] for p in plans[name])
+            if sorted(outputs) != planned:
+                raise CheckpointError(
+                    f"{src.path / shard}: tensor {name!r} gave outputs {sorted(outputs)} but "
+                    f"the plan said {planned}"
+                )
+            for out_name, value in outputs.items():
+                stream.put(out_name, value)
+        if stream is not None:
+            stream.close()
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+        raise
