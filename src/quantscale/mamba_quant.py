@@ -262,3 +262,17 @@ def measure(model: nn.Module, tokenizer, n_tokens: int = 32768, n_items: int = 2
         "eval_tokens": int(tokens.numel()),
         "cloze_items": n_items,
     }
+
+
+@torch.inference_mode()
+def final_hidden_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """float32 last hidden states (before the LM head) of token ids [batch, seq]."""
+    from quantscale.eval.scoring import final_hidden
+
+    return final_hidden(model, ids).float()
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10*log10(|ref|^2 / |approx - ref|^2), in dB."""
+    noise = (approx.float() - reference.float()).pow(2).sum()
+    return float(10 * torch.log10(reference.float().pow(2).sum() / noise.clamp_min(1e-30)))

@@ -38,19 +38,29 @@ def _parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"layers {text!r}: expected e.g. 0,-1") from err
 
 
+def _cast_head_input(model: torch.nn.Module) -> None:
+    """Feed the LM head in its own dtype: with residual_in_fp32 a bf16 Mamba's final hidden
+    states are float32, which transformers casts in forward() but a bare head call does not."""
+    head = model.get_output_embeddings()
+    head.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype), *args[1:]))
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a checkpoint directory or `fixture:<kind>`."""
     if spec.startswith(FIXTURE_PREFIX):
         from quantscale.fixtures.mamba_train import load_fixture
 
-        return load_fixture(spec[len(FIXTURE_PREFIX) :], dtype)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tokenizer = load_fixture(spec[len(FIXTURE_PREFIX) :], dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise QuantscaleError(f"{path}: not a checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(str(path))
+        path = Path(spec)
+        if not (path / "config.json").is_file():
+            raise QuantscaleError(f"{path}: not a checkpoint directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    _cast_head_input(model)
+    return model, tokenizer
 
 
 def _recipe(args: argparse.Namespace):
@@ -106,21 +116,34 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_hidden(model_spec: str, windows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out token windows [8, 512], the float32 model's final hidden states on them)."""
+    from quantscale.assets import eval_tokens
+    from quantscale.mamba_quant import final_hidden_states
+
+    model, tokenizer = load_model(model_spec)
+    probe = eval_tokens(tokenizer, windows * 512).reshape(windows, 512)
+    return probe, final_hidden_states(model, probe)
+
+
 def evaluate_settings(
     model_spec: str, names: list[str], n_samples: int, seq_len: int, n_tokens: int, n_items: int
 ) -> list[dict]:
     """Measure each named setting on one model; returns one row per setting."""
     from quantscale.mamba_quant import (
         calibration_token_batches,
+        final_hidden_states,
         mamba_sweep_settings,
         measure,
         quantize_mamba,
+        sqnr_db,
     )
 
     settings = mamba_sweep_settings()
     unknown = [n for n in names if n not in settings]
     if unknown:
         raise QuantscaleError(f"unknown setting(s) {unknown}; known: {', '.join(settings)}")
+    probe, reference = _reference_hidden(model_spec)
     rows = []
     for name in names:
         recipe = settings[name]
@@ -132,6 +155,7 @@ def evaluate_settings(
             model, tokenizer = load_model(model_spec)
             quantize_mamba(model, calibration_token_batches(tokenizer, recipe), recipe)
         row = {"setting": name, **measure(model, tokenizer, n_tokens, n_items)}
+        row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, probe))
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
     base = next((r["ppl"] for r in rows if r["setting"] == "bf16"), None)
@@ -145,7 +169,7 @@ def _print_rows(model_spec: str, rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{model_spec}: held-out Wikipedia")
-    for col in ("setting", "perplexity", "vs bf16", "cloze acc", "seconds"):
+    for col in ("setting", "perplexity", "vs bf16", "cloze acc", "SQNR vs fp32", "seconds"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in rows:
         delta = r["ppl_increase_pct"]
@@ -154,6 +178,7 @@ def _print_rows(model_spec: str, rows: list[dict]) -> None:
             f"{r['ppl']:.3f}",
             "" if delta is None else f"{delta:+.2f}%",
             f"{100 * r['cloze']:.1f}%",
+            f"{r['hidden_sqnr_db']:.1f} dB",
             f"{r['seconds']:.0f}",
         )
     Console().print(table)
