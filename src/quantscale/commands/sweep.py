@@ -1,0 +1,131 @@
+"""`quantscale sweep MODEL --scheme W8A8 --observer percentile --alpha 0.999,0.9995,0.9999,1.0`:
+measure a model under a range of calibration settings; prints a table and writes a PNG plot,
+a markdown table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from quantscale.errors import QuantscaleError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """--calib-samples / --calib-seq-len / --calib-data / --batch-size."""
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument(
+        "--calib-data", help="text file to calibrate on (default: cached Wikipedia split)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `sweep` sub-command."""
+    p = subparsers.add_parser(
+        "sweep", help="perplexity per calibration setting", description=__doc__
+    )
+    p.add_argument("model", help="checkpoint dir or a named model (smollm2, gemma3)")
+    p.add_argument("--scheme", default="W8A8", help="preset or recipe file (YAML/JSON)")
+    p.add_argument("--observer", help="activation observer for every setting (e.g. percentile)")
+    p.add_argument("--alpha", type=_floats, default=[], help="percentile alphas, comma-separated")
+    p.add_argument("--sigma", type=_floats, default=[], help="EMA sigmas, comma-separated")
+    p.add_argument(
+        "--observers", type=_names, default=[], help="observer kinds: minmax,percentile,mse,aciq,kl"
+    )
+    p.add_argument("--per-channel", action="store_true", help="add per-channel activations")
+    p.add_argument("--first-last", action="store_true", help="add first/last layer kept float")
+    p.add_argument(
+        "--mode",
+        choices=("shared", "layerwise"),
+        default="shared",
+        help="shared: one float calibration pass for all settings; layerwise: full pipeline each",
+    )
+    add_calibration_args(p)
+    p.add_argument("--n-tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    p.add_argument("--tasks", type=_names, default=["ppl"], help="ppl,cloze,zeroshot")
+    p.add_argument("--out-dir", type=Path, default=Path("."), help="where PNG/markdown/JSON go")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unquantized row")
+    p.set_defaults(func=run)
+
+
+def calibration_tokens(tokenizer, args: argparse.Namespace):
+    """[calib_samples, calib_seq_len] token ids from --calib-data or the Wikipedia split."""
+    from quantscale.assets import calibration_batches
+
+    return calibration_batches(
+        tokenizer, args.calib_samples, args.calib_seq_len, source=args.calib_data
+    )
+
+
+def measurer(tokenizer, args: argparse.Namespace):
+    """model -> metrics of --tasks on the held-out Wikipedia split (--n-tokens for ppl)."""
+    from quantscale.eval.runner import evaluate
+
+    return lambda model: evaluate(model, tokenizer, args.tasks, n_tokens=args.n_tokens)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantscale.pipeline import load_model
+    from quantscale.scheme import normalize_preset_name
+    from quantscale.sweep import build_settings, markdown_table, plot, run_sweep, write_json
+
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise QuantscaleError(f"{args.model}: no tokenizer saved with the model")
+    settings = build_settings(
+        model,
+        args.scheme,
+        args.observer,
+        args.alpha,
+        args.sigma,
+        args.observers,
+        args.per_channel,
+        args.first_last,
+        baseline=not args.no_baseline,
+    )
+    calib = calibration_tokens(tokenizer, args)
+    rows = run_sweep(model, settings, calib, measurer(tokenizer, args), args.mode, args.batch_size)
+    _print(rows)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "sweep_" + normalize_preset_name(Path(args.scheme).stem).lower()
+    title = f"{Path(str(args.model)).name} {args.scheme}, {args.calib_samples}x{args.calib_seq_len}"
+    png = plot(rows, args.out_dir / f"{stem}.png", title)
+    (args.out_dir / f"{stem}.md").write_text(markdown_table(rows) + "\n")
+    meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    write_json(rows, args.out_dir / f"{stem}.json", meta)
+    print(f"wrote {png}, {stem}.md and {stem}.json in {args.out_dir}")
+    return 0
+
+
+def _print(rows) -> None:
+    from quantscale.sweep import format_metric
+
+    metrics = list(rows[0].metrics)
+    table = Table(title="sweep")
+    table.add_column("setting")
+    for m in metrics:
+        table.add_column(m, justify="right")
+        table.add_column("vs baseline", justify="right")
+    table.add_column("s", justify="right")
+    for r in rows:
+        cells = [r.setting]
+        for m in metrics:
+            d = r.delta_pct.get(m)
+            cells += [format_metric(m, r.metrics[m]), "" if d is None else f"{d:+.2f}%"]
+        table.add_row(*cells, f"{r.seconds:.0f}")
+    Console().print(table)

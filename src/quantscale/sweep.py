@@ -1,0 +1,321 @@
+"""Sweeps over calibration settings: observer kind, percentile alpha, EMA sigma, activation
+granularity and first/last layers kept in float; one metrics row per setting.
+
+Two ways to calibrate each setting:
+- ``shared`` (default): one forward pass of the float model over the calibration data feeds the
+  observers of *every* setting at once (modules seeing the same tensor with the same args
+  share an observer); each setting then gets RTN weights and its static scales and is
+  evaluated. Cost: one calibration pass + one evaluation per setting.
+- ``layerwise``: each setting runs the full `pipeline.quantize_model` (each layer calibrated
+  on the outputs of the quantized layers before it). Cost: one calibration per setting.
+The model is restored to float between settings (QuantLinears share the original Linear
+parameters and `set_weight` never writes into them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantscale.calibration.activations import ActivationCalibrator
+from quantscale.models.adapter import decoder_layers
+from quantscale.pipeline import as_batches, quantize_model, rtn_quantize, run_batches
+from quantscale.progress import track
+from quantscale.runtime.qlinear import QuantLinear
+from quantscale.scheme import QuantScheme, Recipe, load_recipe
+
+BASELINE = "baseline"
+
+
+@dataclass
+class Setting:
+    """One point of a sweep: a name, a recipe (None: the unquantized model), and the value of
+    the swept parameter for plotting."""
+
+    name: str
+    recipe: Recipe | None
+    param: str | None = None
+    value: float | str | None = None
+
+
+@dataclass
+class SweepRow:
+    setting: str
+    metrics: dict[str, float]
+    delta_pct: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    param: str | None = None
+    value: float | str | None = None
+
+
+# ------------------------------------------------------------------ recipe edits
+
+
+def _map_schemes(recipe: Recipe, fn) -> Recipe:
+    groups = {k: fn(s) for k, s in recipe.config_groups.items()}
+    overrides = {
+        k: (fn(s) if isinstance(s, QuantScheme) else s) for k, s in recipe.overrides.items()
+    }
+    return recipe.model_copy(update={"config_groups": groups, "overrides": overrides})
+
+
+def with_activations(recipe: Recipe, **updates) -> Recipe:
+    """Recipe whose input-activation args get `updates` (observer, observer_kwargs, strategy)."""
+
+    def fn(s: QuantScheme) -> QuantScheme:
+        if s.input_activations is None:
+            return s
+        args = s.input_activations.model_dump()
+        args.update(updates)
+        new = type(s.input_activations).model_validate(args)
+        return s.model_copy(update={"input_activations": new})
+
+    return _map_schemes(recipe, fn)
+
+
+def keep_float(recipe: Recipe, layer_prefixes: Sequence[str]) -> Recipe:
+    """Recipe that leaves every module under the given layer prefixes unquantized."""
+    extra = {f"re:{p.replace('.', chr(92) + '.')}\\.": None for p in layer_prefixes}
+    return recipe.model_copy(update={"overrides": {**recipe.overrides, **extra}})
+
+
+def _num(text: str) -> float:
+    return float(text)
+
+
+def build_settings(
+    model: nn.Module,
+    scheme: str,
+    observer: str | None = None,
+    alphas: Sequence[float] = (),
+    sigmas: Sequence[float] = (),
+    observers: Sequence[str] = (),
+    per_channel: bool = False,
+    first_last: bool = False,
+    baseline: bool = True,
+) -> list[Setting]:
+    """The settings the `sweep` command measures (see its help)."""
+    base = load_recipe(scheme)
+    name = base.name or str(scheme)
+    if observer:
+        base = with_activations(base, observer=observer)
+    settings = [Setting(BASELINE, None)] if baseline else []
+    for a in alphas:
+        kw = {"alpha": a}
+        settings.append(Setting(f"{name} alpha={a:g}", _with_kwargs(base, kw), "alpha", float(a)))
+    for s in sigmas:
+        kw = {"sigma": s}
+        settings.append(Setting(f"{name} sigma={s:g}", _with_kwargs(base, kw), "sigma", float(s)))
+    for obs in observers:
+        settings.append(
+            Setting(f"{name} {obs}", with_activations(base, observer=obs), "observer", obs)
+        )
+    if not (alphas or sigmas or observers):
+        settings.append(Setting(f"{name} {_observer_name(base)}", base))
+    ref = settings[-1].recipe if len(settings) > int(baseline) else base
+    ref_name = settings[-1].name if len(settings) > int(baseline) else name
+    if per_channel:
+        settings.append(
+            Setting(f"{ref_name} per-channel act", with_activations(ref, strategy="channel"))
+        )
+    if first_last:
+        prefix, layers = decoder_layers(model)
+        first, last = f"{prefix}.0", f"{prefix}.{len(layers) - 1}"
+        settings.append(Setting(f"{ref_name} first layer float", keep_float(ref, [first])))
+        settings.append(Setting(f"{ref_name} last layer float", keep_float(ref, [last])))
+        settings.append(Setting(f"{ref_name} first+last float", keep_float(ref, [first, last])))
+    return settings
+
+
+def _observer_name(recipe: Recipe) -> str:
+    for s in recipe.config_groups.values():
+        if s.input_activations is not None:
+            return s.input_activations.observer or "minmax"
+    return "weights only"
+
+
+def _with_kwargs(recipe: Recipe, kwargs: dict) -> Recipe:
+    for s in recipe.config_groups.values():
+        if s.input_activations is not None:
+            merged = {**s.input_activations.observer_kwargs, **kwargs}
+            return with_activations(recipe, observer_kwargs=merged)
+    return recipe
+
+
+# ------------------------------------------------------------------ running
+
+
+def targeted(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.Linear, QuantScheme]]:
+    """Name -> (Linear, scheme) for every Linear the recipe quantizes."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name:
+            scheme = recipe.scheme_for(name, "Linear")
+            if scheme is not None:
+                found[name] = (module, scheme)
+    return found
+
+
+def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Put the original modules back."""
+    for name, module in originals.items():
+        model.set_submodule(name, module)
+
+
+def calibrate_shared(
+    model: nn.Module, settings: Sequence[Setting], batches: Sequence[torch.Tensor]
+) -> dict[str, dict]:
+    """One float forward pass feeding every setting's observers -> {setting: {(mod, role): qp}}."""
+    linears, schemes = {}, {}
+    for i, st in enumerate(settings):
+        if st.recipe is None:
+            continue
+        for name, (module, scheme) in targeted(model, st.recipe).items():
+            linears[f"{i}|{name}"], schemes[f"{i}|{name}"] = module, scheme
+    calibrator = ActivationCalibrator(linears, schemes)
+    if calibrator.args:
+        with calibrator:
+            run_batches(model, list(track(batches, len(batches), "calibrate (shared)")))
+    out: dict[str, dict] = {st.name: {} for st in settings}
+    for (key, role), qp in calibrator.qparams().items():
+        i, name = key.split("|", 1)
+        out[settings[int(i)].name][(name, role)] = qp
+    return out
+
+
+def apply_setting(model: nn.Module, recipe: Recipe, qparams: dict) -> dict[str, nn.Module]:
+    """Swap in RTN QuantLinears with the given static qparams; returns the originals."""
+    originals = {}
+    for name, (module, scheme) in targeted(model, recipe).items():
+        ql = QuantLinear.from_linear(module, scheme)
+        rtn_quantize(ql)
+        for role in ("input", "output"):
+            qp = qparams.get((name, role))
+            if qp is None:
+                continue
+            args = getattr(scheme, f"{role}_activations")
+            if role == "input" and args.dynamic == "local":
+                ql.set_input_global_scale(qp.global_scale)
+            else:
+                getattr(ql, f"set_{role}_qparams")(qp)
+        originals[name] = module
+        model.set_submodule(name, ql)
+    return originals
+
+
+def run_sweep(
+    model: nn.Module,
+    settings: Sequence[Setting],
+    calib: torch.Tensor | Sequence[torch.Tensor],
+    measure: Callable[[nn.Module], dict[str, float]],
+    mode: str = "shared",
+    batch_size: int = 8,
+) -> list[SweepRow]:
+    """`measure(model)` under every setting (the model is left in float afterwards)."""
+    batches = as_batches(calib, batch_size)
+    shared = calibrate_shared(model, settings, batches) if mode == "shared" else {}
+    rows = []
+    for st in settings:
+        start = time.perf_counter()
+        originals = {}
+        try:
+            if st.recipe is not None and mode == "shared":
+                originals = apply_setting(model, st.recipe, shared[st.name])
+            elif st.recipe is not None:
+                originals = {n: m for n, (m, _) in targeted(model, st.recipe).items()}
+                quantize_model(model, st.recipe, batches)
+            metrics = measure(model)
+        finally:
+            restore(model, originals)
+        rows.append(SweepRow(st.name, metrics, {}, time.perf_counter() - start, st.param, st.value))
+    _add_deltas(rows)
+    return rows
+
+
+def _add_deltas(rows: list[SweepRow]) -> None:
+    base = next((r for r in rows if r.setting == BASELINE), None)
+    if base is None:
+        return
+    for r in rows:
+        r.delta_pct = {k: 100 * (v / base.metrics[k] - 1) for k, v in r.metrics.items()}
+
+
+# ------------------------------------------------------------------ output
+
+
+def format_metric(metric: str, value: float) -> str:
+    return f"{value:.3f}" if metric == "ppl" else f"{100 * value:.1f}%"
+
+
+def markdown_table(rows: Sequence[SweepRow]) -> str:
+    """Rows as a markdown table (metric, and its change vs the baseline row)."""
+    metrics = list(rows[0].metrics) if rows else []
+    head = ["setting"] + [c for m in metrics for c in (m, f"{m} vs baseline")] + ["seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.setting]
+        for m in metrics:
+            d = r.delta_pct.get(m)
+            cells += [format_metric(m, r.metrics[m]), "" if d is None else f"{d:+.2f}%"]
+        cells.append(f"{r.seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: str = "ppl") -> Path:
+    """PNG: the metric against a numeric swept parameter (a curve), else one bar per setting;
+    the baseline as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    base = next((r for r in rows if r.setting == BASELINE), None)
+    points = [r for r in rows if isinstance(r.value, float)]
+    if points and len({r.param for r in points}) == 1:
+        xs = [r.value for r in points]
+        ax.plot(xs, [r.metrics[metric] for r in points], marker="o")
+        ax.set_xlabel(points[0].param)
+        if points[0].param == "alpha":
+            ax.set_xscale("function", functions=(_alpha_fwd, _alpha_inv))
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:g}" for x in xs], rotation=30)
+    else:
+        quant = [r for r in rows if r is not base]
+        ax.bar(range(len(quant)), [r.metrics[metric] for r in quant])
+        ax.set_xticks(range(len(quant)))
+        ax.set_xticklabels([r.setting for r in quant], rotation=30, ha="right", fontsize=8)
+    if base is not None:
+        ax.axhline(base.metrics[metric], color="gray", linestyle="--", label="baseline")
+        ax.legend()
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _alpha_fwd(x):
+    import numpy as np
+
+    return -np.log10(np.clip(1.0 - np.asarray(x, dtype=float), 1e-6, None))
+
+
+def _alpha_inv(y):
+    import numpy as np
+
+    return 1.0 - 10.0 ** (-np.asarray(y, dtype=float))
+
+
+def write_json(rows: Sequence[SweepRow], path: str | Path, meta: dict) -> Path:
+    """Rows and run metadata as JSON."""
+    Path(path).write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    return Path(path)
