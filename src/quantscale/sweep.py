@@ -118,8 +118,7 @@ def build_settings(
         )
     if not (alphas or sigmas or observers):
         settings.append(Setting(f"{name} {_observer_name(base)}", base))
-    ref = settings[-1].recipe if len(settings) > int(baseline) else base
-    ref_name = settings[-1].name if len(settings) > int(baseline) else name
+    ref, ref_name = base, f"{name} {_observer_name(base)}"
     if per_channel:
         settings.append(
             Setting(f"{ref_name} per-channel act", with_activations(ref, strategy="channel"))
