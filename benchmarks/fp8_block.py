@@ -107,14 +107,26 @@ def job_floor(src: Path, out: Path, out_bytes: int) -> None:
     print("BENCH " + json.dumps({"read_s": t1 - t0, "write_s": t2 - t1, "work_s": t2 - t0}))
 
 
-def job_ours(src: Path, out: Path, backend: str) -> None:
+def job_ours(src: Path, out: Path, backend: str, writer: str) -> None:
+    """`quantize_checkpoint_fp8`; `writer` "sync" or "collect" swaps in the slower writers
+    (no writer thread; whole output shard in memory) to measure what streaming gains."""
     t0 = time.perf_counter()
-    from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+    import functools
 
+    from quantscale.checkpoint import fp8_quantize
+
+    if writer != "stream":
+        mode = {"plan_fn": None} if writer == "collect" else {"threaded": False}
+        base = fp8_quantize.transform_checkpoint
+        fp8_quantize.transform_checkpoint = functools.partial(_with, base, mode)
     t1 = time.perf_counter()
-    quantize_checkpoint_fp8(src, out, backend=backend)
+    fp8_quantize.quantize_checkpoint_fp8(src, out, backend=backend)
     t2 = time.perf_counter()
     print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1}))
+
+
+def _with(fn, overrides: dict, *args, **kwargs):
+    return fn(*args, **{**kwargs, **overrides})
 
 
 # ---------------------------------------------------------------- orchestration
@@ -311,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job", choices=["floor", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--out-bytes", type=int, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", help="quantscale kernel: auto, eager, compile")
+    p.add_argument("--writer", default="stream", choices=["stream", "sync", "collect"])
     p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 repeat")
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         job_floor(Path(args.paths[0]), Path(args.paths[1]), args.out_bytes)
         return 0
     if args.job == "ours":
-        job_ours(Path(args.paths[0]), Path(args.paths[1]), args.backend)
+        job_ours(Path(args.paths[0]), Path(args.paths[1]), args.backend, args.writer)
         return 0
     payload = {"machine": common.machine(), "loadavg_start": common.loadavg()}
     print("kernel (in memory):")

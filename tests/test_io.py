@@ -112,12 +112,16 @@ def _double_plan(name: str, info: io.TensorInfo) -> list[io.PlannedTensor]:
     return [(name, dtype, info.shape)] if dtype != torch.bool else []
 
 
-def test_streamed_transform_equals_collected_one(tmp_path):
+@pytest.mark.parametrize("threaded", [True, False])
+@pytest.mark.parametrize("pool_from", [1, 1 << 20])
+def test_streamed_transform_equals_collected_one(tmp_path, monkeypatch, threaded, pool_from):
+    """Also when every input is read into a reused buffer that outputs may alias."""
+    monkeypatch.setattr(io.BufferPool, "MIN_BYTES", pool_from)
     src = _source(tmp_path)
     ckpt = Checkpoint(src)
     collected = transform_checkpoint(ckpt, tmp_path / "a", _double_floats, {"k": 1})
     streamed = transform_checkpoint(
-        ckpt, tmp_path / "b", _double_floats, {"k": 1}, plan_fn=_double_plan
+        ckpt, tmp_path / "b", _double_floats, {"k": 1}, plan_fn=_double_plan, threaded=threaded
     )
     assert _digest(collected) == _digest(streamed)
     out = Checkpoint(streamed)
@@ -188,6 +192,20 @@ def test_truncated_shard_is_named_with_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{shard}: truncated file: tensor '{last.name}'"):
         transform_checkpoint(ckpt, tmp_path / "out", _double_floats, None, plan_fn=_double_plan)
     assert _leftovers(tmp_path) == []
+
+
+def test_pool_reuses_only_given_back_memory():
+    pool = io.BufferPool(keep=2)
+    a = pool.take(3 << 20)
+    a.fill_(7)
+    assert pool.take(1 << 20).untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+    pool.give(a.untyped_storage())
+    b = pool.take(2 << 20)  # fits in a's buffer: reused, exactly the asked size
+    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    assert b.numel() == 2 << 20 and pool.free == []
+    small = pool.take(100)
+    pool.give(small.untyped_storage())
+    assert pool.free == []  # below MIN_BYTES: left to malloc
 
 
 def test_read_shard_gives_file_order_and_owned_tensors(tmp_path):

@@ -128,9 +128,12 @@ def _tensor_info(path: Path, name: str, entry: dict, data_size: int, base: int) 
     return info
 
 
-def read_tensor(fd: int, info: TensorInfo, path: Path) -> torch.Tensor:
-    """Read one tensor's bytes from open shard `fd` at `info.offset` into a new tensor."""
-    data = torch.empty(info.nbytes, dtype=torch.uint8)
+def read_tensor(
+    fd: int, info: TensorInfo, path: Path, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Read one tensor's bytes from open shard `fd` at `info.offset` into a new tensor (or
+    into `out`, uint8 of `info.nbytes`)."""
+    data = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out
     view = memoryview(data.numpy())
     done = 0
     while done < info.nbytes:
@@ -219,16 +222,20 @@ class Checkpoint:
             for name in self.names(shard):
                 yield name, f.get_tensor(name)
 
-    def read_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
+    def read_shard(
+        self, shard: str, pool: BufferPool | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for one shard in file order, read with plain reads (no mmap).
 
-        Each tensor owns its memory, so it is freed as soon as the caller drops it.
+        Each tensor owns its memory (taken from `pool` when given), so it is freed or reused
+        as soon as the caller drops it or gives it back.
         """
         infos = sorted((self.tensors[n] for n in self.names(shard)), key=lambda i: i.offset)
         path = self.path / shard
         with open(path, "rb", buffering=0) as f:
             for info in infos:
-                yield info.name, read_tensor(f.fileno(), info, path)
+                out = pool.take(info.nbytes) if pool is not None else None
+                yield info.name, read_tensor(f.fileno(), info, path, out)
 
     def extra_files(self) -> list[Path]:
         """Files other than shards, the index and config.json (tokenizer, generation config...)."""
@@ -307,8 +314,8 @@ class ShardStream:
         else:
             self.abort()
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue (or write) one planned tensor."""
+    def put(self, name: str, tensor: torch.Tensor, done: Callable[[], None] | None = None) -> None:
+        """Queue (or write) one planned tensor; `done()` is called once it is written."""
         if name not in self.missing:
             what = "written twice" if name in self.planned else "not in the plan"
             raise CheckpointError(f"{self.path}: tensor {name!r} {what}")
@@ -322,9 +329,11 @@ class ShardStream:
         data = tensor.contiguous().reshape(-1).view(torch.uint8)
         if self.queue is None:
             self._write(data, self.spans[name][0])
+            if done is not None:
+                done()
             return
         self._raise_if_failed()
-        self.queue.put((data, self.spans[name][0]))
+        self.queue.put((data, self.spans[name][0], done))
 
     def close(self) -> None:
         """Wait for the writes, check every planned tensor arrived, close the file."""
@@ -355,11 +364,15 @@ class ShardStream:
 
     def _drain(self) -> None:
         while (item := self.queue.get()) is not None:
+            data, offset, done = item
             if self.error is None:
                 try:
-                    self._write(*item)
+                    self._write(data, offset)
                 except OSError as err:
                     self.error = err
+            del data, item
+            if done is not None:
+                done()
 
     def _write(self, data: bytes | torch.Tensor, offset: int) -> None:
         view = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data)
@@ -508,10 +521,19 @@ def _stream_shards(
     progress: Progress | None,
     threaded: bool,
 ) -> None:
-    """Map every tensor, writing each output as soon as `tensor_fn` returns it."""
-    items = ((shard, *item) for shard in src.shards for item in src.read_shard(shard))
-    if progress is not None:
-        items = progress(items, len(src.tensors), f"writing {writer.out.name}")
+    """Map every tensor, writing each output as soon as `tensor_fn` returns it.
+
+    A reader thread reads the next input into a reused buffer meanwhile; a buffer returns to
+    the pool once no output that shares its memory still waits to be written.
+    """
+    pool = BufferPool()
+    reads = ((shard, *item) for shard in src.shards for item in src.read_shard(shard, pool))
+    reads = _prefetch(reads) if threaded else reads
+    items = (
+        reads
+        if progress is None
+        else progress(reads, len(src.tensors), f"writing {writer.out.name}")
+    )
     stream: ShardStream | None = None
     plans: dict[str, list[PlannedTensor]] = {}
     try:
@@ -523,17 +545,104 @@ def _stream_shards(
                 plan = [(n, d, tuple(s)) for p in plans.values() for n, d, s in p]
                 stream = writer.open_shard(shard, plan, threaded)
             outputs = tensor_fn(name, tensor)
+            storage, tensor = tensor.untyped_storage(), None
             planned = sorted(p[0] for p in plans[name])
             if sorted(outputs) != planned:
                 raise CheckpointError(
                     f"{src.path / shard}: tensor {name!r} gave outputs {sorted(outputs)} but "
                     f"the plan said {planned}"
                 )
-            for out_name, value in outputs.items():
-                stream.put(out_name, value)
+            _put_all(stream, outputs, storage, pool)
         if stream is not None:
             stream.close()
     except BaseException:
         if stream is not None:
             stream.abort()
         raise
+    finally:
+        reads.close()
+
+
+def _put_all(
+    stream: ShardStream,
+    outputs: dict[str, torch.Tensor],
+    storage: torch.UntypedStorage,
+    pool: BufferPool,
+) -> None:
+    """Queue `outputs`; give the input's `storage` back to `pool` once the last output that
+    shares it is written."""
+    ptr = storage.data_ptr()
+    sharing = [n for n, v in outputs.items() if v.untyped_storage().data_ptr() == ptr]
+    for name, value in outputs.items():
+        last = bool(sharing) and name == sharing[-1]
+        stream.put(name, value, done=(lambda: pool.give(storage)) if last else None)
+    if not sharing:
+        pool.give(storage)
+
+
+class BufferPool:
+    """Reusable memory for large tensors read from disk: reading into pages already faulted
+    in costs about half as much as into fresh ones. At most `keep` buffers wait for reuse."""
+
+    MIN_BYTES = 1 << 20  # smaller tensors come from malloc's heap, cheap already
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.free: list[torch.UntypedStorage] = []
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of `nbytes`, in a reused buffer when one fits."""
+        with self.lock:
+            fits = (
+                [s for s in self.free if s.nbytes() >= nbytes] if nbytes >= self.MIN_BYTES else []
+            )
+            if not fits:
+                return torch.empty(nbytes, dtype=torch.uint8)
+            best = min(fits, key=lambda s: s.nbytes())
+            self.free.remove(best)
+        return torch.empty(0, dtype=torch.uint8).set_(best, 0, (nbytes,), (1,))
+
+    def give(self, storage: torch.UntypedStorage) -> None:
+        """Offer `storage` for reuse: the caller keeps no tensor on it."""
+        if storage.nbytes() < self.MIN_BYTES:
+            return
+        with self.lock:
+            self.free.append(storage)
+            if len(self.free) > self.keep:
+                self.free.remove(min(self.free, key=lambda s: s.nbytes()))
+
+
+def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """Iterate `items` on a thread, at most `depth` items ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in items:
+                q.put((True, item))
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put((False, err))
+
+    thread = threading.Thread(target=fill, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, value = q.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()

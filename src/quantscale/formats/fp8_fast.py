@@ -14,7 +14,9 @@ time (`COMPILE_MIN_ELEMENTS`) and torch.compile works here; otherwise "eager". M
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 
 import torch
 
@@ -74,6 +76,20 @@ def _as_tiles(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return _tiles(w, block)
 
 
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 work buffers of `shape`, kept per thread: fresh ones would fault in new
+    pages for every weight."""
+    numel = math.prod(shape)
+    held = getattr(_local, "buffers", None)
+    if held is None or held[0].numel() < numel:
+        held = (torch.empty(numel), torch.empty(numel))
+        _local.buffers = held
+    return held[0][:numel].view(shape), held[1][:numel].view(shape)
+
+
 def _eager(
     t4: torch.Tensor, qmax: float, scale_fmt: str | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +97,7 @@ def _eager(
     out = torch.empty(t4.shape, dtype=dtype)
     scale = torch.empty(t4.shape[0], t4.shape[2])
     step = _ROWS_PER_STEP
-    buf = torch.empty((step, *t4.shape[1:]), dtype=torch.float32)
-    mag = torch.empty_like(buf)
+    buf, mag = _scratch((step, *t4.shape[1:]))
     for i in range(0, t4.shape[0], step):
         src = t4[i : i + step]
         x, a = buf[: src.shape[0]], mag[: src.shape[0]]
