@@ -188,23 +188,31 @@ def calibrate_shared(
     return out
 
 
+def rtn_quant_linear(
+    name: str, module: nn.Linear, scheme: QuantScheme, qparams: dict
+) -> QuantLinear:
+    """A QuantLinear over `module` with RTN weights and its static qparams from `qparams`
+    ({(module name, role): QParams}, as `calibrate_shared` returns per setting)."""
+    ql = QuantLinear.from_linear(module, scheme)
+    rtn_quantize(ql)
+    for role in ("input", "output"):
+        qp = qparams.get((name, role))
+        if qp is None:
+            continue
+        args = getattr(scheme, f"{role}_activations")
+        if role == "input" and args.dynamic == "local":
+            ql.set_input_global_scale(qp.global_scale)
+        else:
+            getattr(ql, f"set_{role}_qparams")(qp)
+    return ql
+
+
 def apply_setting(model: nn.Module, recipe: Recipe, qparams: dict) -> dict[str, nn.Module]:
     """Swap in RTN QuantLinears with the given static qparams; returns the originals."""
     originals = {}
     for name, (module, scheme) in targeted(model, recipe).items():
-        ql = QuantLinear.from_linear(module, scheme)
-        rtn_quantize(ql)
-        for role in ("input", "output"):
-            qp = qparams.get((name, role))
-            if qp is None:
-                continue
-            args = getattr(scheme, f"{role}_activations")
-            if role == "input" and args.dynamic == "local":
-                ql.set_input_global_scale(qp.global_scale)
-            else:
-                getattr(ql, f"set_{role}_qparams")(qp)
+        model.set_submodule(name, rtn_quant_linear(name, module, scheme, qparams))
         originals[name] = module
-        model.set_submodule(name, ql)
     return originals
 
 
