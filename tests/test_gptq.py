@@ -56,6 +56,16 @@ def test_hessian_is_twice_the_mean_outer_product():
     assert acc.count == 15
 
 
+def test_bf16_hessian_is_close_to_float32():
+    x = torch.randn(4096, 64, dtype=torch.bfloat16) @ torch.randn(64, 64, dtype=torch.bfloat16)
+    fast, exact = HessianAccumulator(64), HessianAccumulator(64, exact=True)
+    fast.add(x)
+    exact.add(x)
+    ref = exact.hessian()
+    assert fast.count == exact.count == 4096
+    assert (fast.hessian() - ref).abs().max() < 2e-3 * ref.abs().max()
+
+
 def test_matches_textbook_reference():
     w, h = _problem()
     args = QuantArgs(num_bits=4, group_size=32)
@@ -81,7 +91,7 @@ def test_error_below_rtn_and_output_on_grid(preset):
     args = preset_scheme(preset).weights
     res = gptq_quantize(w, h, args)
     w_rtn, _ = quantize_weight_rtn(w, args)
-    assert res.loss < 0.8 * output_error(w, w_rtn, h)
+    assert output_error(w, res.weight, h) < 0.8 * output_error(w, w_rtn, h)
     # the result is exactly representable: re-quantizing it with its qparams is the identity
     torch.testing.assert_close(fake_quantize(res.weight, args, res.qparams), res.weight)
     assert torch.isfinite(res.qparams.scale).all() and (res.qparams.scale > 0).all()
@@ -194,3 +204,18 @@ def test_quantize_model_with_gptq_beats_rtn_on_the_output(tiny_llama):
         with torch.inference_mode():
             errs[method] = (model(input_ids=tokens).logits - ref).pow(2).mean().item()
     assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_scales_of_a_bf16_weight_are_bf16_exact():
+    w, h = _problem(out=32, inp=128)
+    w = w.bfloat16()
+    for preset in ("W4A16", "W4A16_ASYM", "FP8_DYNAMIC"):
+        args = preset_scheme(preset).weights
+        res = gptq_quantize(w, h, args)
+        s = res.qparams.scale
+        assert torch.equal(s.bfloat16().float(), s)
+        # dequantizing in bf16 arithmetic (as runtimes do) gives the returned weight exactly
+        qp16 = QParams(s.bfloat16(), res.qparams.zero_point)
+        torch.testing.assert_close(fake_quantize(res.weight, args, qp16), res.weight, rtol=0, atol=0)
+    res32 = gptq_quantize(w.float(), h, preset_scheme("W4A16").weights)
+    assert not torch.equal(res32.qparams.scale.bfloat16().float(), res32.qparams.scale)

@@ -53,19 +53,36 @@ _DYNAMIC = ("group", "tensor_group", "block")
 
 
 class HessianAccumulator:
-    """Running sum of x^T x over a Linear's inputs (float32); `hessian()` = 2/n * sum."""
+    """Running sum of x^T x over a Linear's inputs (float32); `hessian()` = 2/n * sum.
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+    bfloat16 inputs are multiplied in bfloat16 (4-5x faster on CPUs with AVX512-BF16) one
+    `chunk` of rows at a time, each product widened to float32 before it is summed, so the
+    bf16 rounding of the products averages out over the chunks; `exact=True` (or any other
+    dtype) multiplies in float32.
+    """
+
+    def __init__(
+        self,
+        columns: int,
+        device: torch.device | str = "cpu",
+        exact: bool = False,
+        chunk: int = 512,
+    ) -> None:
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.count = 0
+        self.exact, self.chunk = exact, chunk
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs [..., columns] (every leading position is one sample)."""
         rows = x.detach().reshape(-1, x.shape[-1])
+        self.count += rows.shape[0]
+        if rows.dtype == torch.bfloat16 and not self.exact:
+            for part in rows.split(self.chunk):
+                self.sum += (part.t() @ part).float()
+            return
         if rows.dtype != torch.float32:
             rows = rows.float()
         self.sum.addmm_(rows.t(), rows)
-        self.count += rows.shape[0]
 
     def hessian(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.count, 1))
@@ -115,8 +132,15 @@ def _segment_width(args: QuantArgs) -> int:
 class _Scales:
     """Per-column effective scales / zero points in processing order (transposed [col, row])."""
 
-    def __init__(self, args: QuantArgs, global_scale: torch.Tensor | None, static: bool) -> None:
+    def __init__(
+        self,
+        args: QuantArgs,
+        global_scale: torch.Tensor | None,
+        static: bool,
+        scale_dtype: torch.dtype | None = None,
+    ) -> None:
         self.args, self.global_scale, self.static = args, global_scale, static
+        self.scale_dtype = scale_dtype
         self.width = 0 if static else _segment_width(args)
         self.start = -1
         self.scale_t: torch.Tensor | None = None
@@ -125,7 +149,10 @@ class _Scales:
 
     def qparams_of(self, w: torch.Tensor) -> QParams:
         mn, mx = reduce_minmax(w, self.args, WEIGHT)
-        return compute_qparams(self.args, mn, mx, self.global_scale)
+        qp = compute_qparams(self.args, mn, mx, self.global_scale)
+        if self.scale_dtype is not None:
+            qp.scale = qp.scale.to(self.scale_dtype).float()
+        return qp
 
     def set(self, start: int, w: torch.Tensor, qp: QParams, perm: torch.Tensor | None) -> None:
         """Expand qp to w's shape [rows, cols], reorder columns by perm, store transposed."""
@@ -179,11 +206,15 @@ def gptq_quantize(
     dampening_frac: float = DEFAULT_DAMPENING,
     actorder: str | None = "args",
     global_scale: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None | str = "weight",
 ) -> GPTQResult:
     """GPTQ-quantize weight w [out, in] with Hessian [in, in]; see the module docstring.
 
     `actorder` "args" takes `args.actorder`. NVFP4's `global_scale` (448*6/amax) defaults to
     the whole weight's; pass a shared one for fused q/k/v or gate/up projections.
+    `scale_dtype` "weight": int and FP8 scales are rounded to w's dtype when it is 16-bit, so
+    that runtimes which hold scales in the model dtype (transformers, vLLM) dequantize to
+    exactly the weights returned here; NVFP4 / MX scales are exact in any dtype already.
     """
     if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise QuantscaleError(
@@ -201,13 +232,16 @@ def gptq_quantize(
         perm = torch.argsort(h.diagonal(), descending=True)
         h = h[perm][:, perm]
     static = args.strategy not in _DYNAMIC or actorder == "weight"
-    scales = _Scales(args, global_scale, static)
+    if scale_dtype == "weight":
+        half = w.dtype in (torch.bfloat16, torch.float16)
+        scale_dtype = w.dtype if half and not (args.is_nvfp4 or args.is_mx) else None
+    scales = _Scales(args, global_scale, static, scale_dtype)
     if static:
         qp_static = scales.qparams_of(wf)
         scales.set(0, wf, qp_static, perm)
     upper = inverse_hessian_factor(h, dampening_frac)
     wt = (wf[:, perm] if perm is not None else wf).t().contiguous()
-    qt = _column_loop(wt, upper, args, scales, block_size)
+    qt, loss = _column_loop(wt, upper, args, scales, block_size)
     q = qt.t()
     g_idx = None
     if perm is not None:
@@ -216,7 +250,7 @@ def gptq_quantize(
         if actorder == "group":
             g_idx = (torch.arange(cols) // args.group_size)[inv].to(torch.int32)
     qp = qp_static if static else scales.assembled()
-    return GPTQResult(q.to(w.dtype).contiguous(), qp, g_idx, output_error(wf, q, hessian))
+    return GPTQResult(q.to(w.dtype).contiguous(), qp, g_idx, loss)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -228,9 +262,13 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
 def _column_loop(
     wt: torch.Tensor, upper: torch.Tensor, args: QuantArgs, scales: _Scales, block_size: int
 ) -> torch.Tensor:
-    """The GPTQ loop over wt [cols, rows] (modified in place); returns fake-quantized qt."""
+    """The GPTQ loop over wt [cols, rows] (modified in place) -> (fake-quantized qt, loss).
+
+    loss = sum of (w - q)^2 / (2 U_ii^2) over columns (U: the factor), GPTQ's own estimate.
+    """
     cols = wt.shape[0]
     qt = torch.empty_like(wt)
+    loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[i1:i2]
@@ -246,9 +284,10 @@ def _column_loop(
             err1[i] = err
             if i + 1 < i2 - i1:
                 w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1.0)
+        loss += float(err1.pow(2).sum()) / 2
         if i2 < cols:
             wt[i2:].addmm_(upper[i1:i2, i2:].t(), err1, alpha=-1.0)
-    return qt
+    return qt, loss
 
 
 # ---------------------------------------------------------------- layer-wise algorithm
@@ -261,7 +300,8 @@ class _InputTracker:
     get every token) share one accumulator: the first of them to run is the group's leader.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exact: bool = False) -> None:
+        self.exact = exact
         self.acc: dict[str, HessianAccumulator] = {}
         self.leader: dict[str, str] = {}
         self._recent: list[tuple[weakref.ref, str]] = []
@@ -290,7 +330,7 @@ class _InputTracker:
                 )
             if leader == name:
                 if name not in self.acc:
-                    self.acc[name] = HessianAccumulator(x.shape[-1], x.device)
+                    self.acc[name] = HessianAccumulator(x.shape[-1], x.device, self.exact)
                 self.acc[name].add(x)
                 self._recent.append((weakref.ref(x), name))
 
@@ -321,11 +361,12 @@ class GPTQ:
     dampening_frac: float = DEFAULT_DAMPENING
     actorder: str | None = "args"
     min_tokens: int = 1
+    exact_hessian: bool = False
     report: list[dict] = field(default_factory=list)
     _tracker: _InputTracker | None = field(default=None, repr=False)
 
     def start_layer(self, linears: dict[str, nn.Module]) -> None:
-        self._tracker = _InputTracker()
+        self._tracker = _InputTracker(self.exact_hessian)
         self._tracker.attach(linears)
 
     def finish_layer(self, linears: dict[str, nn.Module]) -> None:

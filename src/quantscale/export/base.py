@@ -1,0 +1,193 @@
+"""What every exporter shares: the quantized modules' exact codes, the model's other tensors,
+config.json, and writing a (sharded) checkpoint directory atomically.
+
+Exporters read a model quantized by `pipeline.quantize_model`: each `QuantLinear` holds the
+fake-quantized weight and its qparams; `weight_codes` recovers the exact codes by
+re-quantizing that weight with them (lossless: the weight lies on the grid).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantscale.checkpoint.io import SINGLE_NAME, CheckpointWriter
+from quantscale.errors import QuantscaleError
+from quantscale.qdq import QParams, quantize
+from quantscale.runtime.qlinear import QuantLinear, quant_linears
+from quantscale.scheme import QuantArgs
+
+log = logging.getLogger(__name__)
+MAX_SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass
+class ModuleCodes:
+    """One quantized Linear: codes (int8 / float8_e4m3fn / E2M1 uint8), qparams, g_idx."""
+
+    name: str
+    args: QuantArgs
+    codes: torch.Tensor
+    qparams: QParams
+    g_idx: torch.Tensor | None
+    module: QuantLinear
+
+
+def per_column_qparams(qp: QParams, g_idx: torch.Tensor) -> QParams:
+    """Group qparams gathered to one column per input feature through g_idx."""
+    idx = g_idx.long()
+    zp = qp.zero_point[:, idx] if qp.zero_point is not None else None
+    return QParams(qp.scale[:, idx], zp, qp.global_scale)
+
+
+def weight_codes(name: str, ql: QuantLinear) -> ModuleCodes:
+    """Exact codes of a QuantLinear's (fake-quantized) weight."""
+    qp = ql.weight_qparams()
+    args = ql.scheme.weights
+    if qp is None or args is None:
+        raise QuantscaleError(f"{name}: weight is not quantized (no weight_scale); quantize first")
+    g_idx = ql._buffers.get("weight_g_idx")
+    grid_qp = per_column_qparams(qp, g_idx) if g_idx is not None else qp
+    codes = quantize(ql.weight.detach().float(), args, grid_qp)
+    return ModuleCodes(name, args, codes, qp, g_idx, ql)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, ModuleCodes]:
+    """Name -> codes of every quantized QuantLinear in the model."""
+    out = {}
+    for name, ql in quant_linears(model).items():
+        if ql.scheme.weights is not None:
+            out[name] = weight_codes(name, ql)
+    return out
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def plain_tensors(model: nn.Module, skip_modules: Iterable[str]) -> dict[str, torch.Tensor]:
+    """State-dict tensors of everything except the given modules (tied lm_head dropped)."""
+    skip = tuple(f"{m}." for m in skip_modules)
+    tensors = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(skip)
+    }
+    if tied_embeddings(model):
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def model_config(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """config.json of the model without any previous quantization entries."""
+    config = model.config.to_dict()
+    for key in ("quantization_config", "quantscale"):
+        config.pop(key, None)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    return config
+
+
+def _shards(tensors: dict[str, torch.Tensor], stem: str) -> dict[str, dict[str, torch.Tensor]]:
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > MAX_SHARD_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    if len(groups) == 1:
+        return {f"{stem}.safetensors": groups[0]}
+    n = len(groups)
+    return {f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def write_checkpoint(
+    out: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    *,
+    overwrite: bool = False,
+    source_dir: str | os.PathLike | None = None,
+    extra_json: dict[str, dict] | None = None,
+    stem: str = "model",
+) -> Path:
+    """Write tensors (sharded past 2 GiB) + config.json (+ extra JSON files and the source
+    directory's tokenizer / generation files) into `out`, atomically."""
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        shards = _shards(tensors, stem)
+        for shard, part in shards.items():
+            writer.write_shard(shard, part)
+        writer.write_json("config.json", config)
+        for name, obj in (extra_json or {}).items():
+            writer.write_json(name, obj)
+        copy_side_files(source_dir, writer)
+        return writer.commit(write_index=set(shards) != {SINGLE_NAME})
+
+
+_SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+_NOT_COPIED = ("config.json", "model.safetensors.index.json", "hf_quant_config.json")
+
+
+def copy_side_files(source_dir: str | os.PathLike | None, writer: CheckpointWriter) -> None:
+    """Copy tokenizer / generation-config files of the source checkpoint."""
+    if source_dir is None:
+        return
+    for path in sorted(Path(source_dir).iterdir()):
+        if (
+            path.is_file()
+            and path.suffix in _SIDE_SUFFIXES
+            and path.name not in _NOT_COPIED
+            and not path.name.startswith("quantize_config")
+        ):
+            writer.copy_file(path)
+
+
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def fused_siblings(name: str) -> list[str]:
+    """Names of the projections a runtime fuses with `name` (itself included), e.g. q/k/v."""
+    parent, _, leaf = name.rpartition(".")
+    for group in _FUSED:
+        if leaf in group:
+            return [f"{parent}.{m}" if parent else m for m in group]
+    return [name]
+
+
+def unshared_global_scales(mods: dict[str, ModuleCodes]) -> list[str]:
+    """Fused NVFP4 groups whose weight global scales differ (vLLM fuses them with one)."""
+    bad = []
+    for name, mc in mods.items():
+        group = [n for n in fused_siblings(name) if n in mods]
+        if group[0] != name or len(group) < 2 or mc.qparams.global_scale is None:
+            continue
+        scales = [mods[n].qparams.global_scale for n in group]
+        if any(not torch.equal(s, scales[0]) for s in scales):
+            bad.append(
+                name.rpartition(".")[0] + ".{" + ",".join(g.rpartition(".")[2] for g in group) + "}"
+            )
+    return bad
+
+
+def warn_unshared(mods: dict[str, ModuleCodes]) -> None:
+    """Log fused NVFP4 groups with differing global scales (runtimes then use one of them)."""
+    bad = unshared_global_scales(mods)
+    if bad:
+        log.warning(
+            "%d fused projection groups have different NVFP4 global scales (e.g. %s); vLLM "
+            "and TensorRT-LLM fuse them with one scale. GPTQ shares them; quantize with "
+            "method 'gptq' or share them before RTN.",
+            len(bad),
+            bad[0],
+        )

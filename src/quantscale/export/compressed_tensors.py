@@ -1,0 +1,228 @@
+"""compressed-tensors checkpoints (vLLM / SGLang / transformers), written and read back.
+
+Per quantized Linear `<m>` (FORMATS.md section 2):
+- nvfp4-pack-quantized: `weight_packed` uint8 [out, in/2] (element 2k low nibble),
+  `weight_scale` float8_e4m3fn [out, in/16], `weight_global_scale` float32 [1] (448*6/amax).
+- mxfp4-pack-quantized: `weight_packed` as above, `weight_scale` uint8 E8M0 [out, in/32].
+- pack-quantized (int1-8): `weight_packed` int32 [out, ceil(in*b/32)], `weight_scale`
+  float32 [out, groups] or [out, 1], `weight_shape` int64 [2], `weight_zero_point` packed
+  int32 along the output dim when asymmetric, `weight_g_idx` int32 [in] with act-order groups.
+- float-quantized (FP8): `weight` float8_e4m3fn, `weight_scale` float32 ([1], [out, 1] or the
+  block grid). int-quantized (INT8 with activations): `weight` int8, `weight_scale`.
+Static activation qparams present on the module are written as `input_scale`,
+`input_zero_point`, `input_global_scale` (and `output_*`). Scales are float32, the values the
+fake-quantized model used, so reading a file back gives exactly the model's weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantscale.checkpoint.io import Checkpoint
+from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.export.base import (
+    ModuleCodes,
+    model_config,
+    per_column_qparams,
+    plain_tensors,
+    quantized_modules,
+    warn_unshared,
+    write_checkpoint,
+)
+from quantscale.formats.fp4 import pack_fp4, unpack_fp4
+from quantscale.formats.fp8 import E4M3
+from quantscale.formats.intq import pack_int32, unpack_int32
+from quantscale.formats.mxfp4 import mx_scale_to_exponent, mx_scale_value
+from quantscale.qdq import QParams, dequantize
+from quantscale.scheme import QuantArgs, QuantScheme, Recipe
+
+NVFP4, MXFP4 = "nvfp4-pack-quantized", "mxfp4-pack-quantized"
+PACKED, FLOAT, INT = "pack-quantized", "float-quantized", "int-quantized"
+FORMATS = (NVFP4, MXFP4, PACKED, FLOAT, INT)
+_ACT_FIELDS = ("scale", "zero_point", "global_scale")
+
+
+def module_format(scheme: QuantScheme) -> str:
+    """The compressed-tensors format of one scheme (declared, else inferred)."""
+    w = scheme.weights
+    if scheme.format in FORMATS:
+        return scheme.format
+    if w.is_nvfp4:
+        return NVFP4
+    if w.is_mx:
+        return MXFP4
+    if w.type == "float":
+        return FLOAT
+    act = scheme.input_activations
+    return INT if act is not None and w.num_bits == 8 else PACKED
+
+
+def _check(mc: ModuleCodes, fmt: str) -> None:
+    a = mc.args
+    ok = {
+        NVFP4: a.is_nvfp4,
+        MXFP4: a.is_mx,
+        PACKED: a.type == "int" and a.num_bits <= 8,
+        FLOAT: a.type == "float" and a.num_bits == 8,
+        INT: a.type == "int" and a.num_bits <= 8,
+    }[fmt]
+    if not ok:
+        raise QuantscaleError(
+            f"{mc.name}: format {fmt!r} cannot hold {a.type}{a.num_bits} / {a.strategy} weights"
+        )
+    if mc.g_idx is not None and fmt != PACKED:
+        raise QuantscaleError(f"{mc.name}: act-order g_idx is only stored by {PACKED!r}")
+
+
+def weight_tensors(mc: ModuleCodes, fmt: str) -> dict[str, torch.Tensor]:
+    """Local-name tensors of one module's weight in format `fmt`."""
+    _check(mc, fmt)
+    qp, codes = mc.qparams, mc.codes
+    scale = qp.scale.float()
+    if fmt == NVFP4:
+        return {
+            "weight_packed": pack_fp4(codes),
+            "weight_scale": scale.to(E4M3),
+            "weight_global_scale": qp.global_scale.float().reshape(1),
+        }
+    if fmt == MXFP4:
+        return {"weight_packed": pack_fp4(codes), "weight_scale": mx_scale_to_exponent(scale)}
+    out = {"weight_scale": scale}
+    if fmt == PACKED:
+        out["weight_packed"] = pack_int32(codes, mc.args.num_bits)
+        out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
+        if qp.zero_point is not None:
+            zp = qp.zero_point.to(torch.int8)
+            out["weight_zero_point"] = pack_int32(zp, mc.args.num_bits, dim=0)
+        if mc.g_idx is not None:
+            out["weight_g_idx"] = mc.g_idx.to(torch.int32)
+        return out
+    out["weight"] = codes
+    if qp.zero_point is not None:
+        out["weight_zero_point"] = qp.zero_point.to(torch.int8)
+    return out
+
+
+def activation_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Static input / output qparams the module carries (float32)."""
+    out = {}
+    for role in ("input", "output"):
+        for f in _ACT_FIELDS:
+            t = module._buffers.get(f"{role}_{f}")
+            if t is not None:
+                out[f"{role}_{f}"] = t.detach().float().cpu()
+    return out
+
+
+def quantization_config(model: nn.Module, recipe: Recipe | None = None) -> dict:
+    """config.json `quantization_config` of the model's recipe (validated by compressed-tensors'
+    own schema in the tests)."""
+    recipe = recipe or getattr(model, "quantscale_recipe", None)
+    if recipe is None:
+        raise QuantscaleError(
+            "compressed-tensors export needs the recipe the model was quantized with"
+        )
+    return recipe.to_quantization_config("compressed")
+
+
+def save_compressed_tensors(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    recipe: Recipe | None = None,
+    overwrite: bool = False,
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write a quantized model as a compressed-tensors checkpoint."""
+    mods = quantized_modules(model)
+    if not mods:
+        raise QuantscaleError("the model has no quantized Linear modules to export")
+    warn_unshared(mods)
+    tensors = plain_tensors(model, mods)
+    for name, mc in mods.items():
+        fmt = module_format(mc.module.scheme)
+        local = {**weight_tensors(mc, fmt), **activation_tensors(mc.module)}
+        if mc.module.bias is not None:
+            local["bias"] = mc.module.bias.detach().cpu()
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in local.items()})
+    config = model_config(model)
+    config["quantization_config"] = quantization_config(model, recipe)
+    return write_checkpoint(out, tensors, config, overwrite=overwrite, source_dir=source_dir)
+
+
+# ------------------------------------------------------------------ reader
+
+
+def dequantize_module(local: dict[str, torch.Tensor], args: QuantArgs, fmt: str) -> torch.Tensor:
+    """Dense float32 weight of one module from its local-name tensors."""
+    scale = local["weight_scale"]
+    if fmt in (NVFP4, MXFP4):
+        codes = unpack_fp4(local["weight_packed"])
+        s = mx_scale_value(scale) if fmt == MXFP4 else scale.float()
+        gs = local.get("weight_global_scale")
+        return dequantize(codes, args, QParams(s, None, gs.float() if gs is not None else None))
+    scale = scale.float()
+    if fmt == PACKED:
+        rows, cols = (int(v) for v in local["weight_shape"].tolist())
+        codes = unpack_int32(local["weight_packed"], args.num_bits, cols)
+        zp = local.get("weight_zero_point")
+        if zp is not None:
+            zp = unpack_int32(zp, args.num_bits, rows, dim=0).float()
+        qp = QParams(scale, zp)
+        g_idx = local.get("weight_g_idx")
+        if g_idx is not None:
+            qp = per_column_qparams(qp, g_idx)
+        return dequantize(codes, args, qp)
+    zp = local.get("weight_zero_point")
+    return dequantize(local["weight"], args, QParams(scale, zp.float() if zp is not None else None))
+
+
+def _module_of(name: str) -> tuple[str, str] | None:
+    for suffix in ("weight_packed", "weight_scale", "weight"):
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], suffix
+    return None
+
+
+def read_compressed_tensors(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Dense state dict of a compressed-tensors checkpoint: quantized weights dequantized
+    (to `dtype`), qparam tensors dropped, everything else as stored."""
+    ckpt = Checkpoint(path)
+    qc = ckpt.quantization_config
+    if not qc or qc.get("quant_method") != "compressed-tensors":
+        raise CheckpointError(
+            f"{ckpt.path}: config.json has no compressed-tensors quantization_config"
+        )
+    recipe = Recipe.from_quantization_config(qc)
+    names = set(ckpt.tensors)
+    quantized = {
+        m
+        for n in names
+        if (ms := _module_of(n)) and f"{ms[0]}.weight_scale" in names
+        for m in [ms[0]]
+    }
+    dense: dict[str, torch.Tensor] = {}
+    for module in sorted(quantized):
+        scheme = recipe.scheme_for(module)
+        if scheme is None or scheme.weights is None:
+            raise CheckpointError(
+                f"{ckpt.path}: {module} has a weight_scale but no config group targets it"
+            )
+        prefix = module + "."
+        local = {n[len(prefix) :]: ckpt.get(n) for n in names if n.startswith(prefix)}
+        dense[prefix + "weight"] = dequantize_module(
+            local, scheme.weights, module_format(scheme)
+        ).to(dtype)
+        if "bias" in local:
+            dense[prefix + "bias"] = local["bias"]
+    skip = tuple(m + "." for m in quantized)
+    for name in ckpt.names():
+        if not name.startswith(skip):
+            dense[name] = ckpt.get(name)
+    return dense
