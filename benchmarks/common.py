@@ -187,3 +187,52 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 
 def this_python() -> str:
     return sys.executable
+
+
+# ---------------------------------------------------------------- one table for run_all.py
+
+
+def result_row(job: str, tool: str, summary: dict, **fields) -> dict:
+    """One row of the combined table (`run_all.py`) from a `summarize` result.
+
+    Benchmarks put a list of these under "rows" in their JSON. Optional `fields`:
+    output_bytes, ppl, bytes_in/bytes_out (bytes a file job reads/writes: its share of the
+    machine's file-copy limit), mem_GBps (an in-memory rate: its share of the memory-copy
+    limit), ours (the quantscale tool of this job, for the ratio column), note.
+    """
+    row = {"job": job, "tool": tool, "ok": bool(summary.get("ok"))}
+    for key in ("wall_min_s", "wall_median_s", "work_s_min", "peak_rss_mb", "runs", "loadavg"):
+        if key in summary:
+            row[key] = summary[key]
+    row.update({k: v for k, v in fields.items() if v is not None})
+    return row
+
+
+def dir_bytes(path: Path) -> int:
+    """Total size of the files under `path` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def versions(packages: Sequence[str], python: str | None = None) -> dict[str, str]:
+    """Installed versions of `packages` in this interpreter or in the venv of `python`."""
+    code = (
+        "import json, sys\nfrom importlib import metadata\nout = {}\n"
+        "for p in sys.argv[1:]:\n    try:\n        out[p] = metadata.version(p)\n"
+        "    except metadata.PackageNotFoundError:\n        pass\nprint(json.dumps(out))"
+    )
+    cmd = [python or sys.executable, "-c", code, *packages]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError):
+        return {}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -226,6 +226,8 @@ def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backend: s
         def run():
             shutil.rmtree(out, ignore_errors=True)
             result = common.run_job(name, [*cmd, str(src), str(out)])
+            if result.returncode == 0:
+                result.extra["output_bytes"] = common.dir_bytes(out)
             shutil.rmtree(out, ignore_errors=True)
             return result
 
@@ -277,14 +279,18 @@ def table(results: dict) -> None:
 
 
 def kernel_bench(repeats: int) -> dict:
-    """Melem/s of the quantizers on a 4096x8192 bf16 weight vs an in-memory copy."""
+    """Quantizer rates on a 4096x8192 bf16 weight vs an in-memory copy of the same bytes.
+
+    Rates are bf16 bytes per second (elements x 2), the copy's is bytes copied per second,
+    so `*_vs_copy` compares elements per second.
+    """
     import torch
 
     from quantscale.formats import fp8_fast
     from quantscale.formats.fp8 import quantize_fp8_block
 
     w = torch.randn(4096, 8192).to(torch.bfloat16)
-    n = w.numel()
+    dst = torch.empty_like(w)
 
     def best(fn) -> float:
         fn()
@@ -295,21 +301,70 @@ def kernel_bench(repeats: int) -> dict:
     if compiled:
         fp8_fast.quantize_fp8_block_fast(w, backend="compile")
     t_compile = time.perf_counter() - t_compile
-    result = {"elements": n, "loadavg": common.loadavg(), "compile_s": t_compile}
-    result["copy_GBps"] = 2 * w.nbytes / best(lambda: w.clone()) / 1e9
-    result["copy_Melem_s"] = n / (2 * w.nbytes / result["copy_GBps"] / 1e9) / 1e6
-    result["reference_Melem_s"] = n / best(lambda: quantize_fp8_block(w)) / 1e6
-    eager = best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="eager"))
-    result["eager_Melem_s"] = n / eager / 1e6
+    result = {"elements": w.numel(), "loadavg": common.loadavg(), "compile_s": t_compile}
+    times = {
+        "copy": best(lambda: dst.copy_(w)),
+        "reference": best(lambda: quantize_fp8_block(w)),
+        "eager": best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="eager")),
+    }
     if compiled:
-        comp = best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="compile"))
-        result["compiled_Melem_s"] = n / comp / 1e6
-    for key in ("reference", "eager", "compiled"):
-        if f"{key}_Melem_s" in result:
-            result[f"{key}_vs_copy"] = result[f"{key}_Melem_s"] / result["copy_Melem_s"]
+        times["compiled"] = best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="compile"))
+    for key, t in times.items():
+        result[f"{key}_s"] = t
+        result[f"{key}_GBps"] = w.nbytes / t / 1e9
+        result[f"{key}_vs_copy"] = times["copy"] / t
     for key, value in result.items():
         print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
     return result
+
+
+def kernel_rows(k: dict) -> list[dict]:
+    """Rows of the combined table for the in-memory kernels."""
+    rows = []
+    for tool in ("copy", "reference", "eager", "compiled"):
+        if f"{tool}_s" not in k:
+            continue
+        summary = {"ok": True, "wall_min_s": k[f"{tool}_s"], "loadavg": [k["loadavg"]]}
+        note = f"{k[f'{tool}_GBps']:.2f} GB/s bf16"
+        if tool == "compiled":
+            note += f", after {k['compile_s']:.1f} s compile"
+        name = "memory copy" if tool == "copy" else f"quantscale {tool}"
+        rows.append(
+            common.result_row(
+                "fp8-block 4096x8192 in memory",
+                name,
+                summary,
+                mem_GBps=k[f"{tool}_GBps"],
+                note=note,
+            )
+        )
+    return rows
+
+
+def checkpoint_rows(label: str, res: dict) -> list[dict]:
+    """Rows of the combined table for one checkpoint conversion."""
+    rows = []
+    for name, summ in res["summary"].items():
+        note = None
+        if not summ.get("ok"):
+            tails = [r["output_tail"] for r in res["runs"][name] if r["returncode"] != 0]
+            note = (tails[-1].strip().splitlines() or [""])[-1][:100] if tails else None
+        elif name == "quantscale":
+            note = f"peak RSS = {summ['peak_rss_mb'] * 2**20 / res['largest_shard_bytes']:.2f}"
+            note += " x largest shard"
+        rows.append(
+            common.result_row(
+                f"fp8-block {label}",
+                "floor (read+write)" if name == "floor" else name,
+                summ,
+                output_bytes=summ.get("output_bytes_min"),
+                bytes_in=res["input_bytes"],
+                bytes_out=res["output_bytes"],
+                ours=None if name == "floor" else "quantscale",
+                note=note,
+            )
+        )
+    return rows
 
 
 def _timed(fn) -> float:
@@ -329,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 repeat")
     p.add_argument("--kernel", action="store_true", help="in-memory kernel benchmark only")
     p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--json", "--results", dest="results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.job == "floor":
         job_floor(Path(args.paths[0]), Path(args.paths[1]), args.out_bytes)
@@ -340,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"machine": common.machine(), "loadavg_start": common.loadavg()}
     print("kernel (in memory):")
     payload["kernel"] = kernel_bench(max(args.repeats, 3))
+    payload["rows"] = kernel_rows(payload["kernel"])
     if not args.kernel:
         repeats = 1 if args.quick else args.repeats
         peer_jobs = peers(not args.no_peers)
@@ -349,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         print()
         table(payload["checkpoints"])
+        for label, res in payload["checkpoints"].items():
+            payload["rows"] += checkpoint_rows(label, res)
     payload["loadavg_end"] = common.loadavg()
     common.write_results(args.results, payload)
     print(f"\nresults: {args.results}")
