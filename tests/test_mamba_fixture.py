@@ -59,4 +59,4 @@ def test_fixture_quantizes_with_small_perplexity_change(kind):
     recipe = MambaRecipe(method="quamba1", n_samples=32, seq_len=256)
     quantize_mamba(model, calibration_token_batches(tokenizer, recipe), recipe)
     quantized = perplexity(model, tokens)
-    assert base < quantized < base * 1.05
+    assert quantized != base and abs(quantized / base - 1) < 0.05

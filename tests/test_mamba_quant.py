@@ -216,6 +216,7 @@ def test_quamba1_defaults():
     ] == pytest.approx(0.9995)
     assert specs["in_proj.input"].observer == "minmax" and specs["conv1d.input"].quantize
     assert not specs["norm.weight"].quantize
+    assert (MambaRecipe().n_samples, MambaRecipe().seq_len) == (512, 512)
     q2 = resolve_points("mamba2", MambaRecipe(method="quamba2"), 10**6)
     assert q2["ssm.x"].piecewise and q2["ssm.B"].piecewise and not q2["ssm.z"].piecewise
 
@@ -244,3 +245,16 @@ def test_load_rejects_other_checkpoints(tmp_path):
 def test_mamba2_mixer_class():
     model = _quantized("mamba2")
     assert all(isinstance(layer.mixer, QMamba2Mixer) for layer in model.backbone.layers)
+
+
+def test_point_sqnr_reports_every_quantized_activation():
+    from quantscale.mamba_quant import point_sqnr
+    from quantscale.models.mamba import ACTIVATION_POINTS
+
+    model = _quantized("mamba2", method="quamba2")
+    before = _logits(model, _ids(5))
+    sqnr = point_sqnr(model, [_ids(5)])
+    assert set(sqnr) == set(ACTIVATION_POINTS["mamba2"])
+    assert all(10 < v < 80 for v in sqnr.values())
+    assert all(layer.mixer.error_stats is None for layer in model.backbone.layers)
+    torch.testing.assert_close(_logits(model, _ids(5)), before, atol=0, rtol=0)

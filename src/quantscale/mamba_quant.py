@@ -276,3 +276,25 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio 10*log10(|ref|^2 / |approx - ref|^2), in dB."""
     noise = (approx.float() - reference.float()).pow(2).sum()
     return float(10 * torch.log10(reference.float().pow(2).sum() / noise.clamp_min(1e-30)))
+
+
+def point_sqnr(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, float]:
+    """SQNR (dB) of each quantized activation point's INT8 round trip, over all layers.
+
+    Each point is measured on the values the quantized model really gives it.
+    """
+    import math
+
+    mixers = list(_mixers(model).values())
+    for mixer in mixers:
+        mixer.error_stats = {}
+    try:
+        run_batches(model, batches, "point errors")
+    finally:
+        totals: dict[str, list[float]] = {}
+        for mixer in mixers:
+            for point, (signal, noise) in mixer.error_stats.items():
+                acc = totals.setdefault(point, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + signal, acc[1] + noise
+            mixer.error_stats = None
+    return {p: 10 * math.log10(s / max(n, 1e-30)) for p, (s, n) in totals.items()}

@@ -7,7 +7,9 @@
 MODEL is a checkpoint directory (with its tokenizer) or `fixture:mamba` / `fixture:mamba2`.
 `eval` quantizes the model once per named setting (see
 `quantscale.mamba_quant.mamba_sweep_settings`) and prints held-out Wikipedia perplexity and
-cloze accuracy next to the unquantized baseline.
+cloze accuracy next to the unquantized (bf16) baseline, the SQNR of the final hidden states
+against the float32 model, and the SQNR of the SSM input x's INT8 round trip, both on 8
+held-out windows of 512 tokens (`--json` keeps the SQNR of every point).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def evaluate_settings(
         final_hidden_states,
         mamba_sweep_settings,
         measure,
+        point_sqnr,
         quantize_mamba,
         sqnr_db,
     )
@@ -156,6 +159,7 @@ def evaluate_settings(
             quantize_mamba(model, calibration_token_batches(tokenizer, recipe), recipe)
         row = {"setting": name, **measure(model, tokenizer, n_tokens, n_items)}
         row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, probe))
+        row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [probe])
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
     base = next((r["ppl"] for r in rows if r["setting"] == "bf16"), None)
@@ -169,8 +173,9 @@ def _print_rows(model_spec: str, rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title=f"{model_spec}: held-out Wikipedia")
-    for col in ("setting", "perplexity", "vs bf16", "cloze acc", "SQNR vs fp32", "seconds"):
-        table.add_column(col, justify="left" if col == "setting" else "right")
+    columns = ("setting", "perplexity", "vs bf16", "cloze acc", "SQNR vs fp32", "x SQNR")
+    for col in (*columns, "seconds"):
+        table.add_column(col, justify="left" if col == "setting" else "right", no_wrap=True)
     for r in rows:
         delta = r["ppl_increase_pct"]
         table.add_row(
@@ -179,6 +184,7 @@ def _print_rows(model_spec: str, rows: list[dict]) -> None:
             "" if delta is None else f"{delta:+.2f}%",
             f"{100 * r['cloze']:.1f}%",
             f"{r['hidden_sqnr_db']:.1f} dB",
+            f"{r['point_sqnr_db']['ssm.x']:.1f} dB" if "ssm.x" in r["point_sqnr_db"] else "",
             f"{r['seconds']:.0f}",
         )
     Console().print(table)

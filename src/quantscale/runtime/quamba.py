@@ -322,6 +322,7 @@ class _QMixerBase(nn.Module):
         self.specs = specs
         self.layer_idx = layer_idx
         self.mode: Mode = "float"
+        self.error_stats: dict[str, tuple[float, float]] | None = None  # point -> (|x|^2, |e|^2)
         self.acts = nn.ModuleDict()
 
     def _add_acts(self, channels: dict[str, int]) -> None:
@@ -335,11 +336,18 @@ class _QMixerBase(nn.Module):
         return self.acts[key] if key in self.acts else None
 
     def _see(self, point: str, x: torch.Tensor) -> torch.Tensor:
-        """Observe x at a point while calibrating; returns x unchanged."""
+        """Observe x at a point while calibrating (or measure its error); returns x."""
         act = self.act(point)
         if act is not None and self.mode in ("calibrate", "float"):
             if self.mode == "calibrate" or act.channel_amax is not None:
                 act.observe(x)
+        if act is not None and self.error_stats is not None and self.mode in ("fake", "int8"):
+            signal, noise = self.error_stats.get(point, (0.0, 0.0))
+            err = act.qdq(x) - x.float()
+            self.error_stats[point] = (
+                signal + float(x.float().pow(2).sum()),
+                noise + float(err.pow(2).sum()),
+            )
         return x
 
     def _dq(self, point: str, x: torch.Tensor) -> torch.Tensor:
