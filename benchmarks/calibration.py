@@ -1,0 +1,233 @@
+"""Static activation calibration on SmolLM2: quantscale vs llm-compressor, same data.
+
+For each scheme (W8A8: int8 per-channel weights + static per-tensor int8 activations; FP8:
+per-tensor FP8 weights + static per-tensor FP8 activations) both tools calibrate the float32
+model on the same token windows (128 x 512 from the cached Wikipedia calibration split),
+alternating, each in its own process and venv:
+- quantscale: `pipeline.quantize_model` (layer-by-layer, RTN weights, min-max observer);
+- llm-compressor 0.14: `oneshot` with a `QuantizationModifier` whose config groups are our
+  recipe's (`Recipe.to_quantization_config`), the activation observer set to its
+  `static_minmax` (running extremes, the same statistic as our `minmax`; its own `minmax`
+  is a moving average), sequential pipeline (its default for calibrating modifiers).
+Each job reports its calibration time (model loaded, data ready) and the perplexity of the
+calibrated in-memory model on the same held-out tokens, computed by the same code.
+
+    .venv/bin/python benchmarks/calibration.py [--schemes W8A8,FP8] [--samples 128]
+        [--seq-len 512] [--repeats 1] [--quick] [--json bench-results/calibration.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "calibration.json"
+LLMC_REQS = ["llmcompressor==0.14.0.1"]
+
+# Same perplexity code in both jobs: non-overlapping 512-token windows, no BOS.
+PPL = """
+def perplexity(model, tokens, seq_len=512):
+    import math, torch
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(tokens), seq_len):
+            ids = tokens[i:i + seq_len][None]
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+"""
+
+OURS_JOB = (
+    PPL
+    + """
+import sys, time, json
+t0 = time.perf_counter()
+import torch
+from transformers import AutoModelForCausalLM
+from quantscale.pipeline import quantize_model
+t1 = time.perf_counter()
+path, calib_path, eval_path, scheme, batch_size = sys.argv[1:6]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+calib, tokens = torch.load(calib_path), torch.load(eval_path)
+ppl_float = perplexity(model, tokens)
+t2 = time.perf_counter()
+quantize_model(model, scheme, calib, batch_size=int(batch_size))
+t3 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t3 - t2,
+                             "ppl": perplexity(model, tokens), "ppl_float": ppl_float}))
+"""
+)
+
+LLMC_JOB = (
+    PPL
+    + """
+import sys, time, json
+t0 = time.perf_counter()
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+t1 = time.perf_counter()
+path, calib_path, eval_path, groups, batch_size = sys.argv[1:6]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+calib, tokens = torch.load(calib_path), torch.load(eval_path)
+data = Dataset.from_dict({"input_ids": calib.tolist(),
+                          "attention_mask": torch.ones_like(calib).tolist()})
+t2 = time.perf_counter()
+modifier = QuantizationModifier(config_groups=json.loads(groups), ignore=["lm_head"])
+oneshot(model=model, dataset=data, tokenizer=tokenizer, recipe=modifier,
+        num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+        batch_size=int(batch_size), shuffle_calibration_samples=False)
+t3 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "work_s": t3 - t2,
+                             "ppl": perplexity(model, tokens)}))
+"""
+)
+
+
+def llmc_groups(scheme: str) -> str:
+    """Our preset's config groups in compressed-tensors layout, static_minmax activations."""
+    from quantscale.scheme import load_recipe
+
+    groups = load_recipe(scheme).to_quantization_config()["config_groups"]
+    for group in groups.values():
+        acts = group.get("input_activations")
+        if acts and not acts.get("dynamic"):
+            acts["observer"] = "static_minmax"
+        group.pop("format", None)
+    return json.dumps(groups)
+
+
+def prepare_inputs(samples: int, seq_len: int, n_eval: int) -> tuple[Path, Path, Path]:
+    """(model dir, calibration ids .pt, held-out ids .pt), written once in the cache."""
+    import torch
+
+    from quantscale import assets
+    from quantscale.eval.runner import load_tokenizer
+
+    model = assets.smollm2_checkpoint()
+    tokenizer = load_tokenizer(model)
+    folder = assets.cache_dir() / "bench-inputs" / "calibration"
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = folder / f"calib-{samples}x{seq_len}.pt"
+    tokens = folder / f"eval-{n_eval}.pt"
+    if not calib.exists():
+        torch.save(assets.calibration_batches(tokenizer, samples, seq_len), calib)
+    if not tokens.exists():
+        torch.save(assets.eval_tokens(tokenizer, n_eval), tokens)
+    return model, calib, tokens
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, calib, tokens = prepare_inputs(args.samples, args.seq_len, args.eval_tokens)
+    llmc = None
+    if not args.no_peers:
+        try:
+            llmc = common.peer_python("llmcompressor", LLMC_REQS)
+        except Exception as err:  # noqa: BLE001 - report and go on without the peer
+            print(f"llm-compressor venv not available ({err})")
+    results, rows = {}, []
+    base = [str(model), str(calib), str(tokens)]
+    bs = str(args.batch_size)
+    for scheme in args.schemes:
+        jobs = {
+            "quantscale": lambda b=base, s=scheme: common.run_job(
+                "quantscale", [common.this_python(), "-c", OURS_JOB, *b, s, bs]
+            )
+        }
+        if llmc is not None:
+            groups = llmc_groups(scheme)
+            jobs["llm-compressor"] = lambda b=base, g=groups: common.run_job(
+                "llm-compressor", [str(llmc), "-c", LLMC_JOB, *b, g, bs]
+            )
+        print(f"\n{scheme}: {args.samples} x {args.seq_len} calibration tokens, batch {bs}")
+        runs = common.alternate(jobs, args.repeats)
+        summary = {name: common.summarize(r) for name, r in runs.items()}
+        results[scheme] = {
+            "summary": summary,
+            "runs": {n: [vars(x) for x in r] for n, r in runs.items()},
+        }
+        for name, s in summary.items():
+            ppl = s.get("ppl_min")
+            rows.append(
+                common.result_row(
+                    f"calibrate {scheme} {args.samples}x{args.seq_len}",
+                    name,
+                    s,
+                    ppl=ppl,
+                    ours="quantscale",
+                )
+            )
+    return {"results": results, "rows": rows}
+
+
+def print_summary(payload: dict) -> None:
+    table = []
+    for scheme, res in payload["results"].items():
+        s = res["summary"]
+        ours = s.get("quantscale", {}).get("work_s_min")
+        for name, summ in s.items():
+            work = summ.get("work_s_min")
+            ratio = f"{work / ours:.2f}x" if work and ours else ""
+            ppl = summ.get("ppl_min")
+            table.append(
+                [
+                    scheme,
+                    name,
+                    f"{work:.1f}" if work else "failed",
+                    f"{summ.get('wall_min_s', 0):.1f}",
+                    f"{summ.get('peak_rss_mb', 0):.0f}",
+                    f"{ppl:.3f}" if ppl else "",
+                    ratio,
+                ]
+            )
+    header = ["scheme", "tool", "calib s", "wall s", "peak MB", "ppl", "time / ours"]
+    common.print_table(table, header)
+    floats = [
+        s["quantscale"].get("ppl_float_min")
+        for s in (r["summary"] for r in payload["results"].values())
+        if "quantscale" in s
+    ]
+    if floats and floats[0]:
+        print(f"unquantized model, same tokens and code: ppl {floats[0]:.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--schemes", default="W8A8,FP8", type=lambda t: t.split(","))
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="W8A8 on 8 x 128 tokens")
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.quick:
+        args.schemes, args.samples, args.seq_len, args.eval_tokens = ["W8A8"], 8, 128, 1024
+    payload = {
+        "machine": common.machine(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "versions": common.versions(["quantscale", "torch", "transformers"]),
+        **run(args),
+    }
+    print_summary(payload)
+    common.write_results(args.json, payload)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
