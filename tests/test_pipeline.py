@@ -125,3 +125,14 @@ def test_registered_algorithm_sees_each_layer(tiny_llama):
     assert len(calls) == 2
     assert all(set(c.values()) == {2} and len(c) == 7 for c in calls)  # 2 batches per layer
     assert all((ql.weight == 0).all() for ql in quant_linears(tiny_llama).values())
+
+
+def test_calibrate_command_recipe_options():
+    import argparse
+
+    from quantscale.commands.calibrate import build_recipe
+
+    ns = argparse.Namespace(scheme="FP8", observer="percentile", alpha=0.999, sigma=None)
+    acts = build_recipe(ns).scheme_for("model.layers.0.mlp.up_proj").input_activations
+    assert acts.observer == "percentile" and acts.observer_kwargs == {"alpha": 0.999}
+    assert acts.type == "float" and not acts.dynamic

@@ -1,0 +1,63 @@
+"""`quantscale calibrate MODEL OUT --scheme W8A8 --observer percentile`: calibrate static
+activation scales and quantize the weights layer by layer, then save the fake-quantized model
+with its scales (reload it with `quantscale.pipeline.load_model`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from quantscale.commands.sweep import add_calibration_args, calibration_tokens
+from quantscale.errors import QuantscaleError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `calibrate` sub-command."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="calibrate and quantize a model, save it fake-quantized",
+        description=__doc__,
+    )
+    p.add_argument("model", help="checkpoint dir or a named model (smollm2, gemma3)")
+    p.add_argument("out", type=Path, help="output dir")
+    p.add_argument("--scheme", default="W8A8", help="preset or recipe file (YAML/JSON)")
+    p.add_argument("--observer", help="activation observer (minmax, percentile, mse, aciq, kl...)")
+    p.add_argument("--alpha", type=float, help="percentile alpha")
+    p.add_argument("--sigma", type=float, help="EMA sigma of per-batch statistics")
+    p.add_argument("--method", default="rtn", help="weight algorithm (rtn, gptq)")
+    add_calibration_args(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def build_recipe(args: argparse.Namespace):
+    """The --scheme recipe with --observer / --alpha / --sigma applied to input activations."""
+    from quantscale.scheme import load_recipe
+    from quantscale.sweep import with_activations
+
+    recipe = load_recipe(args.scheme)
+    kwargs = {k: v for k, v in (("alpha", args.alpha), ("sigma", args.sigma)) if v is not None}
+    updates = {"observer": args.observer} if args.observer else {}
+    if kwargs:
+        updates["observer_kwargs"] = kwargs
+    return with_activations(recipe, **updates) if updates else recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantscale.pipeline import load_model, quantize_model, save_quantized
+
+    if args.out.exists() and not args.overwrite:
+        from quantscale.errors import OutputExistsError
+
+        raise OutputExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    model, tokenizer = load_model(args.model)
+    if tokenizer is None:
+        raise QuantscaleError(f"{args.model}: no tokenizer saved with the model")
+    recipe = build_recipe(args)
+    start = time.perf_counter()
+    quantize_model(model, recipe, calibration_tokens(tokenizer, args), args.method, args.batch_size)
+    seconds = time.perf_counter() - start
+    out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.scheme}, {args.method}, calibrated in {seconds:.0f} s)")
+    return 0
