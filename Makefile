@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench eval
+.PHONY: install demo test lint bench bench-quick eval
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test: lint
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 EVAL_STAMP := $(VENV)/.installed-eval
 $(EVAL_STAMP): $(STAMP)
