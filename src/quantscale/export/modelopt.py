@@ -1,0 +1,151 @@
+"""ModelOpt NVFP4 checkpoints (TensorRT-LLM, vLLM `modelopt_fp4`, SGLang), written and read.
+
+Per quantized Linear `<m>` (FORMATS.md section 3): `weight` uint8 [out, in/2] (element 2k in
+the low nibble), `weight_scale` float8_e4m3fn [out, in/16], `weight_scale_2` float32 scalar
+= amax/(6*448) (the reciprocal of compressed-tensors' global scale), `input_scale` float32
+scalar (amax/(6*448) of the input) when the input is NVFP4-quantized. Dequantization:
+e2m1 * weight_scale * weight_scale_2.
+hf_quant_config.json: {"producer", "quantization": {"quant_algo": "NVFP4" (W4A4) or
+"W4A16_NVFP4" (weights only), "kv_cache_quant_algo": null, "group_size": 16,
+"exclude_modules": [...]}}; config.json's quantization_config repeats it with
+quant_method "modelopt" (without it loaders read the model as unquantized).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import quantscale
+from quantscale.checkpoint.io import Checkpoint
+from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.export.base import (
+    model_config,
+    plain_tensors,
+    quantized_modules,
+    warn_unshared,
+    write_checkpoint,
+)
+from quantscale.formats.fp4 import NVFP4_GROUP, dequantize_nvfp4, pack_fp4, unpack_fp4
+from quantscale.formats.fp8 import E4M3
+from quantscale.runtime.qlinear import QuantLinear
+
+HF_QUANT_CONFIG = "hf_quant_config.json"
+W4A4, W4A16 = "NVFP4", "W4A16_NVFP4"
+
+
+def reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """1/x in float32 (IEEE division, correctly rounded)."""
+    return torch.ones((), dtype=torch.float32) / x.float()
+
+
+def hf_quant_config(quant_algo: str, exclude: list[str]) -> dict:
+    """The hf_quant_config.json ModelOpt writes beside an NVFP4 checkpoint."""
+    return {
+        "producer": {"name": "quantscale", "version": quantscale.__version__},
+        "quantization": {
+            "quant_algo": quant_algo,
+            "kv_cache_quant_algo": None,
+            "group_size": NVFP4_GROUP,
+            "exclude_modules": exclude,
+        },
+    }
+
+
+def config_quantization(hf_cfg: dict) -> dict:
+    """config.json quantization_config for an hf_quant_config (quant_method 'modelopt')."""
+    q = hf_cfg["quantization"]
+    return {
+        "quant_method": "modelopt",
+        "quant_algo": q["quant_algo"],
+        "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
+        "group_size": q.get("group_size", NVFP4_GROUP),
+        "exclude_modules": list(q.get("exclude_modules") or []),
+        "producer": hf_cfg.get("producer"),
+    }
+
+
+def _unquantized_linears(model: nn.Module, quantized: dict) -> list[str]:
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, QuantLinear)) and n and n not in quantized
+    ]
+
+
+def save_modelopt(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    recipe=None,
+    overwrite: bool = False,
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write an NVFP4-quantized model as a ModelOpt checkpoint (`recipe` is not needed)."""
+    mods = quantized_modules(model)
+    if not mods:
+        raise QuantscaleError("the model has no quantized Linear modules to export")
+    for name, mc in mods.items():
+        if not mc.args.is_nvfp4:
+            raise QuantscaleError(
+                f"{name}: ModelOpt export writes NVFP4 only; this module is "
+                f"{mc.args.type}{mc.args.num_bits}/{mc.args.strategy} "
+                "(use --format compressed-tensors)"
+            )
+    warn_unshared(mods)
+    tensors = plain_tensors(model, mods)
+    with_inputs = False
+    for name, mc in mods.items():
+        tensors[f"{name}.weight"] = pack_fp4(mc.codes)
+        tensors[f"{name}.weight_scale"] = mc.qparams.scale.to(E4M3)
+        tensors[f"{name}.weight_scale_2"] = reciprocal(mc.qparams.global_scale.reshape(()))
+        igs = mc.module._buffers.get("input_global_scale")
+        if igs is not None:
+            tensors[f"{name}.input_scale"] = reciprocal(igs.reshape(()))
+            with_inputs = True
+        if mc.module.bias is not None:
+            tensors[f"{name}.bias"] = mc.module.bias.detach().cpu()
+    hf_cfg = hf_quant_config(W4A4 if with_inputs else W4A16, _unquantized_linears(model, mods))
+    config = model_config(model)
+    config["quantization_config"] = config_quantization(hf_cfg)
+    return write_checkpoint(
+        out,
+        tensors,
+        config,
+        overwrite=overwrite,
+        source_dir=source_dir,
+        extra_json={HF_QUANT_CONFIG: hf_cfg},
+    )
+
+
+def read_modelopt(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Dense state dict of a ModelOpt NVFP4 checkpoint (weights dequantized to `dtype`,
+    scale tensors dropped, everything else as stored)."""
+    ckpt = Checkpoint(path)
+    if (ckpt.quantization_config or {}).get("quant_method") != "modelopt":
+        raise CheckpointError(f"{ckpt.path}: config.json quant_method is not 'modelopt'")
+    modules = sorted(
+        n[: -len(".weight_scale_2")] for n in ckpt.tensors if n.endswith(".weight_scale_2")
+    )
+    dense: dict[str, torch.Tensor] = {}
+    drop = set()
+    for m in modules:
+        packed = ckpt.get(f"{m}.weight")
+        if packed.dtype != torch.uint8:
+            raise CheckpointError(f"{ckpt.path}: {m}.weight is {packed.dtype}, expected uint8")
+        dense[f"{m}.weight"] = dequantize_nvfp4(
+            unpack_fp4(packed),
+            ckpt.get(f"{m}.weight_scale"),
+            ckpt.get(f"{m}.weight_scale_2"),
+            dtype,
+        )
+        drop |= {f"{m}.{s}" for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
+    for name in ckpt.names():
+        if name not in drop:
+            dense[name] = ckpt.get(name)
+    return dense
