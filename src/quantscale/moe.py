@@ -1,0 +1,155 @@
+"""Mixture-of-experts models: per-expert Linear modules, and calibration of every expert.
+
+transformers 5 stores a layer's experts fused (`gate_up_proj` [E, 2I, H], `down_proj`
+[E, H, I]), which no Linear-based quantizer sees. `linearize_experts` replaces each such
+module with `LinearExperts`: one `gate_proj` / `up_proj` / `down_proj` nn.Linear per expert
+(Mixtral: `w1` / `w3` / `w2`), the names vLLM reads from compressed-tensors checkpoints,
+computing exactly what the fused module computed.
+
+The router sends few or no calibration tokens to some experts. With `calibrate_all` on
+(the `calibrate_all_experts` context), every expert also runs on every token during
+calibration (its output for tokens the router did not pick is discarded), so each gets
+activation statistics and a Hessian; with it off an expert that saw no token falls back to
+weight-only statistics (GPTQ -> RTN). `expert_token_counts` / `log_expert_coverage` report
+how many tokens the router actually sent to each expert.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+class ExpertMLP(nn.Module):
+    """One expert: down(act(gate(x)) * up(x)) with named Linear projections."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act, names) -> None:
+        super().__init__()
+        self.names = names
+        for name, module in zip(names, (gate, up, down)):
+            self.add_module(name, module)
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.act_fn(gate(x)) * up(x))
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    return lin
+
+
+class LinearExperts(nn.ModuleList):
+    """Drop-in replacement of a fused experts module (a list of `ExpertMLP`, so that expert
+    e's projections are named `<experts>.<e>.gate_proj` etc.); see the module docstring."""
+
+    def __init__(self, fused: nn.Module, names: tuple[str, str, str] = _DEFAULT_NAMES) -> None:
+        gate_up, down = fused.gate_up_proj, fused.down_proj
+        inter = gate_up.shape[1] // 2
+        super().__init__(
+            ExpertMLP(
+                _linear(gate_up[e, :inter]),
+                _linear(gate_up[e, inter:]),
+                _linear(down[e]),
+                fused.act_fn,
+                names,
+            )
+            for e in range(gate_up.shape[0])
+        )
+        self.num_experts = gate_up.shape[0]
+        self.calibrate_all = False
+        self.register_buffer(
+            "routed_tokens", torch.zeros(self.num_experts, dtype=torch.long), False
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token, slot = torch.where(top_k_index == e)
+            self.routed_tokens[e] += token.numel()
+            if self.calibrate_all:
+                y = expert(hidden_states)[token]
+            elif token.numel():
+                y = expert(hidden_states[token])
+            else:
+                continue
+            y = y * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def _is_fused_experts(module: nn.Module) -> bool:
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return (
+        isinstance(gate_up, torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and gate_up.ndim == 3
+        and down.ndim == 3
+    )
+
+
+def linearize_experts(model: nn.Module) -> list[str]:
+    """Replace every fused experts module by `LinearExperts`, in place; their names."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    names = _NAMES.get(model_type, _DEFAULT_NAMES)
+    done = []
+    for name, module in list(model.named_modules()):
+        if name and _is_fused_experts(module):
+            model.set_submodule(name, LinearExperts(module, names))
+            done.append(name)
+    return done
+
+
+def expert_modules(model: nn.Module) -> dict[str, LinearExperts]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearExperts)}
+
+
+@contextmanager
+def calibrate_all_experts(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block every expert runs on every token (routed outputs unchanged), and the
+    routed-token counters start from zero."""
+    mods = expert_modules(model)
+    for m in mods.values():
+        m.calibrate_all = enabled
+        m.routed_tokens.zero_()
+    try:
+        yield
+    finally:
+        for m in mods.values():
+            m.calibrate_all = False
+
+
+def expert_token_counts(model: nn.Module) -> dict[str, int]:
+    """`<experts>.<e>` -> tokens the router sent to that expert since counting began."""
+    return {
+        f"{name}.{e}": int(n)
+        for name, m in expert_modules(model).items()
+        for e, n in enumerate(m.routed_tokens.tolist())
+    }
+
+
+def log_expert_coverage(model: nn.Module, all_tokens: bool, min_tokens: int = 1) -> list[str]:
+    """Log (and return) the experts the router sent fewer than `min_tokens` tokens (counted
+    over every forward pass; `all_tokens`: whether calibration ran them on all tokens)."""
+    counts = expert_token_counts(model)
+    starved = [name for name, n in counts.items() if n < min_tokens]
+    for name in starved:
+        how = (
+            "calibrated on all tokens" if all_tokens else "weights use weight-only statistics (RTN)"
+        )
+        log.warning("%s: router sent %d calibration tokens; %s", name, counts[name], how)
+    return starved

@@ -1,0 +1,161 @@
+"""MoE: per-expert Linears compute what the fused experts computed; experts the router never
+picks still get valid scales (calibrated on all tokens, or RTN), and it is logged."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from quantscale.algorithms.gptq import GPTQ
+from quantscale.export.compressed_tensors import read_compressed_tensors, save_compressed_tensors
+from quantscale.moe import (
+    LinearExperts,
+    calibrate_all_experts,
+    expert_token_counts,
+    linearize_experts,
+    log_expert_coverage,
+)
+from quantscale.pipeline import quantize_model
+from quantscale.runtime.qlinear import quant_linears
+
+TOKENS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _qwen_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def _starve_experts(model, allowed=(0, 1)):
+    """Make every router pick only `allowed` experts (experts 2, 3 never see a token)."""
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        forward = gate.forward
+
+        def routed(hidden, forward=forward):
+            logits, _, _ = forward(hidden)
+            n = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            index = torch.tensor(allowed).expand(n, len(allowed))
+            return logits, torch.full((n, len(allowed)), 1 / len(allowed)), index
+
+        gate.forward = routed
+
+
+def test_linearized_experts_compute_the_same():
+    model = _qwen_moe()
+    with torch.inference_mode():
+        ref = model(input_ids=TOKENS).logits
+    names = linearize_experts(model)
+    assert names == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LinearExperts) and experts[3].down_proj.weight.shape == (64, 32)
+    with torch.inference_mode():
+        got = model(input_ids=TOKENS).logits
+        with calibrate_all_experts(model):
+            all_tokens = model(input_ids=TOKENS).logits
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(all_tokens, ref)
+    assert sum(expert_token_counts(model).values()) == 2 * 2 * TOKENS.numel()  # 2 layers, top-2
+
+
+def test_starved_experts_calibrated_on_all_tokens(caplog):
+    model = _qwen_moe()
+    linearize_experts(model)
+    _starve_experts(model)
+    with caplog.at_level(logging.WARNING), calibrate_all_experts(model):
+        linears = quantize_model(model, "NVFP4", TOKENS, method="gptq", batch_size=2)
+        starved = log_expert_coverage(model, all_tokens=True)
+    assert len(starved) == 4 and "mlp.experts.3" in starved[-1]
+    assert "calibrated on all tokens" in caplog.text
+    for name in (
+        "model.layers.1.mlp.experts.3.gate_proj",
+        "model.layers.1.mlp.experts.3.down_proj",
+    ):
+        ql = linears[name]
+        assert torch.isfinite(ql.weight_scale).all() and (ql.weight_scale > 0).all()
+        assert torch.isfinite(ql.input_global_scale).all() and ql.input_global_scale.item() > 0
+
+
+def test_starved_experts_fall_back_to_rtn(caplog):
+    model = _qwen_moe()
+    linearize_experts(model)
+    _starve_experts(model)
+    algo = GPTQ()
+    from quantscale.pipeline import WEIGHT_ALGORITHMS
+
+    with caplog.at_level(logging.WARNING), calibrate_all_experts(model, enabled=False):
+        original = WEIGHT_ALGORITHMS["gptq"]
+        WEIGHT_ALGORITHMS["gptq"] = lambda **kw: algo
+        try:
+            quantize_model(model, "NVFP4A16", TOKENS, method="gptq", batch_size=2)
+        finally:
+            WEIGHT_ALGORITHMS["gptq"] = original
+        log_expert_coverage(model, all_tokens=False)
+    rtn = {m for r in algo.report if r["method"] == "rtn" for m in r["modules"]}
+    assert rtn == {
+        f"model.layers.{i}.mlp.experts.{e}.{p}"
+        for i in (0, 1)
+        for e in (2, 3)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    assert "RTN instead of GPTQ" in caplog.text and "weight-only statistics" in caplog.text
+    ql = quant_linears(model)["model.layers.0.mlp.experts.2.up_proj"]
+    assert torch.isfinite(ql.weight_scale).all() and ql.weight_global_scale.item() > 0
+
+
+def test_moe_exports_per_expert_tensors(tmp_path):
+    model = _qwen_moe()
+    linearize_experts(model)
+    with calibrate_all_experts(model):
+        quantize_model(model, "NVFP4A16", TOKENS, method="gptq", batch_size=2)
+    out = save_compressed_tensors(model, tmp_path / "moe")
+    dense = read_compressed_tensors(out)
+    w = "model.layers.0.mlp.experts.3.gate_proj.weight"
+    assert torch.equal(dense[w], quant_linears(model)[w[:-7]].weight.float())
+    assert "model.layers.0.mlp.gate.weight" in dense  # the router stays unquantized
+    ref = copy.deepcopy(model)
+    with torch.inference_mode():
+        assert torch.isfinite(ref(input_ids=TOKENS).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral"])
+def test_mixtral_names(model_type):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=3,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    model = MixtralForCausalLM(config).eval()
+    with torch.inference_mode():
+        ref = model(input_ids=TOKENS).logits
+    linearize_experts(model)
+    names = {n for n, _ in model.named_modules()}
+    assert "model.layers.0.mlp.experts.2.w3" in names
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, ref)
