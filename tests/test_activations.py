@@ -108,3 +108,17 @@ def test_static_scales_do_not_move_at_run_time():
     assert torch.equal(ql(big), out1)
     clip = 128 * ql.input_scale  # int8 grid [-128, 127]
     assert (ql._act(big, ql.scheme.input_activations, "input").abs() <= clip + 1e-6).all()
+
+
+def test_mse_observer_sees_a_token_budget():
+    ql = _ql(_w8a8("mse"))
+    x = torch.randn(64, 16)
+    with ActivationCalibrator({"l": ql}, token_budget={"mse": 8}) as cal:
+        seen = []
+        obs = cal.observers[("l", "input")]
+        update = obs.update
+        obs.update = lambda t: (seen.append(t.shape), update(t))
+        ql(x)
+        ql(x[:5])
+    assert seen == [(8, 16), (5, 16)]
+    assert cal.qparams()[("l", "input")].scale.item() <= float(x.abs().max()) / 127

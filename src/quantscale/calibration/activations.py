@@ -5,7 +5,8 @@ module (the scheme's `observer` and `observer_kwargs`, min-max by default), watc
 forward hooks while attached, and turns the collected ranges into static `QParams`. Dynamic
 'local' activations (NVFP4) get only their static global scale. Modules that receive the very
 same input tensor with the same args (q/k/v, gate/up) share one observer, so every input is
-observed once.
+observed once. Observers that search per batch (`mse`) see at most `token_budget` tokens of
+each batch, drawn at random with a fixed seed: their cost does not grow with the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from quantscale.qdq import ACTIVATION, QParams, compute_qparams, nvfp4_global_sc
 from quantscale.scheme import QuantArgs, QuantScheme
 
 Key = tuple[str, str]  # (module name, "input" | "output")
+# Tokens per batch seen by observers whose cost is a grid search over every element.
+TOKEN_BUDGET = {"mse": 512}
 
 
 def is_static(args: QuantArgs | None) -> bool:
@@ -51,8 +54,11 @@ class ActivationCalibrator:
         self,
         linears: Mapping[str, nn.Module],
         schemes: Mapping[str, QuantScheme] | None = None,
+        token_budget: Mapping[str, int] | None = None,
     ) -> None:
         self.linears = dict(linears)
+        self.token_budget = dict(TOKEN_BUDGET if token_budget is None else token_budget)
+        self._gen = torch.Generator().manual_seed(0)
         self.args: dict[Key, QuantArgs] = {}
         for name, module in self.linears.items():
             scheme = schemes[name] if schemes is not None else module.scheme
@@ -81,8 +87,16 @@ class ActivationCalibrator:
                 self._alias.setdefault(key, last[1])
             if self._alias.get(key) == last[1]:
                 return
-        self.observers[key].update(x)
+        self.observers[key].update(self._budget(key, x))
         self._last[share] = (x, key)
+
+    def _budget(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        budget = self.token_budget.get(self.observers[key].name)
+        tokens = x.reshape(-1, x.shape[-1])
+        if budget is None or tokens.shape[0] <= budget:
+            return x
+        pick = torch.randperm(tokens.shape[0], generator=self._gen)[:budget]
+        return tokens[pick.to(x.device)]
 
     def attach(self) -> None:
         """Register the forward hooks."""
