@@ -1,0 +1,100 @@
+"""The quantize / convert entry points the CLI wires in: checkpoint dir in, format out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from quantscale.export.entry import (
+    add_quantize_arguments,
+    is_nvfp4_checkpoint,
+    quantize_checkpoint,
+    run_convert_nvfp4,
+)
+
+WORDS = "the cat sat on a mat while dogs ran far in green hills and rivers flow to sea".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(root / "m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "m")
+    text = root / "calib.txt"
+    gen = torch.Generator().manual_seed(0)
+    text.write_text(
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (3000,), generator=gen))
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("scheme", "fmt", "marker"),
+    [
+        ("nvfp4", "compressed-tensors", "weight_packed"),
+        ("nvfp4", "modelopt", "weight_scale_2"),
+        ("w4a16", "pseudo", None),
+    ],
+)
+def test_quantize_checkpoint(tiny_dir, scheme, fmt, marker):
+    from safetensors import safe_open
+
+    out = quantize_checkpoint(
+        tiny_dir / "m",
+        tiny_dir / f"out-{scheme}-{fmt}",
+        scheme,
+        method="gptq",
+        fmt=fmt,
+        calib_samples=8,
+        seq_len=32,
+        calib_text=tiny_dir / "calib.txt",
+    )
+    assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    files = sorted(out.glob("*.safetensors"))
+    with safe_open(files[0], "pt") as f:
+        keys = set(f.keys())
+    if marker:
+        assert f"model.layers.0.self_attn.q_proj.{marker}" in keys
+    else:
+        qc = json.loads((out / "quantize_config.json").read_text())
+        assert qc["quant_method"] == "gptq" and qc["calib_samples"] == 8
+    assert is_nvfp4_checkpoint(out) == (scheme == "nvfp4")
+
+
+def test_cli_glue_parses_and_converts(tiny_dir):
+    p = argparse.ArgumentParser()
+    add_quantize_arguments(p)
+    args = p.parse_args(["--method", "gptq", "--format", "modelopt", "--calib-samples", "16"])
+    assert (args.method, args.format, args.calib_samples) == ("gptq", "modelopt", 16)
+    assert args.calibrate_all_experts is True
+    src = quantize_checkpoint(
+        tiny_dir / "m",
+        tiny_dir / "ct-src",
+        "nvfp4a16",
+        calib_samples=4,
+        seq_len=32,
+        calib_text=tiny_dir / "calib.txt",
+    )
+    ns = argparse.Namespace(ckpt=str(src), out=str(tiny_dir / "mo"), to="modelopt", overwrite=False)
+    assert run_convert_nvfp4(ns) == 0
+    hf = json.loads((tiny_dir / "mo" / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "W4A16_NVFP4"
