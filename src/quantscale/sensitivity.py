@@ -109,13 +109,18 @@ def layer_sensitivity(
     recipe: Recipe,
     calib: Sequence[torch.Tensor],
     probe_ids: torch.Tensor,
+    qparams: dict | None = None,
 ) -> list[LayerSensitivity]:
-    """Error of quantizing each targeted Linear alone (model left in float)."""
+    """Error of quantizing each targeted Linear alone (model left in float).
+
+    `qparams`: static activation qparams already calibrated for `recipe` (else calibrated
+    here on `calib` with one float pass)."""
     modules = {n: mt for n, mt in targeted(model, recipe).items()}
     if not modules:
         raise QuantscaleError("the recipe targets no Linear module of this model")
-    setting = Setting("sensitivity", recipe)
-    qparams = calibrate_shared(model, [setting], list(calib))[setting.name]
+    if qparams is None:
+        setting = Setting("sensitivity", recipe)
+        qparams = calibrate_shared(model, [setting], list(calib))[setting.name]
     probe = _Probe(model, probe_ids)
     results = []
     for name, (module, scheme) in track(modules.items(), len(modules), "sensitivity"):

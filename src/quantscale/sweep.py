@@ -223,10 +223,14 @@ def run_sweep(
     measure: Callable[[nn.Module], dict[str, float]],
     mode: str = "shared",
     batch_size: int = 8,
+    shared: dict[str, dict] | None = None,
 ) -> list[SweepRow]:
-    """`measure(model)` under every setting (the model is left in float afterwards)."""
+    """`measure(model)` under every setting (the model is left in float afterwards).
+
+    `shared`: static qparams per setting name already calibrated (`calibrate_shared`)."""
     batches = as_batches(calib, batch_size)
-    shared = calibrate_shared(model, settings, batches) if mode == "shared" else {}
+    if mode == "shared" and shared is None:
+        shared = calibrate_shared(model, settings, batches)
     rows = []
     for st in settings:
         start = time.perf_counter()

@@ -60,10 +60,18 @@ def _probe(tokenizer, n_tokens: int, seq_len: int = 512):
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantscale.calibration.activations import is_static
     from quantscale.pipeline import as_batches, load_model
     from quantscale.scheme import load_recipe, preset_scheme
     from quantscale.sensitivity import layer_sensitivity, mixed_precision
-    from quantscale.sweep import BASELINE, Setting, markdown_table, run_sweep, with_activations
+    from quantscale.sweep import (
+        BASELINE,
+        Setting,
+        calibrate_shared,
+        markdown_table,
+        run_sweep,
+        with_activations,
+    )
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
@@ -72,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if args.observer:
         recipe = with_activations(recipe, observer=args.observer)
     calib = as_batches(calibration_tokens(tokenizer, args), args.batch_size)
-    results = layer_sensitivity(model, recipe, calib, _probe(tokenizer, args.probe_tokens))
+    full = Setting(args.scheme, recipe)
+    qparams = calibrate_shared(model, [full], calib)[full.name]
+    probe = _probe(tokenizer, args.probe_tokens)
+    results = layer_sensitivity(model, recipe, calib, probe, qparams)
     report = {"scheme": args.scheme, "layers": [asdict(r) for r in results]}
-    chosen = []
+    chosen, high = [], None
     if args.mixed_precision is not None:
         high = None if args.high_precision.lower() == "none" else preset_scheme(args.high_precision)
         mixed, chosen = mixed_precision(results, recipe, args.mixed_precision, high)
@@ -96,10 +107,16 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(kept["kept"])
         )
     if args.eval:
-        settings = [Setting(BASELINE, None), Setting(args.scheme, recipe)]
+        settings = [Setting(BASELINE, None), full]
+        shared = {full.name: qparams}
         if chosen:
             settings.append(Setting(f"{args.scheme} mixed ({len(chosen)} kept)", mixed))
-        rows = run_sweep(model, settings, calib, measurer(tokenizer, args))
+            shared[settings[-1].name] = qparams  # kept layers need no scales of their own
+            if high is not None and (
+                is_static(high.input_activations) or is_static(high.output_activations)
+            ):
+                shared = None  # the kept layers' scheme has activations: calibrate all
+        rows = run_sweep(model, settings, calib, measurer(tokenizer, args), shared=shared)
         table = markdown_table(rows)
         report["eval"] = table
         print(table)
