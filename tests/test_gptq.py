@@ -216,6 +216,8 @@ def test_scales_of_a_bf16_weight_are_bf16_exact():
         assert torch.equal(s.bfloat16().float(), s)
         # dequantizing in bf16 arithmetic (as runtimes do) gives the returned weight exactly
         qp16 = QParams(s.bfloat16(), res.qparams.zero_point)
-        torch.testing.assert_close(fake_quantize(res.weight, args, qp16), res.weight, rtol=0, atol=0)
+        torch.testing.assert_close(
+            fake_quantize(res.weight, args, qp16), res.weight, rtol=0, atol=0
+        )
     res32 = gptq_quantize(w.float(), h, preset_scheme("W4A16").weights)
     assert not torch.equal(res32.qparams.scale.bfloat16().float(), res32.qparams.scale)
