@@ -179,8 +179,9 @@ def test_inputs_unchanged_outputs_refused_and_cli(tmp_path, capsys):
     fp8_before = _dir_digest(out)
     assert cli.main(["dequantize", str(out), str(tmp_path / "deq")]) == 0
     assert _dir_digest(out) == fp8_before and _dir_digest(src) == before
-    assert cli.main(["quantize", str(src), str(tmp_path / "x"), "--scheme", "nvfp4"]) == 2
-    assert "not yet supported" in capsys.readouterr().err
+    assert cli.main(["quantize", str(src), str(tmp_path / "x"), "--scheme", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_refuses_quantized_input(tmp_path):

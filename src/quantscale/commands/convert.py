@@ -1,4 +1,8 @@
-"""`quantscale convert CKPT OUT --to {hf,compressed-tensors,neuron} [--explain]`."""
+"""`quantscale convert CKPT OUT --to {hf,compressed-tensors,neuron,modelopt} [--explain]`.
+
+FP8 block checkpoints convert between HF, compressed-tensors and Neuron; NVFP4 checkpoints
+between compressed-tensors and ModelOpt.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 
 from quantscale.errors import QuantscaleError
 
-TARGETS = ("hf", "compressed-tensors", "neuron")
+TARGETS = ("hf", "compressed-tensors", "neuron", "modelopt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +22,12 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.ckpt is None or args.out is None:
         raise QuantscaleError("convert needs CKPT and OUT (or only --explain)")
+    from quantscale.export.entry import is_nvfp4_checkpoint, run_convert_nvfp4
+
+    if is_nvfp4_checkpoint(args.ckpt):
+        return run_convert_nvfp4(args)
+    if args.to == "modelopt":
+        raise QuantscaleError(f"{args.ckpt}: --to modelopt converts NVFP4 checkpoints only")
     out = convert_checkpoint(args.ckpt, args.out, args.to, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
@@ -25,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert", help="FP8 block checkpoint between HF, compressed-tensors and Neuron layouts"
+        "convert",
+        help="FP8 block checkpoint between HF, compressed-tensors and Neuron layouts; "
+        "NVFP4 between compressed-tensors and ModelOpt",
     )
-    p.add_argument("ckpt", nargs="?", help="FP8 checkpoint directory")
+    p.add_argument("ckpt", nargs="?", help="FP8 or NVFP4 checkpoint directory")
     p.add_argument("out", nargs="?", help="output checkpoint directory")
     p.add_argument("--to", required=True, choices=TARGETS, help="target convention")
     p.add_argument("--explain", action="store_true", help="print the rule for each tensor kind")

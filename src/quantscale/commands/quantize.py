@@ -1,14 +1,13 @@
-"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME`: quantize a checkpoint.
+"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq] [--format F]`.
 
-Each scheme has a handler in `SCHEMES`; schemes that need calibration add theirs there.
+`--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
+any other preset or recipe file loads the model, calibrates and exports (`export.entry`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-
-from quantscale.errors import QuantscaleError
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -44,24 +43,27 @@ def run_fp8_block(args: argparse.Namespace) -> int:
 
 
 SCHEMES: dict[str, Callable[[argparse.Namespace], int]] = {"fp8-block": run_fp8_block}
-KNOWN_SCHEMES = ("fp8-block", "fp8", "fp8-dynamic", "nvfp4", "nvfp4a16", "mxfp4", "w8a8", "w4a16")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Streaming FP8 block without calibration; every other scheme/method is calibrated."""
     handler = SCHEMES.get(args.scheme)
-    if handler is None:
-        raise QuantscaleError(
-            f"scheme {args.scheme!r} is not yet supported by `quantize`; "
-            f"supported: {', '.join(sorted(SCHEMES))}"
-        )
-    return handler(args)
+    if handler is not None and args.method is None:
+        return handler(args)
+    from quantscale.export.entry import run_quantize
+
+    return run_quantize(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="quantize a checkpoint (e.g. FP8 block-wise)")
     p.add_argument("model_dir", help="input checkpoint directory (bf16/fp16/fp32 safetensors)")
     p.add_argument("out", help="output checkpoint directory")
-    p.add_argument("--scheme", default="fp8-block", help="quantization scheme (default fp8-block)")
+    p.add_argument(
+        "--scheme",
+        default="fp8-block",
+        help="fp8-block (streaming) or a preset (W4A16, NVFP4, W8A8, ...) or a recipe YAML/JSON",
+    )
     p.add_argument("--block", type=parse_block, default=(128, 128), help="tile, e.g. 128x128")
     p.add_argument(
         "--ignore",
@@ -72,4 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None, help="power-of-two scales")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    from quantscale.export.entry import add_quantize_arguments
+
+    add_quantize_arguments(p)
     p.set_defaults(func=run)
