@@ -372,7 +372,8 @@ class GPTQ:
     def finish_layer(self, linears: dict[str, nn.Module]) -> None:
         tracker, self._tracker = self._tracker, None
         tracker.detach()
-        for leader, members in tracker.groups(list(linears)).items():
+        names = [n for n, m in linears.items() if m.scheme.weights is not None]
+        for leader, members in tracker.groups(names).items():
             acc = tracker.acc.get(leader)
             for part in _split_by_args(members, linears):
                 self._quantize_group(part, linears, acc)

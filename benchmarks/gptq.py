@@ -1,0 +1,312 @@
+"""GPTQ W4A16 (int4, group 128, symmetric, act-order static): quantscale vs llm-compressor's
+GPTQModifier vs GPTQModel 7.x, on the same model, calibration windows and held-out text.
+
+Models: a 4-layer Llama (hidden 512, intermediate 1408, SmolLM2 tokenizer, random weights:
+its perplexity only checks that the three agree) and SmolLM2-135M (bf16 from the cache).
+Calibration: 64 x 512-token Wikipedia windows; perplexity: the first 4096 held-out tokens in
+512-token windows, computed by the same code in every job. Each tool runs in its own process
+and venv (benchmarks/common.py), alternating ours / llm-compressor / GPTQModel per repeat.
+Every job reports `quantize_s` (the GPTQ call: calibration forwards + Hessians + solve) on a
+`BENCH` line; the table also has process wall time and peak RSS.
+
+GPTQModel 7.3 on a 2-core machine fails at load ("Virtual pool 'model_loader:cpu' requests 2
+workers but parent 'cpu' only has 1"): its job raises the CPU worker budget through
+GPTQMODEL_DEVICE_THREAD_POOL... (see GPTQMODEL_JOB) and stubs `torchvision`, which it imports
+but does not need for text models.
+
+    .venv/bin/python benchmarks/gptq.py [--models tiny,smollm2] [--repeats 1] [--samples 64]
+    .venv/bin/python benchmarks/gptq.py --table   # bf16 / RTN / GPTQ perplexity per scheme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "gptq.json"
+TABLE_RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "gptq_table.json"
+SEQ_LEN = 512
+EVAL_TOKENS = 4096
+
+# Perplexity code shared verbatim by every job (the peers' venvs lack quantscale).
+PPL = """
+import math, torch
+def ppl(model, tokens, seq=512):
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(tokens) - 1, seq):
+            ids = tokens[i:i + seq].unsqueeze(0)
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+            nll += loss.item()
+            n += ids.shape[1] - 1
+    return math.exp(nll / n)
+"""
+
+OURS_JOB = (
+    PPL
+    + """
+import sys, time, json
+t0 = time.perf_counter()
+torch.set_num_threads(2)
+from transformers import AutoModelForCausalLM
+from quantscale.pipeline import quantize_model
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
+t2 = time.perf_counter()
+quantize_model(model, "W4A16", calib, method="gptq", batch_size=4, actorder="weight")
+t3 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
+                             "ppl": ppl(model, tokens)}))
+"""
+)
+
+LLMC_JOB = (
+    PPL
+    + """
+import sys, time, json
+t0 = time.perf_counter()
+torch.set_num_threads(2)
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
+ds = Dataset.from_dict({"input_ids": calib.tolist(),
+                        "attention_mask": torch.ones_like(calib).tolist()})
+t2 = time.perf_counter()
+oneshot(model=model, dataset=ds, num_calibration_samples=len(calib),
+        max_seq_length=calib.shape[1], batch_size=4,
+        recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"],
+                            block_size=128, dampening_frac=0.01, actorder="static"))
+t3 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
+                             "ppl": ppl(model, tokens)}))
+"""
+)
+
+GPTQMODEL_JOB = (
+    PPL
+    + """
+import sys, os, time, json, types, importlib.machinery
+t0 = time.perf_counter()
+torch.set_num_threads(2)
+# GPTQModel imports torchvision, which text models do not need: a stub module suffices.
+for name in ("torchvision", "torchvision.transforms", "torchvision.io"):
+    stub = types.ModuleType(name)
+    stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    stub.__path__ = []
+    sys.modules[name] = stub
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+import gptqmodel
+from gptqmodel import GPTQModel, QuantizeConfig
+__RAISE_WORKERS__
+t1 = time.perf_counter()
+calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
+cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=True, damp_percent=0.01)
+model = GPTQModel.load(sys.argv[1], cfg, device="cpu", dtype=torch.bfloat16)
+data = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calib]
+t2 = time.perf_counter()
+model.quantize(data, batch_size=4)
+t3 = time.perf_counter()
+with tempfile.TemporaryDirectory() as d:
+    model.save(d)
+    q = GPTQModel.load(d, device="cpu")
+    p = ppl(q.model, tokens)
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
+                             "ppl": p}))
+""".replace("import sys, os,", "import sys, os, tempfile,")
+)
+
+# How GPTQModel's CPU worker budget is raised (filled in from its source, see _raise_workers).
+RAISE_WORKERS = """
+from gptqmodel.utils import threadx
+threadx.DEFAULT_CPU_WORKERS = max(4, os.cpu_count() or 1)
+"""
+
+
+def tiny_checkpoint(root: Path) -> Path:
+    """The 4-layer 512/1408 Llama (seeded random weights, SmolLM2 tokenizer), saved once."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from quantscale.assets import smollm2_checkpoint
+
+    out = root / "tiny-llama-4x512x1408"
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def inputs(work: Path, samples: int) -> tuple[Path, Path]:
+    """Calibration windows [samples, 512] and held-out eval tokens, saved for every job."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from quantscale.assets import calibration_batches, eval_tokens, smollm2_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    calib, ev = work / f"calib-{samples}.pt", work / "eval.pt"
+    torch.save(calibration_batches(tok, samples, SEQ_LEN), calib)
+    torch.save(eval_tokens(tok, EVAL_TOKENS), ev)
+    return calib, ev
+
+
+def _job_file(work: Path, name: str, code: str) -> Path:
+    path = work / f"job_{name}.py"
+    path.write_text(code.replace("__RAISE_WORKERS__", RAISE_WORKERS))
+    return path
+
+
+def _job(name: str, python: str, script: Path, argv: list[Path]):
+    cmd = [python, str(script), *map(str, argv)]
+    return lambda: common.run_job(name, cmd, timeout=3600)
+
+
+def peers(log=print) -> dict[str, tuple[str, str]]:
+    """job name -> (python, code); peers whose venv cannot be built are skipped."""
+    found = {"quantscale": (common.this_python(), OURS_JOB)}
+    for name, reqs, code in (
+        ("llm-compressor", ["llmcompressor==0.14.0.1"], LLMC_JOB),
+        ("gptqmodel", ["gptqmodel==7.3.6", "requests"], GPTQMODEL_JOB),
+    ):
+        venv = "llmcompressor" if name == "llm-compressor" else name
+        try:
+            found[name] = (str(common.peer_python(venv, reqs, log)), code)
+        except Exception as exc:  # noqa: BLE001 - a peer that will not install is reported
+            log(f"skipping {name}: {exc}")
+    return found
+
+
+def bench(models: list[str], repeats: int, samples: int, only: list[str] | None) -> dict:
+    from quantscale.assets import cache_dir, smollm2_checkpoint
+
+    work = cache_dir() / "bench-work" / "gptq"
+    work.mkdir(parents=True, exist_ok=True)
+    calib, ev = inputs(work, samples)
+    jobs_code = {k: v for k, v in peers().items() if not only or k in only}
+    results: dict = {"machine": common.machine(), "samples": samples, "seq_len": SEQ_LEN}
+    for model_name in models:
+        ckpt = tiny_checkpoint(work) if model_name == "tiny" else smollm2_checkpoint()
+        print(f"\n== {model_name}: {ckpt}")
+        jobs = {
+            name: _job(name, py, _job_file(work, name, code), [ckpt, calib, ev])
+            for name, (py, code) in jobs_code.items()
+        }
+        runs = common.alternate(jobs, repeats)
+        results[model_name] = {name: common.summarize(r) for name, r in runs.items()}
+        results[model_name]["runs"] = runs
+        _print(model_name, results[model_name])
+    common.write_results(RESULTS, results)
+    print(f"\nwrote {RESULTS}")
+    return results
+
+
+def _print(model_name: str, res: dict) -> None:
+    ours = res.get("quantscale", {})
+    rows = []
+    for name, s in res.items():
+        if name == "runs" or not s.get("ok"):
+            if name != "runs":
+                rows.append([name, "failed", "", "", "", "", ""])
+            continue
+        q = s.get("quantize_s_min", float("nan"))
+        ratio = q / ours["quantize_s_min"] if ours.get("ok") else float("nan")
+        rows.append(
+            [
+                name,
+                f"{q:.1f}",
+                f"{ratio:.2f}x",
+                f"{s['wall_min_s']:.1f}",
+                f"{s['peak_rss_mb']:.0f}",
+                f"{s.get('ppl_min', float('nan')):.3f}",
+                ", ".join(s["loadavg"]),
+            ]
+        )
+    print(f"\n{model_name}: W4A16 g128 GPTQ")
+    common.print_table(
+        rows, ["tool", "quantize s", "vs ours", "wall s", "peak RSS MB", "ppl", "loadavg"]
+    )
+
+
+# ------------------------------------------------------------------ perplexity table
+
+TABLE_SCHEMES = ("W8A16", "FP8_DYNAMIC", "NVFP4A16", "W4A16", "W4A16_ASYM", "MXFP4A16")
+
+
+def table(samples: int, schemes: tuple[str, ...]) -> dict:
+    """bf16 / RTN / GPTQ held-out perplexity of SmolLM2 per weight scheme (in this process)."""
+    import copy
+    import time
+
+    import torch
+
+    from quantscale.assets import calibration_batches, eval_tokens
+    from quantscale.eval.perplexity import perplexity
+    from quantscale.pipeline import load_model, quantize_model
+
+    torch.set_num_threads(2)
+    base, tok = load_model("smollm2", dtype=torch.bfloat16)
+    calib = calibration_batches(tok, samples, SEQ_LEN)
+    ev = eval_tokens(tok, EVAL_TOKENS)
+    rows = {"bf16": {"ppl": perplexity(base, ev)}}
+    print(json.dumps({"bf16": rows["bf16"]}), flush=True)
+    for scheme in schemes:
+        for method in ("rtn", "gptq"):
+            model = copy.deepcopy(base)
+            start = time.perf_counter()
+            data = calib if method == "gptq" else None
+            quantize_model(model, scheme, data, method=method, batch_size=4)
+            took = time.perf_counter() - start
+            rows[f"{scheme}/{method}"] = {"ppl": perplexity(model, ev), "quantize_s": took}
+            print(json.dumps({f"{scheme}/{method}": rows[f"{scheme}/{method}"]}), flush=True)
+    out = {"machine": common.machine(), "samples": samples, "eval_tokens": EVAL_TOKENS, **rows}
+    common.write_results(TABLE_RESULTS, out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--only", default=None, help="comma list of jobs to run")
+    ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
+    ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
+    a = ap.parse_args()
+    if a.table:
+        table(a.samples, tuple(a.schemes.split(",")))
+        return
+    only = a.only.split(",") if a.only else None
+    bench(a.models.split(","), a.repeats, a.samples, only)
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        main()
