@@ -187,7 +187,7 @@ def _print_rows(model_spec: str, rows: list[dict]) -> None:
             f"{r['point_sqnr_db']['ssm.x']:.1f} dB" if "ssm.x" in r["point_sqnr_db"] else "",
             f"{r['seconds']:.0f}",
         )
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def run_eval(args: argparse.Namespace) -> int:
