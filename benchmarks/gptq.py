@@ -10,9 +10,9 @@ Every job reports `quantize_s` (the GPTQ call: calibration forwards + Hessians +
 `BENCH` line; the table also has process wall time and peak RSS.
 
 GPTQModel 7.3 on a 2-core machine fails at load ("Virtual pool 'model_loader:cpu' requests 2
-workers but parent 'cpu' only has 1"): its job raises the CPU worker budget through
-GPTQMODEL_DEVICE_THREAD_POOL... (see GPTQMODEL_JOB) and stubs `torchvision`, which it imports
-but does not need for text models.
+workers but parent 'cpu' only has 1"): its job sets GPTQMODEL_CPU_WORKERS=2, stubs
+`torchvision` (imported, not needed for text models), and its venv adds `requests`, which
+7.3.6 imports without declaring it.
 
     .venv/bin/python benchmarks/gptq.py [--models tiny,smollm2] [--repeats 1] [--samples 64]
     .venv/bin/python benchmarks/gptq.py --table   # bf16 / RTN / GPTQ perplexity per scheme
@@ -103,16 +103,24 @@ GPTQMODEL_JOB = (
 import sys, os, time, json, types, importlib.machinery
 t0 = time.perf_counter()
 torch.set_num_threads(2)
-# GPTQModel imports torchvision, which text models do not need: a stub module suffices.
-for name in ("torchvision", "torchvision.transforms", "torchvision.io"):
+# GPTQModel imports torchvision (for InternVL), which text models do not need. Let
+# transformers record that torchvision is absent (a cached check), then stub the two modules
+# GPTQModel imports.
+import enum
+from transformers.utils import import_utils
+import_utils.is_torchvision_available()
+import_utils.is_torchvision_v2_available()
+modes = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")
+for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
     stub = types.ModuleType(name)
-    stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    stub.__path__ = []
+    stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    stub.__path__, stub.InterpolationMode = [], modes
     sys.modules[name] = stub
-os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
-import gptqmodel
-from gptqmodel import GPTQModel, QuantizeConfig
+    parent, _, leaf = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], leaf, stub)
 __RAISE_WORKERS__
+from gptqmodel import GPTQModel, QuantizeConfig
 t1 = time.perf_counter()
 calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
 cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=True, damp_percent=0.01)
@@ -130,10 +138,10 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s
 """.replace("import sys, os,", "import sys, os, tempfile,")
 )
 
-# How GPTQModel's CPU worker budget is raised (filled in from its source, see _raise_workers).
+# GPTQModel sizes its CPU pool as (cores + 1) // 2 = 1 here, below the 2 workers its model
+# loader pool asks for; its GPTQMODEL_CPU_WORKERS override raises it.
 RAISE_WORKERS = """
-from gptqmodel.utils import threadx
-threadx.DEFAULT_CPU_WORKERS = max(4, os.cpu_count() or 1)
+os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, os.cpu_count() or 1))
 """
 
 
