@@ -66,9 +66,6 @@ def cache_lock(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-_locked = cache_lock  # the first name of cache_lock; quantscale.fixtures still imports it
-
-
 def _find_download(folder: Path, name: str, version: str) -> Path | None:
     """A wheel or sdist of `name==version` already in `folder`, if any."""
     stem = name.replace("-", "_").lower()

@@ -40,13 +40,6 @@ def _parse_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"layers {text!r}: expected e.g. 0,-1") from err
 
 
-def _cast_head_input(model: torch.nn.Module) -> None:
-    """Feed the LM head in its own dtype: with residual_in_fp32 a bf16 Mamba's final hidden
-    states are float32, which transformers casts in forward() but a bare head call does not."""
-    head = model.get_output_embeddings()
-    head.register_forward_pre_hook(lambda mod, args: (args[0].to(mod.weight.dtype), *args[1:]))
-
-
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a checkpoint directory or `fixture:<kind>`."""
     if spec.startswith(FIXTURE_PREFIX):
@@ -61,7 +54,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
             raise QuantscaleError(f"{path}: not a checkpoint directory (no config.json)")
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    _cast_head_input(model)
     return model, tokenizer
 
 

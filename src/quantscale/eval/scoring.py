@@ -20,8 +20,14 @@ def final_hidden(
 
 
 def project(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """float32 logits of `hidden` through the LM head, with the model's final soft-capping."""
-    logits = model.get_output_embeddings()(hidden).float()
+    """float32 logits of `hidden` through the LM head, with the model's final soft-capping.
+
+    The hidden states are cast to the head's dtype first, as the models' own forward does (a
+    bf16 Mamba with residual_in_fp32 hands float32 hidden states to a bf16 head).
+    """
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    logits = head(hidden if weight is None else hidden.to(weight.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
