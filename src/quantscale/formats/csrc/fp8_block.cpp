@@ -1,0 +1,319 @@
+// FP8 E4M3 block quantization on CPU in one pass over each group of tiles: per-tile amax,
+// scale = amax / qmax (1 for all-zero tiles; rounded up to a power of two for ue8m0),
+// q = e4m3(clamp(w / scale, -qmax, qmax)) rounded to nearest even. Bit for bit what
+// quantscale.formats.fp8.quantize_fp8_block computes (tests/test_fp8_fast.py checks it).
+// Groups of tiles are handed out to at::parallel_for's threads one at a time, so a thread
+// that the OS preempts does not hold up the others. Output buffers come from a small pool
+// that keeps freed buffers with their pages faulted in (fresh pages cost more than the math).
+#include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t as_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+constexpr uint32_t MIN_NORMAL = 121u << 23;  // 2^-6, the smallest normal e4m3 magnitude
+constexpr uint32_t REBIAS = 0x7ffffu - (120u << 23);  // exponent 127 -> 7, plus rounding
+constexpr uint32_t SUB_MAGIC = 141u << 23;  // 2^14: its float32 ulp is 2^-9, e4m3's subnormal step
+
+// float32 -> e4m3fn code, round to nearest even; |y| <= 448 or NaN (NaN keeps its sign).
+inline uint8_t e4m3_code(float y) {
+  uint32_t u = as_bits(y);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  u &= 0x7fffffffu;
+  const uint32_t normal = (u + REBIAS + ((u >> 20) & 1u)) >> 20;
+  const uint32_t sub = as_bits(as_float(u) + as_float(SUB_MAGIC)) - SUB_MAGIC;
+  const uint32_t code = u > 0x7f800000u ? 0x7fu : (u < MIN_NORMAL ? sub : normal);
+  return static_cast<uint8_t>(code | sign);
+}
+
+// Element access per input dtype: bits with the sign cleared (ordered like |x|, NaN largest)
+// and the exact float32 value.
+struct BF16 {
+  using bits_t = uint16_t;
+  static constexpr bits_t abs_mask = 0x7fff;
+  static float value(bits_t b) { return as_float(static_cast<uint32_t>(b) << 16); }
+#ifdef __AVX512F__
+  static __m512 load16(const bits_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+#endif
+};
+
+struct F16 {
+  using bits_t = uint16_t;
+  static constexpr bits_t abs_mask = 0x7fff;
+  static float value(bits_t b) {
+    _Float16 h;
+    std::memcpy(&h, &b, sizeof h);
+    return static_cast<float>(h);
+  }
+#ifdef __AVX512F__
+  static __m512 load16(const bits_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+#endif
+};
+
+struct F32 {
+  using bits_t = uint32_t;
+  static constexpr bits_t abs_mask = 0x7fffffffu;
+  static float value(bits_t b) { return as_float(b); }
+#ifdef __AVX512F__
+  static __m512 load16(const bits_t* p) { return _mm512_loadu_ps(p); }
+#endif
+};
+
+// Smallest power of two >= s (s > 0); s itself when it is one, inf or NaN.
+inline float pow2_ceil(float s) {
+  const uint32_t u = as_bits(s);
+  if (u >= 0x7f800000u || (u >= 0x00800000u && (u & 0x7fffffu) == 0)) return s;
+  if (u < 0x00800000u) {  // subnormal: the next power of two of the bit pattern
+    uint32_t p = 1;
+    while (p < u) p <<= 1;
+    return as_float(p);
+  }
+  return as_float((u & 0x7f800000u) + 0x00800000u);
+}
+
+inline float scale_of(float amax, float qmax, bool ue8m0) {
+  const float scale = amax > 0.0f ? amax / qmax : 1.0f;
+  return ue8m0 ? pow2_ceil(scale) : scale;
+}
+
+template <typename T>
+void quant_row_scalar(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale,
+                      float qmax) {
+  for (int64_t c = 0; c < n; ++c) {
+    float y = T::value(src[c]) / scale;
+    y = y > qmax ? qmax : (y < -qmax ? -qmax : y);
+    dst[c] = e4m3_code(y);
+  }
+}
+
+#ifdef __AVX512F__
+// 16 lanes of e4m3_code(clamp(y)); lanes below 2^-6 or NaN take a rarely used slower path.
+inline __m128i e4m3_code16(__m512 y, __m512 lo, __m512 hi) {
+  y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));  // a NaN y passes through (second operand)
+  const __m512i u = _mm512_castps_si512(y);
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+  __m512i code = _mm512_add_epi32(_mm512_add_epi32(a, _mm512_set1_epi32(REBIAS)), odd);
+  code = _mm512_srli_epi32(code, 20);
+  const __m512i span = _mm512_set1_epi32(0x7f800000u - MIN_NORMAL);
+  const __mmask16 special =
+      _mm512_cmpgt_epu32_mask(_mm512_sub_epi32(a, _mm512_set1_epi32(MIN_NORMAL)), span);
+  if (__builtin_expect(special != 0, 0)) {
+    const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(as_float(SUB_MAGIC)));
+    const __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(sum), _mm512_set1_epi32(SUB_MAGIC));
+    const __mmask16 small = _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(MIN_NORMAL));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7f800000u));
+    code = _mm512_mask_mov_epi32(code, small, sub);
+    code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7f));
+  }
+  // code | ((u >> 24) & 0x80)
+  code = _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80), 0xf8);
+  return _mm512_cvtepi32_epi8(code);
+}
+
+template <typename T>
+void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax) {
+  const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 y = _mm512_div_ps(T::load16(src + c), s);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), e4m3_code16(y, lo, hi));
+  }
+  quant_row_scalar<T>(src + c, dst + c, n - c, scale, qmax);
+}
+#else
+template <typename T>
+void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax) {
+  quant_row_scalar<T>(src, dst, n, scale, qmax);
+}
+#endif
+
+constexpr int64_t GROUP_BYTES = 4 << 20;  // input bytes quantized together (amax, then codes)
+
+struct Layout {
+  int64_t rows, cols, bh, bw, grid_c, group;  // group: tiles of one band done together
+};
+
+// One band's `count` tiles from tile column `tc0`: amax (unless `given`), scales, codes.
+template <typename T>
+void quant_group(const typename T::bits_t* w, uint8_t* q, float* scale, const Layout& l,
+                 int64_t band, int64_t tc0, int64_t count, float qmax, bool ue8m0, bool given) {
+  using bits_t = typename T::bits_t;
+  const int64_t r0 = band * l.bh, h = std::min(l.bh, l.rows - r0);
+  const int64_t c0 = tc0 * l.bw, width = std::min(count * l.bw, l.cols - c0);
+  float* s = scale + band * l.grid_c + tc0;
+  if (!given) {
+    std::vector<bits_t> m(count, 0);
+    for (int64_t r = 0; r < h; ++r) {
+      const bits_t* row = w + (r0 + r) * l.cols + c0;
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t end = std::min((t + 1) * l.bw, width);
+        bits_t mt = m[t];
+        for (int64_t c = t * l.bw; c < end; ++c) mt = std::max<bits_t>(mt, row[c] & T::abs_mask);
+        m[t] = mt;
+      }
+    }
+    for (int64_t t = 0; t < count; ++t) s[t] = scale_of(T::value(m[t]), qmax, ue8m0);
+  }
+  for (int64_t r = 0; r < h; ++r) {
+    const int64_t at = (r0 + r) * l.cols + c0;
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t begin = t * l.bw, n = std::min(l.bw, width - begin);
+      quant_row<T>(w + at + begin, q + at + begin, n, s[t], qmax);
+    }
+  }
+}
+
+template <typename T>
+void quantize(const at::Tensor& w, at::Tensor& q, at::Tensor& scale, Layout l, float qmax,
+              bool ue8m0, bool given) {
+  const auto* src = reinterpret_cast<const typename T::bits_t*>(w.const_data_ptr());
+  uint8_t* dst = q.mutable_data_ptr<uint8_t>();
+  float* s = scale.mutable_data_ptr<float>();
+  const int64_t per_band = (l.grid_c + l.group - 1) / l.group;
+  const int64_t units = scale.size(0) * per_band;
+  auto run = [&](int64_t i) {
+    const int64_t band = i / per_band, tc0 = (i % per_band) * l.group;
+    quant_group<T>(src, dst, s, l, band, tc0, std::min(l.group, l.grid_c - tc0), qmax, ue8m0,
+                   given);
+  };
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(units, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < units; i = next++) run(i);
+  });
+}
+
+// Freed output buffers kept for reuse (their pages stay mapped); large ones ask for huge pages.
+class BufferPool {
+ public:
+  void* take(size_t nbytes, size_t* capacity) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second >= nbytes && it->second <= 2 * nbytes + 4096 &&
+            (best == free_.end() || it->second < best->second)) {
+          best = it;
+        }
+      }
+      if (best != free_.end()) {
+        void* p = best->first;
+        *capacity = best->second;
+        free_.erase(best);
+        return p;
+      }
+    }
+    *capacity = std::max<size_t>(nbytes, 64);
+    void* p = std::aligned_alloc(HUGE, (*capacity + HUGE - 1) / HUGE * HUGE);
+    TORCH_CHECK(p != nullptr, "fp8_block_quantize: out of memory for ", nbytes, " bytes");
+    if (*capacity >= HUGE) madvise(p, (*capacity + HUGE - 1) / HUGE * HUGE, MADV_HUGEPAGE);
+    return p;
+  }
+
+  void give(void* p, size_t capacity) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (capacity < MIN_KEEP) {
+      std::free(p);
+      return;
+    }
+    free_.emplace_back(p, capacity);
+    if (free_.size() > KEEP) {  // drop the oldest
+      std::free(free_.front().first);
+      free_.erase(free_.begin());
+    }
+  }
+
+ private:
+  static constexpr size_t HUGE = 2 << 20, MIN_KEEP = 1 << 20, KEEP = 4;
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> free_;
+};
+
+BufferPool& pool() {
+  static auto* p = new BufferPool();  // never destroyed: tensors may outlive static teardown
+  return *p;
+}
+
+at::Tensor pooled_codes(at::IntArrayRef sizes) {
+  size_t nbytes = 1, capacity = 0;
+  for (auto d : sizes) nbytes *= static_cast<size_t>(d);
+  void* p = pool().take(nbytes, &capacity);
+  return at::from_blob(
+      p, sizes, [capacity](void* ptr) { pool().give(ptr, capacity); },
+      at::TensorOptions().dtype(at::kByte));
+}
+
+// The uint8 e4m3 codes of `w` (same shape); fills `scale` (float32 [ceil(rows/bh),
+// ceil(cols/bw)]). scale_mode: 0 amax/qmax, 1 the same rounded up to a power of two (ue8m0),
+// 2 `scale` holds the scales to use. `group`: tiles of a band quantized together (0: as many
+// as fit in GROUP_BYTES; a whole band streams best).
+at::Tensor fp8_block_quantize(const at::Tensor& w, at::Tensor& scale, int64_t bh, int64_t bw,
+                              double qmax, int64_t scale_mode, int64_t group) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+              "fp8_block_quantize: needs a contiguous 2-D CPU tensor");
+  TORCH_CHECK(bh > 0 && bw > 0 && group >= 0, "fp8_block_quantize: block sizes must be positive");
+  const int64_t grid_r = (w.size(0) + bh - 1) / bh, grid_c = (w.size(1) + bw - 1) / bw;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                  scale.size(0) == grid_r && scale.size(1) == grid_c,
+              "fp8_block_quantize: scale must be contiguous float32 [", grid_r, ", ", grid_c, "]");
+  at::Tensor q = pooled_codes(w.sizes());
+  if (w.numel() == 0) return q;
+  if (group == 0) group = std::max<int64_t>(1, GROUP_BYTES / (bh * bw * w.element_size()));
+  const Layout l{w.size(0), w.size(1), bh, bw, grid_c, std::clamp<int64_t>(group, 1, grid_c)};
+  const bool ue8m0 = scale_mode == 1, given = scale_mode == 2;
+  const float limit = static_cast<float>(qmax);
+  switch (w.scalar_type()) {
+    case at::kBFloat16:
+      quantize<BF16>(w, q, scale, l, limit, ue8m0, given);
+      break;
+    case at::kHalf:
+      quantize<F16>(w, q, scale, l, limit, ue8m0, given);
+      break;
+    case at::kFloat:
+      quantize<F32>(w, q, scale, l, limit, ue8m0, given);
+      break;
+    default:
+      TORCH_CHECK(false, "fp8_block_quantize: expected bf16, fp16 or fp32, got ",
+                  w.scalar_type());
+  }
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(quantscale_fp8, m) {
+  m.def("block_quantize(Tensor w, Tensor(a!) scale, int bh, int bw, float qmax, "
+        "int scale_mode, int group) -> Tensor");
+  m.impl("block_quantize", c10::DispatchKey::CPU, &fp8_block_quantize);
+}
