@@ -75,6 +75,7 @@ def test_cpp_matches_reference(native, shape, dtype, scale_fmt):
 
 def test_cpp_random_shapes_reuse_buffers(native):
     """Random shapes one after another: output buffers come back from the kernel's pool."""
+    assert torch.ops.quantscale_fp8.simd_lanes() in (1, 8, 16)
     gen = torch.Generator().manual_seed(0)
     for i in range(12):
         shape = tuple(int(x) for x in torch.randint(1, 700, (2,), generator=gen))
@@ -199,19 +200,19 @@ def test_failed_build_falls_back_to_eager(tmp_path, monkeypatch, caplog):
         assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
         assert "C++ FP8 kernel unavailable" in warnings[0].getMessage()
         assert "error:" in warnings[0].getMessage() or "ninja" in warnings[0].getMessage()
-        assert not fp8_fast.native_available()
+        assert not fp8_fast.native_available() and not fp8_fast.native_vectorized()
     finally:
         fp8_fast._native.cache_clear()
 
 
 def test_backend_choice(monkeypatch):
     monkeypatch.setattr(fp8_fast, "native_built", lambda: False)
-    monkeypatch.setattr(fp8_fast, "native_available", lambda: True)
+    monkeypatch.setattr(fp8_fast, "native_vectorized", lambda: True)
     assert fp8_fast.choose_backend(10) == "eager"  # a build would cost more than it saves
     assert fp8_fast.choose_backend(10**12) == "cpp"
     monkeypatch.setattr(fp8_fast, "native_built", lambda: True)
     assert fp8_fast.choose_backend(10) == "cpp"  # built already: loading is cheap
-    monkeypatch.setattr(fp8_fast, "native_available", lambda: False)
+    monkeypatch.setattr(fp8_fast, "native_vectorized", lambda: False)
     monkeypatch.setattr(fp8_fast, "compile_available", lambda: False)
     assert fp8_fast.choose_backend(10**12) == "eager"
     monkeypatch.setattr(fp8_fast, "compile_available", lambda: True)

@@ -119,6 +119,12 @@ def native_available() -> bool:
     return _native() is not None
 
 
+def native_vectorized() -> bool:
+    """Whether the C++ backend works and uses AVX-512 or AVX2 (plain C++ is no faster than
+    "eager" here: 0.7 vs 0.7 GB/s; AVX2 5 GB/s, AVX-512 8-10 GB/s)."""
+    return native_available() and torch.ops.quantscale_fp8.simd_lanes() > 1
+
+
 _ROWS_PER_STEP = 2  # block-rows per eager step: 2 x 128 rows x in-features float32
 
 
@@ -153,11 +159,12 @@ def compile_available() -> bool:
 def choose_backend(total_elements: int | None = None) -> str:
     """The fastest backend worth its start-up cost for `total_elements` (None: unlimited).
 
-    "cpp" when it is built already, or when enough elements repay building it and the build
-    works; else "compile" when enough elements repay compiling and compile works; else "eager".
+    "cpp" when it is built already, or when enough elements repay building it, and it is
+    vectorized here; else "compile" when enough elements repay compiling and compile works;
+    else "eager".
     """
     many = total_elements is None or total_elements >= NATIVE_BUILD_MIN_ELEMENTS
-    if (native_built() or many) and native_available():
+    if (native_built() or many) and native_vectorized():
         return "cpp"
     if total_elements is not None and total_elements < COMPILE_MIN_ELEMENTS:
         return "eager"

@@ -19,8 +19,14 @@
 #include <mutex>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
+#define QS_LANES 16
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__F16C__)
+#define QS_LANES 8
+#include <immintrin.h>
+#else
+#define QS_LANES 1
 #endif
 
 namespace {
@@ -58,10 +64,15 @@ struct BF16 {
   using bits_t = uint16_t;
   static constexpr bits_t abs_mask = 0x7fff;
   static float value(bits_t b) { return as_float(static_cast<uint32_t>(b) << 16); }
-#ifdef __AVX512F__
-  static __m512 load16(const bits_t* p) {
+#if QS_LANES == 16
+  static __m512 load(const bits_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+#elif QS_LANES == 8
+  static __m256 load(const bits_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
 #endif
 };
@@ -74,9 +85,13 @@ struct F16 {
     std::memcpy(&h, &b, sizeof h);
     return static_cast<float>(h);
   }
-#ifdef __AVX512F__
-  static __m512 load16(const bits_t* p) {
+#if QS_LANES == 16
+  static __m512 load(const bits_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+#elif QS_LANES == 8
+  static __m256 load(const bits_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 #endif
 };
@@ -85,8 +100,10 @@ struct F32 {
   using bits_t = uint32_t;
   static constexpr bits_t abs_mask = 0x7fffffffu;
   static float value(bits_t b) { return as_float(b); }
-#ifdef __AVX512F__
-  static __m512 load16(const bits_t* p) { return _mm512_loadu_ps(p); }
+#if QS_LANES == 16
+  static __m512 load(const bits_t* p) { return _mm512_loadu_ps(p); }
+#elif QS_LANES == 8
+  static __m256 load(const bits_t* p) { return _mm256_loadu_ps(reinterpret_cast<const float*>(p)); }
 #endif
 };
 
@@ -117,7 +134,7 @@ void quant_row_scalar(const typename T::bits_t* src, uint8_t* dst, int64_t n, fl
   }
 }
 
-#ifdef __AVX512F__
+#if QS_LANES == 16
 // 16 lanes of e4m3_code(clamp(y)); lanes below 2^-6 or NaN take a rarely used slower path.
 inline __m128i e4m3_code16(__m512 y, __m512 lo, __m512 hi) {
   y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));  // a NaN y passes through (second operand)
@@ -147,8 +164,46 @@ void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float sca
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
-    const __m512 y = _mm512_div_ps(T::load16(src + c), s);
+    const __m512 y = _mm512_div_ps(T::load(src + c), s);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), e4m3_code16(y, lo, hi));
+  }
+  quant_row_scalar<T>(src + c, dst + c, n - c, scale, qmax);
+}
+#elif QS_LANES == 8
+// 8 lanes of e4m3_code(clamp(y)) in the low 8 bytes (AVX2: no unsigned compares, no masks).
+inline __m128i e4m3_code8(__m256 y, __m256 lo, __m256 hi) {
+  y = _mm256_min_ps(hi, _mm256_max_ps(lo, y));  // a NaN y passes through (second operand)
+  const __m256i u = _mm256_castps_si256(y);
+  const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+  __m256i code = _mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(REBIAS)), odd);
+  code = _mm256_srli_epi32(code, 20);
+  // a >= 0 as int32, so signed compares order it
+  const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(MIN_NORMAL), a);
+  const __m256i nan = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000));
+  const __m256i special = _mm256_or_si256(small, nan);
+  if (__builtin_expect(!_mm256_testz_si256(special, special), 0)) {
+    const __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(a), _mm256_set1_ps(as_float(SUB_MAGIC)));
+    const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(sum), _mm256_set1_epi32(SUB_MAGIC));
+    code = _mm256_blendv_epi8(code, sub, small);
+    code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7f), nan);
+  }
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+  code = _mm256_or_si256(code, sign);
+  // low byte of each 32-bit lane: 4 bytes per 128-bit half, then the halves side by side
+  const __m256i bytes = _mm256_shuffle_epi8(
+      code, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+  return _mm_unpacklo_epi32(_mm256_castsi256_si128(bytes), _mm256_extracti128_si256(bytes, 1));
+}
+
+template <typename T>
+void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax) {
+  const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const __m256 y = _mm256_div_ps(T::load(src + c), s);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + c), e4m3_code8(y, lo, hi));
   }
   quant_row_scalar<T>(src + c, dst + c, n - c, scale, qmax);
 }
@@ -312,8 +367,12 @@ at::Tensor fp8_block_quantize(const at::Tensor& w, at::Tensor& scale, int64_t bh
 
 }  // namespace
 
+// Floats per SIMD step this build uses (16 AVX-512, 8 AVX2, 1 plain C++).
+int64_t simd_lanes() { return QS_LANES; }
+
 TORCH_LIBRARY(quantscale_fp8, m) {
   m.def("block_quantize(Tensor w, Tensor(a!) scale, int bh, int bw, float qmax, "
         "int scale_mode, int group) -> Tensor");
   m.impl("block_quantize", c10::DispatchKey::CPU, &fp8_block_quantize);
+  m.def("simd_lanes() -> int", &simd_lanes);
 }
