@@ -306,6 +306,9 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: st
     if base is not None:
         ax.axhline(base.metrics[metric], color="gray", linestyle="--", label="baseline")
         ax.legend()
+    values = [r.metrics[metric] for r in rows]
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
     ax.set_ylabel(metric)
     ax.set_title(title)
     fig.tight_layout()
