@@ -1,16 +1,21 @@
 """FP8 block-128 conversion of a bf16 checkpoint: quantscale vs peers vs the machine's floor.
 
-For each input (SmolLM2-135M from the cache; a synthetic ~1 GB Llama-shaped checkpoint) it
-runs, alternating, in separate processes:
+For each input (SmolLM2-135M from the cache; synthetic Llama-shaped checkpoints of
+`--size-gb` GB each, 1 by default) it runs, alternating, in separate processes:
 - floor: read every input byte and write as many bytes as our output has, no computation;
-- quantscale: `quantize_checkpoint_fp8` (the `quantscale quantize --scheme fp8-block` path);
+- quantscale: `quantize_checkpoint_fp8` (the `quantscale quantize --scheme fp8-block` path)
+  with `--backend` (default auto; a comma list adds one job per further backend, e.g.
+  `--backend auto,eager` to compare kernels end to end);
 - llm-compressor 0.14 `model_free_ptq(scheme="FP8_BLOCK")`, in its own venv;
 - ModelOpt 0.47 FP8 2D blockwise weight-only + HF export, in its own venv (if it runs on CPU).
 Each job reports its own work time (after imports) on a `BENCH {json}` line; the table shows
 that, the process wall time, GB/s of bf16 read, peak RSS and ratios to the floor and to us.
-`--kernel` measures the in-memory quantizer alone against an in-memory copy of the bytes.
+`--kernel` measures the in-memory quantizers alone (reference, eager, compiled, C++) against
+an in-memory copy of the bytes, alternating. The C++ kernel is built here first (once, into
+the cache), so that "auto" in the conversion jobs finds it.
 
     .venv/bin/python benchmarks/fp8_block.py [--repeats 3] [--quick] [--kernel] [--no-peers]
+        [--size-gb 1 2] [--backend auto,eager]
 """
 
 from __future__ import annotations
@@ -112,8 +117,11 @@ def job_ours(src: Path, out: Path, backend: str, writer: str) -> None:
     (no writer thread; whole output shard in memory) to measure what streaming gains."""
     t0 = time.perf_counter()
     import functools
+    import math
 
     from quantscale.checkpoint import fp8_quantize
+    from quantscale.checkpoint.io import Checkpoint
+    from quantscale.formats import fp8_fast
 
     if writer != "stream":
         mode = {"plan_fn": None} if writer == "collect" else {"threaded": False}
@@ -122,7 +130,11 @@ def job_ours(src: Path, out: Path, backend: str, writer: str) -> None:
     t1 = time.perf_counter()
     fp8_quantize.quantize_checkpoint_fp8(src, out, backend=backend)
     t2 = time.perf_counter()
-    print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1}))
+    if backend == "auto":  # the same choice quantize_checkpoint_fp8 made
+        infos = Checkpoint(src).tensors.values()
+        total = sum(math.prod(i.shape) for i in infos if fp8_quantize.quantizable(i))
+        backend = fp8_fast.choose_backend(total)
+    print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1, "backend": backend}))
 
 
 def _with(fn, overrides: dict, *args, **kwargs):
@@ -138,8 +150,27 @@ def cache_dir() -> Path:
     return root()
 
 
-def inputs(quick: bool) -> dict[str, Path]:
-    """Input checkpoints: SmolLM2 (if the cache can provide it) and a synthetic ~1 GB one."""
+SYNTH_SHAPE = {"hidden": 2048, "intermediate": 5632, "vocab": 16000}
+SYNTH_LAYER_BYTES = 90_185_728  # bf16 bytes of one decoder layer of that shape (GQA 16/4)
+SYNTH_FIXED_BYTES = 131_076_096  # embeddings, lm_head and final norm
+
+
+def synthetic(size_gb: float) -> Path:
+    """A bf16 Llama-shaped checkpoint of about `size_gb` GB (written once into the cache);
+    layers fill the size, about 0.5 GB per shard."""
+    from quantscale.checkpoint.synthetic import write_llama_like
+
+    layers = max(1, round((size_gb * 1e9 - SYNTH_FIXED_BYTES) / SYNTH_LAYER_BYTES))
+    shards = max(2, round(2 * size_gb))
+    path = cache_dir() / "bench-inputs" / f"llama-{size_gb:g}gb-bf16"
+    if not (path / "config.json").exists():
+        print(f"writing synthetic checkpoint {path} ({layers} layers, {shards} shards)")
+        write_llama_like(path, layers=layers, shards=shards, overwrite=True, **SYNTH_SHAPE)
+    return path
+
+
+def inputs(quick: bool, sizes_gb: list[float]) -> dict[str, Path]:
+    """Input checkpoints: SmolLM2 (if the cache can provide it) and synthetic ones."""
     found = {}
     try:
         from quantscale.assets import smollm2_checkpoint
@@ -148,21 +179,8 @@ def inputs(quick: bool) -> dict[str, Path]:
     except Exception as err:  # noqa: BLE001 - the benchmark still runs on the synthetic one
         print(f"SmolLM2 unavailable ({err}); synthetic checkpoint only")
     if not quick:
-        from quantscale.checkpoint.synthetic import write_llama_like
-
-        path = cache_dir() / "bench-inputs" / "llama-1gb-bf16"
-        if not (path / "config.json").exists():
-            print(f"writing synthetic checkpoint {path}")
-            write_llama_like(
-                path,
-                hidden=2048,
-                intermediate=5632,
-                layers=10,
-                vocab=16000,
-                shards=2,
-                overwrite=True,
-            )
-        found["synthetic-1GB"] = path
+        for size in sizes_gb:
+            found[f"synthetic-{size:g}GB"] = synthetic(size)
     return found
 
 
@@ -210,7 +228,7 @@ def peers(enabled: bool) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backend: str) -> dict:
+def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backends: list[str]) -> dict:
     from quantscale.checkpoint.io import Checkpoint
 
     ckpt = Checkpoint(src)
@@ -233,10 +251,10 @@ def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backend: s
 
         return run
 
-    jobs = {
-        "floor": job("floor", [*me, "--job", "floor", "--out-bytes", str(out_bytes)]),
-        "quantscale": job("quantscale", [*me, "--job", "ours", "--backend", backend]),
-    }
+    jobs = {"floor": job("floor", [*me, "--job", "floor", "--out-bytes", str(out_bytes)])}
+    for i, backend in enumerate(backends):
+        name = "quantscale" if i == 0 else f"quantscale-{backend}"
+        jobs[name] = job(name, [*me, "--job", "ours", "--backend", backend])
     for name, (python, source) in peer_jobs.items():
         jobs[name] = job(name, [str(python), "-c", source])
     print(f"\n{label}: {src} ({in_bytes / 1e9:.3f} GB bf16 in, {out_bytes / 1e9:.3f} GB out)")
@@ -279,7 +297,8 @@ def table(results: dict) -> None:
 
 
 def kernel_bench(repeats: int) -> dict:
-    """Quantizer rates on a 4096x8192 bf16 weight vs an in-memory copy of the same bytes.
+    """Quantizer rates on a 4096x8192 bf16 weight vs an in-memory copy of the same bytes,
+    best of `repeats` alternating rounds (copy, reference, eager, compiled, cpp, copy, ...).
 
     Rates are bf16 bytes per second (elements x 2), the copy's is bytes copied per second,
     so `*_vs_copy` compares elements per second.
@@ -291,44 +310,68 @@ def kernel_bench(repeats: int) -> dict:
 
     w = torch.randn(4096, 8192).to(torch.bfloat16)
     dst = torch.empty_like(w)
-
-    def best(fn) -> float:
-        fn()
-        return min(_timed(fn) for _ in range(repeats))
-
-    t_compile = time.perf_counter()
+    result = {"elements": w.numel(), "loadavg": common.loadavg()}
+    was_built = fp8_fast.native_built()
+    t0 = time.perf_counter()
+    native = fp8_fast.native_vectorized()
+    result["cpp_build_s"] = time.perf_counter() - t0
+    result["cpp_was_cached"] = was_built
+    if fp8_fast.native_available():
+        result["cpp_simd_lanes"] = int(torch.ops.quantscale_fp8.simd_lanes())
+    t0 = time.perf_counter()
     compiled = fp8_fast.compile_available()
     if compiled:
         fp8_fast.quantize_fp8_block_fast(w, backend="compile")
-    t_compile = time.perf_counter() - t_compile
-    result = {"elements": w.numel(), "loadavg": common.loadavg(), "compile_s": t_compile}
-    times = {
-        "copy": best(lambda: dst.copy_(w)),
-        "reference": best(lambda: quantize_fp8_block(w)),
-        "eager": best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="eager")),
+    result["compile_s"] = time.perf_counter() - t0
+    fns = {
+        "copy": lambda: dst.copy_(w),
+        "reference": lambda: quantize_fp8_block(w),
+        "eager": lambda: fp8_fast.quantize_fp8_block_fast(w, backend="eager"),
     }
     if compiled:
-        times["compiled"] = best(lambda: fp8_fast.quantize_fp8_block_fast(w, backend="compile"))
+        fns["compiled"] = lambda: fp8_fast.quantize_fp8_block_fast(w, backend="compile")
+    if fp8_fast.native_available():
+        fns["cpp"] = lambda: fp8_fast.quantize_fp8_block_fast(w, backend="cpp")
+    result["cpp_vectorized"] = native
+    times = _alternate_best(fns, repeats)
     for key, t in times.items():
         result[f"{key}_s"] = t
         result[f"{key}_GBps"] = w.nbytes / t / 1e9
         result[f"{key}_vs_copy"] = times["copy"] / t
+    result["loadavg_end"] = common.loadavg()
     for key, value in result.items():
         print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
     return result
 
 
+def _alternate_best(fns: dict, rounds: int) -> dict[str, float]:
+    """Best time of each function over `rounds` rounds that run them in turn (after a warm-up),
+    so that load on the machine hits all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            best[key] = min(best[key], _timed(fn))
+    return best
+
+
 def kernel_rows(k: dict) -> list[dict]:
     """Rows of the combined table for the in-memory kernels."""
     rows = []
-    for tool in ("copy", "reference", "eager", "compiled"):
+    for tool in ("copy", "reference", "eager", "compiled", "cpp"):
         if f"{tool}_s" not in k:
             continue
         summary = {"ok": True, "wall_min_s": k[f"{tool}_s"], "loadavg": [k["loadavg"]]}
         note = f"{k[f'{tool}_GBps']:.2f} GB/s bf16"
         if tool == "compiled":
             note += f", after {k['compile_s']:.1f} s compile"
+        if tool == "cpp":
+            how = "load" if k["cpp_was_cached"] else "build"
+            note += f", {k.get('cpp_simd_lanes', 1)} lanes, after {k['cpp_build_s']:.1f} s {how}"
         name = "memory copy" if tool == "copy" else f"quantscale {tool}"
+        if tool == "cpp":
+            name = "quantscale C++"
         rows.append(
             common.result_row(
                 "fp8-block 4096x8192 in memory",
@@ -349,9 +392,11 @@ def checkpoint_rows(label: str, res: dict) -> list[dict]:
         if not summ.get("ok"):
             tails = [r["output_tail"] for r in res["runs"][name] if r["returncode"] != 0]
             note = (tails[-1].strip().splitlines() or [""])[-1][:100] if tails else None
-        elif name == "quantscale":
+        elif name.startswith("quantscale"):
             note = f"peak RSS = {summ['peak_rss_mb'] * 2**20 / res['largest_shard_bytes']:.2f}"
             note += " x largest shard"
+            backends = {r["extra"].get("backend") for r in res["runs"][name] if r["extra"]}
+            note += f", kernel {'/'.join(sorted(b for b in backends if b))}"
         rows.append(
             common.result_row(
                 f"fp8-block {label}",
@@ -377,7 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--job", choices=["floor", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--out-bytes", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="auto", help="quantscale kernel: auto, eager, compile")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="quantscale kernel: auto, cpp, eager, compile; a comma list runs one job each",
+    )
+    p.add_argument(
+        "--size-gb",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="sizes of the synthetic checkpoints (GB of bf16), e.g. --size-gb 1 2",
+    )
     p.add_argument("--writer", default="stream", choices=["stream", "sync", "collect"])
     p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3)
@@ -399,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.kernel:
         repeats = 1 if args.quick else args.repeats
         peer_jobs = peers(not args.no_peers)
+        backends = args.backend.split(",")
         payload["checkpoints"] = {
-            label: bench_input(label, src, repeats, peer_jobs, args.backend)
-            for label, src in inputs(args.quick).items()
+            label: bench_input(label, src, repeats, peer_jobs, backends)
+            for label, src in inputs(args.quick, args.size_gb).items()
         }
         print()
         table(payload["checkpoints"])

@@ -88,6 +88,29 @@ def test_cpp_random_shapes_reuse_buffers(native):
             _same(fp8_fast.quantize_fp8_block_fast(w, scale_fmt=scale_fmt, backend="cpp"), expected)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_tall_weights_read_ahead(native, threads):
+    """Many bands per thread: each band's amax is read while the band before is quantized
+    (up to 8 bands in a row per thread), also across NaN/inf tiles and a short last band."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (shape, dtype) in enumerate(
+            [((4100, 200), torch.bfloat16), ((2304, 130), DTYPES[1])]
+        ):
+            w = _weight(shape, dtype, seed=i)
+            w[300, 5], w[1500, 100] = float("nan"), float("inf")
+            w[2000:2100] *= 1e4
+            w[::128] *= 30  # each band's amax in its first row
+            for scale_fmt in (None, "ue8m0"):
+                _same_nan_aside(
+                    fp8_fast.quantize_fp8_block_fast(w, scale_fmt=scale_fmt, backend="cpp"),
+                    quantize_fp8_block(w, scale_fmt=scale_fmt),
+                )
+    finally:
+        torch.set_num_threads(before)
+
+
 def _finite_bf16_up_to(limit: float) -> torch.Tensor:
     """Every bf16 value with |x| <= limit (both signs), as bf16."""
     codes = torch.arange(0x8000, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

@@ -136,8 +136,9 @@ void quant_row_scalar(const typename T::bits_t* src, uint8_t* dst, int64_t n, fl
 
 #if QS_LANES == 16
 // 16 lanes of e4m3_code(clamp(y)); lanes below 2^-6 or NaN take a rarely used slower path.
+template <bool CLAMP>
 inline __m128i e4m3_code16(__m512 y, __m512 lo, __m512 hi) {
-  y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));  // a NaN y passes through (second operand)
+  if (CLAMP) y = _mm512_min_ps(hi, _mm512_max_ps(lo, y));  // NaN passes (second operand)
   const __m512i u = _mm512_castps_si512(y);
   const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
@@ -159,15 +160,26 @@ inline __m128i e4m3_code16(__m512 y, __m512 lo, __m512 hi) {
   return _mm512_cvtepi32_epi8(code);
 }
 
-template <typename T>
-void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax) {
+template <typename T, bool CLAMP>
+void quant_row_simd(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale,
+                    float qmax) {
   const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) {
     const __m512 y = _mm512_div_ps(T::load(src + c), s);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), e4m3_code16(y, lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), e4m3_code16<CLAMP>(y, lo, hi));
   }
   quant_row_scalar<T>(src + c, dst + c, n - c, scale, qmax);
+}
+
+template <typename T>
+void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax,
+               bool clamp) {
+  if (clamp) {
+    quant_row_simd<T, true>(src, dst, n, scale, qmax);
+  } else {
+    quant_row_simd<T, false>(src, dst, n, scale, qmax);
+  }
 }
 #elif QS_LANES == 8
 // 8 lanes of e4m3_code(clamp(y)) in the low 8 bytes (AVX2: no unsigned compares, no masks).
@@ -198,7 +210,8 @@ inline __m128i e4m3_code8(__m256 y, __m256 lo, __m256 hi) {
 }
 
 template <typename T>
-void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax) {
+void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax,
+               bool) {
   const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
@@ -209,62 +222,126 @@ void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float sca
 }
 #else
 template <typename T>
-void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax) {
+void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float scale, float qmax,
+               bool) {
   quant_row_scalar<T>(src, dst, n, scale, qmax);
 }
 #endif
 
-constexpr int64_t GROUP_BYTES = 4 << 20;  // input bytes quantized together (amax, then codes)
+constexpr int64_t GROUP_BYTES = 4 << 20;  // input bytes of a band's tiles done together
+constexpr int64_t MAX_BANDS_PER_UNIT = 8;  // consecutive bands one thread takes at a time
+// E4M3: every |y| in [448, 464] rounds to the 448 code, so tiles whose amax / scale stays
+// below this need no clamp (the clamp then changes nothing).
+constexpr float E4M3_NO_CLAMP = 456.0f;
 
 struct Layout {
   int64_t rows, cols, bh, bw, grid_c, group;  // group: tiles of one band done together
+  float qmax;
+  bool ue8m0, given;
 };
 
-// One band's `count` tiles from tile column `tc0`: amax (unless `given`), scales, codes.
+// Rows [r_begin, r_end) of one band's `count` tiles from tile column `tc0`.
+struct Span {
+  int64_t band, tc0, count;
+  int64_t r0(const Layout& l) const { return band * l.bh; }
+  int64_t height(const Layout& l) const { return std::min(l.bh, l.rows - r0(l)); }
+  int64_t c0(const Layout& l) const { return tc0 * l.bw; }
+  int64_t width(const Layout& l) const { return std::min(count * l.bw, l.cols - c0(l)); }
+};
+
+// Per tile of `sp`, fold the |x| bits of rows [r_begin, r_end) into m[t].
 template <typename T>
-void quant_group(const typename T::bits_t* w, uint8_t* q, float* scale, const Layout& l,
-                 int64_t band, int64_t tc0, int64_t count, float qmax, bool ue8m0, bool given) {
+void amax_rows(const typename T::bits_t* w, const Layout& l, const Span& sp, int64_t r_begin,
+               int64_t r_end, typename T::bits_t* m) {
   using bits_t = typename T::bits_t;
-  const int64_t r0 = band * l.bh, h = std::min(l.bh, l.rows - r0);
-  const int64_t c0 = tc0 * l.bw, width = std::min(count * l.bw, l.cols - c0);
-  float* s = scale + band * l.grid_c + tc0;
-  if (!given) {
-    std::vector<bits_t> m(count, 0);
-    for (int64_t r = 0; r < h; ++r) {
-      const bits_t* row = w + (r0 + r) * l.cols + c0;
-      for (int64_t t = 0; t < count; ++t) {
-        const int64_t end = std::min((t + 1) * l.bw, width);
-        bits_t mt = m[t];
-        for (int64_t c = t * l.bw; c < end; ++c) mt = std::max<bits_t>(mt, row[c] & T::abs_mask);
-        m[t] = mt;
-      }
+  const int64_t width = sp.width(l);
+  r_end = std::min(r_end, sp.height(l));
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const bits_t* row = w + (sp.r0(l) + r) * l.cols + sp.c0(l);
+    for (int64_t t = 0; t < sp.count; ++t) {
+      const int64_t end = std::min((t + 1) * l.bw, width);
+      bits_t mt = m[t];
+      for (int64_t c = t * l.bw; c < end; ++c) mt = std::max<bits_t>(mt, row[c] & T::abs_mask);
+      m[t] = mt;
     }
-    for (int64_t t = 0; t < count; ++t) s[t] = scale_of(T::value(m[t]), qmax, ue8m0);
   }
-  for (int64_t r = 0; r < h; ++r) {
-    const int64_t at = (r0 + r) * l.cols + c0;
-    for (int64_t t = 0; t < count; ++t) {
+}
+
+// Scales of `sp`'s tiles from their amax bits (unless given), and whether each needs a clamp.
+template <typename T>
+void finish_scales(const typename T::bits_t* m, const Layout& l, const Span& sp, float* scale,
+                   uint8_t* clamp) {
+  float* s = scale + sp.band * l.grid_c + sp.tc0;
+  for (int64_t t = 0; t < sp.count; ++t) {
+    if (l.given) {
+      clamp[t] = 1;
+      continue;
+    }
+    const float amax = T::value(m[t]);
+    s[t] = scale_of(amax, l.qmax, l.ue8m0);
+    clamp[t] = !(l.qmax == 448.0f && amax / s[t] <= E4M3_NO_CLAMP);  // NaN: clamp
+  }
+}
+
+template <typename T>
+void quant_rows(const typename T::bits_t* w, uint8_t* q, const Layout& l, const Span& sp,
+                int64_t r_begin, int64_t r_end, const float* scale, const uint8_t* clamp) {
+  const float* s = scale + sp.band * l.grid_c + sp.tc0;
+  const int64_t width = sp.width(l);
+  r_end = std::min(r_end, sp.height(l));
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t at = (sp.r0(l) + r) * l.cols + sp.c0(l);
+    for (int64_t t = 0; t < sp.count; ++t) {
       const int64_t begin = t * l.bw, n = std::min(l.bw, width - begin);
-      quant_row<T>(w + at + begin, q + at + begin, n, s[t], qmax);
+      quant_row<T>(w + at + begin, q + at + begin, n, s[t], l.qmax, clamp[t]);
+    }
+  }
+}
+
+// Bands [b0, b1) of the tiles from column `tc0`: while band b is quantized (its rows come
+// from cache), the rows of band b + 1 stream in from memory for their amax.
+template <typename T>
+void quant_unit(const typename T::bits_t* w, uint8_t* q, float* scale, const Layout& l,
+                int64_t b0, int64_t b1, int64_t tc0, int64_t count) {
+  std::vector<typename T::bits_t> m_cur(count, 0), m_next(count, 0);
+  std::vector<uint8_t> clamp_cur(count), clamp_next(count);
+  Span cur{b0, tc0, count};
+  if (!l.given) amax_rows<T>(w, l, cur, 0, l.bh, m_cur.data());
+  finish_scales<T>(m_cur.data(), l, cur, scale, clamp_cur.data());
+  for (int64_t b = b0; b < b1; ++b) {
+    cur.band = b;
+    const Span next{b + 1, tc0, count};
+    const bool ahead = !l.given && b + 1 < b1;
+    std::fill(m_next.begin(), m_next.end(), 0);
+    for (int64_t r = 0; r < l.bh; ++r) {
+      if (ahead) amax_rows<T>(w, l, next, r, r + 1, m_next.data());
+      quant_rows<T>(w, q, l, cur, r, r + 1, scale, clamp_cur.data());
+    }
+    if (b + 1 < b1) {
+      finish_scales<T>(m_next.data(), l, next, scale, clamp_next.data());
+      std::swap(clamp_cur, clamp_next);
     }
   }
 }
 
 template <typename T>
-void quantize(const at::Tensor& w, at::Tensor& q, at::Tensor& scale, Layout l, float qmax,
-              bool ue8m0, bool given) {
+void quantize(const at::Tensor& w, at::Tensor& q, at::Tensor& scale, const Layout& l) {
   const auto* src = reinterpret_cast<const typename T::bits_t*>(w.const_data_ptr());
   uint8_t* dst = q.mutable_data_ptr<uint8_t>();
   float* s = scale.mutable_data_ptr<float>();
+  const int64_t threads = at::get_num_threads(), grid_r = scale.size(0);
   const int64_t per_band = (l.grid_c + l.group - 1) / l.group;
-  const int64_t units = scale.size(0) * per_band;
+  // enough units (4 per thread) for a preempted thread's share to move to the others
+  const int64_t bands = std::clamp<int64_t>(grid_r * per_band / (4 * threads), 1,
+                                            MAX_BANDS_PER_UNIT);
+  const int64_t chunks = (grid_r + bands - 1) / bands, units = chunks * per_band;
   auto run = [&](int64_t i) {
-    const int64_t band = i / per_band, tc0 = (i % per_band) * l.group;
-    quant_group<T>(src, dst, s, l, band, tc0, std::min(l.group, l.grid_c - tc0), qmax, ue8m0,
-                   given);
+    const int64_t b0 = (i / per_band) * bands, tc0 = (i % per_band) * l.group;
+    quant_unit<T>(src, dst, s, l, b0, std::min(b0 + bands, grid_r), tc0,
+                  std::min(l.group, l.grid_c - tc0));
   };
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(units, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min(units, threads), 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < units; i = next++) run(i);
   });
 }
@@ -345,18 +422,24 @@ at::Tensor fp8_block_quantize(const at::Tensor& w, at::Tensor& scale, int64_t bh
   at::Tensor q = pooled_codes(w.sizes());
   if (w.numel() == 0) return q;
   if (group == 0) group = std::max<int64_t>(1, GROUP_BYTES / (bh * bw * w.element_size()));
-  const Layout l{w.size(0), w.size(1), bh, bw, grid_c, std::clamp<int64_t>(group, 1, grid_c)};
-  const bool ue8m0 = scale_mode == 1, given = scale_mode == 2;
-  const float limit = static_cast<float>(qmax);
+  const Layout l{w.size(0),
+                 w.size(1),
+                 bh,
+                 bw,
+                 grid_c,
+                 std::clamp<int64_t>(group, 1, grid_c),
+                 static_cast<float>(qmax),
+                 scale_mode == 1,
+                 scale_mode == 2};
   switch (w.scalar_type()) {
     case at::kBFloat16:
-      quantize<BF16>(w, q, scale, l, limit, ue8m0, given);
+      quantize<BF16>(w, q, scale, l);
       break;
     case at::kHalf:
-      quantize<F16>(w, q, scale, l, limit, ue8m0, given);
+      quantize<F16>(w, q, scale, l);
       break;
     case at::kFloat:
-      quantize<F32>(w, q, scale, l, limit, ue8m0, given);
+      quantize<F32>(w, q, scale, l);
       break;
     default:
       TORCH_CHECK(false, "fp8_block_quantize: expected bf16, fp16 or fp32, got ",
