@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from quantscale.checkpoint import convert, dequantize
+from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.synthetic import write_llama_like
 from quantscale.formats import fp8_fast
 from quantscale.formats.fp8 import E4M3, E5M2, all_codes, quantize_fp8_block
 
@@ -243,3 +249,61 @@ def test_backend_choice(monkeypatch):
     assert fp8_fast.choose_backend(10) == "eager"
     with pytest.raises(ValueError, match="backend"):
         fp8_fast.quantize_fp8_block_fast(torch.ones(4, 4), backend="numba")
+
+
+# ------------------------------------------- dequantize / convert stream like quantize does
+
+
+def _digests(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def _bf16_scales(ckpt_dir):
+    """Rewrite a compressed-tensors checkpoint with bf16 weight scales (as llm-compressor may)."""
+    for shard in Checkpoint(ckpt_dir).shards:
+        tensors = load_file(ckpt_dir / shard)
+        for name in tensors:
+            if name.endswith(".weight_scale"):
+                tensors[name] = tensors[name].to(torch.bfloat16)
+        save_file(tensors, ckpt_dir / shard, metadata={"format": "pt"})
+    return ckpt_dir
+
+
+@pytest.mark.parametrize("job", ["dequantize", "compressed-tensors", "neuron", "ct-bf16-to-hf"])
+def test_dequantize_and_convert_stream_the_same_bytes(tmp_path, monkeypatch, job):
+    """Both go through transform_checkpoint's planned streaming path, and write the same
+    files, byte for byte, as the path that holds each output shard whole."""
+    src = write_llama_like(tmp_path / "bf16", hidden=256, intermediate=384, layers=2, shards=2)
+    fp8 = quantize_checkpoint_fp8(src, tmp_path / "fp8")
+    if job == "ct-bf16-to-hf":
+        fp8 = _bf16_scales(convert.convert_checkpoint(fp8, tmp_path / "ct", "compressed-tensors"))
+    module = dequantize if job == "dequantize" else convert
+
+    def run(out):
+        if job == "dequantize":
+            return dequantize.dequantize_checkpoint(fp8, out)
+        return convert.convert_checkpoint(fp8, out, "hf" if job == "ct-bf16-to-hf" else job)
+
+    real = module.transform_checkpoint
+    plans = []
+
+    def spy(*args, **kwargs):
+        plans.append(kwargs.get("plan_fn"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "transform_checkpoint", spy)
+    streamed = run(tmp_path / "streamed")
+    assert plans and plans[0] is not None
+    monkeypatch.setattr(
+        module, "transform_checkpoint", lambda *a, **k: real(*a, **{**k, "plan_fn": None})
+    )
+    collected = run(tmp_path / "collected")
+    assert _digests(streamed) == _digests(collected)
+    out = Checkpoint(streamed)
+    if job == "ct-bf16-to-hf":  # bf16 scales widen to float32 exactly
+        scale = "model.layers.0.mlp.down_proj.weight_scale_inv"
+        assert out.tensors[scale].dtype == "F32"
+        ct = Checkpoint(fp8).get(scale.replace("_scale_inv", "_scale"))
+        assert torch.equal(out.get(scale), ct.float())
+    if job == "dequantize":
+        assert not any(n.endswith("_scale_inv") for n in out.tensors)

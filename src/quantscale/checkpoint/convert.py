@@ -3,6 +3,7 @@
 All three store the same numbers: fp8 weights and a float32 dequantization multiplier per
 tile (W = fp8 * scale). Conversion renames tensors and rewrites config.json; it never takes a
 reciprocal of a scale (`1/weight_scale_inv` would scale every weight by about (amax/448)^-2).
+It streams: one input tensor and the outputs still being written are in memory at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from quantscale import progress
 from quantscale.checkpoint.dequantize import NEURON_KEY, config_block, scale_name_for
-from quantscale.checkpoint.io import Checkpoint, transform_checkpoint
+from quantscale.checkpoint.io import Checkpoint, PlannedTensor, TensorInfo, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 
@@ -215,11 +216,18 @@ def convert_checkpoint(
         scale_name_for(ckpt, n) for n, i in ckpt.tensors.items() if i.dtype.startswith("F8")
     } - {None}
 
+    def out_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+        """Scales widen to float32 (exactly) unless compressed-tensors keeps them as they are."""
+        widen = name in scales and dtype != torch.float32 and to != "compressed-tensors"
+        return torch.float32 if widen else dtype
+
     def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        is_scale = name in scales
-        if is_scale and tensor.dtype != torch.float32 and to != "compressed-tensors":
-            tensor = tensor.float()
-        return {_rename(name, is_scale, src_fmt, to, unprefixed): tensor}
+        tensor = tensor.to(out_dtype(name, tensor.dtype))
+        return {_rename(name, name in scales, src_fmt, to, unprefixed): tensor}
+
+    def plan_fn(name: str, info: TensorInfo) -> list[PlannedTensor]:
+        new = _rename(name, name in scales, src_fmt, to, unprefixed)
+        return [(new, out_dtype(name, info.torch_dtype), info.shape)]
 
     config.pop("quantization_config", None)
     if to == "hf":
@@ -228,7 +236,9 @@ def convert_checkpoint(
         config["quantization_config"] = ct_quantization_config(fields)
     else:
         config[NEURON_KEY] = neuron_block(fields, unprefixed)
-    return transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)
+    return transform_checkpoint(
+        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+    )
 
 
 def explain(to: str) -> str:

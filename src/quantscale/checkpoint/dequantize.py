@@ -4,7 +4,8 @@ Every convention stores the same thing under a different name: the dequantizatio
 multiplier, W = fp8.float() * scale per tile. Names by layout, for a module `<m>`:
 HF `<m>.weight_scale_inv`, compressed-tensors / ModelOpt `<m>.weight_scale` (ModelOpt's
 block scale is 4-D [out/bh, 1, in/bw, 1]; compressed-tensors may store it in bf16), Neuron
-`<m>.scale`. None of them is a reciprocal.
+`<m>.scale`. None of them is a reciprocal. One input tensor and the outputs still being
+written are in memory at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, transform_checkpoint
+from quantscale.checkpoint.io import Checkpoint, PlannedTensor, TensorInfo, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
 from quantscale.models.naming import module_path
@@ -149,9 +150,16 @@ def dequantize_checkpoint(
         where = f"{ckpt.path / ckpt.tensors[name].shard}: tensor {name!r}"
         return {name: dequantize_weight(tensor, ckpt.get(scales[name]), block, dtype, where)}
 
+    def plan_fn(name: str, info: TensorInfo) -> list[PlannedTensor]:
+        if name in dropped:
+            return []
+        return [(name, dtype if name in scales else info.torch_dtype, info.shape)]
+
     config = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
     if config is not None:
         config.pop("quantization_config", None)
         config.pop(NEURON_KEY, None)
         _set_dtype(config, dtype)
-    return transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)
+    return transform_checkpoint(
+        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+    )

@@ -362,6 +362,7 @@ class BufferPool {
       if (best != free_.end()) {
         void* p = best->first;
         *capacity = best->second;
+        kept_ -= best->second;
         free_.erase(best);
         return p;
       }
@@ -380,15 +381,20 @@ class BufferPool {
       return;
     }
     free_.emplace_back(p, capacity);
-    if (free_.size() > KEEP) {  // drop the oldest
+    kept_ += capacity;
+    while (free_.size() > KEEP || (kept_ > KEEP_BYTES && free_.size() > 1)) {  // drop the oldest
+      kept_ -= free_.front().second;
       std::free(free_.front().first);
       free_.erase(free_.begin());
     }
   }
 
  private:
-  static constexpr size_t HUGE = 2 << 20, MIN_KEEP = 1 << 20, KEEP = 4;
+  // A checkpoint's weights come in a few shapes: 8 buffers cover one decoder layer's.
+  static constexpr size_t HUGE = 2 << 20, MIN_KEEP = 1 << 20, KEEP = 8;
+  static constexpr size_t KEEP_BYTES = size_t{1} << 30;
   std::mutex mutex_;
+  size_t kept_ = 0;
   std::vector<std::pair<void*, size_t>> free_;
 };
 
