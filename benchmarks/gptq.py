@@ -1,5 +1,7 @@
-"""GPTQ W4A16 (int4, group 128, symmetric, act-order static): quantscale vs llm-compressor's
-GPTQModifier vs GPTQModel 7.x, on the same model, calibration windows and held-out text.
+"""GPTQ W4A16 (int4, group 128 or --group-size, symmetric, act-order): quantscale vs
+llm-compressor's GPTQModifier vs GPTQModel 7.x, on the same model, calibration windows and
+held-out text. (llm-compressor refuses group 128 on SmolLM2, whose 576 input columns are not
+a multiple of 128; compare there with --group-size 64.)
 
 Models: a 4-layer Llama (hidden 512, intermediate 1408, SmolLM2 tokenizer, random weights:
 its perplexity only checks that the three agree) and SmolLM2-135M (bf16 from the cache).
@@ -15,6 +17,7 @@ workers but parent 'cpu' only has 1"): its job sets GPTQMODEL_CPU_WORKERS=2, stu
 7.3.6 imports without declaring it.
 
     .venv/bin/python benchmarks/gptq.py [--models tiny,smollm2] [--repeats 1] [--samples 64]
+        [--group-size 128] [--only quantscale,llm-compressor,gptqmodel]
     .venv/bin/python benchmarks/gptq.py --table   # bf16 / RTN / GPTQ perplexity per scheme
 """
 
@@ -30,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "gptq.json"
-TABLE_RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "gptq_table.json"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "bench-results"
+TABLE_RESULTS = RESULTS_DIR / "gptq_table.json"
 SEQ_LEN = 512
 EVAL_TOKENS = 4096
 
@@ -64,7 +67,11 @@ t1 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
 calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
 t2 = time.perf_counter()
-quantize_model(model, "W4A16", calib, method="gptq", batch_size=4, actorder="weight")
+from quantscale.scheme import preset_recipe
+recipe = preset_recipe("W4A16")
+group = recipe.config_groups["group_0"]
+group.weights = group.weights.model_copy(update={"group_size": int(sys.argv[4])})
+quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder="weight")
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
                              "ppl": ppl(model, tokens)}))
@@ -89,8 +96,12 @@ ds = Dataset.from_dict({"input_ids": calib.tolist(),
 t2 = time.perf_counter()
 oneshot(model=model, dataset=ds, num_calibration_samples=len(calib),
         max_seq_length=calib.shape[1], batch_size=4,
-        recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"],
-                            block_size=128, dampening_frac=0.01, actorder="static"))
+        recipe=GPTQModifier(ignore=["lm_head"], block_size=128, dampening_frac=0.01,
+                            actorder="static", config_groups={"group_0": {
+                                "targets": ["Linear"],
+                                "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                            "strategy": "group",
+                                            "group_size": int(sys.argv[4])}}}))
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
                              "ppl": ppl(model, tokens)}))
@@ -123,7 +134,8 @@ __RAISE_WORKERS__
 from gptqmodel import GPTQModel, QuantizeConfig
 t1 = time.perf_counter()
 calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
-cfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=True, damp_percent=0.01)
+cfg = QuantizeConfig(bits=4, group_size=int(sys.argv[4]), sym=True, desc_act=True,
+                     damp_percent=0.01)
 model = GPTQModel.load(sys.argv[1], cfg, device="cpu", dtype=torch.bfloat16)
 data = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in calib]
 t2 = time.perf_counter()
@@ -212,27 +224,35 @@ def peers(log=print) -> dict[str, tuple[str, str]]:
     return found
 
 
-def bench(models: list[str], repeats: int, samples: int, only: list[str] | None) -> dict:
+def bench(
+    models: list[str], repeats: int, samples: int, only: list[str] | None, group: int
+) -> dict:
     from quantscale.assets import cache_dir, smollm2_checkpoint
 
     work = cache_dir() / "bench-work" / "gptq"
     work.mkdir(parents=True, exist_ok=True)
     calib, ev = inputs(work, samples)
     jobs_code = {k: v for k, v in peers().items() if not only or k in only}
-    results: dict = {"machine": common.machine(), "samples": samples, "seq_len": SEQ_LEN}
+    results: dict = {
+        "machine": common.machine(),
+        "samples": samples,
+        "seq_len": SEQ_LEN,
+        "group_size": group,
+    }
     for model_name in models:
         ckpt = tiny_checkpoint(work) if model_name == "tiny" else smollm2_checkpoint()
         print(f"\n== {model_name}: {ckpt}")
         jobs = {
-            name: _job(name, py, _job_file(work, name, code), [ckpt, calib, ev])
+            name: _job(name, py, _job_file(work, name, code), [ckpt, calib, ev, group])
             for name, (py, code) in jobs_code.items()
         }
         runs = common.alternate(jobs, repeats)
         results[model_name] = {name: common.summarize(r) for name, r in runs.items()}
         results[model_name]["runs"] = runs
         _print(model_name, results[model_name])
-    common.write_results(RESULTS, results)
-    print(f"\nwrote {RESULTS}")
+    path = RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}.json"
+    common.write_results(path, results)
+    print(f"\nwrote {path}")
     return results
 
 
@@ -257,7 +277,7 @@ def _print(model_name: str, res: dict) -> None:
                 ", ".join(s["loadavg"]),
             ]
         )
-    print(f"\n{model_name}: W4A16 g128 GPTQ")
+    print(f"\n{model_name}: W4A16 GPTQ")
     common.print_table(
         rows, ["tool", "quantize s", "vs ours", "wall s", "peak RSS MB", "ppl", "loadavg"]
     )
@@ -305,6 +325,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma list of jobs to run")
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
     a = ap.parse_args()
@@ -312,7 +333,7 @@ def main() -> None:
         table(a.samples, tuple(a.schemes.split(",")))
         return
     only = a.only.split(",") if a.only else None
-    bench(a.models.split(","), a.repeats, a.samples, only)
+    bench(a.models.split(","), a.repeats, a.samples, only, a.group_size)
 
 
 if __name__ == "__main__":
