@@ -69,10 +69,22 @@ def _native_build_dir() -> Path:
     return cache_dir() / "build" / f"fp8_block-{key.hexdigest()[:16]}"
 
 
+def _put_ninja_on_path() -> None:
+    """Make the `ninja` PyPI package's binary visible to torch when the venv is not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = str(getattr(ninja, "BIN_DIR", ""))
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build_native(folder: Path) -> None:
     """Compile and load the kernel into `folder` (torch.utils.cpp_extension, needs ninja)."""
     from torch.utils import cpp_extension
 
+    _put_ninja_on_path()
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
     folder.mkdir(parents=True, exist_ok=True)
