@@ -71,7 +71,7 @@ from quantscale.scheme import preset_recipe
 recipe = preset_recipe("W4A16")
 group = recipe.config_groups["group_0"]
 group.weights = group.weights.model_copy(update={"group_size": int(sys.argv[4])})
-quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder="weight")
+quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder=sys.argv[5])
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
                              "ppl": ppl(model, tokens)}))
@@ -224,7 +224,12 @@ def peers(log=print) -> dict[str, tuple[str, str]]:
 
 
 def bench(
-    models: list[str], repeats: int, samples: int, only: list[str] | None, group: int
+    models: list[str],
+    repeats: int,
+    samples: int,
+    only: list[str] | None,
+    group: int,
+    actorder: str = "weight",
 ) -> dict:
     from quantscale.assets import cache_dir, smollm2_checkpoint
 
@@ -237,19 +242,21 @@ def bench(
         "samples": samples,
         "seq_len": SEQ_LEN,
         "group_size": group,
+        "ours_actorder": actorder,
     }
     for model_name in models:
         ckpt = tiny_checkpoint(work) if model_name == "tiny" else smollm2_checkpoint()
         print(f"\n== {model_name}: {ckpt}")
         jobs = {
-            name: _job(name, py, _job_file(work, name, code), [ckpt, calib, ev, group])
+            name: _job(name, py, _job_file(work, name, code), [ckpt, calib, ev, group, actorder])
             for name, (py, code) in jobs_code.items()
         }
         runs = common.alternate(jobs, repeats)
         results[model_name] = {name: common.summarize(r) for name, r in runs.items()}
         results[model_name]["runs"] = runs
         _print(model_name, results[model_name])
-    path = RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}.json"
+    tag = "" if only is None else "_" + "_".join(only)
+    path = RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}_{actorder}{tag}.json"
     common.write_results(path, results)
     print(f"\nwrote {path}")
     return results
@@ -325,6 +332,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma list of jobs to run")
     ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    ap.add_argument(
+        "--actorder",
+        choices=["weight", "group"],
+        default="weight",
+        help="ours: 'weight' = llm-compressor's static default, 'group' = GPTQModel desc_act",
+    )
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
     a = ap.parse_args()
@@ -332,7 +345,7 @@ def main() -> None:
         table(a.samples, tuple(a.schemes.split(",")))
         return
     only = a.only.split(",") if a.only else None
-    bench(a.models.split(","), a.repeats, a.samples, only, a.group_size)
+    bench(a.models.split(","), a.repeats, a.samples, only, a.group_size, a.actorder)
 
 
 if __name__ == "__main__":
