@@ -15,7 +15,6 @@ from quantscale.eval.runner import (
     NAMED_MODELS,
     TASKS,
     evaluate,
-    load_model,
     load_tokenizer,
     resolve_model_path,
 )
@@ -56,8 +55,10 @@ def _parse_tasks(text: str) -> list[str]:
 
 
 def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
+    from quantscale.pipeline import load_model  # keeps QuantLinear static scales of our saves
+
     tokenizer = load_tokenizer(path, tokenizer_fallback)
-    model = load_model(path, DTYPES[args.dtype])
+    model, _ = load_model(path, DTYPES[args.dtype])
     return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
 
 
