@@ -276,12 +276,6 @@ def final_hidden_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return final_hidden(model, ids).float()
 
 
-def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio 10*log10(|ref|^2 / |approx - ref|^2), in dB."""
-    noise = (approx.float() - reference.float()).pow(2).sum()
-    return float(10 * torch.log10(reference.float().pow(2).sum() / noise.clamp_min(1e-30)))
-
-
 def point_sqnr(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, float]:
     """SQNR (dB) of each quantized activation point's INT8 round trip, over all layers.
 

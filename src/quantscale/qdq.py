@@ -23,7 +23,7 @@ from quantscale.formats.fp4 import (
     nvfp4_block_scale,
 )
 from quantscale.formats.fp4 import nvfp4_scale_2 as _nvfp4_scale_2
-from quantscale.formats.fp8 import E4M3, E4M3_MAX, _tiles, cast_fp8, expand_block_scale
+from quantscale.formats.fp8 import E4M3, E4M3_MAX, cast_fp8, expand_block_scale, tiles
 from quantscale.formats.fp8 import scale_from_amax as _scale_from_amax
 from quantscale.formats.intq import int_dtype, int_range
 from quantscale.formats.mxfp4 import mx_scale_exponent, mx_scale_value
@@ -69,7 +69,7 @@ def to_rows(x: torch.Tensor, args: QuantArgs, role: str = WEIGHT) -> tuple[torch
     if s == "block":
         if x.ndim != 2:
             raise ValueError(f"block strategy needs a 2-D weight, got shape {tuple(x.shape)}")
-        t = _tiles(x, tuple(args.block_structure))
+        t = tiles(x, tuple(args.block_structure))
         return t.permute(0, 2, 1, 3).reshape(t.shape[0] * t.shape[2], -1), (t.shape[0], t.shape[2])
     raise ValueError(f"unknown strategy {s!r}")
 

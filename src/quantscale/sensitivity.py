@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantscale.calibration.sequential import _hidden, _replace_hidden
+from quantscale.calibration.sequential import layer_output, replace_hidden
 from quantscale.errors import QuantscaleError
+from quantscale.eval.error import sqnr_db
 from quantscale.eval.scoring import final_hidden
-from quantscale.mamba_quant import sqnr_db
 from quantscale.models.adapter import decoder_layers
 from quantscale.progress import track
 from quantscale.scheme import QuantScheme, Recipe
@@ -69,8 +69,8 @@ class _Probe:
         """Final hidden states when the layers from `index` on are recomputed."""
         hidden = self.hidden[index]
         for layer in self.layers[index:]:
-            args, kwargs = _replace_hidden(hidden, self.args, self.kwargs)
-            hidden = _hidden(layer(*args, **kwargs))
+            args, kwargs = replace_hidden(hidden, self.args, self.kwargs)
+            hidden = layer_output(layer(*args, **kwargs))
         return self.norm(hidden).float()
 
     def layer_index(self, name: str) -> int:

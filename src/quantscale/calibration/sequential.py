@@ -35,14 +35,14 @@ class LayerStep:
     @torch.inference_mode()
     def run(self) -> list[torch.Tensor]:
         """Forward every cached batch through the layer; returns the hidden-state outputs."""
-        return [_hidden(self.layer(*args, **kwargs)) for args, kwargs in self.inputs]
+        return [layer_output(self.layer(*args, **kwargs)) for args, kwargs in self.inputs]
 
 
-def _hidden(output: object) -> torch.Tensor:
+def layer_output(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _replace_hidden(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def replace_hidden(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
@@ -81,7 +81,7 @@ def layerwise(
         step = LayerStep(index, f"{prefix}.{index}", layers[index], inputs)
         yield step
         if index + 1 < len(layers):
-            inputs = [_replace_hidden(out, a, k) for out, (a, k) in zip(step.run(), inputs)]
+            inputs = [replace_hidden(out, a, k) for out, (a, k) in zip(step.run(), inputs)]
 
 
 def batched(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

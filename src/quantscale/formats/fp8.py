@@ -41,7 +41,7 @@ def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
-def _tiles(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def tiles(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Zero-pad `w` to whole tiles and view it as [rows, bh, cols, bw]."""
     bh, bw = block
     rows, cols = block_grid(tuple(w.shape), block)
@@ -53,7 +53,7 @@ def _tiles(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 def block_amax(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch.Tensor:
     """Per-tile max |w| as float32 [ceil(out/bh), ceil(in/bw)]; padding never counts."""
-    return _tiles(w, block).abs().amax(dim=(1, 3)).float()
+    return tiles(w, block).abs().amax(dim=(1, 3)).float()
 
 
 def scale_from_amax(
@@ -91,8 +91,8 @@ def quantize_fp8_block(
     if w.ndim != 2:
         raise ValueError(f"block FP8 needs a 2-D weight, got shape {tuple(w.shape)}")
     scale = scale_from_amax(block_amax(w, block), FP8_MAX[dtype], scale_fmt)
-    tiles = _tiles(w.float(), block) / scale[:, None, :, None]
-    q = cast_fp8(tiles, dtype).reshape(tiles.shape[0] * block[0], -1)
+    t = tiles(w.float(), block) / scale[:, None, :, None]
+    q = cast_fp8(t, dtype).reshape(t.shape[0] * block[0], -1)
     return q[: w.shape[0], : w.shape[1]].contiguous(), scale
 
 
@@ -109,6 +109,6 @@ def dequantize_fp8_block(
             f"scale shape {tuple(scale_inv.shape)} does not match weight {tuple(q.shape)} "
             f"with block {block}: expected {expected}"
         )
-    tiles = _tiles(q.float(), block) * scale_inv.float()[:, None, :, None]
-    w = tiles.reshape(tiles.shape[0] * block[0], -1)[: q.shape[0], : q.shape[1]]
+    t = tiles(q.float(), block) * scale_inv.float()[:, None, :, None]
+    w = t.reshape(t.shape[0] * block[0], -1)[: q.shape[0], : q.shape[1]]
     return w.to(dtype)

@@ -35,10 +35,10 @@ from quantscale.formats.fp8 import (
     DEFAULT_BLOCK,
     E4M3,
     FP8_MAX,
-    _tiles,
     block_amax,
     block_grid,
     scale_from_amax,
+    tiles,
 )
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _as_tiles(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """[rows, bh, cols, bw] view of `w` (no copy when the shape divides by the block)."""
     if w.shape[0] % block[0] == 0 and w.shape[1] % block[1] == 0 and w.is_contiguous():
         return w.view(w.shape[0] // block[0], block[0], w.shape[1] // block[1], block[1])
-    return _tiles(w, block)
+    return tiles(w, block)
 
 
 _local = threading.local()
