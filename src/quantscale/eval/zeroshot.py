@@ -15,14 +15,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
 
 from torch import nn
 
+from quantscale import assets
 from quantscale.assets import cache_dir, cache_lock
 from quantscale.errors import QuantscaleError
 
@@ -42,19 +41,8 @@ def _fetch_bigbench_tree(workdir: Path) -> Path:
     direct-URL dependency), so the unpacked tree is kept with `--no-clean` and read directly.
     """
     env = {**os.environ, "TMPDIR": str(workdir)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-build-isolation",
-        "--no-clean",
-        f"{BIGBENCH[0]}=={BIGBENCH[1]}",
-        "-d",
-        str(workdir / "dl"),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    spec = f"{BIGBENCH[0]}=={BIGBENCH[1]}"
+    result = assets.pip_download(spec, workdir / "dl", ("--no-clean",), env)
     found = sorted(workdir.glob("**/bigbench/benchmark_tasks"))
     if not found:
         raise QuantscaleError(
