@@ -124,6 +124,7 @@ def evaluate_settings(
     model_spec: str, names: list[str], n_samples: int, seq_len: int, n_tokens: int, n_items: int
 ) -> list[dict]:
     """Measure each named setting on one model; returns one row per setting."""
+    from quantscale.eval.error import sqnr_db
     from quantscale.mamba_quant import (
         calibration_token_batches,
         final_hidden_states,
@@ -131,7 +132,6 @@ def evaluate_settings(
         measure,
         point_sqnr,
         quantize_mamba,
-        sqnr_db,
     )
 
     settings = mamba_sweep_settings()

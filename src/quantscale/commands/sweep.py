@@ -60,7 +60,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_names, default=["ppl"], help="ppl,cloze,zeroshot")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where PNG/markdown/JSON go")
     p.add_argument("--no-baseline", action="store_true", help="skip the unquantized row")
+    p.add_argument(
+        "--mamba-settings",
+        default="all",
+        help="Mamba / Mamba2 models (fixture:mamba, fixture:mamba2 or a checkpoint): comma list "
+        "of `quantscale mamba eval` settings, or 'all' (alpha, sigma, observer, groups, layers)",
+    )
     p.set_defaults(func=run)
+
+
+def is_mamba(model: str) -> bool:
+    """Whether MODEL names a Mamba fixture or a checkpoint whose config is a Mamba / Mamba2."""
+    import json
+
+    from quantscale.commands.mamba import FIXTURE_PREFIX
+
+    if model.startswith(FIXTURE_PREFIX):
+        return True
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("model_type") in ("mamba", "mamba2")
+
+
+def run_mamba(args: argparse.Namespace) -> int:
+    """The scale-strategy sweep of a Mamba model: Quamba settings through `quantscale mamba`."""
+    from quantscale.commands.mamba import _print_rows, evaluate_settings
+    from quantscale.mamba_quant import mamba_sweep_settings
+
+    names = args.mamba_settings.split(",")
+    if args.mamba_settings == "all":
+        names = list(mamba_sweep_settings())
+    rows = evaluate_settings(
+        args.model, names, args.calib_samples, args.calib_seq_len, args.n_tokens, 200
+    )
+    _print_rows(args.model, rows)
+    return 0
 
 
 def calibration_tokens(tokenizer, args: argparse.Namespace):
@@ -80,6 +115,8 @@ def measurer(tokenizer, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_mamba(args.model):
+        return run_mamba(args)
     from quantscale.pipeline import load_model
     from quantscale.scheme import normalize_preset_name
     from quantscale.sweep import build_settings, markdown_table, plot, run_sweep, write_json
