@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama
 
 from quantscale.export.compressed_tensors import (
     module_format,
@@ -20,20 +21,9 @@ ct = pytest.importorskip("compressed_tensors")
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
+    return make_tiny_llama(
+        96, 128, 256, torch.bfloat16, max_position_embeddings=64, tie_word_embeddings=True
     )
-    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
 TOKENS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_llama
 
 from quantscale.errors import QuantscaleError
 from quantscale.export.compressed_tensors import read_compressed_tensors, save_compressed_tensors
@@ -18,20 +19,9 @@ from quantscale.runtime.qlinear import quant_linears
 
 
 def _model(preset: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
+    model = make_tiny_llama(
+        96, 64, 128, torch.bfloat16, max_position_embeddings=64, tie_word_embeddings=False
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     tokens = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     quantize_model(model, preset, tokens, method="gptq", batch_size=2)
     return model

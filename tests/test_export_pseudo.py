@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_tiny_llama
 
 from quantscale.errors import QuantscaleError
 from quantscale.export import EXPORTERS, export_model
@@ -18,19 +19,7 @@ from quantscale.pipeline import quantize_model
 
 
 def _model(preset: str, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = make_tiny_llama(96, 128, 256, max_position_embeddings=64)
     tokens = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
     quantize_model(model, preset, tokens, method="gptq", batch_size=2, **kw)
     return model, tokens
