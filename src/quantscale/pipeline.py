@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from quantscale.calibration.activations import ActivationCalibrator, is_static
-from quantscale.calibration.sequential import batched, layerwise
+from quantscale.calibration.sequential import LayerStep, batched, layerwise
 from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.models.adapter import decoder_layers
@@ -119,6 +119,11 @@ def _needs_activations(linears: dict[str, QuantLinear]) -> bool:
     )
 
 
+LayerTransform = Callable[[LayerStep], None]
+"""Called with each decoder layer's step before it is calibrated; may change the layer's float
+weights in an output-preserving way (e.g. smoothing) and may call `step.run()` to see inputs."""
+
+
 def _calibrate_group(
     linears: dict[str, QuantLinear], algorithm: WeightAlgorithm, run: Callable[[], object]
 ) -> None:
@@ -156,12 +161,14 @@ def quantize_model(
     batches: torch.Tensor | Sequence[torch.Tensor] | None = None,
     method: str = "rtn",
     batch_size: int = 4,
+    transforms: Sequence[LayerTransform] = (),
     **method_kwargs,
 ) -> dict[str, QuantLinear]:
     """Quantize `model` in place per `recipe` with weight algorithm `method`.
 
     `batches`: calibration token ids, [N, L] (split into `batch_size` rows) or a list of
     batches; needed when the recipe has static activations or the method needs data.
+    `transforms` run on each decoder layer before it is calibrated (see `LayerTransform`).
     Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -170,24 +177,27 @@ def quantize_model(
     if not linears:
         raise QuantscaleError("the recipe targets no Linear module of this model")
     data = as_batches(batches, batch_size)
-    if (_needs_activations(linears) or getattr(algorithm, "needs_data", True)) and not data:
+    needs_data = _needs_activations(linears) or getattr(algorithm, "needs_data", True)
+    if (needs_data or transforms) and not data:
         raise QuantscaleError(
-            f"static activations or method {method!r} need calibration batches; none given"
+            f"static activations, layer transforms or method {method!r} need calibration batches"
         )
     model.eval()
     if not data:
         algorithm.start_layer(linears)
         algorithm.finish_layer(linears)
     else:
-        _quantize_with_data(model, linears, algorithm, data)
+        _quantize_with_data(model, linears, algorithm, data, transforms)
     model.quantscale_recipe = recipe
     return linears
 
 
-def _quantize_with_data(model, linears, algorithm, data) -> None:
+def _quantize_with_data(model, linears, algorithm, data, transforms=()) -> None:
     prefix, layers = decoder_layers(model)
     groups = _by_layer(linears, prefix, len(layers))
     for step in layerwise(model, data, description="calibrate"):
+        for transform in transforms:
+            transform(step)
         if groups[step.index]:
             _calibrate_group(groups[step.index], algorithm, step.run)
     rest = {n: q for n, q in linears.items() if not any(n in g for g in groups)}
