@@ -1,0 +1,131 @@
+"""SmoothQuant-style smoothing on a tiny Llama: float outputs kept, ranges flattened, W8A8
+error reduced on a model with an injected outlier channel."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from quantscale.algorithms.smoothing import (
+    MAPPING_NAMES,
+    SmoothQuant,
+    format_alphas,
+    layer_mappings,
+    model_absmax,
+    parse_alphas,
+    smooth_model,
+    smooth_scales,
+)
+from quantscale.errors import QuantscaleError
+from quantscale.pipeline import quantize_model
+
+
+def _data(n: int = 4, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _inject_outlier(model: nn.Module, channel: int = 5, factor: float = 300.0) -> None:
+    """Make one down_proj input channel huge without changing the float function."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[channel] *= factor
+            layer.mlp.down_proj.weight[:, channel] /= factor
+
+
+def _batches() -> list[torch.Tensor]:
+    return list(_data().split(2))
+
+
+def test_parse_alphas():
+    assert parse_alphas("0.5") == dict.fromkeys(MAPPING_NAMES, 0.5)
+    assert parse_alphas("down=0.8+qkv=0.4") == {"down": 0.8, "qkv": 0.4}
+    assert format_alphas(parse_alphas("0.7")) == "0.7"
+    assert format_alphas(parse_alphas("down=0.8")) == "down=0.8"
+    for bad in ("1.5", "mlp=0.5", "down=x"):
+        with pytest.raises(QuantscaleError):
+            parse_alphas(bad)
+
+
+def test_scales_formula_and_dead_channels():
+    x, w = torch.tensor([4.0, 0.0, 9.0]), torch.tensor([1.0, 2.0, 0.0])
+    s = smooth_scales(x, w, 0.5)
+    assert torch.allclose(s[0], torch.tensor(2.0))
+    assert s[1] == 1 and s[2] == 1  # dead input / dead weight column: left alone
+
+
+def test_float_outputs_unchanged_and_restore(tiny_llama):
+    ids = _data(2, 24, seed=3)
+    before = _logits(tiny_llama, ids)
+    params = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    smoothing = smooth_model(tiny_llama, 0.5, _batches())
+    # every mapping, including v->o under grouped-query attention (4 heads, 2 KV heads)
+    assert {k.rsplit(".", 1)[1] for k in smoothing.scales} == set(MAPPING_NAMES)
+    changed = tiny_llama.model.layers[0].input_layernorm.weight
+    assert not torch.equal(changed, params["model.layers.0.input_layernorm.weight"])
+    torch.testing.assert_close(_logits(tiny_llama, ids), before, rtol=1e-4, atol=1e-4)
+    smoothing.restore()
+    for k, v in tiny_llama.state_dict().items():
+        assert torch.equal(v, params[k]), k
+
+
+def test_channel_range_flattened(tiny_llama):
+    _inject_outlier(tiny_llama)
+    batches = _batches()
+
+    def spread() -> float:
+        x = model_absmax(tiny_llama, batches, ["down"])["model.layers.1"]["down"]
+        return float(x.max() / x.median())
+
+    before = spread()
+    smooth_model(tiny_llama, "down=0.5", batches)
+    after = spread()
+    assert before > 100 and after < before / 10
+
+
+def _w8a8_error(smooth: bool) -> float:
+    from tiny_models import make_tiny_llama
+
+    model = make_tiny_llama()
+    _inject_outlier(model)
+    ids = _data(2, 24, seed=3)
+    ref = _logits(model, ids)
+    transforms = [SmoothQuant(0.5)] if smooth else []
+    quantize_model(model, "W8A8", _data(), batch_size=2, transforms=transforms)
+    return float((_logits(model, ids) - ref).pow(2).mean())
+
+
+def test_w8a8_error_lower_with_smoothing():
+    plain, smoothed = _w8a8_error(False), _w8a8_error(True)
+    assert smoothed < plain / 4
+
+
+def test_pipeline_transform_keeps_the_float_function(tiny_llama):
+    """SmoothQuant in quantize_model with a weights-only scheme: only the weights' rounding
+    differs from the unsmoothed float model."""
+    ids = _data(2, 24, seed=3)
+    ref = _logits(tiny_llama, ids)
+    sq = SmoothQuant(0.5)
+    quantize_model(tiny_llama, "W8A16", _data(), batch_size=2, transforms=[sq])
+    assert len(sq.scales) == 2 * len(MAPPING_NAMES)
+    err = float((_logits(tiny_llama, ids) - ref).pow(2).mean())
+    assert err < 1e-3 * float(ref.pow(2).mean())
+
+
+def test_missing_modules_are_skipped_with_a_log(caplog):
+    layer = nn.Module()
+    layer.input_layernorm = nn.LayerNorm(8)
+    layer.self_attn = nn.Module()
+    for p in ("q_proj", "k_proj", "v_proj"):
+        setattr(layer.self_attn, p, nn.Linear(8, 8))
+    with caplog.at_level(logging.INFO, logger="quantscale.algorithms.smoothing"):
+        found = layer_mappings(layer, where="toy")
+    assert [m.name for m in found] == ["qkv"]
+    assert "mapping 'gate_up' skipped" in caplog.text
