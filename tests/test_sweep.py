@@ -74,3 +74,19 @@ def test_run_sweep_restores_the_float_model(tiny_llama, mode, tmp_path):
     assert table.count("\n") == len(rows) + 1 and "alpha=0.9" in table
     png = plot(rows, tmp_path / "s.png", "t")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("mode", ["shared", "layerwise"])
+def test_smoothing_settings_run_and_are_undone(tiny_llama, mode):
+    params = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    settings = build_settings(
+        tiny_llama, "W8A8", observers=["minmax"], smooth=["0.5", "down=0.8"], baseline=False
+    )
+    names = [s.name for s in settings]
+    assert names == ["W8A8 minmax", "W8A8 minmax smooth=0.5", "W8A8 minmax smooth=down=0.8"]
+    assert settings[1].smooth == "0.5" and settings[1].value == 0.5
+    rows = run_sweep(tiny_llama, settings, _data(), _ppl, mode=mode, batch_size=2)
+    assert [r.setting for r in rows] == names
+    assert len({r.metrics["ppl"] for r in rows}) == 3  # smoothing changed the quantized model
+    for k, v in tiny_llama.state_dict().items():
+        assert torch.equal(v, params[k]), k

@@ -1,5 +1,6 @@
 """Sweeps over calibration settings: observer kind, percentile alpha, EMA sigma, activation
-granularity and first/last layers kept in float; one metrics row per setting.
+granularity, first/last layers kept in float and SmoothQuant smoothing; one metrics row per
+setting.
 
 Two ways to calibrate each setting:
 - ``shared`` (default): one forward pass of the float model over the calibration data feeds the
@@ -9,7 +10,10 @@ Two ways to calibrate each setting:
 - ``layerwise``: each setting runs the full `pipeline.quantize_model` (each layer calibrated
   on the outputs of the quantized layers before it). Cost: one calibration per setting.
 The model is restored to float between settings (QuantLinears share the original Linear
-parameters and `set_weight` never writes into them).
+parameters and `set_weight` never writes into them; smoothing's in-place changes are undone).
+Smoothed settings (``Setting.smooth``): in ``shared`` mode the float model is smoothed from one
+pass's per-channel statistics (shared by every alpha), then calibrated once per smoothing spec;
+in ``layerwise`` mode `SmoothQuant` runs as the pipeline's layer transform.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantscale.algorithms.smoothing import (
+    SmoothQuant,
+    format_alphas,
+    model_absmax,
+    parse_alphas,
+    smooth_model,
+)
 from quantscale.calibration.activations import ActivationCalibrator
 from quantscale.models.adapter import decoder_layers
 from quantscale.pipeline import as_batches, quantize_model, rtn_quantize, run_batches
@@ -35,13 +46,14 @@ BASELINE = "baseline"
 
 @dataclass
 class Setting:
-    """One point of a sweep: a name, a recipe (None: the unquantized model), and the value of
-    the swept parameter for plotting."""
+    """One point of a sweep: a name, a recipe (None: the unquantized model), the value of
+    the swept parameter for plotting, and a smoothing spec (`smoothing.parse_alphas`)."""
 
     name: str
     recipe: Recipe | None
     param: str | None = None
     value: float | str | None = None
+    smooth: str | None = None
 
 
 @dataclass
@@ -99,6 +111,7 @@ def build_settings(
     per_channel: bool = False,
     first_last: bool = False,
     baseline: bool = True,
+    smooth: Sequence[str | float] = (),
 ) -> list[Setting]:
     """The settings the `sweep` command measures (see its help)."""
     base = load_recipe(scheme)
@@ -129,7 +142,23 @@ def build_settings(
         settings.append(Setting(f"{ref_name} first layer float", keep_float(ref, [first])))
         settings.append(Setting(f"{ref_name} last layer float", keep_float(ref, [last])))
         settings.append(Setting(f"{ref_name} first+last float", keep_float(ref, [first, last])))
+    settings += smooth_settings(base, name, smooth, observers)
     return settings
+
+
+def smooth_settings(
+    base: Recipe, name: str, specs: Sequence[str | float], observers: Sequence[str] = ()
+) -> list[Setting]:
+    """One setting per smoothing spec and observer (the base recipe's observer if none)."""
+    out = []
+    for spec in specs:
+        text = format_alphas(parse_alphas(spec))
+        value = float(text) if "=" not in text else text
+        for obs in observers or [None]:
+            recipe = with_activations(base, observer=obs) if obs else base
+            label = f"{name} {obs or _observer_name(base)} smooth={text}"
+            out.append(Setting(label, recipe, "smooth", value, smooth=text))
+    return out
 
 
 def _observer_name(recipe: Recipe) -> str:
@@ -227,26 +256,56 @@ def run_sweep(
 ) -> list[SweepRow]:
     """`measure(model)` under every setting (the model is left in float afterwards).
 
-    `shared`: static qparams per setting name already calibrated (`calibrate_shared`)."""
+    `shared`: static qparams per setting name already calibrated (`calibrate_shared`) for
+    the unsmoothed settings."""
     batches = as_batches(calib, batch_size)
-    if mode == "shared" and shared is None:
-        shared = calibrate_shared(model, settings, batches)
-    rows = []
-    for st in settings:
-        start = time.perf_counter()
-        originals = {}
+    rows: dict[int, SweepRow] = {}
+    absmax = None
+    for spec, group in _by_smoothing(settings):
+        smoothing = None
         try:
-            if st.recipe is not None and mode == "shared":
-                originals = apply_setting(model, st.recipe, shared[st.name])
-            elif st.recipe is not None:
-                originals = {n: m for n, (m, _) in targeted(model, st.recipe).items()}
-                quantize_model(model, st.recipe, batches)
-            metrics = measure(model)
+            if spec and mode == "shared":
+                absmax = absmax or model_absmax(model, batches)
+                smoothing = smooth_model(model, spec, absmax=absmax)
+            qparams = None
+            if mode == "shared":
+                ready = shared if shared is not None and not spec else None
+                qparams = ready or calibrate_shared(model, [st for _, st in group], batches)
+            for i, st in group:
+                rows[i] = _run_setting(model, st, measure, mode, batches, qparams)
         finally:
-            restore(model, originals)
-        rows.append(SweepRow(st.name, metrics, {}, time.perf_counter() - start, st.param, st.value))
-    _add_deltas(rows)
-    return rows
+            if smoothing is not None:
+                smoothing.restore()
+    ordered = [rows[i] for i in sorted(rows)]
+    _add_deltas(ordered)
+    return ordered
+
+
+def _by_smoothing(settings: Sequence[Setting]) -> list[tuple[str | None, list]]:
+    """Settings grouped by smoothing spec (unsmoothed first), with their positions."""
+    groups: dict[str | None, list] = {None: []}
+    for i, st in enumerate(settings):
+        groups.setdefault(st.smooth if st.recipe is not None else None, []).append((i, st))
+    return [(k, v) for k, v in groups.items() if v]
+
+
+def _run_setting(model, st: Setting, measure, mode, batches, qparams) -> SweepRow:
+    start = time.perf_counter()
+    originals, smoothing = {}, None
+    try:
+        if st.recipe is not None and mode == "shared":
+            originals = apply_setting(model, st.recipe, qparams[st.name])
+        elif st.recipe is not None:
+            originals = {n: m for n, (m, _) in targeted(model, st.recipe).items()}
+            smoothing = SmoothQuant(st.smooth) if st.smooth else None
+            transforms = [smoothing] if smoothing else []
+            quantize_model(model, st.recipe, batches, transforms=transforms)
+        metrics = measure(model)
+    finally:
+        restore(model, originals)
+        if smoothing is not None:
+            smoothing.restore()
+    return SweepRow(st.name, metrics, {}, time.perf_counter() - start, st.param, st.value)
 
 
 def _add_deltas(rows: list[SweepRow]) -> None:

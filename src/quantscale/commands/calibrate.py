@@ -26,6 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="percentile alpha")
     p.add_argument("--sigma", type=float, help="EMA sigma of per-batch statistics")
     p.add_argument("--method", default="rtn", help="weight algorithm (rtn, gptq)")
+    p.add_argument(
+        "--smooth",
+        metavar="ALPHA",
+        help="SmoothQuant before calibrating each layer: an alpha (0.5) or per mapping "
+        "(down=0.8+qkv=0.5; mappings qkv, gate_up, down, vo)",
+    )
     add_calibration_args(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
@@ -45,6 +51,7 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantscale.algorithms.smoothing import SmoothQuant
     from quantscale.pipeline import load_model, quantize_model, save_quantized
 
     if args.out.exists() and not args.overwrite:
@@ -55,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise QuantscaleError(f"{args.model}: no tokenizer saved with the model")
     recipe = build_recipe(args)
+    transforms = [SmoothQuant(args.smooth)] if args.smooth else []
     start = time.perf_counter()
-    quantize_model(model, recipe, calibration_tokens(tokenizer, args), args.method, args.batch_size)
+    calib = calibration_tokens(tokenizer, args)
+    quantize_model(model, recipe, calib, args.method, args.batch_size, transforms)
     seconds = time.perf_counter() - start
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
-    print(f"wrote {out} ({args.scheme}, {args.method}, calibrated in {seconds:.0f} s)")
+    smooth = f", smooth {args.smooth}" if args.smooth else ""
+    print(f"wrote {out} ({args.scheme}, {args.method}{smooth}, calibrated in {seconds:.0f} s)")
     return 0

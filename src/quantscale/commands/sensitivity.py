@@ -24,6 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="checkpoint dir or a named model (smollm2, gemma3)")
     p.add_argument("--scheme", default="W8A8", help="preset or recipe file (YAML/JSON)")
     p.add_argument("--observer", help="activation observer (default: the scheme's)")
+    p.add_argument(
+        "--smooth",
+        metavar="ALPHA",
+        help="smooth the float model first (SmoothQuant alpha, or down=0.8+qkv=0.5)",
+    )
     add_calibration_args(p)
     p.add_argument("--probe-tokens", type=int, default=1024, help="held-out tokens for the probe")
     p.add_argument(
@@ -80,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     if args.observer:
         recipe = with_activations(recipe, observer=args.observer)
     calib = as_batches(calibration_tokens(tokenizer, args), args.batch_size)
+    if args.smooth:
+        from quantscale.algorithms.smoothing import smooth_model
+
+        smooth_model(model, args.smooth, calib)
     full = Setting(args.scheme, recipe)
     qparams = calibrate_shared(model, [full], calib)[full.name]
     probe = _probe(tokenizer, args.probe_tokens)

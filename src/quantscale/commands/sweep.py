@@ -50,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-channel", action="store_true", help="add per-channel activations")
     p.add_argument("--first-last", action="store_true", help="add first/last layer kept float")
     p.add_argument(
+        "--smooth",
+        type=_names,
+        default=[],
+        help="SmoothQuant settings, comma-separated: an alpha for every mapping (0.5) or "
+        "per mapping joined by '+' (down=0.8+qkv=0.5; mappings qkv, gate_up, down, vo); "
+        "each one with every --observers kind",
+    )
+    p.add_argument(
         "--mode",
         choices=("shared", "layerwise"),
         default="shared",
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         args.per_channel,
         args.first_last,
         baseline=not args.no_baseline,
+        smooth=args.smooth,
     )
     calib = calibration_tokens(tokenizer, args)
     rows = run_sweep(model, settings, calib, measurer(tokenizer, args), args.mode, args.batch_size)
