@@ -221,3 +221,49 @@ def test_scales_of_a_bf16_weight_are_bf16_exact():
         )
     res32 = gptq_quantize(w.float(), h, preset_scheme("W4A16").weights)
     assert not torch.equal(res32.qparams.scale.bfloat16().float(), res32.qparams.scale)
+
+
+def _input_hessians(model, tokens, names):
+    """Hessians of the inputs the named modules get in a full forward of `model`."""
+    accs = {n: HessianAccumulator(model.get_submodule(n).in_features, exact=True) for n in names}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: accs[n].add(a[0]))
+        for n in names
+    ]
+    with torch.inference_mode():
+        for ids in batched(tokens, 4):
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return {n: a.hessian() for n, a in accs.items()}
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_true_sequential_hessians_come_from_quantized_inputs(tiny_llama, sequential):
+    import copy
+
+    from quantscale.pipeline import WEIGHT_ALGORITHMS, quantize_model, register_weight_algorithm
+
+    seen = {}
+
+    @register_weight_algorithm("gptq-probe")
+    class Probe(GPTQ):
+        def _quantize_group(self, names, linears, acc):
+            seen[names[0]] = acc.hessian().clone()
+            super()._quantize_group(names, linears, acc)
+
+    tokens = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
+    names = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+    float_h = _input_hessians(copy.deepcopy(tiny_llama), tokens, names)
+    try:
+        quantize_model(
+            tiny_llama, "W4A16", tokens, "gptq-probe", batch_size=4, true_sequential=sequential
+        )
+    finally:
+        WEIGHT_ALGORITHMS.pop("gptq-probe")
+    quant_h = _input_hessians(tiny_llama, tokens, names)
+    for name in names:
+        expected, other = (quant_h, float_h) if sequential else (float_h, quant_h)
+        scale = expected[name].norm()
+        assert (seen[name] - expected[name]).norm() < 1e-5 * scale
+        assert (seen[name] - other[name]).norm() > 1e-2 * scale

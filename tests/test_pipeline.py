@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import make_tiny_llama
 from torch import nn
 
 from quantscale.errors import QuantscaleError
@@ -136,3 +137,44 @@ def test_calibrate_command_recipe_options():
     acts = build_recipe(ns).scheme_for("model.layers.0.mlp.up_proj").input_activations
     assert acts.observer == "percentile" and acts.observer_kwargs == {"alpha": 0.999}
     assert acts.type == "float" and not acts.dynamic
+
+
+@pytest.mark.parametrize(("preset", "forwards"), [("W4A16", False), ("W8A8", True)])
+def test_weight_only_rtn_runs_no_forward_even_with_batches(tiny_llama, preset, forwards):
+    calls = []
+    tiny_llama.model.embed_tokens.register_forward_pre_hook(lambda *_a: calls.append(1))
+    quantize_model(tiny_llama, preset, _batches(), batch_size=2)
+    assert bool(calls) == forwards  # static activations (W8A8) do need the forwards
+
+
+def test_rtn_shares_fused_nvfp4_global_scales(tiny_llama):
+    from quantscale.qdq import nvfp4_global_scale
+
+    attn = tiny_llama.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(3)  # k has the largest amax of q/k/v
+    k_amax = attn.k_proj.weight.abs().max()
+    linears = quantize_model(tiny_llama, "NVFP4A16")
+    for prefix, leaves in (
+        ("self_attn.", ("q_proj", "k_proj", "v_proj")),
+        ("mlp.", ("gate_proj", "up_proj")),
+    ):
+        mods = [linears[f"model.layers.0.{prefix}{p}"] for p in leaves]
+        for m in mods:
+            assert torch.equal(m.weight_global_scale, mods[0].weight_global_scale)
+            assert m.weight_scale.shape == (m.out_features, m.in_features // 16)
+    torch.testing.assert_close(
+        linears["model.layers.0.self_attn.q_proj"].weight_global_scale, nvfp4_global_scale(k_amax)
+    )
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "W4A16_ASYM", "W8A16", "FP8_DYNAMIC"])
+def test_rtn_scales_of_a_bf16_model_are_bf16_exact(preset):
+    from quantscale.qdq import QParams, fake_quantize
+
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    for ql in quantize_model(model, preset).values():
+        qp = ql.weight_qparams()
+        assert torch.equal(qp.scale.bfloat16().float(), qp.scale)
+        bf16 = QParams(qp.scale.bfloat16(), qp.zero_point)  # as runtimes hold them
+        assert torch.equal(fake_quantize(ql.weight, ql.scheme.weights, bf16), ql.weight)

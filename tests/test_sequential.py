@@ -1,6 +1,6 @@
 import torch
 
-from quantscale.calibration.sequential import batched, layerwise
+from quantscale.calibration.sequential import batched, layerwise, linear_stages
 from quantscale.models.adapter import decoder_layers, layer_linears
 
 
@@ -46,3 +46,43 @@ def test_quantizable_linears_skip_lm_head_and_norms(tiny_llama):
             "mlp.down_proj",
         )
     )
+
+
+def _step0(model, tokens):
+    return next(iter(layerwise(model, batched(tokens, 2))))
+
+
+def test_stages_follow_the_layer_dependency_order(tiny_llama):
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    step = _step0(tiny_llama, tokens)
+    stages = linear_stages(step, layer_linears(tiny_llama)[0])
+    short = [[n.rsplit(".", 1)[1] for n in s.names] for s in stages]
+    assert short == [
+        ["q_proj", "k_proj", "v_proj"],
+        ["o_proj"],
+        ["gate_proj", "up_proj"],
+        ["down_proj"],
+    ]
+    assert [s.last.rsplit(".", 1)[1] for s in stages] == [
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+    ]
+
+
+def test_run_until_stops_after_the_module(tiny_llama):
+    tokens = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(4))
+    step = _step0(tiny_llama, tokens)
+    attn, mlp = step.layer.self_attn, step.layer.mlp
+    calls = {"o_proj": 0, "gate_proj": 0}
+    hooks = [
+        getattr(m, n).register_forward_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1))
+        for m, n in ((attn, "o_proj"), (mlp, "gate_proj"))
+    ]
+    step.run_until(attn.o_proj)
+    assert calls == {"o_proj": 2, "gate_proj": 0}  # 2 batches, the MLP never ran
+    step.run_until(None)
+    assert calls == {"o_proj": 4, "gate_proj": 2}
+    for h in hooks:
+        h.remove()

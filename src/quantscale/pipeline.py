@@ -4,11 +4,18 @@
 `QuantLinear`, then walks the decoder layers with `calibration.sequential.layerwise` (one
 layer's inputs resident at a time, each layer fed by the already quantized layers before it).
 Per layer: the activation observers (`calibration.activations`) and the weight algorithm's
-hooks are attached, the cached batches run through the layer once, then the algorithm sets
-the weights (`finish_layer`) and the observers set the static activation scales.
+hooks are attached, the cached batches run through the layer, then the algorithm sets the
+weights (`finish_layer`) and the observers set the static activation scales. With
+`true_sequential` (GPTQ's default) this happens stage by stage inside the layer (q/k/v, then
+o_proj, then gate/up, then down_proj; `sequential.linear_stages`), each forward stopped after
+the stage's last module, so every stage is calibrated on inputs from the quantized stages
+before it. Weight-only RTN runs no calibration forward at all.
 
 Weight algorithms follow `WeightAlgorithm` and register by name with
-`register_weight_algorithm`; RTN lives here, GPTQ in `quantscale.algorithms.gptq`.
+`register_weight_algorithm`; RTN lives here, GPTQ in `quantscale.algorithms.gptq`. Both give
+the projections a runtime fuses (q/k/v, gate/up) one NVFP4 global scale / per-tensor scale,
+and store int and FP8 scales rounded to the scheme's scale dtype (default: the weight's 16-bit
+dtype), the values runtimes hold.
 
 `save_quantized` writes the fake-quantized model with its qparam buffers (config.json carries
 the recipe under "quantscale"); `load_model` reads it back (or any plain checkpoint).
@@ -27,13 +34,14 @@ import torch
 from torch import nn
 
 from quantscale.calibration.activations import ActivationCalibrator, is_static
-from quantscale.calibration.sequential import LayerStep, batched, layerwise
+from quantscale.calibration.sequential import LayerStep, batched, layerwise, linear_stages
 from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.export.base import fused_siblings
 from quantscale.models.adapter import decoder_layers
-from quantscale.qdq import quantize_weight_rtn
+from quantscale.qdq import QParams, fake_quantize, quantize_weight_rtn
 from quantscale.runtime.qlinear import QuantLinear, quant_linears, replace_linears
-from quantscale.scheme import Recipe, load_recipe
+from quantscale.scheme import QuantArgs, Recipe, load_recipe
 
 CONFIG_KEY = "quantscale"
 SAVED_FORMAT = "fake-quant"
@@ -82,11 +90,85 @@ def get_weight_algorithm(name: str, **kwargs) -> WeightAlgorithm:
     return WEIGHT_ALGORITHMS[key](**kwargs)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def weight_scale_dtype(args: QuantArgs, w_dtype: torch.dtype) -> torch.dtype | None:
+    """dtype that int / FP8 weight scales are rounded to: the scheme's `scale_dtype`, else the
+    weight's when 16-bit (transformers and vLLM hold scales in the model dtype); None for
+    NVFP4 / MX (their scales are exact E4M3 / powers of two) and float32 weights."""
+    if args.is_nvfp4 or args.is_mx:
+        return None
+    if args.scale_dtype:
+        return getattr(torch, args.scale_dtype.removeprefix("torch."))
+    return w_dtype if w_dtype in _HALF else None
+
+
+def rtn_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest (w_hat, qparams) with scales rounded per `weight_scale_dtype`."""
+    w_hat, qp = quantize_weight_rtn(w, args)
+    dtype = weight_scale_dtype(args, w.dtype)
+    if dtype is not None:
+        rounded = qp.scale.to(dtype).float()
+        if not torch.equal(rounded, qp.scale.float()):
+            qp = QParams(rounded, qp.zero_point, qp.global_scale)
+            w_hat = fake_quantize(w, args, qp)
+    return w_hat, qp
+
+
+def split_rows(qp: QParams, rows: list[int]) -> list[QParams]:
+    """Per-member qparams of a row-stacked weight (per-tensor values are shared)."""
+
+    def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
+        if t is None:
+            return [None] * len(rows)
+        if t.ndim < 2 or t.shape[0] != sum(rows):
+            return [t] * len(rows)
+        return list(t.split(rows))
+
+    return [QParams(s, z, qp.global_scale) for s, z in zip(split(qp.scale), split(qp.zero_point))]
+
+
+def fused_stacks(linears: dict[str, QuantLinear]) -> list[list[str]]:
+    """Names grouped as runtimes fuse them (q/k/v, gate/up; same weight args and width),
+    quantized as one row-stacked weight; FP8 block schemes stay apart (blocks span rows)."""
+    out: list[list[str]] = []
+    placed: set[str] = set()
+    for name, ql in linears.items():
+        args = ql.scheme.weights
+        if name in placed or args is None:
+            continue
+        stack = [name]
+        if args.strategy != "block":
+            stack = [
+                n
+                for n in fused_siblings(name)
+                if n in linears
+                and n not in placed
+                and linears[n].scheme.weights == args
+                and linears[n].in_features == ql.in_features
+            ] or [name]
+        placed.update(stack)
+        out.append(stack)
+    return out
+
+
 def rtn_quantize(ql: QuantLinear) -> None:
     """Round-to-nearest quantization of one QuantLinear's weight per its scheme."""
     if ql.scheme.weights is not None:
-        w_hat, qp = quantize_weight_rtn(ql.weight.detach(), ql.scheme.weights)
-        ql.set_weight(w_hat, qp)
+        ql.set_weight(*rtn_weight(ql.weight.detach(), ql.scheme.weights))
+
+
+def rtn_quantize_fused(linears: dict[str, QuantLinear]) -> None:
+    """RTN of every module, fused projections sharing global / per-tensor scales."""
+    for stack in fused_stacks(linears):
+        ws = [linears[n].weight.detach() for n in stack]
+        w_hat, qp = rtn_weight(
+            torch.cat(ws) if len(ws) > 1 else ws[0], linears[stack[0]].scheme.weights
+        )
+        rows = [w.shape[0] for w in ws]
+        for name, part, qp_part in zip(stack, w_hat.split(rows), split_rows(qp, rows)):
+            linears[name].set_weight(part, qp_part)
 
 
 @register_weight_algorithm("rtn")
@@ -99,8 +181,7 @@ class RTN:
         pass
 
     def finish_layer(self, linears: dict[str, QuantLinear]) -> None:
-        for ql in linears.values():
-            rtn_quantize(ql)
+        rtn_quantize_fused(linears)
 
 
 def _by_layer(linears: dict[str, QuantLinear], prefix: str, n_layers: int) -> list[dict]:
@@ -162,6 +243,7 @@ def quantize_model(
     method: str = "rtn",
     batch_size: int = 4,
     transforms: Sequence[LayerTransform] = (),
+    true_sequential: bool | None = None,
     **method_kwargs,
 ) -> dict[str, QuantLinear]:
     """Quantize `model` in place per `recipe` with weight algorithm `method`.
@@ -169,6 +251,8 @@ def quantize_model(
     `batches`: calibration token ids, [N, L] (split into `batch_size` rows) or a list of
     batches; needed when the recipe has static activations or the method needs data.
     `transforms` run on each decoder layer before it is calibrated (see `LayerTransform`).
+    `true_sequential`: calibrate each layer stage by stage (see the module docstring); None
+    takes the algorithm's `true_sequential` (GPTQ: on, RTN: off).
     Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -183,26 +267,41 @@ def quantize_model(
             f"static activations, layer transforms or method {method!r} need calibration batches"
         )
     model.eval()
-    if not data:
+    if not (needs_data or transforms):  # weight-only, data-free: no forward at all
         algorithm.start_layer(linears)
         algorithm.finish_layer(linears)
     else:
-        _quantize_with_data(model, linears, algorithm, data, transforms)
+        if true_sequential is None:
+            true_sequential = getattr(algorithm, "true_sequential", False)
+        _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential)
     model.quantscale_recipe = recipe
     return linears
 
 
-def _quantize_with_data(model, linears, algorithm, data, transforms=()) -> None:
+def _quantize_with_data(model, linears, algorithm, data, transforms=(), sequential=False) -> None:
     prefix, layers = decoder_layers(model)
     groups = _by_layer(linears, prefix, len(layers))
     for step in layerwise(model, data, description="calibrate"):
         for transform in transforms:
             transform(step)
-        if groups[step.index]:
-            _calibrate_group(groups[step.index], algorithm, step.run)
+        group = groups[step.index]
+        if group and sequential:
+            _calibrate_in_stages(step, group, algorithm)
+        elif group:
+            _calibrate_group(group, algorithm, step.run)
     rest = {n: q for n, q in linears.items() if not any(n in g for g in groups)}
     if rest:  # Linears outside the decoder layers: one pass of the whole model
         _calibrate_group(rest, algorithm, lambda: run_batches(model, data))
+
+
+def _calibrate_in_stages(
+    step: LayerStep, group: dict[str, QuantLinear], algorithm: WeightAlgorithm
+) -> None:
+    """True-sequential: each stage calibrated and quantized before the next one runs."""
+    for stage in linear_stages(step, group):
+        stop = group.get(stage.last) if stage.last is not None else None
+        members = {n: group[n] for n in stage.names}
+        _calibrate_group(members, algorithm, lambda stop=stop: step.run_until(stop))
 
 
 # ------------------------------------------------------------------ save / load

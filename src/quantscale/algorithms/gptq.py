@@ -32,7 +32,12 @@ import torch
 from torch import nn
 
 from quantscale.errors import QuantscaleError
-from quantscale.pipeline import register_weight_algorithm
+from quantscale.pipeline import (
+    register_weight_algorithm,
+    rtn_weight,
+    split_rows,
+    weight_scale_dtype,
+)
 from quantscale.qdq import (
     WEIGHT,
     QParams,
@@ -40,7 +45,6 @@ from quantscale.qdq import (
     compute_qparams,
     fake_quantize,
     nvfp4_global_scale,
-    quantize_weight_rtn,
     reduce_minmax,
 )
 from quantscale.scheme import QuantArgs
@@ -212,9 +216,9 @@ def gptq_quantize(
 
     `actorder` "args" takes `args.actorder`. NVFP4's `global_scale` (448*6/amax) defaults to
     the whole weight's; pass a shared one for fused q/k/v or gate/up projections.
-    `scale_dtype` "weight": int and FP8 scales are rounded to w's dtype when it is 16-bit, so
-    that runtimes which hold scales in the model dtype (transformers, vLLM) dequantize to
-    exactly the weights returned here; NVFP4 / MX scales are exact in any dtype already.
+    `scale_dtype` "weight": `pipeline.weight_scale_dtype` (int and FP8 scales rounded to the
+    scheme's scale dtype or w's 16-bit dtype, so that runtimes which hold scales in the model
+    dtype dequantize to exactly the weights returned here).
     """
     if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise QuantscaleError(
@@ -233,8 +237,7 @@ def gptq_quantize(
         h = h[perm][:, perm]
     static = args.strategy not in _DYNAMIC or actorder == "weight"
     if scale_dtype == "weight":
-        half = w.dtype in (torch.bfloat16, torch.float16)
-        scale_dtype = w.dtype if half and not (args.is_nvfp4 or args.is_mx) else None
+        scale_dtype = weight_scale_dtype(args, w.dtype)
     scales = _Scales(args, global_scale, static, scale_dtype)
     if static:
         qp_static = scales.qparams_of(wf)
@@ -353,10 +356,12 @@ class GPTQ:
     rows independent), which also gives fused q/k/v and gate/up one shared NVFP4 global
     scale / per-tensor scale, as vLLM expects. Linears that saw fewer than `min_tokens`
     calibration tokens (MoE experts the router never picked) fall back to RTN; `report`
-    lists every such case.
+    lists every such case. `true_sequential` (class default, see `pipeline.quantize_model`)
+    quantizes o_proj on inputs from the quantized q/k/v, down_proj on those from gate/up.
     """
 
     needs_data = True
+    true_sequential = True
     block_size: int = DEFAULT_BLOCK_SIZE
     dampening_frac: float = DEFAULT_DAMPENING
     actorder: str | None = "args"
@@ -389,7 +394,7 @@ class GPTQ:
             ws = [linears[n].weight.detach() for n in stack]
             w = torch.cat(ws) if len(ws) > 1 else ws[0]
             if tokens < self.min_tokens:
-                w_hat, qp = quantize_weight_rtn(w, args)
+                w_hat, qp = rtn_weight(w, args)
                 res = GPTQResult(w_hat, qp)
                 log.warning("%s: %d calibration tokens; RTN instead of GPTQ", stack, tokens)
             else:
@@ -402,7 +407,9 @@ class GPTQ:
                     actorder=self.actorder,
                 )
             rows = [x.shape[0] for x in ws]
-            for name, w_hat, qp in zip(stack, res.weight.split(rows), _split_rows(res, rows)):
+            for name, w_hat, qp in zip(
+                stack, res.weight.split(rows), split_rows(res.qparams, rows)
+            ):
                 linears[name].set_weight(w_hat, qp, res.g_idx)
             self.report.append(
                 {
@@ -425,17 +432,3 @@ def _split_by_args(names: list[str], linears: dict[str, nn.Module]) -> list[list
         else:
             parts.append((args, [name]))
     return [members for _, members in parts]
-
-
-def _split_rows(res: GPTQResult, rows: list[int]) -> list[QParams]:
-    """Per-member qparams of a row-stacked result (per-tensor values are shared)."""
-
-    def split(t: torch.Tensor | None) -> list[torch.Tensor | None]:
-        if t is None:
-            return [None] * len(rows)
-        if t.ndim < 2 or t.shape[0] != sum(rows):
-            return [t] * len(rows)
-        return list(t.split(rows))
-
-    qp = res.qparams
-    return [QParams(s, z, qp.global_scale) for s, z in zip(split(qp.scale), split(qp.zero_point))]

@@ -5,11 +5,19 @@ hooks, calls `step.run()` to push every cached batch through the layer, and chan
 layer (quantizes it); when the consumer asks for the next step, the driver recomputes the
 layer's outputs with the changed layer, so that each layer is calibrated on the inputs the
 quantized model will really give it (as GPTQ needs).
+
+True-sequential order inside a layer: `linear_stages(step, linears)` orders the layer's
+Linears into stages (q/k/v, then o_proj, then gate/up, then down_proj) found by one probe
+forward: modules fed the very same input tensor form one stage, stages follow the order they
+first run, and MoE experts' same-named projections merge into one stage. A consumer that
+quantizes stage by stage, each with `step.run_until(last module of the stage)`, calibrates
+every stage on the outputs of the already quantized stages before it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +44,94 @@ class LayerStep:
     def run(self) -> list[torch.Tensor]:
         """Forward every cached batch through the layer; returns the hidden-state outputs."""
         return [layer_output(self.layer(*args, **kwargs)) for args, kwargs in self.inputs]
+
+    @torch.inference_mode()
+    def run_until(self, module: nn.Module | None) -> None:
+        """Forward every cached batch through the layer, each stopped once `module` has run
+        (the whole layer when `module` is None or does not run)."""
+        if module is None:
+            self.run()
+            return
+
+        def stop(*_args) -> None:
+            raise _StopForward
+
+        handle = module.register_forward_hook(stop)
+        try:
+            for args, kwargs in self.inputs:
+                try:
+                    self.layer(*args, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
+
+@dataclass
+class Stage:
+    """Linears quantized together in true-sequential order; `last` ran last in the probe."""
+
+    names: list[str]
+    last: str | None
+
+
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+
+@torch.inference_mode()
+def _run_order(step: LayerStep, linears: Mapping[str, nn.Module]) -> list[tuple[str, object]]:
+    """(name, input tensor) of each Linear call while the first cached batch runs."""
+    order: list[tuple[str, object]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, a, n=n: order.append((n, a[0])))
+        for n, m in linears.items()
+    ]
+    try:
+        args, kwargs = step.inputs[0]
+        step.layer(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _last(names: list[str], last_run: dict[str, int]) -> str | None:
+    """The member that ran last, or None (run the whole layer) when one did not run, as
+    it may run after that point for other batches (MoE experts the router skipped)."""
+    if any(n not in last_run for n in names):
+        return None
+    return max(names, key=last_run.__getitem__)
+
+
+def linear_stages(step: LayerStep, linears: Mapping[str, nn.Module]) -> list[Stage]:
+    """The layer's Linears in true-sequential stages; see the module docstring. Linears that
+    did not run in the probe join the stage of their same-named siblings (which then runs
+    the whole layer), else a last stage."""
+    order = _run_order(step, linears) if step.inputs else []
+    groups: list[tuple[object, list[str]]] = []
+    last_run: dict[str, int] = {}
+    for i, (name, x) in enumerate(order):
+        last_run[name] = i
+        if any(name in members for _, members in groups):
+            continue
+        same = next((members for t, members in groups if t is x), None)
+        if same is None:
+            groups.append((x, [name]))
+        else:
+            same.append(name)
+    stages: dict[frozenset, list[str]] = {}
+    for _, members in groups:
+        stages.setdefault(frozenset(map(_pattern, members)), []).extend(members)
+    rest = []
+    for name in linears:
+        if name not in last_run:
+            key = next((k for k in stages if _pattern(name) in k), None)
+            (stages[key] if key is not None else rest).append(name)
+    out = [Stage(names, _last(names, last_run)) for names in stages.values()]
+    if rest:
+        out.append(Stage(rest, None))
+    return out
 
 
 def layer_output(output: object) -> torch.Tensor:

@@ -39,6 +39,7 @@ def quantize_checkpoint(
     dampening_frac: float = 0.01,
     block_size: int = 128,
     calibrate_all_experts: bool = True,
+    true_sequential: bool | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Quantize the checkpoint in `model_dir` with `scheme` (preset name or recipe file) by
@@ -70,7 +71,15 @@ def quantize_checkpoint(
         kwargs = {"dampening_frac": dampening_frac, "block_size": block_size}
     start = time.perf_counter()
     with all_experts(model, enabled=calibrate_all_experts and bool(moe)):
-        quantize_model(model, recipe, batches, method=method, batch_size=batch_size, **kwargs)
+        quantize_model(
+            model,
+            recipe,
+            batches,
+            method=method,
+            batch_size=batch_size,
+            true_sequential=true_sequential,
+            **kwargs,
+        )
     if moe:
         log_expert_coverage(model, all_tokens=calibrate_all_experts)
     log.info("quantized with %s in %.1f s", method, time.perf_counter() - start)
@@ -108,6 +117,15 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="MoE: calibrate experts on routed tokens only (starved experts fall back to RTN)",
     )
+    p.add_argument(
+        "--no-true-sequential",
+        dest="true_sequential",
+        action="store_const",
+        const=False,
+        default=None,
+        help="GPTQ: calibrate each layer's Linears in one pass (default: q/k/v, o, gate/up, "
+        "down in turn, each on inputs from the quantized ones before it)",
+    )
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -125,6 +143,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         actorder=args.actorder,
         dampening_frac=args.dampening_frac,
         calibrate_all_experts=args.calibrate_all_experts,
+        true_sequential=args.true_sequential,
         overwrite=args.overwrite,
     )
     print(f"wrote {out}")
