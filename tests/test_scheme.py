@@ -144,3 +144,41 @@ def test_load_recipe_from_yaml_and_json(tmp_path):
         load_recipe(bad)
     with pytest.raises(QuantscaleError, match="neither"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("role", "observer", "kwargs", "ct_name", "ct_kwargs"),
+    [
+        ("input_activations", "minmax", {}, "static_minmax", {}),
+        ("input_activations", "ema", {"sigma": 0.1}, "minmax", {"averaging_constant": 0.1}),
+        ("input_activations", "mse", {}, "mse", {"norm": 2.0, "patience": 10}),
+        ("input_activations", "percentile", {"alpha": 0.999}, "percentile", {"alpha": 0.999}),
+        ("weights", "minmax", {}, "memoryless_minmax", {}),
+        ("weights", "mse", {"grid": 50}, "memoryless_mse", {"norm": 2.0, "patience": 10}),
+    ],
+)
+def test_saved_observer_names_are_llm_compressors(role, observer, kwargs, ct_name, ct_kwargs):
+    """The exported config names the llm-compressor observer with the same statistic, and
+    reads back as ours."""
+    scheme = preset_scheme("W8A8")
+    update = {"observer": observer, "observer_kwargs": kwargs}
+    args = getattr(scheme, role).model_copy(update=update)
+    recipe = Recipe(config_groups={"g": scheme.model_copy(update={role: args})})
+    written = recipe.to_quantization_config()["config_groups"]["g"][role]
+    assert written["observer"] == ct_name
+    assert ct_kwargs.items() <= written.get("observer_kwargs", {}).items()
+    assert Recipe.from_quantization_config(recipe.to_quantization_config()).config_groups == {
+        "g": recipe.config_groups["g"]
+    }
+
+
+def test_old_and_llm_compressor_observer_names_read_as_ours():
+    cfg = load_recipe("W8A8").to_quantization_config()
+    acts = cfg["config_groups"]["group_0"]["input_activations"]
+    for written, ours in [("minmax", "minmax"), ("static_minmax", "minmax"), ("mse", "mse")]:
+        acts.update(observer=written, observer_kwargs={})
+        back = Recipe.from_quantization_config(cfg).config_groups["group_0"]
+        assert back.input_activations.observer == ours
+    acts.update(observer="minmax", observer_kwargs={"averaging_constant": 0.05})
+    back = Recipe.from_quantization_config(cfg).config_groups["group_0"].input_activations
+    assert (back.observer, back.observer_kwargs) == ("ema", {"sigma": 0.05})

@@ -6,6 +6,12 @@ writes. Module-name patterns: `re:<regex>` (matched from the start, as compresse
 vLLM do), a glob with `*`/`?`, or a plain name that matches exactly or as a dotted suffix
 (`lm_head` matches `model.lm_head`). Targets without a dot or wildcard that start with a capital
 letter (`Linear`) match the module's class name.
+
+Observer names: recipes use ours (`minmax` = running extremes, `ema`, `mse`, `percentile`...);
+`to_quantization_config` writes llm-compressor's name for the same statistic (`ct_observer`:
+activations minmax -> `static_minmax`, ema -> `minmax` with its `averaging_constant`, weights
+minmax / mse -> `memoryless_minmax` / `memoryless_mse`) and reading translates back, a bare
+`minmax` keeping our old meaning.
 """
 
 from __future__ import annotations
@@ -99,9 +105,12 @@ class QuantArgs(BaseModel):
             and (self.scale_dtype in ("uint8", "torch.uint8") or self.group_size == 32)
         )
 
-    def to_config(self) -> dict[str, Any]:
-        """Dict in compressed-tensors' QuantizationArgs layout (unset optional fields left out)."""
+    def to_config(self, role: str = "activation") -> dict[str, Any]:
+        """Dict in compressed-tensors' QuantizationArgs layout (unset optional fields left out),
+        the observer named as llm-compressor names it (`ct_observer`; role 'weight' or
+        'activation')."""
         d = self.model_dump()
+        d["observer"], d["observer_kwargs"] = ct_observer(self, role)
         for key in ("actorder", "block_structure", "scale_dtype", "zp_dtype", "observer"):
             if d.get(key) is None:
                 d.pop(key)
@@ -125,7 +134,7 @@ class QuantScheme(BaseModel):
         """Dict in compressed-tensors' QuantizationScheme layout."""
         return {
             "targets": list(self.targets),
-            "weights": self.weights.to_config() if self.weights else None,
+            "weights": self.weights.to_config("weight") if self.weights else None,
             "input_activations": (
                 self.input_activations.to_config() if self.input_activations else None
             ),
@@ -280,15 +289,77 @@ class Recipe(BaseModel):
         )
 
 
-def _strip_args(d: dict[str, Any] | None) -> dict[str, Any] | None:
-    return {k: v for k, v in d.items() if k in QuantArgs.model_fields} if d else d
+def _strip_args(d: dict[str, Any] | None, role: str = "activation") -> dict[str, Any] | None:
+    if not d:
+        return d
+    out = {k: v for k, v in d.items() if k in QuantArgs.model_fields}
+    if out.get("observer"):
+        out["observer"], out["observer_kwargs"] = our_observer(
+            out["observer"], out.get("observer_kwargs") or {}, role
+        )
+    return out
 
 
 def _strip_ct_only(g: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in g.items() if k in QuantScheme.model_fields}
-    for role in ("weights", "input_activations", "output_activations"):
-        out[role] = _strip_args(out.get(role))
+    for key in ("weights", "input_activations", "output_activations"):
+        out[key] = _strip_args(out.get(key), "weight" if key == "weights" else "activation")
     return out
+
+
+# ---------------------------------------------------------------- observer names
+
+# Our observer -> llm-compressor's observer computing the same statistic, per role.
+_CT_NAMES = {
+    ("weight", "minmax"): "memoryless_minmax",
+    ("weight", "ema"): "memoryless_minmax",  # one observation: the average is the min-max
+    ("weight", "mse"): "memoryless_mse",
+    ("activation", "minmax"): "static_minmax",
+    ("activation", "ema"): "minmax",
+    ("activation", "mse"): "mse",
+}
+_OUR_NAMES = {
+    "static_minmax": "minmax",
+    "memoryless_minmax": "minmax",
+    "memoryless_mse": "mse",
+    "moving_average_minmax": "ema",
+}
+EMA_SIGMA = 0.01  # our EMA default, llm-compressor's default averaging_constant
+# Our MSE search settings that llm-compressor's defaults differ from (norm 2.4, patience 5).
+MSE_DEFAULTS = {"norm": 2.0, "patience": 10}
+
+
+def ct_observer(args: QuantArgs, role: str) -> tuple[str | None, dict[str, Any]]:
+    """(observer, observer_kwargs) as llm-compressor names the statistic our observer takes.
+
+    Our activation `mse` averages per-batch searches evenly; llm-compressor's `mse` (the
+    nearest) is a moving average. Observers it lacks (percentile, aciq, kl) keep our names."""
+    name, kwargs = args.observer, dict(args.observer_kwargs)
+    if name is None:
+        return None, kwargs
+    ours = _OUR_NAMES.get(name.lower(), name.lower())
+    ct = _CT_NAMES.get((role, ours), name)
+    if ours == "ema" and role == "activation":
+        kwargs["averaging_constant"] = kwargs.pop("sigma", EMA_SIGMA)
+    if ours == "mse":
+        kwargs = {**MSE_DEFAULTS, **kwargs}
+    return ct, kwargs
+
+
+def our_observer(name: str, kwargs: dict[str, Any], role: str) -> tuple[str, dict[str, Any]]:
+    """Inverse of `ct_observer`: llm-compressor's name (or ours, as older configs wrote) ->
+    (our observer, kwargs). A bare `minmax` is read as our running min-max."""
+    kwargs = dict(kwargs)
+    key = name.lower()
+    if key == "minmax" and "averaging_constant" in kwargs:
+        sigma = kwargs.pop("averaging_constant")
+        if role == "weight":  # one observation: any moving average is the min-max
+            return "minmax", kwargs
+        return "ema", ({} if sigma == EMA_SIGMA else {"sigma": sigma}) | kwargs
+    ours = _OUR_NAMES.get(key, key)
+    if ours == "mse":
+        kwargs = {k: v for k, v in kwargs.items() if MSE_DEFAULTS.get(k, object()) != v}
+    return ours, kwargs
 
 
 # ---------------------------------------------------------------- presets
