@@ -2,7 +2,8 @@
 
 For each input (SmolLM2-135M from the cache; synthetic Llama-shaped checkpoints of
 `--size-gb` GB each, 1 by default) it runs, alternating, in separate processes:
-- floor: read every input byte and write as many bytes as our output has, no computation;
+- floor: read every input byte and write as many bytes as our output has, no computation,
+  with the same reads and writes (CHUNK_BYTES steps, preallocated files), one after the other;
 - quantscale: `quantize_checkpoint_fp8` (the `quantscale quantize --scheme fp8-block` path)
   with `--backend` (default auto; a comma list adds one job per further backend, e.g.
   `--backend auto,eager` to compare kernels end to end);
@@ -86,47 +87,49 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s
 
 
 def job_floor(src: Path, out: Path, out_bytes: int) -> None:
-    """Read all input shard bytes, write `out_bytes` to new files in `out`; no computation."""
+    """Read every input shard byte and write `out_bytes` to as many new files, no computation,
+    with the I/O our conversion uses: plain reads and writes of CHUNK_BYTES through one reused
+    buffer (in cache), output files preallocated. Serial: read everything, then write."""
     t0 = time.perf_counter()
+    import os
+
+    from quantscale.checkpoint.io import CHUNK_BYTES, preallocate
+
     files = sorted(src.glob("*.safetensors"))
-    buf = bytearray(64 << 20)
+    buf = bytearray(CHUNK_BYTES)
     view = memoryview(buf)
-    read = 0
+    t1 = time.perf_counter()
     for f in files:
         with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                read += n
-    t1 = time.perf_counter()
+            while fh.readinto(view):
+                pass
+    t2 = time.perf_counter()
     out.mkdir(parents=True)
     per_file = -(-out_bytes // len(files))
     left = out_bytes
     for i in range(len(files)):
-        with open(out / f"shard-{i}.bin", "wb") as fh:
-            todo = min(per_file, left)
-            while todo > 0:
-                n = min(todo, len(buf))
-                fh.write(view[:n])
-                todo -= n
-                left -= n
-    t2 = time.perf_counter()
-    print("BENCH " + json.dumps({"read_s": t1 - t0, "write_s": t2 - t1, "work_s": t2 - t0}))
+        fd = os.open(out / f"shard-{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        todo = min(per_file, left)
+        preallocate(fd, todo)
+        done = 0
+        while done < todo:
+            done += os.pwrite(fd, view[: min(len(buf), todo - done)], done)
+        left -= todo
+        os.close(fd)
+    t3 = time.perf_counter()
+    times = {"import_s": t1 - t0, "read_s": t2 - t1, "write_s": t3 - t2, "work_s": t3 - t1}
+    print("BENCH " + json.dumps(times))
 
 
-def job_ours(src: Path, out: Path, backend: str, writer: str) -> None:
-    """`quantize_checkpoint_fp8`; `writer` "sync" or "collect" swaps in the slower writers
-    (no writer thread; whole output shard in memory) to measure what streaming gains."""
+def job_ours(src: Path, out: Path, backend: str) -> None:
+    """`quantize_checkpoint_fp8`, the `quantscale quantize --scheme fp8-block` path."""
     t0 = time.perf_counter()
-    import functools
     import math
 
     from quantscale.checkpoint import fp8_quantize
     from quantscale.checkpoint.io import Checkpoint
     from quantscale.formats import fp8_fast
 
-    if writer != "stream":
-        mode = {"plan_fn": None} if writer == "collect" else {"threaded": False}
-        base = fp8_quantize.transform_checkpoint
-        fp8_quantize.transform_checkpoint = functools.partial(_with, base, mode)
     t1 = time.perf_counter()
     fp8_quantize.quantize_checkpoint_fp8(src, out, backend=backend)
     t2 = time.perf_counter()
@@ -135,10 +138,6 @@ def job_ours(src: Path, out: Path, backend: str, writer: str) -> None:
         total = sum(math.prod(i.shape) for i in infos if fp8_quantize.quantizable(i))
         backend = fp8_fast.choose_backend(total)
     print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1, "backend": backend}))
-
-
-def _with(fn, overrides: dict, *args, **kwargs):
-    return fn(*args, **{**kwargs, **overrides})
 
 
 # ---------------------------------------------------------------- orchestration
@@ -434,7 +433,6 @@ def main(argv: list[str] | None = None) -> int:
         default=[1.0],
         help="sizes of the synthetic checkpoints (GB of bf16), e.g. --size-gb 1 2",
     )
-    p.add_argument("--writer", default="stream", choices=["stream", "sync", "collect"])
     p.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 1 repeat")
@@ -446,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         job_floor(Path(args.paths[0]), Path(args.paths[1]), args.out_bytes)
         return 0
     if args.job == "ours":
-        job_ours(Path(args.paths[0]), Path(args.paths[1]), args.backend, args.writer)
+        job_ours(Path(args.paths[0]), Path(args.paths[1]), args.backend)
         return 0
     payload = {"machine": common.machine(), "loadavg_start": common.loadavg()}
     print("kernel (in memory):")

@@ -43,17 +43,23 @@ def _digest(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
 
 
-@pytest.mark.parametrize("threaded", [True, False])
-def test_stream_writes_save_file_bytes_in_any_order(tmp_path, threaded):
+def test_stream_writes_save_file_bytes_in_any_order(tmp_path):
     tensors = _mixed()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     order = list(tensors)
     random.Random(1).shuffle(order)
-    with ShardStream(
-        tmp_path / "ours.safetensors", _plan(tensors), {"format": "pt"}, threaded
-    ) as s:
-        for name in order:
-            s.put(name, tensors[name])
+    with ShardStream(tmp_path / "ours.safetensors", _plan(tensors), {"format": "pt"}) as s:
+        for i, name in enumerate(order):
+            t = tensors[name]
+            if i % 3 == 0 or t.ndim == 0:
+                s.put(name, t)
+            elif i % 3 == 1:  # by rows, last rows first
+                for r in reversed(range(0, t.shape[0], 2)):
+                    s.put_rows(name, t[r : r + 2], r)
+            else:  # raw bytes, in 3-byte pieces
+                raw = t.reshape(-1).view(torch.uint8)
+                for a in range(0, raw.numel(), 3):
+                    s.put_bytes(name, raw[a : a + 3], a)
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "ref.safetensors").read_bytes()
     with safe_open(tmp_path / "ours.safetensors", framework="pt") as f:
@@ -76,6 +82,16 @@ def test_stream_refuses_what_the_plan_does_not_say(tmp_path):
     with pytest.raises(CheckpointError, match=r"1 planned tensors never written \(b\)"):
         with ShardStream(tmp_path / "x.safetensors", plan) as s:
             s.put("a", torch.zeros(2, 3))
+    with pytest.raises(CheckpointError, match=r"rows 1\.\. of .* do not fit tensor 'a'"):
+        with ShardStream(tmp_path / "x.safetensors", plan) as s:
+            s.put_rows("a", torch.zeros(2, 3), 1)
+    with pytest.raises(CheckpointError, match="'a' written twice"):
+        with ShardStream(tmp_path / "x.safetensors", plan) as s:
+            s.put_rows("a", torch.zeros(2, 3), 0)
+            s.put_rows("a", torch.zeros(1, 3), 1)
+    with pytest.raises(CheckpointError, match="8 bytes at 2 do not fit tensor 'b'"):
+        with ShardStream(tmp_path / "x.safetensors", plan) as s:
+            s.put_bytes("b", torch.zeros(8, dtype=torch.uint8), 2)
 
 
 def _source(tmp_path: Path) -> Path:
@@ -112,16 +128,31 @@ def _double_plan(name: str, info: io.TensorInfo) -> list[io.PlannedTensor]:
     return [(name, dtype, info.shape)] if dtype != torch.bool else []
 
 
-@pytest.mark.parametrize("threaded", [True, False])
-@pytest.mark.parametrize("pool_from", [1, 1 << 20])
-def test_streamed_transform_equals_collected_one(tmp_path, monkeypatch, threaded, pool_from):
-    """Also when every input is read into a reused buffer that outputs may alias."""
-    monkeypatch.setattr(io.BufferPool, "MIN_BYTES", pool_from)
+def _kinds_plan(name: str, info: io.TensorInfo) -> io.TensorPlan:
+    """Every plan kind: floats doubled by rows (2-D) or whole, ints copied raw, bools dropped."""
+    outputs = tuple(_double_plan(name, info))
+    if info.dtype in ("I64", "I32", "I16", "I8", "U8"):
+        return io.TensorPlan.copy(name, info)
+    if len(outputs) == 2 and len(info.shape) == 2:
+        return io.TensorPlan(outputs, "rows", rows=2)
+    return io.TensorPlan(outputs)
+
+
+def _double_rows(name: str, band: torch.Tensor, first: int) -> dict:
+    return {n: (t, first) for n, t in _double_floats(name, band).items()}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+@pytest.mark.parametrize("kinds", [False, True])
+def test_streamed_transform_equals_collected_one(tmp_path, monkeypatch, chunk, kinds):
+    """Also when tensors are read in pieces smaller than a row (a band is still whole rows)."""
+    monkeypatch.setattr(io, "CHUNK_BYTES", chunk)
     src = _source(tmp_path)
     ckpt = Checkpoint(src)
     collected = transform_checkpoint(ckpt, tmp_path / "a", _double_floats, {"k": 1})
+    plan_fn = _kinds_plan if kinds else _double_plan
     streamed = transform_checkpoint(
-        ckpt, tmp_path / "b", _double_floats, {"k": 1}, plan_fn=_double_plan, threaded=threaded
+        ckpt, tmp_path / "b", _double_floats, {"k": 1}, plan_fn=plan_fn, rows_fn=_double_rows
     )
     assert _digest(collected) == _digest(streamed)
     out = Checkpoint(streamed)
@@ -131,6 +162,27 @@ def test_streamed_transform_equals_collected_one(tmp_path, monkeypatch, threaded
         for out_name, value in expected.items():
             assert torch.equal(_bits(out.get(out_name)), _bits(value))
     assert len(out.tensors) == sum(len(_double_plan(n, i)) for n, i in ckpt.tensors.items())
+
+
+def test_plan_kinds_read_in_pieces(tmp_path, monkeypatch):
+    """Copies go in CHUNK_BYTES pieces, bands are whole multiples of the plan's rows."""
+    monkeypatch.setattr(io, "CHUNK_BYTES", 40)
+    ckpt = Checkpoint(_source(tmp_path))
+    shard = ckpt.shards[0]
+    plans = {n: _kinds_plan(n, ckpt.tensors[n]) for n in ckpt.names(shard)}
+    pieces = io._pieces(ckpt, plans)
+    for name, plan in plans.items():
+        info = ckpt.tensors[name]
+        mine = [p for p in pieces if p.info.name == name]
+        assert sum(p.nbytes for p in mine) == info.nbytes
+        assert [p.start for p in mine] == sorted(p.start for p in mine)
+        if plan.kind == "copy":
+            assert all(p.nbytes <= 40 for p in mine)
+        if plan.kind == "rows" and info.nbytes:
+            row = info.nbytes // info.shape[0]
+            assert all(p.start % (2 * row) == 0 for p in mine) and len(mine) > 1
+        if plan.kind == "tensor":
+            assert len(mine) == 1 and mine[0].whole
 
 
 def _leftovers(tmp_path: Path) -> list[str]:
@@ -192,27 +244,3 @@ def test_truncated_shard_is_named_with_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{shard}: truncated file: tensor '{last.name}'"):
         transform_checkpoint(ckpt, tmp_path / "out", _double_floats, None, plan_fn=_double_plan)
     assert _leftovers(tmp_path) == []
-
-
-def test_pool_reuses_only_given_back_memory():
-    pool = io.BufferPool(keep=2)
-    a = pool.take(3 << 20)
-    a.fill_(7)
-    assert pool.take(1 << 20).untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
-    pool.give(a.untyped_storage())
-    b = pool.take(2 << 20)  # fits in a's buffer: reused, exactly the asked size
-    assert b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
-    assert b.numel() == 2 << 20 and pool.free == []
-    small = pool.take(100)
-    pool.give(small.untyped_storage())
-    assert pool.free == []  # below MIN_BYTES: left to malloc
-
-
-def test_read_shard_gives_file_order_and_owned_tensors(tmp_path):
-    ckpt = Checkpoint(_source(tmp_path))
-    for shard in ckpt.shards:
-        read = list(ckpt.read_shard(shard))
-        offsets = [ckpt.tensors[n].offset for n, _ in read]
-        assert offsets == sorted(offsets) and len(read) == len(ckpt.names(shard))
-        for name, t in read:
-            assert torch.equal(_bits(t), _bits(ckpt.get(name)))

@@ -3,7 +3,7 @@
 All three store the same numbers: fp8 weights and a float32 dequantization multiplier per
 tile (W = fp8 * scale). Conversion renames tensors and rewrites config.json; it never takes a
 reciprocal of a scale (`1/weight_scale_inv` would scale every weight by about (amax/448)^-2).
-It streams: one input tensor and the outputs still being written are in memory at a time.
+It streams: tensors whose bytes do not change are copied as raw bytes, a few MB at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from quantscale import progress
 from quantscale.checkpoint.dequantize import NEURON_KEY, config_block, scale_name_for
-from quantscale.checkpoint.io import Checkpoint, PlannedTensor, TensorInfo, transform_checkpoint
+from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 
@@ -225,9 +225,13 @@ def convert_checkpoint(
         tensor = tensor.to(out_dtype(name, tensor.dtype))
         return {_rename(name, name in scales, src_fmt, to, unprefixed): tensor}
 
-    def plan_fn(name: str, info: TensorInfo) -> list[PlannedTensor]:
+    def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
+        """Raw byte copies under the new name, except scales that widen to float32."""
         new = _rename(name, name in scales, src_fmt, to, unprefixed)
-        return [(new, out_dtype(name, info.torch_dtype), info.shape)]
+        dtype = out_dtype(name, info.torch_dtype)
+        if dtype == info.torch_dtype:
+            return TensorPlan.copy(new, info)
+        return TensorPlan(((new, dtype, info.shape),))
 
     config.pop("quantization_config", None)
     if to == "hf":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, PlannedTensor, TensorInfo, transform_checkpoint
+from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
 from quantscale.models.naming import module_path
@@ -150,10 +150,12 @@ def dequantize_checkpoint(
         where = f"{ckpt.path / ckpt.tensors[name].shard}: tensor {name!r}"
         return {name: dequantize_weight(tensor, ckpt.get(scales[name]), block, dtype, where)}
 
-    def plan_fn(name: str, info: TensorInfo) -> list[PlannedTensor]:
+    def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
         if name in dropped:
-            return []
-        return [(name, dtype if name in scales else info.torch_dtype, info.shape)]
+            return TensorPlan(())
+        if name not in scales:
+            return TensorPlan.copy(name, info)
+        return TensorPlan(((name, dtype, info.shape),))
 
     config = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
     if config is not None:

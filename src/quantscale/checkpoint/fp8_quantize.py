@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, PlannedTensor, TensorInfo, transform_checkpoint
+from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, E4M3, block_grid
 from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast
@@ -101,24 +101,23 @@ def quantize_checkpoint_fp8(
         total = sum(math.prod(ckpt.tensors[n].shape) for n in targets)
         backend = choose_backend(total)
 
-    def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        if name not in targets:
-            return {name: tensor}
-        q, scale = quantize_fp8_block_fast(tensor, block, scale_fmt, backend=backend)
-        return {name: q, f"{name}_scale_inv": scale}
+    def rows_fn(name: str, band: torch.Tensor, first: int) -> dict[str, tuple]:
+        q, scale = quantize_fp8_block_fast(band, block, scale_fmt, backend=backend)
+        return {name: (q, first), f"{name}_scale_inv": (scale, first // block[0])}
 
-    def plan_fn(name: str, info: TensorInfo) -> list[PlannedTensor]:
+    def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
         if name not in targets:
-            return [(name, info.torch_dtype, info.shape)]
-        return [
+            return TensorPlan.copy(name, info)
+        outputs = (
             (name, E4M3, info.shape),
             (f"{name}_scale_inv", torch.float32, block_grid(info.shape, block)),
-        ]
+        )
+        return TensorPlan(outputs, "rows", rows=block[0])
 
     config = copy.deepcopy(ckpt.config) if ckpt.config is not None else {}
     config["quantization_config"] = fp8_block_config(
         block, unconverted_modules(ckpt, ignore), scale_fmt
     )
     return transform_checkpoint(
-        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+        ckpt, out, None, config, overwrite, progress.track, plan_fn=plan_fn, rows_fn=rows_fn
     )
