@@ -17,7 +17,8 @@ workers but parent 'cpu' only has 1"): its job sets GPTQMODEL_CPU_WORKERS=2, stu
 7.3.6 imports without declaring it.
 
     .venv/bin/python benchmarks/gptq.py [--models tiny,smollm2] [--repeats 1] [--samples 64]
-        [--group-size 128] [--only quantscale,llm-compressor,gptqmodel]
+        [--group-size 128] [--only quantscale,llm-compressor,gptqmodel] [--actorder group]
+        [--true-sequential]
     .venv/bin/python benchmarks/gptq.py --table   # bf16 / RTN / GPTQ perplexity per scheme
 """
 
@@ -71,7 +72,8 @@ from quantscale.scheme import preset_recipe
 recipe = preset_recipe("W4A16")
 group = recipe.config_groups["group_0"]
 group.weights = group.weights.model_copy(update={"group_size": int(sys.argv[4])})
-quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder=sys.argv[5])
+quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder=sys.argv[5],
+               true_sequential=sys.argv[6] == "1")
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
                              "ppl": ppl(model, tokens)}))
@@ -230,6 +232,7 @@ def bench(
     only: list[str] | None,
     group: int,
     actorder: str = "weight",
+    true_sequential: bool = False,
 ) -> dict:
     from quantscale.assets import cache_dir, smollm2_checkpoint
 
@@ -243,12 +246,18 @@ def bench(
         "seq_len": SEQ_LEN,
         "group_size": group,
         "ours_actorder": actorder,
+        "ours_true_sequential": true_sequential,
     }
     for model_name in models:
         ckpt = tiny_checkpoint(work) if model_name == "tiny" else smollm2_checkpoint()
         print(f"\n== {model_name}: {ckpt}")
         jobs = {
-            name: _job(name, py, _job_file(work, name, code), [ckpt, calib, ev, group, actorder])
+            name: _job(
+                name,
+                py,
+                _job_file(work, name, code),
+                [ckpt, calib, ev, group, actorder, int(true_sequential)],
+            )
             for name, (py, code) in jobs_code.items()
         }
         runs = common.alternate(jobs, repeats)
@@ -256,7 +265,8 @@ def bench(
         results[model_name]["runs"] = runs
         _print(model_name, results[model_name])
     tag = "" if only is None else "_" + "_".join(only)
-    path = RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}_{actorder}{tag}.json"
+    seq = "_ts" if true_sequential else ""
+    path = RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}_{actorder}{seq}{tag}.json"
     common.write_results(path, results)
     print(f"\nwrote {path}")
     return results
@@ -338,6 +348,9 @@ def main() -> None:
         default="weight",
         help="ours: 'weight' = llm-compressor's static default, 'group' = GPTQModel desc_act",
     )
+    ap.add_argument(
+        "--true-sequential", action="store_true", help="ours: q/k/v, o, gate/up, down in turn"
+    )
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
     a = ap.parse_args()
@@ -345,7 +358,15 @@ def main() -> None:
         table(a.samples, tuple(a.schemes.split(",")))
         return
     only = a.only.split(",") if a.only else None
-    bench(a.models.split(","), a.repeats, a.samples, only, a.group_size, a.actorder)
+    bench(
+        a.models.split(","),
+        a.repeats,
+        a.samples,
+        only,
+        a.group_size,
+        a.actorder,
+        a.true_sequential,
+    )
 
 
 if __name__ == "__main__":

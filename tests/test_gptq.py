@@ -14,7 +14,8 @@ from quantscale.algorithms.gptq import (
 )
 from quantscale.calibration.sequential import batched, layerwise
 from quantscale.formats.fp8 import E4M3
-from quantscale.qdq import QParams, fake_quantize, nvfp4_global_scale, quantize_weight_rtn
+from quantscale.pipeline import rtn_weight
+from quantscale.qdq import QParams, fake_quantize, nvfp4_global_scale
 from quantscale.runtime.qlinear import replace_linears
 from quantscale.scheme import QuantArgs, preset_recipe, preset_scheme
 
@@ -40,7 +41,7 @@ def _reference_gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, damp: flo
     g = args.group_size
     for i in range(w.shape[1]):
         if i % g == 0:
-            _, qp = quantize_weight_rtn(w[:, i : i + g].float(), args)
+            _, qp = rtn_weight(w[:, i : i + g].float(), args)
         q[:, i] = fake_quantize(w[:, i : i + 1].float(), args, qp)[:, 0].double()
         err = (w[:, i] - q[:, i]) / hinv[i, i]
         w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
@@ -90,7 +91,7 @@ def test_error_below_rtn_and_output_on_grid(preset):
     w, h = _problem(out=64, inp=128)
     args = preset_scheme(preset).weights
     res = gptq_quantize(w, h, args)
-    w_rtn, _ = quantize_weight_rtn(w, args)
+    w_rtn, _ = rtn_weight(w, args)
     assert output_error(w, res.weight, h) < 0.8 * output_error(w, w_rtn, h)
     # the result is exactly representable: re-quantizing it with its qparams is the identity
     torch.testing.assert_close(fake_quantize(res.weight, args, res.qparams), res.weight)
@@ -134,7 +135,7 @@ def test_actorder_weight_keeps_static_groups():
     w, h = _problem(out=16, inp=64)
     args = QuantArgs(num_bits=4, group_size=16, actorder="weight")
     res = gptq_quantize(w, h, args)
-    _, qp_rtn = quantize_weight_rtn(w, args)
+    _, qp_rtn = rtn_weight(w, args)
     assert res.g_idx is None
     torch.testing.assert_close(res.qparams.scale, qp_rtn.scale)
 

@@ -178,3 +178,18 @@ def test_rtn_scales_of_a_bf16_model_are_bf16_exact(preset):
         assert torch.equal(qp.scale.bfloat16().float(), qp.scale)
         bf16 = QParams(qp.scale.bfloat16(), qp.zero_point)  # as runtimes hold them
         assert torch.equal(fake_quantize(ql.weight, ql.scheme.weights, bf16), ql.weight)
+
+
+def test_symmetric_int_scales_use_the_full_code_range():
+    from quantscale.pipeline import rtn_weight
+    from quantscale.qdq import quantize
+    from quantscale.scheme import preset_scheme
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    args = preset_scheme("W4A16").weights
+    w_hat, qp = rtn_weight(w, args)
+    amax = w.reshape(64, 2, 128).abs().amax(-1)
+    torch.testing.assert_close(qp.scale, amax / 7.5)  # not amax / 7
+    codes = quantize(w_hat, args, qp)
+    assert codes.min() == -8 and codes.max() == 7
+    assert (w_hat - w).abs().max() <= 0.5 * qp.scale.max() + 1e-6

@@ -6,7 +6,7 @@ layer's inputs resident at a time, each layer fed by the already quantized layer
 Per layer: the activation observers (`calibration.activations`) and the weight algorithm's
 hooks are attached, the cached batches run through the layer, then the algorithm sets the
 weights (`finish_layer`) and the observers set the static activation scales. With
-`true_sequential` (GPTQ's default) this happens stage by stage inside the layer (q/k/v, then
+`true_sequential` this happens stage by stage inside the layer (q/k/v, then
 o_proj, then gate/up, then down_proj; `sequential.linear_stages`), each forward stopped after
 the stage's last module, so every stage is calibrated on inputs from the quantized stages
 before it. Weight-only RTN runs no calibration forward at all.
@@ -14,8 +14,9 @@ before it. Weight-only RTN runs no calibration forward at all.
 Weight algorithms follow `WeightAlgorithm` and register by name with
 `register_weight_algorithm`; RTN lives here, GPTQ in `quantscale.algorithms.gptq`. Both give
 the projections a runtime fuses (q/k/v, gate/up) one NVFP4 global scale / per-tensor scale,
-and store int and FP8 scales rounded to the scheme's scale dtype (default: the weight's 16-bit
-dtype), the values runtimes hold.
+put symmetric int scales on the full code range (`full_range`: int4 amax/7.5), and store int
+and FP8 scales rounded to the scheme's scale dtype (default: the weight's 16-bit dtype), the
+values runtimes hold.
 
 `save_quantized` writes the fake-quantized model with its qparam buffers (config.json carries
 the recipe under "quantscale"); `load_model` reads it back (or any plain checkpoint).
@@ -38,6 +39,7 @@ from quantscale.calibration.sequential import LayerStep, batched, layerwise, lin
 from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import fused_siblings
+from quantscale.formats.intq import int_range
 from quantscale.models.adapter import decoder_layers
 from quantscale.qdq import QParams, fake_quantize, quantize_weight_rtn
 from quantscale.runtime.qlinear import QuantLinear, quant_linears, replace_linears
@@ -91,6 +93,7 @@ def get_weight_algorithm(name: str, **kwargs) -> WeightAlgorithm:
 
 
 _HALF = (torch.bfloat16, torch.float16)
+_MINMAX = (None, "minmax", "static_minmax", "memoryless_minmax")
 
 
 def weight_scale_dtype(args: QuantArgs, w_dtype: torch.dtype) -> torch.dtype | None:
@@ -104,16 +107,32 @@ def weight_scale_dtype(args: QuantArgs, w_dtype: torch.dtype) -> torch.dtype | N
     return w_dtype if w_dtype in _HALF else None
 
 
+def full_range(args: QuantArgs, qp: QParams) -> QParams:
+    """Symmetric int scales that use the whole code range [-2^(b-1), 2^(b-1) - 1]: amax /
+    (2^(b-1) - 1/2), as compressed-tensors and GPTQModel compute them (int4: amax / 7.5, a
+    grid 7% finer than amax / 7; +amax clips by half a step, no more than rounding does)."""
+    if args.type != "int" or not args.symmetric:
+        return qp
+    qmax = int_range(args.num_bits)[1]
+    return QParams(qp.scale * (qmax / (qmax + 0.5)), qp.zero_point, qp.global_scale)
+
+
+def stored_scales(qp: QParams, dtype: torch.dtype | None) -> QParams:
+    """qp with its scale rounded to `dtype` (kept float32), as a runtime will hold it."""
+    if dtype is None:
+        return qp
+    return QParams(qp.scale.to(dtype).float(), qp.zero_point, qp.global_scale)
+
+
 def rtn_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
-    """Round-to-nearest (w_hat, qparams) with scales rounded per `weight_scale_dtype`."""
+    """Round-to-nearest (w_hat, qparams): min-max symmetric int scales on the `full_range`,
+    scales rounded per `weight_scale_dtype`."""
     w_hat, qp = quantize_weight_rtn(w, args)
-    dtype = weight_scale_dtype(args, w.dtype)
-    if dtype is not None:
-        rounded = qp.scale.to(dtype).float()
-        if not torch.equal(rounded, qp.scale.float()):
-            qp = QParams(rounded, qp.zero_point, qp.global_scale)
-            w_hat = fake_quantize(w, args, qp)
-    return w_hat, qp
+    new = full_range(args, qp) if args.observer in _MINMAX else qp
+    new = stored_scales(new, weight_scale_dtype(args, w.dtype))
+    if not torch.equal(new.scale, qp.scale.float()):
+        w_hat = fake_quantize(w, args, new)
+    return w_hat, new
 
 
 def split_rows(qp: QParams, rows: list[int]) -> list[QParams]:
@@ -252,7 +271,7 @@ def quantize_model(
     batches; needed when the recipe has static activations or the method needs data.
     `transforms` run on each decoder layer before it is calibrated (see `LayerTransform`).
     `true_sequential`: calibrate each layer stage by stage (see the module docstring); None
-    takes the algorithm's `true_sequential` (GPTQ: on, RTN: off).
+    takes the algorithm's `true_sequential` attribute (off for RTN and GPTQ).
     Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe

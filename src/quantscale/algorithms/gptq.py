@@ -9,7 +9,8 @@ update per column touches only the block, and one matmul carries the block's err
 rest of the weight. The weight is held transposed ([in, out]) so that each column is a
 contiguous vector.
 
-Scales: channel / tensor scales (and NVFP4's per-tensor global scale) are fixed from the
+Scales (min-max; symmetric int on the full code range, `pipeline.full_range`): channel /
+tensor scales (and NVFP4's per-tensor global scale) are fixed from the
 whole weight before the loop; group scales (int groups, NVFP4's per-16 E4M3 block scales,
 MX scales, FP8 128x128 blocks) are computed from the partly updated weight when the loop
 reaches each group, exactly as the quantized model will see them. Act-order (`actorder`):
@@ -33,9 +34,11 @@ from torch import nn
 
 from quantscale.errors import QuantscaleError
 from quantscale.pipeline import (
+    full_range,
     register_weight_algorithm,
     rtn_weight,
     split_rows,
+    stored_scales,
     weight_scale_dtype,
 )
 from quantscale.qdq import (
@@ -153,10 +156,8 @@ class _Scales:
 
     def qparams_of(self, w: torch.Tensor) -> QParams:
         mn, mx = reduce_minmax(w, self.args, WEIGHT)
-        qp = compute_qparams(self.args, mn, mx, self.global_scale)
-        if self.scale_dtype is not None:
-            qp.scale = qp.scale.to(self.scale_dtype).float()
-        return qp
+        qp = full_range(self.args, compute_qparams(self.args, mn, mx, self.global_scale))
+        return stored_scales(qp, self.scale_dtype)
 
     def set(self, start: int, w: torch.Tensor, qp: QParams, perm: torch.Tensor | None) -> None:
         """Expand qp to w's shape [rows, cols], reorder columns by perm, store transposed."""
@@ -356,12 +357,13 @@ class GPTQ:
     rows independent), which also gives fused q/k/v and gate/up one shared NVFP4 global
     scale / per-tensor scale, as vLLM expects. Linears that saw fewer than `min_tokens`
     calibration tokens (MoE experts the router never picked) fall back to RTN; `report`
-    lists every such case. `true_sequential` (class default, see `pipeline.quantize_model`)
-    quantizes o_proj on inputs from the quantized q/k/v, down_proj on those from gate/up.
+    lists every such case. `true_sequential` (off by default: on SmolLM2 it did not lower the
+    perplexity and cost 1.3-1.8x the time; see `pipeline.quantize_model`) quantizes o_proj on
+    inputs from the quantized q/k/v, down_proj on those from gate/up.
     """
 
     needs_data = True
-    true_sequential = True
+    true_sequential = False
     block_size: int = DEFAULT_BLOCK_SIZE
     dampening_frac: float = DEFAULT_DAMPENING
     actorder: str | None = "args"

@@ -118,13 +118,13 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
         help="MoE: calibrate experts on routed tokens only (starved experts fall back to RTN)",
     )
     p.add_argument(
-        "--no-true-sequential",
+        "--true-sequential",
         dest="true_sequential",
         action="store_const",
-        const=False,
+        const=True,
         default=None,
-        help="GPTQ: calibrate each layer's Linears in one pass (default: q/k/v, o, gate/up, "
-        "down in turn, each on inputs from the quantized ones before it)",
+        help="calibrate each layer's q/k/v, o, gate/up, down in turn, each on inputs from the "
+        "quantized ones before it (default: the whole layer in one pass)",
     )
 
 
