@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quantscale.qdq import QParams, dequantize, fake_quantize, quantize, quantize_weight_rtn
-from quantscale.runtime.qlinear import QuantLinear, quant_linears, replace_linears
+from quantscale.runtime.qlinear import QuantLinear, compute_dtype, quant_linears, replace_linears
 from quantscale.scheme import preset_recipe, preset_scheme
 
 
@@ -97,3 +97,17 @@ def test_replace_linears_on_tiny_llama(tiny_llama):
     assert all(type(m) is not nn.Linear for n, m in tiny_llama.named_modules() if n in replaced)
     # nothing quantized yet: same outputs
     assert torch.allclose(tiny_llama(input_ids=ids).logits, before)
+
+
+def test_compute_dtype_context_runs_the_matmul_in_bf16():
+    ql = QuantLinear.from_linear(_linear(64, 32), preset_scheme("W8A8"))
+    _rtn(ql)
+    x = torch.randn(4, 64)
+    ref = ql(x)
+    with compute_dtype(torch.bfloat16):
+        fast = ql(x)
+    bf16 = nn.functional.linear(x.bfloat16(), ql.weight.bfloat16(), ql.bias.bfloat16()).float()
+    assert fast.dtype == torch.float32 and torch.equal(fast, bf16)
+    assert not torch.equal(fast, ref)
+    assert float((fast - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert torch.equal(ql(x), ref)  # the context is left

@@ -140,14 +140,17 @@ def _zero_point(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor |
 
 
 def _to_grid(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
-    """x mapped onto the format's grid (float32): integers, E4M3 or E2M1 values."""
+    """x mapped onto the format's grid (float32): integers, E4M3 or E2M1 values. Returns a
+    fresh tensor (in-place steps after the first: large activations allocate once)."""
     v = x.float() / _effective_scale(x, args, qp)
     if args.type == "float":
         return cast_fp8(v, E4M3).float() if args.num_bits == 8 else e2m1_round(v)
     zp = _zero_point(x, args, qp)
     qmin, qmax = int_range(args.num_bits)
-    v = torch.round(v)
-    return (v + zp if zp is not None else v).clamp(qmin, qmax)
+    v.round_()
+    if zp is not None:
+        v.add_(zp)
+    return v.clamp_(qmin, qmax)
 
 
 def quantize(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
@@ -176,8 +179,8 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor
     grid = _to_grid(x, args, qp)
     zp = _zero_point(x, args, qp)
     if zp is not None:
-        grid = grid - zp
-    return (grid * _effective_scale(x, args, qp)).to(x.dtype)
+        grid.sub_(zp)
+    return grid.mul_(_effective_scale(x, args, qp)).to(x.dtype)
 
 
 def fake_quantize_dynamic(

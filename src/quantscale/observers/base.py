@@ -81,7 +81,7 @@ class Observer:
 
     def observe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (min, max) of one batch, each [R]."""
-        return rows.amin(dim=1), rows.amax(dim=1)
+        return torch.aminmax(rows, dim=1)
 
     def update(self, x: torch.Tensor) -> None:
         """Observe one tensor (batch) and fold it into the running range."""
