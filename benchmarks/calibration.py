@@ -9,11 +9,19 @@ alternating, each in its own process and venv:
   recipe's (`Recipe.to_quantization_config`), the activation observer set to its
   `static_minmax` (running extremes, the same statistic as our `minmax`; its own `minmax`
   is a moving average), sequential pipeline (its default for calibrating modifiers).
+`--calib-dtype bfloat16` runs our calibration's matmuls in bf16 (`qlinear.compute_dtype`).
+With `--smooth ALPHA` both first smooth the model (SmoothQuant): ours is the `SmoothQuant`
+layer transform (its mappings: qkv, gate_up, up->down, GQA-aware v->o, or those of
+`--our-mappings`), llm-compressor's `SmoothQuantModifier` runs with its default Llama mappings
+(qkv, gate_up) plus up_proj -> down_proj (`--llmc-down`, on by default; it has no GQA v->o).
+`--observer` sets our activation observer (llm-compressor's is the name our saved config
+gives it, e.g. minmax -> static_minmax, mse -> mse).
 Each job reports its calibration time (model loaded, data ready) and the perplexity of the
 calibrated in-memory model on the same held-out tokens, computed by the same code.
 
     .venv/bin/python benchmarks/calibration.py [--schemes W8A8,FP8] [--samples 128]
-        [--seq-len 512] [--repeats 1] [--quick] [--json bench-results/calibration.json]
+        [--seq-len 512] [--repeats 1] [--smooth 0.5] [--observer mse] [--quick]
+        [--json bench-results/calibration.json]
 """
 
 from __future__ import annotations
@@ -53,14 +61,20 @@ import sys, time, json
 t0 = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
+from quantscale.algorithms.smoothing import SmoothQuant
 from quantscale.pipeline import quantize_model
+from quantscale.runtime.qlinear import compute_dtype
+from quantscale.scheme import Recipe
 t1 = time.perf_counter()
-path, calib_path, eval_path, scheme, batch_size = sys.argv[1:6]
+path, calib_path, eval_path, recipe, batch_size, smooth, calib_dtype = sys.argv[1:8]
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 calib, tokens = torch.load(calib_path), torch.load(eval_path)
 ppl_float = perplexity(model, tokens)
 t2 = time.perf_counter()
-quantize_model(model, scheme, calib, batch_size=int(batch_size))
+transforms = [SmoothQuant(smooth)] if smooth else []
+with compute_dtype(getattr(torch, calib_dtype)):
+    quantize_model(model, Recipe.model_validate_json(recipe), calib,
+                   batch_size=int(batch_size), transforms=transforms)
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t3 - t2,
                              "ppl": perplexity(model, tokens), "ppl_float": ppl_float}))
@@ -78,15 +92,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 t1 = time.perf_counter()
-path, calib_path, eval_path, groups, batch_size = sys.argv[1:6]
+path, calib_path, eval_path, groups, batch_size, smooth, mappings = sys.argv[1:8]
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
 calib, tokens = torch.load(calib_path), torch.load(eval_path)
 data = Dataset.from_dict({"input_ids": calib.tolist(),
                           "attention_mask": torch.ones_like(calib).tolist()})
 t2 = time.perf_counter()
-modifier = QuantizationModifier(config_groups=json.loads(groups), ignore=["lm_head"])
-oneshot(model=model, dataset=data, tokenizer=tokenizer, recipe=modifier,
+modifiers = [QuantizationModifier(config_groups=json.loads(groups), ignore=["lm_head"])]
+if smooth:
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+    modifiers.insert(0, SmoothQuantModifier(smoothing_strength=float(smooth),
+                                            mappings=json.loads(mappings)))
+oneshot(model=model, dataset=data, tokenizer=tokenizer, recipe=modifiers,
         num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
         batch_size=int(batch_size), shuffle_calibration_samples=False)
 t3 = time.perf_counter()
@@ -96,15 +114,28 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "work_s": t
 )
 
 
-def llmc_groups(scheme: str) -> str:
-    """Our preset's config groups in compressed-tensors layout, static_minmax activations."""
-    from quantscale.scheme import load_recipe
+# llm-compressor's default Llama SmoothQuant mappings, plus up_proj -> down_proj.
+LLMC_MAPPINGS = [
+    [["re:.*q_proj", "re:.*k_proj", "re:.*v_proj"], "re:.*input_layernorm"],
+    [["re:.*gate_proj", "re:.*up_proj"], "re:.*post_attention_layernorm"],
+]
+LLMC_DOWN = [["re:.*down_proj"], "re:.*up_proj"]
 
-    groups = load_recipe(scheme).to_quantization_config()["config_groups"]
+
+def our_recipe(scheme: str, observer: str | None):
+    """The preset with `observer` on its input activations."""
+    from quantscale.scheme import load_recipe
+    from quantscale.sweep import with_activations
+
+    recipe = load_recipe(scheme)
+    return with_activations(recipe, observer=observer) if observer else recipe
+
+
+def llmc_groups(recipe) -> str:
+    """Our recipe's config groups in compressed-tensors layout: the saved config names each
+    observer as llm-compressor does (our minmax -> its static_minmax)."""
+    groups = recipe.to_quantization_config()["config_groups"]
     for group in groups.values():
-        acts = group.get("input_activations")
-        if acts and not acts.get("dynamic"):
-            acts["observer"] = "static_minmax"
         group.pop("format", None)
     return json.dumps(groups)
 
@@ -140,21 +171,29 @@ def run(args: argparse.Namespace) -> dict:
     results, rows = {}, []
     base = [str(model), str(calib), str(tokens)]
     bs = str(args.batch_size)
+    smooth = args.smooth or ""
+    ours_smooth = args.our_mappings.replace("ALPHA", smooth) if smooth else ""
+    mappings = json.dumps(LLMC_MAPPINGS + ([LLMC_DOWN] if args.llmc_down else []))
     for scheme in args.schemes:
+        recipe = our_recipe(scheme, args.observer)
+        ours = [*base, recipe.model_dump_json(), bs, ours_smooth, args.calib_dtype]
         jobs = {
-            "quantscale": lambda b=base, s=scheme: common.run_job(
-                "quantscale", [common.this_python(), "-c", OURS_JOB, *b, s, bs]
+            "quantscale": lambda a=ours: common.run_job(
+                "quantscale", [common.this_python(), "-c", OURS_JOB, *a]
             )
         }
         if llmc is not None:
-            groups = llmc_groups(scheme)
-            jobs["llm-compressor"] = lambda b=base, g=groups: common.run_job(
-                "llm-compressor", [str(llmc), "-c", LLMC_JOB, *b, g, bs]
+            theirs = [*base, llmc_groups(recipe), bs, smooth, mappings]
+            jobs["llm-compressor"] = lambda a=theirs: common.run_job(
+                "llm-compressor", [str(llmc), "-c", LLMC_JOB, *a]
             )
-        print(f"\n{scheme}: {args.samples} x {args.seq_len} calibration tokens, batch {bs}")
+        key = scheme + (f" {args.observer}" if args.observer else "")
+        key += f" smooth={smooth}" if smooth else ""
+        key += f" {args.calib_dtype}" if args.calib_dtype != "float32" else ""
+        print(f"\n{key}: {args.samples} x {args.seq_len} calibration tokens, batch {bs}")
         runs = common.alternate(jobs, args.repeats)
         summary = {name: common.summarize(r) for name, r in runs.items()}
-        results[scheme] = {
+        results[key] = {
             "summary": summary,
             "runs": {n: [vars(x) for x in r] for n, r in runs.items()},
         }
@@ -162,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
             ppl = s.get("ppl_min")
             rows.append(
                 common.result_row(
-                    f"calibrate {scheme} {args.samples}x{args.seq_len}",
+                    f"calibrate {key} {args.samples}x{args.seq_len}",
                     name,
                     s,
                     ppl=ppl,
@@ -212,6 +251,25 @@ def main() -> int:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--observer", help="our activation observer (e.g. mse); default minmax")
+    parser.add_argument("--smooth", help="SmoothQuant alpha for both tools")
+    parser.add_argument(
+        "--calib-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="our calibration matmuls' dtype (the model and evaluation stay float32)",
+    )
+    parser.add_argument(
+        "--our-mappings",
+        default="ALPHA",
+        help="our smoothing spec, ALPHA replaced by --smooth (e.g. qkv=ALPHA+gate_up=ALPHA)",
+    )
+    parser.add_argument(
+        "--no-llmc-down",
+        dest="llmc_down",
+        action="store_false",
+        help="llm-compressor without the up_proj -> down_proj mapping",
+    )
     parser.add_argument("--quick", action="store_true", help="W8A8 on 8 x 128 tokens")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()

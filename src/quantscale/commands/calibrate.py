@@ -33,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(down=0.8+qkv=0.5; mappings qkv, gate_up, down, vo)",
     )
     add_calibration_args(p)
+    p.add_argument(
+        "--calib-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the calibration forwards' matmuls (bfloat16: ~4x faster GEMMs on "
+        "AVX512-BF16 CPUs; the saved model keeps its dtype)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -51,8 +58,11 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from quantscale.algorithms.smoothing import SmoothQuant
     from quantscale.pipeline import load_model, quantize_model, save_quantized
+    from quantscale.runtime.qlinear import compute_dtype
 
     if args.out.exists() and not args.overwrite:
         from quantscale.errors import OutputExistsError
@@ -65,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     transforms = [SmoothQuant(args.smooth)] if args.smooth else []
     start = time.perf_counter()
     calib = calibration_tokens(tokenizer, args)
-    quantize_model(model, recipe, calib, args.method, args.batch_size, transforms)
+    with compute_dtype(getattr(torch, args.calib_dtype)):
+        quantize_model(model, recipe, calib, args.method, args.batch_size, transforms)
     seconds = time.perf_counter() - start
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
     smooth = f", smooth {args.smooth}" if args.smooth else ""
