@@ -3,12 +3,14 @@
 For each input (SmolLM2-135M from the cache; synthetic Llama-shaped checkpoints of
 `--size-gb` GB each, 1 by default) it runs, alternating, in separate processes:
 - floor: read every input byte and write as many bytes as our output has, no computation,
-  with the same reads and writes (CHUNK_BYTES steps, preallocated files), one after the other;
+  with the same reads and writes (CHUNK_BYTES steps), reading everything, then writing;
 - quantscale: `quantize_checkpoint_fp8` (the `quantscale quantize --scheme fp8-block` path)
   with `--backend` (default auto; a comma list adds one job per further backend, e.g.
   `--backend auto,eager` to compare kernels end to end);
 - llm-compressor 0.14 `model_free_ptq(scheme="FP8_BLOCK")`, in its own venv;
-- ModelOpt 0.47 FP8 2D blockwise weight-only + HF export, in its own venv (if it runs on CPU).
+- ModelOpt 0.47 FP8 2D blockwise weight-only + HF export, in its own venv (if it runs on CPU);
+- convert: the FP8 version of each input (made once) to compressed-tensors
+  (`quantscale convert`), against the floor of reading and writing its bytes.
 Each job reports its own work time (after imports) on a `BENCH {json}` line; the table shows
 that, the process wall time, GB/s of bf16 read, peak RSS and ratios to the floor and to us.
 `--kernel` measures the in-memory quantizers alone (reference, eager, compiled, C++) against
@@ -87,38 +89,33 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s
 
 
 def job_floor(src: Path, out: Path, out_bytes: int) -> None:
-    """Read every input shard byte and write `out_bytes` to as many new files, no computation,
-    with the I/O our conversion uses: plain reads and writes of CHUNK_BYTES through one reused
-    buffer (in cache), output files preallocated. Serial: read everything, then write."""
+    """Read every input shard byte and write `out_bytes` (spread over as many new files in
+    proportion to their size), no computation, with the I/O our conversion uses: plain reads
+    of CHUNK_BYTES into one reused buffer (in cache), each followed by the share of output
+    written from it, into files sized up front. One thread."""
     t0 = time.perf_counter()
     import os
 
-    from quantscale.checkpoint.io import CHUNK_BYTES, preallocate
+    from quantscale.checkpoint.io import CHUNK_BYTES
 
     files = sorted(src.glob("*.safetensors"))
+    in_bytes = sum(f.stat().st_size for f in files)
     buf = bytearray(CHUNK_BYTES)
     view = memoryview(buf)
-    t1 = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(view):
-                pass
-    t2 = time.perf_counter()
     out.mkdir(parents=True)
-    per_file = -(-out_bytes // len(files))
-    left = out_bytes
-    for i in range(len(files)):
+    t1 = time.perf_counter()
+    for i, f in enumerate(files):
+        todo = f.stat().st_size * out_bytes // in_bytes
         fd = os.open(out / f"shard-{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        todo = min(per_file, left)
-        preallocate(fd, todo)
-        done = 0
-        while done < todo:
-            done += os.pwrite(fd, view[: min(len(buf), todo - done)], done)
-        left -= todo
+        os.ftruncate(fd, todo)
+        written = 0
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                share = min(todo - written, -(-n * out_bytes // in_bytes))
+                written += os.pwrite(fd, view[:share], written)
         os.close(fd)
-    t3 = time.perf_counter()
-    times = {"import_s": t1 - t0, "read_s": t2 - t1, "write_s": t3 - t2, "work_s": t3 - t1}
-    print("BENCH " + json.dumps(times))
+    t2 = time.perf_counter()
+    print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1}))
 
 
 def job_ours(src: Path, out: Path, backend: str) -> None:
@@ -138,6 +135,27 @@ def job_ours(src: Path, out: Path, backend: str) -> None:
         total = sum(math.prod(i.shape) for i in infos if fp8_quantize.quantizable(i))
         backend = fp8_fast.choose_backend(total)
     print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1, "backend": backend}))
+
+
+def job_convert(src: Path, out: Path) -> None:
+    """`convert_checkpoint(src, out, "compressed-tensors")` (`quantscale convert`)."""
+    t0 = time.perf_counter()
+    from quantscale.checkpoint.convert import convert_checkpoint
+
+    t1 = time.perf_counter()
+    convert_checkpoint(src, out, "compressed-tensors")
+    t2 = time.perf_counter()
+    print("BENCH " + json.dumps({"import_s": t1 - t0, "work_s": t2 - t1}))
+
+
+def fp8_input(label: str, src: Path) -> Path:
+    """The FP8 block version of input `src` (made once into the cache): convert's input."""
+    from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+
+    path = cache_dir() / "bench-inputs" / f"{label}-fp8"
+    if not (path / "config.json").exists():
+        quantize_checkpoint_fp8(src, path, overwrite=True)
+    return path
 
 
 # ---------------------------------------------------------------- orchestration
@@ -227,13 +245,17 @@ def peers(enabled: bool) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backends: list[str]) -> dict:
+def bench_input(
+    label: str, src: Path, repeats: int, peer_jobs: dict, backends: list[str], convert: bool = False
+) -> dict:
+    """Floor, quantscale (one job per backend) and peers on one input, alternating; with
+    `convert`, the input is FP8 and quantscale converts it to compressed-tensors."""
     from quantscale.checkpoint.io import Checkpoint
 
     ckpt = Checkpoint(src)
     in_bytes = ckpt.total_bytes()
     largest_shard = max((src / s).stat().st_size for s in ckpt.shards)
-    out_bytes = output_bytes(src)
+    out_bytes = in_bytes if convert else output_bytes(src)
     work = cache_dir() / "bench-work"
     me = [common.this_python(), str(Path(__file__).resolve())]
 
@@ -251,12 +273,13 @@ def bench_input(label: str, src: Path, repeats: int, peer_jobs: dict, backends: 
         return run
 
     jobs = {"floor": job("floor", [*me, "--job", "floor", "--out-bytes", str(out_bytes)])}
-    for i, backend in enumerate(backends):
+    for i, backend in enumerate(["convert"] if convert else backends):
         name = "quantscale" if i == 0 else f"quantscale-{backend}"
-        jobs[name] = job(name, [*me, "--job", "ours", "--backend", backend])
+        ours = ["--job", "convert"] if convert else ["--job", "ours", "--backend", backend]
+        jobs[name] = job(name, [*me, *ours])
     for name, (python, source) in peer_jobs.items():
         jobs[name] = job(name, [str(python), "-c", source])
-    print(f"\n{label}: {src} ({in_bytes / 1e9:.3f} GB bf16 in, {out_bytes / 1e9:.3f} GB out)")
+    print(f"\n{label}: {src} ({in_bytes / 1e9:.3f} GB in, {out_bytes / 1e9:.3f} GB out)")
     runs = common.alternate(jobs, repeats)
     return {
         "input": str(src),
@@ -398,7 +421,7 @@ def checkpoint_rows(label: str, res: dict) -> list[dict]:
             note += f", kernel {'/'.join(sorted(b for b in backends if b))}"
         rows.append(
             common.result_row(
-                f"fp8-block {label}",
+                label if label.startswith("convert") else f"fp8-block {label}",
                 "floor (read+write)" if name == "floor" else name,
                 summ,
                 output_bytes=summ.get("output_bytes_min"),
@@ -419,7 +442,7 @@ def _timed(fn) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--job", choices=["floor", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--job", choices=["floor", "ours", "convert"], help=argparse.SUPPRESS)
     p.add_argument("--out-bytes", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--backend",
@@ -446,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "ours":
         job_ours(Path(args.paths[0]), Path(args.paths[1]), args.backend)
         return 0
+    if args.job == "convert":
+        job_convert(Path(args.paths[0]), Path(args.paths[1]))
+        return 0
     payload = {"machine": common.machine(), "loadavg_start": common.loadavg()}
     print("kernel (in memory):")
     payload["kernel"] = kernel_bench(max(args.repeats, 3))
@@ -454,10 +480,16 @@ def main(argv: list[str] | None = None) -> int:
         repeats = 1 if args.quick else args.repeats
         peer_jobs = peers(not args.no_peers)
         backends = args.backend.split(",")
+        found = inputs(args.quick, args.size_gb)
         payload["checkpoints"] = {
             label: bench_input(label, src, repeats, peer_jobs, backends)
-            for label, src in inputs(args.quick, args.size_gb).items()
+            for label, src in found.items()
         }
+        for label, src in found.items():
+            fp8 = fp8_input(label, src)
+            payload["checkpoints"][f"convert {label}"] = bench_input(
+                f"convert {label}", fp8, repeats, {}, [], convert=True
+            )
         print()
         table(payload["checkpoints"])
         for label, res in payload["checkpoints"].items():
