@@ -181,6 +181,42 @@ def test_every_e4m3_value_and_every_midpoint(backend, request):
     assert torch.equal(q.float().view(-1)[: finite.numel()], finite)
 
 
+def _ulps_beside(x: torch.Tensor, count: int) -> torch.Tensor:
+    """x and the `count` float32 values on each side of it."""
+    out, lo, hi = [x], x, x
+    for _ in range(count):
+        lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
+        out += [lo, hi]
+    return torch.cat(out)
+
+
+def test_cpp_quotients_beside_every_midpoint_with_inexact_scales(native):
+    """Inputs whose quotient lands within 6 ulp of every E4M3 code and rounding midpoint,
+    under 64 random inexact scales, round as the reference's division does (a kernel that
+    multiplied by 1/scale without care would not: tried, and this test caught it)."""
+    codes = all_codes(E4M3).float()
+    finite = codes[torch.isfinite(codes) & (codes >= 0)].unique()
+    targets = torch.cat([finite, (finite[1:] + finite[:-1]) / 2])
+    gen = torch.Generator().manual_seed(3)
+    amaxes = torch.exp(torch.empty(64).uniform_(-12, 12, generator=gen))
+    tiles = []
+    for amax in amaxes:
+        scale = amax / 448.0
+        x = _ulps_beside((targets * scale).float(), 6)
+        x = torch.cat([x, -x])
+        tile = torch.zeros(128 * 128)
+        tile[: x.numel()] = x.clamp(-amax, amax)
+        tile[-1] = amax  # the tile's amax: its scale is amax / 448
+        tiles.append(tile.reshape(128, 128))
+    w = torch.cat(tiles, dim=1)
+    _same(fp8_fast.quantize_fp8_block_fast(w, backend="cpp"), quantize_fp8_block(w))
+    # the inputs do reach the cases where the product by the reciprocal rounds differently
+    scale = (amaxes / 448.0).float().repeat_interleave(128)
+    quotient = w / scale
+    product = w * (1.0 / scale)
+    assert (quotient.to(E4M3).view(torch.uint8) != product.to(E4M3).view(torch.uint8)).any()
+
+
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 def test_other_blocks_e5m2_and_noncontiguous(backend, request):
     if backend == "cpp":
