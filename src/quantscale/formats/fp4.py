@@ -9,6 +9,9 @@ NVFP4 (ModelOpt / compressed-tensors): per-tensor `scale_2 = amax / (6*448)` and
 E4M3 scale per 16 elements, `block_scale = block_amax / (6*scale_2)` clamped to
 [2^-9, 448]; `w ~= e2m1 * block_scale * scale_2`. compressed-tensors stores
 `global_scale = 1/scale_2`.
+
+`quantize_nvfp4_packed` is the fast path for exports: the same bytes as `quantize_nvfp4`
+followed by `pack_fp4`, from the C++ kernel beside the FP8 one (formats/csrc).
 """
 
 from __future__ import annotations
@@ -128,3 +131,26 @@ def fake_quant_nvfp4(w: torch.Tensor, scale_2: torch.Tensor | None = None) -> to
     """Quantize-dequantize w through NVFP4, returned in w's dtype."""
     codes, bscale, s2 = quantize_nvfp4(w, scale_2)
     return dequantize_nvfp4(codes, bscale, s2, w.dtype)
+
+
+def quantize_nvfp4_packed(
+    w: torch.Tensor, scale_2: torch.Tensor | None = None, group: int = NVFP4_GROUP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_nvfp4` then `pack_fp4`, bit for bit, in one pass where the C++ kernel runs
+    (CPU, bf16/fp16/fp32, groups of 16): (packed uint8 [..., in/2], block_scale E4M3
+    [..., in/16], scale_2 float32 scalar)."""
+    from quantscale.formats.fp8_fast import native_op
+
+    op = native_op("nvfp4_quantize")
+    fits = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if op is None or not fits or group != NVFP4_GROUP or w.shape[-1] % group or w.ndim == 0:
+        codes, bscale, scale_2 = quantize_nvfp4(w, scale_2, group)
+        return pack_fp4(codes), bscale, scale_2
+    if scale_2 is None:
+        scale_2 = nvfp4_scale_2(w.detach().abs().amax() if w.numel() else torch.tensor(0.0))
+    scale_2 = torch.as_tensor(scale_2, dtype=torch.float32, device=w.device).reshape(())
+    flat = w.detach().reshape(-1, w.shape[-1]).contiguous()
+    scales = torch.empty(flat.shape[0], flat.shape[1] // group, dtype=torch.uint8)
+    packed = op(flat, scales, float(scale_2))
+    lead = w.shape[:-1]
+    return packed.reshape(*lead, -1), scales.view(E4M3).reshape(*lead, -1), scale_2

@@ -127,6 +127,11 @@ def _native():
         return None
 
 
+def native_op(name: str):
+    """Another op of the C++ library (e.g. "nvfp4_quantize"), or None where it cannot be built."""
+    return getattr(torch.ops.quantscale_fp8, name) if _native() is not None else None
+
+
 def native_available() -> bool:
     """Whether the C++ backend works here (builds it on first call)."""
     return _native() is not None

@@ -5,17 +5,21 @@
 // Groups of tiles are handed out to at::parallel_for's threads one at a time, so a thread
 // that the OS preempts does not hold up the others. Output buffers come from a small pool
 // that keeps freed buffers with their pages faulted in (fresh pages cost more than the math).
+// Also NVFP4 quantize + pack (nvfp4_quantize, below), bit for bit formats/fp4.py's reference.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -454,6 +458,95 @@ at::Tensor fp8_block_quantize(const at::Tensor& w, at::Tensor& scale, int64_t bh
   return q;
 }
 
+// ---- NVFP4 (E2M1 codes, E4M3 block scales per 16, a float32 per-tensor scale_2), packed.
+// Bit for bit quantscale.formats.fp4.quantize_nvfp4 + pack_fp4: block scale
+// e4m3(max(amax / (6 * scale_2), 2^-9)), y = x / (block_scale * scale_2), code = E2M1 index
+// of |y| (ties to the even index) | sign << 3, element 2k in the low nibble.
+
+inline float e4m3_value(uint8_t code) {
+  const uint32_t e = (code >> 3) & 0xf, m = code & 7;
+  float v;
+  if ((code & 0x7f) == 0x7f) {
+    v = std::numeric_limits<float>::quiet_NaN();
+  } else if (e == 0) {
+    v = std::ldexp(static_cast<float>(m), -9);
+  } else {
+    v = std::ldexp(1.0f + static_cast<float>(m) / 8.0f, static_cast<int>(e) - 7);
+  }
+  return (code & 0x80) ? -v : v;
+}
+
+// E2M1 index of |y|: how many rounding boundaries it passes (a tie passes a boundary whose
+// upper neighbour has the even index: 0.75, 1.75, 3.5). NaN passes none.
+inline uint8_t e2m1_index(float a) {
+  return static_cast<uint8_t>((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) +
+                              (a > 2.5f) + (a >= 3.5f) + (a > 5.0f));
+}
+
+template <typename T>
+void nvfp4_rows(const typename T::bits_t* w, uint8_t* packed, uint8_t* scales, int64_t r0,
+                int64_t r1, int64_t cols, float scale_2) {
+  const float denom = 6.0f * scale_2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const typename T::bits_t* row = w + r * cols;
+    for (int64_t g = 0; g < cols / 16; ++g) {
+      float x[16], amax = 0.0f;
+      bool nan = false;
+      for (int i = 0; i < 16; ++i) {
+        x[i] = T::value(row[g * 16 + i]);
+        const float a = std::fabs(x[i]);
+        nan |= a != a;
+        amax = a > amax ? a : amax;
+      }
+      float raw = nan ? std::numeric_limits<float>::quiet_NaN() : amax / denom;
+      raw = raw < 0x1p-9f ? 0x1p-9f : raw;  // NaN stays NaN
+      raw = raw > 448.0f ? 448.0f : raw;
+      const uint8_t code = e4m3_code(raw);
+      scales[r * (cols / 16) + g] = code;
+      const float div = e4m3_value(code) * scale_2;
+      uint8_t nib[16];
+      for (int i = 0; i < 16; ++i) {
+        const float y = x[i] / div;
+        nib[i] = static_cast<uint8_t>(e2m1_index(std::fabs(y)) | (std::signbit(y) ? 8 : 0));
+      }
+      uint8_t* out = packed + r * (cols / 2) + g * 8;
+      for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(nib[2 * i] | (nib[2 * i + 1] << 4));
+    }
+  }
+}
+
+// Packed E2M1 codes uint8 [rows, cols/2] of 2-D `w` (cols % 16 == 0); fills `scales` (uint8
+// E4M3 codes [rows, cols/16]).
+at::Tensor nvfp4_quantize(const at::Tensor& w, at::Tensor& scales, double scale_2) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() && w.size(1) % 16 == 0,
+              "nvfp4_quantize: needs a contiguous 2-D CPU tensor with columns in 16s");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.is_contiguous() &&
+                  scales.numel() == rows * (cols / 16),
+              "nvfp4_quantize: scales must be contiguous uint8 [", rows, ", ", cols / 16, "]");
+  at::Tensor packed = at::empty({rows, cols / 2}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* p = packed.mutable_data_ptr<uint8_t>();
+  uint8_t* s = scales.mutable_data_ptr<uint8_t>();
+  const float s2 = static_cast<float>(scale_2);
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    switch (w.scalar_type()) {
+      case at::kBFloat16:
+        nvfp4_rows<BF16>(reinterpret_cast<const uint16_t*>(w.const_data_ptr()), p, s, r0, r1,
+                         cols, s2);
+        break;
+      case at::kHalf:
+        nvfp4_rows<F16>(reinterpret_cast<const uint16_t*>(w.const_data_ptr()), p, s, r0, r1,
+                        cols, s2);
+        break;
+      default:
+        nvfp4_rows<F32>(reinterpret_cast<const uint32_t*>(w.const_data_ptr()), p, s, r0, r1,
+                        cols, s2);
+    }
+  });
+  return packed;
+}
+
 }  // namespace
 
 // Floats per SIMD step this build uses (16 AVX-512, 8 AVX2, 1 plain C++).
@@ -464,4 +557,6 @@ TORCH_LIBRARY(quantscale_fp8, m) {
         "int scale_mode, int group) -> Tensor");
   m.impl("block_quantize", c10::DispatchKey::CPU, &fp8_block_quantize);
   m.def("simd_lanes() -> int", &simd_lanes);
+  m.def("nvfp4_quantize(Tensor w, Tensor(a!) scales, float scale_2) -> Tensor");
+  m.impl("nvfp4_quantize", c10::DispatchKey::CPU, &nvfp4_quantize);
 }
