@@ -136,10 +136,10 @@ def test_moe_exports_per_expert_tensors(tmp_path):
         assert torch.isfinite(ref(input_ids=TOKENS).logits).all()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral"])
-def test_mixtral_names(model_type):
+def _mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    torch.manual_seed(0)
     config = MixtralConfig(
         vocab_size=96,
         hidden_size=32,
@@ -151,7 +151,11 @@ def test_mixtral_names(model_type):
         num_experts_per_tok=2,
         max_position_embeddings=64,
     )
-    model = MixtralForCausalLM(config).eval()
+    return MixtralForCausalLM(config).eval()
+
+
+def test_mixtral_names():
+    model = _mixtral()
     with torch.inference_mode():
         ref = model(input_ids=TOKENS).logits
     linearize_experts(model)
@@ -159,3 +163,44 @@ def test_mixtral_names(model_type):
     assert "model.layers.0.mlp.experts.2.w3" in names
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=TOKENS).logits, ref)
+
+
+_SUFFIXES = ("weight_global_scale", "weight_scale_2", "weight_scale", "weight_packed", "weight")
+
+
+def _module_paths(path, glob: str = "*.safetensors") -> set[str]:
+    from safetensors import safe_open
+
+    out = set()
+    for file in path.glob(glob):
+        if file.stem.endswith("_scales") != glob.endswith("_scales.safetensors"):
+            continue
+        with safe_open(str(file), "pt") as f:
+            out |= {k.rsplit(".", 1)[0] if k.endswith(_SUFFIXES) else k for k in f.keys()}
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt", "pseudo"])
+def test_mixtral_exports_use_the_checkpoint_names(tmp_path, fmt):
+    """Exported names = what transformers' save_pretrained writes for a fresh Mixtral (the
+    `block_sparse_moe.experts.E.w1/w2/w3` layout vLLM loads), not transformers 5's `mlp.`."""
+    from transformers import AutoModelForCausalLM
+
+    from quantscale.export import export_model
+
+    model = _mixtral()
+    model.save_pretrained(tmp_path / "ref")
+    expected = _module_paths(tmp_path / "ref") - {"lm_head"}
+    assert "model.layers.0.block_sparse_moe.experts.2.w1" in expected
+    linearize_experts(model)
+    quantize_model(model, "NVFP4A16")
+    out = export_model(model, tmp_path / fmt, fmt)
+    assert _module_paths(out) - {"lm_head"} == expected
+    if fmt == "pseudo":  # a plain fp16 checkpoint: transformers loads it as a Mixtral
+        scales = {p.rsplit(".", 1)[0] for p in _module_paths(out, "*_scales.safetensors")}
+        assert "model.layers.0.block_sparse_moe.experts.2.w2" in scales and scales < expected
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.inference_mode():
+            want = model(input_ids=TOKENS).logits
+            got = loaded(input_ids=TOKENS).logits.float()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

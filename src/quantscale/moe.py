@@ -12,11 +12,17 @@ calibration (its output for tokens the router did not pick is discarded), so eac
 activation statistics and a Hessian; with it off an expert that saw no token falls back to
 weight-only statistics (GPTQ -> RTN). `expert_token_counts` / `log_expert_coverage` report
 how many tokens the router actually sent to each expert.
+
+transformers 5 also renames some MoE blocks in memory (Mixtral: `block_sparse_moe` ->
+`mlp`); `checkpoint_name` maps a module / tensor name back to the checkpoint convention that
+transformers' `save_pretrained` writes and vLLM / SGLang load
+(`model.layers.L.block_sparse_moe.experts.E.w1`, `...block_sparse_moe.gate`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,6 +33,17 @@ log = logging.getLogger(__name__)
 
 _NAMES = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
+# model_type -> (in-memory pattern, checkpoint replacement) of transformers 5's renames.
+_CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
+    "mixtral": ((re.compile(r"(^|\.)(layers\.\d+)\.mlp\."), r"\1\2.block_sparse_moe."),),
+}
+
+
+def checkpoint_name(name: str, model_type: str | None) -> str:
+    """A module or tensor name as the model's checkpoints spell it (see the module docstring)."""
+    for pattern, repl in _CHECKPOINT_RENAMES.get(model_type or "", ()):
+        name = pattern.sub(repl, name)
+    return name
 
 
 class ExpertMLP(nn.Module):

@@ -19,6 +19,7 @@ from torch import nn
 
 from quantscale.checkpoint.io import SINGLE_NAME, CheckpointWriter
 from quantscale.errors import QuantscaleError
+from quantscale.moe import checkpoint_name
 from quantscale.qdq import QParams, quantize
 from quantscale.runtime.qlinear import QuantLinear, quant_linears
 from quantscale.scheme import QuantArgs
@@ -96,6 +97,23 @@ def model_config(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
     return config
 
 
+def checkpoint_names(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Tensors keyed by the names the model's checkpoints use (`moe.checkpoint_name`)."""
+    model_type = config.get("model_type")
+    return {checkpoint_name(k, model_type): v for k, v in tensors.items()}
+
+
+def _renamed_strings(obj: object, model_type: str | None) -> object:
+    """Module names inside JSON (ignore / exclude lists) renamed like the tensors."""
+    if isinstance(obj, str):
+        return checkpoint_name(obj, model_type)
+    if isinstance(obj, list):
+        return [_renamed_strings(v, model_type) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _renamed_strings(v, model_type) for k, v in obj.items()}
+    return obj
+
+
 def _shards(tensors: dict[str, torch.Tensor], stem: str) -> dict[str, dict[str, torch.Tensor]]:
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -123,13 +141,20 @@ def write_checkpoint(
     stem: str = "model",
 ) -> Path:
     """Write tensors (sharded past 2 GiB) + config.json (+ extra JSON files and the source
-    directory's tokenizer / generation files) into `out`, atomically."""
+    directory's tokenizer / generation files) into `out`, atomically. Tensor names and the
+    module names in quantization_config / extra JSON follow `checkpoint_names`."""
+    model_type = config.get("model_type")
+    tensors = checkpoint_names(tensors, config)
+    if "quantization_config" in config:
+        qc = _renamed_strings(config["quantization_config"], model_type)
+        config = {**config, "quantization_config": qc}
+    extra_json = {k: _renamed_strings(v, model_type) for k, v in (extra_json or {}).items()}
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         shards = _shards(tensors, stem)
         for shard, part in shards.items():
             writer.write_shard(shard, part)
         writer.write_json("config.json", config)
-        for name, obj in (extra_json or {}).items():
+        for name, obj in extra_json.items():
             writer.write_json(name, obj)
         copy_side_files(source_dir, writer)
         return writer.commit(write_index=set(shards) != {SINGLE_NAME})

@@ -24,6 +24,7 @@ from quantscale.checkpoint.io import CheckpointWriter
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,
+    checkpoint_names,
     copy_side_files,
     model_config,
     per_column_qparams,
@@ -117,6 +118,7 @@ def save_pseudo_quantized(
             tensors[f"{name}.bias"] = mc.module.bias.detach().cpu().to(torch.float16)
         scales.update({f"{name}.{k}": v for k, v in scale_tensors(mc).items()})
     config = model_config(model, torch.float16)
+    tensors, scales = checkpoint_names(tensors, config), checkpoint_names(scales, config)
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         writer.write_shard(f"{stem}.safetensors", tensors)
         save_file(
