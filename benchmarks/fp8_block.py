@@ -13,9 +13,9 @@ For each input (SmolLM2-135M from the cache; synthetic Llama-shaped checkpoints 
   (`quantscale convert`), against the floor of reading and writing its bytes.
 Each job reports its own work time (after imports) on a `BENCH {json}` line; the table shows
 that, the process wall time, GB/s of bf16 read, peak RSS and ratios to the floor and to us.
-`--kernel` measures the in-memory quantizers alone (reference, eager, compiled, C++) against
-an in-memory copy of the bytes, alternating. The C++ kernel is built here first (once, into
-the cache), so that "auto" in the conversion jobs finds it.
+`--kernel` runs benchmarks/kernels.py instead (the in-memory quantizers against an in-memory
+copy). The C++ kernel is built here first (once, into the cache), so that "auto" in the
+conversion jobs finds it.
 
     .venv/bin/python benchmarks/fp8_block.py [--repeats 3] [--quick] [--kernel] [--no-peers]
         [--size-gb 1 2] [--backend auto,eager]
@@ -318,94 +318,6 @@ def table(results: dict) -> None:
     common.print_table(rows, header)
 
 
-def kernel_bench(repeats: int) -> dict:
-    """Quantizer rates on a 4096x8192 bf16 weight vs an in-memory copy of the same bytes,
-    best of `repeats` alternating rounds (copy, reference, eager, compiled, cpp, copy, ...).
-
-    Rates are bf16 bytes per second (elements x 2), the copy's is bytes copied per second,
-    so `*_vs_copy` compares elements per second.
-    """
-    import torch
-
-    from quantscale.formats import fp8_fast
-    from quantscale.formats.fp8 import quantize_fp8_block
-
-    w = torch.randn(4096, 8192).to(torch.bfloat16)
-    dst = torch.empty_like(w)
-    result = {"elements": w.numel(), "loadavg": common.loadavg()}
-    was_built = fp8_fast.native_built()
-    t0 = time.perf_counter()
-    native = fp8_fast.native_vectorized()
-    result["cpp_build_s"] = time.perf_counter() - t0
-    result["cpp_was_cached"] = was_built
-    if fp8_fast.native_available():
-        result["cpp_simd_lanes"] = int(torch.ops.quantscale_fp8.simd_lanes())
-    t0 = time.perf_counter()
-    compiled = fp8_fast.compile_available()
-    if compiled:
-        fp8_fast.quantize_fp8_block_fast(w, backend="compile")
-    result["compile_s"] = time.perf_counter() - t0
-    fns = {
-        "copy": lambda: dst.copy_(w),
-        "reference": lambda: quantize_fp8_block(w),
-        "eager": lambda: fp8_fast.quantize_fp8_block_fast(w, backend="eager"),
-    }
-    if compiled:
-        fns["compiled"] = lambda: fp8_fast.quantize_fp8_block_fast(w, backend="compile")
-    if fp8_fast.native_available():
-        fns["cpp"] = lambda: fp8_fast.quantize_fp8_block_fast(w, backend="cpp")
-    result["cpp_vectorized"] = native
-    times = _alternate_best(fns, repeats)
-    for key, t in times.items():
-        result[f"{key}_s"] = t
-        result[f"{key}_GBps"] = w.nbytes / t / 1e9
-        result[f"{key}_vs_copy"] = times["copy"] / t
-    result["loadavg_end"] = common.loadavg()
-    for key, value in result.items():
-        print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
-    return result
-
-
-def _alternate_best(fns: dict, rounds: int) -> dict[str, float]:
-    """Best time of each function over `rounds` rounds that run them in turn (after a warm-up),
-    so that load on the machine hits all of them alike."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            best[key] = min(best[key], _timed(fn))
-    return best
-
-
-def kernel_rows(k: dict) -> list[dict]:
-    """Rows of the combined table for the in-memory kernels."""
-    rows = []
-    for tool in ("copy", "reference", "eager", "compiled", "cpp"):
-        if f"{tool}_s" not in k:
-            continue
-        summary = {"ok": True, "wall_min_s": k[f"{tool}_s"], "loadavg": [k["loadavg"]]}
-        note = f"{k[f'{tool}_GBps']:.2f} GB/s bf16"
-        if tool == "compiled":
-            note += f", after {k['compile_s']:.1f} s compile"
-        if tool == "cpp":
-            how = "load" if k["cpp_was_cached"] else "build"
-            note += f", {k.get('cpp_simd_lanes', 1)} lanes, after {k['cpp_build_s']:.1f} s {how}"
-        name = "memory copy" if tool == "copy" else f"quantscale {tool}"
-        if tool == "cpp":
-            name = "quantscale C++"
-        rows.append(
-            common.result_row(
-                "fp8-block 4096x8192 in memory",
-                name,
-                summary,
-                mem_GBps=k[f"{tool}_GBps"],
-                note=note,
-            )
-        )
-    return rows
-
-
 def checkpoint_rows(label: str, res: dict) -> list[dict]:
     """Rows of the combined table for one checkpoint conversion."""
     rows = []
@@ -432,12 +344,6 @@ def checkpoint_rows(label: str, res: dict) -> list[dict]:
             )
         )
     return rows
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -472,28 +378,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.job == "convert":
         job_convert(Path(args.paths[0]), Path(args.paths[1]))
         return 0
-    payload = {"machine": common.machine(), "loadavg_start": common.loadavg()}
-    print("kernel (in memory):")
-    payload["kernel"] = kernel_bench(max(args.repeats, 3))
-    payload["rows"] = kernel_rows(payload["kernel"])
-    if not args.kernel:
-        repeats = 1 if args.quick else args.repeats
-        peer_jobs = peers(not args.no_peers)
-        backends = args.backend.split(",")
-        found = inputs(args.quick, args.size_gb)
-        payload["checkpoints"] = {
-            label: bench_input(label, src, repeats, peer_jobs, backends)
-            for label, src in found.items()
-        }
-        for label, src in found.items():
-            fp8 = fp8_input(label, src)
-            payload["checkpoints"][f"convert {label}"] = bench_input(
-                f"convert {label}", fp8, repeats, {}, [], convert=True
-            )
-        print()
-        table(payload["checkpoints"])
-        for label, res in payload["checkpoints"].items():
-            payload["rows"] += checkpoint_rows(label, res)
+    if args.kernel:
+        import kernels
+
+        return kernels.main(["--repeats", str(max(args.repeats, 3)), "--json", str(args.results)])
+    payload = {"machine": common.machine(), "loadavg_start": common.loadavg(), "rows": []}
+    from quantscale.formats import fp8_fast
+
+    payload["cpp_vectorized"] = fp8_fast.native_vectorized()  # built once here, before jobs
+    repeats = 1 if args.quick else args.repeats
+    peer_jobs = peers(not args.no_peers)
+    backends = args.backend.split(",")
+    found = inputs(args.quick, args.size_gb)
+    payload["checkpoints"] = {
+        label: bench_input(label, src, repeats, peer_jobs, backends) for label, src in found.items()
+    }
+    for label, src in found.items():
+        fp8 = fp8_input(label, src)
+        payload["checkpoints"][f"convert {label}"] = bench_input(
+            f"convert {label}", fp8, repeats, {}, [], convert=True
+        )
+    print()
+    table(payload["checkpoints"])
+    for label, res in payload["checkpoints"].items():
+        payload["rows"] += checkpoint_rows(label, res)
     payload["loadavg_end"] = common.loadavg()
     common.write_results(args.results, payload)
     print(f"\nresults: {args.results}")
