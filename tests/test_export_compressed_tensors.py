@@ -137,3 +137,23 @@ def test_transformers_loads_the_checkpoint(exported):
     # quantization (whose rounding also differs in detail) amplifies layer after layer
     rel = ((theirs.float() - ours.float()).norm() / ours.float().norm()).item()
     assert rel < (0.15 if ql.scheme.input_activations is not None else 0.01), rel
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_declared_scale_dtype_is_stored_exactly(tmp_path, method):
+    from safetensors.torch import load_file
+
+    from quantscale.scheme import preset_recipe
+
+    recipe = preset_recipe("W4A16")
+    group = recipe.config_groups["group_0"]
+    group.weights = group.weights.model_copy(update={"scale_dtype": "torch.float16"})
+    model = make_tiny_llama(96, 128, 256, torch.float32, max_position_embeddings=64)
+    quantize_model(model, recipe, TOKENS, method=method, batch_size=2)
+    out = save_compressed_tensors(model, tmp_path / "ct")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    assert tensors[f"{name}.weight_scale"].dtype == torch.float16
+    dense = read_compressed_tensors(out)
+    for n, ql in quant_linears(model).items():
+        assert torch.equal(dense[f"{n}.weight"], ql.weight), n

@@ -38,7 +38,7 @@ from quantscale.calibration.activations import ActivationCalibrator, is_static
 from quantscale.calibration.sequential import LayerStep, batched, layerwise, linear_stages
 from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
-from quantscale.export.base import fused_siblings
+from quantscale.export.base import declared_scale_dtype, fused_siblings
 from quantscale.formats.intq import int_range
 from quantscale.models.adapter import decoder_layers
 from quantscale.qdq import QParams, fake_quantize, quantize_weight_rtn
@@ -102,9 +102,7 @@ def weight_scale_dtype(args: QuantArgs, w_dtype: torch.dtype) -> torch.dtype | N
     NVFP4 / MX (their scales are exact E4M3 / powers of two) and float32 weights."""
     if args.is_nvfp4 or args.is_mx:
         return None
-    if args.scale_dtype:
-        return getattr(torch, args.scale_dtype.removeprefix("torch."))
-    return w_dtype if w_dtype in _HALF else None
+    return declared_scale_dtype(args) or (w_dtype if w_dtype in _HALF else None)
 
 
 def full_range(args: QuantArgs, qp: QParams) -> QParams:

@@ -47,6 +47,11 @@ def per_column_qparams(qp: QParams, g_idx: torch.Tensor) -> QParams:
     return QParams(qp.scale[:, idx], zp, qp.global_scale)
 
 
+def declared_scale_dtype(args: QuantArgs) -> torch.dtype | None:
+    """The scheme's `scale_dtype` as a torch dtype (None when the scheme names none)."""
+    return getattr(torch, args.scale_dtype.removeprefix("torch.")) if args.scale_dtype else None
+
+
 def weight_codes(name: str, ql: QuantLinear) -> ModuleCodes:
     """Exact codes of a QuantLinear's (fake-quantized) weight."""
     qp = ql.weight_qparams()

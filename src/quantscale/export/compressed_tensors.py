@@ -10,7 +10,8 @@ Per quantized Linear `<m>` (FORMATS.md section 2):
 - float-quantized (FP8): `weight` float8_e4m3fn, `weight_scale` float32 ([1], [out, 1] or the
   block grid). int-quantized (INT8 with activations): `weight` int8, `weight_scale`.
 Static activation qparams present on the module are written as `input_scale`,
-`input_zero_point`, `input_global_scale` (and `output_*`). Scales are float32, the values the
+`input_zero_point`, `input_global_scale` (and `output_*`). Scales are float32 unless the scheme
+declares a `scale_dtype` (the quantizers round them to it first), always exactly the values the
 fake-quantized model used, so reading a file back gives exactly the model's weights.
 """
 
@@ -26,6 +27,7 @@ from quantscale.checkpoint.io import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,
+    declared_scale_dtype,
     model_config,
     per_column_qparams,
     plain_tensors,
@@ -91,7 +93,7 @@ def weight_tensors(mc: ModuleCodes, fmt: str) -> dict[str, torch.Tensor]:
         }
     if fmt == MXFP4:
         return {"weight_packed": pack_fp4(codes), "weight_scale": mx_scale_to_exponent(scale)}
-    out = {"weight_scale": scale}
+    out = {"weight_scale": scale.to(declared_scale_dtype(mc.args) or torch.float32)}
     if fmt == PACKED:
         out["weight_packed"] = pack_int32(codes, mc.args.num_bits)
         out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
