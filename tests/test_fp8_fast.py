@@ -117,6 +117,19 @@ def test_cpp_tall_weights_read_ahead(native, threads):
         torch.set_num_threads(before)
 
 
+def test_cpp_large_input_on_all_threads(native):
+    """Inputs of 16 MB and more are split over the intra-op threads (smaller ones run on the
+    calling thread): the same bytes either way."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = _weight((2048, 2304), torch.float32, seed=5)  # 18.9 MB
+        assert w.nbytes >= 16 << 20
+        _same(fp8_fast.quantize_fp8_block_fast(w, backend="cpp"), quantize_fp8_block(w))
+    finally:
+        torch.set_num_threads(before)
+
+
 def _finite_bf16_up_to(limit: float) -> torch.Tensor:
     """Every bf16 value with |x| <= limit (both signs), as bf16."""
     codes = torch.arange(0x8000, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)

@@ -4,7 +4,8 @@ Three backends compute the same thing as the reference (per-tile amax, `scale_fr
 `fp8(w / scale)` with saturation):
 - "cpp": a C++ kernel (csrc/fp8_block.cpp; E4M3 from bf16/fp16/fp32; AVX-512 or AVX2) that
   reads each band of tiles from memory once for the amax (while quantizing the band before)
-  and again from cache for the codes, on all intra-op threads. Built on first use with
+  and again from cache for the codes, on all intra-op threads (inputs under 16 MB, such as
+  the 4 MB bands of a streaming conversion, on the calling thread). Built on first use with
   torch.utils.cpp_extension (needs a C++ compiler and ninja) into the cache, 8-12 s here, and
   loaded in milliseconds after that. If it cannot be built, "eager" runs, after one warning.
 - "compile": one `torch.compile`d kernel per pass (dynamic shapes, so one compilation serves

@@ -234,6 +234,10 @@ void quant_row(const typename T::bits_t* src, uint8_t* dst, int64_t n, float sca
 
 constexpr int64_t GROUP_BYTES = 4 << 20;  // input bytes of a band's tiles done together
 constexpr int64_t MAX_BANDS_PER_UNIT = 8;  // consecutive bands one thread takes at a time
+// Inputs below this run on the calling thread: streaming conversion quantizes 4 MB bands, and
+// on 2 loaded cores waiting for a second thread cost more than it saved (1 GB: 0.09 s of
+// quantization on one thread, 0.15-0.20 s on two).
+constexpr int64_t SERIAL_BELOW_BYTES = 16 << 20;
 // E4M3: every |y| in [448, 464] rounds to the 448 code, so tiles whose amax / scale stays
 // below this need no clamp (the clamp then changes nothing).
 constexpr float E4M3_NO_CLAMP = 456.0f;
@@ -333,7 +337,8 @@ void quantize(const at::Tensor& w, at::Tensor& q, at::Tensor& scale, const Layou
   const auto* src = reinterpret_cast<const typename T::bits_t*>(w.const_data_ptr());
   uint8_t* dst = q.mutable_data_ptr<uint8_t>();
   float* s = scale.mutable_data_ptr<float>();
-  const int64_t threads = at::get_num_threads(), grid_r = scale.size(0);
+  const bool serial = w.nbytes() < SERIAL_BELOW_BYTES;
+  const int64_t threads = serial ? 1 : at::get_num_threads(), grid_r = scale.size(0);
   const int64_t per_band = (l.grid_c + l.group - 1) / l.group;
   // enough units (4 per thread) for a preempted thread's share to move to the others
   const int64_t bands = std::clamp<int64_t>(grid_r * per_band / (4 * threads), 1,
@@ -344,6 +349,10 @@ void quantize(const at::Tensor& w, at::Tensor& q, at::Tensor& scale, const Layou
     quant_unit<T>(src, dst, s, l, b0, std::min(b0 + bands, grid_r), tc0,
                   std::min(l.group, l.grid_c - tc0));
   };
+  if (serial) {
+    for (int64_t i = 0; i < units; ++i) run(i);
+    return;
+  }
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(units, threads), 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < units; i = next++) run(i);
