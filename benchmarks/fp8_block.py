@@ -330,7 +330,8 @@ def checkpoint_rows(label: str, res: dict) -> list[dict]:
             note = f"peak RSS = {summ['peak_rss_mb'] * 2**20 / res['largest_shard_bytes']:.2f}"
             note += " x largest shard"
             backends = {r["extra"].get("backend") for r in res["runs"][name] if r["extra"]}
-            note += f", kernel {'/'.join(sorted(b for b in backends if b))}"
+            if any(backends):
+                note += f", kernel {'/'.join(sorted(b for b in backends if b))}"
         rows.append(
             common.result_row(
                 label if label.startswith("convert") else f"fp8-block {label}",
@@ -339,7 +340,7 @@ def checkpoint_rows(label: str, res: dict) -> list[dict]:
                 output_bytes=summ.get("output_bytes_min"),
                 bytes_in=res["input_bytes"],
                 bytes_out=res["output_bytes"],
-                ours=None if name == "floor" else "quantscale",
+                ours="quantscale",
                 note=note,
             )
         )
