@@ -70,7 +70,7 @@ def test_bf16_hessian_is_close_to_float32():
 def test_matches_textbook_reference():
     w, h = _problem()
     args = QuantArgs(num_bits=4, group_size=32)
-    ours = gptq_quantize(w, h, args, block_size=16).weight
+    ours = gptq_quantize(w, h, args, block_size=16, actorder=None).weight
     ref = _reference_gptq(w, h, args)
     agree = torch.isclose(ours, ref, rtol=1e-4, atol=1e-6).float().mean().item()
     assert agree > 0.99, agree  # same rounding decisions (scales differ in the last bits)
@@ -138,6 +138,8 @@ def test_actorder_weight_keeps_static_groups():
     _, qp_rtn = rtn_weight(w, args)
     assert res.g_idx is None
     torch.testing.assert_close(res.qparams.scale, qp_rtn.scale)
+    default = gptq_quantize(w, h, args.model_copy(update={"actorder": None}))
+    assert torch.equal(default.weight, res.weight)  # the default when the scheme sets none
 
 
 def test_dead_columns_are_kept():
