@@ -87,6 +87,7 @@ def test_cli_glue_parses_and_converts(tiny_dir):
     assert (args.method, args.format, args.calib_samples) == ("gptq", "modelopt", 16)
     assert args.calibrate_all_experts is True and args.true_sequential is None
     assert p.parse_args(["--true-sequential"]).true_sequential is True
+    assert p.parse_args(["--actorder", "none"]).actorder == "none"
     src = quantize_checkpoint(
         tiny_dir / "m",
         tiny_dir / "ct-src",

@@ -55,7 +55,7 @@ def quantize_checkpoint(
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     recipe = load_recipe(scheme)
-    if actorder:
+    if actorder and actorder != "none":
         for group in recipe.config_groups.values():
             if group.weights is not None:
                 group.weights = group.weights.model_copy(update={"actorder": actorder})
@@ -69,6 +69,8 @@ def quantize_checkpoint(
     kwargs = {}
     if method == "gptq":
         kwargs = {"dampening_frac": dampening_frac, "block_size": block_size}
+        if actorder == "none":
+            kwargs["actorder"] = None
     start = time.perf_counter()
     with all_experts(model, enabled=calibrate_all_experts and bool(moe)):
         quantize_model(
@@ -109,7 +111,12 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--calib-text", default=None, help="calibration text file (default Wikipedia)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model dtype")
-    p.add_argument("--actorder", choices=["group", "weight"], default=None, help="GPTQ act-order")
+    p.add_argument(
+        "--actorder",
+        choices=["group", "weight", "none"],
+        default=None,
+        help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
+    )
     p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
     p.add_argument(
         "--no-calibrate-all-experts",
