@@ -233,6 +233,7 @@ def bench(
     group: int,
     actorder: str = "weight",
     true_sequential: bool = False,
+    json_path: Path | None = None,
 ) -> dict:
     from quantscale.assets import cache_dir, smollm2_checkpoint
 
@@ -264,12 +265,29 @@ def bench(
         results[model_name] = {name: common.summarize(r) for name, r in runs.items()}
         results[model_name]["runs"] = runs
         _print(model_name, results[model_name])
+    results["rows"] = table_rows(results, models, samples, group)
     tag = "" if only is None else "_" + "_".join(only)
     seq = "_ts" if true_sequential else ""
-    path = RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}_{actorder}{seq}{tag}.json"
+    path = json_path or RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}_{actorder}{seq}{tag}.json"
     common.write_results(path, results)
     print(f"\nwrote {path}")
     return results
+
+
+def table_rows(results: dict, models: list[str], samples: int, group: int) -> list[dict]:
+    """Rows of run_all.py's combined table: one per model and tool."""
+    rows = []
+    for model_name in models:
+        job = f"GPTQ W4A16 g{group} {model_name}, {samples}x{SEQ_LEN}"
+        for tool, s in results[model_name].items():
+            if tool == "runs":
+                continue
+            q = s.get("quantize_s_min")
+            note = f"quantize {q:.1f} s" if q is not None else None
+            rows.append(
+                common.result_row(job, tool, s, ppl=s.get("ppl_min"), ours="quantscale", note=note)
+            )
+    return rows
 
 
 def _print(model_name: str, res: dict) -> None:
@@ -353,7 +371,11 @@ def main() -> None:
     )
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
+    ap.add_argument("--json", type=Path, default=None, help="results file (run_all.py)")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 16 samples, g128")
     a = ap.parse_args()
+    if a.quick:
+        a.models, a.samples, a.group_size = "tiny", 16, 128
     if a.table:
         table(a.samples, tuple(a.schemes.split(",")))
         return
@@ -366,6 +388,7 @@ def main() -> None:
         a.group_size,
         a.actorder,
         a.true_sequential,
+        a.json,
     )
 
 
