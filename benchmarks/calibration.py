@@ -38,21 +38,7 @@ import common  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "calibration.json"
 LLMC_REQS = ["llmcompressor==0.14.0.1"]
 
-# Same perplexity code in both jobs: non-overlapping 512-token windows, no BOS.
-PPL = """
-def perplexity(model, tokens, seq_len=512):
-    import math, torch
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(tokens), seq_len):
-            ids = tokens[i:i + seq_len][None]
-            if ids.shape[1] < 2:
-                continue
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += ids.shape[1] - 1
-    return math.exp(nll / count)
-"""
+PPL = common.PPL_CODE
 
 OURS_JOB = (
     PPL

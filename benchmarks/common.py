@@ -236,3 +236,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# Perplexity code for benchmark jobs run as scripts, ours and the peers' (whose venvs lack
+# quantscale): non-overlapping windows, no BOS, the same in every job.
+PPL_CODE = """
+import math, torch
+def perplexity(model, tokens, seq_len=512):
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(tokens), seq_len):
+            ids = tokens[i:i + seq_len][None]
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+"""

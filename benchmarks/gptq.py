@@ -39,22 +39,7 @@ TABLE_RESULTS = RESULTS_DIR / "gptq_table.json"
 SEQ_LEN = 512
 EVAL_TOKENS = 4096
 
-# Perplexity code shared verbatim by every job (the peers' venvs lack quantscale).
-PPL = """
-import math, torch
-def ppl(model, tokens, seq=512):
-    nll, n = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, len(tokens) - 1, seq):
-            ids = tokens[i:i + seq].unsqueeze(0)
-            if ids.shape[1] < 2:
-                continue
-            logits = model(input_ids=ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-            nll += loss.item()
-            n += ids.shape[1] - 1
-    return math.exp(nll / n)
-"""
+PPL = common.PPL_CODE
 
 OURS_JOB = (
     PPL
@@ -76,7 +61,7 @@ quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder=sys.a
                true_sequential=sys.argv[6] == "1")
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
-                             "ppl": ppl(model, tokens)}))
+                             "ppl": perplexity(model, tokens)}))
 """
 )
 
@@ -106,7 +91,7 @@ oneshot(model=model, dataset=ds, num_calibration_samples=len(calib),
                                             "group_size": int(sys.argv[4])}}}))
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
-                             "ppl": ppl(model, tokens)}))
+                             "ppl": perplexity(model, tokens)}))
 """
 )
 
@@ -147,7 +132,7 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s
 with tempfile.TemporaryDirectory() as d:
     model.save(d)
     q = GPTQModel.load(d, device="cpu")
-    print("BENCH " + json.dumps({"ppl": ppl(q.model, tokens)}))
+    print("BENCH " + json.dumps({"ppl": perplexity(q.model, tokens)}))
 """.replace("import sys, os,", "import sys, os, tempfile,")
 )
 
