@@ -176,16 +176,30 @@ def rtn_quantize(ql: QuantLinear) -> None:
         ql.set_weight(*rtn_weight(ql.weight.detach(), ql.scheme.weights))
 
 
+def stacked_weight(linears: dict[str, QuantLinear], stack: list[str]) -> torch.Tensor:
+    """The row-stacked weight of the modules named in `stack` (one module: its weight)."""
+    ws = [linears[n].weight.detach() for n in stack]
+    return torch.cat(ws) if len(ws) > 1 else ws[0]
+
+
+def set_stacked(
+    linears: dict[str, QuantLinear],
+    stack: list[str],
+    w_hat: torch.Tensor,
+    qp: QParams,
+    g_idx: torch.Tensor | None = None,
+) -> None:
+    """Split a quantized `stacked_weight` and its qparams back onto the stack's modules."""
+    rows = [linears[n].out_features for n in stack]
+    for name, part, qp_part in zip(stack, w_hat.split(rows), split_rows(qp, rows)):
+        linears[name].set_weight(part, qp_part, g_idx)
+
+
 def rtn_quantize_fused(linears: dict[str, QuantLinear]) -> None:
     """RTN of every module, fused projections sharing global / per-tensor scales."""
     for stack in fused_stacks(linears):
-        ws = [linears[n].weight.detach() for n in stack]
-        w_hat, qp = rtn_weight(
-            torch.cat(ws) if len(ws) > 1 else ws[0], linears[stack[0]].scheme.weights
-        )
-        rows = [w.shape[0] for w in ws]
-        for name, part, qp_part in zip(stack, w_hat.split(rows), split_rows(qp, rows)):
-            linears[name].set_weight(part, qp_part)
+        w = stacked_weight(linears, stack)
+        set_stacked(linears, stack, *rtn_weight(w, linears[stack[0]].scheme.weights))
 
 
 @register_weight_algorithm("rtn")

@@ -41,7 +41,8 @@ from quantscale.pipeline import (
     full_range,
     register_weight_algorithm,
     rtn_weight,
-    split_rows,
+    set_stacked,
+    stacked_weight,
     stored_scales,
     weight_scale_dtype,
 )
@@ -400,8 +401,7 @@ class GPTQ:
         tokens = acc.count if acc is not None else 0
         stacks = [names] if args.strategy != "block" else [[n] for n in names]
         for stack in stacks:
-            ws = [linears[n].weight.detach() for n in stack]
-            w = torch.cat(ws) if len(ws) > 1 else ws[0]
+            w = stacked_weight(linears, stack)
             if tokens < self.min_tokens:
                 w_hat, qp = rtn_weight(w, args)
                 res = GPTQResult(w_hat, qp)
@@ -415,11 +415,7 @@ class GPTQ:
                     dampening_frac=self.dampening_frac,
                     actorder=self.actorder,
                 )
-            rows = [x.shape[0] for x in ws]
-            for name, w_hat, qp in zip(
-                stack, res.weight.split(rows), split_rows(res.qparams, rows)
-            ):
-                linears[name].set_weight(w_hat, qp, res.g_idx)
+            set_stacked(linears, stack, res.weight, res.qparams, res.g_idx)
             self.report.append(
                 {
                     "modules": stack,
