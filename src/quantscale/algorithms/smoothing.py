@@ -16,9 +16,17 @@ Llama-style mappings (module paths inside one decoder layer), by name:
   shared by the query heads that read it.
 A mapping whose modules a layer lacks is skipped with a log line.
 
+An alpha may be `search` (`SmoothQuant("search")`, `qkv=search+down=0.9`): per layer and
+mapping, on a random subsample of the layer's own calibration tokens (`max_tokens`), every
+alpha of `grid` is tried and the one whose smoothed, fake-quantized `nexts` (weights and input
+activations per the modules' scheme, else W8A8: per-channel int8 RTN weights, static
+per-tensor int8 min-max activations) give the smallest mean squared output error against
+the float output is kept (`SmoothQuant.chosen`, one log line per layer).
+
 `SmoothQuant(alpha)` is a `pipeline.quantize_model` layer transform (statistics from the
-layer's own calibration inputs); `smooth_model` smooths a float model in one pass. Both keep
-the original parameters so `restore()` undoes the change.
+layer's own calibration inputs); `smooth_model` smooths a float model in one pass (layer by
+layer when an alpha is searched). Both keep the original parameters so `restore()` undoes
+the change.
 """
 
 from __future__ import annotations
@@ -31,10 +39,22 @@ import torch
 from torch import nn
 
 from quantscale.errors import QuantscaleError
+from quantscale.qdq import (
+    ACTIVATION,
+    compute_qparams,
+    fake_quantize,
+    fake_quantize_dynamic,
+    reduce_minmax,
+)
+from quantscale.scheme import QuantArgs, QuantScheme, preset_scheme
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-5
+SEARCH = "search"
+SEARCH_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # .3-.95
+SEARCH_TOKENS = 8192
+SEARCH_SCHEME = "W8A8"  # quantization the search simulates when the modules carry no scheme
 
 
 @dataclass(frozen=True)
@@ -56,47 +76,53 @@ LLAMA_MAPPINGS: tuple[SmoothMapping, ...] = (
 )
 MAPPING_NAMES = tuple(m.name for m in LLAMA_MAPPINGS)
 
-Alphas = Mapping[str, float]
+Alpha = float | str  # a number in [0, 1] or SEARCH
+Alphas = Mapping[str, Alpha]
 
 
-def parse_alphas(spec: str | float | Mapping[str, float]) -> dict[str, float]:
-    """'0.5' -> every mapping at 0.5; 'down=0.8+qkv=0.5' -> only those mappings."""
+def parse_alphas(spec: str | float | Mapping[str, Alpha]) -> dict[str, Alpha]:
+    """'0.5' -> every mapping at 0.5; 'down=0.8+qkv=search' -> only those mappings; an
+    alpha is a number in [0, 1] or 'search'."""
     if isinstance(spec, Mapping):
         items = dict(spec)
     elif isinstance(spec, (int, float)) or "=" not in str(spec):
-        try:
-            return dict.fromkeys(MAPPING_NAMES, _alpha(float(spec)))
-        except ValueError as err:
-            raise QuantscaleError(f"smoothing alpha: expected a number, got {spec!r}") from err
+        return dict.fromkeys(MAPPING_NAMES, _alpha(spec, spec))
     else:
         items = {}
         for part in str(spec).split("+"):
-            name, _, value = part.partition("=")
-            try:
-                items[name.strip()] = float(value)
-            except ValueError as err:
-                raise QuantscaleError(f"smoothing spec {spec!r}: bad part {part!r}") from err
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise QuantscaleError(f"smoothing spec {spec!r}: bad part {part!r}")
+            items[name.strip()] = value
     unknown = set(items) - set(MAPPING_NAMES)
     if unknown:
         raise QuantscaleError(
             f"smoothing spec {spec!r}: unknown mapping(s) {sorted(unknown)}; "
             f"known: {', '.join(MAPPING_NAMES)}"
         )
-    return {k: _alpha(v) for k, v in items.items()}
+    return {k: _alpha(v, spec) for k, v in items.items()}
 
 
-def _alpha(value: float) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise QuantscaleError(f"smoothing alpha must be in [0, 1], got {value}")
-    return value
+def _alpha(value: object, spec: object) -> Alpha:
+    if str(value).strip().lower() == SEARCH:
+        return SEARCH
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise QuantscaleError(
+            f"smoothing spec {spec!r}: expected a number in [0, 1] or {SEARCH!r}, got {value!r}"
+        ) from err
+    if not 0.0 <= number <= 1.0:
+        raise QuantscaleError(f"smoothing spec {spec!r}: alpha must be in [0, 1], got {number}")
+    return number
 
 
 def format_alphas(alphas: Alphas) -> str:
     """Inverse of `parse_alphas` (a single number when every mapping shares it)."""
     values = set(alphas.values())
-    if set(alphas) == set(MAPPING_NAMES) and len(values) == 1:
+    if set(alphas) == set(MAPPING_NAMES) and len(values) == 1 and SEARCH not in values:
         return f"{values.pop():g}"
-    return "+".join(f"{k}={v:g}" for k, v in alphas.items())
+    return "+".join(f"{k}={v if v == SEARCH else format(v, 'g')}" for k, v in alphas.items())
 
 
 # ------------------------------------------------------------------ statistics
@@ -161,6 +187,47 @@ def collect_absmax(
     return stats.absmax
 
 
+class InputSamples:
+    """Forward pre-hooks keeping each mapping's per-channel min / max / max|x| of its input
+    and up to `per_call` random tokens of every call (float32), for the alpha search."""
+
+    def __init__(
+        self, layer: nn.Module, mappings: Sequence[SmoothMapping], per_call: int, seed: int = 0
+    ) -> None:
+        self.per_call = per_call
+        self.min: dict[str, torch.Tensor] = {}
+        self.max: dict[str, torch.Tensor] = {}
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {m.name: [] for m in mappings}
+        self._gen = torch.Generator().manual_seed(seed)
+        self._handles = [
+            _find(layer, m.nexts[0]).register_forward_pre_hook(self._hook(m.name)) for m in mappings
+        ]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            lo, hi = (t.float() for t in torch.aminmax(x, dim=0))
+            if name in self.min:
+                lo, hi = torch.minimum(self.min[name], lo), torch.maximum(self.max[name], hi)
+            self.min[name], self.max[name] = lo, hi
+            self.absmax[name] = torch.maximum(-lo, hi)
+            if x.shape[0] > self.per_call:
+                x = x[torch.randperm(x.shape[0], generator=self._gen)[: self.per_call]]
+            self.samples[name].append(x.float().clone())
+
+        return hook
+
+    def tokens(self, name: str) -> torch.Tensor:
+        """The sampled input tokens of mapping `name`, [T, channels]."""
+        return torch.cat(self.samples[name])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
 # ------------------------------------------------------------------ scales
 
 
@@ -186,6 +253,49 @@ def _gqa_groups(layer: nn.Module, v_out: int, o_in: int) -> tuple[int, int] | No
     if not head_dim or o_in % v_out or v_out % head_dim:
         return None
     return v_out, o_in // v_out
+
+
+# ------------------------------------------------------------------ search
+
+
+def search_scheme(nexts: Sequence[nn.Module]) -> QuantScheme:
+    """The scheme the search simulates: the `nexts`' own (QuantLinear), else W8A8's."""
+    scheme = getattr(nexts[0], "scheme", None)
+    return scheme if isinstance(scheme, QuantScheme) else preset_scheme(SEARCH_SCHEME)
+
+
+def _act_qdq(x: torch.Tensor, args: QuantArgs | None, lo: torch.Tensor, hi: torch.Tensor):
+    """Fake-quantized activation; static scales from the per-channel range (lo, hi)."""
+    if args is None:
+        return x
+    if args.dynamic:
+        return fake_quantize_dynamic(x, args)
+    if args.strategy == "tensor":
+        lo, hi = lo.min().reshape(1), hi.max().reshape(1)
+    elif args.strategy != "channel":
+        lo, hi = reduce_minmax(x, args, ACTIVATION)
+    return fake_quantize(x, args, compute_qparams(args, lo, hi))
+
+
+def smoothed_error(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    s: torch.Tensor,
+    scheme: QuantScheme,
+    x_range: tuple[torch.Tensor, torch.Tensor],
+    y_ref: torch.Tensor | None = None,
+) -> float:
+    """Mean squared error of qdq(x / s) @ qdq(w * s).T against the float x @ w.T, for input
+    tokens x [T, C], the `nexts`' stacked weight w [O, C], column scales s [C] and the
+    per-channel input range x_range (min, max) over all calibration tokens."""
+    from quantscale.pipeline import rtn_weight
+
+    with torch.no_grad():
+        y_ref = x @ w.T if y_ref is None else y_ref
+        xq = _act_qdq(x / s, scheme.input_activations, x_range[0] / s, x_range[1] / s)
+        ws = w * s
+        wq = ws if scheme.weights is None else rtn_weight(ws, scheme.weights)[0]
+        return float((xq @ wq.T - y_ref).pow(2).mean())
 
 
 # ------------------------------------------------------------------ apply
@@ -217,35 +327,54 @@ class Smoothing:
             self._keep(n.weight)
             n.weight.data.mul_(s[None, :].to(n.weight.dtype))
 
+    def mapping_scales(
+        self, layer: nn.Module, m: SmoothMapping, x_absmax: torch.Tensor, alpha: float, where: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scales dividing prev's outputs, scales multiplying the nexts' input columns) of
+        one mapping at `alpha`; None when 'vo' cannot be smoothed (head layout unclear)."""
+        nexts = [_find(layer, p) for p in m.nexts]
+        x, w = x_absmax.to(nexts[0].weight.device), _weight_absmax(nexts)
+        if m.name == "vo":
+            return self._vo_scales(layer, _find(layer, m.prev), x, w, alpha, where)
+        s = smooth_scales(x, w, alpha)
+        return s, s
+
     def smooth_layer(
-        self, layer: nn.Module, absmax: Mapping[str, torch.Tensor], where: str = "layer"
+        self,
+        layer: nn.Module,
+        absmax: Mapping[str, torch.Tensor],
+        where: str = "layer",
+        alphas: Mapping[str, float] | None = None,
     ) -> None:
-        """Smooth one decoder layer given the per-channel input max|x| of each mapping."""
-        for m in layer_mappings(layer, list(self.alphas), where):
+        """Smooth one decoder layer given the per-channel input max|x| of each mapping, at
+        `alphas` (default: this object's; searched ones must be resolved by the caller)."""
+        alphas = self.alphas if alphas is None else alphas
+        for m in layer_mappings(layer, list(alphas), where):
             if m.name not in absmax:
                 continue
-            prev, nexts = _find(layer, m.prev), [_find(layer, p) for p in m.nexts]
-            x, w = absmax[m.name].to(nexts[0].weight.device), _weight_absmax(nexts)
-            if m.name == "vo":
-                s_prev, s_next = self._vo_scales(layer, prev, x, w, where)
-                if s_prev is None:
-                    continue
-            else:
-                s_prev = s_next = smooth_scales(x, w, self.alphas[m.name])
-            self._divide_prev(prev, s_prev)
-            self._multiply_nexts(nexts, s_next)
-            self.scales[f"{where}.{m.name}"] = s_prev
+            if alphas[m.name] == SEARCH:
+                raise QuantscaleError(
+                    f"smoothing {where}.{m.name}: alpha 'search' needs the layer's calibration "
+                    "inputs (SmoothQuant as a quantize_model transform, or smooth_model with "
+                    "batches)"
+                )
+            scales = self.mapping_scales(layer, m, absmax[m.name], alphas[m.name], where)
+            if scales is None:
+                continue
+            self._divide_prev(_find(layer, m.prev), scales[0])
+            self._multiply_nexts([_find(layer, p) for p in m.nexts], scales[1])
+            self.scales[f"{where}.{m.name}"] = scales[0]
 
-    def _vo_scales(self, layer, v_proj, x, w, where) -> tuple:
+    def _vo_scales(self, layer, v_proj, x, w, alpha, where) -> tuple | None:
         groups = _gqa_groups(layer, v_proj.out_features, x.numel())
         if groups is None:
             log.info("smoothing: %s v_proj/o_proj head layout unclear; 'vo' skipped", where)
-            return None, None
+            return None
         kv, rep = groups
         head_dim = getattr(_find(layer, "self_attn"), "head_dim", None) or kv
         # o_proj input channel (kv head g, repeat r, dim d) reads v channel (g, d).
         grouped = (t.reshape(kv // head_dim, rep, head_dim).amax(dim=1) for t in (x, w))
-        s_v = smooth_scales(*grouped, self.alphas["vo"]).reshape(-1)
+        s_v = smooth_scales(*grouped, alpha).reshape(-1)
         s_o = s_v.reshape(kv // head_dim, 1, head_dim).expand(-1, rep, -1).reshape(-1)
         return s_v, s_o
 
@@ -260,13 +389,82 @@ class Smoothing:
 
 class SmoothQuant(Smoothing):
     """`quantize_model(..., transforms=[SmoothQuant(0.5)])`: smooth each layer on its own
-    calibration inputs (one extra forward of the layer) before it is calibrated."""
+    calibration inputs (one extra forward of the layer) before it is calibrated. Searched
+    alphas (`SmoothQuant("search")`) are chosen per layer and mapping from `grid` on up to
+    `max_tokens` sampled tokens; `chosen[layer][mapping]` holds the alphas applied and
+    `errors[f"{layer}.{mapping}"]` the quantized output error of every grid alpha."""
+
+    def __init__(
+        self,
+        alpha: str | float | Alphas = 0.5,
+        grid: Sequence[float] = SEARCH_GRID,
+        max_tokens: int = SEARCH_TOKENS,
+    ) -> None:
+        super().__init__(alpha)
+        self.grid = tuple(float(_alpha(a, grid)) for a in grid)
+        if not self.grid or max_tokens < 1:
+            raise QuantscaleError("smoothing search needs a non-empty grid and max_tokens >= 1")
+        self.max_tokens = max_tokens
+        self.chosen: dict[str, dict[str, float]] = {}
+        self.errors: dict[str, dict[float, float]] = {}
 
     def __call__(self, step) -> None:
         mappings = layer_mappings(step.layer, list(self.alphas), step.name)
-        if mappings:
+        if not mappings:
+            return
+        if SEARCH not in (self.alphas[m.name] for m in mappings):
             absmax = collect_absmax(step.layer, mappings, step.run)
             self.smooth_layer(step.layer, absmax, step.name)
+            return
+        per_call = -(-self.max_tokens // max(1, len(step.inputs)))
+        stats = InputSamples(step.layer, mappings, per_call)
+        try:
+            step.run()
+        finally:
+            stats.remove()
+        alphas = self.search_layer(step.layer, mappings, stats, step.name)
+        self.smooth_layer(step.layer, stats.absmax, step.name, alphas)
+
+    def search_layer(
+        self,
+        layer: nn.Module,
+        mappings: Sequence[SmoothMapping],
+        stats: InputSamples,
+        where: str,
+    ) -> dict[str, float]:
+        """Each mapping's alpha (searched ones: the grid alpha of least quantized error)."""
+        alphas: dict[str, float] = {}
+        for m in mappings:
+            alpha = self.alphas[m.name]
+            if alpha == SEARCH:
+                if not stats.samples.get(m.name):
+                    continue
+                errors = self.grid_errors(layer, m, stats, where)
+                if not errors:
+                    continue
+                self.errors[f"{where}.{m.name}"] = errors
+                alpha = min(errors, key=errors.__getitem__)
+            alphas[m.name] = alpha
+        self.chosen[where] = alphas
+        log.info("smoothing search: %s %s", where, format_alphas(alphas) if alphas else "-")
+        return alphas
+
+    def grid_errors(
+        self, layer: nn.Module, m: SmoothMapping, stats: InputSamples, where: str
+    ) -> dict[float, float]:
+        """{alpha: quantized output error of the mapping's nexts} over the grid."""
+        nexts = [_find(layer, p) for p in m.nexts]
+        x = stats.tokens(m.name)
+        w = torch.cat([n.weight.detach().float() for n in nexts])
+        y_ref, scheme = x @ w.T, search_scheme(nexts)
+        x_range = (stats.min[m.name], stats.max[m.name])
+        errors = {}
+        for alpha in self.grid:
+            scales = self.mapping_scales(layer, m, stats.absmax[m.name], alpha, where)
+            if scales is None:
+                return {}
+            errors[alpha] = smoothed_error(x, w, scales[1], scheme, x_range, y_ref)
+        return errors
 
 
 @torch.inference_mode()
@@ -297,9 +495,12 @@ def smooth_model(
     absmax: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Smoothing:
     """Smooth every decoder layer of a float model from one pass's statistics (or `absmax`
-    from `model_absmax`, reusable across alphas); returns the `Smoothing` to `restore()`."""
+    from `model_absmax`, reusable across alphas); returns the `Smoothing` to `restore()`.
+    Searched alphas need `batches` (layer by layer, each layer on its own inputs)."""
     from quantscale.models.adapter import decoder_layers
 
+    if SEARCH in parse_alphas(alpha).values():
+        return _search_model(model, alpha, batches)
     smoothing = Smoothing(alpha)
     if absmax is None:
         if not batches:
@@ -310,4 +511,21 @@ def smooth_model(
         for i, layer in enumerate(layers):
             name = f"{prefix}.{i}"
             smoothing.smooth_layer(layer, absmax.get(name, {}), name)
+    return smoothing
+
+
+def _search_model(
+    model: nn.Module, alpha: str | float | Alphas, batches: Sequence[torch.Tensor] | None
+) -> SmoothQuant:
+    """smooth_model with searched alphas: `SmoothQuant` on every layer, layer by layer."""
+    from quantscale.calibration.sequential import layerwise
+
+    if not batches:
+        raise QuantscaleError(
+            f"smoothing {format_alphas(parse_alphas(alpha))!r}: 'search' needs calibration "
+            "batches, not shared statistics (sweep: use --mode layerwise)"
+        )
+    smoothing = SmoothQuant(alpha)
+    for step in layerwise(model, list(batches), description="smooth"):
+        smoothing(step)
     return smoothing

@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--smooth",
         metavar="ALPHA",
-        help="smooth the float model first (SmoothQuant alpha, or down=0.8+qkv=0.5)",
+        help="smooth the float model first (SmoothQuant alpha, or down=0.8+qkv=0.5; "
+        "'search' for a per-layer searched alpha)",
     )
     add_calibration_args(p)
     p.add_argument("--probe-tokens", type=int, default=1024, help="held-out tokens for the probe")

@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="SmoothQuant settings, comma-separated: an alpha for every mapping (0.5) or "
         "per mapping joined by '+' (down=0.8+qkv=0.5; mappings qkv, gate_up, down, vo); "
+        "an alpha 'search' is chosen per layer and mapping (needs --mode layerwise); "
         "each one with every --observers kind",
     )
     p.add_argument(
