@@ -244,3 +244,23 @@ def test_truncated_shard_is_named_with_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{shard}: truncated file: tensor '{last.name}'"):
         transform_checkpoint(ckpt, tmp_path / "out", _double_floats, None, plan_fn=_double_plan)
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_reader_thread_yields_pieces_in_order_and_stops_early(tmp_path, monkeypatch, depth):
+    """Ring-buffered and whole pieces arrive in file order with their bytes; leaving the
+    loop early (an error in the consumer) ends the reader thread instead of hanging."""
+    monkeypatch.setattr(io, "CHUNK_BYTES", 16)
+    ckpt = Checkpoint(_source(tmp_path))
+    shard = ckpt.shards[0]
+    pieces = io._pieces(ckpt, {n: _kinds_plan(n, ckpt.tensors[n]) for n in ckpt.names(shard)})
+    raw = (ckpt.path / shard).read_bytes()
+    with io.ShardReader(ckpt.path / shard, pieces, depth=depth) as reader:
+        got = [(piece, bytes(data.numpy())) for piece, data in reader]
+    assert [p for p, _ in got] == pieces and any(p.whole for p in pieces)
+    for piece, data in got:
+        start = piece.info.offset + piece.start
+        assert data == raw[start : start + piece.nbytes]
+    with io.ShardReader(ckpt.path / shard, pieces, depth=depth) as reader:
+        first = next(iter(reader))[0]
+    assert first == pieces[0] and not reader.thread.is_alive()

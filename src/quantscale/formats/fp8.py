@@ -56,6 +56,9 @@ def block_amax(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch
     return tiles(w, block).abs().amax(dim=(1, 3)).float()
 
 
+SCALE_FMTS = (None, "", "float32", "fp32", "ue8m0")  # scale formats `scale_from_amax` knows
+
+
 def scale_from_amax(
     amax: torch.Tensor, qmax: float = E4M3_MAX, scale_fmt: str | None = None
 ) -> torch.Tensor:
@@ -68,7 +71,7 @@ def scale_from_amax(
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if scale_fmt == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    elif scale_fmt not in (None, "", "float32", "fp32"):
+    elif scale_fmt not in SCALE_FMTS:
         raise ValueError(f"unknown scale_fmt {scale_fmt!r}; expected 'ue8m0' or none")
     return scale
 
