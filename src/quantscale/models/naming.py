@@ -4,6 +4,7 @@ and whether quantization leaves it alone by default."""
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 
 # (kind, regex on the module path, i.e. the parameter name without its last component)
@@ -78,4 +79,9 @@ def matches_any(module: str, patterns: list[str] | tuple[str, ...]) -> bool:
 
 def is_ignored(module: str, extra: list[str] | tuple[str, ...] = ()) -> bool:
     """Whether a module is skipped by default or by the user's extra patterns."""
+    return _ignored(module, tuple(extra))
+
+
+@functools.lru_cache(maxsize=65536)
+def _ignored(module: str, extra: tuple[str, ...]) -> bool:
     return matches_any(module, DEFAULT_IGNORE) or matches_any(module, extra)
