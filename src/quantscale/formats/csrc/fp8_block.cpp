@@ -403,8 +403,10 @@ class BufferPool {
   }
 
  private:
-  // A checkpoint's weights come in a few shapes: 8 buffers cover one decoder layer's.
-  static constexpr size_t HUGE = 2 << 20, MIN_KEEP = 1 << 20, KEEP = 8;
+  // A checkpoint's weights come in a few shapes: 8 buffers cover one decoder layer's. Small
+  // ones are kept too: SmolLM2's (110-884 KB) refaulted fresh pages on every call (first
+  // conversion in a process: 0.077 s of kernel time instead of 0.025 s).
+  static constexpr size_t HUGE = 2 << 20, MIN_KEEP = 64 << 10, KEEP = 8;
   static constexpr size_t KEEP_BYTES = size_t{1} << 30;
   std::mutex mutex_;
   size_t kept_ = 0;
