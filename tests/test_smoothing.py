@@ -24,6 +24,7 @@ from quantscale.algorithms.smoothing import (
     parse_alphas,
     smooth_model,
     smooth_scales,
+    smoothed_error,
 )
 from quantscale.calibration.sequential import layerwise
 from quantscale.errors import QuantscaleError
@@ -237,3 +238,24 @@ def test_smooth_model_search_restores_and_needs_batches(tiny_llama):
         assert torch.equal(v, params[k]), k
     with pytest.raises(QuantscaleError, match="layerwise"):
         smooth_model(tiny_llama, "search", absmax={})
+
+
+def test_relative_objective_weighs_tokens_equally():
+    """'relative' averages each token's error over its output norm: scaling the data scales
+    the plain MSE by c^2 and leaves the relative error unchanged; it is the mean of the
+    single-token relative errors under the same static range."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    s, scheme = torch.rand(8, generator=gen) + 0.5, preset_scheme("W8A8")
+
+    rng = (x.amin(0), x.amax(0))
+
+    def err(c: float, relative: bool) -> float:
+        return smoothed_error(c * x, w, s, scheme, (c * rng[0], c * rng[1]), relative=relative)
+
+    assert err(4, False) == pytest.approx(16 * err(1, False), rel=1e-4)
+    assert err(4, True) == pytest.approx(err(1, True), rel=1e-4)
+    singles = [smoothed_error(x[i : i + 1], w, s, scheme, rng, relative=True) for i in range(6)]
+    assert err(1, True) == pytest.approx(sum(singles) / len(singles), rel=1e-5)
+    with pytest.raises(QuantscaleError):
+        SmoothQuant("search", objective="bogus")

@@ -54,6 +54,7 @@ EPS = 1e-5
 SEARCH = "search"
 SEARCH_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))  # .3-.95
 SEARCH_TOKENS = 8192
+OBJECTIVES = ("mse", "relative")  # see `smoothed_error`
 SEARCH_SCHEME = "W8A8"  # quantization the search simulates when the modules carry no scheme
 
 
@@ -284,10 +285,13 @@ def smoothed_error(
     scheme: QuantScheme,
     x_range: tuple[torch.Tensor, torch.Tensor],
     y_ref: torch.Tensor | None = None,
+    relative: bool = False,
 ) -> float:
     """Mean squared error of qdq(x / s) @ qdq(w * s).T against the float x @ w.T, for input
     tokens x [T, C], the `nexts`' stacked weight w [O, C], column scales s [C] and the
-    per-channel input range x_range (min, max) over all calibration tokens."""
+    per-channel input range x_range (min, max) over all calibration tokens. `relative`:
+    each token's squared error over its squared float output norm, averaged over tokens
+    (rare huge-activation tokens then weigh no more than the others)."""
     from quantscale.pipeline import rtn_weight
 
     with torch.no_grad():
@@ -295,7 +299,10 @@ def smoothed_error(
         xq = _act_qdq(x / s, scheme.input_activations, x_range[0] / s, x_range[1] / s)
         ws = w * s
         wq = ws if scheme.weights is None else rtn_weight(ws, scheme.weights)[0]
-        return float((xq @ wq.T - y_ref).pow(2).mean())
+        err = (xq @ wq.T - y_ref).pow(2)
+        if not relative:
+            return float(err.mean())
+        return float((err.sum(dim=1) / y_ref.pow(2).sum(dim=1).clamp(min=EPS)).mean())
 
 
 # ------------------------------------------------------------------ apply
@@ -391,7 +398,8 @@ class SmoothQuant(Smoothing):
     """`quantize_model(..., transforms=[SmoothQuant(0.5)])`: smooth each layer on its own
     calibration inputs (one extra forward of the layer) before it is calibrated. Searched
     alphas (`SmoothQuant("search")`) are chosen per layer and mapping from `grid` on up to
-    `max_tokens` sampled tokens; `chosen[layer][mapping]` holds the alphas applied and
+    `max_tokens` sampled tokens by `objective` (`smoothed_error`: "mse", or "relative" per
+    token); `chosen[layer][mapping]` holds the alphas applied and
     `errors[f"{layer}.{mapping}"]` the quantized output error of every grid alpha."""
 
     def __init__(
@@ -399,8 +407,14 @@ class SmoothQuant(Smoothing):
         alpha: str | float | Alphas = 0.5,
         grid: Sequence[float] = SEARCH_GRID,
         max_tokens: int = SEARCH_TOKENS,
+        objective: str = "mse",
     ) -> None:
         super().__init__(alpha)
+        if objective not in OBJECTIVES:
+            raise QuantscaleError(
+                f"smoothing search objective {objective!r}; known: {', '.join(OBJECTIVES)}"
+            )
+        self.objective = objective
         self.grid = tuple(float(_alpha(a, grid)) for a in grid)
         if not self.grid or max_tokens < 1:
             raise QuantscaleError("smoothing search needs a non-empty grid and max_tokens >= 1")
@@ -463,7 +477,9 @@ class SmoothQuant(Smoothing):
             scales = self.mapping_scales(layer, m, stats.absmax[m.name], alpha, where)
             if scales is None:
                 return {}
-            errors[alpha] = smoothed_error(x, w, scales[1], scheme, x_range, y_ref)
+            errors[alpha] = smoothed_error(
+                x, w, scales[1], scheme, x_range, y_ref, self.objective == "relative"
+            )
         return errors
 
 
