@@ -193,3 +193,21 @@ def test_symmetric_int_scales_use_the_full_code_range():
     codes = quantize(w_hat, args, qp)
     assert codes.min() == -8 and codes.max() == 7
     assert (w_hat - w).abs().max() <= 0.5 * qp.scale.max() + 1e-6
+
+
+def test_calibrate_command_smoothing_options_and_alpha_summary():
+    import argparse
+
+    from quantscale.commands import calibrate
+
+    parser = argparse.ArgumentParser()
+    calibrate.register(parser.add_subparsers())
+    args = parser.parse_args(["calibrate", "m", "out", "--smooth", "search"])
+    assert args.smooth_objective == "mse"
+    args = parser.parse_args(["calibrate", "m", "o", "--smooth-objective", "relative"])
+    assert args.smooth_objective == "relative"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["calibrate", "m", "o", "--smooth-objective", "max"])
+    chosen = {"l.0": {"qkv": 0.9, "down": 0.95}, "l.1": {"qkv": 0.8, "down": 0.95}}
+    lines = calibrate.searched_alphas(chosen).splitlines()
+    assert lines[1:] == ["  qkv: 0.8 x1, 0.9 x1", "  down: 0.95 x2"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 from quantscale.commands.sweep import add_calibration_args, calibration_tokens
@@ -33,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(down=0.8+qkv=0.5; mappings qkv, gate_up, down, vo); an alpha 'search' picks, per "
         "layer and mapping, the alpha in 0.3..0.95 of least W8A8 output error "
         "(qkv=search+gate_up=search+down=search)",
+    )
+    p.add_argument(
+        "--smooth-objective",
+        choices=("mse", "relative"),
+        default="mse",
+        help="what a searched alpha minimises: the mean squared output error, or each token's "
+        "squared error over its squared output norm (rare huge tokens weigh no more)",
     )
     add_calibration_args(p)
     p.add_argument(
@@ -74,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise QuantscaleError(f"{args.model}: no tokenizer saved with the model")
     recipe = build_recipe(args)
-    transforms = [SmoothQuant(args.smooth)] if args.smooth else []
+    transforms = [SmoothQuant(args.smooth, objective=args.smooth_objective)] if args.smooth else []
     start = time.perf_counter()
     calib = calibration_tokens(tokenizer, args)
     with compute_dtype(getattr(torch, args.calib_dtype)):
@@ -83,4 +91,19 @@ def run(args: argparse.Namespace) -> int:
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
     smooth = f", smooth {args.smooth}" if args.smooth else ""
     print(f"wrote {out} ({args.scheme}, {args.method}{smooth}, calibrated in {seconds:.0f} s)")
+    if transforms and transforms[0].chosen:
+        print(searched_alphas(transforms[0].chosen))
     return 0
+
+
+def searched_alphas(chosen: dict[str, dict[str, float]]) -> str:
+    """One line per mapping: the alphas applied over the layers (searched or fixed), how often."""
+    per_mapping: dict[str, list[float]] = {}
+    for alphas in chosen.values():
+        for name, alpha in alphas.items():
+            per_mapping.setdefault(name, []).append(alpha)
+    lines = ["smoothing alphas applied (alpha x layers):"]
+    for name, values in per_mapping.items():
+        counts = sorted(Counter(values).items())
+        lines.append(f"  {name}: " + ", ".join(f"{a:g} x{n}" for a, n in counts))
+    return "\n".join(lines)
