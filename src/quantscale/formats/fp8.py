@@ -56,7 +56,13 @@ def block_amax(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> torch
     return tiles(w, block).abs().amax(dim=(1, 3)).float()
 
 
-SCALE_FMTS = (None, "", "float32", "fp32", "ue8m0")  # scale formats `scale_from_amax` knows
+SCALE_FMTS = (None, "", "float32", "fp32", "ue8m0")  # plain amax/qmax (the first four) or ue8m0
+
+
+def check_scale_fmt(scale_fmt: str | None) -> None:
+    """Raise ValueError for a scale format other than float32 (None) or ue8m0."""
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"unknown scale_fmt {scale_fmt!r}; expected 'ue8m0' or none")
 
 
 def scale_from_amax(
@@ -67,12 +73,11 @@ def scale_from_amax(
     `scale_fmt="ue8m0"` rounds each scale up to a power of two (DeepSeek V3.1), so that no
     value overflows the FP8 range.
     """
+    check_scale_fmt(scale_fmt)
     amax = amax.float()
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     if scale_fmt == "ue8m0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    elif scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"unknown scale_fmt {scale_fmt!r}; expected 'ue8m0' or none")
     return scale
 
 

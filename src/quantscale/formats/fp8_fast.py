@@ -36,9 +36,9 @@ from quantscale.formats.fp8 import (
     DEFAULT_BLOCK,
     E4M3,
     FP8_MAX,
-    SCALE_FMTS,
     block_amax,
     block_grid,
+    check_scale_fmt,
     scale_from_amax,
     tiles,
 )
@@ -236,8 +236,7 @@ def _cpp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ kernel: E4M3 codes and scales. fp32 weights with ue8m0 take their scales from
     torch (its log2 decides scales a few ulps above a power of two; bf16/fp16 never have one)."""
-    if scale_fmt not in SCALE_FMTS:
-        scale_from_amax(torch.ones(1), 1.0, scale_fmt)  # raises its unknown-format error
+    check_scale_fmt(scale_fmt)
     w = w.contiguous()
     scale = torch.empty(block_grid(tuple(w.shape), block))
     mode = 1 if scale_fmt == "ue8m0" else 0
