@@ -268,6 +268,11 @@ class Piece:
     nbytes: int
     whole: bool = False
 
+    @property
+    def offset(self) -> int:
+        """Where the piece starts in its file."""
+        return self.info.offset + self.start
+
 
 class ShardReader:
     """Reads `pieces` of one shard in order on a background thread, ahead of the consumer.
@@ -321,7 +326,7 @@ class ShardReader:
                 start, nbytes = _span(group)
                 data = self._read(start, nbytes, own, _what(group))
                 for i, piece in enumerate(group):
-                    at = piece.info.offset + piece.start - start
+                    at = piece.offset - start
                     last = i == len(group) - 1
                     self.ready.put((piece, data[at : at + piece.nbytes], own if last else None))
             self.ready.put(None)
@@ -336,8 +341,8 @@ class ShardReader:
             piece, data, release = item
             if data is None:
                 own = torch.empty(piece.nbytes, dtype=torch.uint8)
-                where = piece.info.offset + piece.start
-                yield piece, self._read(where, piece.nbytes, own, f"tensor {piece.info.name!r}")
+                what = f"tensor {piece.info.name!r}"
+                yield piece, self._read(piece.offset, piece.nbytes, own, what)
                 continue
             yield piece, data
             if release is not None:
@@ -352,8 +357,7 @@ def _what(group: list[Piece]) -> str:
 
 def _span(group: list[Piece]) -> tuple[int, int]:
     """(file offset, byte count) of a group of adjacent pieces."""
-    start = group[0].info.offset + group[0].start
-    return start, group[-1].info.offset + group[-1].start + group[-1].nbytes - start
+    return group[0].offset, group[-1].offset + group[-1].nbytes - group[0].offset
 
 
 def _read_groups(pieces: list[Piece], limit: int) -> list[list[Piece]]:
@@ -366,8 +370,8 @@ def _read_groups(pieces: list[Piece], limit: int) -> list[list[Piece]]:
             last
             and not piece.whole
             and not last[0].whole
-            and piece.info.offset + piece.start == sum(_span(last))
-            and _span(last)[1] + piece.nbytes <= limit
+            and piece.offset == last[-1].offset + last[-1].nbytes
+            and piece.offset + piece.nbytes - last[0].offset <= limit
         ):
             last.append(piece)
         else:
