@@ -209,5 +209,5 @@ def test_calibrate_command_smoothing_options_and_alpha_summary():
     with pytest.raises(SystemExit):
         parser.parse_args(["calibrate", "m", "o", "--smooth-objective", "max"])
     chosen = {"l.0": {"qkv": 0.9, "down": 0.95}, "l.1": {"qkv": 0.8, "down": 0.95}}
-    lines = calibrate.searched_alphas(chosen).splitlines()
+    lines = calibrate.alphas_summary(chosen).splitlines()
     assert lines[1:] == ["  qkv: 0.8 x1, 0.9 x1", "  down: 0.95 x2"]

@@ -188,9 +188,9 @@ def collect_absmax(
     return stats.absmax
 
 
-class InputSamples:
-    """Forward pre-hooks keeping each mapping's per-channel min / max / max|x| of its input
-    and up to `per_call` random tokens of every call (float32), for the alpha search."""
+class InputSamples(ChannelAbsMax):
+    """`ChannelAbsMax` that also keeps each mapping's per-channel min / max of its input and
+    up to `per_call` random tokens of every call (float32), for the alpha search."""
 
     def __init__(
         self, layer: nn.Module, mappings: Sequence[SmoothMapping], per_call: int, seed: int = 0
@@ -198,12 +198,9 @@ class InputSamples:
         self.per_call = per_call
         self.min: dict[str, torch.Tensor] = {}
         self.max: dict[str, torch.Tensor] = {}
-        self.absmax: dict[str, torch.Tensor] = {}
         self.samples: dict[str, list[torch.Tensor]] = {m.name: [] for m in mappings}
         self._gen = torch.Generator().manual_seed(seed)
-        self._handles = [
-            _find(layer, m.nexts[0]).register_forward_pre_hook(self._hook(m.name)) for m in mappings
-        ]
+        super().__init__(layer, mappings)
 
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -222,11 +219,6 @@ class InputSamples:
     def tokens(self, name: str) -> torch.Tensor:
         """The sampled input tokens of mapping `name`, [T, channels]."""
         return torch.cat(self.samples[name])
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 # ------------------------------------------------------------------ scales

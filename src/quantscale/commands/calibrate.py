@@ -92,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
     smooth = f", smooth {args.smooth}" if args.smooth else ""
     print(f"wrote {out} ({args.scheme}, {args.method}{smooth}, calibrated in {seconds:.0f} s)")
     if transforms and transforms[0].chosen:
-        print(searched_alphas(transforms[0].chosen))
+        print(alphas_summary(transforms[0].chosen))
     return 0
 
 
-def searched_alphas(chosen: dict[str, dict[str, float]]) -> str:
+def alphas_summary(chosen: dict[str, dict[str, float]]) -> str:
     """One line per mapping: the alphas applied over the layers (searched or fixed), how often."""
     per_mapping: dict[str, list[float]] = {}
     for alphas in chosen.values():
