@@ -110,8 +110,8 @@ LLMC_DOWN = [["re:.*down_proj"], "re:.*up_proj"]
 
 def our_recipe(scheme: str, observer: str | None):
     """The preset with `observer` on its input activations."""
+    from quantscale.analysis.sweep import with_activations
     from quantscale.scheme import load_recipe
-    from quantscale.sweep import with_activations
 
     recipe = load_recipe(scheme)
     return with_activations(recipe, observer=observer) if observer else recipe
@@ -130,12 +130,13 @@ def prepare_inputs(samples: int, seq_len: int, n_eval: int) -> tuple[Path, Path,
     """(model dir, calibration ids .pt, held-out ids .pt), written once in the cache."""
     import torch
 
-    from quantscale import assets
+    from quantscale import cache
+    from quantscale.data import assets
     from quantscale.eval.runner import load_tokenizer
 
     model = assets.smollm2_checkpoint()
     tokenizer = load_tokenizer(model)
-    folder = assets.cache_dir() / "bench-inputs" / "calibration"
+    folder = cache.cache_dir() / "bench-inputs" / "calibration"
     folder.mkdir(parents=True, exist_ok=True)
     calib = folder / f"calib-{samples}x{seq_len}.pt"
     tokens = folder / f"eval-{n_eval}.pt"

@@ -30,7 +30,7 @@ GNU_TIME = "/usr/bin/time"
 
 
 def venv_root() -> Path:
-    from quantscale.assets import cache_dir
+    from quantscale.cache import cache_dir
 
     return cache_dir() / "bench-venvs"
 

@@ -166,7 +166,7 @@ def fp8_input(label: str, src: Path) -> Path:
 
 
 def cache_dir() -> Path:
-    from quantscale.assets import cache_dir as root
+    from quantscale.data.assets import cache_dir as root
 
     return root()
 
@@ -194,7 +194,7 @@ def inputs(quick: bool, sizes_gb: list[float]) -> dict[str, Path]:
     """Input checkpoints: SmolLM2 (if the cache can provide it) and synthetic ones."""
     found = {}
     try:
-        from quantscale.assets import smollm2_checkpoint
+        from quantscale.data.assets import smollm2_checkpoint
 
         found["SmolLM2-135M"] = Path(smollm2_checkpoint())
     except Exception as err:  # noqa: BLE001 - the benchmark still runs on the synthetic one

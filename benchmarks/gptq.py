@@ -148,7 +148,7 @@ def tiny_checkpoint(root: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from quantscale.assets import smollm2_checkpoint
+    from quantscale.data.assets import smollm2_checkpoint
 
     out = root / "tiny-llama-4x512x1408"
     if (out / "config.json").exists():
@@ -175,7 +175,7 @@ def inputs(work: Path, samples: int) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from quantscale.assets import calibration_batches, eval_tokens, smollm2_checkpoint
+    from quantscale.data.assets import calibration_batches, eval_tokens, smollm2_checkpoint
 
     tok = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     calib, ev = work / f"calib-{samples}.pt", work / "eval.pt"
@@ -220,7 +220,8 @@ def bench(
     true_sequential: bool = False,
     json_path: Path | None = None,
 ) -> dict:
-    from quantscale.assets import cache_dir, smollm2_checkpoint
+    from quantscale.cache import cache_dir
+    from quantscale.data.assets import smollm2_checkpoint
 
     work = cache_dir() / "bench-work" / "gptq"
     work.mkdir(parents=True, exist_ok=True)
@@ -314,7 +315,7 @@ def table(samples: int, schemes: tuple[str, ...]) -> dict:
 
     import torch
 
-    from quantscale.assets import calibration_batches, eval_tokens
+    from quantscale.data.assets import calibration_batches, eval_tokens
     from quantscale.eval.perplexity import perplexity
     from quantscale.pipeline import load_model, quantize_model
 

@@ -47,12 +47,12 @@ def limit_input() -> Path | None:
     """Bytes to copy: the largest shard of SmolLM2 (or of the synthetic input, if cached)."""
     candidates = []
     try:
-        from quantscale.assets import smollm2_checkpoint
+        from quantscale.data.assets import smollm2_checkpoint
 
         candidates.append(Path(smollm2_checkpoint()))
     except Exception as err:  # noqa: BLE001 - fall back to the synthetic input
         log(f"SmolLM2 unavailable for the limits ({err})")
-    from quantscale.assets import cache_dir
+    from quantscale.cache import cache_dir
 
     candidates.append(cache_dir() / "bench-inputs" / "llama-1gb-bf16")
     for ckpt in candidates:

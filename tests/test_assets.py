@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantscale import assets
-from quantscale.text import Article, split_articles, strip_wiki_markup
+from quantscale import cache
+from quantscale.data import assets
+from quantscale.data.text import Article, split_articles, strip_wiki_markup
 
 MARKUP = """{{Infobox animal|name=Aardvark|image={{nested|x}}}}
 '''Aardvark''' is a [[mammal]] native to [[Africa|the African continent]].<ref name="a">{{cite
@@ -110,4 +111,4 @@ def test_calibration_text_file_source(tmp_path):
 
 def test_cache_dir_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTSCALE_CACHE", str(tmp_path / "c"))
-    assert assets.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    assert cache.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()

@@ -12,12 +12,12 @@ import torch
 import yaml
 from torch import nn
 
-from quantscale import assets
 from quantscale.commands import eval as eval_cmd
+from quantscale.data import assets
+from quantscale.data.text import Article
 from quantscale.errors import QuantscaleError
 from quantscale.eval import cloze, runner, zeroshot
 from quantscale.eval.perplexity import perplexity
-from quantscale.text import Article
 
 VOCAB = 320
 

@@ -26,7 +26,7 @@ def test_cli_parses_mamba_commands():
 
 @pytest.mark.slow
 def test_training_is_deterministic():
-    from quantscale.fixtures.mamba_train import (
+    from quantscale.mamba.fixtures import (
         FIXTURES,
         _calibration_text,
         fixture_tokenizer,
@@ -45,11 +45,11 @@ def test_training_is_deterministic():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_fixture_quantizes_with_small_perplexity_change(kind):
-    from quantscale.assets import eval_tokens
+    from quantscale.data.assets import eval_tokens
     from quantscale.eval.perplexity import perplexity
-    from quantscale.fixtures.mamba_train import load_fixture, training_log
-    from quantscale.mamba_quant import calibration_token_batches, quantize_mamba
-    from quantscale.models.mamba import MambaRecipe
+    from quantscale.mamba.fixtures import load_fixture, training_log
+    from quantscale.mamba.mixers import MambaRecipe
+    from quantscale.mamba.quantize import calibration_token_batches, quantize_mamba
 
     log = training_log(kind)
     assert sum(log["losses"][-10:]) / 10 < log["losses"][0] - 2  # it learned something

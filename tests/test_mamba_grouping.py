@@ -1,4 +1,4 @@
-"""Head / channel clustering for Quamba2's piecewise scales (quantscale.algorithms.grouping)."""
+"""Head / channel clustering for Quamba2's piecewise scales (quantscale.mamba.grouping)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantscale.algorithms.grouping import (
+from quantscale.mamba.grouping import (
     group_runs,
     inverse_permutation,
     kmeans_1d_labels,

@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantscale.algorithms.grouping import plan_channels, plan_heads
 from quantscale.errors import CheckpointError, QuantscaleError
-from quantscale.mamba_quant import load_quantized, quantize_mamba, save_quantized, set_mode
-from quantscale.models.mamba import (
+from quantscale.mamba.grouping import plan_channels, plan_heads
+from quantscale.mamba.mixers import (
     MambaRecipe,
     PointRule,
     mamba_kind,
@@ -18,7 +17,8 @@ from quantscale.models.mamba import (
     reorder_mixer,
     resolve_points,
 )
-from quantscale.runtime.quamba import QMamba2Mixer, QMambaMixer, quantized_mixer
+from quantscale.mamba.quamba import QMamba2Mixer, QMambaMixer, quantized_mixer
+from quantscale.mamba.quantize import load_quantized, quantize_mamba, save_quantized, set_mode
 
 VOCAB = 64
 
@@ -248,8 +248,8 @@ def test_mamba2_mixer_class():
 
 
 def test_point_sqnr_reports_every_quantized_activation():
-    from quantscale.mamba_quant import point_sqnr
-    from quantscale.models.mamba import ACTIVATION_POINTS
+    from quantscale.mamba.mixers import ACTIVATION_POINTS
+    from quantscale.mamba.quantize import point_sqnr
 
     model = _quantized("mamba2", method="quamba2")
     before = _logits(model, _ids(5))

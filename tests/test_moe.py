@@ -11,7 +11,7 @@ import torch
 
 from quantscale.algorithms.gptq import GPTQ
 from quantscale.export.compressed_tensors import read_compressed_tensors, save_compressed_tensors
-from quantscale.moe import (
+from quantscale.models.moe import (
     LinearExperts,
     calibrate_all_experts,
     expert_token_counts,

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantscale.analysis.sensitivity import (
+    LayerSensitivity,
+    _Probe,
+    layer_sensitivity,
+    mixed_precision,
+)
+from quantscale.analysis.sweep import Setting, apply_setting, calibrate_shared, restore
 from quantscale.eval.scoring import final_hidden
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import load_recipe, preset_scheme
-from quantscale.sensitivity import LayerSensitivity, _Probe, layer_sensitivity, mixed_precision
-from quantscale.sweep import Setting, apply_setting, calibrate_shared, restore
 
 
 def _ids(n: int, seq: int, seed: int) -> torch.Tensor:

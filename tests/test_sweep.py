@@ -6,9 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantscale.eval.perplexity import perplexity
-from quantscale.runtime.qlinear import QuantLinear
-from quantscale.sweep import (
+from quantscale.analysis.sweep import (
     BASELINE,
     build_settings,
     calibrate_shared,
@@ -16,6 +14,8 @@ from quantscale.sweep import (
     plot,
     run_sweep,
 )
+from quantscale.eval.perplexity import perplexity
+from quantscale.runtime.qlinear import QuantLinear
 
 
 def _data(n: int = 4, seq: int = 16, seed: int = 0) -> torch.Tensor:

@@ -9,13 +9,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantscale import assets
+from quantscale import cache
 from quantscale.checkpoint.dequantize import dequantize_checkpoint
 from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
 from quantscale.checkpoint.inspect import precision_report
 from quantscale.checkpoint.inspect import render as render_report
 from quantscale.checkpoint.validate import render as render_validation
 from quantscale.checkpoint.validate import validate_checkpoint
+from quantscale.data import assets
 from quantscale.eval.perplexity import perplexity
 from quantscale.eval.runner import load_model, load_tokenizer
 
@@ -29,7 +30,7 @@ def run_demo(
 ) -> dict:
     """Run the demo; returns the measured perplexities and timings."""
     console = console or Console()
-    work = work or assets.cache_dir() / "demo"
+    work = work or cache.cache_dir() / "demo"
     start = time.perf_counter()
     bf16 = assets.smollm2_checkpoint()
     console.rule(f"[bold]SmolLM2-135M-Instruct (bf16): {bf16}")

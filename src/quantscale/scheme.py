@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantscale.errors import QuantscaleError
-from quantscale.models.naming import DEFAULT_IGNORE
+from quantscale.naming import DEFAULT_IGNORE
 
 Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group"]
 

@@ -20,7 +20,7 @@ from quantscale import progress
 from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
-from quantscale.models.naming import module_path
+from quantscale.naming import module_path
 
 SCALE_NAMES = ("weight_scale_inv", "weight_scale", "scale")
 ACTIVATION_SCALES = ("input_scale", "activation_scale")

@@ -19,7 +19,7 @@ from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transfo
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, E4M3, block_grid
 from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast
-from quantscale.models.naming import is_ignored, module_path
+from quantscale.naming import is_ignored, module_path
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "scale")

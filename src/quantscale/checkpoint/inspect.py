@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from quantscale.checkpoint.dequantize import SCALE_NAMES, scale_name_for
 from quantscale.checkpoint.io import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import block_grid
-from quantscale.models.naming import module_kind
+from quantscale.naming import module_kind
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of, weight_of_scale
 from quantscale.checkpoint.io import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
-from quantscale.models.naming import module_path
+from quantscale.naming import module_path
 
 ERROR, WARNING = "error", "warning"
 FMT_SPELLINGS = ("e4m3", "float8_e4m3fn")

@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_recipe(args: argparse.Namespace):
     """The --scheme recipe with --observer / --alpha / --sigma applied to input activations."""
+    from quantscale.analysis.sweep import with_activations
     from quantscale.scheme import load_recipe
-    from quantscale.sweep import with_activations
 
     recipe = load_recipe(args.scheme)
     kwargs = {k: v for k, v in (("alpha", args.alpha), ("sigma", args.sigma)) if v is not None}

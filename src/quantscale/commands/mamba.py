@@ -6,7 +6,7 @@
 
 MODEL is a checkpoint directory (with its tokenizer) or `fixture:mamba` / `fixture:mamba2`.
 `eval` quantizes the model once per named setting (see
-`quantscale.mamba_quant.mamba_sweep_settings`) and prints held-out Wikipedia perplexity and
+`quantscale.mamba.quantize.mamba_sweep_settings`) and prints held-out Wikipedia perplexity and
 cloze accuracy next to the unquantized (bf16) baseline, the SQNR of the final hidden states
 against the float32 model, and the SQNR of the SSM input x's INT8 round trip, both on 8
 held-out windows of 512 tokens (`--json` keeps the SQNR of every point).
@@ -43,7 +43,7 @@ def _parse_layers(text: str) -> list[int]:
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a checkpoint directory or `fixture:<kind>`."""
     if spec.startswith(FIXTURE_PREFIX):
-        from quantscale.fixtures.mamba_train import load_fixture
+        from quantscale.mamba.fixtures import load_fixture
 
         model, tokenizer = load_fixture(spec[len(FIXTURE_PREFIX) :], dtype)
     else:
@@ -58,7 +58,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
 
 
 def _recipe(args: argparse.Namespace):
-    from quantscale.models.mamba import MambaRecipe
+    from quantscale.mamba.mixers import MambaRecipe
 
     if args.recipe:
         import yaml
@@ -83,7 +83,7 @@ def _recipe(args: argparse.Namespace):
 
 
 def run_fixture(args: argparse.Namespace) -> int:
-    from quantscale.fixtures.mamba_train import FIXTURES, fixture_checkpoint, training_log
+    from quantscale.mamba.fixtures import FIXTURES, fixture_checkpoint, training_log
 
     kinds = list(FIXTURES) if args.kind == "all" else [args.kind]
     for kind in kinds:
@@ -98,7 +98,7 @@ def run_fixture(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from quantscale.mamba_quant import calibration_token_batches, quantize_mamba, save_quantized
+    from quantscale.mamba.quantize import calibration_token_batches, quantize_mamba, save_quantized
 
     recipe = _recipe(args)
     model, tokenizer = load_model(args.model)
@@ -112,8 +112,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def _reference_hidden(model_spec: str, windows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out token windows [8, 512], the float32 model's final hidden states on them)."""
-    from quantscale.assets import eval_tokens
-    from quantscale.mamba_quant import final_hidden_states
+    from quantscale.data.assets import eval_tokens
+    from quantscale.mamba.quantize import final_hidden_states
 
     model, tokenizer = load_model(model_spec)
     probe = eval_tokens(tokenizer, windows * 512).reshape(windows, 512)
@@ -125,7 +125,7 @@ def evaluate_settings(
 ) -> list[dict]:
     """Measure each named setting on one model; returns one row per setting."""
     from quantscale.eval.error import sqnr_db
-    from quantscale.mamba_quant import (
+    from quantscale.mamba.quantize import (
         calibration_token_batches,
         final_hidden_states,
         mamba_sweep_settings,
@@ -183,7 +183,7 @@ def _print_rows(model_spec: str, rows: list[dict]) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from quantscale.mamba_quant import mamba_sweep_settings
+    from quantscale.mamba.quantize import mamba_sweep_settings
 
     names = list(mamba_sweep_settings()) if args.settings == "all" else args.settings.split(",")
     rows = evaluate_settings(

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _probe(tokenizer, n_tokens: int, seq_len: int = 512):
     """Held-out tokens as [n, seq_len] windows, from the end of the evaluation split."""
-    from quantscale.assets import eval_tokens
+    from quantscale.data.assets import eval_tokens
 
     stream = eval_tokens(tokenizer)
     n = max(1, n_tokens // seq_len)
@@ -66,11 +66,8 @@ def _probe(tokenizer, n_tokens: int, seq_len: int = 512):
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantscale.calibration.activations import is_static
-    from quantscale.pipeline import as_batches, load_model
-    from quantscale.scheme import load_recipe, preset_scheme
-    from quantscale.sensitivity import layer_sensitivity, mixed_precision
-    from quantscale.sweep import (
+    from quantscale.analysis.sensitivity import layer_sensitivity, mixed_precision
+    from quantscale.analysis.sweep import (
         BASELINE,
         Setting,
         calibrate_shared,
@@ -78,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         run_sweep,
         with_activations,
     )
+    from quantscale.calibration.activations import is_static
+    from quantscale.pipeline import as_batches, load_model
+    from quantscale.scheme import load_recipe, preset_scheme
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:

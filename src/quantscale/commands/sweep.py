@@ -95,7 +95,7 @@ def is_mamba(model: str) -> bool:
 def run_mamba(args: argparse.Namespace) -> int:
     """The scale-strategy sweep of a Mamba model: Quamba settings through `quantscale mamba`."""
     from quantscale.commands.mamba import _print_rows, evaluate_settings
-    from quantscale.mamba_quant import mamba_sweep_settings
+    from quantscale.mamba.quantize import mamba_sweep_settings
 
     names = args.mamba_settings.split(",")
     if args.mamba_settings == "all":
@@ -109,7 +109,7 @@ def run_mamba(args: argparse.Namespace) -> int:
 
 def calibration_tokens(tokenizer, args: argparse.Namespace):
     """[calib_samples, calib_seq_len] token ids from --calib-data or the Wikipedia split."""
-    from quantscale.assets import calibration_batches
+    from quantscale.data.assets import calibration_batches
 
     return calibration_batches(
         tokenizer, args.calib_samples, args.calib_seq_len, source=args.calib_data
@@ -126,9 +126,15 @@ def measurer(tokenizer, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if is_mamba(args.model):
         return run_mamba(args)
+    from quantscale.analysis.sweep import (
+        build_settings,
+        markdown_table,
+        plot,
+        run_sweep,
+        write_json,
+    )
     from quantscale.pipeline import load_model
     from quantscale.scheme import normalize_preset_name
-    from quantscale.sweep import build_settings, markdown_table, plot, run_sweep, write_json
 
     model, tokenizer = load_model(args.model)
     if tokenizer is None:
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(rows) -> None:
-    from quantscale.sweep import format_metric
+    from quantscale.analysis.sweep import format_metric
 
     metrics = list(rows[0].metrics)
     table = Table(title="sweep")

@@ -1,7 +1,7 @@
 """Evaluation: perplexity, LAMBADA-style cloze and zero-shot multiple choice.
 
 `evaluate(model, tokenizer, tasks)` runs any of them on an in-memory model; the data come
-from `quantscale.assets` (held-out Wikipedia articles) and BIG-bench (zero-shot only).
+from `quantscale.data.assets` (held-out Wikipedia articles) and BIG-bench (zero-shot only).
 """
 
 from quantscale.eval.cloze import cloze_accuracy, cloze_items

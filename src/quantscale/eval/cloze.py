@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantscale.assets import bos_token_id
+from quantscale.data.assets import bos_token_id
+from quantscale.data.text import Article
 from quantscale.eval.scoring import final_hidden, model_device, project
 from quantscale.progress import track
-from quantscale.text import Article
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])")
 _LAST_WORD = re.compile(r"(?<=\s)([A-Za-z]{3,})[.!?]$")
@@ -114,10 +114,10 @@ def cloze_accuracy(
 ) -> float:
     """Fraction of cloze items whose last word the model predicts exactly and greedily.
 
-    `articles` defaults to the held-out Wikipedia articles of `quantscale.assets.wiki_split`.
+    `articles` defaults to the held-out Wikipedia articles of `quantscale.data.assets.wiki_split`.
     """
     if articles is None:
-        from quantscale.assets import wiki_split
+        from quantscale.data.assets import wiki_split
 
         articles = wiki_split()[1]
     items = cloze_items(articles, n_items)

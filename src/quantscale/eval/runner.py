@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantscale import assets
+from quantscale.data import assets
 from quantscale.errors import QuantscaleError
 
 TASKS = ("ppl", "cloze", "zeroshot")

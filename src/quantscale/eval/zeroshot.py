@@ -21,8 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
-from quantscale import assets
-from quantscale.assets import cache_dir, cache_lock
+from quantscale.cache import cache_dir, cache_lock
+from quantscale.data import assets
 from quantscale.errors import QuantscaleError
 
 BIGBENCH = ("bigbench", "1.0.0")

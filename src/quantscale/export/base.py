@@ -19,7 +19,7 @@ from torch import nn
 
 from quantscale.checkpoint.io import SINGLE_NAME, CheckpointWriter
 from quantscale.errors import QuantscaleError
-from quantscale.moe import checkpoint_name
+from quantscale.models.moe import checkpoint_name
 from quantscale.qdq import QParams, quantize
 from quantscale.runtime.qlinear import QuantLinear, quant_linears
 from quantscale.scheme import QuantArgs

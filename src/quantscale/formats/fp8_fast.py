@@ -59,7 +59,7 @@ _STALE_LOCK_S = 600
 
 def _native_build_dir() -> Path:
     """Cache folder for this source, these flags, this torch and this CPU (-march=native)."""
-    from quantscale.assets import cache_dir
+    from quantscale.cache import cache_dir
 
     info = Path("/proc/cpuinfo")
     lines = info.read_text().splitlines() if info.exists() else []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from quantscale.models.naming import is_ignored
+from quantscale.naming import is_ignored
 
 # Attribute paths of the decoder-layer list in the architectures we know, most specific first.
 _LAYER_PATHS = (

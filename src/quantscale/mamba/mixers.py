@@ -21,7 +21,7 @@ Quamba1 (`method="quamba1"`): per-tensor scales; ssm.x (the x_proj / SSM input) 
 percentile observer with an EMA of the per-batch value (alpha 0.9995, or 0.99999 for models
 under 300M parameters), every other point min-max. Quamba2 (`method="quamba2"`): ssm.x gets
 piecewise scales, one per (SSD group, head group, channel group) after clustering and
-reordering (see `quantscale.algorithms.grouping`), ssm.B / ssm.C one scale per SSD group,
+reordering (see `quantscale.mamba.grouping`), ssm.B / ssm.C one scale per SSD group,
 min-max everywhere.
 """
 
@@ -34,8 +34,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from quantscale.algorithms.grouping import GroupPlan
 from quantscale.errors import QuantscaleError
+from quantscale.mamba.grouping import GroupPlan
 
 MambaKind = Literal["mamba", "mamba2"]
 
@@ -206,7 +206,7 @@ def _take(param: nn.Parameter, index: torch.Tensor) -> None:
 def reorder_mixer(mixer: nn.Module, kind: MambaKind, plan: GroupPlan) -> None:
     """Permute a mixer's x channels (and Mamba2 heads) as `plan` says, weights and all.
 
-    Works on transformers' mixers and on `quantscale.runtime.quamba` mixers before they are
+    Works on transformers' mixers and on `quantscale.mamba.quamba` mixers before they are
     frozen (same attribute names); the mixer's float output does not change.
     """
     perm = plan.perm.to(mixer.out_proj.weight.device)

@@ -13,7 +13,7 @@ channels with a similar range shares one scale and every group is a contiguous r
 
 A plan says where channels go (`perm`: new position i holds old channel `perm[i]`) and which
 scale each new position uses (`group_id`). Models apply `perm` to their weights so that their
-float outputs do not change (see `quantscale.models.mamba.reorder_mixer`).
+float outputs do not change (see `quantscale.mamba.mixers.reorder_mixer`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Calibrate and quantize a Mamba / Mamba2 model end to end, Quamba-style; save and load it.
 
 `quantize_mamba(model, batches, recipe)` replaces each mixer by its quantized counterpart
-(`quantscale.runtime.quamba`), then, for Quamba2, measures the per-channel range of x,
-clusters and reorders channels and heads (`quantscale.algorithms.grouping`), calibrates every
+(`quantscale.mamba.quamba`), then, for Quamba2, measures the per-channel range of x,
+clusters and reorders channels and heads (`quantscale.mamba.grouping`), calibrates every
 quantization point with its observer on the same batches, and freezes static INT8 scales.
 `save_quantized` writes config.json (with a `quantization_config` whose `quant_method` is
 "quamba") and model.safetensors (INT8 weights, float32 scales, group maps); `load_quantized`
@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantscale.algorithms.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
-from quantscale.models.adapter import decoder_layers
-from quantscale.models.mamba import (
+from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
+from quantscale.mamba.mixers import (
     MambaKind,
     MambaRecipe,
     PointRule,
@@ -32,8 +31,9 @@ from quantscale.models.mamba import (
     reorder_mixer,
     resolve_points,
 )
+from quantscale.mamba.quamba import MODES, is_quantized_mixer, quantize_weight, quantized_mixer
+from quantscale.models.adapter import decoder_layers
 from quantscale.progress import track
-from quantscale.runtime.quamba import MODES, is_quantized_mixer, quantize_weight, quantized_mixer
 
 QUANT_METHOD = "quamba"
 FORMAT_VERSION = 1
@@ -247,7 +247,7 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
 
 def calibration_token_batches(tokenizer, recipe: MambaRecipe) -> list[torch.Tensor]:
     """The recipe's calibration windows (n_samples x seq_len) over the calibration articles."""
-    from quantscale.assets import calibration_batches
+    from quantscale.data.assets import calibration_batches
 
     tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len)
     return list(tokens.split(recipe.batch_size))
@@ -255,7 +255,7 @@ def calibration_token_batches(tokenizer, recipe: MambaRecipe) -> list[torch.Tens
 
 def measure(model: nn.Module, tokenizer, n_tokens: int = 32768, n_items: int = 200) -> dict:
     """Held-out Wikipedia perplexity (512-token windows) and cloze accuracy of a model."""
-    from quantscale.assets import eval_tokens
+    from quantscale.data.assets import eval_tokens
     from quantscale.eval.cloze import cloze_accuracy
     from quantscale.eval.perplexity import perplexity
 

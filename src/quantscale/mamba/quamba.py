@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantscale.algorithms.grouping import group_runs
 from quantscale.errors import QuantscaleError
 from quantscale.formats.intq import dequantize_int, quantize_int
-from quantscale.models.mamba import ACTIVATION_POINTS, MambaKind, PointSpec
+from quantscale.mamba.grouping import group_runs
+from quantscale.mamba.mixers import ACTIVATION_POINTS, MambaKind, PointSpec
 from quantscale.observers import get_observer
 from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
 from quantscale.scheme import QuantArgs

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantscale.analysis.sweep import Setting, calibrate_shared, rtn_quant_linear, targeted
 from quantscale.calibration.sequential import layer_output, replace_hidden
 from quantscale.errors import QuantscaleError
 from quantscale.eval.error import sqnr_db
@@ -27,7 +28,6 @@ from quantscale.eval.scoring import final_hidden
 from quantscale.models.adapter import decoder_layers
 from quantscale.progress import track
 from quantscale.scheme import QuantScheme, Recipe
-from quantscale.sweep import Setting, calibrate_shared, rtn_quant_linear, targeted
 
 _FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "ln_f")
 
