@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test lint bench bench-quick eval
+.PHONY: install demo test test-fast lint typecheck bench bench-quick eval
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,14 @@ lint: install
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
+typecheck: install
+	$(PY) -m mypy
+
 test: lint
 	$(PY) -m pytest -q --timeout 1800
+
+test-fast: lint
+	$(PY) -m pytest -q --timeout 1800 -m "not slow"
 
 bench: install
 	$(PY) benchmarks/run_all.py
