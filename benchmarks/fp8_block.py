@@ -96,7 +96,7 @@ def job_floor(src: Path, out: Path, out_bytes: int) -> None:
     t0 = time.perf_counter()
     import os
 
-    from quantscale.checkpoint.io import CHUNK_BYTES
+    from quantscale.checkpoint.read import CHUNK_BYTES
 
     files = sorted(src.glob("*.safetensors"))
     in_bytes = sum(f.stat().st_size for f in files)
@@ -126,7 +126,7 @@ def job_ours(src: Path, out: Path, backend: str) -> None:
     import math
 
     from quantscale.checkpoint import fp8_quantize
-    from quantscale.checkpoint.io import Checkpoint
+    from quantscale.checkpoint.read import Checkpoint
     from quantscale.formats import fp8_fast
 
     if backend in ("auto", "cpp"):
@@ -208,7 +208,7 @@ def inputs(quick: bool, sizes_gb: list[float]) -> dict[str, Path]:
 def output_bytes(src: Path) -> int:
     """Bytes of tensors our FP8 output holds (fp8 weights + float32 scales + the rest)."""
     from quantscale.checkpoint.fp8_quantize import quantizable
-    from quantscale.checkpoint.io import Checkpoint
+    from quantscale.checkpoint.read import Checkpoint
     from quantscale.formats.fp8 import block_grid
 
     total = 0
@@ -254,7 +254,7 @@ def bench_input(
 ) -> dict:
     """Floor, quantscale (one job per backend) and peers on one input, alternating; with
     `convert`, the input is FP8 and quantscale converts it to compressed-tensors."""
-    from quantscale.checkpoint.io import Checkpoint
+    from quantscale.checkpoint.read import Checkpoint
 
     ckpt = Checkpoint(src)
     in_bytes = ckpt.total_bytes()

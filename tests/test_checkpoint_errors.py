@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantscale import cli
-from quantscale.checkpoint.io import INDEX_NAME, Checkpoint
+from quantscale.checkpoint.read import INDEX_NAME, Checkpoint
 from quantscale.errors import CheckpointError
 
 

@@ -14,7 +14,7 @@ from quantscale import cli
 from quantscale.checkpoint import fp8_quantize
 from quantscale.checkpoint.dequantize import dequantize_checkpoint
 from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.synthetic import write_llama_like, write_minimax_like
 from quantscale.errors import OutputExistsError, QuantscaleError
 from quantscale.formats.fp8 import block_amax

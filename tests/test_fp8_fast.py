@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from quantscale.checkpoint import convert, dequantize
 from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.synthetic import write_llama_like
 from quantscale.formats import fp8_fast
 from quantscale.formats.fp8 import E4M3, E5M2, all_codes, quantize_fp8_block

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from quantscale.checkpoint import io
+from quantscale.checkpoint import read
 from quantscale.checkpoint.inspect import infer_block, precision_report
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.synthetic import (
     write_llama_like,
     write_minimax_headers,
@@ -83,7 +83,7 @@ def test_header_only(minimax, monkeypatch):
 
     monkeypatch.setattr(Checkpoint, "get", refuse)
     monkeypatch.setattr(Checkpoint, "iter_shard", refuse)
-    monkeypatch.setattr(io, "safe_open", refuse)
+    monkeypatch.setattr(read, "safe_open", refuse)
     assert precision_report(minimax).fp8_weights == 32
 
 
@@ -130,7 +130,7 @@ def test_full_size_minimax_counts(tmp_path, monkeypatch):
     """The real MiniMax-M2 layout (62 layers, 256 experts; sparse data, real headers):
     96,103 tensors = 47,864 FP8 weights + 47,864 scales + 124 fp32 + 251 bf16."""
     path = write_minimax_headers(tmp_path / "full")
-    monkeypatch.setattr(io, "safe_open", None)  # any data read would fail
+    monkeypatch.setattr(read, "safe_open", None)  # any data read would fail
     report = precision_report(path)
     assert report.tensors == 96_103
     assert report.fp8_weights == report.scale_tensors == 62 * (4 + 3 * 256) == 47_864

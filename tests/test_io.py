@@ -13,8 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantscale.checkpoint import io
-from quantscale.checkpoint.io import Checkpoint, ShardStream, transform_checkpoint
+from quantscale.checkpoint import read, transform, write
+from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.transform import transform_checkpoint
+from quantscale.checkpoint.write import ShardStream
 from quantscale.errors import CheckpointError
 
 
@@ -22,7 +24,7 @@ def _mixed(seed: int = 0) -> dict[str, torch.Tensor]:
     """One tensor of every dtype, plus 0-d, empty and odd-sized ones."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for i, (name, (dtype, _)) in enumerate(io.DTYPES.items()):
+    for i, (name, (dtype, _)) in enumerate(read.DTYPES.items()):
         x = torch.randn(3 + i, 5, generator=gen) * 10
         out[f"m.{name.lower()}.w"] = x > 0 if dtype == torch.bool else x.to(dtype)
     out["m.scalar"] = torch.tensor(2.5)
@@ -31,7 +33,7 @@ def _mixed(seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _plan(tensors: dict[str, torch.Tensor]) -> list[io.PlannedTensor]:
+def _plan(tensors: dict[str, torch.Tensor]) -> list[write.PlannedTensor]:
     return [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
 
 
@@ -109,7 +111,7 @@ def _source(tmp_path: Path) -> Path:
         save_file({n: tensors[n] for n in group}, str(src / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, shard))
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (src / io.INDEX_NAME).write_text(json.dumps(index))
+    (src / read.INDEX_NAME).write_text(json.dumps(index))
     (src / "config.json").write_text('{"model_type": "llama"}')
     (src / "tokenizer.json").write_text("{}")
     return src
@@ -121,21 +123,21 @@ def _double_floats(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: t} if t.dtype != torch.bool else {}
 
 
-def _double_plan(name: str, info: io.TensorInfo) -> list[io.PlannedTensor]:
+def _double_plan(name: str, info: read.TensorInfo) -> list[write.PlannedTensor]:
     dtype = info.torch_dtype
     if dtype.is_floating_point and dtype.itemsize > 1:
         return [(name, dtype, info.shape), (f"{name}.half", torch.float32, info.shape)]
     return [(name, dtype, info.shape)] if dtype != torch.bool else []
 
 
-def _kinds_plan(name: str, info: io.TensorInfo) -> io.TensorPlan:
+def _kinds_plan(name: str, info: read.TensorInfo) -> transform.TensorPlan:
     """Every plan kind: floats doubled by rows (2-D) or whole, ints copied raw, bools dropped."""
     outputs = tuple(_double_plan(name, info))
     if info.dtype in ("I64", "I32", "I16", "I8", "U8"):
-        return io.TensorPlan.copy(name, info)
+        return transform.TensorPlan.copy(name, info)
     if len(outputs) == 2 and len(info.shape) == 2:
-        return io.TensorPlan(outputs, "rows", rows=2)
-    return io.TensorPlan(outputs)
+        return transform.TensorPlan(outputs, "rows", rows=2)
+    return transform.TensorPlan(outputs)
 
 
 def _double_rows(name: str, band: torch.Tensor, first: int) -> dict:
@@ -146,7 +148,8 @@ def _double_rows(name: str, band: torch.Tensor, first: int) -> dict:
 @pytest.mark.parametrize("kinds", [False, True])
 def test_streamed_transform_equals_collected_one(tmp_path, monkeypatch, chunk, kinds):
     """Also when tensors are read in pieces smaller than a row (a band is still whole rows)."""
-    monkeypatch.setattr(io, "CHUNK_BYTES", chunk)
+    for module in (read, transform):  # the reader groups, the planner splits
+        monkeypatch.setattr(module, "CHUNK_BYTES", chunk)
     src = _source(tmp_path)
     ckpt = Checkpoint(src)
     collected = transform_checkpoint(ckpt, tmp_path / "a", _double_floats, {"k": 1})
@@ -166,11 +169,12 @@ def test_streamed_transform_equals_collected_one(tmp_path, monkeypatch, chunk, k
 
 def test_plan_kinds_read_in_pieces(tmp_path, monkeypatch):
     """Copies go in CHUNK_BYTES pieces, bands are whole multiples of the plan's rows."""
-    monkeypatch.setattr(io, "CHUNK_BYTES", 40)
+    for module in (read, transform):  # the reader groups, the planner splits
+        monkeypatch.setattr(module, "CHUNK_BYTES", 40)
     ckpt = Checkpoint(_source(tmp_path))
     shard = ckpt.shards[0]
     plans = {n: _kinds_plan(n, ckpt.tensors[n]) for n in ckpt.names(shard)}
-    pieces = io._pieces(ckpt, plans)
+    pieces = transform._pieces(ckpt, plans)
     for name, plan in plans.items():
         info = ckpt.tensors[name]
         mine = [p for p in pieces if p.info.name == name]
@@ -228,7 +232,7 @@ def test_failed_write_keeps_the_old_output(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(fd, data, offset)
 
-    monkeypatch.setattr(io.os, "pwrite", disk_full)
+    monkeypatch.setattr(write.os, "pwrite", disk_full)
     with pytest.raises(CheckpointError, match="write failed.*No space left"):
         transform_checkpoint(ckpt, old, _double_floats, None, overwrite=True, plan_fn=_double_plan)
     assert _digest(old) == before
@@ -250,17 +254,20 @@ def test_truncated_shard_is_named_with_the_tensor(tmp_path):
 def test_reader_thread_yields_pieces_in_order_and_stops_early(tmp_path, monkeypatch, depth):
     """Ring-buffered and whole pieces arrive in file order with their bytes; leaving the
     loop early (an error in the consumer) ends the reader thread instead of hanging."""
-    monkeypatch.setattr(io, "CHUNK_BYTES", 16)
+    for module in (read, transform):  # the reader groups, the planner splits
+        monkeypatch.setattr(module, "CHUNK_BYTES", 16)
     ckpt = Checkpoint(_source(tmp_path))
     shard = ckpt.shards[0]
-    pieces = io._pieces(ckpt, {n: _kinds_plan(n, ckpt.tensors[n]) for n in ckpt.names(shard)})
+    pieces = transform._pieces(
+        ckpt, {n: _kinds_plan(n, ckpt.tensors[n]) for n in ckpt.names(shard)}
+    )
     raw = (ckpt.path / shard).read_bytes()
-    with io.ShardReader(ckpt.path / shard, pieces, depth=depth) as reader:
+    with read.ShardReader(ckpt.path / shard, pieces, depth=depth) as reader:
         got = [(piece, bytes(data.numpy())) for piece, data in reader]
     assert [p for p, _ in got] == pieces and any(p.whole for p in pieces)
     for piece, data in got:
         start = piece.info.offset + piece.start
         assert data == raw[start : start + piece.nbytes]
-    with io.ShardReader(ckpt.path / shard, pieces, depth=depth) as reader:
+    with read.ShardReader(ckpt.path / shard, pieces, depth=depth) as reader:
         first = next(iter(reader))[0]
     assert first == pieces[0] and not reader.thread.is_alive()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.synthetic import write_llama_like, write_minimax_like
 from quantscale.formats.fp8 import dequantize_fp8_block, quantize_fp8_block
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantscale.checkpoint import validate as qvalidate
-from quantscale.checkpoint.io import INDEX_NAME, Checkpoint
+from quantscale.checkpoint.read import INDEX_NAME, Checkpoint
 from quantscale.checkpoint.synthetic import write_llama_like, write_minimax_like
 from quantscale.checkpoint.validate import group_names, skip_rules, validate_checkpoint
 from quantscale.cli import main

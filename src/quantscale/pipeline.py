@@ -36,7 +36,8 @@ from torch import nn
 
 from quantscale.calibration.activations import ActivationCalibrator, is_static
 from quantscale.calibration.sequential import LayerStep, batched, layerwise, linear_stages
-from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
+from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
+from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import declared_scale_dtype, fused_siblings
 from quantscale.formats.intq import int_range

@@ -16,7 +16,8 @@ import torch
 
 from quantscale import progress
 from quantscale.checkpoint.dequantize import NEURON_KEY, config_block, scale_name_for
-from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
+from quantscale.checkpoint.read import Checkpoint, TensorInfo
+from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
+from quantscale.checkpoint.read import Checkpoint, TensorInfo
+from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
 from quantscale.naming import module_path

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, TensorInfo, TensorPlan, transform_checkpoint
+from quantscale.checkpoint.read import Checkpoint, TensorInfo
+from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, E4M3, block_grid
 from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from quantscale.checkpoint.dequantize import SCALE_NAMES, scale_name_for
-from quantscale.checkpoint.io import Checkpoint, TensorInfo
+from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import block_grid
 from quantscale.naming import module_kind
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from quantscale.checkpoint.dequantize import config_block, scale_name_for
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 
 TRANSFORMERS = "transformers (FineGrainedFP8)"

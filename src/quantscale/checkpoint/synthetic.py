@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from quantscale.checkpoint.io import CONFIG_NAME, DTYPE_NAMES, DTYPES, INDEX_NAME, CheckpointWriter
+from quantscale.checkpoint.read import CONFIG_NAME, DTYPE_NAMES, DTYPES, INDEX_NAME
+from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import OutputExistsError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, quantize_fp8_block
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of, weight_of_scale
-from quantscale.checkpoint.io import Checkpoint, TensorInfo
+from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import module_path
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,

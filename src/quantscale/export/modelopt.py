@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import quantscale
-from quantscale.checkpoint.io import Checkpoint
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     model_config,

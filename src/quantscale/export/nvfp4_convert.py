@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.io import Checkpoint, transform_checkpoint
+from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.transform import transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.modelopt import (
     HF_QUANT_CONFIG,

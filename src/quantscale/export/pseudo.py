@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quantscale.checkpoint.io import CheckpointWriter
+from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,

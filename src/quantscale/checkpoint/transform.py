@@ -1,0 +1,212 @@
+"""Stream a checkpoint into a new one, mapping each tensor to its outputs.
+
+`transform_checkpoint` with a `plan_fn` plans each shard's outputs up front (a `ShardStream`
+per shard), reads its inputs with a `ShardReader` and copies each tensor as raw bytes, maps it
+band of rows by band of rows, or maps it whole, in steps of about `CHUNK_BYTES`: the reader
+thread reads a few steps ahead of the calling thread, which computes and writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from quantscale.checkpoint.read import (
+    CHUNK_BYTES,
+    CONFIG_NAME,
+    Checkpoint,
+    Piece,
+    ShardReader,
+    TensorInfo,
+)
+from quantscale.checkpoint.write import CheckpointWriter, PlannedTensor, ShardStream
+from quantscale.errors import CheckpointError, OutputExistsError
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What one input tensor becomes: its `outputs` and how they are made.
+
+    kind "tensor": `tensor_fn(name, tensor)` returns every output whole.
+    kind "copy": the one output holds the input's bytes unchanged (same dtype and shape,
+    perhaps another name), copied as raw bytes, never decoded.
+    kind "rows": `rows_fn(name, band, first_row)` gets the tensor in bands of whole rows, each
+    a multiple of `rows` rows (but the last), and returns {output: (tensor, its first row)}.
+    """
+
+    outputs: tuple[PlannedTensor, ...]
+    kind: str = "tensor"
+    rows: int = 1
+
+    @classmethod
+    def copy(cls, name: str, info: TensorInfo) -> TensorPlan:
+        """The input's bytes, unchanged, under `name`."""
+        return cls(((name, info.torch_dtype, info.shape),), "copy")
+
+
+TensorFn = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+RowsFn = Callable[[str, torch.Tensor, int], dict[str, tuple[torch.Tensor, int]]]
+PlanFn = Callable[[str, TensorInfo], "list[PlannedTensor] | TensorPlan"]
+Progress = Callable[[Iterator, int, str], Iterator]
+
+
+def transform_checkpoint(
+    src: Checkpoint,
+    out: str | os.PathLike,
+    tensor_fn: TensorFn | None,
+    config: dict | None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    plan_fn: PlanFn | None = None,
+    rows_fn: RowsFn | None = None,
+) -> Path:
+    """Stream `src` into `out`, mapping each tensor through `tensor_fn` shard by shard.
+
+    `tensor_fn(name, tensor)` returns the output tensors for that input tensor (any names);
+    None where every plan is a copy or by rows.
+    With `plan_fn(name, info)` saying up front what each input becomes (a `TensorPlan`, or
+    just its list of (name, dtype, shape) outputs for `tensor_fn`), outputs are written as
+    they are made and at most one input tensor (for kind "tensor"; else a few MB) is in
+    memory; a tensor given to `tensor_fn` is valid only during the call. Without `plan_fn`,
+    each output shard is collected in memory and saved whole.
+    `config` is written as config.json (None: none is written). Other files are copied.
+    """
+    out = Path(out)
+    if out.resolve() == src.path.resolve():
+        raise OutputExistsError(f"{out}: output must differ from the input checkpoint")
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        if plan_fn is None:
+            if tensor_fn is None:
+                raise ValueError("transform_checkpoint needs a tensor_fn or a plan_fn")
+            _collect_shards(src, writer, tensor_fn, progress)
+        else:
+            fns = {"tensor": tensor_fn, "rows": rows_fn}
+            _stream_shards(src, writer, fns, plan_fn, progress)
+        if config is not None:
+            writer.write_json(CONFIG_NAME, config)
+        for extra in src.extra_files():
+            writer.copy_file(extra)
+        return writer.commit(write_index=src.index is not None or len(src.shards) > 1)
+
+
+def _collect_shards(
+    src: Checkpoint, writer: CheckpointWriter, tensor_fn: TensorFn, progress: Progress | None
+) -> None:
+    """Map every tensor, holding each output shard in memory until it is saved whole."""
+    names = [(shard, name) for shard in src.shards for name in src.names(shard)]
+    steps = iter(names)
+    if progress is not None:
+        steps = progress(steps, len(names), f"writing {writer.out.name}")
+    current: str | None = None
+    handle = None
+    pending: dict[str, torch.Tensor] = {}
+    for shard, name in steps:
+        if shard != current:
+            if current is not None:
+                writer.write_shard(current, pending)
+                pending = {}
+            handle = safe_open(src.path / shard, framework="pt")
+            current = shard
+        pending.update(tensor_fn(name, handle.get_tensor(name)))
+    if current is not None:
+        writer.write_shard(current, pending)
+
+
+def _stream_shards(
+    src: Checkpoint,
+    writer: CheckpointWriter,
+    fns: dict[str, Callable | None],
+    plan_fn: PlanFn,
+    progress: Progress | None,
+) -> None:
+    """Plan each shard's outputs, then read, map and write its tensors in file order, in
+    pieces of about CHUNK_BYTES (whole tensors for a `tensor_fn`)."""
+    plans = {shard: _plans(src, shard, plan_fn) for shard in src.shards}
+    order = [(shard, piece) for shard in src.shards for piece in _pieces(src, plans[shard])]
+    steps = iter(order)
+    if progress is not None:
+        steps = progress(steps, len(order), f"writing {writer.out.name}")
+    for shard, group in itertools.groupby(steps, key=lambda step: step[0]):
+        outputs = [o for p in plans[shard].values() for o in p.outputs]
+        pieces = [piece for _, piece in group]
+        with writer.open_shard(shard, outputs) as stream:
+            with ShardReader(src.path / shard, pieces) as reader:
+                for piece, data in reader:
+                    _map_piece(piece, plans[shard][piece.info.name], data, stream, fns)
+
+
+def _plans(src: Checkpoint, shard: str, plan_fn: PlanFn) -> dict[str, TensorPlan]:
+    plans = {}
+    for name in src.names(shard):
+        plan = plan_fn(name, src.tensors[name])
+        if not isinstance(plan, TensorPlan):
+            plan = TensorPlan(tuple((n, d, tuple(s)) for n, d, s in plan))
+        if plan.kind not in ("tensor", "copy", "rows"):
+            raise ValueError(f"tensor {name!r}: unknown plan kind {plan.kind!r}")
+        if plan.kind == "rows" and not src.tensors[name].shape:
+            raise ValueError(f"tensor {name!r}: a 0-d tensor has no rows")
+        plans[name] = plan
+    return plans
+
+
+def _pieces(src: Checkpoint, plans: dict[str, TensorPlan]) -> list[Piece]:
+    """The reads that a shard's plans need, in file order."""
+    out = []
+    for info in sorted((src.tensors[n] for n in plans), key=lambda i: i.offset):
+        plan = plans[info.name]
+        if plan.kind == "tensor":
+            out.append(Piece(info, 0, info.nbytes, whole=True))
+            continue
+        rows = info.shape[0] if plan.kind == "rows" else 0
+        unit = info.nbytes // rows * plan.rows if rows else 1
+        if unit == 0:
+            continue
+        step = max(1, CHUNK_BYTES // unit) * unit
+        out += [Piece(info, a, min(step, info.nbytes - a)) for a in range(0, info.nbytes, step)]
+    return out
+
+
+def _map_piece(
+    piece: Piece,
+    plan: TensorPlan,
+    data: torch.Tensor,
+    stream: ShardStream,
+    fns: dict[str, Callable | None],
+) -> None:
+    """Map one piece of an input tensor as its plan says and write what it gives."""
+    info = piece.info
+    where = f"{info.shard}: tensor {info.name!r}"
+    planned = sorted(o[0] for o in plan.outputs)
+    if plan.kind == "copy":
+        name, dtype, shape = plan.outputs[0]
+        if len(plan.outputs) != 1 or dtype != info.torch_dtype or tuple(shape) != info.shape:
+            raise CheckpointError(f"{where}: a raw copy needs one output of the same type")
+        stream.put_bytes(name, data, piece.start)
+    elif plan.kind == "rows":
+        row_bytes = info.nbytes // info.shape[0]
+        band = data.view(info.torch_dtype).reshape(-1, *info.shape[1:])
+        outputs = fns["rows"](info.name, band, piece.start // row_bytes)
+        _check_names(where, sorted(outputs), planned, subset=True)
+        for name, (value, row) in outputs.items():
+            stream.put_rows(name, value, row)
+    else:
+        if fns["tensor"] is None:
+            raise ValueError(f"{where}: planned for a tensor_fn, but none was given")
+        outputs = fns["tensor"](info.name, data.view(info.torch_dtype).reshape(info.shape))
+        _check_names(where, sorted(outputs), planned)
+        for name, value in outputs.items():
+            stream.put(name, value)
+    missing = stream.unwritten(planned) if piece.start + piece.nbytes == info.nbytes else []
+    if missing:
+        raise CheckpointError(f"{where}: outputs {missing} were planned but not all written")
+
+
+def _check_names(where: str, given: list[str], planned: list[str], subset: bool = False) -> None:
+    if set(given) - set(planned) or (not subset and given != planned):
+        raise CheckpointError(f"{where} gave outputs {given} but the plan said {planned}")
