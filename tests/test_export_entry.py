@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from quantscale.commands.quantize import add_calibrated_options
 from quantscale.export.entry import (
-    add_quantize_arguments,
     is_nvfp4_checkpoint,
     quantize_checkpoint,
     run_convert_nvfp4,
@@ -65,8 +65,8 @@ def test_quantize_checkpoint(tiny_dir, scheme, fmt, marker):
         method="gptq",
         fmt=fmt,
         calib_samples=8,
-        seq_len=32,
-        calib_text=tiny_dir / "calib.txt",
+        calib_seq_len=32,
+        calib_data=tiny_dir / "calib.txt",
     )
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
     files = sorted(out.glob("*.safetensors"))
@@ -82,19 +82,24 @@ def test_quantize_checkpoint(tiny_dir, scheme, fmt, marker):
 
 def test_cli_glue_parses_and_converts(tiny_dir):
     p = argparse.ArgumentParser()
-    add_quantize_arguments(p)
+    add_calibrated_options(p)
     args = p.parse_args(["--method", "gptq", "--format", "modelopt", "--calib-samples", "16"])
     assert (args.method, args.format, args.calib_samples) == ("gptq", "modelopt", 16)
     assert args.calibrate_all_experts is True and args.true_sequential is None
     assert p.parse_args(["--true-sequential"]).true_sequential is True
     assert p.parse_args(["--actorder", "none"]).actorder == "none"
+    args = p.parse_args(
+        ["--calib-seq-len", "64", "--calib-data", "t.txt", "--calib-batch-size", "2"]
+    )
+    assert (args.calib_seq_len, args.calib_data, args.calib_batch_size) == (64, "t.txt", 2)
+    assert args.dtype == "bfloat16"
     src = quantize_checkpoint(
         tiny_dir / "m",
         tiny_dir / "ct-src",
         "nvfp4a16",
         calib_samples=4,
-        seq_len=32,
-        calib_text=tiny_dir / "calib.txt",
+        calib_seq_len=32,
+        calib_data=tiny_dir / "calib.txt",
     )
     ns = argparse.Namespace(ckpt=str(src), out=str(tiny_dir / "mo"), to="modelopt", overwrite=False)
     assert run_convert_nvfp4(ns) == 0

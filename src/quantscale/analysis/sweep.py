@@ -66,6 +66,13 @@ class SweepRow:
     value: float | str | None = None
 
 
+def measurer(tokenizer, tasks: Sequence[str], n_tokens: int) -> Callable[[nn.Module], dict]:
+    """model -> metrics of `tasks` on the held-out Wikipedia split (`n_tokens` for ppl)."""
+    from quantscale.eval.runner import evaluate
+
+    return lambda model: evaluate(model, tokenizer, list(tasks), n_tokens=n_tokens)
+
+
 # ------------------------------------------------------------------ recipe edits
 
 

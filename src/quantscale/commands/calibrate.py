@@ -9,7 +9,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from quantscale.commands.sweep import add_calibration_args, calibration_tokens
+from quantscale.commands.options import (
+    add_calibration_options,
+    add_overwrite_option,
+    calibration_tokens,
+    torch_dtype,
+)
 from quantscale.errors import QuantscaleError
 
 
@@ -42,15 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what a searched alpha minimises: the mean squared output error, or each token's "
         "squared error over its squared output norm (rare huge tokens weigh no more)",
     )
-    add_calibration_args(p)
-    p.add_argument(
-        "--calib-dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="dtype of the calibration forwards' matmuls (bfloat16: ~4x faster GEMMs on "
-        "AVX512-BF16 CPUs; the saved model keeps its dtype)",
-    )
-    p.add_argument("--overwrite", action="store_true")
+    add_calibration_options(p, calib_dtype=True)
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -68,8 +66,6 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from quantscale.algorithms.smoothing import SmoothQuant
     from quantscale.pipeline import load_model, quantize_model, save_quantized
     from quantscale.runtime.qlinear import compute_dtype
@@ -85,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     transforms = [SmoothQuant(args.smooth, objective=args.smooth_objective)] if args.smooth else []
     start = time.perf_counter()
     calib = calibration_tokens(tokenizer, args)
-    with compute_dtype(getattr(torch, args.calib_dtype)):
-        quantize_model(model, recipe, calib, args.method, args.batch_size, transforms)
+    with compute_dtype(torch_dtype(args.calib_dtype)):
+        quantize_model(model, recipe, calib, args.method, args.calib_batch_size, transforms)
     seconds = time.perf_counter() - start
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
     smooth = f", smooth {args.smooth}" if args.smooth else ""

@@ -1,13 +1,20 @@
 """`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq] [--format F]`.
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
-any other preset or recipe file loads the model, calibrates and exports (`export.entry`).
+any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
+exports (`quantscale.quantize.quantize_checkpoint`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+
+from quantscale.commands.options import (
+    add_calibration_options,
+    add_dtype_option,
+    add_overwrite_option,
+)
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -50,9 +57,65 @@ def run(args: argparse.Namespace) -> int:
     handler = SCHEMES.get(args.scheme)
     if handler is not None and args.method is None:
         return handler(args)
-    from quantscale.export.entry import run_quantize
+    from quantscale.export.entry import quantize_checkpoint
 
-    return run_quantize(args)
+    out = quantize_checkpoint(
+        args.model_dir,
+        args.out,
+        args.scheme,
+        method=args.method or "gptq",
+        fmt=args.format,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        calib_data=args.calib_data,
+        calib_batch_size=args.calib_batch_size,
+        dtype=args.dtype,
+        actorder=args.actorder,
+        dampening_frac=args.dampening_frac,
+        calibrate_all_experts=args.calibrate_all_experts,
+        true_sequential=args.true_sequential,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def add_calibrated_options(p: argparse.ArgumentParser) -> None:
+    """The options of the calibrated quantize path."""
+    from quantscale.export import EXPORTERS
+
+    p.add_argument("--method", choices=["rtn", "gptq"], default=None, help="weight algorithm")
+    p.add_argument(
+        "--format",
+        dest="format",
+        choices=sorted(EXPORTERS),
+        default="compressed-tensors",
+        help="output format (default compressed-tensors)",
+    )
+    add_calibration_options(p, batch_size=4)
+    add_dtype_option(p, default="bfloat16")
+    p.add_argument(
+        "--actorder",
+        choices=["group", "weight", "none"],
+        default=None,
+        help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
+    )
+    p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument(
+        "--no-calibrate-all-experts",
+        dest="calibrate_all_experts",
+        action="store_false",
+        help="MoE: calibrate experts on routed tokens only (starved experts fall back to RTN)",
+    )
+    p.add_argument(
+        "--true-sequential",
+        dest="true_sequential",
+        action="store_const",
+        const=True,
+        default=None,
+        help="calibrate each layer's q/k/v, o, gate/up, down in turn, each on inputs from the "
+        "quantized ones before it (default: the whole layer in one pass)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,8 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extra modules to leave unquantized (glob, name or re:regex)",
     )
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None, help="power-of-two scales")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    from quantscale.export.entry import add_quantize_arguments
-
-    add_quantize_arguments(p)
+    add_overwrite_option(p)
+    add_calibrated_options(p)
     p.set_defaults(func=run)

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from quantscale.commands.sweep import add_calibration_args, calibration_tokens, measurer
+from quantscale.commands.options import add_calibration_options, calibration_tokens
 from quantscale.errors import QuantscaleError
 
 
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="smooth the float model first (SmoothQuant alpha, or down=0.8+qkv=0.5; "
         "'search' for a per-layer searched alpha)",
     )
-    add_calibration_args(p)
+    add_calibration_options(p)
     p.add_argument("--probe-tokens", type=int, default=1024, help="held-out tokens for the probe")
     p.add_argument(
         "--mixed-precision",
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         Setting,
         calibrate_shared,
         markdown_table,
+        measurer,
         run_sweep,
         with_activations,
     )
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.scheme)
     if args.observer:
         recipe = with_activations(recipe, observer=args.observer)
-    calib = as_batches(calibration_tokens(tokenizer, args), args.batch_size)
+    calib = as_batches(calibration_tokens(tokenizer, args), args.calib_batch_size)
     if args.smooth:
         from quantscale.algorithms.smoothing import smooth_model
 
@@ -126,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
                 is_static(high.input_activations) or is_static(high.output_activations)
             ):
                 shared = None  # the kept layers' scheme has activations: calibrate all
-        rows = run_sweep(model, settings, calib, measurer(tokenizer, args), shared=shared)
+        rows = run_sweep(
+            model, settings, calib, measurer(tokenizer, args.tasks, args.n_tokens), shared=shared
+        )
         table = markdown_table(rows)
         report["eval"] = table
         print(table)

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from quantscale.commands.options import add_calibration_options, calibration_tokens
 from quantscale.errors import QuantscaleError
 
 
@@ -22,16 +23,6 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    """--calib-samples / --calib-seq-len / --calib-data / --batch-size."""
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
-    parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window")
-    parser.add_argument(
-        "--calib-data", help="text file to calibrate on (default: cached Wikipedia split)"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="shared",
         help="shared: one float calibration pass for all settings; layerwise: full pipeline each",
     )
-    add_calibration_args(p)
+    add_calibration_options(p)
     p.add_argument("--n-tokens", type=int, default=4096, help="held-out tokens for perplexity")
     p.add_argument("--tasks", type=_names, default=["ppl"], help="ppl,cloze,zeroshot")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where PNG/markdown/JSON go")
@@ -107,28 +98,13 @@ def run_mamba(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_tokens(tokenizer, args: argparse.Namespace):
-    """[calib_samples, calib_seq_len] token ids from --calib-data or the Wikipedia split."""
-    from quantscale.data.assets import calibration_batches
-
-    return calibration_batches(
-        tokenizer, args.calib_samples, args.calib_seq_len, source=args.calib_data
-    )
-
-
-def measurer(tokenizer, args: argparse.Namespace):
-    """model -> metrics of --tasks on the held-out Wikipedia split (--n-tokens for ppl)."""
-    from quantscale.eval.runner import evaluate
-
-    return lambda model: evaluate(model, tokenizer, args.tasks, n_tokens=args.n_tokens)
-
-
 def run(args: argparse.Namespace) -> int:
     if is_mamba(args.model):
         return run_mamba(args)
     from quantscale.analysis.sweep import (
         build_settings,
         markdown_table,
+        measurer,
         plot,
         run_sweep,
         write_json,
@@ -152,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         smooth=args.smooth,
     )
     calib = calibration_tokens(tokenizer, args)
-    rows = run_sweep(model, settings, calib, measurer(tokenizer, args), args.mode, args.batch_size)
+    measure = measurer(tokenizer, args.tasks, args.n_tokens)
+    rows = run_sweep(model, settings, calib, measure, args.mode, args.calib_batch_size)
     _print(rows)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "sweep_" + normalize_preset_name(Path(args.scheme).stem).lower()

@@ -20,7 +20,6 @@ from quantscale.errors import QuantscaleError
 from quantscale.export import EXPORTERS, export_model
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def quantize_checkpoint(
@@ -31,10 +30,10 @@ def quantize_checkpoint(
     method: str = "gptq",
     fmt: str = "compressed-tensors",
     calib_samples: int = 128,
-    seq_len: int = 512,
-    batch_size: int = 4,
-    calib_text: str | os.PathLike | None = None,
-    dtype: str = "bf16",
+    calib_seq_len: int = 512,
+    calib_batch_size: int = 4,
+    calib_data: str | os.PathLike | None = None,
+    dtype: str = "bfloat16",
     actorder: str | None = None,
     dampening_frac: float = 0.01,
     block_size: int = 128,
@@ -59,13 +58,13 @@ def quantize_checkpoint(
         for group in recipe.config_groups.values():
             if group.weights is not None:
                 group.weights = group.weights.model_copy(update={"actorder": actorder})
-    model, tokenizer = load_model(model_dir, DTYPES[dtype])
+    model, tokenizer = load_model(model_dir, getattr(torch, dtype))
     if tokenizer is None:
         raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
     moe = linearize_experts(model)
     batches = None
     if method != "rtn" or _static_activations(recipe):
-        batches = calibration_batches(tokenizer, calib_samples, seq_len, source=calib_text)
+        batches = calibration_batches(tokenizer, calib_samples, calib_seq_len, source=calib_data)
     kwargs = {}
     if method == "gptq":
         kwargs = {"dampening_frac": dampening_frac, "block_size": block_size}
@@ -78,7 +77,7 @@ def quantize_checkpoint(
             recipe,
             batches,
             method=method,
-            batch_size=batch_size,
+            batch_size=calib_batch_size,
             true_sequential=true_sequential,
             **kwargs,
         )
@@ -97,66 +96,6 @@ def _static_activations(recipe) -> bool:
     return any(is_static(g.input_activations) or is_static(g.output_activations) for g in groups)
 
 
-def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of the calibrated quantize path (add to the `quantize` parser)."""
-    p.add_argument("--method", choices=["rtn", "gptq"], default=None, help="weight algorithm")
-    p.add_argument(
-        "--format",
-        dest="format",
-        choices=sorted(EXPORTERS),
-        default="compressed-tensors",
-        help="output format (default compressed-tensors)",
-    )
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
-    p.add_argument("--calib-text", default=None, help="calibration text file (default Wikipedia)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model dtype")
-    p.add_argument(
-        "--actorder",
-        choices=["group", "weight", "none"],
-        default=None,
-        help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
-    )
-    p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
-    p.add_argument(
-        "--no-calibrate-all-experts",
-        dest="calibrate_all_experts",
-        action="store_false",
-        help="MoE: calibrate experts on routed tokens only (starved experts fall back to RTN)",
-    )
-    p.add_argument(
-        "--true-sequential",
-        dest="true_sequential",
-        action="store_const",
-        const=True,
-        default=None,
-        help="calibrate each layer's q/k/v, o, gate/up, down in turn, each on inputs from the "
-        "quantized ones before it (default: the whole layer in one pass)",
-    )
-
-
-def run_quantize(args: argparse.Namespace) -> int:
-    """`quantscale quantize MODEL OUT --scheme S --method M --format F ...`."""
-    out = quantize_checkpoint(
-        args.model_dir,
-        args.out,
-        args.scheme,
-        method=args.method or "gptq",
-        fmt=args.format,
-        calib_samples=args.calib_samples,
-        seq_len=args.seq_len,
-        calib_text=args.calib_text,
-        dtype=args.dtype,
-        actorder=args.actorder,
-        dampening_frac=args.dampening_frac,
-        calibrate_all_experts=args.calibrate_all_experts,
-        true_sequential=args.true_sequential,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {out}")
-    return 0
-
-
 def run_convert_nvfp4(args: argparse.Namespace) -> int:
     """`quantscale convert CKPT OUT --to {compressed-tensors,modelopt}` for NVFP4 inputs."""
     from quantscale.export.nvfp4_convert import convert_nvfp4
@@ -168,7 +107,7 @@ def run_convert_nvfp4(args: argparse.Namespace) -> int:
 
 def is_nvfp4_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` holds an NVFP4 checkpoint (compressed-tensors or ModelOpt)."""
-    from quantscale.checkpoint.io import Checkpoint
+    from quantscale.checkpoint.read import Checkpoint
     from quantscale.errors import CheckpointError
     from quantscale.export.nvfp4_convert import detect_nvfp4_format
 
