@@ -27,7 +27,9 @@ min-max everywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,6 +40,7 @@ from quantscale.errors import QuantscaleError
 from quantscale.mamba.grouping import GroupPlan
 
 MambaKind = Literal["mamba", "mamba2"]
+MAMBA_MODEL_TYPES: tuple[MambaKind, ...] = ("mamba", "mamba2")
 
 _COMMON_ACTS = (
     "in_proj.input",
@@ -68,11 +71,16 @@ SMALL_MODEL_PARAMS = 300_000_000
 PIECEWISE_POINTS = ("ssm.x", "ssm.B", "ssm.C")
 
 
+def is_mamba_config(config: dict) -> bool:
+    """Whether a config.json dict describes a Mamba or Mamba2 model."""
+    return config.get("model_type") in MAMBA_MODEL_TYPES
+
+
 def mamba_kind(model_or_config: Any) -> MambaKind:
     """'mamba' or 'mamba2' from a model or its config; QuantscaleError for anything else."""
     config = getattr(model_or_config, "config", model_or_config)
     kind = getattr(config, "model_type", None)
-    if kind not in ("mamba", "mamba2"):
+    if kind not in MAMBA_MODEL_TYPES:
         raise QuantscaleError(f"expected a Mamba or Mamba2 model, got model_type {kind!r}")
     return kind
 
@@ -120,6 +128,16 @@ class MambaRecipe(BaseModel):
     @property
     def piecewise(self) -> bool:
         return self.method == "quamba2"
+
+
+def read_recipe(path: str | os.PathLike) -> MambaRecipe:
+    """A MambaRecipe from a YAML (or JSON) file."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise QuantscaleError(f"recipe file {file} does not exist")
+    return MambaRecipe.model_validate(yaml.safe_load(file.read_text()))
 
 
 @dataclass(frozen=True)

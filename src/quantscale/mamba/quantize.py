@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantscale.checkpoint.io import SINGLE_NAME, Checkpoint, CheckpointWriter
-from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
+from quantscale.checkpoint.write import CheckpointWriter
+from quantscale.errors import CheckpointError, OutputExistsError, QuantscaleError
 from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.mamba.mixers import (
     MambaKind,
@@ -28,6 +29,7 @@ from quantscale.mamba.mixers import (
     mamba_kind,
     mixer_shape,
     quantized_layers,
+    read_recipe,
     reorder_mixer,
     resolve_points,
 )
@@ -37,6 +39,7 @@ from quantscale.progress import track
 
 QUANT_METHOD = "quamba"
 FORMAT_VERSION = 1
+SCHEME_W8A8 = "W8A8"
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -119,6 +122,42 @@ def quantize_mamba(
         _round_norms(model, chosen)
     model.config.quantization_config = quantization_config(recipe, n_params, chosen)
     return model
+
+
+def scheme_recipe(scheme: str | os.PathLike) -> MambaRecipe:
+    """The MambaRecipe of a scheme: "W8A8" (the default Quamba1 recipe) or a recipe file."""
+    if scheme == SCHEME_W8A8:
+        return MambaRecipe()
+    if Path(scheme).suffix.lower() in (".yaml", ".yml", ".json") or Path(scheme).is_file():
+        return read_recipe(scheme)
+    raise QuantscaleError(
+        f"scheme {os.fspath(scheme)!r} is not supported for Mamba models; use "
+        f"{SCHEME_W8A8!r} (Quamba static INT8) or a MambaRecipe YAML file"
+    )
+
+
+def quantize_mamba_checkpoint(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    scheme: str = SCHEME_W8A8,
+    *,
+    calib_samples: int = 512,
+    calib_seq_len: int = 512,
+    calib_data: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
+    on `calib_samples` windows of `calib_seq_len` tokens (of `calib_data`, default the
+    Wikipedia calibration split) and save it to `out`; returns the written directory."""
+    from quantscale.mamba.fixtures import load_mamba
+
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    calib = {"n_samples": calib_samples, "seq_len": calib_seq_len}
+    recipe = MambaRecipe.model_validate({**scheme_recipe(scheme).model_dump(), **calib})
+    model, tokenizer = load_mamba(model_dir)
+    quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
+    return save_quantized(model, out, tokenizer, overwrite=overwrite)
 
 
 def quantization_config(recipe: MambaRecipe, n_params: int, layers: list[int]) -> dict:
@@ -245,17 +284,20 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
     }
 
 
-def calibration_token_batches(tokenizer, recipe: MambaRecipe) -> list[torch.Tensor]:
-    """The recipe's calibration windows (n_samples x seq_len) over the calibration articles."""
-    from quantscale.data.assets import calibration_batches
+def calibration_token_batches(
+    tokenizer, recipe: MambaRecipe, source: str | os.PathLike | None = None
+) -> list[torch.Tensor]:
+    """The recipe's calibration windows (n_samples x seq_len) over a text file or, by
+    default, the calibration articles, in batches of `recipe.batch_size`."""
+    from quantscale.data.calibration import calibration_batches
 
-    tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len)
+    tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len, source=source)
     return list(tokens.split(recipe.batch_size))
 
 
 def measure(model: nn.Module, tokenizer, n_tokens: int = 32768, n_items: int = 200) -> dict:
     """Held-out Wikipedia perplexity (512-token windows) and cloze accuracy of a model."""
-    from quantscale.data.assets import eval_tokens
+    from quantscale.data.calibration import eval_tokens
     from quantscale.eval.cloze import cloze_accuracy
     from quantscale.eval.perplexity import perplexity
 
