@@ -132,6 +132,7 @@ def prepare_inputs(samples: int, seq_len: int, n_eval: int) -> tuple[Path, Path,
 
     from quantscale import cache
     from quantscale.data import assets
+    from quantscale.data.calibration import calibration_batches, eval_tokens
     from quantscale.eval.runner import load_tokenizer
 
     model = assets.smollm2_checkpoint()
@@ -141,9 +142,9 @@ def prepare_inputs(samples: int, seq_len: int, n_eval: int) -> tuple[Path, Path,
     calib = folder / f"calib-{samples}x{seq_len}.pt"
     tokens = folder / f"eval-{n_eval}.pt"
     if not calib.exists():
-        torch.save(assets.calibration_batches(tokenizer, samples, seq_len), calib)
+        torch.save(calibration_batches(tokenizer, samples, seq_len), calib)
     if not tokens.exists():
-        torch.save(assets.eval_tokens(tokenizer, n_eval), tokens)
+        torch.save(eval_tokens(tokenizer, n_eval), tokens)
     return model, calib, tokens
 
 

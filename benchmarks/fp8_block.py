@@ -166,7 +166,7 @@ def fp8_input(label: str, src: Path) -> Path:
 
 
 def cache_dir() -> Path:
-    from quantscale.data.assets import cache_dir as root
+    from quantscale.cache import cache_dir as root
 
     return root()
 

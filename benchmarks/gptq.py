@@ -175,7 +175,8 @@ def inputs(work: Path, samples: int) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from quantscale.data.assets import calibration_batches, eval_tokens, smollm2_checkpoint
+    from quantscale.data.assets import smollm2_checkpoint
+    from quantscale.data.calibration import calibration_batches, eval_tokens
 
     tok = AutoTokenizer.from_pretrained(smollm2_checkpoint())
     calib, ev = work / f"calib-{samples}.pt", work / "eval.pt"
@@ -315,7 +316,7 @@ def table(samples: int, schemes: tuple[str, ...]) -> dict:
 
     import torch
 
-    from quantscale.data.assets import calibration_batches, eval_tokens
+    from quantscale.data.calibration import calibration_batches, eval_tokens
     from quantscale.eval.perplexity import perplexity
     from quantscale.pipeline import load_model, quantize_model
 

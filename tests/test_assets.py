@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from quantscale import cache
-from quantscale.data import assets
+from quantscale.data import assets, calibration
 from quantscale.data.text import Article, split_articles, strip_wiki_markup
+from quantscale.errors import QuantscaleError
 
 MARKUP = """{{Infobox animal|name=Aardvark|image={{nested|x}}}}
 '''Aardvark''' is a [[mammal]] native to [[Africa|the African continent]].<ref name="a">{{cite
@@ -85,11 +86,11 @@ def test_split_is_deterministic_and_by_article():
 def test_calibration_batches_are_windows_of_the_stream(bos):
     tok = CharTokenizer(bos)
     source = _articles(5)
-    rows = assets.calibration_batches(tok, n_samples=8, seq_len=32, seed=3, source=source)
+    rows = calibration.calibration_batches(tok, n_samples=8, seq_len=32, seed=3, source=source)
     assert rows.shape == (8, 32) and rows.dtype == torch.long
-    assert torch.equal(rows, assets.calibration_batches(tok, 8, 32, seed=3, source=source))
-    assert not torch.equal(rows, assets.calibration_batches(tok, 8, 32, seed=4, source=source))
-    stream = assets.tokenize_text(tok, "\n\n".join(a.text for a in source)).tolist()
+    assert torch.equal(rows, calibration.calibration_batches(tok, 8, 32, seed=3, source=source))
+    assert not torch.equal(rows, calibration.calibration_batches(tok, 8, 32, seed=4, source=source))
+    stream = calibration.tokenize_text(tok, "\n\n".join(a.text for a in source)).tolist()
     body = rows[:, 1:] if bos is not None else rows
     if bos is not None:
         assert (rows[:, 0] == bos).all()
@@ -101,14 +102,48 @@ def test_calibration_batches_are_windows_of_the_stream(bos):
 def test_calibration_text_file_source(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("abcdefghij" * 10, encoding="utf-8")
-    rows = assets.calibration_batches(CharTokenizer(), n_samples=4, seq_len=16, source=path)
+    rows = calibration.calibration_batches(CharTokenizer(), n_samples=4, seq_len=16, source=path)
     assert rows.shape == (4, 16)
-    with pytest.raises(assets.QuantscaleError, match="does not exist"):
-        assets.calibration_batches(CharTokenizer(), 4, 16, source=tmp_path / "missing.txt")
-    with pytest.raises(assets.QuantscaleError, match="fewer than"):
-        assets.calibration_batches(CharTokenizer(), 4, 512, source=path)
+    with pytest.raises(QuantscaleError, match="does not exist"):
+        calibration.calibration_batches(CharTokenizer(), 4, 16, source=tmp_path / "missing.txt")
+    with pytest.raises(QuantscaleError, match="fewer than"):
+        calibration.calibration_batches(CharTokenizer(), 4, 512, source=path)
 
 
 def test_cache_dir_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTSCALE_CACHE", str(tmp_path / "c"))
     assert cache.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_bos_token_id_only_when_the_tokenizer_adds_it():
+    assert calibration.bos_token_id(CharTokenizer(None)) is None
+    assert calibration.bos_token_id(CharTokenizer(2)) == 2
+
+    class DeclaredOnly(CharTokenizer):
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+            return super().__call__(text, add_special_tokens=False)
+
+    assert calibration.bos_token_id(DeclaredOnly(2)) is None
+
+
+def test_default_sources_are_the_wiki_split(monkeypatch):
+    calib, held_out = _articles(4), [Article("held", "held out text " * 10)]
+    monkeypatch.setattr(assets, "wiki_split", lambda seed=0: (calib, held_out))
+    tok = CharTokenizer()
+    stream = calibration.tokenize_text(tok, held_out[0].text)
+    assert torch.equal(calibration.eval_tokens(tok), stream)
+    assert torch.equal(calibration.eval_tokens(tok, n_tokens=7), stream[:7])
+    rows = calibration.calibration_batches(tok, n_samples=3, seq_len=16)
+    assert torch.equal(rows, calibration.calibration_batches(tok, 3, 16, source=calib))
+
+
+@pytest.mark.slow
+def test_real_wikipedia_split_and_smollm2_held_out_tokens():
+    from transformers import AutoTokenizer
+
+    calib, held_out = assets.wiki_split()
+    assert (len(calib), len(held_out)) == (80, 20)
+    assert {a.title for a in calib}.isdisjoint({a.title for a in held_out})
+    tokenizer = AutoTokenizer.from_pretrained(str(assets.smollm2_checkpoint()))
+    assert calibration.bos_token_id(tokenizer) is None
+    assert len(calibration.eval_tokens(tokenizer)) == 137_710

@@ -26,11 +26,11 @@ def test_cli_parses_mamba_commands():
 
 @pytest.mark.slow
 def test_training_is_deterministic():
+    from quantscale.data.calibration import tokenize_text
     from quantscale.mamba.fixtures import (
         FIXTURES,
         _calibration_text,
         fixture_tokenizer,
-        tokenize_text,
         train_model,
     )
 
@@ -45,7 +45,7 @@ def test_training_is_deterministic():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_fixture_quantizes_with_small_perplexity_change(kind):
-    from quantscale.data.assets import eval_tokens
+    from quantscale.data.calibration import eval_tokens
     from quantscale.eval.perplexity import perplexity
     from quantscale.mamba.fixtures import load_fixture, training_log
     from quantscale.mamba.mixers import MambaRecipe

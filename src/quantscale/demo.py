@@ -17,6 +17,7 @@ from quantscale.checkpoint.inspect import render as render_report
 from quantscale.checkpoint.validate import render as render_validation
 from quantscale.checkpoint.validate import validate_checkpoint
 from quantscale.data import assets
+from quantscale.data.calibration import eval_tokens
 from quantscale.eval.perplexity import perplexity
 from quantscale.eval.runner import load_model, load_tokenizer
 
@@ -43,7 +44,7 @@ def run_demo(
     render_validation(validate_checkpoint(fp8_dir, runtime=None), console)
     dequantize_checkpoint(fp8_dir, deq_dir, overwrite=True)
     console.print(f"dequantized back to bf16 in {deq_dir}")
-    tokens = assets.eval_tokens(load_tokenizer(bf16), n_tokens)
+    tokens = eval_tokens(load_tokenizer(bf16), n_tokens)
     results = {"bf16": _ppl(bf16, tokens), "fp8_block128": _ppl(deq_dir, tokens)}
     table = Table(title=f"Perplexity on {tokens.numel()} held-out Wikipedia tokens")
     for col in ("model", "perplexity", "delta"):

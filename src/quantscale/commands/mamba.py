@@ -112,7 +112,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def _reference_hidden(model_spec: str, windows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(held-out token windows [8, 512], the float32 model's final hidden states on them)."""
-    from quantscale.data.assets import eval_tokens
+    from quantscale.data.calibration import eval_tokens
     from quantscale.mamba.quantize import final_hidden_states
 
     model, tokenizer = load_model(model_spec)

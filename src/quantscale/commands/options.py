@@ -76,7 +76,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def calibration_tokens(tokenizer: Any, args: argparse.Namespace) -> Any:
     """[calib_samples, calib_seq_len] token ids from --calib-data or the Wikipedia split."""
-    from quantscale.data.assets import calibration_batches
+    from quantscale.data.calibration import calibration_batches
 
     return calibration_batches(
         tokenizer, args.calib_samples, args.calib_seq_len, source=args.calib_data

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _probe(tokenizer, n_tokens: int, seq_len: int = 512):
     """Held-out tokens as [n, seq_len] windows, from the end of the evaluation split."""
-    from quantscale.data.assets import eval_tokens
+    from quantscale.data.calibration import eval_tokens
 
     stream = eval_tokens(tokenizer)
     n = max(1, n_tokens // seq_len)

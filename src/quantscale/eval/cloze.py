@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantscale.data.assets import bos_token_id
+from quantscale.data.calibration import bos_token_id
 from quantscale.data.text import Article
 from quantscale.eval.scoring import final_hidden, model_device, project
 from quantscale.progress import track

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from quantscale.data import assets
+from quantscale.data.calibration import bos_token_id, eval_tokens
 from quantscale.errors import QuantscaleError
 
 TASKS = ("ppl", "cloze", "zeroshot")
@@ -71,8 +72,8 @@ def evaluate(
     if "ppl" in tasks:
         from quantscale.eval.perplexity import perplexity
 
-        tokens = assets.eval_tokens(tokenizer, n_tokens)
-        bos = assets.bos_token_id(tokenizer)
+        tokens = eval_tokens(tokenizer, n_tokens)
+        bos = bos_token_id(tokenizer)
         results["ppl"] = perplexity(model, tokens, seq_len, batch_size, bos_id=bos)
     if "cloze" in tasks:
         from quantscale.eval.cloze import cloze_accuracy

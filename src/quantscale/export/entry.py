@@ -43,7 +43,7 @@ def quantize_checkpoint(
 ) -> Path:
     """Quantize the checkpoint in `model_dir` with `scheme` (preset name or recipe file) by
     `method` ('rtn' | 'gptq') and write it to `out` in format `fmt`."""
-    from quantscale.data.assets import calibration_batches
+    from quantscale.data.calibration import calibration_batches
     from quantscale.models.moe import calibrate_all_experts as all_experts
     from quantscale.models.moe import linearize_experts, log_expert_coverage
     from quantscale.pipeline import load_model, quantize_model
