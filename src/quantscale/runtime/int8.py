@@ -7,6 +7,8 @@ matmul of the integer codes, so results never depend on the path taken.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 
 from quantscale.scheme import QuantArgs, QuantScheme
@@ -39,7 +41,7 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double()).to(torch.int32)
 
 
-def _int8_sym(args: QuantArgs | None) -> bool:
+def _int8_sym(args: QuantArgs | None) -> TypeGuard[QuantArgs]:
     return args is not None and args.type == "int" and args.num_bits == 8 and args.symmetric
 
 

@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -61,6 +61,9 @@ def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 class QuantLinear(nn.Module):
     """A Linear layer quantized per `scheme`; see the module docstring."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -75,9 +78,10 @@ class QuantLinear(nn.Module):
             raise QuantscaleError("QuantLinear needs a QuantScheme")
         self.in_features, self.out_features = in_features, out_features
         self.scheme = scheme
-        kw = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), False)
-        self.bias = nn.Parameter(torch.empty(out_features, **kw), False) if bias else None
+        w = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        self.weight = nn.Parameter(w, False)
+        b = torch.empty(out_features, device=device, dtype=dtype) if bias else None
+        self.bias = None if b is None else nn.Parameter(b, False)
         self.use_int8 = False
         self._w_int8: torch.Tensor | None = None
 
@@ -181,30 +185,41 @@ class QuantLinear(nn.Module):
 
     def _int8_ready(self) -> bool:
         a = self.scheme.input_activations
-        ready = self.weight_qparams() is not None and (a.dynamic or self.input_qparams())
-        return supports_int8(self.scheme) and bool(ready)
+        if a is None or not supports_int8(self.scheme) or self.weight_qparams() is None:
+            return False
+        return bool(a.dynamic) or self.input_qparams() is not None
+
+    def _quantized_weight(self) -> tuple[QuantArgs, QParams]:
+        args, qp = self.scheme.weights, self.weight_qparams()
+        if args is None or qp is None:
+            raise QuantscaleError("QuantLinear: the weight is not quantized (set_weight first)")
+        return args, qp
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weight codes (cached), re-quantized from the fake-quantized weight."""
         if self._w_int8 is None or self._w_int8.device != self.weight.device:
-            self._w_int8 = quantize(
-                self.weight.detach(), self.scheme.weights, self.weight_qparams()
-            )
+            self._w_int8 = quantize(self.weight.detach(), *self._quantized_weight())
         return self._w_int8
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
         args = self.scheme.input_activations
-        if args.dynamic:
+        qp: QParams | None
+        if args is not None and args.dynamic:
             qp = compute_qparams(args, *reduce_minmax(x, args, ACTIVATION))
         else:
             qp = self.input_qparams()
+        if args is None or qp is None:
+            raise QuantscaleError("QuantLinear: int8 matmul without input activation qparams")
         q_x = quantize(x, args, qp)
-        out = int8_linear(q_x, qp.scale, self.int8_weight(), self.weight_scale, self.bias)
+        w_scale = self._quantized_weight()[1].scale
+        out = int8_linear(q_x, qp.scale, self.int8_weight(), w_scale, self.bias)
         return out.to(x.dtype)
 
     # ------------------------------------------------------------------ state
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object, **kwargs: object
+    ) -> None:
         for name in BUFFERS:
             value = state_dict.get(prefix + name)
             if value is not None:
@@ -212,13 +227,15 @@ class QuantLinear(nn.Module):
         self._w_int8 = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> QuantLinear:
         """Move like any module, but keep the qparam buffers' dtypes (float32 / int32)."""
         kept = {n: b for n, b in self._buffers.items() if n in BUFFERS and b is not None}
         super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers[name]
-            if new.dtype != old.dtype:
+            if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         self._w_int8 = None
         return self
