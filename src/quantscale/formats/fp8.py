@@ -9,6 +9,7 @@ Block convention (DeepSeek-V3, HF fine-grained FP8): for each tile of `block` el
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -36,8 +37,8 @@ def all_codes(dtype: torch.dtype = E4M3) -> torch.Tensor:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
 
 
-def block_grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
-    """Scale grid [ceil(out/bh), ceil(in/bw)] of a 2-D weight."""
+def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, int]:
+    """Scale grid [ceil(out/bh), ceil(in/bw)] of a 2-D weight (shape: its first two sizes)."""
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 

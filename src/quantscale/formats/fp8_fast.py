@@ -270,13 +270,13 @@ def quantize_fp8_block_fast(
             return _cpp(op, w, block, scale_fmt)
     kernels = _compiled() if backend == "compile" else None
     qmax = FP8_MAX[dtype]
-    t4 = _as_tiles(w, tuple(block))
+    t4 = _as_tiles(w, block)
     if kernels:
         scale = scale_from_amax(kernels[0](t4), qmax, scale_fmt)
         q = kernels[1](t4, scale, qmax, dtype)
     else:
         q, scale = _eager(t4, qmax, scale_fmt, dtype)
-    rows, cols = block_grid(tuple(w.shape), tuple(block))
+    rows, cols = block_grid(w.shape, block)
     q = q.reshape(rows * block[0], cols * block[1])
     if q.shape != w.shape:
         q = q[: w.shape[0], : w.shape[1]].contiguous()
