@@ -249,7 +249,7 @@ def test_mamba2_mixer_class():
 
 def test_point_sqnr_reports_every_quantized_activation():
     from quantscale.mamba.mixers import ACTIVATION_POINTS
-    from quantscale.mamba.quantize import point_sqnr
+    from quantscale.mamba.evaluate import point_sqnr
 
     model = _quantized("mamba2", method="quamba2")
     before = _logits(model, _ids(5))

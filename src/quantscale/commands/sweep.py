@@ -69,24 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def is_mamba(model: str) -> bool:
-    """Whether MODEL names a Mamba fixture or a checkpoint whose config is a Mamba / Mamba2."""
-    import json
-
-    from quantscale.commands.mamba import FIXTURE_PREFIX
-
-    if model.startswith(FIXTURE_PREFIX):
-        return True
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return False
-    return json.loads(config.read_text()).get("model_type") in ("mamba", "mamba2")
-
-
 def run_mamba(args: argparse.Namespace) -> int:
     """The scale-strategy sweep of a Mamba model: Quamba settings through `quantscale mamba`."""
-    from quantscale.commands.mamba import _print_rows, evaluate_settings
-    from quantscale.mamba.quantize import mamba_sweep_settings
+    from quantscale.mamba.evaluate import evaluate_settings, mamba_sweep_settings, print_rows
 
     names = args.mamba_settings.split(",")
     if args.mamba_settings == "all":
@@ -94,11 +79,13 @@ def run_mamba(args: argparse.Namespace) -> int:
     rows = evaluate_settings(
         args.model, names, args.calib_samples, args.calib_seq_len, args.n_tokens, 200
     )
-    _print_rows(args.model, rows)
+    print_rows(args.model, rows)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantscale.quantize import is_mamba, load_model
+
     if is_mamba(args.model):
         return run_mamba(args)
     from quantscale.analysis.sweep import (
@@ -109,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
         run_sweep,
         write_json,
     )
-    from quantscale.pipeline import load_model
     from quantscale.scheme import normalize_preset_name
 
     model, tokenizer = load_model(args.model)

@@ -129,6 +129,11 @@ class MambaRecipe(BaseModel):
     def piecewise(self) -> bool:
         return self.method == "quamba2"
 
+    def with_options(self, **fields: Any) -> MambaRecipe:
+        """A validated copy with every field given a value (not None) replaced."""
+        update = {k: v for k, v in fields.items() if v is not None}
+        return MambaRecipe.model_validate({**self.model_dump(), **update})
+
 
 def read_recipe(path: str | os.PathLike) -> MambaRecipe:
     """A MambaRecipe from a YAML (or JSON) file."""

@@ -25,7 +25,6 @@ from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.mamba.mixers import (
     MambaKind,
     MambaRecipe,
-    PointRule,
     mamba_kind,
     mixer_shape,
     quantized_layers,
@@ -53,7 +52,7 @@ def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], description: 
         model(input_ids=ids, use_cache=False)
 
 
-def _mixers(model: nn.Module) -> dict[int, nn.Module]:
+def quantized_mixers(model: nn.Module) -> dict[int, nn.Module]:
     """Layer index -> quantized mixer."""
     _, layers = decoder_layers(model)
     return {i: layer.mixer for i, layer in enumerate(layers) if is_quantized_mixer(layer.mixer)}
@@ -71,7 +70,7 @@ def _plan(mixer: nn.Module, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
 
 def _group_and_reorder(model, batches, kind: MambaKind, recipe: MambaRecipe) -> None:
     """Quamba2: measure x's channel ranges, cluster, reorder weights, set the group maps."""
-    mixers = _mixers(model)
+    mixers = quantized_mixers(model)
     for mixer in mixers.values():
         mixer.act("ssm.x").track_channels()
     run_batches(model, batches, "channel ranges")
@@ -112,7 +111,7 @@ def quantize_mamba(
         layers[i].mixer = quantized_mixer(layers[i].mixer, kind, specs, recipe.weight_strategy)
     if specs["ssm.x"].quantize and specs["ssm.x"].piecewise:
         _group_and_reorder(model, batches, kind, recipe)
-    mixers = _mixers(model)
+    mixers = quantized_mixers(model)
     for mixer in mixers.values():
         mixer.start_calibration()
     run_batches(model, batches, "calibration")
@@ -136,6 +135,17 @@ def scheme_recipe(scheme: str | os.PathLike) -> MambaRecipe:
     )
 
 
+def calibration_token_batches(
+    tokenizer, recipe: MambaRecipe, source: str | os.PathLike | None = None
+) -> list[torch.Tensor]:
+    """The recipe's calibration windows (n_samples x seq_len) over a text file or, by
+    default, the calibration articles, in batches of `recipe.batch_size`."""
+    from quantscale.data.calibration import calibration_batches
+
+    tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len, source=source)
+    return list(tokens.split(recipe.batch_size))
+
+
 def quantize_mamba_checkpoint(
     model_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -153,8 +163,7 @@ def quantize_mamba_checkpoint(
 
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    calib = {"n_samples": calib_samples, "seq_len": calib_seq_len}
-    recipe = MambaRecipe.model_validate({**scheme_recipe(scheme).model_dump(), **calib})
+    recipe = scheme_recipe(scheme).with_options(n_samples=calib_samples, seq_len=calib_seq_len)
     model, tokenizer = load_mamba(model_dir)
     quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
     return save_quantized(model, out, tokenizer, overwrite=overwrite)
@@ -175,7 +184,7 @@ def set_mode(model: nn.Module, mode: str) -> None:
     """Switch every quantized mixer to `mode` ('int8' real INT8, 'fake' reference)."""
     if mode not in MODES:
         raise QuantscaleError(f"unknown mode {mode!r}; expected one of {MODES}")
-    for mixer in _mixers(model).values():
+    for mixer in quantized_mixers(model).values():
         mixer.set_mode(mode)
 
 
@@ -188,7 +197,7 @@ def save_quantized(
     model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False
 ) -> Path:
     """Write a quantized model (config.json, model.safetensors, tokenizer files if given)."""
-    if not _mixers(model):
+    if not quantized_mixers(model):
         raise QuantscaleError("save_quantized: the model has no quantized Mamba mixers")
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if _tied(model):
@@ -243,98 +252,3 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
 
 def _tie_config(model: nn.Module) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-# ----------------------------------------------------------------------------- experiments
-
-
-def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
-    """Named scale strategies for Mamba models (None = the unquantized bf16 baseline).
-
-    Covers the seed's experiments: percentile alpha, EMA sigma, observer kind on the SSM
-    input, Quamba2 group counts, first/last layers kept in float, conv1d left in float, and
-    out_proj's input left in float (the largest error on the fixtures).
-    """
-    q1, q2 = MambaRecipe(method="quamba1"), MambaRecipe(method="quamba2")
-
-    def x_rule(observer: str, **kwargs) -> dict[str, PointRule]:
-        return {"ssm.x": PointRule(observer=observer, observer_kwargs=kwargs)}
-
-    conv_off = {p: PointRule(quantize=False) for p in ("conv1d.weight", "conv1d.input")}
-    return {
-        "bf16": None,
-        "quamba1": q1,
-        "quamba1-alpha0.9995": q1.model_copy(update={"percentile_alpha": 0.9995}),
-        "quamba1-alpha0.999": q1.model_copy(update={"percentile_alpha": 0.999}),
-        "quamba1-sigma0.1": q1.model_copy(update={"ema_sigma": 0.1}),
-        "quamba1-minmax": q1.model_copy(update={"points": x_rule("minmax")}),
-        "quamba1-mse": q1.model_copy(update={"points": x_rule("mse")}),
-        "quamba1-aciq": q1.model_copy(update={"points": x_rule("aciq")}),
-        "quamba1-first-last-float": q1.model_copy(update={"float_layers": [0, -1]}),
-        "quamba1-conv1d-float": q1.model_copy(update={"points": conv_off}),
-        "quamba1-out-proj-input-float": q1.model_copy(
-            update={"points": {"out_proj.input": PointRule(quantize=False)}}
-        ),
-        "quamba2": q2,
-        "quamba2-2x2": q2.model_copy(update={"head_groups": 2, "channel_groups": 2}),
-        "quamba2-8x8": q2.model_copy(update={"head_groups": 8, "channel_groups": 8}),
-        "quamba2-percentile": q2.model_copy(
-            update={"points": x_rule("percentile", alpha=0.99999, sigma=0.01)}
-        ),
-    }
-
-
-def calibration_token_batches(
-    tokenizer, recipe: MambaRecipe, source: str | os.PathLike | None = None
-) -> list[torch.Tensor]:
-    """The recipe's calibration windows (n_samples x seq_len) over a text file or, by
-    default, the calibration articles, in batches of `recipe.batch_size`."""
-    from quantscale.data.calibration import calibration_batches
-
-    tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len, source=source)
-    return list(tokens.split(recipe.batch_size))
-
-
-def measure(model: nn.Module, tokenizer, n_tokens: int = 32768, n_items: int = 200) -> dict:
-    """Held-out Wikipedia perplexity (512-token windows) and cloze accuracy of a model."""
-    from quantscale.data.calibration import eval_tokens
-    from quantscale.eval.cloze import cloze_accuracy
-    from quantscale.eval.perplexity import perplexity
-
-    tokens = eval_tokens(tokenizer, n_tokens)
-    return {
-        "ppl": perplexity(model, tokens, seq_len=512),
-        "cloze": cloze_accuracy(model, tokenizer, n_items=n_items),
-        "eval_tokens": int(tokens.numel()),
-        "cloze_items": n_items,
-    }
-
-
-@torch.inference_mode()
-def final_hidden_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """float32 last hidden states (before the LM head) of token ids [batch, seq]."""
-    from quantscale.eval.scoring import final_hidden
-
-    return final_hidden(model, ids).float()
-
-
-def point_sqnr(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, float]:
-    """SQNR (dB) of each quantized activation point's INT8 round trip, over all layers.
-
-    Each point is measured on the values the quantized model really gives it.
-    """
-    import math
-
-    mixers = list(_mixers(model).values())
-    for mixer in mixers:
-        mixer.error_stats = {}
-    try:
-        run_batches(model, batches, "point errors")
-    finally:
-        totals: dict[str, list[float]] = {}
-        for mixer in mixers:
-            for point, (signal, noise) in mixer.error_stats.items():
-                acc = totals.setdefault(point, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + signal, acc[1] + noise
-            mixer.error_stats = None
-    return {p: 10 * math.log10(s / max(n, 1e-30)) for p, (s, n) in totals.items()}

@@ -1,0 +1,212 @@
+"""Experiments on Mamba / Mamba2 models: named Quamba settings measured against the baseline.
+
+`evaluate_settings(model_spec, names, ...)` quantizes the model once per named setting
+(`mamba_sweep_settings`) and measures held-out Wikipedia perplexity and cloze accuracy, the
+SQNR of the final hidden states against the float32 model, and the SQNR of every quantized
+activation point's INT8 round trip, both on 8 held-out windows of 512 tokens; `print_rows`
+prints those rows as a table (`quantscale mamba eval`, `quantscale sweep`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantscale.errors import QuantscaleError
+from quantscale.mamba.fixtures import load_mamba
+from quantscale.mamba.mixers import MambaRecipe, PointRule
+from quantscale.mamba.quantize import (
+    calibration_token_batches,
+    quantize_mamba,
+    quantized_mixers,
+    run_batches,
+)
+
+PROBE_WINDOWS = 8
+PROBE_LEN = 512
+
+
+def _x_rule(observer: str, **kwargs: Any) -> dict[str, PointRule]:
+    return {"ssm.x": PointRule(observer=observer, observer_kwargs=kwargs)}
+
+
+def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
+    """Named scale strategies for Mamba models (None = the unquantized bf16 baseline).
+
+    Covers the seed's experiments: percentile alpha, EMA sigma, observer kind on the SSM
+    input, Quamba2 group counts, first/last layers kept in float, conv1d left in float, and
+    out_proj's input left in float (the largest error on the fixtures).
+    """
+    q1, q2 = MambaRecipe(method="quamba1"), MambaRecipe(method="quamba2")
+    conv_off = {p: PointRule(quantize=False) for p in ("conv1d.weight", "conv1d.input")}
+    return {
+        "bf16": None,
+        "quamba1": q1,
+        "quamba1-alpha0.9995": q1.model_copy(update={"percentile_alpha": 0.9995}),
+        "quamba1-alpha0.999": q1.model_copy(update={"percentile_alpha": 0.999}),
+        "quamba1-sigma0.1": q1.model_copy(update={"ema_sigma": 0.1}),
+        "quamba1-minmax": q1.model_copy(update={"points": _x_rule("minmax")}),
+        "quamba1-mse": q1.model_copy(update={"points": _x_rule("mse")}),
+        "quamba1-aciq": q1.model_copy(update={"points": _x_rule("aciq")}),
+        "quamba1-first-last-float": q1.model_copy(update={"float_layers": [0, -1]}),
+        "quamba1-conv1d-float": q1.model_copy(update={"points": conv_off}),
+        "quamba1-out-proj-input-float": q1.model_copy(
+            update={"points": {"out_proj.input": PointRule(quantize=False)}}
+        ),
+        "quamba2": q2,
+        "quamba2-2x2": q2.model_copy(update={"head_groups": 2, "channel_groups": 2}),
+        "quamba2-8x8": q2.model_copy(update={"head_groups": 8, "channel_groups": 8}),
+        "quamba2-percentile": q2.model_copy(
+            update={"points": _x_rule("percentile", alpha=0.99999, sigma=0.01)}
+        ),
+    }
+
+
+def measure(model: nn.Module, tokenizer: Any, n_tokens: int = 32768, n_items: int = 200) -> dict:
+    """Held-out Wikipedia perplexity (512-token windows) and cloze accuracy of a model."""
+    from quantscale.data.calibration import eval_tokens
+    from quantscale.eval.cloze import cloze_accuracy
+    from quantscale.eval.perplexity import perplexity
+
+    tokens = eval_tokens(tokenizer, n_tokens)
+    return {
+        "ppl": perplexity(model, tokens, seq_len=512),
+        "cloze": cloze_accuracy(model, tokenizer, n_items=n_items),
+        "eval_tokens": int(tokens.numel()),
+        "cloze_items": n_items,
+    }
+
+
+@torch.inference_mode()
+def final_hidden_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """float32 last hidden states (before the LM head) of token ids [batch, seq]."""
+    from quantscale.eval.scoring import final_hidden
+
+    return final_hidden(model, ids).float()
+
+
+def point_sqnr(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict[str, float]:
+    """SQNR (dB) of each quantized activation point's INT8 round trip, over all layers.
+
+    Each point is measured on the values the quantized model really gives it.
+    """
+    mixers = list(quantized_mixers(model).values())
+    for mixer in mixers:
+        mixer.error_stats = {}
+    try:
+        run_batches(model, batches, "point errors")
+    finally:
+        totals: dict[str, list[float]] = {}
+        for mixer in mixers:
+            for point, (signal, noise) in (mixer.error_stats or {}).items():
+                acc = totals.setdefault(point, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + signal, acc[1] + noise
+            mixer.error_stats = None
+    return {p: 10 * math.log10(s / max(n, 1e-30)) for p, (s, n) in totals.items()}
+
+
+def reference_hidden(
+    model_spec: str | os.PathLike, windows: int = PROBE_WINDOWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out token windows [windows, 512], the float32 model's final hidden states)."""
+    from quantscale.data.calibration import eval_tokens
+
+    model, tokenizer = load_mamba(model_spec)
+    probe = eval_tokens(tokenizer, windows * PROBE_LEN).reshape(windows, PROBE_LEN)
+    return probe, final_hidden_states(model, probe)
+
+
+def _settings(names: Sequence[str]) -> list[tuple[str, MambaRecipe | None]]:
+    settings = mamba_sweep_settings()
+    unknown = [n for n in names if n not in settings]
+    if unknown:
+        raise QuantscaleError(f"unknown setting(s) {unknown}; known: {', '.join(settings)}")
+    return [(n, settings[n]) for n in names]
+
+
+def _evaluate_one(
+    model_spec: str | os.PathLike,
+    recipe: MambaRecipe | None,
+    calib_data: str | os.PathLike | None,
+    n_tokens: int,
+    n_items: int,
+    probe: tuple[torch.Tensor, torch.Tensor],
+) -> dict:
+    """Metrics of one setting (None: the bf16 baseline), without its name."""
+    from quantscale.eval.error import sqnr_db
+
+    ids, reference = probe
+    if recipe is None:
+        model, tokenizer = load_mamba(model_spec, torch.bfloat16)
+    else:
+        model, tokenizer = load_mamba(model_spec)
+        quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
+    row = measure(model, tokenizer, n_tokens, n_items)
+    row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, ids))
+    row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [ids])
+    return row
+
+
+def evaluate_settings(
+    model_spec: str | os.PathLike,
+    names: Sequence[str],
+    n_samples: int,
+    seq_len: int,
+    n_tokens: int,
+    n_items: int,
+    calib_data: str | os.PathLike | None = None,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Measure each named setting on one model, calibrated on `n_samples` x `seq_len` windows
+    (of `calib_data`, default the Wikipedia calibration split) in batches of `batch_size`;
+    one row per setting."""
+    settings = _settings(names)
+    probe = reference_hidden(model_spec)
+    rows = []
+    for name, recipe in settings:
+        start = time.perf_counter()
+        if recipe is not None:
+            recipe = recipe.with_options(
+                n_samples=n_samples, seq_len=seq_len, batch_size=batch_size
+            )
+        metrics = _evaluate_one(model_spec, recipe, calib_data, n_tokens, n_items, probe)
+        row = {"setting": name, **metrics}
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+    base = next((r["ppl"] for r in rows if r["setting"] == "bf16"), None)
+    for row in rows:
+        row["ppl_increase_pct"] = None if base is None else 100 * (row["ppl"] / base - 1)
+    return rows
+
+
+def _cells(row: dict) -> list[str]:
+    delta, points = row["ppl_increase_pct"], row["point_sqnr_db"]
+    return [
+        row["setting"],
+        f"{row['ppl']:.3f}",
+        "" if delta is None else f"{delta:+.2f}%",
+        f"{100 * row['cloze']:.1f}%",
+        f"{row['hidden_sqnr_db']:.1f} dB",
+        f"{points['ssm.x']:.1f} dB" if "ssm.x" in points else "",
+        f"{row['seconds']:.0f}",
+    ]
+
+
+def print_rows(model_spec: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """Print `evaluate_settings` rows as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{os.fspath(model_spec)}: held-out Wikipedia")
+    columns = ("setting", "perplexity", "vs bf16", "cloze acc", "SQNR vs fp32", "x SQNR")
+    for col in (*columns, "seconds"):
+        table.add_column(col, justify="left" if col == "setting" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*_cells(row))
+    Console(width=max(120, Console().width)).print(table)
