@@ -1,29 +1,55 @@
 """The `quantscale` command.
 
-Each module in `quantscale.commands` adds one sub-command through `register(subparsers)`;
-the parser it adds sets `func`, which receives the parsed arguments and returns an exit code.
+Each module in `COMMANDS` adds one sub-command through `register(subparsers)`; the parser it
+adds sets `func`, which receives the parsed arguments and returns an exit code. Shared option
+helpers live beside them in `quantscale.commands.options`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 import sys
+from types import ModuleType
 
-from quantscale import __version__, commands
+from quantscale import __version__
+from quantscale.commands import (
+    calibrate,
+    convert,
+    demo,
+    dequantize,
+    eval,
+    inspect,
+    mamba,
+    quantize,
+    sensitivity,
+    sweep,
+    validate,
+)
 from quantscale.errors import QuantscaleError
+
+COMMANDS: tuple[ModuleType, ...] = (
+    calibrate,
+    convert,
+    demo,
+    dequantize,
+    eval,
+    inspect,
+    mamba,
+    quantize,
+    sensitivity,
+    sweep,
+    validate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with every sub-command found in `quantscale.commands`."""
+    """Build the top-level parser with every sub-command of `COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="quantscale", description="Post-training quantization toolkit for LLMs."
     )
     parser.add_argument("--version", action="version", version=f"quantscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"quantscale.commands.{info.name}")
+    for module in COMMANDS:
         module.register(sub)
     return parser
 
