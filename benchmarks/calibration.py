@@ -4,7 +4,7 @@ For each scheme (W8A8: int8 per-channel weights + static per-tensor int8 activat
 per-tensor FP8 weights + static per-tensor FP8 activations) both tools calibrate the float32
 model on the same token windows (128 x 512 from the cached Wikipedia calibration split),
 alternating, each in its own process and venv:
-- quantscale: `pipeline.quantize_model` (layer-by-layer, RTN weights, min-max observer);
+- quantscale: `quantize.quantize_model` (layer-by-layer, RTN weights, min-max observer);
 - llm-compressor 0.14: `oneshot` with a `QuantizationModifier` whose config groups are our
   recipe's (`Recipe.to_quantization_config`), the activation observer set to its
   `static_minmax` (running extremes, the same statistic as our `minmax`; its own `minmax`
@@ -48,7 +48,7 @@ t0 = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
 from quantscale.algorithms.smoothing import SmoothQuant
-from quantscale.pipeline import quantize_model
+from quantscale.quantize import quantize_model
 from quantscale.runtime.qlinear import compute_dtype
 from quantscale.scheme import Recipe
 t1 = time.perf_counter()
@@ -133,7 +133,7 @@ def prepare_inputs(samples: int, seq_len: int, n_eval: int) -> tuple[Path, Path,
     from quantscale import cache
     from quantscale.data import assets
     from quantscale.data.calibration import calibration_batches, eval_tokens
-    from quantscale.eval.runner import load_tokenizer
+    from quantscale.models.loader import load_tokenizer
 
     model = assets.smollm2_checkpoint()
     tokenizer = load_tokenizer(model)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from quantscale.algorithms.rtn import quantize_weight_rtn
 from quantscale.calibration.activations import ActivationCalibrator
-from quantscale.qdq import quantize_weight_rtn
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantArgs, QuantScheme, preset_scheme
 

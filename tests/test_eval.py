@@ -226,9 +226,11 @@ def test_cli_task_parsing_and_table():
     assert cells[3] == ["[red]+2.500[/red]", "[red]-5.0 pt[/red]"]
 
 
-def test_resolve_model_path_rejects_non_checkpoint(tmp_path):
+def test_resolve_model_rejects_non_checkpoint(tmp_path):
+    from quantscale.models.loader import resolve_model
+
     with pytest.raises(QuantscaleError, match="no config.json"):
-        runner.resolve_model_path(str(tmp_path))
+        resolve_model(str(tmp_path))
 
 
 @pytest.mark.slow

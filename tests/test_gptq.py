@@ -12,9 +12,9 @@ from quantscale.algorithms.gptq import (
     gptq_quantize,
     output_error,
 )
+from quantscale.algorithms.rtn import rtn_weight
 from quantscale.calibration.sequential import batched, layerwise
 from quantscale.formats.fp8 import E4M3
-from quantscale.pipeline import rtn_weight
 from quantscale.qdq import QParams, fake_quantize, nvfp4_global_scale
 from quantscale.runtime.qlinear import replace_linears
 from quantscale.scheme import QuantArgs, preset_recipe, preset_scheme
@@ -195,7 +195,7 @@ def test_unused_linears_fall_back_to_rtn(tiny_llama):
 def test_quantize_model_with_gptq_beats_rtn_on_the_output(tiny_llama):
     import copy
 
-    from quantscale.pipeline import quantize_model
+    from quantscale.quantize import quantize_model
 
     tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -245,11 +245,12 @@ def _input_hessians(model, tokens, names):
 def test_true_sequential_hessians_come_from_quantized_inputs(tiny_llama, sequential):
     import copy
 
-    from quantscale.pipeline import WEIGHT_ALGORITHMS, quantize_model, register_weight_algorithm
+    from quantscale.algorithms.base import ALGORITHMS, register_algorithm
+    from quantscale.quantize import quantize_model
 
     seen = {}
 
-    @register_weight_algorithm("gptq-probe")
+    @register_algorithm("gptq-probe")
     class Probe(GPTQ):
         def _quantize_group(self, names, linears, acc):
             seen[names[0]] = acc.hessian().clone()
@@ -263,7 +264,7 @@ def test_true_sequential_hessians_come_from_quantized_inputs(tiny_llama, sequent
             tiny_llama, "W4A16", tokens, "gptq-probe", batch_size=4, true_sequential=sequential
         )
     finally:
-        WEIGHT_ALGORITHMS.pop("gptq-probe")
+        ALGORITHMS.pop("gptq-probe")
     quant_h = _input_hessians(tiny_llama, tokens, names)
     for name in names:
         expected, other = (quant_h, float_h) if sequential else (float_h, quant_h)

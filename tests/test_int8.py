@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantscale.qdq import QParams, quantize_weight_rtn
+from quantscale.algorithms.rtn import quantize_weight_rtn
+from quantscale.qdq import QParams
 from quantscale.runtime.int8 import int_matmul, supports_int8
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import preset_scheme

@@ -18,7 +18,7 @@ from quantscale.models.moe import (
     linearize_experts,
     log_expert_coverage,
 )
-from quantscale.pipeline import quantize_model
+from quantscale.quantize import quantize_model
 from quantscale.runtime.qlinear import quant_linears
 
 TOKENS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -99,15 +99,15 @@ def test_starved_experts_fall_back_to_rtn(caplog):
     linearize_experts(model)
     _starve_experts(model)
     algo = GPTQ()
-    from quantscale.pipeline import WEIGHT_ALGORITHMS
+    from quantscale.algorithms.base import ALGORITHMS
 
     with caplog.at_level(logging.WARNING), calibrate_all_experts(model, enabled=False):
-        original = WEIGHT_ALGORITHMS["gptq"]
-        WEIGHT_ALGORITHMS["gptq"] = lambda **kw: algo
+        original = ALGORITHMS["gptq"]
+        ALGORITHMS["gptq"] = lambda **kw: algo
         try:
             quantize_model(model, "NVFP4A16", TOKENS, method="gptq", batch_size=2)
         finally:
-            WEIGHT_ALGORITHMS["gptq"] = original
+            ALGORITHMS["gptq"] = original
         log_expert_coverage(model, all_tokens=False)
     rtn = {m for r in algo.report if r["method"] == "rtn" for m in r["modules"]}
     assert rtn == {

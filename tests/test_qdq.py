@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from quantscale.algorithms.rtn import quantize_weight_rtn
 from quantscale.formats.fp4 import E2M1_VALUES, fake_quant_nvfp4
 from quantscale.formats.mxfp4 import fake_quant_mxfp4
 from quantscale.qdq import (
@@ -13,7 +14,6 @@ from quantscale.qdq import (
     fake_quantize,
     fake_quantize_dynamic,
     quantize,
-    quantize_weight_rtn,
     reduce_minmax,
 )
 from quantscale.scheme import PRESETS, QuantArgs, preset_scheme

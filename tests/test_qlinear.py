@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantscale.qdq import QParams, dequantize, fake_quantize, quantize, quantize_weight_rtn
+from quantscale.algorithms.rtn import quantize_weight_rtn
+from quantscale.qdq import QParams, dequantize, fake_quantize, quantize
 from quantscale.runtime.qlinear import QuantLinear, compute_dtype, quant_linears, replace_linears
 from quantscale.scheme import preset_recipe, preset_scheme
 

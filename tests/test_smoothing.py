@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from quantscale.algorithms.rtn import rtn_weight
 from quantscale.algorithms.smoothing import (
     LLAMA_MAPPINGS,
     MAPPING_NAMES,
@@ -28,8 +29,8 @@ from quantscale.algorithms.smoothing import (
 )
 from quantscale.calibration.sequential import layerwise
 from quantscale.errors import QuantscaleError
-from quantscale.pipeline import quantize_model, rtn_weight
 from quantscale.qdq import compute_qparams, fake_quantize
+from quantscale.quantize import quantize_model
 from quantscale.scheme import preset_scheme
 
 

@@ -19,11 +19,11 @@ from quantscale.checkpoint.validate import validate_checkpoint
 from quantscale.data import assets
 from quantscale.data.calibration import eval_tokens
 from quantscale.eval.perplexity import perplexity
-from quantscale.eval.runner import load_model, load_tokenizer
+from quantscale.models.loader import load_pretrained, load_tokenizer
 
 
 def _ppl(path: Path, tokens: torch.Tensor) -> float:
-    return perplexity(load_model(path), tokens)
+    return perplexity(load_pretrained(path), tokens)
 
 
 def run_demo(

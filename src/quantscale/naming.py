@@ -85,3 +85,15 @@ def is_ignored(module: str, extra: list[str] | tuple[str, ...] = ()) -> bool:
 @functools.lru_cache(maxsize=65536)
 def _ignored(module: str, extra: tuple[str, ...]) -> bool:
     return matches_any(module, DEFAULT_IGNORE) or matches_any(module, extra)
+
+
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def fused_siblings(name: str) -> list[str]:
+    """Names of the projections a runtime fuses with `name` (itself included), e.g. q/k/v."""
+    parent, _, leaf = name.rpartition(".")
+    for group in _FUSED:
+        if leaf in group:
+            return [f"{parent}.{m}" if parent else m for m in group]
+    return [name]

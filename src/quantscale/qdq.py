@@ -189,23 +189,3 @@ def fake_quantize_dynamic(
     """Fake-quantize an activation with scales computed from x itself (dynamic / token)."""
     mn, mx = reduce_minmax(x, args, ACTIVATION)
     return fake_quantize(x, args, compute_qparams(args, mn, mx, global_scale))
-
-
-def quantize_weight_rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
-    """Round-to-nearest weight quantization -> (w_hat in w's dtype, QParams).
-
-    Uses min-max ranges, or `args.observer` (e.g. 'mse') with `args.observer_kwargs`.
-    """
-    global_scale = None
-    if args.is_nvfp4:
-        global_scale = nvfp4_global_scale(w.detach().abs().amax() if w.numel() else 0.0)
-    if args.observer in (None, "minmax", "static_minmax", "memoryless_minmax"):
-        mn, mx = reduce_minmax(w, args, WEIGHT)
-    else:
-        from quantscale.observers import get_observer
-
-        obs = get_observer(args.observer, args=args, role=WEIGHT, **args.observer_kwargs)
-        obs.update(w)
-        mn, mx = obs.min_max()
-    qp = compute_qparams(args, mn, mx, global_scale)
-    return fake_quantize(w, args, qp), qp

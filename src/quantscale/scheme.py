@@ -21,13 +21,16 @@ import fnmatch
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantscale.errors import QuantscaleError
 from quantscale.naming import DEFAULT_IGNORE
+
+if TYPE_CHECKING:
+    import torch
 
 Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group"]
 
@@ -117,6 +120,17 @@ class QuantArgs(BaseModel):
         if not d["observer_kwargs"]:
             d.pop("observer_kwargs")
         return d
+
+
+def declared_scale_dtype(args: QuantArgs) -> torch.dtype | None:
+    """The scheme's `scale_dtype` as a torch dtype (None when the scheme names none)."""
+    if not args.scale_dtype:
+        return None
+    import torch
+
+    dtype = getattr(torch, args.scale_dtype.removeprefix("torch."))
+    assert isinstance(dtype, torch.dtype), args.scale_dtype
+    return dtype
 
 
 class QuantScheme(BaseModel):

@@ -9,7 +9,7 @@ update per column touches only the block, and one matmul carries the block's err
 rest of the weight. The weight is held transposed ([in, out]) so that each column is a
 contiguous vector.
 
-Scales (min-max; symmetric int on the full code range, `pipeline.full_range`): channel /
+Scales (min-max; symmetric int on the full code range, `rtn.full_range`): channel /
 tensor scales (and NVFP4's per-tensor global scale) are fixed from the
 whole weight before the loop; group scales (int groups, NVFP4's per-16 E4M3 block scales,
 MX scales, FP8 128x128 blocks) are computed from the partly updated weight when the loop
@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantscale.errors import QuantscaleError
-from quantscale.pipeline import (
+from quantscale.algorithms.base import register_algorithm
+from quantscale.algorithms.rtn import (
     full_range,
-    register_weight_algorithm,
     rtn_weight,
     set_stacked,
     stacked_weight,
     stored_scales,
     weight_scale_dtype,
 )
+from quantscale.errors import QuantscaleError
 from quantscale.qdq import (
     WEIGHT,
     QParams,
@@ -224,7 +224,7 @@ def gptq_quantize(
     `actorder` "args" takes `args.actorder`, else `DEFAULT_ACTORDER`; None turns it off.
     NVFP4's `global_scale` (448*6/amax) defaults to the whole weight's; pass a shared one for
     fused q/k/v or gate/up projections.
-    `scale_dtype` "weight": `pipeline.weight_scale_dtype` (int and FP8 scales rounded to the
+    `scale_dtype` "weight": `rtn.weight_scale_dtype` (int and FP8 scales rounded to the
     scheme's scale dtype or w's 16-bit dtype, so that runtimes which hold scales in the model
     dtype dequantize to exactly the weights returned here).
     """
@@ -356,17 +356,17 @@ class _InputTracker:
         return out
 
 
-@register_weight_algorithm("gptq")
+@register_algorithm("gptq")
 @dataclass
 class GPTQ:
-    """The "gptq" weight algorithm for `pipeline.quantize_model` (start_layer / finish_layer).
+    """The "gptq" `algorithms.base.WeightAlgorithm` (driven by `quantize.quantize_model`).
 
     Linears that share an input are quantized together as one stacked weight (same Hessian,
     rows independent), which also gives fused q/k/v and gate/up one shared NVFP4 global
     scale / per-tensor scale, as vLLM expects. Linears that saw fewer than `min_tokens`
     calibration tokens (MoE experts the router never picked) fall back to RTN; `report`
     lists every such case. `true_sequential` (off by default: on SmolLM2 it did not lower the
-    perplexity and cost 1.3-1.8x the time; see `pipeline.quantize_model`) quantizes o_proj on
+    perplexity and cost 1.3-1.8x the time; see `quantize.quantize_model`) quantizes o_proj on
     inputs from the quantized q/k/v, down_proj on those from gate/up.
     """
 

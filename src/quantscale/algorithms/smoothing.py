@@ -23,7 +23,7 @@ activations per the modules' scheme, else W8A8: per-channel int8 RTN weights, st
 per-tensor int8 min-max activations) give the smallest mean squared output error against
 the float output is kept (`SmoothQuant.chosen`, one log line per layer).
 
-`SmoothQuant(alpha)` is a `pipeline.quantize_model` layer transform (statistics from the
+`SmoothQuant(alpha)` is a `quantize.quantize_model` layer transform (statistics from the
 layer's own calibration inputs); `smooth_model` smooths a float model in one pass (layer by
 layer when an alpha is searched). Both keep the original parameters so `restore()` undoes
 the change.
@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantscale.algorithms.rtn import rtn_weight
+from quantscale.calibration.sequential import run_batches
 from quantscale.errors import QuantscaleError
 from quantscale.qdq import (
     ACTIVATION,
@@ -284,8 +286,6 @@ def smoothed_error(
     per-channel input range x_range (min, max) over all calibration tokens. `relative`:
     each token's squared error over its squared float output norm, averaged over tokens
     (rare huge-activation tokens then weigh no more than the others)."""
-    from quantscale.pipeline import rtn_weight
-
     with torch.no_grad():
         y_ref = x @ w.T if y_ref is None else y_ref
         xq = _act_qdq(x / s, scheme.input_activations, x_range[0] / s, x_range[1] / s)
@@ -481,7 +481,6 @@ def model_absmax(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{layer name: per-mapping input max|x|} of the float model, one pass over `batches`."""
     from quantscale.models.adapter import decoder_layers
-    from quantscale.pipeline import run_batches
 
     prefix, layers = decoder_layers(model)
     hooks = {

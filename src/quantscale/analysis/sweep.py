@@ -7,7 +7,7 @@ Two ways to calibrate each setting:
   observers of *every* setting at once (modules seeing the same tensor with the same args
   share an observer); each setting then gets RTN weights and its static scales and is
   evaluated. Cost: one calibration pass + one evaluation per setting.
-- ``layerwise``: each setting runs the full `pipeline.quantize_model` (each layer calibrated
+- ``layerwise``: each setting runs the full `quantize.quantize_model` (each layer calibrated
   on the outputs of the quantized layers before it). Cost: one calibration per setting.
 The model is restored to float between settings (QuantLinears share the original Linear
 parameters and `set_weight` never writes into them; smoothing's in-place changes are undone).
@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.algorithms.smoothing import (
     SmoothQuant,
     format_alphas,
@@ -35,9 +37,11 @@ from quantscale.algorithms.smoothing import (
     smooth_model,
 )
 from quantscale.calibration.activations import ActivationCalibrator
+from quantscale.calibration.sequential import as_batches, run_batches
+from quantscale.errors import QuantscaleError
 from quantscale.models.adapter import decoder_layers
-from quantscale.pipeline import as_batches, quantize_model, rtn_quantize, run_batches
 from quantscale.progress import track
+from quantscale.quantize import quantize_model
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantScheme, Recipe, load_recipe
 
@@ -347,12 +351,8 @@ def markdown_table(rows: Sequence[SweepRow]) -> str:
 
 def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: str = "ppl") -> Path:
     """PNG: the metric against a numeric swept parameter (a curve), else one bar per setting;
-    the baseline as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    the baseline as a horizontal line. Needs matplotlib (the `plots` extra)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     base = next((r for r in rows if r.setting == BASELINE), None)
     points = [r for r in rows if isinstance(r.value, float)]
@@ -381,6 +381,20 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or a QuantscaleError saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise QuantscaleError(
+            "the sweep plot needs matplotlib: pip install 'quantscale[plots]' (or matplotlib)"
+        ) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _alpha_fwd(x):

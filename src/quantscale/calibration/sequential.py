@@ -17,7 +17,7 @@ every stage on the outputs of the already quantized stages before it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -183,3 +183,22 @@ def layerwise(
 def batched(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split [n, seq_len] token ids into batches of at most `batch_size` rows."""
     return list(tokens.split(batch_size))
+
+
+def as_batches(
+    batches: torch.Tensor | Sequence[torch.Tensor] | None, batch_size: int
+) -> list[torch.Tensor]:
+    """[N, L] token ids -> batches of `batch_size` rows; a list of batches as is."""
+    if batches is None:
+        return []
+    if isinstance(batches, torch.Tensor):
+        return batched(batches, batch_size)
+    return list(batches)
+
+
+@torch.inference_mode()
+def run_batches(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Forward token batches through the model's decoder (no logits)."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for ids in batches:
+        body(input_ids=ids, use_cache=False)

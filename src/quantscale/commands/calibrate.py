@@ -1,6 +1,6 @@
 """`quantscale calibrate MODEL OUT --scheme W8A8 --observer percentile`: calibrate static
 activation scales and quantize the weights layer by layer, then save the fake-quantized model
-with its scales (reload it with `quantscale.pipeline.load_model`)."""
+with its scales (reload it with `quantscale.quantize.load_model`)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def build_recipe(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from quantscale.algorithms.smoothing import SmoothQuant
-    from quantscale.pipeline import load_model, quantize_model, save_quantized
+    from quantscale.export.fake_quant import save_quantized
+    from quantscale.quantize import load_model, quantize_model
     from quantscale.runtime.qlinear import compute_dtype
 
     if args.out.exists() and not args.overwrite:

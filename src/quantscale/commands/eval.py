@@ -6,20 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
+from quantscale.commands.options import add_dtype_option, torch_dtype
 from quantscale.errors import QuantscaleError
-from quantscale.eval.runner import (
-    NAMED_MODELS,
-    TASKS,
-    evaluate,
-    load_tokenizer,
-    resolve_model_path,
-)
+from quantscale.eval.runner import TASKS, evaluate
+from quantscale.models.loader import NAMED_MODELS, load_tokenizer, resolve_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Metrics where lower is better; the others are accuracies.
 LOWER_IS_BETTER = {"ppl"}
 
@@ -41,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-tokens", type=int, default=4096, help="held-out tokens for ppl")
     parser.add_argument("--n-items", type=int, default=200, help="items for cloze / zero-shot")
     parser.add_argument("--seq-len", type=int, default=512, help="perplexity window length")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -55,18 +49,18 @@ def _parse_tasks(text: str) -> list[str]:
 
 
 def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
-    from quantscale.pipeline import load_model  # keeps QuantLinear static scales of our saves
+    from quantscale.quantize import load_model  # our saves keep their QuantLinears, scales
 
     tokenizer = load_tokenizer(path, tokenizer_fallback)
-    model, _ = load_model(path, DTYPES[args.dtype])
+    model, _ = load_model(path, torch_dtype(args.dtype))
     return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate MODEL (and --baseline) and print the metrics with deltas."""
     tasks = _parse_tasks(args.tasks)
-    baseline_path = resolve_model_path(args.baseline) if args.baseline else None
-    model_path = resolve_model_path(args.model)
+    baseline_path = resolve_model(args.baseline) if args.baseline else None
+    model_path = resolve_model(args.model)
     report = {"model": str(model_path), "results": {}}
     if baseline_path is not None:
         report["baseline"] = str(baseline_path)

@@ -53,25 +53,26 @@ SCHEMES: dict[str, Callable[[argparse.Namespace], int]] = {"fp8-block": run_fp8_
 
 
 def run(args: argparse.Namespace) -> int:
-    """Streaming FP8 block without calibration; every other scheme/method is calibrated."""
+    """Streaming FP8 block without calibration; every other scheme/method (and every Mamba
+    model) goes through `quantscale.quantize.quantize_checkpoint`."""
     handler = SCHEMES.get(args.scheme)
     if handler is not None and args.method is None:
         return handler(args)
-    from quantscale.export.entry import quantize_checkpoint
+    from quantscale.quantize import GPTQOptions, quantize_checkpoint
 
+    gptq = GPTQOptions(actorder=args.actorder, dampening_frac=args.dampening_frac)
     out = quantize_checkpoint(
         args.model_dir,
         args.out,
         args.scheme,
-        method=args.method or "gptq",
+        method=args.method,
         fmt=args.format,
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
         calib_data=args.calib_data,
         calib_batch_size=args.calib_batch_size,
         dtype=args.dtype,
-        actorder=args.actorder,
-        dampening_frac=args.dampening_frac,
+        gptq=gptq,
         calibrate_all_experts=args.calibrate_all_experts,
         true_sequential=args.true_sequential,
         overwrite=args.overwrite,
@@ -84,12 +85,14 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
     """The options of the calibrated quantize path."""
     from quantscale.export import EXPORTERS
 
-    p.add_argument("--method", choices=["rtn", "gptq"], default=None, help="weight algorithm")
+    p.add_argument(
+        "--method", choices=["rtn", "gptq"], default=None, help="weight algorithm (gptq)"
+    )
     p.add_argument(
         "--format",
         dest="format",
         choices=sorted(EXPORTERS),
-        default="compressed-tensors",
+        default=None,
         help="output format (default compressed-tensors)",
     )
     add_calibration_options(p, batch_size=4)
@@ -125,7 +128,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--scheme",
         default="fp8-block",
-        help="fp8-block (streaming) or a preset (W4A16, NVFP4, W8A8, ...) or a recipe YAML/JSON",
+        help="fp8-block (streaming) or a preset (W4A16, NVFP4, W8A8, ...) or a recipe YAML/JSON; "
+        "a Mamba / Mamba2 model: W8A8 (Quamba) or a MambaRecipe YAML",
     )
     p.add_argument("--block", type=parse_block, default=(128, 128), help="tile, e.g. 128x128")
     p.add_argument(

@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         with_activations,
     )
     from quantscale.calibration.activations import is_static
-    from quantscale.pipeline import as_batches, load_model
+    from quantscale.calibration.sequential import as_batches
+    from quantscale.quantize import load_model
     from quantscale.scheme import load_recipe, preset_scheme
 
     model, tokenizer = load_model(args.model)

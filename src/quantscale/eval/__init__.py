@@ -6,15 +6,13 @@ from `quantscale.data.assets` (held-out Wikipedia articles) and BIG-bench (zero-
 
 from quantscale.eval.cloze import cloze_accuracy, cloze_items
 from quantscale.eval.perplexity import perplexity
-from quantscale.eval.runner import evaluate, load_model, load_tokenizer
+from quantscale.eval.runner import evaluate
 from quantscale.eval.zeroshot import zeroshot_accuracy
 
 __all__ = [
     "cloze_accuracy",
     "cloze_items",
     "evaluate",
-    "load_model",
-    "load_tokenizer",
     "perplexity",
     "zeroshot_accuracy",
 ]

@@ -3,50 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
 from torch import nn
 
-from quantscale.data import assets
 from quantscale.data.calibration import bos_token_id, eval_tokens
 from quantscale.errors import QuantscaleError
 
 TASKS = ("ppl", "cloze", "zeroshot")
 DEFAULT_TASKS = ("ppl", "cloze")
-# Names the CLI accepts in place of a checkpoint dir.
-NAMED_MODELS = {"smollm2": assets.smollm2_checkpoint, "gemma3": assets.gemma3_checkpoint}
-
-
-def resolve_model_path(name_or_path: str) -> Path:
-    """A checkpoint dir, or one of NAMED_MODELS built in the cache."""
-    if name_or_path in NAMED_MODELS:
-        return NAMED_MODELS[name_or_path]()
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise QuantscaleError(
-            f"{path} is not a checkpoint dir (no config.json); "
-            f"give a dir or one of: {', '.join(NAMED_MODELS)}"
-        )
-    return path
-
-
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A transformers causal LM from a checkpoint dir, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.eval()
-
-
-def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
-    """The tokenizer saved with a checkpoint, else the one of `fallback` (e.g. the baseline)."""
-    from transformers import AutoTokenizer
-
-    for candidate in (path, fallback):
-        if candidate is not None and (Path(candidate) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(candidate))
-    raise QuantscaleError(f"{path} has no tokenizer_config.json and no baseline to borrow from")
 
 
 def evaluate(

@@ -1,7 +1,7 @@
 """What every exporter shares: the quantized modules' exact codes, the model's other tensors,
 config.json, and writing a (sharded) checkpoint directory atomically.
 
-Exporters read a model quantized by `pipeline.quantize_model`: each `QuantLinear` holds the
+Exporters read a model quantized by `quantize.quantize_model`: each `QuantLinear` holds the
 fake-quantized weight and its qparams; `weight_codes` recovers the exact codes by
 re-quantizing that weight with them (lossless: the weight lies on the grid).
 """
@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantscale.checkpoint.io import SINGLE_NAME, CheckpointWriter
+from quantscale.checkpoint.read import SINGLE_NAME
+from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
+from quantscale.models.loader import tied_embeddings
 from quantscale.models.moe import checkpoint_name
+from quantscale.naming import fused_siblings
 from quantscale.qdq import QParams, quantize
 from quantscale.runtime.qlinear import QuantLinear, quant_linears
 from quantscale.scheme import QuantArgs
@@ -47,11 +50,6 @@ def per_column_qparams(qp: QParams, g_idx: torch.Tensor) -> QParams:
     return QParams(qp.scale[:, idx], zp, qp.global_scale)
 
 
-def declared_scale_dtype(args: QuantArgs) -> torch.dtype | None:
-    """The scheme's `scale_dtype` as a torch dtype (None when the scheme names none)."""
-    return getattr(torch, args.scale_dtype.removeprefix("torch.")) if args.scale_dtype else None
-
-
 def weight_codes(name: str, ql: QuantLinear) -> ModuleCodes:
     """Exact codes of a QuantLinear's (fake-quantized) weight."""
     qp = ql.weight_qparams()
@@ -71,11 +69,6 @@ def quantized_modules(model: nn.Module) -> dict[str, ModuleCodes]:
         if ql.scheme.weights is not None:
             out[name] = weight_codes(name, ql)
     return out
-
-
-def tied_embeddings(model: nn.Module) -> bool:
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    return out is not None and inp is not None and out.weight is inp.weight
 
 
 def plain_tensors(model: nn.Module, skip_modules: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -181,18 +174,6 @@ def copy_side_files(source_dir: str | os.PathLike | None, writer: CheckpointWrit
             and not path.name.startswith("quantize_config")
         ):
             writer.copy_file(path)
-
-
-_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
-
-
-def fused_siblings(name: str) -> list[str]:
-    """Names of the projections a runtime fuses with `name` (itself included), e.g. q/k/v."""
-    parent, _, leaf = name.rpartition(".")
-    for group in _FUSED:
-        if leaf in group:
-            return [f"{parent}.{m}" if parent else m for m in group]
-    return [name]
 
 
 def unshared_global_scales(mods: dict[str, ModuleCodes]) -> list[str]:

@@ -7,15 +7,11 @@ import torch
 from tiny_models import make_tiny_llama
 from torch import nn
 
+from quantscale.algorithms.base import ALGORITHMS, register_algorithm
 from quantscale.errors import QuantscaleError
+from quantscale.export.fake_quant import save_quantized
 from quantscale.observers import get_observer
-from quantscale.pipeline import (
-    WEIGHT_ALGORITHMS,
-    load_model,
-    quantize_model,
-    register_weight_algorithm,
-    save_quantized,
-)
+from quantscale.quantize import load_model, quantize_model
 from quantscale.runtime.qlinear import QuantLinear, quant_linears
 from quantscale.scheme import preset_recipe
 
@@ -93,9 +89,10 @@ def test_overrides_keep_first_layer_float(tiny_llama):
 def test_registered_algorithm_sees_each_layer(tiny_llama):
     calls = []
 
-    @register_weight_algorithm("probe")
+    @register_algorithm("probe")
     class Probe:
         needs_data = True
+        true_sequential = False
 
         def start_layer(self, linears):
             self.seen = {n: 0 for n in linears}
@@ -122,7 +119,7 @@ def test_registered_algorithm_sees_each_layer(tiny_llama):
     try:
         quantize_model(tiny_llama, "W8A16", _batches(4), method="probe", batch_size=2)
     finally:
-        WEIGHT_ALGORITHMS.pop("probe")
+        ALGORITHMS.pop("probe")
     assert len(calls) == 2
     assert all(set(c.values()) == {2} and len(c) == 7 for c in calls)  # 2 batches per layer
     assert all((ql.weight == 0).all() for ql in quant_linears(tiny_llama).values())
@@ -181,7 +178,7 @@ def test_rtn_scales_of_a_bf16_model_are_bf16_exact(preset):
 
 
 def test_symmetric_int_scales_use_the_full_code_range():
-    from quantscale.pipeline import rtn_weight
+    from quantscale.algorithms.rtn import rtn_weight
     from quantscale.qdq import quantize
     from quantscale.scheme import preset_scheme
 

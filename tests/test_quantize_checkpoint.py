@@ -1,4 +1,4 @@
-"""The quantize / convert entry points the CLI wires in: checkpoint dir in, format out."""
+"""`quantize_checkpoint` and the `quantscale quantize` options: checkpoint dir in, format out."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
+from quantscale.checkpoint.convert import convert_checkpoint
+from quantscale.checkpoint.layouts import detect_layout
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.commands.quantize import add_calibrated_options
-from quantscale.export.entry import (
-    is_nvfp4_checkpoint,
-    quantize_checkpoint,
-    run_convert_nvfp4,
-)
+from quantscale.quantize import quantize_checkpoint
 
 WORDS = "the cat sat on a mat while dogs ran far in green hills and rivers flow to sea".split()
 
@@ -77,7 +76,8 @@ def test_quantize_checkpoint(tiny_dir, scheme, fmt, marker):
     else:
         qc = json.loads((out / "quantize_config.json").read_text())
         assert qc["quant_method"] == "gptq" and qc["calib_samples"] == 8
-    assert is_nvfp4_checkpoint(out) == (scheme == "nvfp4")
+    layout = detect_layout(Checkpoint(out))
+    assert (layout is not None and layout.number_format == "nvfp4") == (scheme == "nvfp4")
 
 
 def test_cli_glue_parses_and_converts(tiny_dir):
@@ -101,7 +101,6 @@ def test_cli_glue_parses_and_converts(tiny_dir):
         calib_seq_len=32,
         calib_data=tiny_dir / "calib.txt",
     )
-    ns = argparse.Namespace(ckpt=str(src), out=str(tiny_dir / "mo"), to="modelopt", overwrite=False)
-    assert run_convert_nvfp4(ns) == 0
+    convert_checkpoint(src, tiny_dir / "mo", "modelopt")
     hf = json.loads((tiny_dir / "mo" / "hf_quant_config.json").read_text())
     assert hf["quantization"]["quant_algo"] == "W4A16_NVFP4"

@@ -1,0 +1,358 @@
+"""The orchestrator every command drives: load a model, quantize it layer by layer, write it.
+
+`quantize_model(model, recipe, batches, method)` swaps every targeted Linear for a
+`QuantLinear`, then walks the decoder layers with `calibration.sequential.layerwise` (one
+layer's inputs resident at a time, each layer fed by the already quantized layers before it).
+Per layer: the activation observers (`calibration.activations`) and the weight algorithm's
+hooks (`algorithms.base.WeightAlgorithm`) are attached, the cached batches run through the
+layer, then the algorithm sets the weights (`finish_layer`) and the observers set the static
+activation scales. With `true_sequential` this happens stage by stage inside the layer (q/k/v,
+then o_proj, then gate/up, then down_proj; `sequential.linear_stages`), each forward stopped
+after the stage's last module, so every stage is calibrated on inputs from the quantized
+stages before it. Weight-only RTN runs no calibration forward at all.
+
+`quantize_checkpoint(model_dir, out, scheme, ...)` is the whole job behind `quantscale
+quantize`: load, calibrate on Wikipedia windows (or a text file), quantize, export in one of
+the `export.EXPORTERS` formats; a Mamba / Mamba2 model is quantized the Quamba way
+(`mamba.quantize.quantize_mamba_checkpoint`). `load_model(spec)` loads any model the tools
+read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints, Mamba fixtures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
+from quantscale.calibration.activations import ActivationCalibrator, is_static
+from quantscale.calibration.sequential import (
+    LayerStep,
+    as_batches,
+    layerwise,
+    linear_stages,
+    run_batches,
+)
+from quantscale.checkpoint.layouts import QUAMBA_METHOD
+from quantscale.errors import QuantscaleError
+from quantscale.models import loader
+from quantscale.models.adapter import decoder_layers
+from quantscale.runtime.qlinear import QuantLinear, replace_linears
+from quantscale.scheme import QuantScheme, Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+LayerTransform = Callable[[LayerStep], None]
+"""Called with each decoder layer's step before it is calibrated; may change the layer's float
+weights in an output-preserving way (e.g. smoothing) and may call `step.run()` to see inputs."""
+
+
+# ------------------------------------------------------------------ one model in memory
+
+
+def has_static_activations(schemes: Sequence[QuantScheme]) -> bool:
+    """Whether any scheme has static (calibrated) input or output activation scales."""
+    return any(is_static(s.input_activations) or is_static(s.output_activations) for s in schemes)
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe | str,
+    batches: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    method: str = "rtn",
+    batch_size: int = 4,
+    transforms: Sequence[LayerTransform] = (),
+    true_sequential: bool | None = None,
+    **method_kwargs: Any,
+) -> dict[str, QuantLinear]:
+    """Quantize `model` in place per `recipe` with weight algorithm `method`.
+
+    `batches`: calibration token ids, [N, L] (split into `batch_size` rows) or a list of
+    batches; needed when the recipe has static activations or the method needs data.
+    `transforms` run on each decoder layer before it is calibrated (see `LayerTransform`).
+    `true_sequential`: calibrate each layer stage by stage (see the module docstring); None
+    takes the algorithm's `true_sequential` attribute (off for RTN and GPTQ).
+    Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
+    """
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    algorithm = get_algorithm(method, **method_kwargs)
+    linears = replace_linears(model, recipe)
+    if not linears:
+        raise QuantscaleError("the recipe targets no Linear module of this model")
+    data = as_batches(batches, batch_size)
+    schemes = [ql.scheme for ql in linears.values()]
+    needs_data = has_static_activations(schemes) or algorithm.needs_data
+    if (needs_data or transforms) and not data:
+        raise QuantscaleError(
+            f"static activations, layer transforms or method {method!r} need calibration batches"
+        )
+    model.eval()
+    if not (needs_data or transforms):  # weight-only, data-free: no forward at all
+        algorithm.start_layer(linears)
+        algorithm.finish_layer(linears)
+    else:
+        if true_sequential is None:
+            true_sequential = algorithm.true_sequential
+        _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential)
+    model.quantscale_recipe = recipe
+    return linears
+
+
+def _by_layer(
+    linears: dict[str, QuantLinear], prefix: str, n_layers: int
+) -> list[dict[str, QuantLinear]]:
+    groups: list[dict[str, QuantLinear]] = [{} for _ in range(n_layers)]
+    for name, ql in linears.items():
+        head = name[len(prefix) + 1 :].split(".", 1)[0] if name.startswith(prefix + ".") else ""
+        if head.isdigit() and int(head) < n_layers:
+            groups[int(head)][name] = ql
+    return groups
+
+
+def _calibrate_group(
+    linears: dict[str, QuantLinear], algorithm: WeightAlgorithm, run: Callable[[], object]
+) -> None:
+    """Observe activations and let the algorithm see inputs during `run()`, then quantize."""
+    calibrator = ActivationCalibrator(linears)
+    algorithm.start_layer(linears)
+    try:
+        with calibrator:
+            run()
+    finally:
+        algorithm.finish_layer(linears)
+    calibrator.apply()
+
+
+def _quantize_with_data(
+    model: nn.Module,
+    linears: dict[str, QuantLinear],
+    algorithm: WeightAlgorithm,
+    data: list[torch.Tensor],
+    transforms: Sequence[LayerTransform] = (),
+    sequential: bool = False,
+) -> None:
+    prefix, layers = decoder_layers(model)
+    groups = _by_layer(linears, prefix, len(layers))
+    for step in layerwise(model, data, description="calibrate"):
+        for transform in transforms:
+            transform(step)
+        group = groups[step.index]
+        if group and sequential:
+            _calibrate_in_stages(step, group, algorithm)
+        elif group:
+            _calibrate_group(group, algorithm, step.run)
+    rest = {n: q for n, q in linears.items() if not any(n in g for g in groups)}
+    if rest:  # Linears outside the decoder layers: one pass of the whole model
+        _calibrate_group(rest, algorithm, lambda: run_batches(model, data))
+
+
+def _calibrate_in_stages(
+    step: LayerStep, group: dict[str, QuantLinear], algorithm: WeightAlgorithm
+) -> None:
+    """True-sequential: each stage calibrated and quantized before the next one runs."""
+    for stage in linear_stages(step, group):
+        stop = group.get(stage.last) if stage.last is not None else None
+        members = {n: group[n] for n in stage.names}
+        _calibrate_group(members, algorithm, lambda stop=stop: step.run_until(stop))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _mamba_fixture(spec: str) -> bool:
+    from quantscale.mamba.fixtures import FIXTURE_PREFIX
+
+    return spec.startswith(FIXTURE_PREFIX)
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer or None) of anything the tools read: a checkpoint dir or named model
+    (`models.loader`), our fake-quant saves (with their QuantLinears and static scales), a
+    Quamba checkpoint (`mamba.quantize.load_quantized`, INT8 mixers) or `fixture:<kind>`."""
+    text = os.fspath(spec)
+    if _mamba_fixture(text):
+        from quantscale.mamba.fixtures import load_mamba
+
+        return load_mamba(text, dtype)
+    path = loader.resolve_model(text)
+    if loader.quant_method(loader.read_config(path)) == QUAMBA_METHOD:
+        from quantscale.mamba.quantize import load_quantized
+
+        return load_quantized(path), loader.saved_tokenizer(path)
+    return loader.load_model(path, dtype)
+
+
+def is_mamba(spec: str | os.PathLike) -> bool:
+    """Whether `spec` names a Mamba fixture or a checkpoint of a Mamba / Mamba2 model."""
+    from quantscale.mamba.mixers import is_mamba_config
+
+    text = os.fspath(spec)
+    if _mamba_fixture(text):
+        return True
+    if not (Path(text) / "config.json").is_file():
+        return False
+    return is_mamba_config(loader.read_config(text))
+
+
+# ------------------------------------------------------------------ checkpoint to checkpoint
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ's knobs for `quantize_checkpoint` (the `--actorder` / `--dampening-frac` flags).
+
+    `actorder`: None keeps the scheme's, 'none' turns it off, 'group' / 'weight' set it."""
+
+    actorder: str | None = None
+    dampening_frac: float = 0.01
+    block_size: int = 128
+
+    def recipe(self, scheme: str) -> Recipe:
+        """The scheme's recipe with `actorder` applied to every weight."""
+        recipe = load_recipe(scheme)
+        if self.actorder and self.actorder != "none":
+            for group in recipe.config_groups.values():
+                if group.weights is not None:
+                    update = {"actorder": self.actorder}
+                    group.weights = group.weights.model_copy(update=update)
+        return recipe
+
+    def method_options(self, method: str) -> dict[str, Any]:
+        """The weight algorithm's keyword options (none for RTN)."""
+        if method != "gptq":
+            return {}
+        kwargs: dict[str, Any] = {
+            "dampening_frac": self.dampening_frac,
+            "block_size": self.block_size,
+        }
+        if self.actorder == "none":
+            kwargs["actorder"] = None
+        return kwargs
+
+
+def quantize_checkpoint(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    scheme: str,
+    *,
+    method: str | None = None,
+    fmt: str | None = None,
+    calib_samples: int = 128,
+    calib_seq_len: int = 512,
+    calib_data: str | os.PathLike | None = None,
+    calib_batch_size: int = 4,
+    dtype: str = "bfloat16",
+    gptq: GPTQOptions = GPTQOptions(),
+    calibrate_all_experts: bool = True,
+    true_sequential: bool | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
+    recipe file) by `method` ('rtn' | 'gptq', default gptq) and write it to `out` in format
+    `fmt` (default compressed-tensors), calibrating on `calib_samples` windows of
+    `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
+    Mamba / Mamba2 model is quantized the Quamba way (no method or format applies)."""
+    if Path(out).exists() and not overwrite:
+        raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
+    if is_mamba(model_dir):
+        return _quantize_mamba(
+            model_dir,
+            out,
+            scheme,
+            method,
+            fmt,
+            calib_samples,
+            calib_seq_len,
+            calib_data,
+            overwrite,
+        )
+    from quantscale.data.calibration import calibration_batches
+    from quantscale.export import EXPORTERS, export_model
+
+    fmt, method = fmt or "compressed-tensors", method or "gptq"
+    if fmt not in EXPORTERS:
+        raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
+    recipe = gptq.recipe(scheme)
+    model, tokenizer = loader.load_model(model_dir, getattr(torch, dtype))
+    if tokenizer is None:
+        raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
+    batches = None
+    if method != "rtn" or has_static_activations(list(recipe.config_groups.values())):
+        batches = calibration_batches(tokenizer, calib_samples, calib_seq_len, source=calib_data)
+    options = gptq.method_options(method)
+    _quantize_experts(
+        model,
+        recipe,
+        batches,
+        method,
+        calib_batch_size,
+        calibrate_all_experts,
+        true_sequential=true_sequential,
+        **options,
+    )
+    info = {
+        "quant_method": method,
+        "damp_percent": gptq.dampening_frac,
+        "calib_samples": calib_samples,
+    }
+    extra = {"quantize_info": info} if fmt == "pseudo" else {}
+    return export_model(model, out, fmt, source_dir=model_dir, overwrite=overwrite, **extra)
+
+
+def _quantize_mamba(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    scheme: str,
+    method: str | None,
+    fmt: str | None,
+    calib_samples: int,
+    calib_seq_len: int,
+    calib_data: str | os.PathLike | None,
+    overwrite: bool,
+) -> Path:
+    """The Quamba path of `quantize_checkpoint`."""
+    from quantscale.mamba.quantize import quantize_mamba_checkpoint
+
+    if method is not None or fmt is not None:
+        raise QuantscaleError(
+            f"{model_dir}: a Mamba model is quantized the Quamba way; --method and --format "
+            "do not apply"
+        )
+    return quantize_mamba_checkpoint(
+        model_dir,
+        out,
+        scheme,
+        calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len,
+        calib_data=calib_data,
+        overwrite=overwrite,
+    )
+
+
+def _quantize_experts(
+    model: nn.Module,
+    recipe: Recipe,
+    batches: torch.Tensor | None,
+    method: str,
+    batch_size: int,
+    all_tokens: bool,
+    **kwargs: Any,
+) -> None:
+    """`quantize_model` with MoE experts linearized (and, if `all_tokens`, calibrated on every
+    token rather than on those the router sends them)."""
+    from quantscale.models.moe import calibrate_all_experts, linearize_experts, log_expert_coverage
+
+    moe = linearize_experts(model)
+    start = time.perf_counter()
+    with calibrate_all_experts(model, enabled=all_tokens and bool(moe)):
+        quantize_model(model, recipe, batches, method=method, batch_size=batch_size, **kwargs)
+    if moe:
+        log_expert_coverage(model, all_tokens=all_tokens)
+    log.info("quantized with %s in %.1f s", method, time.perf_counter() - start)
