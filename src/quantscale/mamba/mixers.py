@@ -41,6 +41,7 @@ from quantscale.mamba.grouping import GroupPlan
 
 MambaKind = Literal["mamba", "mamba2"]
 MAMBA_MODEL_TYPES: tuple[MambaKind, ...] = ("mamba", "mamba2")
+WeightStrategy = Literal["channel", "tensor"]
 
 _COMMON_ACTS = (
     "in_proj.input",
@@ -107,7 +108,7 @@ class MambaRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["quamba1", "quamba2"] = "quamba1"
-    weight_strategy: Literal["channel", "tensor"] = "channel"
+    weight_strategy: WeightStrategy = "channel"
     percentile_alpha: float | None = None  # None: by model size (see module docstring)
     ema_sigma: float = 0.01
     head_groups: int = 4
@@ -210,19 +211,41 @@ def quantized_layers(n_layers: int, recipe: MambaRecipe) -> list[int]:
 # ----------------------------------------------------------------------------- reordering
 
 
+def child_module(owner: nn.Module, name: str) -> nn.Module:
+    """A submodule by name (a block's mixer, a mixer's in_proj, ...), typed."""
+    part = getattr(owner, name)
+    assert isinstance(part, nn.Module), name
+    return part
+
+
+def module_tensor(owner: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer by name (weight, A_log, D, ...), typed."""
+    value = getattr(owner, name)
+    assert isinstance(value, torch.Tensor), name
+    return value
+
+
+def _size(mixer: nn.Module, name: str) -> int:
+    value = getattr(mixer, name)
+    assert isinstance(value, int), name
+    return value
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> None:
+    """Reorder `dim` of a parameter in place (the same object keeps the new values)."""
+    t.data = t.data.index_select(dim, index).contiguous()
+
+
 def _take_rows(module: nn.Module, index: torch.Tensor) -> None:
     """Reorder dim 0 of a module's weight (and bias) in place."""
-    module.weight.data = module.weight.data.index_select(0, index).contiguous()
-    if getattr(module, "bias", None) is not None:
-        module.bias.data = module.bias.data.index_select(0, index).contiguous()
+    _take(module_tensor(module, "weight"), index)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        _take(bias, index)
 
 
 def _take_cols(linear: nn.Module, index: torch.Tensor) -> None:
-    linear.weight.data = linear.weight.data.index_select(1, index).contiguous()
-
-
-def _take(param: nn.Parameter, index: torch.Tensor) -> None:
-    param.data = param.data.index_select(0, index).contiguous()
+    _take(module_tensor(linear, "weight"), index, dim=1)
 
 
 @torch.no_grad()
@@ -232,45 +255,41 @@ def reorder_mixer(mixer: nn.Module, kind: MambaKind, plan: GroupPlan) -> None:
     Works on transformers' mixers and on `quantscale.mamba.quamba` mixers before they are
     frozen (same attribute names); the mixer's float output does not change.
     """
-    perm = plan.perm.to(mixer.out_proj.weight.device)
+    out_proj = child_module(mixer, "out_proj")
+    perm = plan.perm.to(module_tensor(out_proj, "weight").device)
     inner = perm.numel()
-    arange = torch.arange
     if kind == "mamba":
-        _take_rows(mixer.in_proj, torch.cat([perm, inner + perm]))
-        _take_rows(mixer.conv1d, perm)
-        _take_cols(mixer.x_proj, perm)
-        _take_rows(mixer.dt_proj, perm)
-        _take(mixer.A_log, perm)
-        _take(mixer.D, perm)
+        _take_rows(child_module(mixer, "in_proj"), torch.cat([perm, inner + perm]))
+        _take_rows(child_module(mixer, "conv1d"), perm)
+        _take_cols(child_module(mixer, "x_proj"), perm)
+        _take_rows(child_module(mixer, "dt_proj"), perm)
+        _take(module_tensor(mixer, "A_log"), perm)
+        _take(module_tensor(mixer, "D"), perm)
     else:
+        assert plan.head_perm is not None, "a Mamba2 plan permutes heads"
         heads = plan.head_perm.to(perm.device)
-        conv_dim = mixer.conv1d.weight.shape[0]
-        bc = arange(inner, conv_dim, device=perm.device)
+        conv = child_module(mixer, "conv1d")
+        conv_dim = module_tensor(conv, "weight").shape[0]
+        bc = torch.arange(inner, conv_dim, device=perm.device)
         rows = [perm, inner + perm, inner + bc, inner + conv_dim + heads]
-        _take_rows(mixer.in_proj, torch.cat(rows))
-        _take_rows(mixer.conv1d, torch.cat([perm, bc]))
-        _take(mixer.A_log, heads)
-        _take(mixer.D, heads)
-        _take(mixer.dt_bias, heads)
-        _take(mixer.norm.weight, perm)
-    _take_cols(mixer.out_proj, perm)
+        _take_rows(child_module(mixer, "in_proj"), torch.cat(rows))
+        _take_rows(conv, torch.cat([perm, bc]))
+        for name in ("A_log", "D", "dt_bias"):
+            _take(module_tensor(mixer, name), heads)
+        _take(module_tensor(child_module(mixer, "norm"), "weight"), perm)
+    _take_cols(out_proj, perm)
 
 
 def mixer_shape(mixer: nn.Module, kind: MambaKind) -> dict[str, int]:
     """Sizes of a mixer: inner (x channels), heads, head_dim, ssd_groups, state."""
-    inner = mixer.out_proj.weight.shape[1]
+    inner = module_tensor(child_module(mixer, "out_proj"), "weight").shape[1]
     if kind == "mamba":
-        return {
-            "inner": inner,
-            "heads": inner,
-            "head_dim": 1,
-            "ssd_groups": 1,
-            "state": mixer.A_log.shape[1],
-        }
+        state = module_tensor(mixer, "A_log").shape[1]
+        return {"inner": inner, "heads": inner, "head_dim": 1, "ssd_groups": 1, "state": state}
     return {
         "inner": inner,
-        "heads": mixer.num_heads,
-        "head_dim": mixer.head_dim,
-        "ssd_groups": mixer.n_groups,
-        "state": mixer.ssm_state_size,
+        "heads": _size(mixer, "num_heads"),
+        "head_dim": _size(mixer, "head_dim"),
+        "ssd_groups": _size(mixer, "n_groups"),
+        "state": _size(mixer, "ssm_state_size"),
     }

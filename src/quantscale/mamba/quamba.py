@@ -22,7 +22,9 @@ Activation point names map to state-dict keys by replacing '.' with '_' (`ssm.x`
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+import operator
+from typing import TYPE_CHECKING, Literal, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,14 @@ from torch import nn
 from quantscale.errors import QuantscaleError
 from quantscale.formats.intq import dequantize_int, quantize_int
 from quantscale.mamba.grouping import group_runs
-from quantscale.mamba.mixers import ACTIVATION_POINTS, MambaKind, PointSpec
-from quantscale.observers import get_observer
+from quantscale.mamba.mixers import ACTIVATION_POINTS, MambaKind, PointSpec, WeightStrategy
+from quantscale.observers import Observer, get_observer
 from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
-from quantscale.scheme import QuantArgs
+from quantscale.scheme import QuantArgs, Strategy
+
+if TYPE_CHECKING:
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
 Mode = Literal["float", "calibrate", "fake", "int8"]
 MODES = ("float", "calibrate", "fake", "int8")
@@ -58,12 +64,15 @@ def _scale_view(scale: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 class ActQuant(nn.Module):
     """Static symmetric INT8 quantizer of one activation: per tensor or per channel group."""
 
+    scale: torch.Tensor
+    group_id: torch.Tensor | None
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.channels = channels
         self.register_buffer("scale", torch.ones(1, dtype=torch.float32))
         self.register_buffer("group_id", None)
-        self._observers: list | None = None
+        self._observers: list[Observer] | None = None
         self._members: list[torch.Tensor] | None = None
         self.channel_amax: torch.Tensor | None = None
 
@@ -150,7 +159,7 @@ class ActQuant(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def quantize_weight(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 weight [out, ...] -> (int8 weight, float32 scale [out, 1] or [1])."""
     args = QuantArgs(num_bits=8, strategy=strategy)
     rows = w.detach().float().reshape(w.shape[0], -1)
@@ -162,7 +171,13 @@ def quantize_weight(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch
 class _QWeight(nn.Module):
     """A float weight (+ bias) that `freeze()` replaces by INT8 values and a scale."""
 
-    def __init__(self, module: nn.Module, quantized: bool, strategy: str) -> None:
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self, module: nn.Linear | nn.Conv1d, quantized: bool, strategy: WeightStrategy
+    ) -> None:
         super().__init__()
         self.weight = _as_float_param(module.weight)
         self.bias = None if module.bias is None else _as_float_param(module.bias)
@@ -192,9 +207,11 @@ class _QWeight(nn.Module):
         return self.weight.float() * scale
 
 
-def _as_float_param(p: nn.Parameter) -> nn.Parameter:
+def _as_float_param(p: torch.Tensor) -> nn.Parameter:
     """The same parameter if float32 (so training updates the original), else a float copy."""
-    return p if p.dtype == torch.float32 else nn.Parameter(p.detach().float())
+    if isinstance(p, nn.Parameter) and p.dtype == torch.float32:
+        return p
+    return nn.Parameter(p.detach().float())
 
 
 class QLinear(_QWeight):
@@ -218,9 +235,13 @@ class QLinear(_QWeight):
         if act.group_id is None:
             acc = torch._int_mm(q, w_t).float() * act.scale
         else:
-            acc = sum(
-                torch._int_mm(q[:, s:e].contiguous(), w_t[s:e].contiguous()).float() * act.scale[g]
-                for s, e, g in group_runs(act.group_id)
+            acc = functools.reduce(
+                operator.add,
+                (
+                    torch._int_mm(q[:, s:e].contiguous(), w_t[s:e].contiguous()).float()
+                    * act.scale[g]
+                    for s, e, g in group_runs(act.group_id)
+                ),
             )
         out = acc * self.weight_scale.reshape(1, -1)
         if bias is not None:
@@ -231,7 +252,7 @@ class QLinear(_QWeight):
 class QConv1d(_QWeight):
     """Depthwise causal conv1d with an INT8 weight per channel."""
 
-    def __init__(self, conv: nn.Conv1d, quantized: bool, strategy: str) -> None:
+    def __init__(self, conv: nn.Conv1d, quantized: bool, strategy: WeightStrategy) -> None:
         super().__init__(conv, quantized, strategy)
         self.kernel = conv.kernel_size[0]
 
@@ -312,7 +333,7 @@ def _chunk_scan():
     return getattr(fn, "__wrapped__", fn)
 
 
-class _QMixerBase(nn.Module):
+class QMixerBase(nn.Module):
     """Shared state of the quantized mixers: points, activation quantizers and modes."""
 
     kind: MambaKind
@@ -333,7 +354,7 @@ class _QMixerBase(nn.Module):
     def act(self, point: str) -> ActQuant | None:
         """The quantizer of an activation point, or None when the point stays float."""
         key = act_key(point)
-        return self.acts[key] if key in self.acts else None
+        return cast(ActQuant, self.acts[key]) if key in self.acts else None
 
     def _see(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """Observe x at a point while calibrating (or measure its error); returns x."""
@@ -382,13 +403,16 @@ class _QMixerBase(nn.Module):
 
         `placeholder=True` allocates the buffers only (to load a saved state dict).
         """
-        for act in self.acts.values():
+        for act in self._act_quants():
             act.channel_amax = None
             if not placeholder:
                 act.finish()
         for module in self._weights():
             module.freeze(placeholder)
         self.mode = "int8"
+
+    def _act_quants(self) -> list[ActQuant]:
+        return [m for m in self.acts.values() if isinstance(m, ActQuant)]
 
     def _weights(self) -> list[_QWeight]:
         return [m for m in self.children() if isinstance(m, _QWeight)]
@@ -401,12 +425,14 @@ class _QMixerBase(nn.Module):
             )
 
 
-class QMambaMixer(_QMixerBase):
+class QMambaMixer(QMixerBase):
     """Quantized `MambaMixer` (Mamba1)."""
 
     kind = "mamba"
 
-    def __init__(self, mixer: nn.Module, specs: dict[str, PointSpec], strategy: str) -> None:
+    def __init__(
+        self, mixer: MambaMixer, specs: dict[str, PointSpec], strategy: WeightStrategy
+    ) -> None:
         super().__init__(specs, mixer.layer_idx)
         w = specs
         self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, strategy)
@@ -460,12 +486,14 @@ class QMambaMixer(_QMixerBase):
         return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
 
 
-class QMamba2Mixer(_QMixerBase):
+class QMamba2Mixer(QMixerBase):
     """Quantized `Mamba2Mixer`."""
 
     kind = "mamba2"
 
-    def __init__(self, mixer: nn.Module, specs: dict[str, PointSpec], strategy: str) -> None:
+    def __init__(
+        self, mixer: Mamba2Mixer, specs: dict[str, PointSpec], strategy: WeightStrategy
+    ) -> None:
         super().__init__(specs, mixer.layer_idx)
         w = specs
         self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, strategy)
@@ -495,8 +523,9 @@ class QMamba2Mixer(_QMixerBase):
         )
         per_group = torch.arange(bc) // self.ssm_state_size
         for point in ("ssm.B", "ssm.C"):
-            if specs[point].quantize and specs[point].piecewise:
-                self.act(point).set_groups(per_group, self.n_groups)
+            act = self.act(point)
+            if act is not None and specs[point].piecewise:
+                act.set_groups(per_group, self.n_groups)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         self._check_cache(cache)
@@ -530,12 +559,16 @@ class QMamba2Mixer(_QMixerBase):
 
 
 def quantized_mixer(
-    mixer: nn.Module, kind: MambaKind, specs: dict[str, PointSpec], strategy: str = "channel"
-) -> _QMixerBase:
-    """The quantized counterpart (float mode) of a transformers mixer."""
-    cls = QMambaMixer if kind == "mamba" else QMamba2Mixer
-    return cls(mixer, specs, strategy)
+    mixer: nn.Module,
+    kind: MambaKind,
+    specs: dict[str, PointSpec],
+    strategy: WeightStrategy = "channel",
+) -> QMixerBase:
+    """The quantized counterpart (float mode) of a transformers MambaMixer / Mamba2Mixer."""
+    if kind == "mamba":
+        return QMambaMixer(cast("MambaMixer", mixer), specs, strategy)
+    return QMamba2Mixer(cast("Mamba2Mixer", mixer), specs, strategy)
 
 
-def is_quantized_mixer(module: nn.Module) -> bool:
-    return isinstance(module, _QMixerBase)
+def is_quantized_mixer(module: nn.Module) -> TypeGuard[QMixerBase]:
+    return isinstance(module, QMixerBase)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,16 +26,29 @@ from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.mamba.mixers import (
     MambaKind,
     MambaRecipe,
+    child_module,
     mamba_kind,
     mixer_shape,
+    module_tensor,
     quantized_layers,
     read_recipe,
     reorder_mixer,
     resolve_points,
 )
-from quantscale.mamba.quamba import MODES, is_quantized_mixer, quantize_weight, quantized_mixer
+from quantscale.mamba.quamba import (
+    MODES,
+    ActQuant,
+    Mode,
+    QMixerBase,
+    is_quantized_mixer,
+    quantize_weight,
+    quantized_mixer,
+)
 from quantscale.models.adapter import decoder_layers
 from quantscale.progress import track
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 QUANT_METHOD = "quamba"
 FORMAT_VERSION = 1
@@ -52,15 +66,24 @@ def run_batches(model: nn.Module, batches: Sequence[torch.Tensor], description: 
         model(input_ids=ids, use_cache=False)
 
 
-def quantized_mixers(model: nn.Module) -> dict[int, nn.Module]:
+def quantized_mixers(model: nn.Module) -> dict[int, QMixerBase]:
     """Layer index -> quantized mixer."""
     _, layers = decoder_layers(model)
-    return {i: layer.mixer for i, layer in enumerate(layers) if is_quantized_mixer(layer.mixer)}
+    mixers = {i: child_module(layer, "mixer") for i, layer in enumerate(layers)}
+    return {i: m for i, m in mixers.items() if is_quantized_mixer(m)}
 
 
-def _plan(mixer: nn.Module, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
+def _x_act(mixer: QMixerBase) -> ActQuant:
+    """The quantizer of the SSM input x (quantized whenever grouping runs)."""
+    act = mixer.act("ssm.x")
+    assert act is not None, "ssm.x is quantized"
+    return act
+
+
+def _plan(mixer: QMixerBase, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
     """Grouping plan of one mixer from the channel ranges of its x."""
-    amax = mixer.act("ssm.x").channel_amax
+    amax = _x_act(mixer).channel_amax
+    assert amax is not None, "channel ranges tracked"
     if kind == "mamba":
         return plan_channels(amax, recipe.head_groups, recipe.channel_groups)
     shape = mixer_shape(mixer, kind)
@@ -68,15 +91,17 @@ def _plan(mixer: nn.Module, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
     return plan_heads(stats, recipe.head_groups, recipe.channel_groups)
 
 
-def _group_and_reorder(model, batches, kind: MambaKind, recipe: MambaRecipe) -> None:
+def _group_and_reorder(
+    model: nn.Module, batches: Sequence[torch.Tensor], kind: MambaKind, recipe: MambaRecipe
+) -> None:
     """Quamba2: measure x's channel ranges, cluster, reorder weights, set the group maps."""
     mixers = quantized_mixers(model)
     for mixer in mixers.values():
-        mixer.act("ssm.x").track_channels()
+        _x_act(mixer).track_channels()
     run_batches(model, batches, "channel ranges")
     for mixer in mixers.values():
         plan = _plan(mixer, kind, recipe)
-        act = mixer.act("ssm.x")
+        act = _x_act(mixer)
         act.channel_amax = None
         reorder_mixer(mixer, kind, plan)
         act.set_groups(plan.group_id, plan.n_groups)
@@ -87,14 +112,14 @@ def _round_norms(model: nn.Module, layers: list[int]) -> None:
     """Round the block norms' weights to a per-tensor INT8 grid (the `norm.weight` point)."""
     _, blocks = decoder_layers(model)
     for i in layers:
-        w = blocks[i].norm.weight
+        w = module_tensor(child_module(blocks[i], "norm"), "weight")
         q, scale = quantize_weight(w.reshape(1, -1), "tensor")
         w.copy_((q.float() * scale).reshape(w.shape).to(w.dtype))
 
 
 def quantize_mamba(
-    model: nn.Module, batches: Sequence[torch.Tensor], recipe: MambaRecipe | None = None
-) -> nn.Module:
+    model: PreTrainedModel, batches: Sequence[torch.Tensor], recipe: MambaRecipe | None = None
+) -> PreTrainedModel:
     """Quantize a MambaForCausalLM / Mamba2ForCausalLM in place with static INT8 scales.
 
     `batches`: token-id tensors [batch, seq_len] for calibration. Returns the model, with
@@ -108,7 +133,8 @@ def quantize_mamba(
     _, layers = decoder_layers(model)
     chosen = quantized_layers(len(layers), recipe)
     for i in chosen:
-        layers[i].mixer = quantized_mixer(layers[i].mixer, kind, specs, recipe.weight_strategy)
+        mixer = child_module(layers[i], "mixer")
+        layers[i].mixer = quantized_mixer(mixer, kind, specs, recipe.weight_strategy)
     if specs["ssm.x"].quantize and specs["ssm.x"].piecewise:
         _group_and_reorder(model, batches, kind, recipe)
     mixers = quantized_mixers(model)
@@ -180,7 +206,7 @@ def quantization_config(recipe: MambaRecipe, n_params: int, layers: list[int]) -
     }
 
 
-def set_mode(model: nn.Module, mode: str) -> None:
+def set_mode(model: nn.Module, mode: Mode) -> None:
     """Switch every quantized mixer to `mode` ('int8' real INT8, 'fake' reference)."""
     if mode not in MODES:
         raise QuantscaleError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -194,7 +220,10 @@ def _tied(model: nn.Module) -> bool:
 
 
 def save_quantized(
-    model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False
+    model: PreTrainedModel,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a quantized model (config.json, model.safetensors, tokenizer files if given)."""
     if not quantized_mixers(model):
@@ -210,7 +239,7 @@ def save_quantized(
         return writer.commit(write_index=False)
 
 
-def load_quantized(path: str | os.PathLike) -> nn.Module:
+def load_quantized(path: str | os.PathLike) -> PreTrainedModel:
     """Rebuild a model written by `save_quantized`, in int8 mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -229,15 +258,18 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     _, layers = decoder_layers(model)
     for i in qcfg["quantized_layers"]:
-        layers[i].mixer = quantized_mixer(layers[i].mixer, kind, specs, recipe.weight_strategy)
-        layers[i].mixer.freeze(placeholder=True)
+        mixer = quantized_mixer(
+            child_module(layers[i], "mixer"), kind, specs, recipe.weight_strategy
+        )
+        mixer.freeze(placeholder=True)
+        layers[i].mixer = mixer
     model = model.to_empty(device="cpu")
     state = {name: ckpt.get(name) for name in ckpt.names()}
     _load_state(model, state, ckpt.path)
     return model.eval()
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], path: Path) -> None:
     """Load tensors strictly (a tied lm_head may be absent) and re-tie embeddings."""
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and _tie_config(model))]
@@ -247,8 +279,10 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
             f"unexpected {result.unexpected_keys[:5]}"
         )
     if _tie_config(model):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        out = model.get_output_embeddings()
+        assert out is not None, "a causal LM has an lm_head"
+        out.weight = model.get_input_embeddings().weight
 
 
-def _tie_config(model: nn.Module) -> bool:
+def _tie_config(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
