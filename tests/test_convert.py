@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from quantscale import cli
-from quantscale.checkpoint.convert import (
-    convert_checkpoint,
-    explain,
-    from_neuron_name,
-    to_neuron_name,
-)
+from quantscale.checkpoint.convert import convert_checkpoint, explain
 from quantscale.checkpoint.dequantize import dequantize_checkpoint
 from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+from quantscale.checkpoint.layouts import from_neuron_name, to_neuron_name
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.synthetic import write_llama_like, write_minimax_like
 from quantscale.errors import QuantscaleError

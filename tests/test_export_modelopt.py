@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_llama
 
+from quantscale.checkpoint.convert import SIDECAR, convert_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.export.compressed_tensors import read_compressed_tensors, save_compressed_tensors
 from quantscale.export.modelopt import read_modelopt, save_modelopt
-from quantscale.export.nvfp4_convert import SIDECAR, convert_nvfp4
-from quantscale.pipeline import quantize_model
+from quantscale.quantize import quantize_model
 from quantscale.runtime.qlinear import quant_linears
 
 
@@ -103,13 +103,13 @@ def test_modelopt_to_ct_and_back_unchanged(w4a4, tmp_path):
     for f in out.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
-    ct = convert_nvfp4(src, tmp_path / "ct", "compressed-tensors")
+    ct = convert_checkpoint(src, tmp_path / "ct", "compressed-tensors")
     ct_tensors, ct_cfg, ct_hf = _files(ct)
     assert ct_hf is None and ct_cfg["quantization_config"]["format"] == "nvfp4-pack-quantized"
     gs = ct_tensors["model.layers.1.mlp.down_proj.weight_global_scale"]
     assert gs.shape == (1,) and gs.item() == pytest.approx(1 / tensors[key].item(), rel=1e-6)
     assert "model.layers.1.mlp.down_proj.weight_packed" in ct_tensors
-    back = convert_nvfp4(ct, tmp_path / "back", "modelopt")
+    back = convert_checkpoint(ct, tmp_path / "back", "modelopt")
     a, b = _files(src), _files(back)
     assert a[0].keys() == b[0].keys()
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
@@ -120,13 +120,13 @@ def test_modelopt_to_ct_and_back_unchanged(w4a4, tmp_path):
 def test_ct_to_modelopt_and_back_unchanged(tmp_path):
     model = _model("NVFP4")
     ct = save_compressed_tensors(model, tmp_path / "ct")
-    mo = convert_nvfp4(ct, tmp_path / "mo", "modelopt")
+    mo = convert_checkpoint(ct, tmp_path / "mo", "modelopt")
     dense_ct = read_compressed_tensors(ct)
     dense_mo = read_modelopt(mo)
     for name in quant_linears(model):
         w = f"{name}.weight"
         torch.testing.assert_close(dense_mo[w], dense_ct[w], rtol=2**-20, atol=0)
-    back = convert_nvfp4(mo, tmp_path / "back", "compressed-tensors")
+    back = convert_checkpoint(mo, tmp_path / "back", "compressed-tensors")
     a, b = _files(ct), _files(back)
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[0].keys() == b[0].keys()
     assert a[1] == b[1]

@@ -7,26 +7,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quantscale.algorithms.rtn import quantize_weight_rtn
+from quantscale.checkpoint.layouts import CT_FLOAT, CT_MXFP4, CT_NVFP4, CT_PACKED
 from quantscale.export.base import ModuleCodes, per_column_qparams
-from quantscale.export.compressed_tensors import (
-    FLOAT,
-    MXFP4,
-    NVFP4,
-    PACKED,
-    dequantize_module,
-    weight_tensors,
-)
+from quantscale.export.compressed_tensors import dequantize_module, weight_tensors
 from quantscale.formats.intq import unpack_int32
-from quantscale.qdq import dequantize, quantize, quantize_weight_rtn
+from quantscale.qdq import dequantize, quantize
 from quantscale.scheme import QuantArgs, preset_scheme
 
 CASES = {
-    "NVFP4A16": (NVFP4, 16),
-    "MXFP4A16": (MXFP4, 32),
-    "W4A16": (PACKED, 8),
-    "W4A16_ASYM": (PACKED, 8),
-    "W8A16": (PACKED, 4),
-    "FP8_DYNAMIC": (FLOAT, 1),
+    "NVFP4A16": (CT_NVFP4, 16),
+    "MXFP4A16": (CT_MXFP4, 32),
+    "W4A16": (CT_PACKED, 8),
+    "W4A16_ASYM": (CT_PACKED, 8),
+    "W8A16": (CT_PACKED, 4),
+    "FP8_DYNAMIC": (CT_FLOAT, 1),
 }
 
 
@@ -55,13 +50,13 @@ def test_whole_tensor_round_trip(preset, rows, units, seed, spread):
     stored = weight_tensors(mc, fmt)
     back = dequantize_module(stored, args, fmt)
     assert torch.equal(back, dequantize(mc.codes, args, mc.qparams))
-    if fmt in (NVFP4, MXFP4):
+    if fmt in (CT_NVFP4, CT_MXFP4):
         packed = stored["weight_packed"]
         assert packed.shape == (rows, w.shape[1] // 2) and packed.dtype == torch.uint8
         assert torch.equal(packed & 0xF, mc.codes[:, 0::2]) and torch.equal(
             packed >> 4, mc.codes[:, 1::2]
         )
-    if fmt == PACKED:
+    if fmt == CT_PACKED:
         bits = args.num_bits
         words = stored["weight_packed"]
         low = (words[:, 0] & ((1 << bits) - 1)) - (1 << (bits - 1))
@@ -78,9 +73,9 @@ def test_act_order_g_idx_and_asym_zero_points_round_trip(rows, groups, seed):
     g_idx = (torch.randperm(8 * groups, generator=gen) // 8).to(torch.int32)
     mc = _codes(w, args.model_copy(update={"actorder": None}), None)
     mc = ModuleCodes("m", args, mc.codes, mc.qparams, g_idx, None)
-    stored = weight_tensors(mc, PACKED)
+    stored = weight_tensors(mc, CT_PACKED)
     assert torch.equal(stored["weight_g_idx"], g_idx)
     zp = unpack_int32(stored["weight_zero_point"], 4, rows, dim=0)
     assert torch.equal(zp.float(), mc.qparams.zero_point)
     expect = dequantize(mc.codes, args, per_column_qparams(mc.qparams, g_idx))
-    assert torch.equal(dequantize_module(stored, args, PACKED), expect)
+    assert torch.equal(dequantize_module(stored, args, CT_PACKED), expect)

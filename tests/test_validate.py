@@ -237,7 +237,7 @@ def test_runtime_refusals_are_named(minimax, monkeypatch):
     def fake(ckpt):
         return [(f"{L0}.self_attn.q_proj.weight", "transformers (X)", "9.9", "refuses: because")]
 
-    monkeypatch.setattr(qvalidate, "_runtime_refusals_fn", lambda: fake)
+    monkeypatch.setattr(qvalidate, "runtime_refusals", fake)
     warn = only(validate_checkpoint(minimax), "runtime-refuses")
     assert warn.severity == "warning" and warn.tensors == [f"{L0}.self_attn.q_proj.weight"]
     assert "transformers (X) 9.9" in warn.message and "because" in warn.message
@@ -248,7 +248,6 @@ def test_runtime_refusals_are_named(minimax, monkeypatch):
 
 def test_runtime_edge_tiles_real_rules(tmp_path):
     """With the runtime rules (checkpoint.runtimes): 1000-wide MLP weights get named."""
-    pytest.importorskip("quantscale.checkpoint.runtimes")
     path = write_llama_like(tmp_path / "edge", 256, 1000, 1, 64, fp8=True)
     report = validate_checkpoint(path, runtime="transformers")
     found = [f for f in report.findings if f.code == "runtime-refuses"]

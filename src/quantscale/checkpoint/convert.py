@@ -1,34 +1,67 @@
-"""Convert FP8 block checkpoints between HF, compressed-tensors and AWS Neuron conventions.
+"""Convert quantized checkpoints between the conventions of other runtimes, streaming.
 
-All three store the same numbers: fp8 weights and a float32 dequantization multiplier per
-tile (W = fp8 * scale). Conversion renames tensors and rewrites config.json; it never takes a
-reciprocal of a scale (`1/weight_scale_inv` would scale every weight by about (amax/448)^-2).
-It streams: tensors whose bytes do not change are copied as raw bytes, a few MB at a time.
+FP8 block checkpoints convert between HF, compressed-tensors and AWS Neuron; all three store
+the same numbers, fp8 weights and a float32 dequantization multiplier per tile (W = fp8 *
+scale). Conversion renames tensors and rewrites config.json; it never takes a reciprocal of
+a scale (`1/weight_scale_inv` would scale every weight by about (amax/448)^-2). Tensors
+whose bytes do not change are copied as raw bytes, a few MB at a time.
+
+NVFP4 checkpoints convert between compressed-tensors and ModelOpt. Both store the same
+packed E2M1 bytes and E4M3 block scales; they differ in names and in the per-tensor scale:
+compressed-tensors `weight_global_scale` [1] = 448*6/amax, ModelOpt `weight_scale_2` scalar
+= amax/(6*448) (likewise `input_global_scale` <-> `input_scale`). The reciprocal of a
+float32 is not always invertible in float32 (about 12% of values do not come back), so a
+converted checkpoint carries `quantscale_nvfp4_convert.json` with the source's exact
+per-tensor values and quantization config; converting back restores them, so ModelOpt ->
+compressed-tensors -> ModelOpt (and the reverse) is byte for byte unchanged. Loaders ignore
+that file.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.dequantize import NEURON_KEY, config_block, scale_name_for
+from quantscale.checkpoint.layouts import (
+    CT_METHOD,
+    FP8_CONVENTIONS,
+    HF_FP8,
+    HF_QUANT_CONFIG,
+    MODELOPT_METHOD,
+    MODELOPT_NVFP4,
+    MODELOPT_W4A16,
+    NEURON_FP8,
+    NEURON_KEY,
+    NEURON_PREFIX,
+    NVFP4_CONVENTIONS,
+    FP8Facts,
+    Layout,
+    config_block,
+    ct_fp8_block_config,
+    detect_layout,
+    from_neuron_name,
+    hf_fp8_config,
+    hf_quant_config,
+    modelopt_quantization_config,
+    neuron_block,
+    reciprocal,
+    scale_name_for,
+    to_neuron_name,
+)
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
-from quantscale.errors import QuantscaleError
+from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK
+from quantscale.scheme import Recipe, preset_scheme
 
-FORMATS = ("hf", "compressed-tensors", "neuron")
-SCALE_SUFFIX = {"hf": "weight_scale_inv", "compressed-tensors": "weight_scale", "neuron": "scale"}
-NEURON_ATTN = {
-    "q_proj": "qkv_proj.q_proj",
-    "k_proj": "qkv_proj.k_proj",
-    "v_proj": "qkv_proj.v_proj",
-}
-PREFIX = "model."
+TARGETS = (*FP8_CONVENTIONS, MODELOPT_METHOD)
+SIDECAR = "quantscale_nvfp4_convert.json"
 
 RULES = {
     "fp8 weight (<m>.weight, float8_e4m3fn)": "bytes copied unchanged",
@@ -50,205 +83,265 @@ RULES = {
         "NeuronConfig settings (blockwise_symmetric, f8e4m3, block size, modules_to_not_convert)"
     ),
 }
-
-
-def detect_format(ckpt: Checkpoint) -> str:
-    """Which FP8 convention a checkpoint uses: 'hf', 'compressed-tensors' or 'neuron'."""
-    config = ckpt.config or {}
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method == "fp8":
-        return "hf"
-    if method == "compressed-tensors":
-        return "compressed-tensors"
-    if NEURON_KEY in config:
-        return "neuron"
-    raise QuantscaleError(
-        f"{ckpt.path / 'config.json'}: not an FP8 block checkpoint this tool converts "
-        f"(quant_method {method!r}; expected 'fp8', 'compressed-tensors' or a Neuron block)"
-    )
-
-
-def to_neuron_name(name: str, scale_from: str) -> str:
-    """HF-style parameter name -> Neuron name (attention renames, no `model.` prefix)."""
-    module, _, leaf = name.rpartition(".")
-    if leaf == scale_from:
-        leaf = "scale"
-    parts = module.split(".")
-    if len(parts) >= 2 and parts[-2] == "self_attn":
-        if parts[-1] in NEURON_ATTN:
-            parts[-1] = NEURON_ATTN[parts[-1]]
-        elif parts[-1] == "o_proj":
-            parts[-1] = "o_proj.o_proj"
-    module = ".".join(parts)
-    return f"{module}.{leaf}".removeprefix(PREFIX)
-
-
-def from_neuron_name(name: str, scale_to: str, unprefixed: list[str]) -> str:
-    """Neuron parameter name -> HF-style name; `unprefixed` top-level modules get no `model.`."""
-    for short, long in NEURON_ATTN.items():
-        name = name.replace(f"self_attn.{long}.", f"self_attn.{short}.")
-    name = name.replace("self_attn.o_proj.o_proj.", "self_attn.o_proj.")
-    module, _, leaf = name.rpartition(".")
-    if leaf == "scale":
-        leaf = scale_to
-    name = f"{module}.{leaf}" if module else leaf
-    return name if name.split(".")[0] in unprefixed else PREFIX + name
-
-
-def _hf_fields(ckpt: Checkpoint, fmt: str) -> dict:
-    """The format-neutral facts: block, modules left unquantized, scale_fmt."""
-    config = ckpt.config or {}
-    qc = config.get("quantization_config") or {}
-    block = list(config_block(config) or DEFAULT_BLOCK)
-    if fmt == "hf":
-        return {
-            "block": block,
-            "ignore": list(qc.get("modules_to_not_convert") or []),
-            "scale_fmt": qc.get("scale_fmt"),
-        }
-    if fmt == "compressed-tensors":
-        return {"block": block, "ignore": list(qc.get("ignore") or []), "scale_fmt": None}
-    neuron = config[NEURON_KEY]
-    hf = neuron.get("hf_quantization_config") or {}
-    return {
-        "block": block,
-        "ignore": list(
-            hf.get("modules_to_not_convert") or neuron.get("modules_to_not_convert", [])
-        ),
-        "scale_fmt": hf.get("scale_fmt"),
-    }
-
-
-def hf_quantization_config(fields: dict) -> dict:
-    """HF fine-grained FP8 quantization_config."""
-    qc = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": fields["block"],
-        "modules_to_not_convert": fields["ignore"],
-    }
-    if fields.get("scale_fmt"):
-        qc["scale_fmt"] = fields["scale_fmt"]
-    return qc
-
-
-def ct_quantization_config(fields: dict) -> dict:
-    """compressed-tensors quantization_config as llm-compressor's FP8_BLOCK preset saves it."""
-    weights = {
-        "num_bits": 8,
-        "type": "float",
-        "symmetric": True,
-        "group_size": None,
-        "strategy": "block",
-        "block_structure": fields["block"],
-        "dynamic": False,
-    }
-    activations = {
-        "num_bits": 8,
-        "type": "float",
-        "symmetric": True,
-        "group_size": 128,
-        "strategy": "group",
-        "dynamic": True,
-    }
-    group = {
-        "targets": ["Linear"],
-        "weights": weights,
-        "input_activations": activations,
-        "output_activations": None,
-        "format": "float-quantized",
-    }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": group},
-        "ignore": fields["ignore"],
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-    }
-
-
-def neuron_block(fields: dict, unprefixed: list[str]) -> dict:
-    """Settings for NxD Inference's NeuronConfig, plus what --to hf needs to undo renames."""
-    modules = [to_neuron_name(f"{m}.weight", "").rpartition(".")[0] for m in fields["ignore"]]
-    return {
-        "quantized": True,
-        "quantization_dtype": "f8e4m3",
-        "quantization_type": "blockwise_symmetric",
-        "quantization_block_size": fields["block"],
-        "modules_to_not_convert": modules,
-        "unprefixed_modules": unprefixed,
-        "hf_quantization_config": hf_quantization_config(fields),
-    }
-
-
-def _rename(name: str, is_scale: bool, src_fmt: str, to: str, unprefixed: list[str]) -> str:
-    """Tensor name in `src_fmt` -> name in `to` (through HF names); scales get `to`'s suffix."""
-    hf_scale = SCALE_SUFFIX["hf"]
-    if src_fmt == "neuron":
-        name = from_neuron_name(name, hf_scale if is_scale else "scale", unprefixed)
-    elif is_scale:
-        name = f"{name.rpartition('.')[0]}.{hf_scale}"
-    if to == "neuron":
-        return to_neuron_name(name, hf_scale)
-    if is_scale:
-        return f"{name.rpartition('.')[0]}.{SCALE_SUFFIX[to]}"
-    return name
+NVFP4_RULES = {
+    "packed e2m1 weight and e4m3 block scales": (
+        "bytes copied unchanged; compressed-tensors weight_packed <-> ModelOpt weight"
+    ),
+    "per-tensor scales": (
+        "compressed-tensors weight_global_scale / input_global_scale (448*6/amax) <-> ModelOpt "
+        f"weight_scale_2 / input_scale (their float32 reciprocal); {SIDECAR} keeps the source's "
+        "exact values so converting back is byte for byte unchanged"
+    ),
+    "config.json": "quantization_config rewritten; ModelOpt also gets hf_quant_config.json",
+}
 
 
 def convert_checkpoint(
     src: str | os.PathLike, out: str | os.PathLike, to: str, overwrite: bool = False
 ) -> Path:
-    """Write checkpoint `src` in convention `to` ('hf', 'compressed-tensors', 'neuron')."""
-    if to not in FORMATS:
-        raise QuantscaleError(f"unknown target {to!r}; expected one of {', '.join(FORMATS)}")
+    """Write checkpoint `src` in convention `to`: FP8 block checkpoints as 'hf',
+    'compressed-tensors' or 'neuron', NVFP4 ones as 'compressed-tensors' or 'modelopt'."""
+    if to not in TARGETS:
+        raise QuantscaleError(f"unknown target {to!r}; expected one of {', '.join(TARGETS)}")
     ckpt = Checkpoint(src)
-    src_fmt = detect_format(ckpt)
-    fields = _hf_fields(ckpt, src_fmt)
-    config = copy.deepcopy(ckpt.config)
-    neuron = config.pop(NEURON_KEY, None)
-    unprefixed = (neuron or {}).get("unprefixed_modules")
-    if unprefixed is None:
-        tops = {n.split(".")[0] for n in ckpt.tensors}
-        unprefixed = sorted(tops - {PREFIX.rstrip(".")})
-    scales = {
-        scale_name_for(ckpt, n) for n, i in ckpt.tensors.items() if i.dtype.startswith("F8")
-    } - {None}
-
-    def out_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-        """Scales widen to float32 (exactly) unless compressed-tensors keeps them as they are."""
-        widen = name in scales and dtype != torch.float32 and to != "compressed-tensors"
-        return torch.float32 if widen else dtype
-
-    def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        tensor = tensor.to(out_dtype(name, tensor.dtype))
-        return {_rename(name, name in scales, src_fmt, to, unprefixed): tensor}
-
-    def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
-        """Raw byte copies under the new name, except scales that widen to float32."""
-        new = _rename(name, name in scales, src_fmt, to, unprefixed)
-        dtype = out_dtype(name, info.torch_dtype)
-        if dtype == info.torch_dtype:
-            return TensorPlan.copy(new, info)
-        return TensorPlan(((new, dtype, info.shape),))
-
-    config.pop("quantization_config", None)
-    if to == "hf":
-        config["quantization_config"] = hf_quantization_config(fields)
-    elif to == "compressed-tensors":
-        config["quantization_config"] = ct_quantization_config(fields)
-    else:
-        config[NEURON_KEY] = neuron_block(fields, unprefixed)
-    return transform_checkpoint(
-        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
-    )
+    layout = detect_layout(ckpt)
+    if layout is not None and layout in NVFP4_CONVENTIONS.values():
+        return convert_nvfp4(ckpt, layout, out, to, overwrite)
+    if to == MODELOPT_METHOD:
+        raise QuantscaleError(f"{os.fspath(src)}: --to modelopt converts NVFP4 checkpoints only")
+    if layout is None or layout not in FP8_CONVENTIONS.values():
+        method = (ckpt.quantization_config or {}).get("quant_method")
+        raise QuantscaleError(
+            f"{ckpt.path / 'config.json'}: not an FP8 block checkpoint this tool converts "
+            f"(quant_method {method!r}; expected 'fp8', 'compressed-tensors' or a Neuron block)"
+        )
+    return convert_fp8(ckpt, layout, out, to, overwrite)
 
 
 def explain(to: str) -> str:
     """The rule applied to each tensor kind, as printable text."""
     lines = [f"convert --to {to}: rules by tensor kind"]
-    lines += [f"  {kind}: {rule}" for kind, rule in RULES.items()]
-    lines.append(f"  scale name written: <module>.{SCALE_SUFFIX[to]}")
+    if to in FP8_CONVENTIONS:
+        lines += [f"  {kind}: {rule}" for kind, rule in RULES.items()]
+        lines.append(f"  scale name written: <module>.{FP8_CONVENTIONS[to].weight_scale}")
+    if to in NVFP4_CONVENTIONS:
+        lines.append("  NVFP4 checkpoints (compressed-tensors <-> modelopt):")
+        lines += [f"    {kind}: {rule}" for kind, rule in NVFP4_RULES.items()]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ FP8
+
+
+def fp8_facts(config: dict, layout: Layout) -> FP8Facts:
+    """The format-neutral facts of an FP8 config: block, modules left unquantized, scale_fmt."""
+    qc = config.get("quantization_config") or {}
+    block = list(config_block(config) or DEFAULT_BLOCK)
+    if layout is HF_FP8:
+        return FP8Facts(block, list(qc.get("modules_to_not_convert") or []), qc.get("scale_fmt"))
+    if layout is not NEURON_FP8:
+        return FP8Facts(block, list(qc.get("ignore") or []))
+    neuron = config[NEURON_KEY]
+    hf = neuron.get("hf_quantization_config") or {}
+    ignore = hf.get("modules_to_not_convert") or neuron.get("modules_to_not_convert", [])
+    return FP8Facts(block, list(ignore), hf.get("scale_fmt"))
+
+
+def _rename(name: str, is_scale: bool, src: Layout, to: Layout, unprefixed: list[str]) -> str:
+    """Tensor name in `src` -> name in `to` (through HF names); scales get `to`'s name."""
+    hf_scale = str(HF_FP8.weight_scale)
+    if src is NEURON_FP8:
+        name = from_neuron_name(name, hf_scale if is_scale else str(src.weight_scale), unprefixed)
+    elif is_scale:
+        name = f"{name.rpartition('.')[0]}.{hf_scale}"
+    if to is NEURON_FP8:
+        return to_neuron_name(name, hf_scale)
+    if is_scale:
+        return f"{name.rpartition('.')[0]}.{to.weight_scale}"
+    return name
+
+
+def _target_fp8_config(ckpt: Checkpoint, src: Layout, to: Layout) -> tuple[dict, list[str]]:
+    """(config.json of the converted checkpoint, top-level modules Neuron names keep)."""
+    facts = fp8_facts(ckpt.config or {}, src)
+    config = copy.deepcopy(ckpt.config) or {}
+    neuron = config.pop(NEURON_KEY, None)
+    unprefixed = (neuron or {}).get("unprefixed_modules")
+    if unprefixed is None:
+        tops = {n.split(".")[0] for n in ckpt.tensors}
+        unprefixed = sorted(tops - {NEURON_PREFIX.rstrip(".")})
+    config.pop("quantization_config", None)
+    if to is HF_FP8:
+        config["quantization_config"] = hf_fp8_config(facts)
+    elif to is NEURON_FP8:
+        config[NEURON_KEY] = neuron_block(facts, unprefixed)
+    else:
+        config["quantization_config"] = ct_fp8_block_config(facts)
+    return config, unprefixed
+
+
+def convert_fp8(
+    ckpt: Checkpoint, src: Layout, out: str | os.PathLike, to_name: str, overwrite: bool
+) -> Path:
+    """Write FP8 block checkpoint `ckpt` (in layout `src`) in convention `to_name`."""
+    to = FP8_CONVENTIONS[to_name]
+    config, unprefixed = _target_fp8_config(ckpt, src, to)
+    scales = {
+        scale_name_for(ckpt.tensors, n) for n, i in ckpt.tensors.items() if i.dtype.startswith("F8")
+    } - {None}
+
+    def out_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+        """Scales widen to float32 (exactly) unless compressed-tensors keeps them as they are."""
+        widen = name in scales and dtype != torch.float32 and to.convention != CT_METHOD
+        return torch.float32 if widen else dtype
+
+    def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        tensor = tensor.to(out_dtype(name, tensor.dtype))
+        return {_rename(name, name in scales, src, to, unprefixed): tensor}
+
+    def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
+        """Raw byte copies under the new name, except scales that widen to float32."""
+        new = _rename(name, name in scales, src, to, unprefixed)
+        dtype = out_dtype(name, info.torch_dtype)
+        if dtype == info.torch_dtype:
+            return TensorPlan.copy(new, info)
+        return TensorPlan(((new, dtype, info.shape),))
+
+    return transform_checkpoint(
+        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+    )
+
+
+# ------------------------------------------------------------------ NVFP4
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
+
+
+def _bits(x: torch.Tensor) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(x.reshape(-1)[0])))[0]
+
+
+def _from_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _flip(t: torch.Tensor, to: Layout, exact: int | None) -> torch.Tensor:
+    """The reciprocal per-tensor scale in the target's shape ([1] vs scalar)."""
+    r = reciprocal(t.reshape(()))
+    if exact is not None and _bits(reciprocal(torch.tensor(_from_bits(exact)))) == _bits(t):
+        r = torch.tensor(_from_bits(exact), dtype=torch.float32)
+    return r.reshape(1) if to.convention == CT_METHOD else r.reshape(())
+
+
+def _nvfp4_renames(src: Layout, to: Layout) -> dict[str, tuple[str, bool]]:
+    """Local name in `src` -> (name in `to`, whether the value is a reciprocal scale)."""
+    fields = ("weight", "global_scale", "input_global_scale")
+    return {
+        str(getattr(src, f)): (str(getattr(to, f)), f != "weight")
+        for f in fields
+        if getattr(src, f) != getattr(to, f)
+    }
+
+
+def _rename_nvfp4(
+    name: str, renames: dict[str, tuple[str, bool]], quantized: set[str]
+) -> tuple[str, bool]:
+    """(target name, whether the value is a reciprocal scale); only quantized modules'
+    tensors are renamed (a ModelOpt `weight` is also every unquantized module's)."""
+    module, _, leaf = name.rpartition(".")
+    if module not in quantized or leaf not in renames:
+        return name, False
+    new, flips = renames[leaf]
+    return f"{module}.{new}", flips
+
+
+def _modelopt_target(ckpt: Checkpoint, qc: dict, sidecar: dict) -> tuple[dict, dict]:
+    """(quantization_config, hf_quant_config) of a ModelOpt target."""
+    hf_cfg = sidecar.get(HF_QUANT_CONFIG)
+    if hf_cfg is None:
+        has_inputs = any(n.endswith(".input_global_scale") for n in ckpt.tensors)
+        algo = MODELOPT_NVFP4 if has_inputs else MODELOPT_W4A16
+        hf_cfg = hf_quant_config(algo, list(qc.get("ignore") or []))
+    return sidecar.get("quantization_config") or modelopt_quantization_config(hf_cfg), hf_cfg
+
+
+def _ct_target(ckpt: Checkpoint, qc: dict, sidecar: dict) -> dict:
+    """quantization_config of a compressed-tensors target."""
+    q = _read_json(ckpt.path / HF_QUANT_CONFIG)["quantization"] if not qc else qc
+    preset = "NVFP4" if q.get("quant_algo") == MODELOPT_NVFP4 else "NVFP4A16"
+    recipe = Recipe(
+        config_groups={"group_0": preset_scheme(preset)},
+        ignore=list(q.get("exclude_modules") or []),
+    )
+    return sidecar.get("quantization_config") or recipe.to_quantization_config("compressed")
+
+
+def _target_nvfp4_config(ckpt: Checkpoint, to: Layout, sidecar: dict) -> tuple[dict, dict]:
+    """(config.json, hf_quant_config or {}) of the converted checkpoint."""
+    config = copy.deepcopy(ckpt.config or {})
+    qc = config.pop("quantization_config", {}) or {}
+    if to.convention == MODELOPT_METHOD:
+        config["quantization_config"], hf_cfg = _modelopt_target(ckpt, qc, sidecar)
+        return config, hf_cfg
+    config["quantization_config"] = _ct_target(ckpt, qc, sidecar)
+    return config, {}
+
+
+def convert_nvfp4(
+    ckpt: Checkpoint, src: Layout, out: str | os.PathLike, to_name: str, overwrite: bool
+) -> Path:
+    """Write NVFP4 checkpoint `ckpt` (in layout `src`) in convention `to_name`."""
+    if to_name not in NVFP4_CONVENTIONS:
+        raise QuantscaleError(
+            f"unknown NVFP4 target {to_name!r}; expected one of {', '.join(NVFP4_CONVENTIONS)}"
+        )
+    to = NVFP4_CONVENTIONS[to_name]
+    if src is to:
+        raise QuantscaleError(f"{ckpt.path} is already in {to_name} format")
+    side_path = ckpt.path / SIDECAR
+    sidecar = _read_json(side_path) if side_path.exists() else {}
+    if sidecar.get("format") != to_name:
+        sidecar = {}
+    exact = sidecar.get("scales", {})
+    back: dict[str, int] = {}
+    marker = f".{src.global_scale}"
+    quantized = {n[: -len(marker)] for n in ckpt.tensors if n.endswith(marker)}
+    renames = _nvfp4_renames(src, to)
+
+    def tensor_fn(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        new, flips = _rename_nvfp4(name, renames, quantized)
+        if not flips:
+            return {new: tensor}
+        back[new] = _bits(tensor)
+        return {new: _flip(tensor, to, exact.get(name))}
+
+    config, hf_cfg = _target_nvfp4_config(ckpt, to, sidecar)
+    result = transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)
+    _finish(result, src, ckpt, back, hf_cfg, restoring=bool(sidecar))
+    return result
+
+
+def _finish(
+    out: Path, src: Layout, ckpt: Checkpoint, back: dict, hf_cfg: dict, restoring: bool
+) -> None:
+    """Write hf_quant_config.json and the sidecar that restores the source exactly (none
+    when this conversion restored a checkpoint from its own sidecar)."""
+    (out / HF_QUANT_CONFIG).unlink(missing_ok=True)
+    (out / SIDECAR).unlink(missing_ok=True)
+    if hf_cfg:
+        (out / HF_QUANT_CONFIG).write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if restoring:
+        return
+    sidecar = {
+        "format": src.convention,
+        "scales": back,
+        "quantization_config": (ckpt.config or {}).get("quantization_config"),
+    }
+    if src.convention == MODELOPT_METHOD:
+        sidecar[HF_QUANT_CONFIG] = _read_json(ckpt.path / HF_QUANT_CONFIG)
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")

@@ -13,19 +13,24 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from quantscale import progress
+from quantscale.checkpoint.layouts import (
+    ACTIVATION_SCALES,
+    FP8_SCALES,
+    NEURON_KEY,
+    config_block,
+    scale_name_for,
+)
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
 from quantscale.naming import module_path
 
-SCALE_NAMES = ("weight_scale_inv", "weight_scale", "scale")
-ACTIVATION_SCALES = ("input_scale", "activation_scale")
-NEURON_KEY = "neuron_quantization"
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -36,31 +41,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if key not in DTYPE_NAMES:
         raise QuantscaleError(f"unknown dtype {name!r}; expected bf16, fp16 or fp32")
     return DTYPE_NAMES[key]
-
-
-def config_block(config: dict | None) -> tuple[int, int] | None:
-    """Block size that a config declares in any of the three layouts, or None."""
-    config = config or {}
-    qc = config.get("quantization_config") or {}
-    if qc.get("weight_block_size"):
-        return tuple(qc["weight_block_size"])
-    for group in (qc.get("config_groups") or {}).values():
-        weights = group.get("weights") or {}
-        if weights.get("block_structure"):
-            return tuple(weights["block_structure"])
-    neuron = config.get(NEURON_KEY) or {}
-    if neuron.get("quantization_block_size"):
-        return tuple(neuron["quantization_block_size"])
-    return None
-
-
-def scale_name_for(ckpt: Checkpoint, weight_name: str) -> str | None:
-    """Name of the scale tensor that belongs to `<m>.weight`, in whichever layout is present."""
-    module = module_path(weight_name)
-    for suffix in SCALE_NAMES:
-        if f"{module}.{suffix}" in ckpt.tensors:
-            return f"{module}.{suffix}"
-    return None
 
 
 def as_block_scale(
@@ -75,7 +55,7 @@ def as_block_scale(
     if scale.ndim == 4 and scale.shape[1] == 1 and scale.shape[3] == 1:
         scale = scale.reshape(scale.shape[0], scale.shape[2])
     if scale.numel() == 1:
-        return scale.reshape(1, 1), tuple(shape)
+        return scale.reshape(1, 1), shape
     if scale.ndim == 2 and tuple(scale.shape) == (shape[0], 1):
         return scale, (1, shape[1])
     if scale.ndim != 2:
@@ -88,7 +68,7 @@ def as_block_scale(
         candidates = [DEFAULT_BLOCK, implied] if pow2 else [DEFAULT_BLOCK]
     for cand in candidates:
         if block_grid(shape, cand) == tuple(scale.shape):
-            return scale, tuple(cand)
+            return scale, (cand[0], cand[1])
     raise CheckpointError(
         f"{where}: scale grid {tuple(scale.shape)} does not match weight {tuple(shape)} "
         f"with block {block or DEFAULT_BLOCK}: expected {block_grid(shape, block or DEFAULT_BLOCK)}"
@@ -103,15 +83,39 @@ def dequantize_weight(
     where: str,
 ) -> torch.Tensor:
     """fp8 weight x scale (any layout `as_block_scale` accepts) -> `dtype`."""
-    grid, tile = as_block_scale(scale, tuple(q.shape), block, where)
+    grid, tile = as_block_scale(scale, cast(tuple[int, int], tuple(q.shape)), block, where)
     return dequantize_fp8_block(q, grid, tile, dtype)
 
 
-def _set_dtype(config: dict, dtype: torch.dtype) -> None:
+def _plain_config(config: dict | None, dtype: torch.dtype) -> dict | None:
+    """config.json without quantization_config (or Neuron's block), with the new dtype."""
+    if config is None:
+        return None
+    config = copy.deepcopy(config)
+    config.pop("quantization_config", None)
+    config.pop(NEURON_KEY, None)
     name = str(dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = name
+    return config
+
+
+def fp8_weight_scales(ckpt: Checkpoint) -> dict[str, str]:
+    """FP8 weight -> the name of its scale, for every FP8 `<m>.weight` of `ckpt`."""
+    scales: dict[str, str] = {}
+    for name, info in ckpt.tensors.items():
+        if info.dtype.startswith("F8") and name.endswith(".weight"):
+            scale = scale_name_for(ckpt.tensors, name)
+            if scale is None:
+                raise CheckpointError(
+                    f"{ckpt.path / info.shard}: FP8 tensor {name!r} has no scale "
+                    f"(looked for {', '.join(FP8_SCALES)} beside it)"
+                )
+            scales[name] = scale
+    if not scales:
+        raise QuantscaleError(f"{ckpt.path}: no FP8 weights to dequantize")
+    return scales
 
 
 def dequantize_checkpoint(
@@ -127,18 +131,7 @@ def dequantize_checkpoint(
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     ckpt = Checkpoint(src)
     block = config_block(ckpt.config)
-    scales: dict[str, str] = {}
-    for name, info in ckpt.tensors.items():
-        if info.dtype.startswith("F8") and name.endswith(".weight"):
-            scale = scale_name_for(ckpt, name)
-            if scale is None:
-                raise CheckpointError(
-                    f"{ckpt.path / info.shard}: FP8 tensor {name!r} has no scale "
-                    f"(looked for {', '.join(SCALE_NAMES)} beside it)"
-                )
-            scales[name] = scale
-    if not scales:
-        raise QuantscaleError(f"{ckpt.path}: no FP8 weights to dequantize")
+    scales = fp8_weight_scales(ckpt)
     dropped = set(scales.values())
     for weight in scales:
         dropped.update(f"{module_path(weight)}.{s}" for s in ACTIVATION_SCALES)
@@ -158,11 +151,7 @@ def dequantize_checkpoint(
             return TensorPlan.copy(name, info)
         return TensorPlan(((name, dtype, info.shape),))
 
-    config = copy.deepcopy(ckpt.config) if ckpt.config is not None else None
-    if config is not None:
-        config.pop("quantization_config", None)
-        config.pop(NEURON_KEY, None)
-        _set_dtype(config, dtype)
+    config = _plain_config(ckpt.config, dtype)
     return transform_checkpoint(
         ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
     )

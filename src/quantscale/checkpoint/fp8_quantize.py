@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
+from quantscale.checkpoint.layouts import CT_FP8_LAYOUT, HF_FP8, FP8Facts, hf_fp8_config
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
@@ -23,7 +24,8 @@ from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast
 from quantscale.naming import is_ignored, module_path
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
-SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "scale")
+# tensor names that only a quantized checkpoint holds
+QUANTIZED_SUFFIXES = (f".{HF_FP8.weight_scale}", f".{CT_FP8_LAYOUT.weight_scale}")
 
 
 def check_not_quantized(ckpt: Checkpoint) -> None:
@@ -36,7 +38,7 @@ def check_not_quantized(ckpt: Checkpoint) -> None:
             "dequantize it first (`quantscale dequantize`)"
         )
     for name, info in ckpt.tensors.items():
-        if info.dtype.startswith("F8") or name.endswith((".weight_scale_inv", ".weight_scale")):
+        if info.dtype.startswith("F8") or name.endswith(QUANTIZED_SUFFIXES):
             raise QuantscaleError(
                 f"{ckpt.path / info.shard}: tensor {name!r} ({info.dtype}) is already quantized; "
                 "expected a bf16/fp16/fp32 checkpoint"
@@ -64,20 +66,9 @@ def unconverted_modules(ckpt: Checkpoint, ignore: tuple[str, ...] | list[str] = 
     return sorted(set(modules))
 
 
-def fp8_block_config(
-    block: tuple[int, int], not_converted: list[str], scale_fmt: str | None
-) -> dict:
-    """The `quantization_config` transformers' FineGrainedFP8 reads (DeepSeek-V3 layout)."""
-    qc = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [int(block[0]), int(block[1])],
-        "modules_to_not_convert": not_converted,
-    }
-    if scale_fmt == "ue8m0":
-        qc["scale_fmt"] = "ue8m0"
-    return qc
+def scale_name(weight: str) -> str:
+    """`<m>.weight` -> `<m>.weight_scale_inv`, the HF FP8 scale beside it."""
+    return f"{module_path(weight)}.{HF_FP8.weight_scale}"
 
 
 def quantize_checkpoint_fp8(
@@ -104,21 +95,20 @@ def quantize_checkpoint_fp8(
 
     def rows_fn(name: str, band: torch.Tensor, first: int) -> dict[str, tuple]:
         q, scale = quantize_fp8_block_fast(band, block, scale_fmt, backend=backend)
-        return {name: (q, first), f"{name}_scale_inv": (scale, first // block[0])}
+        return {name: (q, first), scale_name(name): (scale, first // block[0])}
 
     def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
         if name not in targets:
             return TensorPlan.copy(name, info)
         outputs = (
             (name, E4M3, info.shape),
-            (f"{name}_scale_inv", torch.float32, block_grid(info.shape, block)),
+            (scale_name(name), torch.float32, block_grid(info.shape, block)),
         )
         return TensorPlan(outputs, "rows", rows=block[0])
 
     config = copy.deepcopy(ckpt.config) if ckpt.config is not None else {}
-    config["quantization_config"] = fp8_block_config(
-        block, unconverted_modules(ckpt, ignore), scale_fmt
-    )
+    facts = FP8Facts(list(block), unconverted_modules(ckpt, ignore), scale_fmt)
+    config["quantization_config"] = hf_fp8_config(facts)
     return transform_checkpoint(
         ckpt, out, None, config, overwrite, progress.track, plan_fn=plan_fn, rows_fn=rows_fn
     )

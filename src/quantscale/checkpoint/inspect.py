@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from quantscale.checkpoint.dequantize import SCALE_NAMES, scale_name_for
+from quantscale.checkpoint.layouts import config_block, scale_name_for, weight_of_scale
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.formats.fp8 import block_grid
 from quantscale.naming import module_kind
@@ -21,17 +21,9 @@ from quantscale.naming import module_kind
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
-def weight_of_scale(name: str) -> str | None:
-    """`<m>.weight_scale_inv` (or `.weight_scale`, Neuron `.scale`) -> `<m>.weight`."""
-    for suffix in SCALE_NAMES:
-        if name.endswith("." + suffix):
-            return name[: -len(suffix)] + "weight"
-    return None
-
-
 def find_scale(ckpt: Checkpoint, name: str) -> str | None:
     """Name of the scale stored for weight `name` (None for non-`.weight` tensors)."""
-    return scale_name_for(ckpt, name) if name.endswith(".weight") else None
+    return scale_name_for(ckpt.tensors, name) if name.endswith(".weight") else None
 
 
 _DIGITS = re.compile(r"\.\d+\.")
@@ -124,13 +116,6 @@ class PrecisionReport:
         return out
 
 
-def _config_block(qc: dict | None) -> tuple[int, int] | None:
-    block = (qc or {}).get("weight_block_size")
-    if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block):
-        return block[0], block[1]
-    return None
-
-
 def _add(counter: dict[str, int], key: str, n: int = 1) -> None:
     counter[key] = counter.get(key, 0) + n
 
@@ -140,7 +125,7 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint(ckpt)
     tensors = ckpt.tensors
-    hint = _config_block(ckpt.quantization_config)
+    hint = config_block(ckpt.config)
     kinds: dict[str, KindSummary] = {}
     bytes_by_dtype: Counter[str] = Counter()
     other: Counter[str] = Counter()
@@ -219,7 +204,7 @@ def _add_scale(
 # ---------------------------------------------------------------- rendering
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"

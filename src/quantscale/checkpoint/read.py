@@ -263,7 +263,7 @@ class ShardReader:
 
     def _read(self, start: int, nbytes: int, own: torch.Tensor, what: str) -> torch.Tensor:
         data = own[:nbytes]
-        read_into(self.fd, memoryview(data.numpy()), start, self.path, what)
+        read_into(self.fd, data.numpy().data, start, self.path, what)
         return data
 
     def _read_all(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from quantscale.checkpoint.dequantize import config_block, scale_name_for
+from quantscale.checkpoint.layouts import HF_FP8_METHOD, config_block, scale_name_for
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 
@@ -51,12 +51,12 @@ def runtime_refusals(checkpoint: Checkpoint | str) -> list[Refusal]:
     """(tensor, runtime, version, reason) for every FP8 weight a known runtime mishandles."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     qc = ckpt.quantization_config or {}
-    if qc.get("quant_method") != "fp8":
+    if qc.get("quant_method") != HF_FP8_METHOD:
         return []
     block = config_block(ckpt.config) or DEFAULT_BLOCK
     found = []
     for name, info in ckpt.tensors.items():
-        scale = scale_name_for(ckpt, name) if info.dtype.startswith("F8") else None
+        scale = scale_name_for(ckpt.tensors, name) if info.dtype.startswith("F8") else None
         if scale is None or len(info.shape) != 2:
             continue
         grid = ckpt.tensors[scale].shape

@@ -56,6 +56,14 @@ PlanFn = Callable[[str, TensorInfo], "list[PlannedTensor] | TensorPlan"]
 Progress = Callable[[Iterator, int, str], Iterator]
 
 
+@dataclass(frozen=True)
+class Mappers:
+    """The functions that make outputs: whole tensors, bands of rows (None: not used)."""
+
+    tensor_fn: TensorFn | None
+    rows_fn: RowsFn | None
+
+
 def transform_checkpoint(
     src: Checkpoint,
     out: str | os.PathLike,
@@ -86,8 +94,7 @@ def transform_checkpoint(
                 raise ValueError("transform_checkpoint needs a tensor_fn or a plan_fn")
             _collect_shards(src, writer, tensor_fn, progress)
         else:
-            fns = {"tensor": tensor_fn, "rows": rows_fn}
-            _stream_shards(src, writer, fns, plan_fn, progress)
+            _stream_shards(src, writer, Mappers(tensor_fn, rows_fn), plan_fn, progress)
         if config is not None:
             writer.write_json(CONFIG_NAME, config)
         for extra in src.extra_files():
@@ -103,25 +110,18 @@ def _collect_shards(
     steps = iter(names)
     if progress is not None:
         steps = progress(steps, len(names), f"writing {writer.out.name}")
-    current: str | None = None
-    handle = None
-    pending: dict[str, torch.Tensor] = {}
-    for shard, name in steps:
-        if shard != current:
-            if current is not None:
-                writer.write_shard(current, pending)
-                pending = {}
-            handle = safe_open(src.path / shard, framework="pt")
-            current = shard
-        pending.update(tensor_fn(name, handle.get_tensor(name)))
-    if current is not None:
-        writer.write_shard(current, pending)
+    for shard, group in itertools.groupby(steps, key=lambda step: step[0]):
+        pending: dict[str, torch.Tensor] = {}
+        with safe_open(src.path / shard, framework="pt") as handle:
+            for _, name in group:
+                pending.update(tensor_fn(name, handle.get_tensor(name)))
+        writer.write_shard(shard, pending)
 
 
 def _stream_shards(
     src: Checkpoint,
     writer: CheckpointWriter,
-    fns: dict[str, Callable | None],
+    fns: Mappers,
     plan_fn: PlanFn,
     progress: Progress | None,
 ) -> None:
@@ -173,38 +173,70 @@ def _pieces(src: Checkpoint, plans: dict[str, TensorPlan]) -> list[Piece]:
 
 
 def _map_piece(
-    piece: Piece,
-    plan: TensorPlan,
-    data: torch.Tensor,
-    stream: ShardStream,
-    fns: dict[str, Callable | None],
+    piece: Piece, plan: TensorPlan, data: torch.Tensor, stream: ShardStream, fns: Mappers
 ) -> None:
     """Map one piece of an input tensor as its plan says and write what it gives."""
     info = piece.info
     where = f"{info.shard}: tensor {info.name!r}"
     planned = sorted(o[0] for o in plan.outputs)
     if plan.kind == "copy":
-        name, dtype, shape = plan.outputs[0]
-        if len(plan.outputs) != 1 or dtype != info.torch_dtype or tuple(shape) != info.shape:
-            raise CheckpointError(f"{where}: a raw copy needs one output of the same type")
-        stream.put_bytes(name, data, piece.start)
+        _copy_piece(piece, plan, data, stream, where)
     elif plan.kind == "rows":
-        row_bytes = info.nbytes // info.shape[0]
-        band = data.view(info.torch_dtype).reshape(-1, *info.shape[1:])
-        outputs = fns["rows"](info.name, band, piece.start // row_bytes)
-        _check_names(where, sorted(outputs), planned, subset=True)
-        for name, (value, row) in outputs.items():
-            stream.put_rows(name, value, row)
+        _map_rows(piece, data, stream, fns, where, planned)
     else:
-        if fns["tensor"] is None:
-            raise ValueError(f"{where}: planned for a tensor_fn, but none was given")
-        outputs = fns["tensor"](info.name, data.view(info.torch_dtype).reshape(info.shape))
-        _check_names(where, sorted(outputs), planned)
-        for name, value in outputs.items():
-            stream.put(name, value)
+        _map_whole(piece, data, stream, fns, where, planned)
     missing = stream.unwritten(planned) if piece.start + piece.nbytes == info.nbytes else []
     if missing:
         raise CheckpointError(f"{where}: outputs {missing} were planned but not all written")
+
+
+def _copy_piece(
+    piece: Piece, plan: TensorPlan, data: torch.Tensor, stream: ShardStream, where: str
+) -> None:
+    """A raw copy: the piece's bytes at the same place of the one output."""
+    info = piece.info
+    name, dtype, shape = plan.outputs[0]
+    if len(plan.outputs) != 1 or dtype != info.torch_dtype or tuple(shape) != info.shape:
+        raise CheckpointError(f"{where}: a raw copy needs one output of the same type")
+    stream.put_bytes(name, data, piece.start)
+
+
+def _map_rows(
+    piece: Piece,
+    data: torch.Tensor,
+    stream: ShardStream,
+    fns: Mappers,
+    where: str,
+    planned: list[str],
+) -> None:
+    """A band of whole rows through `rows_fn`; its outputs written at their rows."""
+    info = piece.info
+    if fns.rows_fn is None:
+        raise ValueError(f"{where}: planned for a rows_fn, but none was given")
+    row_bytes = info.nbytes // info.shape[0]
+    band = data.view(info.torch_dtype).reshape(-1, *info.shape[1:])
+    outputs = fns.rows_fn(info.name, band, piece.start // row_bytes)
+    _check_names(where, sorted(outputs), planned, subset=True)
+    for name, (value, row) in outputs.items():
+        stream.put_rows(name, value, row)
+
+
+def _map_whole(
+    piece: Piece,
+    data: torch.Tensor,
+    stream: ShardStream,
+    fns: Mappers,
+    where: str,
+    planned: list[str],
+) -> None:
+    """The whole tensor through `tensor_fn`; every output written whole."""
+    info = piece.info
+    if fns.tensor_fn is None:
+        raise ValueError(f"{where}: planned for a tensor_fn, but none was given")
+    outputs = fns.tensor_fn(info.name, data.view(info.torch_dtype).reshape(info.shape))
+    _check_names(where, sorted(outputs), planned)
+    for name, value in outputs.items():
+        stream.put(name, value)
 
 
 def _check_names(where: str, given: list[str], planned: list[str], subset: bool = False) -> None:

@@ -8,7 +8,6 @@ a bounded sample of scale tensors and weight tiles.
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import math
 import os
 import re
@@ -18,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of, weight_of_scale
+from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of
+from quantscale.checkpoint.layouts import HF_FP8_METHOD, parse_block, weight_of_scale
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
+from quantscale.checkpoint.runtimes import runtime_refusals
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import module_path
 
@@ -158,26 +159,17 @@ class _Context:
 
     @property
     def is_fp8(self) -> bool:
-        return bool(self.fp8) or (self.qc or {}).get("quant_method") == "fp8"
+        return bool(self.fp8) or (self.qc or {}).get("quant_method") == HF_FP8_METHOD
 
 
 def _context(ckpt: Checkpoint) -> _Context:
     qc = ckpt.quantization_config
-    raw = (qc or {}).get("weight_block_size")
-    block = tuple(raw) if _valid_block(raw) else DEFAULT_BLOCK
+    block = parse_block((qc or {}).get("weight_block_size")) or DEFAULT_BLOCK
     skip = (qc or {}).get("modules_to_not_convert") or []
     skip = [s for s in skip if isinstance(s, str)]
     fp8 = {n: i for n, i in ckpt.tensors.items() if i.dtype in FP8_DTYPES}
     scales = {n: s for n in fp8 if (s := find_scale(ckpt, n)) is not None}
     return _Context(ckpt, qc, block, skip, fp8, scales)
-
-
-def _valid_block(raw) -> bool:
-    return (
-        isinstance(raw, (list, tuple))
-        and len(raw) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in raw)
-    )
 
 
 # ---------------------------------------------------------------- checks
@@ -203,7 +195,7 @@ def check_config(ctx: _Context) -> list[Finding]:
         ]
     out = []
     method = qc.get("quant_method")
-    if method == "fp8" and not ctx.fp8:
+    if method == HF_FP8_METHOD and not ctx.fp8:
         out.append(
             Finding(
                 ERROR,
@@ -214,7 +206,7 @@ def check_config(ctx: _Context) -> list[Finding]:
                 "and scales that are not there. Remove quantization_config from config.json.",
             )
         )
-    if method != "fp8":
+    if method != HF_FP8_METHOD:
         out.append(_config_error(f"quant_method is {method!r}; FP8 block checkpoints need 'fp8'"))
     fmt = qc.get("fmt")
     if fmt is not None and fmt not in FMT_SPELLINGS:
@@ -257,7 +249,7 @@ def _check_block_field(qc: dict) -> list[Finding]:
             )
         ]
     raw = qc["weight_block_size"]
-    if _valid_block(raw):
+    if parse_block(raw) is not None:
         return []
     return [
         _config_error(f"weight_block_size is {raw!r}; expected 2 positive ints like [128, 128]")
@@ -334,12 +326,14 @@ def check_pairs(ctx: _Context) -> list[Finding]:
                 missing,
             )
         )
-    orphans = {"missing": [], "not-fp8": []}
+    orphans: dict[str, list[str]] = {"missing": [], "not-fp8": []}
+    not_fp8: dict[str, str] = {}  # scale -> its (non-FP8) weight
     for name in tensors:
         weight = weight_of_scale(name)
         if weight is None or weight in ctx.fp8:
             continue
         orphans["missing" if weight not in tensors else "not-fp8"].append(name)
+        not_fp8[name] = weight
     if orphans["missing"]:
         out.append(
             Finding(
@@ -353,7 +347,7 @@ def check_pairs(ctx: _Context) -> list[Finding]:
         )
     if orphans["not-fp8"]:
         names = sorted(orphans["not-fp8"])
-        dtype = tensors[weight_of_scale(names[0])].dtype
+        dtype = tensors[not_fp8[names[0]]].dtype
         out.append(
             Finding(
                 ERROR,
@@ -491,8 +485,9 @@ def check_scale_values(ctx: _Context, sample: int = 12, scale_sample: int = 512)
         and tuple(ctx.ckpt.tensors[s].shape) == block_grid(ctx.fp8[w].shape, ctx.block)
     ]
     scales = _read_scales(ctx, _sample(usable, scale_sample))
-    big_scale = [ctx.scales[w] for w, s in scales.items() if s.median() > MAX_PLAUSIBLE_SCALE]
-    worst_scale = max((scales[weight_of_scale(n)].median().item() for n in big_scale), default=0)
+    big = [w for w, s in scales.items() if s.median() > MAX_PLAUSIBLE_SCALE]
+    big_scale = [ctx.scales[w] for w in big]
+    worst_scale = max((scales[w].median().item() for w in big), default=0)
     big_weight, worst_weight = [], 0.0
     for weight in _sample(list(scales), sample):
         amax = max(_tile_amax(ctx, weight, scales[weight]))
@@ -556,32 +551,13 @@ def _inverted_finding(
 # ---------------------------------------------------------------- runtimes
 
 
-def _runtime_refusals_fn():
-    try:
-        from quantscale.checkpoint.runtimes import runtime_refusals
-    except ImportError:
-        return None
-    return runtime_refusals
-
-
 def check_runtimes(ctx: _Context, runtime: str | None) -> list[Finding]:
     """(h) tensors that a runtime (e.g. transformers) refuses or loads wrongly."""
-    fn = _runtime_refusals_fn()
-    if fn is None:
-        if runtime is None:
-            return []
-        return [
-            Finding(
-                WARNING,
-                "runtime-unchecked",
-                f"runtime checks are not available in this build; {runtime} was not checked.",
-            )
-        ]
-    if "weight_block_size" in (ctx.qc or {}) and not _valid_block(ctx.qc["weight_block_size"]):
+    qc = ctx.qc or {}
+    if "weight_block_size" in qc and parse_block(qc["weight_block_size"]) is None:
         return []  # already an error; runtime rules need a valid block size
-    kwargs = {"runtime": runtime} if "runtime" in pyinspect.signature(fn).parameters else {}
     grouped: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for tensor, rt, version, reason in fn(ctx.ckpt, **kwargs):
+    for tensor, rt, version, reason in runtime_refusals(ctx.ckpt):
         if runtime is None or runtime.lower() in rt.lower():
             grouped[(rt, str(version), reason)].append(tensor)
     severity = ERROR if runtime is not None else WARNING

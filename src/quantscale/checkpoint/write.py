@@ -164,7 +164,7 @@ class ShardStream:
             self._write(data, self.spans[name][0] + start)
 
     def _write(self, data: bytes | torch.Tensor, offset: int) -> None:
-        view = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data)
+        view = data.numpy().data if isinstance(data, torch.Tensor) else memoryview(data)
         done = 0
         try:
             while done < len(view):

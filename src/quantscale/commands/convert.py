@@ -22,12 +22,6 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.ckpt is None or args.out is None:
         raise QuantscaleError("convert needs CKPT and OUT (or only --explain)")
-    from quantscale.export.entry import is_nvfp4_checkpoint, run_convert_nvfp4
-
-    if is_nvfp4_checkpoint(args.ckpt):
-        return run_convert_nvfp4(args)
-    if args.to == "modelopt":
-        raise QuantscaleError(f"{args.ckpt}: --to modelopt converts NVFP4 checkpoints only")
     out = convert_checkpoint(args.ckpt, args.out, args.to, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

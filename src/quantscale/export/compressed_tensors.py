@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints (vLLM / SGLang / transformers), written and read back.
 
-Per quantized Linear `<m>` (FORMATS.md section 2):
+Per quantized Linear `<m>` (docs/formats.md, compressed-tensors):
 - nvfp4-pack-quantized: `weight_packed` uint8 [out, in/2] (element 2k low nibble),
   `weight_scale` float8_e4m3fn [out, in/16], `weight_global_scale` float32 [1] (448*6/amax).
 - mxfp4-pack-quantized: `weight_packed` as above, `weight_scale` uint8 E8M0 [out, in/32].
@@ -23,11 +23,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantscale.checkpoint.layouts import (
+    CT_FLOAT,
+    CT_FORMATS,
+    CT_INT,
+    CT_METHOD,
+    CT_MXFP4,
+    CT_NVFP4,
+    CT_PACKED,
+)
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,
-    declared_scale_dtype,
     model_config,
     per_column_qparams,
     plain_tensors,
@@ -40,44 +48,43 @@ from quantscale.formats.fp8 import E4M3
 from quantscale.formats.intq import pack_int32, unpack_int32
 from quantscale.formats.mxfp4 import mx_scale_to_exponent, mx_scale_value
 from quantscale.qdq import QParams, dequantize
-from quantscale.scheme import QuantArgs, QuantScheme, Recipe
+from quantscale.scheme import QuantArgs, QuantScheme, Recipe, declared_scale_dtype
 
-NVFP4, MXFP4 = "nvfp4-pack-quantized", "mxfp4-pack-quantized"
-PACKED, FLOAT, INT = "pack-quantized", "float-quantized", "int-quantized"
-FORMATS = (NVFP4, MXFP4, PACKED, FLOAT, INT)
 _ACT_FIELDS = ("scale", "zero_point", "global_scale")
 
 
 def module_format(scheme: QuantScheme) -> str:
     """The compressed-tensors format of one scheme (declared, else inferred)."""
     w = scheme.weights
-    if scheme.format in FORMATS:
+    if w is None:
+        raise QuantscaleError("a scheme without weights has no compressed-tensors format")
+    if scheme.format in CT_FORMATS:
         return scheme.format
     if w.is_nvfp4:
-        return NVFP4
+        return CT_NVFP4
     if w.is_mx:
-        return MXFP4
+        return CT_MXFP4
     if w.type == "float":
-        return FLOAT
+        return CT_FLOAT
     act = scheme.input_activations
-    return INT if act is not None and w.num_bits == 8 else PACKED
+    return CT_INT if act is not None and w.num_bits == 8 else CT_PACKED
 
 
 def _check(mc: ModuleCodes, fmt: str) -> None:
     a = mc.args
     ok = {
-        NVFP4: a.is_nvfp4,
-        MXFP4: a.is_mx,
-        PACKED: a.type == "int" and a.num_bits <= 8,
-        FLOAT: a.type == "float" and a.num_bits == 8,
-        INT: a.type == "int" and a.num_bits <= 8,
+        CT_NVFP4: a.is_nvfp4,
+        CT_MXFP4: a.is_mx,
+        CT_PACKED: a.type == "int" and a.num_bits <= 8,
+        CT_FLOAT: a.type == "float" and a.num_bits == 8,
+        CT_INT: a.type == "int" and a.num_bits <= 8,
     }[fmt]
     if not ok:
         raise QuantscaleError(
             f"{mc.name}: format {fmt!r} cannot hold {a.type}{a.num_bits} / {a.strategy} weights"
         )
-    if mc.g_idx is not None and fmt != PACKED:
-        raise QuantscaleError(f"{mc.name}: act-order g_idx is only stored by {PACKED!r}")
+    if mc.g_idx is not None and fmt != CT_PACKED:
+        raise QuantscaleError(f"{mc.name}: act-order g_idx is only stored by {CT_PACKED!r}")
 
 
 def weight_tensors(mc: ModuleCodes, fmt: str) -> dict[str, torch.Tensor]:
@@ -85,16 +92,17 @@ def weight_tensors(mc: ModuleCodes, fmt: str) -> dict[str, torch.Tensor]:
     _check(mc, fmt)
     qp, codes = mc.qparams, mc.codes
     scale = qp.scale.float()
-    if fmt == NVFP4:
+    if fmt == CT_NVFP4:
+        assert qp.global_scale is not None, "NVFP4 codes come with a global scale"
         return {
             "weight_packed": pack_fp4(codes),
             "weight_scale": scale.to(E4M3),
             "weight_global_scale": qp.global_scale.float().reshape(1),
         }
-    if fmt == MXFP4:
+    if fmt == CT_MXFP4:
         return {"weight_packed": pack_fp4(codes), "weight_scale": mx_scale_to_exponent(scale)}
     out = {"weight_scale": scale.to(declared_scale_dtype(mc.args) or torch.float32)}
-    if fmt == PACKED:
+    if fmt == CT_PACKED:
         out["weight_packed"] = pack_int32(codes, mc.args.num_bits)
         out["weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
         if qp.zero_point is not None:
@@ -162,13 +170,13 @@ def save_compressed_tensors(
 def dequantize_module(local: dict[str, torch.Tensor], args: QuantArgs, fmt: str) -> torch.Tensor:
     """Dense float32 weight of one module from its local-name tensors."""
     scale = local["weight_scale"]
-    if fmt in (NVFP4, MXFP4):
+    if fmt in (CT_NVFP4, CT_MXFP4):
         codes = unpack_fp4(local["weight_packed"])
-        s = mx_scale_value(scale) if fmt == MXFP4 else scale.float()
+        s = mx_scale_value(scale) if fmt == CT_MXFP4 else scale.float()
         gs = local.get("weight_global_scale")
         return dequantize(codes, args, QParams(s, None, gs.float() if gs is not None else None))
     scale = scale.float()
-    if fmt == PACKED:
+    if fmt == CT_PACKED:
         rows, cols = (int(v) for v in local["weight_shape"].tolist())
         codes = unpack_int32(local["weight_packed"], args.num_bits, cols)
         zp = local.get("weight_zero_point")
@@ -197,7 +205,7 @@ def read_compressed_tensors(
     (to `dtype`), qparam tensors dropped, everything else as stored."""
     ckpt = Checkpoint(path)
     qc = ckpt.quantization_config
-    if not qc or qc.get("quant_method") != "compressed-tensors":
+    if not qc or qc.get("quant_method") != CT_METHOD:
         raise CheckpointError(
             f"{ckpt.path}: config.json has no compressed-tensors quantization_config"
         )

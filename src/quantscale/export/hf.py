@@ -1,5 +1,5 @@
 """HF fine-grained FP8 (`quant_method: "fp8"`, DeepSeek-V3 layout) from a model quantized
-with FP8 block weights (FORMATS.md section 1): `<m>.weight` float8_e4m3fn and
+with FP8 block weights (docs/formats.md, HF fine-grained FP8): `<m>.weight` float8_e4m3fn and
 `<m>.weight_scale_inv` float32 [ceil(out/bh), ceil(in/bw)], the dequantization multiplier."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from quantscale.checkpoint.convert import hf_quantization_config
+from quantscale.checkpoint.layouts import HF_FP8, FP8Facts, hf_fp8_config
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import model_config, plain_tensors, quantized_modules, write_checkpoint
 from quantscale.runtime.qlinear import QuantLinear
@@ -35,7 +35,7 @@ def save_hf_fp8(
     tensors = plain_tensors(model, mods)
     for name, mc in mods.items():
         tensors[f"{name}.weight"] = mc.codes
-        tensors[f"{name}.weight_scale_inv"] = mc.qparams.scale.float()
+        tensors[f"{name}.{HF_FP8.weight_scale}"] = mc.qparams.scale.float()
         if mc.module.bias is not None:
             tensors[f"{name}.bias"] = mc.module.bias.detach().cpu()
     ignore = [
@@ -44,7 +44,5 @@ def save_hf_fp8(
         if isinstance(m, (nn.Linear, QuantLinear)) and n and n not in mods
     ]
     config = model_config(model)
-    config["quantization_config"] = hf_quantization_config(
-        {"block": list(blocks.pop()), "ignore": ignore, "scale_fmt": None}
-    )
+    config["quantization_config"] = hf_fp8_config(FP8Facts(list(blocks.pop()), ignore))
     return write_checkpoint(out, tensors, config, overwrite=overwrite, source_dir=source_dir)

@@ -1,6 +1,6 @@
 """ModelOpt NVFP4 checkpoints (TensorRT-LLM, vLLM `modelopt_fp4`, SGLang), written and read.
 
-Per quantized Linear `<m>` (FORMATS.md section 3): `weight` uint8 [out, in/2] (element 2k in
+Per quantized Linear `<m>` (docs/formats.md, ModelOpt): `weight` uint8 [out, in/2] (element 2k in
 the low nibble), `weight_scale` float8_e4m3fn [out, in/16], `weight_scale_2` float32 scalar
 = amax/(6*448) (the reciprocal of compressed-tensors' global scale), `input_scale` float32
 scalar (amax/(6*448) of the input) when the input is NVFP4-quantized. Dequantization:
@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import quantscale
+from quantscale.checkpoint.layouts import (
+    HF_QUANT_CONFIG,
+    MODELOPT_METHOD,
+    MODELOPT_NVFP4,
+    MODELOPT_W4A16,
+    hf_quant_config,
+    modelopt_quantization_config,
+    reciprocal,
+)
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
@@ -29,43 +37,9 @@ from quantscale.export.base import (
     warn_unshared,
     write_checkpoint,
 )
-from quantscale.formats.fp4 import NVFP4_GROUP, dequantize_nvfp4, pack_fp4, unpack_fp4
+from quantscale.formats.fp4 import dequantize_nvfp4, pack_fp4, unpack_fp4
 from quantscale.formats.fp8 import E4M3
 from quantscale.runtime.qlinear import QuantLinear
-
-HF_QUANT_CONFIG = "hf_quant_config.json"
-W4A4, W4A16 = "NVFP4", "W4A16_NVFP4"
-
-
-def reciprocal(x: torch.Tensor) -> torch.Tensor:
-    """1/x in float32 (IEEE division, correctly rounded)."""
-    return torch.ones((), dtype=torch.float32) / x.float()
-
-
-def hf_quant_config(quant_algo: str, exclude: list[str]) -> dict:
-    """The hf_quant_config.json ModelOpt writes beside an NVFP4 checkpoint."""
-    return {
-        "producer": {"name": "quantscale", "version": quantscale.__version__},
-        "quantization": {
-            "quant_algo": quant_algo,
-            "kv_cache_quant_algo": None,
-            "group_size": NVFP4_GROUP,
-            "exclude_modules": exclude,
-        },
-    }
-
-
-def config_quantization(hf_cfg: dict) -> dict:
-    """config.json quantization_config for an hf_quant_config (quant_method 'modelopt')."""
-    q = hf_cfg["quantization"]
-    return {
-        "quant_method": "modelopt",
-        "quant_algo": q["quant_algo"],
-        "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
-        "group_size": q.get("group_size", NVFP4_GROUP),
-        "exclude_modules": list(q.get("exclude_modules") or []),
-        "producer": hf_cfg.get("producer"),
-    }
 
 
 def _unquantized_linears(model: nn.Module, quantized: dict) -> list[str]:
@@ -101,16 +75,19 @@ def save_modelopt(
     for name, mc in mods.items():
         tensors[f"{name}.weight"] = pack_fp4(mc.codes)
         tensors[f"{name}.weight_scale"] = mc.qparams.scale.to(E4M3)
-        tensors[f"{name}.weight_scale_2"] = reciprocal(mc.qparams.global_scale.reshape(()))
+        gs = mc.qparams.global_scale
+        assert gs is not None, "NVFP4 codes come with a global scale"
+        tensors[f"{name}.weight_scale_2"] = reciprocal(gs.reshape(()))
         igs = mc.module._buffers.get("input_global_scale")
         if igs is not None:
             tensors[f"{name}.input_scale"] = reciprocal(igs.reshape(()))
             with_inputs = True
         if mc.module.bias is not None:
             tensors[f"{name}.bias"] = mc.module.bias.detach().cpu()
-    hf_cfg = hf_quant_config(W4A4 if with_inputs else W4A16, _unquantized_linears(model, mods))
+    algo = MODELOPT_NVFP4 if with_inputs else MODELOPT_W4A16
+    hf_cfg = hf_quant_config(algo, _unquantized_linears(model, mods))
     config = model_config(model)
-    config["quantization_config"] = config_quantization(hf_cfg)
+    config["quantization_config"] = modelopt_quantization_config(hf_cfg)
     return write_checkpoint(
         out,
         tensors,
@@ -127,7 +104,7 @@ def read_modelopt(
     """Dense state dict of a ModelOpt NVFP4 checkpoint (weights dequantized to `dtype`,
     scale tensors dropped, everything else as stored)."""
     ckpt = Checkpoint(path)
-    if (ckpt.quantization_config or {}).get("quant_method") != "modelopt":
+    if (ckpt.quantization_config or {}).get("quant_method") != MODELOPT_METHOD:
         raise CheckpointError(f"{ckpt.path}: config.json quant_method is not 'modelopt'")
     modules = sorted(
         n[: -len(".weight_scale_2")] for n in ckpt.tensors if n.endswith(".weight_scale_2")

@@ -1,4 +1,4 @@
-"""The pseudo-quantized layout of the seed document (FORMATS.md section 4).
+"""The pseudo-quantized layout of the seed document (docs/formats.md, pseudo-quantized).
 
 - `pseudo_quantized_model-{bits}bit-{group}g.safetensors`: the whole model in float16, each
   quantized weight replaced by its dequantized value (so it loads as a plain fp16 model; a
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from quantscale.checkpoint.layouts import PSEUDO, PSEUDO_FORMAT, QUANTIZE_CONFIG, reciprocal
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import (
@@ -31,10 +32,7 @@ from quantscale.export.base import (
     plain_tensors,
     quantized_modules,
 )
-from quantscale.export.modelopt import reciprocal
 from quantscale.qdq import dequantize
-
-QUANTIZE_CONFIG = "quantize_config.json"
 
 
 def _group_label(mods: dict[str, ModuleCodes]) -> tuple[int, str]:
@@ -44,7 +42,7 @@ def _group_label(mods: dict[str, ModuleCodes]) -> tuple[int, str]:
             f"pseudo-quantized export needs one weight scheme for all modules, found {sorted(args)}"
         )
     bits, strategy, group = args.pop()
-    return bits, f"{group}g" if group else strategy
+    return bits, f"{group}g" if group else str(strategy)
 
 
 def file_stem(mods: dict[str, ModuleCodes]) -> str:
@@ -62,9 +60,9 @@ def dense_weight(mc: ModuleCodes, dtype: torch.dtype = torch.float16) -> torch.T
 def scale_tensors(mc: ModuleCodes) -> dict[str, torch.Tensor]:
     """per_block_scale, scale_2, zero_point, g_idx of one module (local names)."""
     qp, cols = mc.qparams, mc.codes.shape[1]
-    out = {"per_block_scale": qp.scale.float()}
+    out = {str(PSEUDO.weight_scale): qp.scale.float()}
     if qp.global_scale is not None:
-        out["scale_2"] = reciprocal(qp.global_scale.reshape(()))
+        out[str(PSEUDO.global_scale)] = reciprocal(qp.global_scale.reshape(()))
     if qp.zero_point is not None:
         out["zero_point"] = qp.zero_point.to(torch.int8)
     if mc.g_idx is not None:
@@ -83,7 +81,7 @@ def quantize_config(mods: dict[str, ModuleCodes], info: dict | None) -> dict:
         "sym": args.symmetric,
         "format": "nvfp4" if args.is_nvfp4 else f"{args.type}{args.num_bits}",
         "strategy": args.strategy,
-        "checkpoint_format": "pseudo_quantized",
+        "checkpoint_format": PSEUDO_FORMAT,
         "quant_method": "unknown",
         **(info or {}),
     }
