@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
+from quantscale.errors import QuantscaleError
 from quantscale.mamba.grouping import (
     group_runs,
     inverse_permutation,
@@ -91,3 +94,11 @@ def test_plan_channels_mamba1():
     assert plan.n_groups == 4 and plan.head_perm is None
     assert (plan.group_id.diff() >= 0).all()  # contiguous, ascending groups
     assert set(plan.perm[plan.group_id >= 2].tolist()) == set(range(6, 10))  # the 50s
+
+
+def test_missing_scikit_learn_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now fails
+    with pytest.raises(QuantscaleError, match=r"scikit-learn: pip install 'quantscale\[mamba\]'"):
+        ward_labels(np.random.default_rng(0).random((6, 3)), 2)
+    with pytest.raises(QuantscaleError, match="scikit-learn"):
+        kmeans_1d_labels(np.arange(8.0), 2)

@@ -248,8 +248,8 @@ def test_mamba2_mixer_class():
 
 
 def test_point_sqnr_reports_every_quantized_activation():
-    from quantscale.mamba.mixers import ACTIVATION_POINTS
     from quantscale.mamba.evaluate import point_sqnr
+    from quantscale.mamba.mixers import ACTIVATION_POINTS
 
     model = _quantized("mamba2", method="quamba2")
     before = _logits(model, _ids(5))
@@ -258,3 +258,64 @@ def test_point_sqnr_reports_every_quantized_activation():
     assert all(10 < v < 80 for v in sqnr.values())
     assert all(layer.mixer.error_stats is None for layer in model.backbone.layers)
     torch.testing.assert_close(_logits(model, _ids(5)), before, atol=0, rtol=0)
+
+
+def _tiny_checkpoint(root) -> tuple:
+    """A tiny random Mamba checkpoint with a BPE tokenizer trained on a small text file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+
+    text = " ".join(f"the fox {i} jumps over the dog by river {i % 7}." for i in range(300))
+    calib = root / "calib.txt"
+    calib.write_text(text)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, state_size=8)
+    MambaForCausalLM(cfg).save_pretrained(root / "float")
+    tokenizer.save_pretrained(root / "float")
+    return root / "float", calib, tokenizer(text, return_tensors="pt")["input_ids"][0]
+
+
+def test_quantize_command_matches_mamba_quantize(tmp_path):
+    """`quantscale quantize DIR OUT --scheme W8A8` (the orchestrator) writes the same Quamba
+    checkpoint as `quantscale mamba quantize`: same files, same reloaded perplexity."""
+    from transformers import MambaForCausalLM
+
+    from quantscale import cli
+    from quantscale.eval.perplexity import perplexity
+
+    model_dir, calib, tokens = _tiny_checkpoint(tmp_path)
+    calib_args = ["--calib-samples", "6", "--calib-seq-len", "32", "--calib-data", str(calib)]
+    generic, own = tmp_path / "generic", tmp_path / "own"
+    assert (
+        cli.main(["quantize", str(model_dir), str(generic), "--scheme", "W8A8", *calib_args]) == 0
+    )
+    assert cli.main(["mamba", "quantize", str(model_dir), str(own), *calib_args]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (generic / name).read_bytes() == (own / name).read_bytes(), name
+    ppl = [perplexity(load_quantized(path), tokens[:512], seq_len=128) for path in (generic, own)]
+    base = perplexity(MambaForCausalLM.from_pretrained(model_dir), tokens[:512], seq_len=128)
+    assert ppl[0] == ppl[1] and ppl[0] != base and abs(ppl[0] / base - 1) < 0.05
+    assert load_quantized(generic).config.quantization_config["recipe"]["n_samples"] == 6
+
+
+def test_quantize_mamba_checkpoint_schemes(tmp_path):
+    """W8A8 and a MambaRecipe YAML are the Mamba schemes; any other is refused by name."""
+    from quantscale.mamba.quantize import quantize_mamba_checkpoint
+
+    model_dir, calib, _ = _tiny_checkpoint(tmp_path)
+    with pytest.raises(QuantscaleError, match="'NVFP4' is not supported for Mamba.*'W8A8'"):
+        quantize_mamba_checkpoint(model_dir, tmp_path / "q", "NVFP4")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: quamba2\nhead_groups: 2\nchannel_groups: 2\n")
+    out = quantize_mamba_checkpoint(
+        model_dir, tmp_path / "q", str(recipe), calib_samples=4, calib_seq_len=32, calib_data=calib
+    )
+    saved = load_quantized(out).config.quantization_config["recipe"]
+    assert (saved["method"], saved["head_groups"], saved["n_samples"]) == ("quamba2", 2, 4)

@@ -19,9 +19,12 @@ float outputs do not change (see `quantscale.mamba.mixers.reorder_mixer`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
+
+from quantscale.errors import QuantscaleError
 
 
 @dataclass
@@ -53,11 +56,21 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+def _sklearn_cluster() -> ModuleType:
+    """sklearn.cluster, imported on first use (scikit-learn is the `mamba` extra)."""
+    try:
+        from sklearn import cluster
+    except ImportError as err:
+        raise QuantscaleError(
+            "Quamba2 channel grouping needs scikit-learn: pip install 'quantscale[mamba]' "
+            "(or scikit-learn)"
+        ) from err
+    return cluster
+
+
 def ward_labels(features: np.ndarray, n_clusters: int, key: np.ndarray | None = None) -> np.ndarray:
     """Agglomerative (ward) cluster labels, numbered by ascending mean `key` per cluster
     (default: the rows' norms). `n_clusters` is clamped to the number of rows."""
-    from sklearn.cluster import AgglomerativeClustering
-
     n = features.shape[0]
     k = max(1, min(n_clusters, n))
     if k == 1:
@@ -65,7 +78,8 @@ def ward_labels(features: np.ndarray, n_clusters: int, key: np.ndarray | None = 
     if k == n:
         raw = np.arange(n)
     else:
-        raw = AgglomerativeClustering(n_clusters=k, linkage="ward").fit(features).labels_
+        ward = _sklearn_cluster().AgglomerativeClustering(n_clusters=k, linkage="ward")
+        raw = ward.fit(features).labels_
     return _renumber(raw, np.linalg.norm(features, axis=1) if key is None else key)
 
 
@@ -74,8 +88,6 @@ def kmeans_1d_labels(values: np.ndarray, n_clusters: int) -> np.ndarray:
 
     Clusters of 1-D k-means are intervals, so sorted input gives contiguous runs of labels.
     """
-    from sklearn.cluster import KMeans
-
     v = np.asarray(values, dtype=np.float64).reshape(-1, 1)
     k = max(1, min(n_clusters, len(np.unique(v))))
     if k == 1:
@@ -85,7 +97,8 @@ def kmeans_1d_labels(values: np.ndarray, n_clusters: int) -> np.ndarray:
     if len(init) < k:  # ties in the quantiles: spread the centers over the distinct values
         distinct = np.unique(v[:, 0])
         init = distinct[np.linspace(0, len(distinct) - 1, k).round().astype(int)].reshape(-1, 1)
-    raw = KMeans(n_clusters=k, init=init, n_init=1, random_state=0).fit(v).labels_
+    kmeans = _sklearn_cluster().KMeans(n_clusters=k, init=init, n_init=1, random_state=0)
+    raw = kmeans.fit(v).labels_
     return _renumber(raw, v[:, 0])
 
 

@@ -45,6 +45,7 @@ from quantscale.mamba.quamba import (
     quantized_mixer,
 )
 from quantscale.models.adapter import decoder_layers
+from quantscale.models.loader import tied_embeddings
 from quantscale.progress import track
 
 if TYPE_CHECKING:
@@ -214,11 +215,6 @@ def set_mode(model: nn.Module, mode: Mode) -> None:
         mixer.set_mode(mode)
 
 
-def _tied(model: nn.Module) -> bool:
-    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    return out is not None and out.weight.data_ptr() == inp.weight.data_ptr()
-
-
 def save_quantized(
     model: PreTrainedModel,
     out_dir: str | os.PathLike,
@@ -229,7 +225,7 @@ def save_quantized(
     if not quantized_mixers(model):
         raise QuantscaleError("save_quantized: the model has no quantized Mamba mixers")
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if _tied(model):
+    if tied_embeddings(model):
         tensors.pop("lm_head.weight", None)
     with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
         writer.write_shard(SINGLE_NAME, tensors)
