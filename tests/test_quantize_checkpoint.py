@@ -12,6 +12,7 @@ from quantscale.checkpoint.convert import convert_checkpoint
 from quantscale.checkpoint.layouts import detect_layout
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.commands.quantize import add_calibrated_options
+from quantscale.errors import QuantscaleError
 from quantscale.quantize import quantize_checkpoint
 
 WORDS = "the cat sat on a mat while dogs ran far in green hills and rivers flow to sea".split()
@@ -104,3 +105,21 @@ def test_cli_glue_parses_and_converts(tiny_dir):
     convert_checkpoint(src, tiny_dir / "mo", "modelopt")
     hf = json.loads((tiny_dir / "mo" / "hf_quant_config.json").read_text())
     assert hf["quantization"]["quant_algo"] == "W4A16_NVFP4"
+
+
+def test_mamba_models_take_the_quamba_path(tmp_path, monkeypatch):
+    import quantscale.mamba.quantize as mq
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
+    with pytest.raises(QuantscaleError, match="quantized the Quamba way"):
+        quantize_checkpoint(tmp_path / "m", tmp_path / "o", "W8A8", method="gptq")
+    calls = []
+    monkeypatch.setattr(mq, "quantize_mamba_checkpoint", lambda *a, **k: calls.append((a, k)))
+    quantize_checkpoint(tmp_path / "m", tmp_path / "o", "W8A8", calib_samples=4, calib_data="t")
+    assert calls == [
+        (
+            (tmp_path / "m", tmp_path / "o", "W8A8"),
+            {"calib_samples": 4, "calib_seq_len": 512, "calib_data": "t", "overwrite": False},
+        )
+    ]

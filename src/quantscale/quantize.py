@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
-from quantscale.calibration.activations import ActivationCalibrator, is_static
+from quantscale.calibration.activations import ActivationCalibrator, has_static_activations
 from quantscale.calibration.sequential import (
     LayerStep,
     as_batches,
@@ -45,7 +45,7 @@ from quantscale.errors import QuantscaleError
 from quantscale.models import loader
 from quantscale.models.adapter import decoder_layers
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
-from quantscale.scheme import QuantScheme, Recipe, load_recipe
+from quantscale.scheme import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ weights in an output-preserving way (e.g. smoothing) and may call `step.run()` t
 
 
 # ------------------------------------------------------------------ one model in memory
-
-
-def has_static_activations(schemes: Sequence[QuantScheme]) -> bool:
-    """Whether any scheme has static (calibrated) input or output activation scales."""
-    return any(is_static(s.input_activations) or is_static(s.output_activations) for s in schemes)
 
 
 def quantize_model(
@@ -284,7 +279,7 @@ def quantize_checkpoint(
     if tokenizer is None:
         raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
     batches = None
-    if method != "rtn" or has_static_activations(list(recipe.config_groups.values())):
+    if method != "rtn" or has_static_activations(recipe.config_groups.values()):
         batches = calibration_batches(tokenizer, calib_samples, calib_seq_len, source=calib_data)
     options = gptq.method_options(method)
     _quantize_experts(

@@ -15,12 +15,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantscale.analysis.sweep import Setting, calibrate_shared, rtn_quant_linear, targeted
+from quantscale.analysis.sweep import (
+    BASELINE,
+    Setting,
+    calibrate_shared,
+    rtn_quant_linear,
+    targeted,
+)
+from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import layer_output, replace_hidden
 from quantscale.errors import QuantscaleError
 from quantscale.eval.error import sqnr_db
@@ -166,3 +174,34 @@ def mixed_precision(
                 used += r.params
     overrides = {**recipe.overrides, **{r.name: high for r in chosen}}
     return recipe.model_copy(update={"overrides": overrides}), chosen
+
+
+def probe_windows(tokenizer: Any, n_tokens: int, seq_len: int = 512) -> torch.Tensor:
+    """Held-out tokens as [n, seq_len] windows, from the end of the evaluation split."""
+    from quantscale.data.calibration import eval_tokens
+
+    stream = eval_tokens(tokenizer)
+    n = max(1, n_tokens // seq_len)
+    if stream.numel() < n * seq_len:
+        raise QuantscaleError(f"held-out text has {stream.numel()} tokens, fewer than {n_tokens}")
+    return stream[-n * seq_len :].reshape(n, seq_len)
+
+
+def evaluation_settings(
+    full: Setting,
+    qparams: dict,
+    mixed: Setting | None = None,
+    high: QuantScheme | None = None,
+) -> tuple[list[Setting], dict[str, dict] | None]:
+    """The settings comparing the float baseline, the `full` recipe and the `mixed` one, and
+    the static scales they share (`run_sweep(shared=)`): the mixed recipe's kept layers need
+    none of their own unless their `high` scheme has static activations (then None: every
+    setting is calibrated)."""
+    settings = [Setting(BASELINE, None), full]
+    shared: dict[str, dict] | None = {full.name: qparams}
+    if mixed is not None:
+        settings.append(mixed)
+        shared = {full.name: qparams, mixed.name: qparams}
+        if high is not None and has_static_activations([high]):
+            shared = None
+    return settings, shared

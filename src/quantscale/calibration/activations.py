@@ -11,7 +11,7 @@ each batch, drawn at random with a fixed seed: their cost does not grow with the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +29,11 @@ TOKEN_BUDGET = {"mse": 512}
 def is_static(args: QuantArgs | None) -> bool:
     """Whether calibration must produce something for these activation args."""
     return args is not None and (not args.dynamic or args.dynamic == "local")
+
+
+def has_static_activations(schemes: Iterable[QuantScheme]) -> bool:
+    """Whether any scheme has static (calibrated) input or output activation scales."""
+    return any(is_static(s.input_activations) or is_static(s.output_activations) for s in schemes)
 
 
 def activation_observer(args: QuantArgs) -> Observer:

@@ -8,6 +8,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -54,39 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, tasks=["ppl"])
 
 
-def _probe(tokenizer, n_tokens: int, seq_len: int = 512):
-    """Held-out tokens as [n, seq_len] windows, from the end of the evaluation split."""
-    from quantscale.data.calibration import eval_tokens
-
-    stream = eval_tokens(tokenizer)
-    n = max(1, n_tokens // seq_len)
-    if stream.numel() < n * seq_len:
-        raise QuantscaleError(f"held-out text has {stream.numel()} tokens, fewer than {n_tokens}")
-    return stream[-n * seq_len :].reshape(n, seq_len)
-
-
 def run(args: argparse.Namespace) -> int:
-    from quantscale.analysis.sensitivity import layer_sensitivity, mixed_precision
-    from quantscale.analysis.sweep import (
-        BASELINE,
-        Setting,
-        calibrate_shared,
-        markdown_table,
-        measurer,
-        run_sweep,
-        with_activations,
-    )
-    from quantscale.calibration.activations import is_static
+    from quantscale.analysis.sensitivity import layer_sensitivity, probe_windows
+    from quantscale.analysis.sweep import Setting, calibrate_shared
     from quantscale.calibration.sequential import as_batches
-    from quantscale.quantize import load_model
-    from quantscale.scheme import load_recipe, preset_scheme
 
-    model, tokenizer = load_model(args.model)
-    if tokenizer is None:
-        raise QuantscaleError(f"{args.model}: no tokenizer saved with the model")
-    recipe = load_recipe(args.scheme)
-    if args.observer:
-        recipe = with_activations(recipe, observer=args.observer)
+    model, tokenizer = _load(args.model)
+    recipe = _recipe(args)
     calib = as_batches(calibration_tokens(tokenizer, args), args.calib_batch_size)
     if args.smooth:
         from quantscale.algorithms.smoothing import smooth_model
@@ -94,22 +69,10 @@ def run(args: argparse.Namespace) -> int:
         smooth_model(model, args.smooth, calib)
     full = Setting(args.scheme, recipe)
     qparams = calibrate_shared(model, [full], calib)[full.name]
-    probe = _probe(tokenizer, args.probe_tokens)
+    probe = probe_windows(tokenizer, args.probe_tokens)
     results = layer_sensitivity(model, recipe, calib, probe, qparams)
-    report = {"scheme": args.scheme, "layers": [asdict(r) for r in results]}
-    chosen, high = [], None
-    if args.mixed_precision is not None:
-        high = None if args.high_precision.lower() == "none" else preset_scheme(args.high_precision)
-        mixed, chosen = mixed_precision(results, recipe, args.mixed_precision, high)
-        report["mixed_precision"] = {
-            "budget": args.mixed_precision,
-            "high_precision": args.high_precision,
-            "kept": [r.name for r in chosen],
-            "kept_params_fraction": sum(r.params for r in chosen) / sum(r.params for r in results),
-        }
-        if args.recipe_out:
-            args.recipe_out.write_text(json.dumps(mixed.model_dump(mode="json"), indent=1))
-            print(f"wrote {args.recipe_out} (use it with --scheme)")
+    report: dict[str, Any] = {"scheme": args.scheme, "layers": [asdict(r) for r in results]}
+    mixed, high, chosen = _mixed_precision(args, results, recipe, report)
     _print(results, {r.name for r in chosen}, args.top)
     if chosen:
         kept = report["mixed_precision"]
@@ -119,24 +82,74 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(kept["kept"])
         )
     if args.eval:
-        settings = [Setting(BASELINE, None), full]
-        shared = {full.name: qparams}
-        if chosen:
-            settings.append(Setting(f"{args.scheme} mixed ({len(chosen)} kept)", mixed))
-            shared[settings[-1].name] = qparams  # kept layers need no scales of their own
-            if high is not None and (
-                is_static(high.input_activations) or is_static(high.output_activations)
-            ):
-                shared = None  # the kept layers' scheme has activations: calibrate all
-        rows = run_sweep(
-            model, settings, calib, measurer(tokenizer, args.tasks, args.n_tokens), shared=shared
-        )
-        table = markdown_table(rows)
-        report["eval"] = table
-        print(table)
+        report["eval"] = _evaluate(args, model, tokenizer, calib, full, qparams, mixed, high)
+        print(report["eval"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _load(spec: str) -> tuple[Any, Any]:
+    from quantscale.quantize import load_model
+
+    model, tokenizer = load_model(spec)
+    if tokenizer is None:
+        raise QuantscaleError(f"{spec}: no tokenizer saved with the model")
+    return model, tokenizer
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from quantscale.analysis.sweep import with_activations
+    from quantscale.scheme import load_recipe
+
+    recipe = load_recipe(args.scheme)
+    return with_activations(recipe, observer=args.observer) if args.observer else recipe
+
+
+def _mixed_precision(
+    args: argparse.Namespace, results: list, recipe: Any, report: dict[str, Any]
+) -> tuple[Any, Any, list]:
+    """(mixed Setting or None, the kept layers' scheme, kept layers) of --mixed-precision;
+    records the choice in `report` and writes --recipe-out."""
+    from quantscale.analysis.sensitivity import mixed_precision
+    from quantscale.analysis.sweep import Setting
+    from quantscale.scheme import preset_scheme
+
+    if args.mixed_precision is None:
+        return None, None, []
+    high = None if args.high_precision.lower() == "none" else preset_scheme(args.high_precision)
+    mixed, chosen = mixed_precision(results, recipe, args.mixed_precision, high)
+    report["mixed_precision"] = {
+        "budget": args.mixed_precision,
+        "high_precision": args.high_precision,
+        "kept": [r.name for r in chosen],
+        "kept_params_fraction": sum(r.params for r in chosen) / sum(r.params for r in results),
+    }
+    if args.recipe_out:
+        args.recipe_out.write_text(json.dumps(mixed.model_dump(mode="json"), indent=1))
+        print(f"wrote {args.recipe_out} (use it with --scheme)")
+    if not chosen:
+        return None, high, chosen
+    return Setting(f"{args.scheme} mixed ({len(chosen)} kept)", mixed), high, chosen
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    calib: list,
+    full: Any,
+    qparams: dict,
+    mixed: Any,
+    high: Any,
+) -> str:
+    """Markdown table of --tasks for the baseline, full and mixed recipes."""
+    from quantscale.analysis.sensitivity import evaluation_settings
+    from quantscale.analysis.sweep import markdown_table, measurer, run_sweep
+
+    settings, shared = evaluation_settings(full, qparams, mixed, high)
+    measure = measurer(tokenizer, args.tasks, args.n_tokens)
+    return markdown_table(run_sweep(model, settings, calib, measure, shared=shared))
 
 
 def _print(results, kept: set[str], top: int) -> None:
