@@ -5,8 +5,10 @@
 clusters and reorders channels and heads (`quantscale.mamba.grouping`), calibrates every
 quantization point with its observer on the same batches, and freezes static INT8 scales.
 `save_quantized` writes config.json (with a `quantization_config` whose `quant_method` is
-"quamba") and model.safetensors (INT8 weights, float32 scales, group maps); `load_quantized`
-rebuilds the model from them and reproduces the same outputs.
+`checkpoint.layouts.QUAMBA_METHOD`, "quamba") and model.safetensors (INT8 weights, float32
+scales, group maps); `load_quantized` rebuilds the model from them and reproduces the same
+outputs. `quantize_mamba_checkpoint` is the whole path from a float checkpoint directory (or
+fixture) to a saved one, as `quantscale quantize MAMBA_DIR OUT --scheme W8A8` runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import CheckpointError, OutputExistsError, QuantscaleError
@@ -51,7 +54,6 @@ from quantscale.progress import track
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-QUANT_METHOD = "quamba"
 FORMAT_VERSION = 1
 SCHEME_W8A8 = "W8A8"
 
@@ -199,7 +201,7 @@ def quantize_mamba_checkpoint(
 def quantization_config(recipe: MambaRecipe, n_params: int, layers: list[int]) -> dict:
     """The `quantization_config` saved in config.json."""
     return {
-        "quant_method": QUANT_METHOD,
+        "quant_method": QUAMBA_METHOD,
         "format_version": FORMAT_VERSION,
         "recipe": recipe.model_dump(),
         "n_params": n_params,
@@ -241,10 +243,10 @@ def load_quantized(path: str | os.PathLike) -> PreTrainedModel:
 
     ckpt = Checkpoint(path)
     qcfg = (ckpt.config or {}).get("quantization_config") or {}
-    if qcfg.get("quant_method") != QUANT_METHOD:
+    if qcfg.get("quant_method") != QUAMBA_METHOD:
         raise CheckpointError(
             f"{ckpt.path / 'config.json'}: quantization_config.quant_method is "
-            f"{qcfg.get('quant_method')!r}; expected {QUANT_METHOD!r}"
+            f"{qcfg.get('quant_method')!r}; expected {QUAMBA_METHOD!r}"
         )
     recipe = MambaRecipe.model_validate(qcfg["recipe"])
     config = AutoConfig.from_pretrained(str(ckpt.path))
