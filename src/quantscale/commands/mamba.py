@@ -74,16 +74,12 @@ def run_fixture(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from quantscale.mamba.fixtures import load_mamba
-    from quantscale.mamba.quantize import calibration_token_batches, quantize_mamba, save_quantized
+    from quantscale.mamba.quantize import quantize_and_save
 
     recipe = _recipe(args)
-    model, tokenizer = load_mamba(args.model)
-    batches = calibration_token_batches(tokenizer, recipe, args.calib_data)
     start = time.perf_counter()
-    quantize_mamba(model, batches, recipe)
-    out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
-    print(f"wrote {out} ({recipe.method}, calibrated in {time.perf_counter() - start:.0f} s)")
+    out = quantize_and_save(args.model, args.out, recipe, args.calib_data, args.overwrite)
+    print(f"wrote {out} ({recipe.method}, in {time.perf_counter() - start:.0f} s)")
     return 0
 
 

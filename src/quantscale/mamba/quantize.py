@@ -188,12 +188,24 @@ def quantize_mamba_checkpoint(
     """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
     on `calib_samples` windows of `calib_seq_len` tokens (of `calib_data`, default the
     Wikipedia calibration split) and save it to `out`; returns the written directory."""
+    recipe = scheme_recipe(scheme).with_options(n_samples=calib_samples, seq_len=calib_seq_len)
+    return quantize_and_save(model_dir, out, recipe, calib_data, overwrite)
+
+
+def quantize_and_save(
+    model_spec: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe: MambaRecipe,
+    calib_data: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Load a float Mamba model, quantize it with `recipe` (calibrating on `calib_data` or
+    the Wikipedia calibration split) and save it with its tokenizer to `out`."""
     from quantscale.mamba.fixtures import load_mamba
 
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    recipe = scheme_recipe(scheme).with_options(n_samples=calib_samples, seq_len=calib_seq_len)
-    model, tokenizer = load_mamba(model_dir)
+    model, tokenizer = load_mamba(model_spec)
     quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
     return save_quantized(model, out, tokenizer, overwrite=overwrite)
 
