@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from quantscale.algorithms.rtn import quantize_weight_rtn
+from quantscale.errors import QuantscaleError
 from quantscale.qdq import QParams
 from quantscale.runtime.int8 import int_matmul, supports_int8
 from quantscale.runtime.qlinear import QuantLinear
@@ -45,3 +46,28 @@ def test_int8_path_matches_fake_quant(preset):
     assert ql._w_int8 is not None and ql._w_int8.dtype == torch.int8
     assert torch.allclose(real, fake, rtol=1e-5, atol=1e-5)
     assert not torch.equal(real, nn.functional.linear(x, ql.weight, ql.bias))
+
+
+def _rtn_quant_linear(preset: str) -> QuantLinear:
+    torch.manual_seed(2)
+    ql = QuantLinear.from_linear(nn.Linear(64, 24), preset_scheme(preset))
+    w_hat, qp = quantize_weight_rtn(ql.weight.detach(), ql.scheme.weights)
+    ql.set_weight(w_hat, qp)
+    return ql
+
+
+@pytest.mark.parametrize("preset", ["W8A16", "W8A8"])
+def test_use_int8_falls_back_where_the_int8_matmul_does_not_apply(preset):
+    """Weight-only schemes, and static W8A8 before calibration, keep the fake-quant path."""
+    ql = _rtn_quant_linear(preset)
+    x = torch.randn(2, 5, 64)
+    fake = ql(x)
+    ql.use_int8 = True
+    assert torch.equal(ql(x), fake)
+    assert ql._w_int8 is None
+
+
+def test_int8_weight_needs_a_quantized_weight():
+    ql = QuantLinear.from_linear(nn.Linear(64, 24), preset_scheme("W8A8"))
+    with pytest.raises(QuantscaleError, match="not quantized"):
+        ql.int8_weight()
