@@ -11,8 +11,9 @@ from quantscale.analysis.sensitivity import (
     layer_sensitivity,
     mixed_precision,
 )
-from quantscale.analysis.sweep import Setting, apply_setting, calibrate_shared, restore
+from quantscale.analysis.sweep import Setting, calibrate_shared
 from quantscale.eval.scoring import final_hidden
+from quantscale.quantize import quantize_with_scales, restore_linears
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import load_recipe, preset_scheme
 
@@ -38,11 +39,11 @@ def test_output_mse_equals_quantizing_that_module_alone(tiny_llama):
         update={"config_groups": {}, "overrides": {target: recipe.config_groups["group_0"]}}
     )
     qps = calibrate_shared(tiny_llama, [Setting("s", recipe)], calib)["s"]
-    originals = apply_setting(tiny_llama, only, qps)
+    originals = quantize_with_scales(tiny_llama, only, qps)
     assert list(originals) == [target]
     with torch.inference_mode():
         out = final_hidden(tiny_llama, probe_ids)
-        restore(tiny_llama, originals)
+        restore_linears(tiny_llama, originals)
         reference = final_hidden(tiny_llama, probe_ids)
     mse = float((out - reference).pow(2).mean())
     reported = next(r for r in results if r.name == target).output_mse

@@ -46,6 +46,19 @@ def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     return (1.0 / _nvfp4_scale_2(amax)).reshape(1)
 
 
+def _group(args: QuantArgs) -> int:
+    """The group size of a group / tensor_group scheme (QuantArgs checks it is set)."""
+    assert args.group_size is not None, f"strategy {args.strategy!r} without group_size"
+    return args.group_size
+
+
+def _block(args: QuantArgs) -> tuple[int, int]:
+    """The (rows, cols) tile of a block scheme (QuantArgs checks it has two entries)."""
+    assert args.block_structure is not None, "strategy 'block' without block_structure"
+    rows, cols = args.block_structure
+    return rows, cols
+
+
 def to_rows(x: torch.Tensor, args: QuantArgs, role: str = WEIGHT) -> tuple[torch.Tensor, tuple]:
     """View `x` as [R, N]: one row per scale element, plus the scale shape (R elements).
 
@@ -61,7 +74,7 @@ def to_rows(x: torch.Tensor, args: QuantArgs, role: str = WEIGHT) -> tuple[torch
             return x.reshape(-1, x.shape[-1]), (*x.shape[:-1], 1)
         return x.reshape(-1, x.shape[-1]).t(), (x.shape[-1],)
     if s in ("group", "tensor_group"):
-        g = args.group_size
+        g = _group(args)
         pad = -x.shape[-1] % g
         xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
         shape = (*x.shape[:-1], xp.shape[-1] // g)
@@ -69,7 +82,7 @@ def to_rows(x: torch.Tensor, args: QuantArgs, role: str = WEIGHT) -> tuple[torch
     if s == "block":
         if x.ndim != 2:
             raise ValueError(f"block strategy needs a 2-D weight, got shape {tuple(x.shape)}")
-        t = tiles(x, tuple(args.block_structure))
+        t = tiles(x, _block(args))
         return t.permute(0, 2, 1, 3).reshape(t.shape[0] * t.shape[2], -1), (t.shape[0], t.shape[2])
     raise ValueError(f"unknown strategy {s!r}")
 
@@ -120,9 +133,10 @@ def _expand(t: torch.Tensor, x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     if t.ndim == x.ndim and all(a in (b, 1) for a, b in zip(t.shape, x.shape, strict=True)):
         return t
     if args.strategy in ("group", "tensor_group"):
-        return t.repeat_interleave(args.group_size, dim=-1)[..., : x.shape[-1]]
+        return t.repeat_interleave(_group(args), dim=-1)[..., : x.shape[-1]]
     if args.strategy == "block":
-        return expand_block_scale(t, tuple(x.shape), tuple(args.block_structure))
+        rows, cols = x.shape
+        return expand_block_scale(t, (rows, cols), _block(args))
     return t
 
 

@@ -20,18 +20,20 @@ read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints,
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
+from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.calibration.activations import ActivationCalibrator, has_static_activations
 from quantscale.calibration.sequential import (
     LayerStep,
@@ -44,8 +46,9 @@ from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
 from quantscale.models.adapter import decoder_layers
+from quantscale.qdq import QParams
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
-from quantscale.scheme import Recipe, load_recipe
+from quantscale.scheme import QuantScheme, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def quantize_model(
         if true_sequential is None:
             true_sequential = algorithm.true_sequential
         _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential)
-    model.quantscale_recipe = recipe
+    cast(Any, model).quantscale_recipe = recipe  # what the exporters write
     return linears
 
 
@@ -155,7 +158,63 @@ def _calibrate_in_stages(
     for stage in linear_stages(step, group):
         stop = group.get(stage.last) if stage.last is not None else None
         members = {n: group[n] for n in stage.names}
-        _calibrate_group(members, algorithm, lambda stop=stop: step.run_until(stop))
+        _calibrate_group(members, algorithm, functools.partial(step.run_until, stop))
+
+
+# ------------------------------------------------------------------ one model, scales given
+
+StaticQParams = Mapping[tuple[str, str], QParams]
+"""(module name, 'input' | 'output') -> static activation QParams (`calibrate_shared`)."""
+
+
+def targeted_linears(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.Linear, QuantScheme]]:
+    """Name -> (Linear, scheme) for every Linear the recipe quantizes."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name:
+            scheme = recipe.scheme_for(name, "Linear")
+            if scheme is not None:
+                found[name] = (module, scheme)
+    return found
+
+
+def rtn_quant_linear(
+    name: str, module: nn.Linear, scheme: QuantScheme, qparams: StaticQParams
+) -> QuantLinear:
+    """A QuantLinear over `module` with RTN weights and its static activation qparams."""
+    ql = QuantLinear.from_linear(module, scheme)
+    rtn_quantize(ql)
+    for role in ("input", "output"):
+        qp = qparams.get((name, role))
+        if qp is None:
+            continue
+        args = scheme.input_activations if role == "input" else scheme.output_activations
+        if role == "input" and args is not None and args.dynamic == "local":
+            ql.set_input_global_scale(qp.global_scale)
+        elif role == "input":
+            ql.set_input_qparams(qp)
+        else:
+            ql.set_output_qparams(qp)
+    return ql
+
+
+def quantize_with_scales(
+    model: nn.Module, recipe: Recipe, qparams: StaticQParams
+) -> dict[str, nn.Module]:
+    """Quantize `model` in place per `recipe` with RTN weights (module by module) and static
+    activation scales calibrated elsewhere (e.g. one shared pass for a sweep's settings);
+    returns the original modules for `restore_linears`."""
+    originals: dict[str, nn.Module] = {}
+    for name, (module, scheme) in targeted_linears(model, recipe).items():
+        model.set_submodule(name, rtn_quant_linear(name, module, scheme, qparams))
+        originals[name] = module
+    return originals
+
+
+def restore_linears(model: nn.Module, originals: Mapping[str, nn.Module]) -> None:
+    """Put the original modules back."""
+    for name, module in originals.items():
+        model.set_submodule(name, module)
 
 
 # ------------------------------------------------------------------ loading

@@ -194,13 +194,16 @@ class Recipe(BaseModel):
     name: str | None = None
     config_groups: dict[str, QuantScheme]
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
-    overrides: dict[str, QuantScheme | str | None] = Field(default_factory=dict)
+    overrides: dict[str, QuantScheme | None] = Field(default_factory=dict)
     kv_cache_scheme: QuantArgs | None = None
     format: str | None = None
 
-    @field_validator("overrides", mode="after")
+    @field_validator("overrides", mode="before")
     @classmethod
-    def _resolve_override_presets(cls, v: dict) -> dict:
+    def _resolve_override_presets(cls, v: Any) -> Any:
+        """Preset names among the override values become their schemes."""
+        if not isinstance(v, dict):
+            return v
         return {k: (preset_scheme(s) if isinstance(s, str) else s) for k, s in v.items()}
 
     def is_ignored(self, module_name: str) -> bool:
@@ -219,7 +222,7 @@ class Recipe(BaseModel):
         """
         if self.is_ignored(module_name):
             return None
-        candidates: list[tuple[int, int, QuantScheme]] = []
+        candidates: list[tuple[int, int, QuantScheme | None]] = []
         order = 0
         for pattern, scheme in self.overrides.items():
             spec = _specificity(module_name, pattern, None)
@@ -283,7 +286,8 @@ class Recipe(BaseModel):
                 f"quantization_config has quant_method {cfg.get('quant_method')!r}; "
                 "expected 'compressed-tensors'"
             )
-        groups, overrides = {}, {}
+        groups: dict[str, QuantScheme] = {}
+        overrides: dict[str, QuantScheme | None] = {}
         for name, g in cfg.get("config_groups", {}).items():
             if isinstance(g, list):  # a preset name mapped to its targets
                 scheme = preset_scheme(name).model_copy(update={"targets": g})

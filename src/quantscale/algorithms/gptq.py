@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +55,7 @@ from quantscale.qdq import (
     nvfp4_global_scale,
     reduce_minmax,
 )
+from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantArgs
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ def inverse_hessian_factor(h: torch.Tensor, dampening_frac: float) -> torch.Tens
 
 
 def _segment_width(args: QuantArgs) -> int:
-    return args.block_structure[1] if args.strategy == "block" else args.group_size
+    width = args.block_structure[1] if args.block_structure else args.group_size
+    assert width is not None, "dynamic GPTQ scales need groups or blocks"
+    return width
 
 
 class _Scales:
@@ -188,14 +191,15 @@ class _Scales:
             self.parts.append(qp)
             self.set(p, seg, qp, None)
         j = p - self.start
+        assert self.scale_t is not None, "set() or a new group comes first"
         return QParams(self.scale_t[j], self.zp_t[j] if self.zp_t is not None else None)
 
     def assembled(self) -> QParams:
         """The dynamic groups' qparams concatenated in group order."""
-        zps = [qp.zero_point for qp in self.parts]
+        zps = [qp.zero_point for qp in self.parts if qp.zero_point is not None]
         return QParams(
             torch.cat([qp.scale for qp in self.parts], dim=-1),
-            torch.cat(zps, dim=-1) if zps[0] is not None else None,
+            torch.cat(zps, dim=-1) if zps else None,
             self.global_scale,
         )
 
@@ -245,9 +249,9 @@ def gptq_quantize(
         perm = torch.argsort(h.diagonal(), descending=True)
         h = h[perm][:, perm]
     static = args.strategy not in _DYNAMIC or actorder == "weight"
-    if scale_dtype == "weight":
-        scale_dtype = weight_scale_dtype(args, w.dtype)
-    scales = _Scales(args, global_scale, static, scale_dtype)
+    dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
+    assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
+    scales = _Scales(args, global_scale, static, dtype)
     if static:
         qp_static = scales.qparams_of(wf)
         scales.set(0, wf, qp_static, perm)
@@ -260,7 +264,7 @@ def gptq_quantize(
         inv = torch.argsort(perm)
         q = q[:, inv]
         if actorder == "group":
-            g_idx = (torch.arange(cols) // args.group_size)[inv].to(torch.int32)
+            g_idx = (torch.arange(cols) // _segment_width(args))[inv].to(torch.int32)
     qp = qp_static if static else scales.assembled()
     return GPTQResult(q.to(w.dtype).contiguous(), qp, g_idx, loss)
 
@@ -273,7 +277,7 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
 
 def _column_loop(
     wt: torch.Tensor, upper: torch.Tensor, args: QuantArgs, scales: _Scales, block_size: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """The GPTQ loop over wt [cols, rows] (modified in place) -> (fake-quantized qt, loss).
 
     loss = sum of (w - q)^2 / (2 U_ii^2) over columns (U: the factor), GPTQ's own estimate.
@@ -319,7 +323,7 @@ class _InputTracker:
         self._recent: list[tuple[weakref.ref, str]] = []
         self._handles: list = []
 
-    def attach(self, linears: dict[str, nn.Module]) -> None:
+    def attach(self, linears: Mapping[str, nn.Module]) -> None:
         for name, module in linears.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
 
@@ -380,12 +384,13 @@ class GPTQ:
     report: list[dict] = field(default_factory=list)
     _tracker: _InputTracker | None = field(default=None, repr=False)
 
-    def start_layer(self, linears: dict[str, nn.Module]) -> None:
+    def start_layer(self, linears: dict[str, QuantLinear]) -> None:
         self._tracker = _InputTracker(self.exact_hessian)
         self._tracker.attach(linears)
 
-    def finish_layer(self, linears: dict[str, nn.Module]) -> None:
+    def finish_layer(self, linears: dict[str, QuantLinear]) -> None:
         tracker, self._tracker = self._tracker, None
+        assert tracker is not None, "finish_layer without start_layer"
         tracker.detach()
         names = [n for n, m in linears.items() if m.scheme.weights is not None]
         for leader, members in tracker.groups(names).items():
@@ -394,19 +399,21 @@ class GPTQ:
                 self._quantize_group(part, linears, acc)
 
     def _quantize_group(
-        self, names: list[str], linears: dict[str, nn.Module], acc: HessianAccumulator | None
+        self, names: list[str], linears: dict[str, QuantLinear], acc: HessianAccumulator | None
     ) -> None:
-        mods = [linears[n] for n in names]
-        args = mods[0].scheme.weights
+        args = linears[names[0]].scheme.weights
+        assert args is not None, "finish_layer passes quantized weights only"
         tokens = acc.count if acc is not None else 0
         stacks = [names] if args.strategy != "block" else [[n] for n in names]
         for stack in stacks:
             w = stacked_weight(linears, stack)
-            if tokens < self.min_tokens:
+            rtn = acc is None or tokens < self.min_tokens
+            if rtn:
                 w_hat, qp = rtn_weight(w, args)
                 res = GPTQResult(w_hat, qp)
                 log.warning("%s: %d calibration tokens; RTN instead of GPTQ", stack, tokens)
             else:
+                assert acc is not None
                 res = gptq_quantize(
                     w,
                     acc.hessian(),
@@ -420,14 +427,14 @@ class GPTQ:
                 {
                     "modules": stack,
                     "tokens": tokens,
-                    "method": "rtn" if tokens < self.min_tokens else "gptq",
+                    "method": "rtn" if rtn else "gptq",
                     "loss": res.loss,
                 }
             )
 
 
-def _split_by_args(names: list[str], linears: dict[str, nn.Module]) -> list[list[str]]:
-    parts: list[tuple[QuantArgs, list[str]]] = []
+def _split_by_args(names: list[str], linears: dict[str, QuantLinear]) -> list[list[str]]:
+    parts: list[tuple[QuantArgs | None, list[str]]] = []
     for name in names:
         args = linears[name].scheme.weights
         for a, members in parts:

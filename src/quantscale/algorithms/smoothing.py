@@ -109,12 +109,13 @@ def parse_alphas(spec: str | float | Mapping[str, Alpha]) -> dict[str, Alpha]:
 def _alpha(value: object, spec: object) -> Alpha:
     if str(value).strip().lower() == SEARCH:
         return SEARCH
+    expected = f"smoothing spec {spec!r}: expected a number in [0, 1] or {SEARCH!r}, got {value!r}"
+    if not isinstance(value, (int, float, str)):
+        raise QuantscaleError(expected)
     try:
         number = float(value)
-    except (TypeError, ValueError) as err:
-        raise QuantscaleError(
-            f"smoothing spec {spec!r}: expected a number in [0, 1] or {SEARCH!r}, got {value!r}"
-        ) from err
+    except ValueError as err:
+        raise QuantscaleError(expected) from err
     if not 0.0 <= number <= 1.0:
         raise QuantscaleError(f"smoothing spec {spec!r}: alpha must be in [0, 1], got {number}")
     return number
@@ -136,6 +137,23 @@ def _find(layer: nn.Module, path: str) -> nn.Module | None:
         return layer.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _module(layer: nn.Module, path: str) -> nn.Module:
+    """The submodule at `path` (one `layer_mappings` found)."""
+    return layer.get_submodule(path)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A norm's or Linear's weight."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
 
 
 def layer_mappings(
@@ -160,7 +178,8 @@ class ChannelAbsMax:
     def __init__(self, layer: nn.Module, mappings: Sequence[SmoothMapping]) -> None:
         self.absmax: dict[str, torch.Tensor] = {}
         self._handles = [
-            _find(layer, m.nexts[0]).register_forward_pre_hook(self._hook(m.name)) for m in mappings
+            _module(layer, m.nexts[0]).register_forward_pre_hook(self._hook(m.name))
+            for m in mappings
         ]
 
     def _hook(self, name: str) -> Callable:
@@ -236,7 +255,7 @@ def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) 
 
 
 def _weight_absmax(nexts: Sequence[nn.Module]) -> torch.Tensor:
-    return torch.stack([n.weight.detach().abs().amax(dim=0).float() for n in nexts]).amax(dim=0)
+    return torch.stack([_weight(n).detach().abs().amax(dim=0).float() for n in nexts]).amax(dim=0)
 
 
 def _gqa_groups(layer: nn.Module, v_out: int, o_in: int) -> tuple[int, int] | None:
@@ -306,35 +325,37 @@ class Smoothing:
     def __init__(self, alpha: str | float | Alphas = 0.5) -> None:
         self.alphas = parse_alphas(alpha)
         self.scales: dict[str, torch.Tensor] = {}
-        self._originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        self._originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _keep(self, param: nn.Parameter | None) -> None:
+    def _keep(self, param: torch.Tensor | None) -> None:
         if param is not None and id(param) not in self._originals:
             self._originals[id(param)] = (param, param.detach().clone())
 
     def _divide_prev(self, prev: nn.Module, s: torch.Tensor) -> None:
         """prev's output channels / s (a norm's weight or a Linear's rows and bias)."""
-        self._keep(prev.weight)
-        self._keep(getattr(prev, "bias", None))
-        w = prev.weight.data
+        weight, bias = _weight(prev), _bias(prev)
+        self._keep(weight)
+        self._keep(bias)
+        w = weight.data
         w.div_((s[:, None] if w.ndim == 2 else s).to(w.dtype))
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data.div_(s.to(prev.bias.dtype))
+        if bias is not None:
+            bias.data.div_(s.to(bias.dtype))
 
     def _multiply_nexts(self, nexts: Sequence[nn.Module], s: torch.Tensor) -> None:
         for n in nexts:
-            self._keep(n.weight)
-            n.weight.data.mul_(s[None, :].to(n.weight.dtype))
+            weight = _weight(n)
+            self._keep(weight)
+            weight.data.mul_(s[None, :].to(weight.dtype))
 
     def mapping_scales(
         self, layer: nn.Module, m: SmoothMapping, x_absmax: torch.Tensor, alpha: float, where: str
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(scales dividing prev's outputs, scales multiplying the nexts' input columns) of
         one mapping at `alpha`; None when 'vo' cannot be smoothed (head layout unclear)."""
-        nexts = [_find(layer, p) for p in m.nexts]
-        x, w = x_absmax.to(nexts[0].weight.device), _weight_absmax(nexts)
+        nexts = [_module(layer, p) for p in m.nexts]
+        x, w = x_absmax.to(_weight(nexts[0]).device), _weight_absmax(nexts)
         if m.name == "vo":
-            return self._vo_scales(layer, _find(layer, m.prev), x, w, alpha, where)
+            return self._vo_scales(layer, _module(layer, m.prev), x, w, alpha, where)
         s = smooth_scales(x, w, alpha)
         return s, s
 
@@ -343,7 +364,7 @@ class Smoothing:
         layer: nn.Module,
         absmax: Mapping[str, torch.Tensor],
         where: str = "layer",
-        alphas: Mapping[str, float] | None = None,
+        alphas: Alphas | None = None,
     ) -> None:
         """Smooth one decoder layer given the per-channel input max|x| of each mapping, at
         `alphas` (default: this object's; searched ones must be resolved by the caller)."""
@@ -351,29 +372,38 @@ class Smoothing:
         for m in layer_mappings(layer, list(alphas), where):
             if m.name not in absmax:
                 continue
-            if alphas[m.name] == SEARCH:
+            alpha = alphas[m.name]
+            if isinstance(alpha, str):  # SEARCH
                 raise QuantscaleError(
                     f"smoothing {where}.{m.name}: alpha 'search' needs the layer's calibration "
                     "inputs (SmoothQuant as a quantize_model transform, or smooth_model with "
                     "batches)"
                 )
-            scales = self.mapping_scales(layer, m, absmax[m.name], alphas[m.name], where)
+            scales = self.mapping_scales(layer, m, absmax[m.name], alpha, where)
             if scales is None:
                 continue
-            self._divide_prev(_find(layer, m.prev), scales[0])
-            self._multiply_nexts([_find(layer, p) for p in m.nexts], scales[1])
+            self._divide_prev(_module(layer, m.prev), scales[0])
+            self._multiply_nexts([_module(layer, p) for p in m.nexts], scales[1])
             self.scales[f"{where}.{m.name}"] = scales[0]
 
-    def _vo_scales(self, layer, v_proj, x, w, alpha, where) -> tuple | None:
-        groups = _gqa_groups(layer, v_proj.out_features, x.numel())
+    def _vo_scales(
+        self,
+        layer: nn.Module,
+        v_proj: nn.Module,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        alpha: float,
+        where: str,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        groups = _gqa_groups(layer, _weight(v_proj).shape[0], x.numel())
         if groups is None:
             log.info("smoothing: %s v_proj/o_proj head layout unclear; 'vo' skipped", where)
             return None
         kv, rep = groups
         head_dim = getattr(_find(layer, "self_attn"), "head_dim", None) or kv
         # o_proj input channel (kv head g, repeat r, dim d) reads v channel (g, d).
-        grouped = (t.reshape(kv // head_dim, rep, head_dim).amax(dim=1) for t in (x, w))
-        s_v = smooth_scales(*grouped, alpha).reshape(-1)
+        x_g, w_g = (t.reshape(kv // head_dim, rep, head_dim).amax(dim=1) for t in (x, w))
+        s_v = smooth_scales(x_g, w_g, alpha).reshape(-1)
         s_o = s_v.reshape(kv // head_dim, 1, head_dim).expand(-1, rep, -1).reshape(-1)
         return s_v, s_o
 
@@ -442,7 +472,7 @@ class SmoothQuant(Smoothing):
         alphas: dict[str, float] = {}
         for m in mappings:
             alpha = self.alphas[m.name]
-            if alpha == SEARCH:
+            if isinstance(alpha, str):  # SEARCH
                 if not stats.samples.get(m.name):
                     continue
                 errors = self.grid_errors(layer, m, stats, where)
@@ -459,9 +489,9 @@ class SmoothQuant(Smoothing):
         self, layer: nn.Module, m: SmoothMapping, stats: InputSamples, where: str
     ) -> dict[float, float]:
         """{alpha: quantized output error of the mapping's nexts} over the grid."""
-        nexts = [_find(layer, p) for p in m.nexts]
+        nexts = [_module(layer, p) for p in m.nexts]
         x = stats.tokens(m.name)
-        w = torch.cat([n.weight.detach().float() for n in nexts])
+        w = torch.cat([_weight(n).detach().float() for n in nexts])
         y_ref, scheme = x @ w.T, search_scheme(nexts)
         x_range = (stats.min[m.name], stats.max[m.name])
         errors = {}

@@ -21,13 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantscale.analysis.sweep import (
-    BASELINE,
-    Setting,
-    calibrate_shared,
-    rtn_quant_linear,
-    targeted,
-)
+from quantscale.analysis.sweep import BASELINE, Setting, calibrate_shared
 from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import layer_output, replace_hidden
 from quantscale.errors import QuantscaleError
@@ -35,6 +29,7 @@ from quantscale.eval.error import sqnr_db
 from quantscale.eval.scoring import final_hidden
 from quantscale.models.adapter import decoder_layers
 from quantscale.progress import track
+from quantscale.quantize import rtn_quant_linear, targeted_linears
 from quantscale.scheme import QuantScheme, Recipe
 
 _FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "ln_f")
@@ -123,7 +118,7 @@ def layer_sensitivity(
 
     `qparams`: static activation qparams already calibrated for `recipe` (else calibrated
     here on `calib` with one float pass)."""
-    modules = {n: mt for n, mt in targeted(model, recipe).items()}
+    modules = {n: mt for n, mt in targeted_linears(model, recipe).items()}
     if not modules:
         raise QuantscaleError("the recipe targets no Linear module of this model")
     if qparams is None:

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.algorithms.smoothing import (
     SmoothQuant,
     format_alphas,
@@ -41,8 +40,12 @@ from quantscale.calibration.sequential import as_batches, run_batches
 from quantscale.errors import QuantscaleError
 from quantscale.models.adapter import decoder_layers
 from quantscale.progress import track
-from quantscale.quantize import quantize_model
-from quantscale.runtime.qlinear import QuantLinear
+from quantscale.quantize import (
+    quantize_model,
+    quantize_with_scales,
+    restore_linears,
+    targeted_linears,
+)
 from quantscale.scheme import QuantScheme, Recipe, load_recipe
 
 BASELINE = "baseline"
@@ -165,7 +168,8 @@ def smooth_settings(
     for spec in specs:
         text = format_alphas(parse_alphas(spec))
         value = float(text) if "=" not in text else text
-        for obs in observers or [None]:
+        kinds: Sequence[str | None] = observers or [None]
+        for obs in kinds:
             recipe = with_activations(base, observer=obs) if obs else base
             label = f"{name} {obs or _observer_name(base)} smooth={text}"
             out.append(Setting(label, recipe, "smooth", value, smooth=text))
@@ -190,23 +194,6 @@ def _with_kwargs(recipe: Recipe, kwargs: dict) -> Recipe:
 # ------------------------------------------------------------------ running
 
 
-def targeted(model: nn.Module, recipe: Recipe) -> dict[str, tuple[nn.Linear, QuantScheme]]:
-    """Name -> (Linear, scheme) for every Linear the recipe quantizes."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name:
-            scheme = recipe.scheme_for(name, "Linear")
-            if scheme is not None:
-                found[name] = (module, scheme)
-    return found
-
-
-def restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
-    """Put the original modules back."""
-    for name, module in originals.items():
-        model.set_submodule(name, module)
-
-
 def calibrate_shared(
     model: nn.Module, settings: Sequence[Setting], batches: Sequence[torch.Tensor]
 ) -> dict[str, dict]:
@@ -215,7 +202,7 @@ def calibrate_shared(
     for i, st in enumerate(settings):
         if st.recipe is None:
             continue
-        for name, (module, scheme) in targeted(model, st.recipe).items():
+        for name, (module, scheme) in targeted_linears(model, st.recipe).items():
             linears[f"{i}|{name}"], schemes[f"{i}|{name}"] = module, scheme
     calibrator = ActivationCalibrator(linears, schemes)
     if calibrator.args:
@@ -223,37 +210,9 @@ def calibrate_shared(
             run_batches(model, list(track(batches, len(batches), "calibrate (shared)")))
     out: dict[str, dict] = {st.name: {} for st in settings}
     for (key, role), qp in calibrator.qparams().items():
-        i, name = key.split("|", 1)
-        out[settings[int(i)].name][(name, role)] = qp
+        index, name = key.split("|", 1)
+        out[settings[int(index)].name][(name, role)] = qp
     return out
-
-
-def rtn_quant_linear(
-    name: str, module: nn.Linear, scheme: QuantScheme, qparams: dict
-) -> QuantLinear:
-    """A QuantLinear over `module` with RTN weights and its static qparams from `qparams`
-    ({(module name, role): QParams}, as `calibrate_shared` returns per setting)."""
-    ql = QuantLinear.from_linear(module, scheme)
-    rtn_quantize(ql)
-    for role in ("input", "output"):
-        qp = qparams.get((name, role))
-        if qp is None:
-            continue
-        args = getattr(scheme, f"{role}_activations")
-        if role == "input" and args.dynamic == "local":
-            ql.set_input_global_scale(qp.global_scale)
-        else:
-            getattr(ql, f"set_{role}_qparams")(qp)
-    return ql
-
-
-def apply_setting(model: nn.Module, recipe: Recipe, qparams: dict) -> dict[str, nn.Module]:
-    """Swap in RTN QuantLinears with the given static qparams; returns the originals."""
-    originals = {}
-    for name, (module, scheme) in targeted(model, recipe).items():
-        model.set_submodule(name, rtn_quant_linear(name, module, scheme, qparams))
-        originals[name] = module
-    return originals
 
 
 def run_sweep(
@@ -305,15 +264,15 @@ def _run_setting(model, st: Setting, measure, mode, batches, qparams) -> SweepRo
     originals, smoothing = {}, None
     try:
         if st.recipe is not None and mode == "shared":
-            originals = apply_setting(model, st.recipe, qparams[st.name])
+            originals = quantize_with_scales(model, st.recipe, qparams[st.name])
         elif st.recipe is not None:
-            originals = {n: m for n, (m, _) in targeted(model, st.recipe).items()}
+            originals = {n: m for n, (m, _) in targeted_linears(model, st.recipe).items()}
             smoothing = SmoothQuant(st.smooth) if st.smooth else None
             transforms = [smoothing] if smoothing else []
             quantize_model(model, st.recipe, batches, transforms=transforms)
         metrics = measure(model)
     finally:
-        restore(model, originals)
+        restore_linears(model, originals)
         if smoothing is not None:
             smoothing.restore()
     return SweepRow(st.name, metrics, {}, time.perf_counter() - start, st.param, st.value)

@@ -12,6 +12,7 @@ each batch, drawn at random with a fixed seed: their cost does not grow with the
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from quantscale.errors import QuantscaleError
 from quantscale.observers import Observer, get_observer
 from quantscale.qdq import ACTIVATION, QParams, compute_qparams, nvfp4_global_scale
+from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantArgs, QuantScheme
 
 Key = tuple[str, str]  # (module name, "input" | "output")
@@ -140,7 +142,7 @@ class ActivationCalibrator:
         targets = self.linears if linears is None else linears
         qps = self.qparams()
         for (name, role), qp in qps.items():
-            module, args = targets[name], self.args[(name, role)]
+            module, args = cast(QuantLinear, targets[name]), self.args[(name, role)]
             if role == "input" and args.dynamic == "local":
                 module.set_input_global_scale(qp.global_scale)
             elif role == "input":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -123,7 +124,7 @@ def linear_stages(step: LayerStep, linears: Mapping[str, nn.Module]) -> list[Sta
     stages: dict[frozenset, list[str]] = {}
     for _, members in groups:
         stages.setdefault(frozenset(map(_pattern, members)), []).extend(members)
-    rest = []
+    rest: list[str] = []
     for name in linears:
         if name not in last_run:
             key = next((k for k in stages if _pattern(name) in k), None)
@@ -135,7 +136,8 @@ def linear_stages(step: LayerStep, linears: Mapping[str, nn.Module]) -> list[Sta
 
 
 def layer_output(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+    """A decoder layer's hidden states (layers return them alone or first in a tuple)."""
+    return cast(torch.Tensor, output[0] if isinstance(output, (tuple, list)) else output)
 
 
 def replace_hidden(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -199,6 +201,7 @@ def as_batches(
 @torch.inference_mode()
 def run_batches(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
     """Forward token batches through the model's decoder (no logits)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model
+    get_decoder = getattr(model, "get_decoder", None)
+    body = get_decoder() if get_decoder is not None else model
     for ids in batches:
         body(input_ids=ids, use_cache=False)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
+
+from quantscale.models.adapter import causal_lm
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -15,8 +19,9 @@ def final_hidden(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Last hidden states `[batch, seq, hidden]` of a `*ForCausalLM`, before the LM head."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    base = causal_lm(model).base_model
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return cast(torch.Tensor, out.last_hidden_state)
 
 
 def project(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -25,7 +30,7 @@ def project(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     The hidden states are cast to the head's dtype first, as the models' own forward does (a
     bf16 Mamba with residual_in_fp32 hands float32 hidden states to a bf16 head).
     """
-    head = model.get_output_embeddings()
+    head = causal_lm(model).get_output_embeddings()
     weight = getattr(head, "weight", None)
     logits = head(hidden if weight is None else hidden.to(weight.dtype)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from quantscale.checkpoint.read import SINGLE_NAME
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
+from quantscale.models.adapter import causal_lm
 from quantscale.models.loader import tied_embeddings
 from quantscale.models.moe import checkpoint_name
 from quantscale.naming import fused_siblings
@@ -86,7 +88,7 @@ def plain_tensors(model: nn.Module, skip_modules: Iterable[str]) -> dict[str, to
 
 def model_config(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
     """config.json of the model without any previous quantization entries."""
-    config = model.config.to_dict()
+    config = causal_lm(model).config.to_dict()
     for key in ("quantization_config", "quantscale"):
         config.pop(key, None)
     if dtype is not None:
@@ -101,7 +103,7 @@ def checkpoint_names(tensors: dict[str, torch.Tensor], config: dict) -> dict[str
     return {checkpoint_name(k, model_type): v for k, v in tensors.items()}
 
 
-def _renamed_strings(obj: object, model_type: str | None) -> object:
+def _renamed_strings(obj: Any, model_type: str | None) -> Any:
     """Module names inside JSON (ignore / exclude lists) renamed like the tensors."""
     if isinstance(obj, str):
         return checkpoint_name(obj, model_type)
@@ -183,8 +185,9 @@ def unshared_global_scales(mods: dict[str, ModuleCodes]) -> list[str]:
         group = [n for n in fused_siblings(name) if n in mods]
         if group[0] != name or len(group) < 2 or mc.qparams.global_scale is None:
             continue
-        scales = [mods[n].qparams.global_scale for n in group]
-        if any(not torch.equal(s, scales[0]) for s in scales):
+        first = mc.qparams.global_scale
+        others = [mods[n].qparams.global_scale for n in group[1:]]
+        if any(s is None or not torch.equal(s, first) for s in others):
             bad.append(
                 name.rpartition(".")[0] + ".{" + ",".join(g.rpartition(".")[2] for g in group) + "}"
             )

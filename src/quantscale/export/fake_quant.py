@@ -14,6 +14,7 @@ from quantscale.checkpoint.layouts import FAKE_QUANT_FORMAT, FAKE_QUANT_KEY
 from quantscale.checkpoint.read import SINGLE_NAME
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
+from quantscale.models.adapter import causal_lm
 from quantscale.models.loader import tied_embeddings
 from quantscale.runtime.qlinear import quant_linears
 from quantscale.scheme import Recipe
@@ -29,7 +30,7 @@ def save_quantized(
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if tied_embeddings(model):
         tensors.pop("lm_head.weight", None)
-    config = model.config.to_dict()
+    config = causal_lm(model).config.to_dict()
     config.pop("quantization_config", None)
     config[FAKE_QUANT_KEY] = {"format": FAKE_QUANT_FORMAT, "recipe": recipe.model_dump(mode="json")}
     with CheckpointWriter(out_dir, overwrite=overwrite) as writer:

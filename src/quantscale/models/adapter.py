@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from torch import nn
 
 from quantscale.naming import is_ignored
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Attribute paths of the decoder-layer list in the architectures we know, most specific first.
 _LAYER_PATHS = (
@@ -14,6 +19,11 @@ _LAYER_PATHS = (
     "model.decoder.layers",
     "layers",
 )
+
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The model seen as the transformers model it is (config, embeddings, base model)."""
+    return cast("PreTrainedModel", model)
 
 
 def _get(obj: object, path: str) -> object | None:

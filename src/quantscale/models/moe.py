@@ -67,12 +67,19 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return lin
 
 
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """A tensor attribute (parameter or buffer) of a fused experts module."""
+    t = getattr(module, name)
+    assert isinstance(t, torch.Tensor), f"{type(module).__name__}.{name} is not a tensor"
+    return t
+
+
 class LinearExperts(nn.ModuleList):
     """Drop-in replacement of a fused experts module (a list of `ExpertMLP`, so that expert
     e's projections are named `<experts>.<e>.gate_proj` etc.); see the module docstring."""
 
     def __init__(self, fused: nn.Module, names: tuple[str, str, str] = _DEFAULT_NAMES) -> None:
-        gate_up, down = fused.gate_up_proj, fused.down_proj
+        gate_up, down = _tensor(fused, "gate_up_proj"), _tensor(fused, "down_proj")
         inter = gate_up.shape[1] // 2
         super().__init__(
             ExpertMLP(
@@ -86,6 +93,7 @@ class LinearExperts(nn.ModuleList):
         )
         self.num_experts = gate_up.shape[0]
         self.calibrate_all = False
+        self.routed_tokens: torch.Tensor
         self.register_buffer(
             "routed_tokens", torch.zeros(self.num_experts, dtype=torch.long), False
         )

@@ -87,28 +87,29 @@ class Observer:
         """Observe one tensor (batch) and fold it into the running range."""
         rows, shape = self.rows(x)
         mn, mx = (t.reshape(shape) for t in self.observe(rows))
-        if self.min_val is None or self.min_val.shape != mn.shape:
-            if self.min_val is not None:
+        old_mn, old_mx = self.min_val, self.max_val
+        if old_mn is None or old_mx is None or old_mn.shape != mn.shape:
+            if old_mn is not None:
                 raise QuantscaleError(
                     f"{self.name} observer: range shape changed from "
-                    f"{tuple(self.min_val.shape)} to {tuple(mn.shape)} between batches"
+                    f"{tuple(old_mn.shape)} to {tuple(mn.shape)} between batches"
                 )
             self.min_val, self.max_val = mn, mx
         elif self.combine == "minmax":
-            self.min_val = torch.minimum(self.min_val, mn)
-            self.max_val = torch.maximum(self.max_val, mx)
+            self.min_val = torch.minimum(old_mn, mn)
+            self.max_val = torch.maximum(old_mx, mx)
         elif self.combine == "ema":
-            self.min_val = self.min_val + self.sigma * (mn - self.min_val)
-            self.max_val = self.max_val + self.sigma * (mx - self.max_val)
+            self.min_val = old_mn + self.sigma * (mn - old_mn)
+            self.max_val = old_mx + self.sigma * (mx - old_mx)
         else:
             n = self.count
-            self.min_val = (self.min_val * n + mn) / (n + 1)
-            self.max_val = (self.max_val * n + mx) / (n + 1)
+            self.min_val = (old_mn * n + mn) / (n + 1)
+            self.max_val = (old_mx * n + mx) / (n + 1)
         self.count += 1
 
     def min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The collected (min, max)."""
-        if self.min_val is None:
+        if self.min_val is None or self.max_val is None:
             raise QuantscaleError(f"{self.name} observer has seen no data")
         return self.min_val, self.max_val
 
