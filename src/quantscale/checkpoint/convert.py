@@ -40,16 +40,11 @@ from quantscale.checkpoint.layouts import (
     NEURON_KEY,
     NEURON_PREFIX,
     NVFP4_CONVENTIONS,
-    FP8Facts,
     Layout,
-    config_block,
-    ct_fp8_block_config,
     detect_layout,
     from_neuron_name,
-    hf_fp8_config,
     hf_quant_config,
     modelopt_quantization_config,
-    neuron_block,
     reciprocal,
     scale_name_for,
     to_neuron_name,
@@ -57,7 +52,6 @@ from quantscale.checkpoint.layouts import (
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
-from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.scheme import Recipe, preset_scheme
 
 TARGETS = (*FP8_CONVENTIONS, MODELOPT_METHOD)
@@ -133,20 +127,6 @@ def explain(to: str) -> str:
 # ------------------------------------------------------------------ FP8
 
 
-def fp8_facts(config: dict, layout: Layout) -> FP8Facts:
-    """The format-neutral facts of an FP8 config: block, modules left unquantized, scale_fmt."""
-    qc = config.get("quantization_config") or {}
-    block = list(config_block(config) or DEFAULT_BLOCK)
-    if layout is HF_FP8:
-        return FP8Facts(block, list(qc.get("modules_to_not_convert") or []), qc.get("scale_fmt"))
-    if layout is not NEURON_FP8:
-        return FP8Facts(block, list(qc.get("ignore") or []))
-    neuron = config[NEURON_KEY]
-    hf = neuron.get("hf_quantization_config") or {}
-    ignore = hf.get("modules_to_not_convert") or neuron.get("modules_to_not_convert", [])
-    return FP8Facts(block, list(ignore), hf.get("scale_fmt"))
-
-
 def _rename(name: str, is_scale: bool, src: Layout, to: Layout, unprefixed: list[str]) -> str:
     """Tensor name in `src` -> name in `to` (through HF names); scales get `to`'s name."""
     hf_scale = str(HF_FP8.weight_scale)
@@ -163,7 +143,9 @@ def _rename(name: str, is_scale: bool, src: Layout, to: Layout, unprefixed: list
 
 def _target_fp8_config(ckpt: Checkpoint, src: Layout, to: Layout) -> tuple[dict, list[str]]:
     """(config.json of the converted checkpoint, top-level modules Neuron names keep)."""
-    facts = fp8_facts(ckpt.config or {}, src)
+    if src.fp8_facts is None or to.fp8_config is None:
+        raise QuantscaleError(f"{src.name} -> {to.name}: not an FP8 block conversion")
+    facts = src.fp8_facts(ckpt.config or {})
     config = copy.deepcopy(ckpt.config) or {}
     neuron = config.pop(NEURON_KEY, None)
     unprefixed = (neuron or {}).get("unprefixed_modules")
@@ -171,12 +153,8 @@ def _target_fp8_config(ckpt: Checkpoint, src: Layout, to: Layout) -> tuple[dict,
         tops = {n.split(".")[0] for n in ckpt.tensors}
         unprefixed = sorted(tops - {NEURON_PREFIX.rstrip(".")})
     config.pop("quantization_config", None)
-    if to is HF_FP8:
-        config["quantization_config"] = hf_fp8_config(facts)
-    elif to is NEURON_FP8:
-        config[NEURON_KEY] = neuron_block(facts, unprefixed)
-    else:
-        config["quantization_config"] = ct_fp8_block_config(facts)
+    key, value = to.fp8_config(facts, unprefixed)
+    config[key] = value
     return config, unprefixed
 
 

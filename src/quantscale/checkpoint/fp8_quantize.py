@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from quantscale import progress
-from quantscale.checkpoint.layouts import CT_FP8_LAYOUT, HF_FP8, FP8Facts, hf_fp8_config
+from quantscale.checkpoint.layouts import CT_SCALE, HF_SCALE, FP8Facts, hf_fp8_config, hf_scale_name
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
@@ -25,7 +25,7 @@ from quantscale.naming import is_ignored, module_path
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 # tensor names that only a quantized checkpoint holds
-QUANTIZED_SUFFIXES = (f".{HF_FP8.weight_scale}", f".{CT_FP8_LAYOUT.weight_scale}")
+QUANTIZED_SUFFIXES = (f".{HF_SCALE}", f".{CT_SCALE}")
 
 
 def check_not_quantized(ckpt: Checkpoint) -> None:
@@ -66,11 +66,6 @@ def unconverted_modules(ckpt: Checkpoint, ignore: tuple[str, ...] | list[str] = 
     return sorted(set(modules))
 
 
-def scale_name(weight: str) -> str:
-    """`<m>.weight` -> `<m>.weight_scale_inv`, the HF FP8 scale beside it."""
-    return f"{module_path(weight)}.{HF_FP8.weight_scale}"
-
-
 def quantize_checkpoint_fp8(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -95,14 +90,14 @@ def quantize_checkpoint_fp8(
 
     def rows_fn(name: str, band: torch.Tensor, first: int) -> dict[str, tuple]:
         q, scale = quantize_fp8_block_fast(band, block, scale_fmt, backend=backend)
-        return {name: (q, first), scale_name(name): (scale, first // block[0])}
+        return {name: (q, first), hf_scale_name(name): (scale, first // block[0])}
 
     def plan_fn(name: str, info: TensorInfo) -> TensorPlan:
         if name not in targets:
             return TensorPlan.copy(name, info)
         outputs = (
             (name, E4M3, info.shape),
-            (scale_name(name), torch.float32, block_grid(info.shape, block)),
+            (hf_scale_name(name), torch.float32, block_grid(info.shape, block)),
         )
         return TensorPlan(outputs, "rows", rows=block[0])
 

@@ -21,6 +21,7 @@ import torch
 import quantscale
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.formats.fp4 import NVFP4_GROUP
+from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.naming import module_path
 
 # config.json keys, quant_method values and side files
@@ -41,6 +42,8 @@ CT_FORMATS = (CT_NVFP4, CT_MXFP4, CT_PACKED, CT_FLOAT, CT_INT)
 MODELOPT_NVFP4, MODELOPT_W4A16, MODELOPT_FP8 = "NVFP4", "W4A16_NVFP4", "FP8"
 # static activation scales any FP8 layout may carry beside a weight
 ACTIVATION_SCALES = ("input_scale", "activation_scale")
+# an FP8 weight's scale (the dequantization multiplier) by convention
+HF_SCALE, CT_SCALE, NEURON_SCALE = "weight_scale_inv", "weight_scale", "scale"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class Layout:
     global_scale: str | None = None
     input_scale: str | None = None
     input_global_scale: str | None = None
+    # FP8 block conventions the converter rewrites: config.json -> neutral facts, and
+    # facts (+ Neuron's unprefixed top-level modules) -> (config.json key, its value)
+    fp8_facts: Callable[[dict], FP8Facts] | None = None
+    fp8_config: Callable[[FP8Facts, list[str]], tuple[str, dict]] | None = None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -116,120 +123,6 @@ def _is_ct(ckpt: Checkpoint) -> bool:
 def _is_ct_int(ckpt: Checkpoint) -> bool:
     formats = ct_formats(ckpt)
     return bool(formats & {CT_PACKED, CT_INT}) and CT_FLOAT not in formats
-
-
-FAKE_QUANT = Layout(
-    "fake-quant",
-    "fake-quant",
-    "dense",
-    _is_fake_quant,
-    weight_scale="weight_scale",
-    global_scale="weight_global_scale",
-    input_scale="input_scale",
-    input_global_scale="input_global_scale",
-)
-QUAMBA = Layout("quamba", QUAMBA_METHOD, "int", _is_quamba)
-PSEUDO = Layout(
-    "pseudo", "pseudo", "dense", _is_pseudo, weight_scale="per_block_scale", global_scale="scale_2"
-)
-MODELOPT_NVFP4_LAYOUT = Layout(
-    "modelopt-nvfp4",
-    MODELOPT_METHOD,
-    "nvfp4",
-    lambda c: modelopt_algo(c) in (MODELOPT_NVFP4, MODELOPT_W4A16),
-    weight_scale="weight_scale",
-    global_scale="weight_scale_2",
-    input_global_scale="input_scale",
-)
-MODELOPT_FP8_LAYOUT = Layout(
-    "modelopt-fp8",
-    MODELOPT_METHOD,
-    "fp8",
-    lambda c: modelopt_algo(c) == MODELOPT_FP8,
-    weight_scale="weight_scale",
-    input_scale="input_scale",
-)
-HF_FP8 = Layout(
-    "hf-fp8",
-    "hf",
-    "fp8",
-    lambda c: _qc(c).get("quant_method") == HF_FP8_METHOD,
-    weight_scale="weight_scale_inv",
-    input_scale="activation_scale",
-)
-CT_NVFP4_LAYOUT = Layout(
-    "ct-nvfp4",
-    CT_METHOD,
-    "nvfp4",
-    lambda c: CT_NVFP4 in ct_formats(c),
-    weight="weight_packed",
-    weight_scale="weight_scale",
-    global_scale="weight_global_scale",
-    input_global_scale="input_global_scale",
-)
-CT_MXFP4_LAYOUT = Layout(
-    "ct-mxfp4",
-    CT_METHOD,
-    "mxfp4",
-    lambda c: CT_MXFP4 in ct_formats(c),
-    weight="weight_packed",
-    weight_scale="weight_scale",
-)
-CT_INT_LAYOUT = Layout(
-    "ct-int", CT_METHOD, "int", _is_ct_int, weight="weight_packed", weight_scale="weight_scale"
-)
-CT_FP8_LAYOUT = Layout(
-    "ct-fp8", CT_METHOD, "fp8", _is_ct, weight_scale="weight_scale", input_scale="input_scale"
-)
-NEURON_FP8 = Layout(
-    "neuron-fp8", "neuron", "fp8", lambda c: NEURON_KEY in (c.config or {}), weight_scale="scale"
-)
-
-# detection order: the first layout whose `detect` says yes is the checkpoint's
-LAYOUTS: dict[str, Layout] = {
-    layout.name: layout
-    for layout in (
-        FAKE_QUANT,
-        QUAMBA,
-        PSEUDO,
-        MODELOPT_NVFP4_LAYOUT,
-        MODELOPT_FP8_LAYOUT,
-        HF_FP8,
-        CT_NVFP4_LAYOUT,
-        CT_MXFP4_LAYOUT,
-        CT_INT_LAYOUT,
-        CT_FP8_LAYOUT,
-        NEURON_FP8,
-    )
-}
-# The FP8 block conventions `convert` rewrites into one another, by target name.
-FP8_CONVENTIONS: dict[str, Layout] = {"hf": HF_FP8, CT_METHOD: CT_FP8_LAYOUT, "neuron": NEURON_FP8}
-# The NVFP4 conventions `convert` rewrites into one another, by target name.
-NVFP4_CONVENTIONS: dict[str, Layout] = {
-    CT_METHOD: CT_NVFP4_LAYOUT,
-    MODELOPT_METHOD: MODELOPT_NVFP4_LAYOUT,
-}
-# Where an FP8 weight's scale may be, looked up in this order (HF, compressed-tensors, Neuron).
-FP8_SCALES: tuple[str, ...] = tuple(str(lay.weight_scale) for lay in FP8_CONVENTIONS.values())
-
-
-def detect_layout(ckpt: Checkpoint) -> Layout | None:
-    """The layout of `ckpt` (first match in `LAYOUTS` order); None for a plain checkpoint."""
-    return next((layout for layout in LAYOUTS.values() if layout.detect(ckpt)), None)
-
-
-def scale_name_for(tensors: Container[str], weight_name: str) -> str | None:
-    """Name of the FP8 scale stored beside `<m>.weight`, in whichever layout is present."""
-    module = module_path(weight_name)
-    return next((f"{module}.{s}" for s in FP8_SCALES if f"{module}.{s}" in tensors), None)
-
-
-def weight_of_scale(name: str) -> str | None:
-    """`<m>.weight_scale_inv` (or `.weight_scale`, Neuron `.scale`) -> `<m>.weight`."""
-    for suffix in FP8_SCALES:
-        if name.endswith("." + suffix):
-            return name[: -len(suffix)] + "weight"
-    return None
 
 
 # ------------------------------------------------------------------ block sizes
@@ -329,7 +222,7 @@ def to_neuron_name(name: str, scale_from: str) -> str:
     """HF-style parameter name -> Neuron name (attention renames, no `model.` prefix)."""
     module, _, leaf = name.rpartition(".")
     if leaf == scale_from:
-        leaf = str(NEURON_FP8.weight_scale)
+        leaf = NEURON_SCALE
     parts = module.split(".")
     if len(parts) >= 2 and parts[-2] == "self_attn":
         if parts[-1] in NEURON_ATTN:
@@ -346,7 +239,7 @@ def from_neuron_name(name: str, scale_to: str, unprefixed: list[str]) -> str:
         name = name.replace(f"self_attn.{long}.", f"self_attn.{short}.")
     name = name.replace("self_attn.o_proj.o_proj.", "self_attn.o_proj.")
     module, _, leaf = name.rpartition(".")
-    if leaf == NEURON_FP8.weight_scale:
+    if leaf == NEURON_SCALE:
         leaf = scale_to
     name = f"{module}.{leaf}" if module else leaf
     return name if name.split(".")[0] in unprefixed else NEURON_PREFIX + name
@@ -364,6 +257,43 @@ def neuron_block(facts: FP8Facts, unprefixed: list[str]) -> dict:
         "unprefixed_modules": unprefixed,
         "hf_quantization_config": hf_fp8_config(facts),
     }
+
+
+def _block(config: dict) -> list[int]:
+    return list(config_block(config) or DEFAULT_BLOCK)
+
+
+def hf_fp8_facts(config: dict) -> FP8Facts:
+    """HF: modules_to_not_convert and scale_fmt from quantization_config."""
+    qc = config.get("quantization_config") or {}
+    ignore = list(qc.get("modules_to_not_convert") or [])
+    return FP8Facts(_block(config), ignore, qc.get("scale_fmt"))
+
+
+def ct_fp8_facts(config: dict) -> FP8Facts:
+    """compressed-tensors: its ignore list (no scale_fmt)."""
+    qc = config.get("quantization_config") or {}
+    return FP8Facts(_block(config), list(qc.get("ignore") or []))
+
+
+def neuron_fp8_facts(config: dict) -> FP8Facts:
+    """Neuron: the HF config it keeps, else its own modules_to_not_convert."""
+    neuron = config[NEURON_KEY]
+    hf = neuron.get("hf_quantization_config") or {}
+    ignore = hf.get("modules_to_not_convert") or neuron.get("modules_to_not_convert", [])
+    return FP8Facts(_block(config), list(ignore), hf.get("scale_fmt"))
+
+
+def _hf_entry(facts: FP8Facts, unprefixed: list[str]) -> tuple[str, dict]:
+    return "quantization_config", hf_fp8_config(facts)
+
+
+def _ct_entry(facts: FP8Facts, unprefixed: list[str]) -> tuple[str, dict]:
+    return "quantization_config", ct_fp8_block_config(facts)
+
+
+def _neuron_entry(facts: FP8Facts, unprefixed: list[str]) -> tuple[str, dict]:
+    return NEURON_KEY, neuron_block(facts, unprefixed)
 
 
 # ------------------------------------------------------------------ ModelOpt configs
@@ -399,3 +329,139 @@ def modelopt_quantization_config(hf_cfg: dict) -> dict:
         "exclude_modules": list(q.get("exclude_modules") or []),
         "producer": hf_cfg.get("producer"),
     }
+
+
+# ------------------------------------------------------------------ the registry
+
+FAKE_QUANT = Layout(
+    "fake-quant",
+    "fake-quant",
+    "dense",
+    _is_fake_quant,
+    weight_scale="weight_scale",
+    global_scale="weight_global_scale",
+    input_scale="input_scale",
+    input_global_scale="input_global_scale",
+)
+QUAMBA = Layout("quamba", QUAMBA_METHOD, "int", _is_quamba)
+PSEUDO = Layout(
+    "pseudo", "pseudo", "dense", _is_pseudo, weight_scale="per_block_scale", global_scale="scale_2"
+)
+MODELOPT_NVFP4_LAYOUT = Layout(
+    "modelopt-nvfp4",
+    MODELOPT_METHOD,
+    "nvfp4",
+    lambda c: modelopt_algo(c) in (MODELOPT_NVFP4, MODELOPT_W4A16),
+    weight_scale="weight_scale",
+    global_scale="weight_scale_2",
+    input_global_scale="input_scale",
+)
+MODELOPT_FP8_LAYOUT = Layout(
+    "modelopt-fp8",
+    MODELOPT_METHOD,
+    "fp8",
+    lambda c: modelopt_algo(c) == MODELOPT_FP8,
+    weight_scale="weight_scale",
+    input_scale="input_scale",
+)
+HF_FP8 = Layout(
+    "hf-fp8",
+    "hf",
+    "fp8",
+    lambda c: _qc(c).get("quant_method") == HF_FP8_METHOD,
+    weight_scale=HF_SCALE,
+    input_scale="activation_scale",
+    fp8_facts=hf_fp8_facts,
+    fp8_config=_hf_entry,
+)
+CT_NVFP4_LAYOUT = Layout(
+    "ct-nvfp4",
+    CT_METHOD,
+    "nvfp4",
+    lambda c: CT_NVFP4 in ct_formats(c),
+    weight="weight_packed",
+    weight_scale="weight_scale",
+    global_scale="weight_global_scale",
+    input_global_scale="input_global_scale",
+)
+CT_MXFP4_LAYOUT = Layout(
+    "ct-mxfp4",
+    CT_METHOD,
+    "mxfp4",
+    lambda c: CT_MXFP4 in ct_formats(c),
+    weight="weight_packed",
+    weight_scale="weight_scale",
+)
+CT_INT_LAYOUT = Layout(
+    "ct-int", CT_METHOD, "int", _is_ct_int, weight="weight_packed", weight_scale="weight_scale"
+)
+CT_FP8_LAYOUT = Layout(
+    "ct-fp8",
+    CT_METHOD,
+    "fp8",
+    _is_ct,
+    weight_scale=CT_SCALE,
+    input_scale="input_scale",
+    fp8_facts=ct_fp8_facts,
+    fp8_config=_ct_entry,
+)
+NEURON_FP8 = Layout(
+    "neuron-fp8",
+    "neuron",
+    "fp8",
+    lambda c: NEURON_KEY in (c.config or {}),
+    weight_scale=NEURON_SCALE,
+    fp8_facts=neuron_fp8_facts,
+    fp8_config=_neuron_entry,
+)
+
+# detection order: the first layout whose `detect` says yes is the checkpoint's
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        FAKE_QUANT,
+        QUAMBA,
+        PSEUDO,
+        MODELOPT_NVFP4_LAYOUT,
+        MODELOPT_FP8_LAYOUT,
+        HF_FP8,
+        CT_NVFP4_LAYOUT,
+        CT_MXFP4_LAYOUT,
+        CT_INT_LAYOUT,
+        CT_FP8_LAYOUT,
+        NEURON_FP8,
+    )
+}
+# The FP8 block conventions `convert` rewrites into one another, by target name.
+FP8_CONVENTIONS: dict[str, Layout] = {"hf": HF_FP8, CT_METHOD: CT_FP8_LAYOUT, "neuron": NEURON_FP8}
+# The NVFP4 conventions `convert` rewrites into one another, by target name.
+NVFP4_CONVENTIONS: dict[str, Layout] = {
+    CT_METHOD: CT_NVFP4_LAYOUT,
+    MODELOPT_METHOD: MODELOPT_NVFP4_LAYOUT,
+}
+# Where an FP8 weight's scale may be, looked up in this order (HF, compressed-tensors, Neuron).
+FP8_SCALES = (HF_SCALE, CT_SCALE, NEURON_SCALE)
+
+
+def detect_layout(ckpt: Checkpoint) -> Layout | None:
+    """The layout of `ckpt` (first match in `LAYOUTS` order); None for a plain checkpoint."""
+    return next((layout for layout in LAYOUTS.values() if layout.detect(ckpt)), None)
+
+
+def scale_name_for(tensors: Container[str], weight_name: str) -> str | None:
+    """Name of the FP8 scale stored beside `<m>.weight`, in whichever layout is present."""
+    module = module_path(weight_name)
+    return next((f"{module}.{s}" for s in FP8_SCALES if f"{module}.{s}" in tensors), None)
+
+
+def hf_scale_name(weight: str) -> str:
+    """`<m>.weight` -> `<m>.weight_scale_inv`, the HF FP8 scale beside it."""
+    return f"{module_path(weight)}.{HF_SCALE}"
+
+
+def weight_of_scale(name: str) -> str | None:
+    """`<m>.weight_scale_inv` (or `.weight_scale`, Neuron `.scale`) -> `<m>.weight`."""
+    for suffix in FP8_SCALES:
+        if name.endswith("." + suffix):
+            return name[: -len(suffix)] + "weight"
+    return None

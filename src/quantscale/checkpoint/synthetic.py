@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from quantscale.checkpoint.layouts import hf_scale_name
 from quantscale.checkpoint.read import CONFIG_NAME, DTYPE_NAMES, DTYPES, INDEX_NAME
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import OutputExistsError
@@ -96,7 +97,7 @@ def _write(
                 if fp8 and spec.role == "linear":
                     q, scale = quantize_fp8_block(value, block, scale_fmt)
                     tensors[spec.name] = q
-                    tensors[spec.name + "_scale_inv"] = scale
+                    tensors[hf_scale_name(spec.name)] = scale
                 else:
                     tensors[spec.name] = value
             writer.write_shard(shard_name(i, len(groups)), tensors)
@@ -260,7 +261,7 @@ def _header_entries(specs: list[Spec], block: tuple[int, int]) -> dict[str, tupl
     for spec in specs:
         if spec.role == "linear":
             out[spec.name] = ("F8_E4M3", spec.shape)
-            out[spec.name + "_scale_inv"] = ("F32", block_grid(spec.shape, block))
+            out[hf_scale_name(spec.name)] = ("F32", block_grid(spec.shape, block))
         else:
             out[spec.name] = (DTYPE_NAMES[spec.dtype], spec.shape)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from quantscale.checkpoint.layouts import HF_FP8, FP8Facts, hf_fp8_config
+from quantscale.checkpoint.layouts import FP8Facts, hf_fp8_config, hf_scale_name
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import model_config, plain_tensors, quantized_modules, write_checkpoint
 from quantscale.runtime.qlinear import QuantLinear
@@ -35,7 +35,7 @@ def save_hf_fp8(
     tensors = plain_tensors(model, mods)
     for name, mc in mods.items():
         tensors[f"{name}.weight"] = mc.codes
-        tensors[f"{name}.{HF_FP8.weight_scale}"] = mc.qparams.scale.float()
+        tensors[hf_scale_name(f"{name}.weight")] = mc.qparams.scale.float()
         if mc.module.bias is not None:
             tensors[f"{name}.bias"] = mc.module.bias.detach().cpu()
     ignore = [
