@@ -93,39 +93,23 @@ def layer_of(name: str) -> int:
     return best
 
 
+def reachable(g: dict[str, set[str]], start: str) -> set[str]:
+    """Modules reachable from `start` by one or more imports."""
+    seen: set[str] = set()
+    todo = list(g[start])
+    while todo:
+        v = todo.pop()
+        if v not in seen:
+            seen.add(v)
+            todo.extend(g.get(v, ()))
+    return seen
+
+
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in sorted(g[v]):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(g):
-        if v not in index:
-            visit(v)
-    return out
+    """Groups of modules that import each other, directly or through others."""
+    reach = {v: reachable(g, v) for v in g}
+    groups = {tuple(sorted(w for w in reach[v] if v in reach[w])) for v in g if v in reach[v]}
+    return sorted(list(c) for c in groups)
 
 
 def test_graph_sees_imports():
@@ -167,4 +151,4 @@ def test_checker_fails_on_a_back_edge():
     # formats importing the orchestrator would be an upward edge
     assert layer_of("quantize") > layer_of("formats.fp8")
     assert layer_of("commands.quantize") > layer_of("quantize")
-    assert layer_of("checkpoint.io") < layer_of("export.base")
+    assert layer_of("checkpoint.read") < layer_of("export.base")
