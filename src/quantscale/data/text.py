@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -64,7 +64,9 @@ _SPACES = re.compile(r"[ \t\u00a0]+")
 _SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:!?)])")
 
 
-def _until_stable(pattern: re.Pattern[str], repl, text: str) -> str:
+def _until_stable(
+    pattern: re.Pattern[str], repl: str | Callable[[re.Match[str]], str], text: str
+) -> str:
     """Apply a substitution until nothing changes (resolves nesting from the inside out)."""
     while True:
         new = pattern.sub(repl, text)

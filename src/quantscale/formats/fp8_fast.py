@@ -28,6 +28,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,8 +110,11 @@ def native_built() -> bool:
     return (_native_build_dir() / f"{_NATIVE_NAME}.so").exists()
 
 
+Kernel = Callable[..., torch.Tensor]
+
+
 @functools.cache
-def _native():
+def _native() -> Kernel | None:
     """The C++ op, built once into the cache; None (after one warning) if it cannot be."""
     if os.environ.get("QUANTSCALE_NATIVE", "1") == "0":
         return None
@@ -129,7 +133,7 @@ def _native():
         return None
 
 
-def native_op(name: str):
+def native_op(name: str) -> Kernel | None:
     """Another op of the C++ library (e.g. "nvfp4_quantize"), or None where it cannot be built."""
     return getattr(torch.ops.quantscale_fp8, name) if _native() is not None else None
 
@@ -152,12 +156,14 @@ def _amax_kernel(t4: torch.Tensor) -> torch.Tensor:
     return t4.abs().amax(dim=(1, 3)).float()
 
 
-def _quant_kernel(t4: torch.Tensor, scale: torch.Tensor, qmax: float, dtype: torch.dtype):
+def _quant_kernel(
+    t4: torch.Tensor, scale: torch.Tensor, qmax: float, dtype: torch.dtype
+) -> torch.Tensor:
     return (t4.float() / scale[:, None, :, None]).clamp(-qmax, qmax).to(dtype)
 
 
 @functools.cache
-def _compiled() -> tuple | None:
+def _compiled() -> tuple[Kernel, Kernel] | None:
     """The two compiled kernels, or None when torch.compile does not work on this machine."""
     if os.environ.get("QUANTSCALE_COMPILE", "1") == "0":
         return None
@@ -232,7 +238,7 @@ def _eager(
 
 
 def _cpp(
-    op, w: torch.Tensor, block: tuple[int, int], scale_fmt: str | None, group: int = 0
+    op: Kernel, w: torch.Tensor, block: tuple[int, int], scale_fmt: str | None, group: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ kernel: E4M3 codes and scales. fp32 weights with ue8m0 take their scales from
     torch (its log2 decides scales a few ulps above a power of two; bf16/fp16 never have one)."""
