@@ -1,4 +1,5 @@
-# quantscale: `make demo` runs the main job, `make test` the whole test suite (each installs first).
+# quantscale: `make demo` runs the main job, `make test` ruff, mypy and the whole test suite
+# (each installs first).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -18,7 +19,7 @@ install: $(STAMP)
 demo: install
 	$(PY) -m quantscale demo
 
-lint: install
+lint: typecheck
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 
