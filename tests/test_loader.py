@@ -96,3 +96,14 @@ def test_compressed_tensors_checkpoints_pass_through_to_transformers(tmp_path):
     ids = torch.arange(8).reshape(1, 8)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0.05, atol=0.05)
+
+
+def test_a_broken_algorithm_module_raises_its_own_error():
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['quantscale.algorithms.gptq'] = None\nimport quantscale.quantize\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "Error: import of quantscale.algorithms.gptq halted" in run.stderr

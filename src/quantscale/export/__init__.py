@@ -1,7 +1,7 @@
 """Exporters: one writer (and reader) per on-disk format, chosen by name.
 
 `EXPORTERS[name](model, out, recipe=..., overwrite=..., source_dir=...)` writes a model
-quantized by `pipeline.quantize_model`; `export_model` dispatches by name.
+quantized by `quantize.quantize_model`; `export_model` dispatches by name.
 """
 
 from __future__ import annotations
