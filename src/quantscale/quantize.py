@@ -316,17 +316,9 @@ def quantize_checkpoint(
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
-        return _quantize_mamba(
-            model_dir,
-            out,
-            scheme,
-            method,
-            fmt,
-            calib_samples,
-            calib_seq_len,
-            calib_data,
-            overwrite,
-        )
+        calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
+        options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
+        return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
     from quantscale.data.calibration import calibration_batches
     from quantscale.export import EXPORTERS, export_model
 
@@ -366,10 +358,7 @@ def _quantize_mamba(
     scheme: str,
     method: str | None,
     fmt: str | None,
-    calib_samples: int,
-    calib_seq_len: int,
-    calib_data: str | os.PathLike | None,
-    overwrite: bool,
+    **options: Any,
 ) -> Path:
     """The Quamba path of `quantize_checkpoint`."""
     from quantscale.mamba.quantize import quantize_mamba_checkpoint
@@ -379,15 +368,7 @@ def _quantize_mamba(
             f"{model_dir}: a Mamba model is quantized the Quamba way; --method and --format "
             "do not apply"
         )
-    return quantize_mamba_checkpoint(
-        model_dir,
-        out,
-        scheme,
-        calib_samples=calib_samples,
-        calib_seq_len=calib_seq_len,
-        calib_data=calib_data,
-        overwrite=overwrite,
-    )
+    return quantize_mamba_checkpoint(model_dir, out, scheme, **options)
 
 
 def _quantize_experts(
