@@ -25,6 +25,7 @@ from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import CheckpointError, OutputExistsError, QuantscaleError
+from quantscale.mamba.fixtures import load_mamba
 from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.mamba.mixers import (
     MambaKind,
@@ -165,7 +166,7 @@ def scheme_recipe(scheme: str | os.PathLike) -> MambaRecipe:
 
 
 def calibration_token_batches(
-    tokenizer, recipe: MambaRecipe, source: str | os.PathLike | None = None
+    tokenizer: Any, recipe: MambaRecipe, source: str | os.PathLike | None = None
 ) -> list[torch.Tensor]:
     """The recipe's calibration windows (n_samples x seq_len) over a text file or, by
     default, the calibration articles, in batches of `recipe.batch_size`."""
@@ -201,8 +202,6 @@ def quantize_and_save(
 ) -> Path:
     """Load a float Mamba model, quantize it with `recipe` (calibrating on `calib_data` or
     the Wikipedia calibration split) and save it with its tokenizer to `out`."""
-    from quantscale.mamba.fixtures import load_mamba
-
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     model, tokenizer = load_mamba(model_spec)
