@@ -186,15 +186,8 @@ def rtn_quant_linear(
     rtn_quantize(ql)
     for role in ("input", "output"):
         qp = qparams.get((name, role))
-        if qp is None:
-            continue
-        args = scheme.input_activations if role == "input" else scheme.output_activations
-        if role == "input" and args is not None and args.dynamic == "local":
-            ql.set_input_global_scale(qp.global_scale)
-        elif role == "input":
-            ql.set_input_qparams(qp)
-        else:
-            ql.set_output_qparams(qp)
+        if qp is not None:
+            ql.set_activation_qparams(role, qp)
     return ql
 
 

@@ -142,11 +142,5 @@ class ActivationCalibrator:
         targets = self.linears if linears is None else linears
         qps = self.qparams()
         for (name, role), qp in qps.items():
-            module, args = cast(QuantLinear, targets[name]), self.args[(name, role)]
-            if role == "input" and args.dynamic == "local":
-                module.set_input_global_scale(qp.global_scale)
-            elif role == "input":
-                module.set_input_qparams(qp)
-            else:
-                module.set_output_qparams(qp)
+            cast(QuantLinear, targets[name]).set_activation_qparams(role, qp)
         return qps

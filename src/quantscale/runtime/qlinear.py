@@ -156,6 +156,17 @@ class QuantLinear(nn.Module):
     def output_qparams(self) -> QParams | None:
         return self._qparams("output")
 
+    def set_activation_qparams(self, role: str, qp: QParams) -> None:
+        """Calibrated qparams of the 'input' or 'output' activations: the static scale, or
+        only the global scale when the scheme's input is dynamic 'local' (NVFP4)."""
+        args = self.scheme.input_activations if role == "input" else None
+        if args is not None and args.dynamic == "local":
+            self.set_input_global_scale(qp.global_scale)
+        elif role == "input":
+            self.set_input_qparams(qp)
+        else:
+            self.set_output_qparams(qp)
+
     # ------------------------------------------------------------------ forward
 
     def _act(self, x: torch.Tensor, args: QuantArgs | None, role: str) -> torch.Tensor:
