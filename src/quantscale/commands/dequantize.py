@@ -1,8 +1,10 @@
-"""`quantscale dequantize CKPT OUT [--dtype bf16]`: write plain weights from an FP8 checkpoint."""
+"""`quantscale dequantize CKPT OUT [--dtype bfloat16]`: plain weights from an FP8 checkpoint."""
 
 from __future__ import annotations
 
 import argparse
+
+from quantscale.commands.options import add_dtype_option, add_overwrite_option
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,6 +21,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("ckpt", help="FP8 checkpoint directory")
     p.add_argument("out", help="output checkpoint directory")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_dtype_option(p, default="bfloat16")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
