@@ -20,9 +20,11 @@ import torch
 
 import quantscale
 from quantscale.checkpoint.read import Checkpoint
+from quantscale.errors import QuantscaleError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.naming import module_path
+from quantscale.scheme import QuantScheme
 
 # config.json keys, quant_method values and side files
 HF_FP8_METHOD = "fp8"
@@ -123,6 +125,23 @@ def _is_ct(ckpt: Checkpoint) -> bool:
 def _is_ct_int(ckpt: Checkpoint) -> bool:
     formats = ct_formats(ckpt)
     return bool(formats & {CT_PACKED, CT_INT}) and CT_FLOAT not in formats
+
+
+def module_format(scheme: QuantScheme) -> str:
+    """The compressed-tensors format of one scheme (declared, else inferred)."""
+    w = scheme.weights
+    if w is None:
+        raise QuantscaleError("a scheme without weights has no compressed-tensors format")
+    if scheme.format in CT_FORMATS:
+        return scheme.format
+    if w.is_nvfp4:
+        return CT_NVFP4
+    if w.is_mx:
+        return CT_MXFP4
+    if w.type == "float":
+        return CT_FLOAT
+    act = scheme.input_activations
+    return CT_INT if act is not None and w.num_bits == 8 else CT_PACKED
 
 
 # ------------------------------------------------------------------ block sizes

@@ -10,46 +10,72 @@ listed. Nothing is cached: a tensor costs its own memory until the caller drops 
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import torch
 
+from quantscale.checkpoint.dequantize import (
+    StoredWeight,
+    dequantize_stored,
+    plain_config,
+    plan_dequantize,
+)
+from quantscale.checkpoint.layouts import NEURON_KEY, NEURON_SCALE, from_neuron_name
 from quantscale.checkpoint.read import Checkpoint, TensorInfo, read_into
 from quantscale.errors import CheckpointError
+
+FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class TensorSource:
     """Plain tensors of one checkpoint: `names()`, `get(name)`, `layer_names(prefix)`.
 
-    `config` is config.json without `quantization_config`; `bytes_read` and `files_read`
+    `config` is config.json without `quantization_config` (or Neuron's block); `dtype` is
+    what a quantized weight dequantizes to when `get` is given none (the config's float
+    dtype, else bfloat16); plain tensors come as stored. `bytes_read` and `files_read`
     count what `get` has read so far (for tests and progress reports).
     """
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.checkpoint = ckpt
         self.path: Path = ckpt.path
-        self.config: dict = plain_config(ckpt.config)
+        self.plan = plan_dequantize(ckpt)
+        self.config: dict = plain_config(ckpt.config) or {}
+        self.dtype = _config_dtype(self.config)
         self.bytes_read = 0
         self.files_read: list[str] = []
-        self._names = list(ckpt.tensors)
+        self._stored = _plain_names(ckpt, self.plan.weights, self.plan.consumed)
 
     def names(self) -> list[str]:
         """Plain parameter names, in file order."""
-        return list(self._names)
+        return list(self._stored)
 
     def layer_names(self, prefix: str) -> list[str]:
         """Names under module prefix `prefix` (e.g. `model.layers.3.`)."""
         prefix = prefix if prefix.endswith(".") or not prefix else prefix + "."
-        return [n for n in self._names if n.startswith(prefix)]
+        return [n for n in self._stored if n.startswith(prefix)]
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether plain tensor `name` is stored quantized (and dequantized by `get`)."""
+        return self._stored_name(name) in self.plan.weights
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The plain tensor `name`, cast to `dtype` if given."""
-        if name not in self.checkpoint.tensors:
+        """The plain tensor `name`, cast to `dtype` if given (a quantized weight is
+        dequantized straight to `dtype`, else to `self.dtype`)."""
+        stored = self._stored_name(name)
+        sw = self.plan.weights.get(stored)
+        if sw is None:
+            tensor = self.read(stored)
+            return tensor if dtype is None else tensor.to(dtype)
+        where = f"{self.path / self.checkpoint.tensors[stored].shard}: tensor {stored!r}"
+        return dequantize_stored(sw, self.read, dtype or self.dtype, self.plan.block, where)
+
+    def _stored_name(self, name: str) -> str:
+        stored = self._stored.get(name)
+        if stored is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-        tensor = self.read(name)
-        return tensor if dtype is None else tensor.to(dtype)
+        return stored
 
     def read(self, stored: str) -> torch.Tensor:
         """One stored tensor, as on disk (only its own bytes are read)."""
@@ -60,6 +86,28 @@ class TensorSource:
         self.bytes_read += info.nbytes
         self.files_read.append(info.shard)
         return tensor
+
+
+def _plain_names(
+    ckpt: Checkpoint, weights: dict[str, StoredWeight], consumed: set[str]
+) -> dict[str, str]:
+    """Plain name -> stored name of every tensor a plain model has (Neuron names renamed)."""
+    neuron = (ckpt.config or {}).get(NEURON_KEY)
+    unprefixed = (neuron or {}).get("unprefixed_modules", ["lm_head"])
+    out: dict[str, str] = {}
+    for stored in ckpt.tensors:
+        if stored in consumed:
+            continue
+        plain = weights[stored].name if stored in weights else stored
+        if neuron is not None:
+            plain = from_neuron_name(plain, NEURON_SCALE, unprefixed)
+        out[plain] = stored
+    return out
+
+
+def _config_dtype(config: dict) -> torch.dtype:
+    name = config.get("torch_dtype") or config.get("dtype")
+    return FLOAT_DTYPES.get(name, torch.bfloat16) if isinstance(name, str) else torch.bfloat16
 
 
 def read_tensor(directory: Path, info: TensorInfo) -> torch.Tensor:
@@ -75,13 +123,6 @@ def read_tensor(directory: Path, info: TensorInfo) -> torch.Tensor:
     finally:
         os.close(fd)
     return data.view(info.torch_dtype).reshape(info.shape)
-
-
-def plain_config(config: dict | None) -> dict:
-    """config.json without its quantization_config (a plain model can be built from it)."""
-    config = copy.deepcopy(config or {})
-    config.pop("quantization_config", None)
-    return config
 
 
 def open_source(path: str | os.PathLike) -> TensorSource:

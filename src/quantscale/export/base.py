@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantscale.checkpoint.dequantize import per_column_qparams
 from quantscale.checkpoint.read import SINGLE_NAME
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
@@ -45,13 +46,6 @@ class ModuleCodes:
     module: QuantLinear
 
 
-def per_column_qparams(qp: QParams, g_idx: torch.Tensor) -> QParams:
-    """Group qparams gathered to one column per input feature through g_idx."""
-    idx = g_idx.long()
-    zp = qp.zero_point[:, idx] if qp.zero_point is not None else None
-    return QParams(qp.scale[:, idx], zp, qp.global_scale)
-
-
 def weight_codes(name: str, ql: QuantLinear) -> ModuleCodes:
     """Exact codes of a QuantLinear's (fake-quantized) weight."""
     qp = ql.weight_qparams()
@@ -64,24 +58,42 @@ def weight_codes(name: str, ql: QuantLinear) -> ModuleCodes:
     return ModuleCodes(name, args, codes, qp, g_idx, ql)
 
 
-def quantized_modules(model: nn.Module) -> dict[str, ModuleCodes]:
-    """Name -> codes of every quantized QuantLinear in the model."""
+def _full(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def quantized_modules(
+    model: nn.Module, prefix: str = "", keep: Callable[[str], bool] | None = None
+) -> dict[str, ModuleCodes]:
+    """Name -> codes of every quantized QuantLinear in `model` (a submodule named `prefix`
+    of the whole model; only the names `keep` accepts)."""
     out = {}
-    for name, ql in quant_linears(model).items():
-        if ql.scheme.weights is not None:
+    for local, ql in quant_linears(model).items():
+        name = _full(prefix, local)
+        if ql.scheme.weights is not None and (keep is None or keep(name)):
             out[name] = weight_codes(name, ql)
     return out
 
 
-def plain_tensors(model: nn.Module, skip_modules: Iterable[str]) -> dict[str, torch.Tensor]:
-    """State-dict tensors of everything except the given modules (tied lm_head dropped)."""
+def plain_tensors(
+    model: nn.Module,
+    skip_modules: Iterable[str],
+    prefix: str = "",
+    keep: Callable[[str], bool] | None = None,
+    tied: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """State-dict tensors of everything except the given modules (tied lm_head dropped), of
+    `model` or of its submodule named `prefix`; only the names `keep` accepts. `tied`: whether
+    lm_head is tied to the embeddings (default: what the model says)."""
     skip = tuple(f"{m}." for m in skip_modules)
+    state = model.state_dict(prefix=f"{prefix}." if prefix else "")
     tensors = {
         k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if not k.startswith(skip)
+        for k, v in state.items()
+        if not k.startswith(skip) and (keep is None or keep(k))
     }
-    if tied_embeddings(model):
+    drop_head = tied_embeddings(model) if tied is None else tied
+    if drop_head:
         tensors.pop("lm_head.weight", None)
     return tensors
 
@@ -112,6 +124,14 @@ def _renamed_strings(obj: Any, model_type: str | None) -> Any:
     if isinstance(obj, dict):
         return {k: _renamed_strings(v, model_type) for k, v in obj.items()}
     return obj
+
+
+def checkpoint_config(config: dict) -> dict:
+    """config.json with the module names in its quantization_config renamed like the tensors."""
+    if "quantization_config" not in config:
+        return config
+    qc = _renamed_strings(config["quantization_config"], config.get("model_type"))
+    return {**config, "quantization_config": qc}
 
 
 def _shards(tensors: dict[str, torch.Tensor], stem: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -145,9 +165,7 @@ def write_checkpoint(
     module names in quantization_config / extra JSON follow `checkpoint_names`."""
     model_type = config.get("model_type")
     tensors = checkpoint_names(tensors, config)
-    if "quantization_config" in config:
-        qc = _renamed_strings(config["quantization_config"], model_type)
-        config = {**config, "quantization_config": qc}
+    config = checkpoint_config(config)
     extra_json = {k: _renamed_strings(v, model_type) for k, v in (extra_json or {}).items()}
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         shards = _shards(tensors, stem)

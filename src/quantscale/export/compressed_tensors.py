@@ -23,51 +23,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantscale.checkpoint.dequantize import dequantize_module
 from quantscale.checkpoint.layouts import (
     CT_FLOAT,
-    CT_FORMATS,
     CT_INT,
     CT_METHOD,
     CT_MXFP4,
     CT_NVFP4,
     CT_PACKED,
+    module_format,
 )
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,
     model_config,
-    per_column_qparams,
     plain_tensors,
     quantized_modules,
     warn_unshared,
     write_checkpoint,
 )
-from quantscale.formats.fp4 import pack_fp4, unpack_fp4
+from quantscale.formats.fp4 import pack_fp4
 from quantscale.formats.fp8 import E4M3
-from quantscale.formats.intq import pack_int32, unpack_int32
-from quantscale.formats.mxfp4 import mx_scale_to_exponent, mx_scale_value
-from quantscale.qdq import QParams, dequantize
-from quantscale.scheme import QuantArgs, QuantScheme, Recipe, declared_scale_dtype
+from quantscale.formats.intq import pack_int32
+from quantscale.formats.mxfp4 import mx_scale_to_exponent
+from quantscale.scheme import Recipe, declared_scale_dtype
 
 _ACT_FIELDS = ("scale", "zero_point", "global_scale")
-
-
-def module_format(scheme: QuantScheme) -> str:
-    """The compressed-tensors format of one scheme (declared, else inferred)."""
-    w = scheme.weights
-    if w is None:
-        raise QuantscaleError("a scheme without weights has no compressed-tensors format")
-    if scheme.format in CT_FORMATS:
-        return scheme.format
-    if w.is_nvfp4:
-        return CT_NVFP4
-    if w.is_mx:
-        return CT_MXFP4
-    if w.type == "float":
-        return CT_FLOAT
-    act = scheme.input_activations
-    return CT_INT if act is not None and w.num_bits == 8 else CT_PACKED
 
 
 def _check(mc: ModuleCodes, fmt: str) -> None:
@@ -128,6 +110,27 @@ def activation_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def module_tensors(mc: ModuleCodes) -> dict[str, torch.Tensor]:
+    """Full-name tensors of one quantized module: weight codes and scales, static activation
+    qparams, bias (on the CPU, contiguous)."""
+    fmt = module_format(mc.module.scheme)
+    local = {**weight_tensors(mc, fmt), **activation_tensors(mc.module)}
+    if mc.module.bias is not None:
+        local["bias"] = mc.module.bias.detach()
+    return {f"{mc.name}.{k}": v.cpu().contiguous() for k, v in local.items()}
+
+
+def compressed_tensors(
+    mods: dict[str, ModuleCodes], plain: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The tensors of a compressed-tensors checkpoint (or of one part of one): the `plain`
+    ones and those of every quantized module."""
+    tensors = dict(plain)
+    for mc in mods.values():
+        tensors.update(module_tensors(mc))
+    return tensors
+
+
 def quantization_config(model: nn.Module, recipe: Recipe | None = None) -> dict:
     """config.json `quantization_config` of the model's recipe (validated by compressed-tensors'
     own schema in the tests)."""
@@ -152,43 +155,13 @@ def save_compressed_tensors(
     if not mods:
         raise QuantscaleError("the model has no quantized Linear modules to export")
     warn_unshared(mods)
-    tensors = plain_tensors(model, mods)
-    for name, mc in mods.items():
-        fmt = module_format(mc.module.scheme)
-        local = {**weight_tensors(mc, fmt), **activation_tensors(mc.module)}
-        if mc.module.bias is not None:
-            local["bias"] = mc.module.bias.detach().cpu()
-        tensors.update({f"{name}.{k}": v.contiguous() for k, v in local.items()})
+    tensors = compressed_tensors(mods, plain_tensors(model, mods))
     config = model_config(model)
     config["quantization_config"] = quantization_config(model, recipe)
     return write_checkpoint(out, tensors, config, overwrite=overwrite, source_dir=source_dir)
 
 
 # ------------------------------------------------------------------ reader
-
-
-def dequantize_module(local: dict[str, torch.Tensor], args: QuantArgs, fmt: str) -> torch.Tensor:
-    """Dense float32 weight of one module from its local-name tensors."""
-    scale = local["weight_scale"]
-    if fmt in (CT_NVFP4, CT_MXFP4):
-        codes = unpack_fp4(local["weight_packed"])
-        s = mx_scale_value(scale) if fmt == CT_MXFP4 else scale.float()
-        gs = local.get("weight_global_scale")
-        return dequantize(codes, args, QParams(s, None, gs.float() if gs is not None else None))
-    scale = scale.float()
-    if fmt == CT_PACKED:
-        rows, cols = (int(v) for v in local["weight_shape"].tolist())
-        codes = unpack_int32(local["weight_packed"], args.num_bits, cols)
-        zp = local.get("weight_zero_point")
-        if zp is not None:
-            zp = unpack_int32(zp, args.num_bits, rows, dim=0).float()
-        qp = QParams(scale, zp)
-        g_idx = local.get("weight_g_idx")
-        if g_idx is not None:
-            qp = per_column_qparams(qp, g_idx)
-        return dequantize(codes, args, qp)
-    zp = local.get("weight_zero_point")
-    return dequantize(local["weight"], args, QParams(scale, zp.float() if zp is not None else None))
 
 
 def _module_of(name: str) -> tuple[str, str] | None:
