@@ -239,3 +239,171 @@ def test_quantized_get_reads_weight_and_scale_only(fp8_sources):
     assert sorted(src.layer_names("model.layers.1.mlp.")) == [
         f"model.layers.1.mlp.{p}_proj.weight" for p in ("down", "gate", "up")
     ]
+
+
+def _rewrite(src_dir, out, change):
+    """A copy of single-file checkpoint `src_dir` with `change(tensors)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src_dir / "model.safetensors")
+    change(tensors)
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text((src_dir / "config.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def nvfp4_ct(tmp_path_factory):
+    from quantscale.export.compressed_tensors import save_compressed_tensors
+    from quantscale.quantize import quantize_model
+
+    model = _tiny()
+    quantize_model(model, "NVFP4A16", TOKENS, method="rtn")
+    return save_compressed_tensors(model, tmp_path_factory.mktemp("nv") / "ct")
+
+
+def test_bad_quantized_sources_name_file_and_tensor(nvfp4_ct, tmp_path):
+    q = "model.layers.0.self_attn.q_proj"
+
+    def drop_scale(t):
+        t.pop(f"{q}.weight_scale")
+        t[f"{q}.weight"] = torch.zeros(128, 128, dtype=torch.float8_e4m3fn)
+        t.pop(f"{q}.weight_packed")
+
+    def bad_grid(t):
+        t[f"{q}.weight_scale"] = t[f"{q}.weight_scale"][:, :4].contiguous()
+
+    def bad_dtype(t):
+        t[f"{q}.weight_packed"] = t[f"{q}.weight_packed"].to(torch.int32)
+
+    cases = {
+        "scale": (drop_scale, rf"{q}.weight'.* has no scale"),
+        "grid": (bad_grid, rf"{q}.weight_scale' has shape \[128, 4\]; expected \[128, 8\]"),
+        "dtype": (bad_dtype, rf"{q}.weight_packed' is I32; expected U8"),
+    }
+    for case, (change, message) in cases.items():
+        bad = _rewrite(nvfp4_ct, tmp_path / case, change)
+        with pytest.raises(CheckpointError, match=rf"{bad}/model.safetensors: .*{message}"):
+            open_source(bad)
+
+
+def test_fp8_scale_grid_mismatch_names_the_tensor(fp8_sources, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = fp8_sources[1]["hf"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    shard = Checkpoint(hf).tensors[name].shard
+    tensors = load_file(hf / shard)
+    tensors[name + "_scale_inv"] = torch.ones(5, 5)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, str(bad / "model.safetensors"))
+    (bad / "config.json").write_text((hf / "config.json").read_text())
+    src = open_source(bad)
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}'.*\(5, 5\)"):
+        src.get(name)
+
+
+def test_unknown_dtype_is_refused_at_open(tmp_path):
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(header)) + header + b"\0"
+    )
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'w' has dtype 'F4'"):
+        open_source(tmp_path / "m")
+
+
+@pytest.fixture(scope="module")
+def minimax(tmp_path_factory):
+    """MiniMax-M2-shaped FP8 (1 layer, 2 experts) and its bf16 twin (same seed)."""
+    from quantscale.checkpoint.synthetic import write_minimax_like
+
+    root = tmp_path_factory.mktemp("mm")
+    return write_minimax_like(root / "fp8", 1, 2, 2), write_minimax_like(
+        root / "bf", 1, 2, 2, fp8=False
+    )
+
+
+def test_minimax_fp8_source_has_plain_names(minimax):
+    fp8, bf16 = minimax
+    src, plain = open_source(fp8), Checkpoint(bf16)
+    assert sorted(src.names()) == sorted(plain.names())  # experts, router, score bias
+    moe = "model.layers.0.block_sparse_moe"
+    assert f"{moe}.experts.1.w2.weight" in src.layer_names("model.layers.0.")
+    for kept in (f"{moe}.gate.weight", f"{moe}.e_score_correction_bias", "lm_head.weight"):
+        assert not src.is_quantized(kept) and src.get(kept).dtype == plain.get(kept).dtype
+        assert torch.equal(src.get(kept), plain.get(kept))
+    w = f"{moe}.experts.0.w1.weight"
+    assert src.is_quantized(w) and src.get(w).dtype == torch.bfloat16
+    assert src.config["model_type"] == "minimax_m2" and "quantization_config" not in src.config
+
+
+def test_minimax_names_are_what_transformers_reads(minimax):
+    """transformers' MiniMax-M2 (built on the meta device from the source's config) has
+    exactly the source's names after its checkpoint conversion (block_sparse_moe -> mlp,
+    experts' w1 + w3 -> gate_up_proj, w2 -> down_proj)."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = open_source(minimax[0])
+    config = AutoConfig.for_model(**src.config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    rules = [
+        (r"\.experts\.\d+\.w[13]\.weight$", ".experts.gate_up_proj"),
+        (r"\.experts\.\d+\.w2\.weight$", ".experts.down_proj"),
+        (r"\.block_sparse_moe\.", ".mlp."),
+    ]
+    converted = set()
+    for name in src.names():
+        for pattern, repl in rules:
+            name = re.sub(pattern, repl, name)
+        converted.add(name)
+    assert converted == set(model.state_dict())
+
+
+@pytest.mark.slow
+def test_minimax_source_loads_in_transformers(minimax, tmp_path):
+    """transformers' MiniMax-M2 reads the dequantized names with no missing or unexpected
+    key; its fused experts hold the source's w1/w3 and w2."""
+    from transformers import AutoModelForCausalLM
+
+    src = open_source(minimax[0])
+    deq = dequantize_checkpoint(minimax[0], tmp_path / "deq")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        deq, dtype=torch.bfloat16, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    moe, mlp = "model.layers.0.block_sparse_moe", model.model.layers[0].mlp
+    for e in range(2):
+        gate_up = torch.cat(
+            [src.get(f"{moe}.experts.{e}.w1.weight"), src.get(f"{moe}.experts.{e}.w3.weight")]
+        )
+        assert torch.equal(mlp.experts.gate_up_proj[e], gate_up)
+        assert torch.equal(mlp.experts.down_proj[e], src.get(f"{moe}.experts.{e}.w2.weight"))
+    assert torch.equal(mlp.gate.weight, src.get(f"{moe}.gate.weight", torch.bfloat16))
+
+
+@pytest.mark.slow
+def test_smollm2_fp8_block_source_equals_dequantize(tmp_path):
+    """`quantscale quantize M OUT --scheme fp8-block`, opened as a source, gives exactly the
+    tensors `quantscale dequantize` writes (bf16), tied lm_head absent."""
+    from quantscale import cli
+    from quantscale.data import assets
+
+    model = assets.smollm2_checkpoint()
+    fp8, deq = tmp_path / "fp8", tmp_path / "deq"
+    assert cli.main(["quantize", str(model), str(fp8), "--scheme", "fp8-block"]) == 0
+    assert cli.main(["dequantize", str(fp8), str(deq)]) == 0
+    src, plain = open_source(fp8), Checkpoint(deq)
+    assert sorted(src.names()) == sorted(plain.names())
+    assert "lm_head.weight" not in src.names() and src.config["tie_word_embeddings"]
+    quantized = [n for n in src.names() if src.is_quantized(n)]
+    assert len(quantized) == 30 * 7
+    for name in src.names():
+        assert torch.equal(src.get(name), plain.get(name)), name
