@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("algorithms",),
     ("export",),
     ("mamba",),
-    ("quantize",),
+    ("quantize", "streaming"),
     ("analysis",),
     ("commands", "demo", "cli", "__main__"),
 ]

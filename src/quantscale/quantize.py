@@ -20,7 +20,6 @@ read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints,
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -33,15 +32,15 @@ import torch
 from torch import nn
 
 from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
-from quantscale.algorithms.rtn import rtn_quantize
-from quantscale.calibration.activations import ActivationCalibrator, has_static_activations
-from quantscale.calibration.sequential import (
-    LayerStep,
-    as_batches,
-    layerwise,
-    linear_stages,
-    run_batches,
+from quantscale.algorithms.layer import (
+    by_layer,
+    calibrate_group,
+    quantize_data_free,
+    quantize_layer,
 )
+from quantscale.algorithms.rtn import rtn_quantize
+from quantscale.calibration.activations import has_static_activations
+from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
@@ -49,6 +48,7 @@ from quantscale.models.adapter import decoder_layers
 from quantscale.qdq import QParams
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
 from quantscale.scheme import QuantScheme, Recipe, load_recipe
+from quantscale.streaming import StreamOptions, quantize_streamed
 
 log = logging.getLogger(__name__)
 
@@ -93,39 +93,13 @@ def quantize_model(
         )
     model.eval()
     if not (needs_data or transforms):  # weight-only, data-free: no forward at all
-        algorithm.start_layer(linears)
-        algorithm.finish_layer(linears)
+        quantize_data_free(linears, algorithm)
     else:
         if true_sequential is None:
             true_sequential = algorithm.true_sequential
         _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential)
     cast(Any, model).quantscale_recipe = recipe  # what the exporters write
     return linears
-
-
-def _by_layer(
-    linears: dict[str, QuantLinear], prefix: str, n_layers: int
-) -> list[dict[str, QuantLinear]]:
-    groups: list[dict[str, QuantLinear]] = [{} for _ in range(n_layers)]
-    for name, ql in linears.items():
-        head = name[len(prefix) + 1 :].split(".", 1)[0] if name.startswith(prefix + ".") else ""
-        if head.isdigit() and int(head) < n_layers:
-            groups[int(head)][name] = ql
-    return groups
-
-
-def _calibrate_group(
-    linears: dict[str, QuantLinear], algorithm: WeightAlgorithm, run: Callable[[], object]
-) -> None:
-    """Observe activations and let the algorithm see inputs during `run()`, then quantize."""
-    calibrator = ActivationCalibrator(linears)
-    algorithm.start_layer(linears)
-    try:
-        with calibrator:
-            run()
-    finally:
-        algorithm.finish_layer(linears)
-    calibrator.apply()
 
 
 def _quantize_with_data(
@@ -137,28 +111,14 @@ def _quantize_with_data(
     sequential: bool = False,
 ) -> None:
     prefix, layers = decoder_layers(model)
-    groups = _by_layer(linears, prefix, len(layers))
+    groups = by_layer(linears, prefix, len(layers))
     for step in layerwise(model, data, description="calibrate"):
         for transform in transforms:
             transform(step)
-        group = groups[step.index]
-        if group and sequential:
-            _calibrate_in_stages(step, group, algorithm)
-        elif group:
-            _calibrate_group(group, algorithm, step.run)
+        quantize_layer(step, groups[step.index], algorithm, sequential)
     rest = {n: q for n, q in linears.items() if not any(n in g for g in groups)}
     if rest:  # Linears outside the decoder layers: one pass of the whole model
-        _calibrate_group(rest, algorithm, lambda: run_batches(model, data))
-
-
-def _calibrate_in_stages(
-    step: LayerStep, group: dict[str, QuantLinear], algorithm: WeightAlgorithm
-) -> None:
-    """True-sequential: each stage calibrated and quantized before the next one runs."""
-    for stage in linear_stages(step, group):
-        stop = group.get(stage.last) if stage.last is not None else None
-        members = {n: group[n] for n in stage.names}
-        _calibrate_group(members, algorithm, functools.partial(step.run_until, stop))
+        calibrate_group(rest, algorithm, lambda: run_batches(model, data))
 
 
 # ------------------------------------------------------------------ one model, scales given
@@ -300,31 +260,51 @@ def quantize_checkpoint(
     calibrate_all_experts: bool = True,
     true_sequential: bool | None = None,
     overwrite: bool = False,
+    stream: bool | StreamOptions = False,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
     recipe file) by `method` ('rtn' | 'gptq', default gptq) and write it to `out` in format
     `fmt` (default compressed-tensors), calibrating on `calib_samples` windows of
     `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
-    Mamba / Mamba2 model is quantized the Quamba way (no method or format applies)."""
+    Mamba / Mamba2 model is quantized the Quamba way (no method or format applies).
+    `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
+    (`streaming.quantize_streamed`); the same tensors as the in-memory path."""
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
+        if stream:
+            raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
         return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
-    from quantscale.data.calibration import calibration_batches
     from quantscale.export import EXPORTERS, export_model
 
     fmt, method = fmt or "compressed-tensors", method or "gptq"
     if fmt not in EXPORTERS:
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
+    settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
+    if stream:
+        where = stream if isinstance(stream, StreamOptions) else StreamOptions()
+        path = loader.resolve_model(model_dir)
+        batches = settings.batches(loader.saved_tokenizer(path), recipe, method, path)
+        return quantize_streamed(
+            path,
+            out,
+            recipe,
+            method,
+            method_options=gptq.method_options(method),
+            batches=batches,
+            batch_size=calib_batch_size,
+            dtype=dtype,
+            fmt=fmt,
+            true_sequential=true_sequential,
+            settings=settings.fingerprint(),
+            options=where,
+            overwrite=overwrite,
+        )
     model, tokenizer = loader.load_model(model_dir, getattr(torch, dtype))
-    if tokenizer is None:
-        raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
-    batches = None
-    if method != "rtn" or has_static_activations(recipe.config_groups.values()):
-        batches = calibration_batches(tokenizer, calib_samples, calib_seq_len, source=calib_data)
+    batches = settings.batches(tokenizer, recipe, method, model_dir)
     options = gptq.method_options(method)
     _quantize_experts(
         model,
@@ -343,6 +323,38 @@ def quantize_checkpoint(
     }
     extra = {"quantize_info": info} if fmt == "pseudo" else {}
     return export_model(model, out, fmt, source_dir=model_dir, overwrite=overwrite, **extra)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The calibration options of `quantize_checkpoint` (the `--calib-*` flags)."""
+
+    samples: int = 128
+    seq_len: int = 512
+    data: str | os.PathLike | None = None
+    batch_size: int = 4
+
+    def batches(
+        self, tokenizer: Any, recipe: Recipe, method: str, model_dir: str | os.PathLike
+    ) -> torch.Tensor | None:
+        """Calibration token ids, or None when the recipe and method need no data."""
+        from quantscale.data.calibration import calibration_batches
+
+        if method == "rtn" and not has_static_activations(recipe.config_groups.values()):
+            return None
+        if tokenizer is None:
+            raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
+        return calibration_batches(tokenizer, self.samples, self.seq_len, source=self.data)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings as JSON values (the streamed path's resume record)."""
+        data = os.fspath(Path(self.data).resolve()) if self.data is not None else None
+        return {
+            "calib_samples": self.samples,
+            "calib_seq_len": self.seq_len,
+            "calib_data": data,
+            "calib_batch_size": self.batch_size,
+        }
 
 
 def _quantize_mamba(

@@ -76,9 +76,63 @@ def run(args: argparse.Namespace) -> int:
         calibrate_all_experts=args.calibrate_all_experts,
         true_sequential=args.true_sequential,
         overwrite=args.overwrite,
+        stream=stream_options(args),
     )
     print(f"wrote {out}")
     return 0
+
+
+def stream_options(args: argparse.Namespace):
+    """`--stream` and its options as `streaming.StreamOptions`, or False; the options
+    refused without `--stream`."""
+    from quantscale.streaming import StreamOptions
+
+    given = [f for f in ("work_dir", "device", "max_memory") if getattr(args, f) is not None]
+    if not args.stream:
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise SystemExit(f"quantscale quantize: {flags} need --stream")
+        return False
+    return StreamOptions(
+        work_dir=args.work_dir, device=args.device or "auto", max_memory=args.max_memory
+    )
+
+
+def _size(text: str) -> int:
+    from quantscale.calibration.boundary import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def add_stream_options(p: argparse.ArgumentParser) -> None:
+    """`--stream`, `--work-dir`, `--device`, `--max-memory`."""
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="quantize layer by layer from the shards (host memory: one layer plus the "
+        "calibration activations), resumable; compressed-tensors output",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="--stream: where finished layers and saved activations go (default OUT.partial); "
+        "rerunning the same command resumes from it",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="--stream: auto (CUDA when present), cpu, cuda or cuda:N; each layer onloads there",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_size,
+        default=None,
+        help="--stream: bound on the calibration activations held in memory (e.g. 8GB); "
+        "past it they are memory-mapped from the work dir",
+    )
 
 
 def add_calibrated_options(p: argparse.ArgumentParser) -> None:
@@ -142,4 +196,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None, help="power-of-two scales")
     add_overwrite_option(p)
     add_calibrated_options(p)
+    add_stream_options(p)
     p.set_defaults(func=run)

@@ -1,0 +1,78 @@
+"""One decoder layer's quantization: what the in-memory and the streamed drivers share.
+
+`quantize_layer(step, group, algorithm, sequential, run)` calibrates and quantizes the
+QuantLinears `group` of the decoder layer in `step`: the activation observers
+(`calibration.activations.ActivationCalibrator`) and the algorithm's hooks are attached while
+`run()` pushes the cached batches through the layer, then the algorithm sets the weights
+(`finish_layer`) and the observers the static activation scales. With `sequential` (true
+sequential) this happens stage by stage (`calibration.sequential.linear_stages`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from quantscale.algorithms.base import WeightAlgorithm
+from quantscale.calibration.activations import ActivationCalibrator
+from quantscale.calibration.sequential import LayerStep, linear_stages
+from quantscale.runtime.qlinear import QuantLinear
+
+
+def by_layer(
+    linears: dict[str, QuantLinear], prefix: str, n_layers: int
+) -> list[dict[str, QuantLinear]]:
+    """The QuantLinears of each decoder layer `prefix.<i>` (those outside are left out)."""
+    groups: list[dict[str, QuantLinear]] = [{} for _ in range(n_layers)]
+    for name, ql in linears.items():
+        head = name[len(prefix) + 1 :].split(".", 1)[0] if name.startswith(prefix + ".") else ""
+        if head.isdigit() and int(head) < n_layers:
+            groups[int(head)][name] = ql
+    return groups
+
+
+def calibrate_group(
+    linears: dict[str, QuantLinear], algorithm: WeightAlgorithm, run: Callable[[], object]
+) -> None:
+    """Observe activations and let the algorithm see inputs during `run()`, then quantize."""
+    calibrator = ActivationCalibrator(linears)
+    algorithm.start_layer(linears)
+    try:
+        with calibrator:
+            run()
+    finally:
+        algorithm.finish_layer(linears)
+    calibrator.apply()
+
+
+def calibrate_in_stages(
+    step: LayerStep, group: dict[str, QuantLinear], algorithm: WeightAlgorithm
+) -> None:
+    """True-sequential: each stage calibrated and quantized before the next one runs."""
+    for stage in linear_stages(step, group):
+        stop = group.get(stage.last) if stage.last is not None else None
+        members = {n: group[n] for n in stage.names}
+        calibrate_group(members, algorithm, functools.partial(step.run_until, stop))
+
+
+def quantize_layer(
+    step: LayerStep,
+    group: dict[str, QuantLinear],
+    algorithm: WeightAlgorithm,
+    sequential: bool = False,
+    run: Callable[[], object] | None = None,
+) -> None:
+    """Calibrate and quantize one layer's `group` (see the module docstring); `run` forwards
+    the cached batches (default `step.run`)."""
+    if not group:
+        return
+    if sequential:
+        calibrate_in_stages(step, group, algorithm)
+    else:
+        calibrate_group(group, algorithm, run or step.run)
+
+
+def quantize_data_free(group: dict[str, QuantLinear], algorithm: WeightAlgorithm) -> None:
+    """Weight-only, data-free quantization (RTN): no forward at all."""
+    algorithm.start_layer(group)
+    algorithm.finish_layer(group)

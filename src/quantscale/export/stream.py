@@ -1,0 +1,103 @@
+"""A checkpoint written part by part while a model is quantized one layer at a time.
+
+`PartWriter(directory, n_parts)` saves each part of the model (embeddings, one decoder layer,
+the head) as its own shard `model-<i>-of-<n>.safetensors` in a work directory the moment the
+part is quantized (temporary name, then renamed: a shard present is complete). `finish(out,
+config)` assembles the checkpoint: the shards (hard-linked, else copied), the index,
+config.json and the source's tokenizer files, through `CheckpointWriter` (temporary directory,
+atomic rename). `part_tensors` gives one part's tensors in compressed-tensors form, by the same
+per-module code as the whole-model exporter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from quantscale.checkpoint.read import read_header
+from quantscale.checkpoint.write import CheckpointWriter
+from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.export.base import (
+    checkpoint_config,
+    checkpoint_names,
+    copy_side_files,
+    plain_tensors,
+    quantized_modules,
+    warn_unshared,
+)
+from quantscale.export.compressed_tensors import compressed_tensors
+
+STREAM_FORMATS = ("compressed-tensors",)
+
+
+def part_tensors(
+    module: nn.Module,
+    prefix: str = "",
+    keep: Callable[[str], bool] | None = None,
+    tied: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Compressed-tensors tensors of submodule `prefix` of a quantized model (only the names
+    `keep` accepts; `tied`: lm_head shares the embeddings and is not written)."""
+    mods = quantized_modules(module, prefix, keep)
+    warn_unshared(mods)
+    return compressed_tensors(mods, plain_tensors(module, mods, prefix, keep, tied))
+
+
+class PartWriter:
+    """One shard per model part in `directory`; see the module docstring."""
+
+    def __init__(self, directory: str | os.PathLike, n_parts: int, model_type: str | None):
+        self.dir = Path(directory)
+        self.n_parts = n_parts
+        self.config = {"model_type": model_type}
+
+    def name(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{self.n_parts:05d}.safetensors"
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Save part `index` (names as the model's checkpoints spell them)."""
+        named = checkpoint_names(tensors, self.config)
+        path = self.dir / self.name(index)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in named.items()}, str(tmp), {"format": "pt"})
+        os.replace(tmp, path)
+        return path
+
+    def missing(self, count: int) -> list[str]:
+        """Which of the first `count` parts have no shard."""
+        return [self.name(i) for i in range(count) if not (self.dir / self.name(i)).is_file()]
+
+    def finish(
+        self,
+        out: str | os.PathLike,
+        config: dict,
+        source_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the checkpoint `out` from the parts, config.json and the side files."""
+        if self.missing(self.n_parts):
+            raise QuantscaleError(f"{self.dir}: parts missing: {self.missing(self.n_parts)}")
+        with CheckpointWriter(out, overwrite=overwrite) as writer:
+            for i in range(self.n_parts):
+                self._adopt(writer, self.name(i))
+            writer.write_json("config.json", checkpoint_config(config))
+            copy_side_files(source_dir, writer)
+            return writer.commit(write_index=True)
+
+    def _adopt(self, writer: CheckpointWriter, shard: str) -> None:
+        src = self.dir / shard
+        for name, info in read_header(src).items():
+            if name in writer.weight_map:
+                raise CheckpointError(f"tensor {name!r} written twice ({shard})")
+            writer.weight_map[name] = shard
+            writer.total_size += info.nbytes
+        try:
+            os.link(src, writer.tmp / shard)
+        except OSError:
+            shutil.copyfile(src, writer.tmp / shard)

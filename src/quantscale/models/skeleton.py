@@ -1,0 +1,123 @@
+"""A causal LM without weights, filled one part (embeddings, a decoder layer, the head) at a time.
+
+`Skeleton.build(config, dtype)` builds the transformers model of a config.json dict with its
+parameters on the meta device (no memory) and its buffers (rotary tables) real, as
+`from_pretrained(dtype=...)` would build them. `load(prefix, source, device)` reads the
+parameters and persistent buffers of the submodule `prefix` from a tensor source (anything with
+`names()` and `get(name, dtype)`, e.g. `checkpoint.source.TensorSource`), each in the dtype
+the model gave it, onto `device`; `release(prefix)` puts them back on the meta device. A
+parameter the model ties to another one (lm_head to the embeddings) is read under the name the
+source stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from quantscale.errors import CheckpointError
+from quantscale.models.loader import tied_embeddings
+
+
+class Source(Protocol):
+    """What `Skeleton.load` reads from (see `checkpoint.source.TensorSource`)."""
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor: ...
+
+
+@dataclass
+class Skeleton:
+    """The weightless model and the names each of its parameters goes by."""
+
+    model: nn.Module
+    tied: bool
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    where: str = "the source"
+
+    @classmethod
+    def build(cls, config: dict[str, Any], dtype: torch.dtype, name_or_path: str = "") -> Skeleton:
+        """The model of config.json `config`, parameters on the meta device."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.for_model(**config)
+        hf_config._name_or_path = name_or_path
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        aliases = {n: group for group in names.values() for n in group}
+        return cls(model.eval(), tied_embeddings(model), aliases, name_or_path or "the source")
+
+    def load(
+        self,
+        prefix: str,
+        source: Source,
+        device: torch.device | str = "cpu",
+        keep: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Fill submodule `prefix` ('' for the whole model) from `source` onto `device`
+        (only the tensors whose full names `keep` accepts)."""
+        known = set(source.names())
+        for full, module, local, tensor in self._tensors(prefix, keep):
+            stored = next((n for n in self.aliases.get(full, [full]) if n in known), None)
+            if stored is None:
+                raise CheckpointError(
+                    f"{self.where}: no tensor {full!r} ({tensor.dtype}{list(tensor.shape)}), "
+                    "which the model of its config.json has"
+                )
+            value = source.get(stored, dtype=tensor.dtype)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{self.where}: tensor {stored!r} has shape {list(value.shape)}; the model "
+                    f"of its config.json expects {list(tensor.shape)}"
+                )
+            _set(module, local, value.to(device))
+
+    def release(self, prefix: str, keep: Callable[[str], bool] | None = None) -> None:
+        """Put submodule `prefix`'s parameters and persistent buffers back on the meta device."""
+        for _full, module, local, tensor in self._tensors(prefix, keep):
+            _set(module, local, torch.empty_like(tensor, device="meta"))
+
+    def _tensors(
+        self, prefix: str, keep: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+        """(full name, owner, local name, tensor) of every parameter and persistent buffer."""
+        root = self.model.get_submodule(prefix) if prefix else self.model
+        head = f"{prefix}." if prefix else ""
+        for path, module in root.named_modules():
+            base = f"{head}{path}." if path else head
+            for local, t in _own_tensors(module):
+                if keep is None or keep(base + local):
+                    yield base + local, module, local, t
+
+
+def _own_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A module's own parameters and persistent buffers."""
+    for local, param in module._parameters.items():
+        if param is not None:
+            yield local, param
+    for local, buf in module._buffers.items():
+        if buf is not None and local not in module._non_persistent_buffers_set:
+            yield local, buf
+
+
+def _set(module: nn.Module, local: str, value: torch.Tensor) -> None:
+    if local in module._parameters:
+        old = module._parameters[local]
+        grad = bool(old is not None and old.requires_grad) and value.is_floating_point()
+        module._parameters[local] = nn.Parameter(value, requires_grad=grad)
+    else:
+        module._buffers[local] = value
+
+
+def materialized(module: nn.Module) -> bool:
+    """Whether no parameter of `module` is left on the meta device."""
+    return not any(p.is_meta for p in module.parameters())

@@ -1,0 +1,416 @@
+"""The layer-streamed quantize path: host memory is one decoder layer plus the activations
+between layers, whatever the model's size; a killed run resumes from its last finished layer.
+
+`quantize_streamed(source_dir, out, recipe, method, ...)` builds the model of the source's
+config.json on the meta device (`models.skeleton`), then for the embeddings, each decoder layer
+and the head in turn: reads only that part's tensors from the source (`checkpoint.source`,
+dequantized as they load when the source is quantized) onto the device, runs the same per-layer
+calibration and weight algorithm as the in-memory path (`algorithms.layer.quantize_layer`),
+writes the part's quantized tensors at once (`export.stream.PartWriter`), and frees it. The
+layer's outputs, the next layer's inputs, are saved in the work directory
+(`calibration.boundary`); with the part shards and a progress record (the options'
+fingerprint and the number of finished parts) they let the same command continue after a
+kill, with byte-identical output. A different command refuses the work directory and names
+what differs. The output is the in-memory path's checkpoint tensor for tensor (split into one
+shard per part).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantscale import progress
+from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
+from quantscale.algorithms.layer import (
+    by_layer,
+    calibrate_group,
+    quantize_data_free,
+    quantize_layer,
+)
+from quantscale.calibration.activations import has_static_activations
+from quantscale.calibration.boundary import Boundary, BoundaryFile
+from quantscale.calibration.sequential import (
+    LayerStep,
+    as_batches,
+    capture_layer_inputs,
+    layer_output,
+    replace_hidden,
+)
+from quantscale.checkpoint.source import open_source
+from quantscale.errors import QuantscaleError
+from quantscale.export.base import model_config
+from quantscale.export.stream import STREAM_FORMATS, PartWriter, part_tensors
+from quantscale.models.adapter import causal_lm, decoder_layers
+from quantscale.models.skeleton import Skeleton
+from quantscale.runtime.qlinear import QuantLinear, replace_linears
+from quantscale.scheme import Recipe
+
+log = logging.getLogger(__name__)
+RECORD = "progress.json"
+KILL_AFTER_ENV = "QUANTSCALE_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL after layer k
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Where and how the streamed path runs (the `--work-dir`, `--device`, `--max-memory`
+    flags). `work_dir` defaults to OUT + '.partial'; `max_memory` (bytes) bounds the
+    activations held in memory (None: no bound)."""
+
+    work_dir: str | os.PathLike | None = None
+    device: str = "auto"
+    max_memory: int | None = None
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N' -> a device that exists."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise QuantscaleError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise QuantscaleError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise QuantscaleError(f"--device {spec!r}: this machine has {count} CUDA devices")
+    return device
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """sha256 over config.json, the index and every shard's name, size and header bytes."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for file in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
+        h.update(file.name.encode() + b"\0" + str(file.stat().st_size).encode() + b"\0")
+        with open(file, "rb") as f:
+            if file.suffix == ".json":
+                h.update(f.read())
+            else:
+                head = f.read(8)
+                h.update(head + f.read(int.from_bytes(head, "little")) if len(head) == 8 else b"")
+    return h.hexdigest()
+
+
+def tokens_digest(batches: list[torch.Tensor]) -> str:
+    """sha256 of the calibration token ids, batch by batch."""
+    h = hashlib.sha256()
+    for ids in batches:
+        h.update(str(list(ids.shape)).encode())
+        h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ the work directory
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    def short(v: Any) -> str:
+        text = json.dumps(v, sort_keys=True)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: {short(old.get(k))} then, {short(new.get(k))} now"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
+
+
+class WorkDir:
+    """The resume state: progress record, part shards, the last boundary activations."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict) -> None:
+        self.path = Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.done = 0
+        self.boundary: BoundaryFile | None = None
+        record = self.path / RECORD
+        if record.is_file():
+            self._resume(json.loads(record.read_text()))
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise QuantscaleError(
+                f"{self.path}: work directory exists, is not empty and holds no {RECORD}; "
+                "remove it or pass another --work-dir"
+            )
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.save(0, None)
+
+    def _resume(self, record: dict) -> None:
+        diff = _differences(record.get("fingerprint", {}), self.fingerprint)
+        if diff:
+            raise QuantscaleError(
+                f"{self.path}: this work directory belongs to a run with other options ("
+                + "; ".join(diff)
+                + "); rerun that command to resume it, or remove the directory or pass "
+                "another --work-dir"
+            )
+        self.done = int(record["done"])
+        if record.get("boundary"):
+            self.boundary = BoundaryFile.from_json(record["boundary"])
+        if self.done:
+            log.info("%s: resuming after %d finished parts", self.path, self.done)
+
+    def save(self, done: int, boundary: BoundaryFile | None) -> None:
+        """Record `done` finished parts (and the saved inputs of the next layer), atomically."""
+        record = {
+            "fingerprint": self.fingerprint,
+            "done": done,
+            "boundary": boundary.to_json() if boundary else None,
+        }
+        tmp = self.path / f".{RECORD}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / RECORD)
+        self.done, self.boundary = done, boundary
+
+
+# ------------------------------------------------------------------ the streamed run
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Tensors inside nested tuples / lists / dicts moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.inference_mode()
+def _outputs(step: LayerStep) -> Iterator[torch.Tensor]:
+    """The layer's hidden-state output for each cached batch, one at a time."""
+    for args, kwargs in step.inputs:
+        yield layer_output(step.layer(*args, **kwargs))
+
+
+def _forward(step: LayerStep) -> None:
+    for _ in _outputs(step):
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class _Clock:
+    total: int
+    start: float = field(default_factory=time.perf_counter)
+    first: int | None = None
+
+    def report(self, done: int, label: str) -> None:
+        """One progress line: part written, elapsed, estimated time left, peak RSS."""
+        self.first = done - 1 if self.first is None else self.first
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / (done - self.first) * (self.total - done)
+        line = (
+            f"wrote {label} ({done}/{self.total}): {elapsed:.1f} s elapsed, ~{left:.0f} s left, "
+            f"peak RSS {peak_rss() / 2**30:.2f} GiB"
+        )
+        log.info(line)
+        if progress.enabled():
+            print(line, file=sys.stderr, flush=True)
+
+
+class StreamedRun:
+    """One streamed quantization job; `run()` does it (see the module docstring)."""
+
+    def __init__(
+        self,
+        source_dir: str | os.PathLike,
+        recipe: Recipe,
+        algorithm: WeightAlgorithm,
+        data: list[torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        sequential: bool,
+    ) -> None:
+        self.source_dir = Path(source_dir)
+        self.source = open_source(source_dir)
+        self.skeleton = Skeleton.build(self.source.config, dtype, str(source_dir))
+        self.model = self.skeleton.model
+        _refuse_experts(self.model, source_dir)
+        self.linears = replace_linears(self.model, recipe)
+        if not self.linears:
+            raise QuantscaleError("the recipe targets no Linear module of this model")
+        self.recipe, self.algorithm, self.data = recipe, algorithm, data
+        self.device, self.sequential = device, sequential
+        self.prefix, self.layers = decoder_layers(self.model)
+        self.groups = by_layer(self.linears, self.prefix, len(self.layers))
+        self.embed = _module_name(self.model, causal_lm(self.model).get_input_embeddings())
+        schemes = [ql.scheme for ql in self.linears.values()]
+        self.needs_data = has_static_activations(schemes) or algorithm.needs_data
+        if self.needs_data and not data:
+            raise QuantscaleError("static activations or this method need calibration batches")
+        self.n_parts = len(self.layers) + 2
+        self.inputs: list[tuple[tuple, dict]] = []
+
+    def run(self, work: WorkDir, boundary: Boundary, out: Path, overwrite: bool) -> Path:
+        parts = PartWriter(work.path, self.n_parts, self.source.config.get("model_type"))
+        missing = parts.missing(work.done)
+        if missing:
+            raise QuantscaleError(f"{work.path}: finished parts missing: {', '.join(missing)}")
+        clock = _Clock(self.n_parts)
+        self._start(work, boundary, parts, clock)
+        for i in range(max(work.done - 1, 0), len(self.layers)):
+            self._layer(i, work, boundary, parts, clock)
+        if work.done < self.n_parts:
+            self._head(work, parts, clock)
+        config = model_config(self.model)
+        config["quantization_config"] = self.recipe.to_quantization_config("compressed")
+        return parts.finish(out, config, self.source_dir, overwrite)
+
+    def _start(self, work: WorkDir, boundary: Boundary, parts: PartWriter, clock: _Clock) -> None:
+        """The embeddings: written first; they give layer 0 its inputs (and every layer its
+        attention mask and position embeddings)."""
+        layer_next = max(work.done - 1, 0)
+        if work.done >= self.n_parts or (work.done and not self.needs_data):
+            return
+        self.skeleton.load(self.embed, self.source)
+        if self.needs_data and layer_next < len(self.layers):
+            self.inputs = capture_layer_inputs(self.model, self.layers[0], self.data)
+            if layer_next > 0:
+                assert work.boundary is not None, "a resumed calibrated run has saved inputs"
+                hidden = boundary.load(work.boundary)
+                self.inputs = [replace_hidden(h, a, k) for h, (a, k) in zip(hidden, self.inputs)]
+        if work.done == 0:
+            parts.write(0, part_tensors(self.model, "", _under(self.embed), self.skeleton.tied))
+            work.save(1, None)
+            clock.report(1, self.embed)
+        self.skeleton.release(self.embed)
+
+    def _layer(
+        self, i: int, work: WorkDir, boundary: Boundary, parts: PartWriter, clock: _Clock
+    ) -> None:
+        name = f"{self.prefix}.{i}"
+        layer = self.layers[i]
+        self.skeleton.load(name, self.source, self.device)
+        group = self.groups[i]
+        step = LayerStep(i, name, layer, [_to(x, self.device) for x in self.inputs])
+        if self.needs_data:
+            run = functools.partial(_forward, step)
+            quantize_layer(step, group, self.algorithm, self.sequential, run)
+        else:
+            quantize_data_free(group, self.algorithm)
+        parts.write(i + 1, part_tensors(layer, name))
+        saved = None
+        if self.needs_data and i + 1 < len(self.layers):
+            saved, hidden = boundary.save(i + 1, _outputs(step))
+            self.inputs = [replace_hidden(h, a, k) for h, (a, k) in zip(hidden, self.inputs)]
+        work.save(i + 2, saved)
+        boundary.prune(saved.name if saved else None)
+        self.skeleton.release(name)
+        clock.report(i + 2, name)
+        if os.environ.get(KILL_AFTER_ENV) == str(i):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _head(self, work: WorkDir, parts: PartWriter, clock: _Clock) -> None:
+        """Everything outside the embeddings and the decoder layers (final norm, lm_head)."""
+        keep = self._head_keep()
+        self.skeleton.load("", self.source, keep=keep)
+        rest: dict[str, QuantLinear] = {n: q for n, q in self.linears.items() if keep(n)}
+        if rest and self.needs_data:
+            # as in memory: nothing outside the decoder runs these during calibration
+            calibrate_group(rest, self.algorithm, lambda: None)
+        elif rest:
+            quantize_data_free(rest, self.algorithm)
+        parts.write(self.n_parts - 1, part_tensors(self.model, "", keep, self.skeleton.tied))
+        work.save(self.n_parts, None)
+        self.skeleton.release("", keep=keep)
+        clock.report(self.n_parts, "head")
+
+    def _head_keep(self):
+        inside = (f"{self.prefix}.", f"{self.embed}.")
+        secondary = {n for n, group in self.skeleton.aliases.items() if group[0] != n}
+        if self.skeleton.tied and any(f"{n}.weight" in secondary for n in self.linears):
+            raise QuantscaleError("streaming cannot quantize an lm_head tied to the embeddings")
+        return lambda n: not n.startswith(inside) and n not in secondary
+
+
+def _under(prefix: str):
+    return lambda n: n.startswith(prefix + ".")
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _refuse_experts(model: torch.nn.Module, source_dir: str | os.PathLike) -> None:
+    if any(n.endswith(".experts") for n, _ in model.named_modules()):
+        raise QuantscaleError(
+            f"{source_dir}: a mixture-of-experts model; the streamed path does not handle "
+            "experts yet (quantize it without --stream)"
+        )
+
+
+def quantize_streamed(
+    source_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe: Recipe,
+    method: str = "gptq",
+    *,
+    method_options: dict[str, Any] | None = None,
+    batches: torch.Tensor | None = None,
+    batch_size: int = 4,
+    dtype: str = "bfloat16",
+    fmt: str = "compressed-tensors",
+    true_sequential: bool | None = None,
+    settings: dict[str, Any] | None = None,
+    options: StreamOptions = StreamOptions(),
+    overwrite: bool = False,
+) -> Path:
+    """Quantize checkpoint `source_dir` into `out` layer by layer (see the module docstring).
+    `settings`: the calibration options as given (recorded in the resume fingerprint)."""
+    if fmt not in STREAM_FORMATS:
+        raise QuantscaleError(
+            f"--stream writes {', '.join(STREAM_FORMATS)}; format {fmt!r} needs the in-memory "
+            "path (omit --stream)"
+        )
+    algorithm = get_algorithm(method, **(method_options or {}))
+    sequential = algorithm.true_sequential if true_sequential is None else true_sequential
+    data = as_batches(batches, batch_size)
+    device = resolve_device(options.device)
+    run = StreamedRun(
+        source_dir, recipe, algorithm, data, getattr(torch, dtype), device, sequential
+    )
+    fingerprint = {
+        "scheme": recipe.model_dump(mode="json"),
+        "method": method,
+        "method_options": method_options or {},
+        "calibration": settings or {},
+        "tokens": tokens_digest(data) if run.needs_data else None,
+        "dtype": dtype,
+        "format": fmt,
+        "true_sequential": sequential,
+        "device": device.type,
+        "source": str(Path(source_dir).resolve()),
+        "source_digest": source_digest(source_dir),
+    }
+    work_path = Path(options.work_dir or f"{os.fspath(out)}.partial")
+    work = WorkDir(work_path, fingerprint)
+    result = run.run(work, Boundary(work_path, options.max_memory), Path(out), overwrite)
+    shutil.rmtree(work_path)
+    return result

@@ -1,0 +1,179 @@
+"""The streamed quantize path: same tensors and config as in memory, resumable, spills."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantscale.calibration.boundary import Boundary, parse_bytes
+from quantscale.checkpoint.read import Checkpoint
+from quantscale.errors import QuantscaleError
+from quantscale.quantize import quantize_checkpoint
+from quantscale.streaming import KILL_AFTER_ENV, StreamOptions, resolve_device
+
+WORDS = "the cat sat on a mat while dogs ran far in green hills and rivers flow to sea".split()
+CALIB = {"calib_samples": 8, "calib_seq_len": 32, "calib_batch_size": 4}
+SCHEMES = [("w4a16", "rtn"), ("w4a16", "gptq"), ("nvfp4a16", "rtn"), ("w8a8", "gptq")]
+
+
+def make_checkpoint(root: Path, layers: int) -> Path:
+    """A tiny bf16 Llama checkpoint with a word-level tokenizer, and a calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(root / "m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "m")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(WORDS), (3000,), generator=gen)
+    (root / "calib.txt").write_text(" ".join(WORDS[i] for i in ids))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("stream"), layers=2)
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("stream4"), layers=4)
+
+
+def run(root: Path, out: str, scheme: str, method: str, stream=False, **kw) -> Path:
+    calib = {**CALIB, "calib_data": root / "calib.txt"}
+    return quantize_checkpoint(
+        root / "m", root / out, scheme, method=method, stream=stream, **calib, **kw
+    )
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(path)
+    return {n: ckpt.get(n) for n in ckpt.names()}
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        assert torch.equal(ta[name], tb[name]), name
+    ca = json.loads((a / "config.json").read_text())
+    cb = json.loads((b / "config.json").read_text())
+    assert ca == cb
+
+
+def digests(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize(("scheme", "method"), SCHEMES)
+def test_streamed_equals_in_memory(tiny, scheme, method):
+    mem = run(tiny, f"mem-{scheme}-{method}", scheme, method)
+    streamed = run(tiny, f"st-{scheme}-{method}", scheme, method, stream=True)
+    assert_same_checkpoint(mem, streamed)
+    assert (streamed / "tokenizer.json").is_file()
+    assert not Path(f"{streamed}.partial").exists()  # the work dir goes once finished
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2 + 2  # embeddings, 2 layers, head
+
+
+def test_true_sequential_streamed(tiny):
+    mem = run(tiny, "mem-ts", "w8a8", "gptq", true_sequential=True)
+    streamed = run(tiny, "st-ts", "w8a8", "gptq", stream=True, true_sequential=True)
+    assert_same_checkpoint(mem, streamed)
+
+
+def test_spilled_activations_give_the_same_output(tiny):
+    full = run(tiny, "st-full", "w8a8", "gptq", stream=True)
+    spilled = run(tiny, "st-spill", "w8a8", "gptq", stream=StreamOptions(max_memory=1024))
+    assert digests(full) == digests(spilled)
+
+
+def test_boundary_spills_past_the_budget(tmp_path):
+    outs = [torch.randn(2, 3, 4).to(torch.bfloat16) for _ in range(3)]
+    kept = Boundary(tmp_path, budget=None)
+    record, back = kept.save(1, iter(outs))
+    assert not kept.spilled and all(torch.equal(a, b) for a, b in zip(outs, back))
+    small = Boundary(tmp_path, budget=100)
+    record2, mapped = small.save(2, iter(outs))
+    assert small.spilled and all(torch.equal(a, b) for a, b in zip(outs, mapped))
+    assert record2.dtype == "bfloat16" and record2.shapes == [[2, 3, 4]] * 3
+    small.prune(record2.name)
+    assert not (tmp_path / record.name).exists() and (tmp_path / record2.name).exists()
+    assert all(torch.equal(a, b) for a, b in zip(outs, Boundary(tmp_path).load(record2)))
+
+
+def test_parse_bytes():
+    assert parse_bytes("8GB") == 8 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1e3") == 1000
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("lots")
+
+
+def _cli(root: Path, out: str, *extra: str, env: dict | None = None):
+    args = [sys.executable, "-m", "quantscale", "quantize", str(root / "m"), str(root / out)]
+    args += ["--scheme", "w4a16", "--method", "gptq", "--stream", "--device", "cpu"]
+    args += ["--calib-samples", "8", "--calib-seq-len", "32", "--calib-batch-size", "4"]
+    args += ["--calib-data", str(root / "calib.txt"), *extra]
+    full_env = {**os.environ, "QUANTSCALE_PROGRESS": "0", **(env or {})}
+    return subprocess.run(args, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_killed_run_resumes_byte_identical(tiny4):
+    whole = _cli(tiny4, "whole")
+    assert whole.returncode == 0, whole.stderr
+    killed = _cli(tiny4, "resumed", env={KILL_AFTER_ENV: "1"})
+    assert killed.returncode == -9, killed.stderr
+    work = tiny4 / "resumed.partial"
+    record = json.loads((work / "progress.json").read_text())
+    assert record["done"] == 3 and record["boundary"]["name"] == "boundary-2.bin"
+    assert not (tiny4 / "resumed").exists()
+    other = _cli(tiny4, "resumed", "--dampening-frac", "0.05")
+    assert other.returncode != 0 and "method_options" in other.stderr, other.stderr
+    again = _cli(tiny4, "resumed")
+    assert again.returncode == 0, again.stderr
+    assert not work.exists()
+    assert digests(tiny4 / "whole") == digests(tiny4 / "resumed")
+
+
+def test_refusals(tiny, tmp_path):
+    with pytest.raises(QuantscaleError, match="in-memory path"):
+        run(tiny, "st-pseudo", "w4a16", "rtn", stream=True, fmt="pseudo")
+    with pytest.raises(QuantscaleError, match="expected auto, cpu"):
+        resolve_device("tpu")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    options = StreamOptions(work_dir=tmp_path / "busy")
+    with pytest.raises(QuantscaleError, match="not empty"):
+        run(tiny, "st-busy", "w4a16", "rtn", stream=options)
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "x"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_on_cuda(tiny):
+    streamed = run(tiny, "st-cuda", "w4a16", "gptq", stream=StreamOptions(device="cuda"))
+    cpu = run(tiny, "st-cpu", "w4a16", "gptq", stream=StreamOptions(device="cpu"))
+    ta, tb = tensors(streamed), tensors(cpu)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape
