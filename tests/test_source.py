@@ -300,9 +300,8 @@ def test_fp8_scale_grid_mismatch_names_the_tensor(fp8_sources, tmp_path):
     bad.mkdir()
     save_file(tensors, str(bad / "model.safetensors"))
     (bad / "config.json").write_text((hf / "config.json").read_text())
-    src = open_source(bad)
     with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}'.*\(5, 5\)"):
-        src.get(name)
+        open_source(bad)  # from the headers, before any tensor is read
 
 
 def test_unknown_dtype_is_refused_at_open(tmp_path):
@@ -407,3 +406,20 @@ def test_smollm2_fp8_block_source_equals_dequantize(tmp_path):
     assert len(quantized) == 30 * 7
     for name in src.names():
         assert torch.equal(src.get(name), plain.get(name)), name
+
+
+def test_fake_quant_save_is_a_plain_source(tmp_path):
+    """Our fake-quant save stores weights dequantized: the source drops the qparam buffers."""
+    from quantscale.export.fake_quant import save_quantized
+    from quantscale.quantize import quantize_model
+
+    model = _tiny()
+    quantize_model(model, "W8A8", TOKENS, method="rtn", batch_size=2)
+    src = open_source(save_quantized(model, tmp_path / "fq"))
+    state = model.state_dict()
+    leaves = ("weight", "bias")
+    plain = [n for n in state if n.rpartition(".")[2] in leaves and n != "lm_head.weight"]
+    assert sorted(src.names()) == sorted(plain)
+    assert not any(src.is_quantized(n) for n in src.names())
+    for name in src.names():
+        assert torch.equal(src.get(name), state[name]), name

@@ -31,6 +31,7 @@ from quantscale.checkpoint.layouts import (
     CT_MXFP4,
     CT_NVFP4,
     CT_PACKED,
+    FAKE_QUANT,
     FP8_SCALES,
     NEURON_KEY,
     QUAMBA,
@@ -232,12 +233,16 @@ def plan_dequantize(ckpt: Checkpoint) -> DequantPlan:
     plan = DequantPlan(block=config_block(ckpt.config))
     for weight, scale in _fp8_scales(ckpt).items():
         info = ckpt.tensors[weight]
+        grid = torch.empty(ckpt.tensors[scale].shape, device="meta")  # shape check, no data
+        as_block_scale(grid, cast(tuple[int, int], info.shape), plan.block, _where(ckpt, weight))
         plan.weights[weight] = StoredWeight(weight, weight, {"scale": scale}, FP8, info.shape)
         plan.consumed.add(scale)
         plan.consumed.update(f"{module_path(weight)}.{s}" for s in ACTIVATION_SCALES)
     if layout is not None and layout.convention == CT_METHOD:
         _plan_ct(ckpt, plan)
     _plan_modelopt_nvfp4(ckpt, plan)
+    if layout is FAKE_QUANT:
+        _plan_fake_quant(ckpt, plan)
     plan.consumed &= set(ckpt.tensors)
     return plan
 
@@ -336,6 +341,14 @@ def _plan_modelopt_nvfp4(ckpt: Checkpoint, plan: DequantPlan) -> None:
         plan.weights[weight] = StoredWeight(weight, weight, parts, MODELOPT_NVFP4, (rows, cols))
         plan.consumed.update(parts.values())
         plan.consumed.update(_local_parts(ckpt, module, ACTIVATION_SCALES).values())
+
+
+def _plan_fake_quant(ckpt: Checkpoint, plan: DequantPlan) -> None:
+    """Our fake-quant save: weights are stored dequantized; their qparam buffers are consumed."""
+    leaves = (*CT_WEIGHT_PARTS, *ACTIVATION_QPARAMS)
+    for name in ckpt.tensors:
+        if name.endswith(".weight"):
+            plan.consumed.update(_local_parts(ckpt, module_path(name), leaves).values())
 
 
 def dequantize_stored(
