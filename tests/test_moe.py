@@ -204,3 +204,99 @@ def test_mixtral_exports_use_the_checkpoint_names(tmp_path, fmt):
             want = model(input_ids=TOKENS).logits
             got = loaded(input_ids=TOKENS).logits.float()
         assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def _calibrate_layers(model, recipe: str, algo: GPTQ, passes: bool = False) -> dict:
+    """GPTQ layer by layer (`GPTQ.passes` per layer when `passes`); the QuantLinears."""
+    from quantscale.calibration.sequential import batched, layerwise
+    from quantscale.runtime.qlinear import replace_linears
+    from quantscale.scheme import preset_recipe
+
+    linears = replace_linears(model, preset_recipe(recipe))
+    for step in layerwise(model, batched(TOKENS, 2)):
+        mine = {n: m for n, m in linears.items() if n.startswith(step.name + ".")}
+        for part in algo.passes(mine) if passes else [mine]:
+            algo.start_layer(part)
+            step.run()
+            algo.finish_layer(part)
+    return linears
+
+
+def _weights(linears: dict) -> dict:
+    return {n: (q.weight.clone(), q.weight_scale.clone()) for n, q in linears.items()}
+
+
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_batched_experts_equal_one_at_a_time(all_tokens):
+    got = {}
+    for size in (None, 1):
+        model = _qwen_moe()
+        linearize_experts(model)
+        algo = GPTQ(expert_batch=size)
+        with calibrate_all_experts(model, enabled=all_tokens):
+            got[size] = (_weights(_calibrate_layers(model, "W4A16", algo)), algo.report)
+    (batched, report), (single, single_report) = got[None], got[1]
+    for name, (w, scale) in single.items():  # bitwise here; the tolerance of test_gptq
+        assert torch.equal(batched[name][0], w) and torch.equal(batched[name][1], scale), name
+    down = [r for r in report if r["modules"][0].endswith("experts.3.down_proj")]
+    assert [r["batch"] for r in down] == [4, 4]  # 4 experts' down_proj in one solve per layer
+    assert all(r["batch"] == 1 for r in single_report)
+    attn = [r for r in report if "self_attn" in r["modules"][0]]
+    assert attn and all(r["batch"] == 1 for r in attn)
+
+
+def test_passes_hold_a_bounded_number_of_expert_hessians():
+    from quantscale.models.moe import expert_of
+
+    held = []
+
+    class Probe(GPTQ):
+        def finish_layer(self, linears):
+            assert self._tracker is not None
+            held.append({expert_of(n) for n in self._tracker.acc if expert_of(n)})
+            super().finish_layer(linears)
+
+    results = []
+    for passes in (False, True):
+        model = _qwen_moe()
+        linearize_experts(model)
+        held.clear()
+        with calibrate_all_experts(model, enabled=False):
+            results.append(
+                _weights(_calibrate_layers(model, "W4A16", Probe(expert_batch=3), passes))
+            )
+    assert len(held) == 2 * 3  # per layer: experts 0-2, expert 3, then attention
+    assert max(len(h) for h in held) == 3 and not held[2]
+    for name, (w, scale) in results[0].items():
+        assert torch.equal(results[1][name][0], w) and torch.equal(results[1][name][1], scale)
+
+
+def test_passes_sized_by_the_memory_budget():
+    model = _qwen_moe()
+    linearize_experts(model)
+    from quantscale.runtime.qlinear import replace_linears
+    from quantscale.scheme import preset_recipe
+
+    linears = replace_linears(model, preset_recipe("W4A16"))
+    layer = {n: q for n, q in linears.items() if n.startswith("model.layers.0.")}
+    one_expert = 4 * (64 * 64 + 32 * 32)  # gate/up [64, 64] and down [32, 32] float32
+    sizes = [len(p) for p in GPTQ(memory_budget=2 * one_expert).passes(layer)]
+    assert sizes == [6, 6, 4]  # 2 experts x 3 projections, twice; then q/k/v/o
+    assert [len(p) for p in GPTQ().passes(layer)] == [12, 4]
+
+
+def test_starved_experts_rtn_and_the_others_batched(caplog):
+    model = _qwen_moe()
+    linearize_experts(model)
+    _starve_experts(model)
+    algo = GPTQ()
+    with caplog.at_level(logging.WARNING), calibrate_all_experts(model, enabled=False):
+        _calibrate_layers(model, "NVFP4A16", algo, passes=True)
+        starved = log_expert_coverage(model, all_tokens=False)
+    assert len(starved) == 4 and "weight-only statistics" in caplog.text
+    by_method = {r["method"]: set() for r in algo.report}
+    for r in algo.report:
+        if ".experts." in r["modules"][0]:
+            by_method[r["method"]].add((r["modules"][0].split(".experts.")[1][0], r["batch"]))
+    assert by_method["rtn"] == {("2", 1), ("3", 1)}
+    assert by_method["gptq"] == {("0", 2), ("1", 2)}

@@ -11,7 +11,8 @@ The router sends few or no calibration tokens to some experts. With `calibrate_a
 calibration (its output for tokens the router did not pick is discarded), so each gets
 activation statistics and a Hessian; with it off an expert that saw no token falls back to
 weight-only statistics (GPTQ -> RTN). `expert_token_counts` / `log_expert_coverage` report
-how many tokens the router actually sent to each expert.
+how many tokens the router actually sent to each expert. `expert_of(name)` tells an expert's
+projection (`<experts>.<e>.<proj>`) from any other Linear (GPTQ solves experts batched).
 
 transformers 5 also renames some MoE blocks in memory (Mixtral: `block_sparse_moe` ->
 `mlp`); `checkpoint_name` maps a module / tensor name back to the checkpoint convention that
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 _NAMES = {"mixtral": ("w1", "w3", "w2")}
 _DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 # model_type -> (in-memory pattern, checkpoint replacement) of transformers 5's renames.
+_EXPERT_LINEAR = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
 _CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
     "mixtral": ((re.compile(r"(^|\.)(layers\.\d+)\.mlp\."), r"\1\2.block_sparse_moe."),),
 }
@@ -44,6 +46,13 @@ def checkpoint_name(name: str, model_type: str | None) -> str:
     for pattern, repl in _CHECKPOINT_RENAMES.get(model_type or "", ()):
         name = pattern.sub(repl, name)
     return name
+
+
+def expert_of(name: str) -> tuple[str, int] | None:
+    """(experts module name, expert index) of an expert's projection name
+    (`model.layers.0.mlp.experts.3.gate_proj` -> ('model.layers.0.mlp.experts', 3)), else None."""
+    match = _EXPERT_LINEAR.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 class ExpertMLP(nn.Module):

@@ -1,0 +1,197 @@
+"""MoE GPTQ: experts solved in batches (`gptq_quantize_batch`) vs one expert at a time.
+
+Model: a Qwen3-MoE-shaped `Qwen3MoeForCausalLM` built from a config (random weights, bf16):
+64 experts per layer, top-8 routing, hidden 256, expert intermediate 128, 2 layers, its
+fused experts split into per-expert Linears (`models.moe.linearize_experts`). Calibration:
+random token ids (32 x 128 by default). The same GPTQ W4A16 job (int4, group 128, act-order
+'weight') runs with `expert_batch=None` (batched, sized by the memory budget) and
+`expert_batch=1` (one expert per solve, what GPTQ did before), alternating, in one process.
+Modes: 'routed' (each expert calibrated on the tokens the router sends it: every expert has
+its own gate/up and down Hessians) and 'all' (every expert on every token: the experts'
+gate/up share one Hessian and are one stacked solve either way; only down_proj batches).
+
+Per job: `quantize_s` (the whole `quantize_model` call: calibration forwards, Hessians,
+solves) and `solve_s` (the time inside `GPTQ.finish_layer`: the solves); the table gives
+the best of the repeats, batched / one-at-a-time, and how far the two results are apart
+(max |w_batched - w_single| over every expert weight, and the share of elements that differ).
+
+    .venv/bin/python benchmarks/moe_gptq.py [--modes routed,all] [--repeats 2] [--layers 2]
+        [--samples 32] [--seq-len 128] [--json bench-results/moe_gptq.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from quantscale.algorithms.base import register_algorithm  # noqa: E402
+from quantscale.algorithms.gptq import GPTQ  # noqa: E402
+from quantscale.models.moe import calibrate_all_experts, expert_of, linearize_experts  # noqa: E402
+from quantscale.quantize import quantize_model  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "moe_gptq.json"
+TOOLS = {"quantscale batched": None, "quantscale one-at-a-time": 1}
+SOLVE_S: list[float] = []
+
+
+@register_algorithm("gptq-timed")
+@dataclass
+class TimedGPTQ(GPTQ):
+    """GPTQ that adds the time of each `finish_layer` (the solves) to `SOLVE_S`."""
+
+    def finish_layer(self, linears) -> None:
+        start = time.perf_counter()
+        super().finish_layer(linears)
+        SOLVE_S.append(time.perf_counter() - start)
+
+
+def build_model(layers: int) -> torch.nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_experts=64,
+        num_experts_per_tok=8,
+        max_position_embeddings=512,
+    )
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+    linearize_experts(model)
+    return model
+
+
+def run_job(base: torch.nn.Module, tokens: torch.Tensor, size: int | None, all_tokens: bool):
+    """(quantize_s, solve_s, expert weights) of one GPTQ W4A16 run on a copy of `base`."""
+    model = copy.deepcopy(base)
+    SOLVE_S.clear()
+    start = time.perf_counter()
+    with calibrate_all_experts(model, enabled=all_tokens):
+        linears = quantize_model(
+            model, "W4A16", tokens, method="gptq-timed", batch_size=8, expert_batch=size
+        )
+    quantize_s = time.perf_counter() - start
+    weights = {n: q.weight.detach().float() for n, q in linears.items()}
+    return quantize_s, sum(SOLVE_S), weights
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Max abs difference and share of differing elements: experts, and the other Linears."""
+    out = {}
+    for kind, names in (
+        ("experts", [n for n in a if expert_of(n)]),
+        ("others", [n for n in a if not expert_of(n)]),
+    ):
+        diffs = [(a[n] - b[n]).abs() for n in names]
+        out[f"{kind}_max_diff"] = max(float(d.max()) for d in diffs)
+        out[f"{kind}_differ"] = sum(int((d > 0).sum()) for d in diffs) / sum(
+            d.numel() for d in diffs
+        )
+    return out
+
+
+def run_mode(mode: str, base: torch.nn.Module, tokens: torch.Tensor, repeats: int) -> dict:
+    times: dict[str, list[tuple[float, float]]] = {tool: [] for tool in TOOLS}
+    weights: dict[str, dict] = {}
+    for rep in range(repeats):
+        for tool, size in TOOLS.items():
+            quantize_s, solve_s, weights[tool] = run_job(base, tokens, size, mode == "all")
+            times[tool].append((quantize_s, solve_s))
+            print(
+                f"{mode} repeat {rep}: {tool}: quantize {quantize_s:.2f} s, solves "
+                f"{solve_s:.2f} s (load {common.loadavg()})",
+                flush=True,
+            )
+    best = {tool: (min(q for q, _ in t), min(s for _, s in t)) for tool, t in times.items()}
+    batched, single = best["quantscale batched"], best["quantscale one-at-a-time"]
+    return {
+        "times": times,
+        "best": best,
+        "quantize_ratio": single[0] / batched[0],
+        "solve_ratio": single[1] / batched[1],
+        **compare(weights["quantscale batched"], weights["quantscale one-at-a-time"]),
+    }
+
+
+def rows_of(mode: str, result: dict) -> list[dict]:
+    job = f"moe_gptq W4A16 64 experts ({mode})"
+    rows = []
+    for tool, (quantize_s, solve_s) in result["best"].items():
+        summary = {"ok": True, "runs": len(result["times"][tool]), "wall_min_s": quantize_s}
+        note = f"solves {solve_s:.2f} s"
+        if tool == "quantscale one-at-a-time":
+            note += f"; max diff {result['experts_max_diff']:.3g}"
+        rows.append(
+            common.result_row(
+                job, tool, summary, work_s_min=solve_s, ours="quantscale batched", note=note
+            )
+        )
+    return rows
+
+
+def print_summary(results: dict) -> None:
+    header = ["mode", "tool", "quantize s", "solves s", "x faster (quantize)", "x (solves)"]
+    header += ["max diff", "differ"]
+    table = []
+    for mode, r in results.items():
+        for tool, (quantize_s, solve_s) in r["best"].items():
+            batched = tool == "quantscale batched"
+            table.append(
+                [
+                    mode,
+                    tool,
+                    f"{quantize_s:.2f}",
+                    f"{solve_s:.2f}",
+                    f"{r['quantize_ratio']:.2f}" if batched else "1",
+                    f"{r['solve_ratio']:.2f}" if batched else "1",
+                    "" if batched else f"{r['experts_max_diff']:.3g}",
+                    "" if batched else f"{r['experts_differ']:.2%}",
+                ]
+            )
+    common.print_table(table, header)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="routed,all", help="comma-separated: routed, all")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--json", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    base = build_model(args.layers)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1024, (args.samples, args.seq_len), generator=gen)
+    results = {m: run_mode(m, base, tokens, args.repeats) for m in args.modes.split(",") if m}
+    print_summary(results)
+    payload = {
+        "machine": common.machine(),
+        "config": vars(args) | {"json": str(args.json)},
+        "results": {m: {k: v for k, v in r.items() if k != "best"} for m, r in results.items()},
+        "rows": [row for m, r in results.items() for row in rows_of(m, r)],
+    }
+    common.write_results(args.json, payload)
+    print(f"results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
