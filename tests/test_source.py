@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from quantscale.checkpoint.dequantize import dequantize_checkpoint
+from quantscale.checkpoint.layouts import detect_layout
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.source import open_source
 from quantscale.checkpoint.synthetic import write_llama_like
@@ -82,6 +83,7 @@ def _tiny(tied: bool = True):
 def _same_as_dequantized(src, path, tmp_path, dtype, rename=lambda n: n):
     """Every tensor `dequantize_checkpoint` writes equals `src.get` of its plain name."""
     deq = Checkpoint(dequantize_checkpoint(path, tmp_path / f"deq-{path.name}", dtype=dtype))
+    assert detect_layout(deq) is None  # a plain checkpoint
     assert sorted(rename(n) for n in deq.names()) == sorted(src.names())
     for name in deq.names():
         want = deq.get(name)
@@ -152,7 +154,8 @@ def test_modelopt_nvfp4_source(preset, tmp_path):
         assert torch.equal(w, dense[f"{name}.weight"]), name
         # e2m1 * scale * scale_2 vs e2m1 * scale / global_scale: the reciprocal's rounding
         torch.testing.assert_close(w, ql.weight.float(), rtol=2**-7, atol=0)
-    _same_as_dequantized(src, out, tmp_path, torch.bfloat16)
+    deq = _same_as_dequantized(src, out, tmp_path, torch.bfloat16)
+    assert detect_layout(deq) is None and not (deq.path / "hf_quant_config.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from typing import cast
 import torch
 
 from quantscale import progress
+from quantscale.checkpoint.convert import SIDECAR
 from quantscale.checkpoint.layouts import (
     ACTIVATION_SCALES,
     CT_METHOD,
@@ -33,6 +34,7 @@ from quantscale.checkpoint.layouts import (
     CT_PACKED,
     FAKE_QUANT,
     FP8_SCALES,
+    HF_QUANT_CONFIG,
     NEURON_KEY,
     QUAMBA,
     config_block,
@@ -370,6 +372,14 @@ def dequantize_stored(
     return dequantize_module(local, sw.args, sw.fmt).to(dtype)
 
 
+class _QuantizedCheckpoint(Checkpoint):
+    """A checkpoint whose quantization side files do not belong in its plain copy."""
+
+    def extra_files(self) -> list[Path]:
+        skip = (HF_QUANT_CONFIG, SIDECAR)
+        return [p for p in super().extra_files() if p.name not in skip]
+
+
 def dequantize_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -378,10 +388,11 @@ def dequantize_checkpoint(
 ) -> Path:
     """Write a plain (unquantized) copy of quantized checkpoint `src` to `out`; returns `out`.
 
-    config.json loses `quantization_config` (and Neuron's block), so loaders read plain weights.
+    config.json loses `quantization_config` (and Neuron's block), and ModelOpt's
+    hf_quant_config.json is not copied, so loaders read plain weights.
     """
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    ckpt = Checkpoint(src)
+    ckpt = _QuantizedCheckpoint(src)
     plan = plan_dequantize(ckpt)
     if not plan.weights:
         raise QuantscaleError(f"{ckpt.path}: no FP8, NVFP4, MXFP4 or INT weights to dequantize")
