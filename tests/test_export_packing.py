@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantscale.algorithms.rtn import quantize_weight_rtn
+from quantscale.checkpoint.dequantize import dequantize_module
 from quantscale.checkpoint.layouts import CT_FLOAT, CT_MXFP4, CT_NVFP4, CT_PACKED
 from quantscale.export.base import ModuleCodes, per_column_qparams
-from quantscale.export.compressed_tensors import dequantize_module, weight_tensors
+from quantscale.export.compressed_tensors import weight_tensors
 from quantscale.formats.intq import unpack_int32
 from quantscale.qdq import dequantize, quantize
 from quantscale.scheme import QuantArgs, preset_scheme

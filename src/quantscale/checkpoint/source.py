@@ -128,3 +128,9 @@ def read_tensor(directory: Path, info: TensorInfo) -> torch.Tensor:
 def open_source(path: str | os.PathLike) -> TensorSource:
     """Open checkpoint directory `path` as a `TensorSource`."""
     return TensorSource(Checkpoint(path))
+
+
+def read_dense(source: TensorSource, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every plain tensor of `source` in memory: quantized weights dequantized to `dtype`,
+    the rest as stored (the exporters' readers; a whole model, so for small ones)."""
+    return {n: source.get(n, dtype if source.is_quantized(n) else None) for n in source.names()}

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantscale.checkpoint.dequantize import dequantize_module
 from quantscale.checkpoint.layouts import (
     CT_FLOAT,
     CT_INT,
@@ -33,7 +32,7 @@ from quantscale.checkpoint.layouts import (
     CT_PACKED,
     module_format,
 )
-from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.source import open_source, read_dense
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     ModuleCodes,
@@ -164,48 +163,15 @@ def save_compressed_tensors(
 # ------------------------------------------------------------------ reader
 
 
-def _module_of(name: str) -> tuple[str, str] | None:
-    for suffix in ("weight_packed", "weight_scale", "weight"):
-        if name.endswith("." + suffix):
-            return name[: -len(suffix) - 1], suffix
-    return None
-
-
 def read_compressed_tensors(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Dense state dict of a compressed-tensors checkpoint: quantized weights dequantized
     (to `dtype`), qparam tensors dropped, everything else as stored."""
-    ckpt = Checkpoint(path)
-    qc = ckpt.quantization_config
+    source = open_source(path)
+    qc = source.checkpoint.quantization_config
     if not qc or qc.get("quant_method") != CT_METHOD:
         raise CheckpointError(
-            f"{ckpt.path}: config.json has no compressed-tensors quantization_config"
+            f"{source.path}: config.json has no compressed-tensors quantization_config"
         )
-    recipe = Recipe.from_quantization_config(qc)
-    names = set(ckpt.tensors)
-    quantized = {
-        m
-        for n in names
-        if (ms := _module_of(n)) and f"{ms[0]}.weight_scale" in names
-        for m in [ms[0]]
-    }
-    dense: dict[str, torch.Tensor] = {}
-    for module in sorted(quantized):
-        scheme = recipe.scheme_for(module)
-        if scheme is None or scheme.weights is None:
-            raise CheckpointError(
-                f"{ckpt.path}: {module} has a weight_scale but no config group targets it"
-            )
-        prefix = module + "."
-        local = {n[len(prefix) :]: ckpt.get(n) for n in names if n.startswith(prefix)}
-        dense[prefix + "weight"] = dequantize_module(
-            local, scheme.weights, module_format(scheme)
-        ).to(dtype)
-        if "bias" in local:
-            dense[prefix + "bias"] = local["bias"]
-    skip = tuple(m + "." for m in quantized)
-    for name in ckpt.names():
-        if not name.startswith(skip):
-            dense[name] = ckpt.get(name)
-    return dense
+    return read_dense(source, dtype)

@@ -28,7 +28,7 @@ from quantscale.checkpoint.layouts import (
     modelopt_quantization_config,
     reciprocal,
 )
-from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.source import open_source, read_dense
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
     model_config,
@@ -37,7 +37,7 @@ from quantscale.export.base import (
     warn_unshared,
     write_checkpoint,
 )
-from quantscale.formats.fp4 import dequantize_nvfp4, pack_fp4, unpack_fp4
+from quantscale.formats.fp4 import pack_fp4
 from quantscale.formats.fp8 import E4M3
 from quantscale.runtime.qlinear import QuantLinear
 
@@ -103,26 +103,7 @@ def read_modelopt(
 ) -> dict[str, torch.Tensor]:
     """Dense state dict of a ModelOpt NVFP4 checkpoint (weights dequantized to `dtype`,
     scale tensors dropped, everything else as stored)."""
-    ckpt = Checkpoint(path)
-    if (ckpt.quantization_config or {}).get("quant_method") != MODELOPT_METHOD:
-        raise CheckpointError(f"{ckpt.path}: config.json quant_method is not 'modelopt'")
-    modules = sorted(
-        n[: -len(".weight_scale_2")] for n in ckpt.tensors if n.endswith(".weight_scale_2")
-    )
-    dense: dict[str, torch.Tensor] = {}
-    drop = set()
-    for m in modules:
-        packed = ckpt.get(f"{m}.weight")
-        if packed.dtype != torch.uint8:
-            raise CheckpointError(f"{ckpt.path}: {m}.weight is {packed.dtype}, expected uint8")
-        dense[f"{m}.weight"] = dequantize_nvfp4(
-            unpack_fp4(packed),
-            ckpt.get(f"{m}.weight_scale"),
-            ckpt.get(f"{m}.weight_scale_2"),
-            dtype,
-        )
-        drop |= {f"{m}.{s}" for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
-    for name in ckpt.names():
-        if name not in drop:
-            dense[name] = ckpt.get(name)
-    return dense
+    source = open_source(path)
+    if (source.checkpoint.quantization_config or {}).get("quant_method") != MODELOPT_METHOD:
+        raise CheckpointError(f"{source.path}: config.json quant_method is not 'modelopt'")
+    return read_dense(source, dtype)
