@@ -100,8 +100,9 @@ CT_CASES = {
     "W4A16_ASYM": {},
     "W8A16": {},
     "W8A8": {},
-    "FP8": {},
-    "FP8_BLOCK": {},
+    "FP8": {},  # per tensor, static input scale
+    "FP8_DYNAMIC": {},  # per channel
+    "FP8_BLOCK": {},  # 128x128 blocks
 }
 
 
@@ -426,3 +427,22 @@ def test_fake_quant_save_is_a_plain_source(tmp_path):
     assert not any(src.is_quantized(n) for n in src.names())
     for name in src.names():
         assert torch.equal(src.get(name), state[name]), name
+
+
+def test_shard_gone_or_truncated_after_open(tmp_path):
+    """A shard removed or cut short after the source was opened: the error names it and
+    the tensor."""
+    path = write_llama_like(tmp_path / "l", 128, 256, 2, 64, shards=2)
+    src = open_source(path)
+    first = "model.layers.0.mlp.up_proj.weight"
+    last = "model.layers.1.mlp.up_proj.weight"
+    shard = path / src.checkpoint.tensors[last].shard
+    shard.write_bytes(shard.read_bytes()[: src.checkpoint.tensors[last].offset + 10])
+    with pytest.raises(CheckpointError, match=rf"{shard}: truncated file: tensor '{last}'"):
+        src.get(last)
+    gone = path / src.checkpoint.tensors[first].shard
+    gone.unlink()
+    with pytest.raises(
+        CheckpointError, match=rf"{gone}: shard file is missing \(tensor '{first}'\)"
+    ):
+        src.get(first)

@@ -18,14 +18,13 @@ import torch
 from quantscale.checkpoint.dequantize import (
     StoredWeight,
     dequantize_stored,
+    parse_dtype,
     plain_config,
     plan_dequantize,
 )
 from quantscale.checkpoint.layouts import NEURON_KEY, NEURON_SCALE, from_neuron_name
 from quantscale.checkpoint.read import Checkpoint, TensorInfo, read_into
-from quantscale.errors import CheckpointError
-
-FLOAT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from quantscale.errors import CheckpointError, QuantscaleError
 
 
 class TensorSource:
@@ -106,8 +105,12 @@ def _plain_names(
 
 
 def _config_dtype(config: dict) -> torch.dtype:
+    """The config's float dtype (`torch_dtype` / `dtype`), else bfloat16."""
     name = config.get("torch_dtype") or config.get("dtype")
-    return FLOAT_DTYPES.get(name, torch.bfloat16) if isinstance(name, str) else torch.bfloat16
+    try:
+        return parse_dtype(name) if isinstance(name, str) else torch.bfloat16
+    except QuantscaleError:
+        return torch.bfloat16
 
 
 def read_tensor(directory: Path, info: TensorInfo) -> torch.Tensor:
