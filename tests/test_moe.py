@@ -226,21 +226,32 @@ def _weights(linears: dict) -> dict:
     return {n: (q.weight.clone(), q.weight_scale.clone()) for n, q in linears.items()}
 
 
+class _Unbatched(GPTQ):
+    """GPTQ as it was before batching: every group solved on its own, stacks whole."""
+
+    def _batchable(self, names, acc):
+        return False
+
+
+@pytest.mark.parametrize("recipe", ["W4A16", "NVFP4A16"])
 @pytest.mark.parametrize("all_tokens", [False, True])
-def test_batched_experts_equal_one_at_a_time(all_tokens):
+def test_batched_experts_equal_one_at_a_time(all_tokens, recipe):
     got = {}
-    for size in (None, 1):
+    for key, algo in (("batched", GPTQ()), ("single", GPTQ(expert_batch=1)), ("old", _Unbatched())):
         model = _qwen_moe()
         linearize_experts(model)
-        algo = GPTQ(expert_batch=size)
         with calibrate_all_experts(model, enabled=all_tokens):
-            got[size] = (_weights(_calibrate_layers(model, "W4A16", algo)), algo.report)
-    (batched, report), (single, single_report) = got[None], got[1]
-    for name, (w, scale) in single.items():  # bitwise here; the tolerance of test_gptq
-        assert torch.equal(batched[name][0], w) and torch.equal(batched[name][1], scale), name
-    down = [r for r in report if r["modules"][0].endswith("experts.3.down_proj")]
-    assert [r["batch"] for r in down] == [4, 4]  # 4 experts' down_proj in one solve per layer
-    assert all(r["batch"] == 1 for r in single_report)
+            got[key] = (_weights(_calibrate_layers(model, recipe, algo)), algo.report)
+    batched, report = got["batched"]
+    for other in ("single", "old"):  # bitwise here; the tolerance of test_gptq
+        for name, (w, scale) in got[other][0].items():
+            assert torch.equal(batched[name][0], w), (other, name)
+            assert torch.equal(batched[name][1], scale), (other, name)
+    for proj in ("gate_proj", "down_proj"):
+        mine = [r for r in report if r["modules"][0].endswith(f"experts.3.{proj}")]
+        assert [r["batch"] for r in mine] == [4, 4]  # 4 experts in one solve, per layer
+        assert len(mine[0]["modules"]) == (2 if proj == "gate_proj" else 1)  # with up_proj
+    assert all(r["batch"] == 1 for r in got["single"][1])
     attn = [r for r in report if "self_attn" in r["modules"][0]]
     assert attn and all(r["batch"] == 1 for r in attn)
 

@@ -317,11 +317,7 @@ def gptq_quantize_batch(
         raise QuantscaleError(f"GPTQ: {len(gs)} global scales for {w.shape[0]} weights")
     if args.is_nvfp4:
         gs = [g if g is not None else nvfp4_global_scale(we.abs().amax()) for g, we in zip(gs, wf)]
-    perm = None
-    h = hessian.float()
-    if actorder is not None:
-        perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
-        h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
+    perm, upper = _ordered_factors(hessian, actorder, dampening_frac)
     static = args.strategy not in _DYNAMIC or actorder == "weight"
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
@@ -329,7 +325,6 @@ def gptq_quantize_batch(
     if static:
         qp_static = scales.qparams_of(wf)
         scales.set(0, wf, qp_static, perm)
-    upper = inverse_hessian_factors(h, dampening_frac)
     wt = (_gather_columns(wf, perm) if perm is not None else wf).transpose(1, 2).contiguous()
     qt, losses = _column_loop(wt, upper, args, scales, block_size)
     q = qt.transpose(1, 2)
@@ -345,6 +340,25 @@ def gptq_quantize_batch(
         qp = qp_static[e] if static else scales.assembled(e)
         out.append(GPTQResult(q[e].to(w.dtype).contiguous(), qp, g_idx[e], losses[e]))
     return out
+
+
+def _ordered_factors(
+    hessian: torch.Tensor, actorder: str | None, dampening_frac: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(act-order permutations [E, n] or None, factors [E, n, n] of the permuted Hessians); a
+    Hessian shared by the whole batch (`expand`ed: stride 0) is permuted and factored once."""
+    batch = hessian.shape[0]
+    shared = batch > 1 and hessian.stride(0) == 0
+    h = (hessian[:1] if shared else hessian).float()
+    perm = None
+    if actorder is not None:
+        perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
+        h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
+    upper = inverse_hessian_factors(h, dampening_frac)
+    if shared:
+        upper = upper.expand(batch, -1, -1)
+        perm = perm.expand(batch, -1) if perm is not None else None
+    return perm, upper
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -456,8 +470,11 @@ class GPTQ:
     MoE experts (`models.moe.expert_of`) whose stacks have equal shapes and weight args are
     solved as batches (`gptq_quantize_batch`) of `expert_batch` experts, None: as many as
     fit in `memory_budget` bytes of solve workspace; each batch's Hessians are freed once it
-    is solved. `passes` splits a layer into calibration passes that each hold the Hessians
-    of at most that many experts.
+    is solved. The experts' gate/up stack that all-expert calibration gives (one shared
+    Hessian) is solved per expert the same way, its rows unchanged (`_per_expert`). Results
+    equal the one-group-at-a-time solves (bitwise on the CPUs we tried; tests/test_moe.py).
+    `passes` splits a layer into calibration passes that each hold the Hessians of at most
+    that many experts.
     """
 
     needs_data = True
@@ -488,11 +505,12 @@ class GPTQ:
                 if self._batchable(part, acc):
                     assert acc is not None
                     for stack in _stacks(part, linears):
-                        batches.add(stack, linears, acc)
+                        for sub, global_scale in _per_expert(stack, linears):
+                            batches.add(sub, linears, acc, global_scale)
                 else:
                     self._quantize_group(part, linears, acc)
         for jobs in batches.pop_all():
-            size = self.expert_batch or self._fitting(_solve_bytes(jobs[0][0], linears))
+            size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
             while jobs:
                 chunk, jobs = jobs[:size], jobs[size:]
                 self._quantize_experts(chunk, linears)
@@ -502,7 +520,10 @@ class GPTQ:
         `finish_layer` each) holding the Hessians of at most `expert_batch` experts each (None:
         as many as fit in `memory_budget`): the experts in chunks, then the other Linears,
         whose quantization would change the experts' inputs (the experts' changes no other
-        Linear's input). One pass when the layer has no experts."""
+        Linear's input). One pass when the layer has no experts. Routed calibration gives
+        the same Hessians as one pass; with all-expert calibration a pass's experts share
+        the gate/up Hessian, and NVFP4's gate/up global scale is then the pass's, not the
+        layer's."""
         experts: dict[tuple[str, int], dict[str, QuantLinear]] = {}
         rest: dict[str, QuantLinear] = {}
         for name, ql in linears.items():
@@ -546,19 +567,23 @@ class GPTQ:
             set_stacked(linears, stack, res.weight, res.qparams, res.g_idx)
             self._report(stack, tokens, "rtn" if rtn else "gptq", res.loss, 1)
 
-    def _quantize_experts(
-        self, jobs: list[tuple[list[str], HessianAccumulator]], linears: dict[str, QuantLinear]
-    ) -> None:
-        """One `gptq_quantize_batch` over equal-shaped expert stacks."""
-        args = linears[jobs[0][0][0]].scheme.weights
+    def _quantize_experts(self, jobs: list[_Job], linears: dict[str, QuantLinear]) -> None:
+        """One `gptq_quantize_batch` over equal-shaped expert stacks (a Hessian they all
+        share is passed once, expanded)."""
+        args = linears[jobs[0].stack[0]].scheme.weights
         assert args is not None, "finish_layer passes quantized weights only"
-        w = torch.stack([stacked_weight(linears, stack) for stack, _ in jobs])
-        h = torch.stack([acc.hessian() for _, acc in jobs])
-        results = gptq_quantize_batch(w, h, args, **self._options())
+        w = torch.stack([stacked_weight(linears, job.stack) for job in jobs])
+        first = jobs[0].acc
+        if all(job.acc is first for job in jobs):
+            h = first.hessian()[None].expand(len(jobs), -1, -1)
+        else:
+            h = torch.stack([job.acc.hessian() for job in jobs])
+        gs = [job.global_scale for job in jobs]
+        results = gptq_quantize_batch(w, h, args, global_scales=gs, **self._options())
         del w, h
-        for (stack, acc), res in zip(jobs, results):
-            set_stacked(linears, stack, res.weight, res.qparams, res.g_idx)
-            self._report(stack, acc.count, "gptq", res.loss, len(jobs))
+        for job, res in zip(jobs, results):
+            set_stacked(linears, job.stack, res.weight, res.qparams, res.g_idx)
+            self._report(job.stack, job.acc.count, "gptq", res.loss, len(jobs))
 
     def _options(self) -> dict:
         return {
@@ -579,6 +604,26 @@ def _stacks(names: list[str], linears: dict[str, QuantLinear]) -> list[list[str]
     return [names] if args is None or args.strategy != "block" else [[n] for n in names]
 
 
+def _per_expert(
+    stack: list[str], linears: dict[str, QuantLinear]
+) -> list[tuple[list[str], torch.Tensor | None]]:
+    """A stack of several experts' projections (gate/up of experts calibrated on all tokens:
+    one shared Hessian) split per expert, with the whole stack's NVFP4 global scale, so that
+    each part solves exactly as its rows of the stack would (GPTQ rows are independent given
+    H); per-tensor scales span the stack, so a 'tensor' stack stays whole."""
+    owners: dict[tuple[str, int] | None, list[str]] = {}
+    for name in stack:
+        owners.setdefault(expert_of(name), []).append(name)
+    args = linears[stack[0]].scheme.weights
+    if len(owners) == 1 or args is None or args.strategy == "tensor":
+        return [(stack, None)]
+    global_scale = None
+    if args.is_nvfp4:
+        amax = torch.stack([linears[n].weight.detach().abs().amax() for n in stack]).amax()
+        global_scale = nvfp4_global_scale(amax.float())
+    return [(part, global_scale) for part in owners.values()]
+
+
 def _solve_bytes(stack: list[str], linears: dict[str, QuantLinear]) -> int:
     """Workspace of one stack in a batched solve: ~8 float32 [in, in] (Hessian, factors,
     permuted copies) and ~8 [out, in] (weight, transposed, result, scales)."""
@@ -593,26 +638,40 @@ def _hessian_bytes(expert: dict[str, QuantLinear]) -> int:
     return sum(4 * n * n for n in {ql.in_features for ql in expert.values()})
 
 
+@dataclass
+class _Job:
+    """One expert stack of a batched solve: its names, Hessian and NVFP4 global scale."""
+
+    stack: list[str]
+    acc: HessianAccumulator
+    global_scale: torch.Tensor | None = None
+
+
 class _ExpertBatches:
     """Expert stacks (with their Hessians) bucketed by weight shape, dtype and args."""
 
     def __init__(self) -> None:
-        self._buckets: list[tuple[tuple, QuantArgs | None, list]] = []
+        self._buckets: list[tuple[tuple, QuantArgs | None, list[_Job]]] = []
 
     def add(
-        self, stack: list[str], linears: dict[str, QuantLinear], acc: HessianAccumulator
+        self,
+        stack: list[str],
+        linears: dict[str, QuantLinear],
+        acc: HessianAccumulator,
+        global_scale: torch.Tensor | None = None,
     ) -> None:
         first = linears[stack[0]]
         rows = sum(linears[n].out_features for n in stack)
         key = (rows, first.in_features, first.weight.dtype, first.weight.device)
         args = first.scheme.weights
+        job = _Job(stack, acc, global_scale)
         for k, a, jobs in self._buckets:
             if k == key and a == args:
-                jobs.append((stack, acc))
+                jobs.append(job)
                 return
-        self._buckets.append((key, args, [(stack, acc)]))
+        self._buckets.append((key, args, [job]))
 
-    def pop_all(self) -> Iterator[list[tuple[list[str], HessianAccumulator]]]:
+    def pop_all(self) -> Iterator[list[_Job]]:
         """Each bucket's jobs, dropped from here as they are handed out."""
         while self._buckets:
             yield self._buckets.pop(0)[2]
