@@ -240,6 +240,7 @@ def test_quantized_get_reads_weight_and_scale_only(fp8_sources):
     infos = [src.checkpoint.tensors[n] for n in (name, name + "_scale_inv")]
     assert src.bytes_read == sum(i.nbytes for i in infos) == 256 * 384 + 2 * 3 * 4
     assert src.files_read == ["model-00002-of-00002.safetensors"] * 2
+    assert torch.equal(src.get(name, device="cpu"), src.get(name))
     assert sorted(src.layer_names("model.layers.1.mlp.")) == [
         f"model.layers.1.mlp.{p}_proj.weight" for p in ("down", "gate", "up")
     ]
@@ -446,3 +447,15 @@ def test_shard_gone_or_truncated_after_open(tmp_path):
         CheckpointError, match=rf"{gone}: shard file is missing \(tensor '{first}'\)"
     ):
         src.get(first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dequantize_on_the_device_equals_the_cpu(fp8_sources, nvfp4_ct, ct_export):
+    """`get(..., device="cuda")` dequantizes on the GPU: the same values as on the CPU."""
+    for path in (fp8_sources[1]["hf"], fp8_sources[1]["neuron"], nvfp4_ct, ct_export[1]):
+        src = open_source(path)
+        for name in src.names():
+            for dtype in (torch.float32, torch.bfloat16):
+                got = src.get(name, dtype, device="cuda")
+                assert got.device.type == "cuda", name
+                assert torch.equal(got.cpu(), src.get(name, dtype)), (path, name)

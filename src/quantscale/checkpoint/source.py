@@ -59,16 +59,27 @@ class TensorSource:
         """Whether plain tensor `name` is stored quantized (and dequantized by `get`)."""
         return self._stored_name(name) in self.plan.weights
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(
+        self,
+        name: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """The plain tensor `name`, cast to `dtype` if given (a quantized weight is
-        dequantized straight to `dtype`, else to `self.dtype`)."""
+        dequantized straight to `dtype`, else to `self.dtype`). With `device`, the stored
+        bytes move there first and a quantized weight is dequantized there."""
+
+        def read(stored: str) -> torch.Tensor:
+            tensor = self.read(stored)
+            return tensor if device is None else tensor.to(device)
+
         stored = self._stored_name(name)
         sw = self.plan.weights.get(stored)
         if sw is None:
-            tensor = self.read(stored)
+            tensor = read(stored)
             return tensor if dtype is None else tensor.to(dtype)
         where = f"{self.path / self.checkpoint.tensors[stored].shard}: tensor {stored!r}"
-        return dequantize_stored(sw, self.read, dtype or self.dtype, self.plan.block, where)
+        return dequantize_stored(sw, read, dtype or self.dtype, self.plan.block, where)
 
     def _stored_name(self, name: str) -> str:
         stored = self._stored.get(name)
