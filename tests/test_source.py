@@ -459,3 +459,22 @@ def test_dequantize_on_the_device_equals_the_cpu(fp8_sources, nvfp4_ct, ct_expor
                 got = src.get(name, dtype, device="cuda")
                 assert got.device.type == "cuda", name
                 assert torch.equal(got.cpu(), src.get(name, dtype)), (path, name)
+
+
+def test_streamed_quantize_from_fp8_equals_from_its_dequantized_copy(tmp_path):
+    """The streamed path reads an FP8 source per tensor: its output is the output from the
+    float32 copy `dequantize` writes, tensor for tensor (no bf16 copy on disk needed)."""
+    from quantscale.checkpoint.synthetic import write_llama_like
+    from quantscale.quantize import quantize_checkpoint
+
+    fp8 = write_llama_like(tmp_path / "fp8", 256, 512, 2, 512, shards=2, fp8=True)
+    deq = dequantize_checkpoint(fp8, tmp_path / "deq", dtype="fp32")
+    a, b = (
+        Checkpoint(
+            quantize_checkpoint(p, tmp_path / f"{p.name}-q", "W4A16", method="rtn", stream=True)
+        )
+        for p in (fp8, deq)
+    )
+    assert sorted(a.names()) == sorted(b.names()) and len(a.names()) == 49
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name
