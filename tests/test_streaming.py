@@ -177,3 +177,14 @@ def test_streamed_on_cuda(tiny):
     assert sorted(ta) == sorted(tb)
     for name in ta:
         assert ta[name].dtype == tb[name].dtype and ta[name].shape == tb[name].shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scheme", "method"), [s for s in SCHEMES if s != ("w4a16", "gptq")])
+def test_smollm2_streamed_equals_in_memory(tmp_path, scheme, method):
+    calib = {"calib_samples": 4, "calib_seq_len": 64, "calib_batch_size": 4}
+    mem = quantize_checkpoint("smollm2", tmp_path / "mem", scheme, method=method, **calib)
+    streamed = quantize_checkpoint(
+        "smollm2", tmp_path / "st", scheme, method=method, stream=True, **calib
+    )
+    assert_same_checkpoint(mem, streamed)

@@ -284,9 +284,9 @@ def quantize_checkpoint(
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
+    path = loader.resolve_model(model_dir)
     if stream:
         where = stream if isinstance(stream, StreamOptions) else StreamOptions()
-        path = loader.resolve_model(model_dir)
         batches = settings.batches(loader.saved_tokenizer(path), recipe, method, path)
         return quantize_streamed(
             path,
@@ -303,8 +303,8 @@ def quantize_checkpoint(
             options=where,
             overwrite=overwrite,
         )
-    model, tokenizer = loader.load_model(model_dir, getattr(torch, dtype))
-    batches = settings.batches(tokenizer, recipe, method, model_dir)
+    model, tokenizer = loader.load_model(path, getattr(torch, dtype))
+    batches = settings.batches(tokenizer, recipe, method, path)
     options = gptq.method_options(method)
     _quantize_experts(
         model,
@@ -322,7 +322,7 @@ def quantize_checkpoint(
         "calib_samples": calib_samples,
     }
     extra = {"quantize_info": info} if fmt == "pseudo" else {}
-    return export_model(model, out, fmt, source_dir=model_dir, overwrite=overwrite, **extra)
+    return export_model(model, out, fmt, source_dir=path, overwrite=overwrite, **extra)
 
 
 @dataclass(frozen=True)

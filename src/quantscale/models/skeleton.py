@@ -50,6 +50,7 @@ class Skeleton:
         hf_config._name_or_path = name_or_path
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model.tie_weights()  # as from_pretrained does (from_config on meta leaves them apart)
         names: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name)
