@@ -12,10 +12,13 @@ gate/up share one Hessian and are one stacked solve either way; only down_proj b
 
 Per job: `quantize_s` (the whole `quantize_model` call: calibration forwards, Hessians,
 solves) and `solve_s` (the time inside `GPTQ.finish_layer`: the solves); the table gives
-the best of the repeats, batched / one-at-a-time, and how far the two results are apart
-(max |w_batched - w_single| over every expert weight, and the share of elements that differ).
+the best of the repeats, each tool's time over the batched tool's, and how far its results
+are from the batched ones (max |w - w_batched| over every expert weight, and the share of
+elements that differ). A third tool, 'unbatched (before)', is GPTQ as it was before batching
+(each expert group solved on its own; with all-expert calibration the experts' gate/up stack
+is one solve).
 
-    .venv/bin/python benchmarks/moe_gptq.py [--modes routed,all] [--repeats 2] [--layers 2]
+    .venv/bin/python benchmarks/moe_gptq.py [--modes routed,all] [--repeats 3] [--layers 2]
         [--samples 32] [--seq-len 128] [--json bench-results/moe_gptq.json]
 """
 
@@ -40,7 +43,13 @@ from quantscale.models.moe import calibrate_all_experts, expert_of, linearize_ex
 from quantscale.quantize import quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "moe_gptq.json"
-TOOLS = {"quantscale batched": None, "quantscale one-at-a-time": 1}
+BATCHED, SINGLE = "quantscale batched", "quantscale one-at-a-time"
+# tool -> (registered algorithm, its options)
+TOOLS = {
+    BATCHED: ("gptq-timed", {}),
+    SINGLE: ("gptq-timed", {"expert_batch": 1}),
+    "quantscale unbatched (before)": ("gptq-timed-unbatched", {}),
+}
 SOLVE_S: list[float] = []
 
 
@@ -53,6 +62,16 @@ class TimedGPTQ(GPTQ):
         start = time.perf_counter()
         super().finish_layer(linears)
         SOLVE_S.append(time.perf_counter() - start)
+
+
+@register_algorithm("gptq-timed-unbatched")
+@dataclass
+class UnbatchedGPTQ(TimedGPTQ):
+    """GPTQ as before batching: each expert group solved on its own (with all-expert
+    calibration the experts' gate/up are one stacked solve)."""
+
+    def _batchable(self, names, acc) -> bool:
+        return False
 
 
 def build_model(layers: int) -> torch.nn.Module:
@@ -77,15 +96,14 @@ def build_model(layers: int) -> torch.nn.Module:
     return model
 
 
-def run_job(base: torch.nn.Module, tokens: torch.Tensor, size: int | None, all_tokens: bool):
-    """(quantize_s, solve_s, expert weights) of one GPTQ W4A16 run on a copy of `base`."""
+def run_job(base: torch.nn.Module, tokens: torch.Tensor, tool: str, all_tokens: bool):
+    """(quantize_s, solve_s, weights) of one GPTQ W4A16 run of `tool` on a copy of `base`."""
+    method, options = TOOLS[tool]
     model = copy.deepcopy(base)
     SOLVE_S.clear()
     start = time.perf_counter()
     with calibrate_all_experts(model, enabled=all_tokens):
-        linears = quantize_model(
-            model, "W4A16", tokens, method="gptq-timed", batch_size=8, expert_batch=size
-        )
+        linears = quantize_model(model, "W4A16", tokens, method=method, batch_size=8, **options)
     quantize_s = time.perf_counter() - start
     weights = {n: q.weight.detach().float() for n, q in linears.items()}
     return quantize_s, sum(SOLVE_S), weights
@@ -110,8 +128,8 @@ def run_mode(mode: str, base: torch.nn.Module, tokens: torch.Tensor, repeats: in
     times: dict[str, list[tuple[float, float]]] = {tool: [] for tool in TOOLS}
     weights: dict[str, dict] = {}
     for rep in range(repeats):
-        for tool, size in TOOLS.items():
-            quantize_s, solve_s, weights[tool] = run_job(base, tokens, size, mode == "all")
+        for tool in TOOLS:
+            quantize_s, solve_s, weights[tool] = run_job(base, tokens, tool, mode == "all")
             times[tool].append((quantize_s, solve_s))
             print(
                 f"{mode} repeat {rep}: {tool}: quantize {quantize_s:.2f} s, solves "
@@ -119,14 +137,14 @@ def run_mode(mode: str, base: torch.nn.Module, tokens: torch.Tensor, repeats: in
                 flush=True,
             )
     best = {tool: (min(q for q, _ in t), min(s for _, s in t)) for tool, t in times.items()}
-    batched, single = best["quantscale batched"], best["quantscale one-at-a-time"]
-    return {
-        "times": times,
-        "best": best,
-        "quantize_ratio": single[0] / batched[0],
-        "solve_ratio": single[1] / batched[1],
-        **compare(weights["quantscale batched"], weights["quantscale one-at-a-time"]),
-    }
+    out: dict = {"times": times, "best": best}
+    for tool in TOOLS:
+        out[tool] = {
+            "quantize_ratio": best[tool][0] / best[BATCHED][0],
+            "solve_ratio": best[tool][1] / best[BATCHED][1],
+            **compare(weights[BATCHED], weights[tool]),
+        }
+    return out
 
 
 def rows_of(mode: str, result: dict) -> list[dict]:
@@ -135,42 +153,42 @@ def rows_of(mode: str, result: dict) -> list[dict]:
     for tool, (quantize_s, solve_s) in result["best"].items():
         summary = {"ok": True, "runs": len(result["times"][tool]), "wall_min_s": quantize_s}
         note = f"solves {solve_s:.2f} s"
-        if tool == "quantscale one-at-a-time":
-            note += f"; max diff {result['experts_max_diff']:.3g}"
+        if tool != BATCHED:
+            note += f"; max diff {result[tool]['experts_max_diff']:.3g}"
         rows.append(
-            common.result_row(
-                job, tool, summary, work_s_min=solve_s, ours="quantscale batched", note=note
-            )
+            common.result_row(job, tool, summary, work_s_min=solve_s, ours=BATCHED, note=note)
         )
     return rows
 
 
 def print_summary(results: dict) -> None:
-    header = ["mode", "tool", "quantize s", "solves s", "x faster (quantize)", "x (solves)"]
+    header = ["mode", "tool", "quantize s", "solves s", "x batched (quantize)", "x (solves)"]
     header += ["max diff", "differ"]
     table = []
     for mode, r in results.items():
         for tool, (quantize_s, solve_s) in r["best"].items():
-            batched = tool == "quantscale batched"
+            vs = r[tool]
             table.append(
                 [
                     mode,
                     tool,
                     f"{quantize_s:.2f}",
                     f"{solve_s:.2f}",
-                    f"{r['quantize_ratio']:.2f}" if batched else "1",
-                    f"{r['solve_ratio']:.2f}" if batched else "1",
-                    "" if batched else f"{r['experts_max_diff']:.3g}",
-                    "" if batched else f"{r['experts_differ']:.2%}",
+                    f"{vs['quantize_ratio']:.2f}",
+                    f"{vs['solve_ratio']:.2f}",
+                    f"{vs['experts_max_diff']:.3g}",
+                    f"{vs['experts_differ']:.2%}",
                 ]
             )
     common.print_table(table, header)
+    print("x batched: the tool's best time over the batched tool's; max diff / differ: its")
+    print("expert weights against the batched tool's (the other Linears: see the JSON)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="routed,all", help="comma-separated: routed, all")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)

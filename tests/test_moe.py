@@ -311,3 +311,32 @@ def test_starved_experts_rtn_and_the_others_batched(caplog):
             by_method[r["method"]].add((r["modules"][0].split(".experts.")[1][0], r["batch"]))
     assert by_method["rtn"] == {("2", 1), ("3", 1)}
     assert by_method["gptq"] == {("0", 2), ("1", 2)}
+
+
+def test_finish_layer_frees_each_batch_of_hessians():
+    import gc
+    import weakref
+
+    from quantscale.models.moe import expert_of
+
+    alive = []
+
+    class Probe(GPTQ):
+        def finish_layer(self, linears):
+            assert self._tracker is not None
+            accs = [a for n, a in self._tracker.acc.items() if expert_of(n)]
+            self._refs = [weakref.ref(a) for a in accs]
+            del accs
+            super().finish_layer(linears)
+
+        def _quantize_experts(self, jobs, linears):
+            gc.collect()
+            alive.append(sum(r() is not None for r in self._refs))
+            super()._quantize_experts(jobs, linears)
+
+    model = _qwen_moe()
+    linearize_experts(model)
+    with calibrate_all_experts(model, enabled=False):
+        _calibrate_layers(model, "W4A16", Probe(expert_batch=2))
+    # per layer: 4 gate/up and 4 down Hessians, solved 2 at a time, each pair then freed
+    assert alive == [8, 6, 4, 2] * 2
