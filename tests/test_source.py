@@ -282,8 +282,12 @@ def test_bad_quantized_sources_name_file_and_tensor(nvfp4_ct, tmp_path):
     def bad_dtype(t):
         t[f"{q}.weight_packed"] = t[f"{q}.weight_packed"].to(torch.int32)
 
+    def drop_global(t):
+        t.pop(f"{q}.weight_global_scale")
+
     cases = {
         "scale": (drop_scale, rf"{q}.weight'.* has no scale"),
+        "global": (drop_global, rf"{q}.weight_packed' has no '{q}.weight_global_scale' \(F32\)"),
         "grid": (bad_grid, rf"{q}.weight_scale' has shape \[128, 4\]; expected \[128, 8\]"),
         "dtype": (bad_dtype, rf"{q}.weight_packed' is I32; expected U8"),
     }

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors import safe_open
 
 from quantscale import progress
 from quantscale.checkpoint.convert import SIDECAR
@@ -255,7 +256,14 @@ def _where(ckpt: Checkpoint, name: str) -> str:
 
 def _expect(ckpt: Checkpoint, name: str, dtypes: tuple[str, ...], shape: tuple | None) -> None:
     """A clear error unless tensor `name` has one of `dtypes` and (if given) `shape`."""
-    info = ckpt.tensors[name]
+    info = ckpt.tensors.get(name)
+    if info is None:
+        weight = f"{module_path(name)}.weight"
+        owner = next((w for w in (weight, weight + "_packed") if w in ckpt.tensors), None)
+        what = f"{name!r} ({' or '.join(dtypes)})"
+        if owner is None:
+            raise CheckpointError(f"{ckpt.path}: tensor {what} is missing")
+        raise CheckpointError(f"{_where(ckpt, owner)} has no {what} beside it")
     if info.dtype not in dtypes:
         raise CheckpointError(
             f"{_where(ckpt, name)} is {info.dtype}; expected {' or '.join(dtypes)}"
@@ -273,6 +281,7 @@ def _local_parts(ckpt: Checkpoint, module: str, locals_: tuple[str, ...]) -> dic
 def _plan_ct(ckpt: Checkpoint, plan: DequantPlan) -> None:
     """compressed-tensors modules that are not FP8: NVFP4, MXFP4, INT packed / int8."""
     recipe = Recipe.from_quantization_config(ckpt.quantization_config or {})
+    shapes = _weight_shapes(ckpt)
     for name in list(ckpt.tensors):
         module, _, leaf = name.rpartition(".")
         if leaf not in ("weight", "weight_packed") or name in plan.weights:
@@ -286,7 +295,7 @@ def _plan_ct(ckpt: Checkpoint, plan: DequantPlan) -> None:
             )
         fmt = module_format(scheme)
         parts = _local_parts(ckpt, module, CT_WEIGHT_PARTS)
-        shape = _ct_shape(ckpt, name, fmt, scheme.weights)
+        shape = _ct_shape(ckpt, name, fmt, scheme.weights, shapes)
         plan.weights[name] = StoredWeight(
             f"{module}.weight", name, parts, CT, shape, scheme.weights, fmt
         )
@@ -294,7 +303,22 @@ def _plan_ct(ckpt: Checkpoint, plan: DequantPlan) -> None:
         plan.consumed.update(_local_parts(ckpt, module, ACTIVATION_QPARAMS).values())
 
 
-def _ct_shape(ckpt: Checkpoint, name: str, fmt: str, args: QuantArgs) -> tuple[int, ...]:
+def _weight_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """The value of every `<m>.weight_shape` tensor (pack-quantized), one open per shard."""
+    by_shard: dict[str, list[str]] = {}
+    for name, info in ckpt.tensors.items():
+        if name.endswith(".weight_shape"):
+            by_shard.setdefault(info.shard, []).append(name)
+    shapes = {}
+    for shard, names in by_shard.items():
+        with safe_open(ckpt.path / shard, framework="pt") as f:
+            shapes.update({n: tuple(int(v) for v in f.get_tensor(n).tolist()) for n in names})
+    return shapes
+
+
+def _ct_shape(
+    ckpt: Checkpoint, name: str, fmt: str, args: QuantArgs, shapes: dict[str, tuple[int, ...]]
+) -> tuple[int, ...]:
     """Plain shape of a compressed-tensors weight; checks its stored dtypes and scale shape."""
     info, module = ckpt.tensors[name], module_path(name)
     if fmt in (CT_NVFP4, CT_MXFP4):
@@ -310,7 +334,7 @@ def _ct_shape(ckpt: Checkpoint, name: str, fmt: str, args: QuantArgs) -> tuple[i
         _expect(ckpt, name, ("I32",), None)
         if f"{module}.weight_shape" not in ckpt.tensors:
             raise CheckpointError(f"{_where(ckpt, name)} has no weight_shape beside it")
-        shape = tuple(int(v) for v in ckpt.get(f"{module}.weight_shape").tolist())
+        shape = shapes[f"{module}.weight_shape"]
         _expect_rows(ckpt, f"{module}.weight_scale", shape[0])
         return shape
     _expect(ckpt, name, ("I8",), None)
