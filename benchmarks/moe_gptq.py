@@ -4,19 +4,22 @@ Model: a Qwen3-MoE-shaped `Qwen3MoeForCausalLM` built from a config (random weig
 64 experts per layer, top-8 routing, hidden 256, expert intermediate 128, 2 layers, its
 fused experts split into per-expert Linears (`models.moe.linearize_experts`). Calibration:
 random token ids (32 x 128 by default). The same GPTQ W4A16 job (int4, group 128, act-order
-'weight') runs with `expert_batch=None` (batched, sized by the memory budget) and
-`expert_batch=1` (one expert per solve, what GPTQ did before), alternating, in one process.
+'weight'), alternating, in one process, by these tools:
+  batched            `expert_batch=None`: as many experts per solve as the memory budget holds
+  one-at-a-time      `expert_batch=1`: one expert per solve
+  unbatched (before) GPTQ as it was before batching: each expert group solved on its own (with
+                     all-expert calibration the experts' gate/up are one stacked solve)
+  batched, passes    batched, calibrated in `GPTQ.passes` of 16 experts (bounded Hessian
+                     memory; the layer's forwards rerun per pass), driven layer by layer here
 Modes: 'routed' (each expert calibrated on the tokens the router sends it: every expert has
 its own gate/up and down Hessians) and 'all' (every expert on every token: the experts'
-gate/up share one Hessian and are one stacked solve either way; only down_proj batches).
+gate/up share one Hessian).
 
-Per job: `quantize_s` (the whole `quantize_model` call: calibration forwards, Hessians,
-solves) and `solve_s` (the time inside `GPTQ.finish_layer`: the solves); the table gives
-the best of the repeats, each tool's time over the batched tool's, and how far its results
-are from the batched ones (max |w - w_batched| over every expert weight, and the share of
-elements that differ). A third tool, 'unbatched (before)', is GPTQ as it was before batching
-(each expert group solved on its own; with all-expert calibration the experts' gate/up stack
-is one solve).
+Per job: `quantize_s` (the whole job: calibration forwards, Hessians, solves), `solve_s` (the
+time inside `GPTQ.finish_layer`: the solves) and the peak bytes of Hessians held at once; the
+table gives the best of the repeats, each tool's time over the batched tool's, and how far
+its results are from the batched ones (max |w - w_batched| over every expert weight, and the
+share of elements that differ).
 
     .venv/bin/python benchmarks/moe_gptq.py [--modes routed,all] [--repeats 3] [--layers 2]
         [--samples 32] [--seq-len 128] [--json bench-results/moe_gptq.json]
@@ -39,26 +42,36 @@ import common  # noqa: E402
 
 from quantscale.algorithms.base import register_algorithm  # noqa: E402
 from quantscale.algorithms.gptq import GPTQ  # noqa: E402
+from quantscale.calibration.sequential import batched, layerwise  # noqa: E402
 from quantscale.models.moe import calibrate_all_experts, expert_of, linearize_experts  # noqa: E402
 from quantscale.quantize import quantize_model  # noqa: E402
+from quantscale.runtime.qlinear import replace_linears  # noqa: E402
+from quantscale.scheme import preset_recipe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "moe_gptq.json"
 BATCHED, SINGLE = "quantscale batched", "quantscale one-at-a-time"
+PASSES = "quantscale batched, passes"
 # tool -> (registered algorithm, its options)
 TOOLS = {
     BATCHED: ("gptq-timed", {}),
     SINGLE: ("gptq-timed", {"expert_batch": 1}),
     "quantscale unbatched (before)": ("gptq-timed-unbatched", {}),
+    PASSES: ("gptq-timed", {"expert_batch": 16}),
 }
 SOLVE_S: list[float] = []
+HESSIAN_BYTES: list[int] = []
 
 
 @register_algorithm("gptq-timed")
 @dataclass
 class TimedGPTQ(GPTQ):
-    """GPTQ that adds the time of each `finish_layer` (the solves) to `SOLVE_S`."""
+    """GPTQ that records each `finish_layer`'s time (the solves, `SOLVE_S`) and the bytes of
+    the Hessians it holds (`HESSIAN_BYTES`)."""
 
     def finish_layer(self, linears) -> None:
+        assert self._tracker is not None
+        held = sum(a.sum.numel() * a.sum.element_size() for a in self._tracker.acc.values())
+        HESSIAN_BYTES.append(held)
         start = time.perf_counter()
         super().finish_layer(linears)
         SOLVE_S.append(time.perf_counter() - start)
@@ -67,11 +80,26 @@ class TimedGPTQ(GPTQ):
 @register_algorithm("gptq-timed-unbatched")
 @dataclass
 class UnbatchedGPTQ(TimedGPTQ):
-    """GPTQ as before batching: each expert group solved on its own (with all-expert
-    calibration the experts' gate/up are one stacked solve)."""
+    """GPTQ as before batching: each expert group solved on its own."""
 
     def _batchable(self, names, acc) -> bool:
         return False
+
+
+def quantize_in_passes(model: torch.nn.Module, tokens: torch.Tensor, algo: GPTQ) -> dict:
+    """W4A16 GPTQ layer by layer, each layer in `algo.passes` (the orchestrator runs one pass
+    per layer); the QuantLinears."""
+    linears = replace_linears(model, preset_recipe("W4A16"))
+    done = 0
+    for step in layerwise(model, batched(tokens, 8)):
+        group = {n: q for n, q in linears.items() if n.startswith(step.name + ".")}
+        for part in algo.passes(group):
+            algo.start_layer(part)
+            step.run()
+            algo.finish_layer(part)
+        done += len(group)
+    assert done == len(linears), "every quantized Linear is in a decoder layer"
+    return linears
 
 
 def build_model(layers: int) -> torch.nn.Module:
@@ -97,16 +125,21 @@ def build_model(layers: int) -> torch.nn.Module:
 
 
 def run_job(base: torch.nn.Module, tokens: torch.Tensor, tool: str, all_tokens: bool):
-    """(quantize_s, solve_s, weights) of one GPTQ W4A16 run of `tool` on a copy of `base`."""
+    """(quantize_s, solve_s, peak Hessian bytes, weights) of one run of `tool` on a copy of
+    `base`."""
     method, options = TOOLS[tool]
     model = copy.deepcopy(base)
     SOLVE_S.clear()
+    HESSIAN_BYTES.clear()
     start = time.perf_counter()
     with calibrate_all_experts(model, enabled=all_tokens):
-        linears = quantize_model(model, "W4A16", tokens, method=method, batch_size=8, **options)
+        if tool == PASSES:
+            linears = quantize_in_passes(model, tokens, TimedGPTQ(**options))
+        else:
+            linears = quantize_model(model, "W4A16", tokens, method, batch_size=8, **options)
     quantize_s = time.perf_counter() - start
     weights = {n: q.weight.detach().float() for n, q in linears.items()}
-    return quantize_s, sum(SOLVE_S), weights
+    return quantize_s, sum(SOLVE_S), max(HESSIAN_BYTES), weights
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -126,18 +159,21 @@ def compare(a: dict, b: dict) -> dict:
 
 def run_mode(mode: str, base: torch.nn.Module, tokens: torch.Tensor, repeats: int) -> dict:
     times: dict[str, list[tuple[float, float]]] = {tool: [] for tool in TOOLS}
+    held: dict[str, int] = {}
     weights: dict[str, dict] = {}
     for rep in range(repeats):
         for tool in TOOLS:
-            quantize_s, solve_s, weights[tool] = run_job(base, tokens, tool, mode == "all")
+            quantize_s, solve_s, held[tool], weights[tool] = run_job(
+                base, tokens, tool, mode == "all"
+            )
             times[tool].append((quantize_s, solve_s))
             print(
                 f"{mode} repeat {rep}: {tool}: quantize {quantize_s:.2f} s, solves "
-                f"{solve_s:.2f} s (load {common.loadavg()})",
+                f"{solve_s:.2f} s, Hessians {held[tool] / 1e6:.1f} MB (load {common.loadavg()})",
                 flush=True,
             )
     best = {tool: (min(q for q, _ in t), min(s for _, s in t)) for tool, t in times.items()}
-    out: dict = {"times": times, "best": best}
+    out: dict = {"times": times, "best": best, "hessian_bytes": held}
     for tool in TOOLS:
         out[tool] = {
             "quantize_ratio": best[tool][0] / best[BATCHED][0],
@@ -163,7 +199,7 @@ def rows_of(mode: str, result: dict) -> list[dict]:
 
 def print_summary(results: dict) -> None:
     header = ["mode", "tool", "quantize s", "solves s", "x batched (quantize)", "x (solves)"]
-    header += ["max diff", "differ"]
+    header += ["Hessians MB", "max diff", "differ"]
     table = []
     for mode, r in results.items():
         for tool, (quantize_s, solve_s) in r["best"].items():
@@ -176,13 +212,14 @@ def print_summary(results: dict) -> None:
                     f"{solve_s:.2f}",
                     f"{vs['quantize_ratio']:.2f}",
                     f"{vs['solve_ratio']:.2f}",
+                    f"{r['hessian_bytes'][tool] / 1e6:.1f}",
                     f"{vs['experts_max_diff']:.3g}",
                     f"{vs['experts_differ']:.2%}",
                 ]
             )
     common.print_table(table, header)
-    print("x batched: the tool's best time over the batched tool's; max diff / differ: its")
-    print("expert weights against the batched tool's (the other Linears: see the JSON)")
+    print("x batched: the tool's best time over the batched tool's; Hessians: the most held at")
+    print("once; max diff / differ: its expert weights against the batched tool's")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,7 +205,7 @@ class _Scales:
             if not zero and qp.global_scale is not None:
                 full = full / qp.global_scale.float()
             parts.append(full)
-        return torch.stack(parts)
+        return torch.stack(parts) if len(parts) > 1 else parts[0][None]
 
     def set(
         self, start: int, w: torch.Tensor, qps: list[QParams], perm: torch.Tensor | None
