@@ -133,19 +133,22 @@ def inverse_hessian_factor(h: torch.Tensor, dampening_frac: float) -> torch.Tens
 def inverse_hessian_factors(h: torch.Tensor, dampening_frac: float) -> torch.Tensor:
     """`inverse_hessian_factor` of each Hessian of a batch [E, n, n]: one batched Cholesky;
     only the Hessians that are not positive definite retry with tenfold dampening."""
-    h = h.clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
-    diag[diag == 0] = 1.0
+    diag = torch.where(diag == 0, torch.ones_like(diag), diag)
     base = diag.mean(-1).double()
-    out = torch.empty_like(h)
+    out: torch.Tensor | None = None
     pending = torch.arange(h.shape[0], device=h.device)
     frac = dampening_frac
     for _ in range(5):
         damped = h[pending]
-        damped.diagonal(dim1=-2, dim2=-1).add_((base[pending] * frac).float()[:, None])
+        damped_diag = damped.diagonal(dim1=-2, dim2=-1)
+        damped_diag.copy_(diag[pending]).add_((base[pending] * frac).float()[:, None])
         chol, info = torch.linalg.cholesky_ex(damped)
         upper, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
         ok = (info == 0) & (info_inv == 0)
+        if out is None and bool(ok.all()):
+            return upper  # the usual case: every Hessian at the first try
+        out = torch.empty_like(h) if out is None else out
         out[pending[ok]] = upper[ok]
         pending = pending[~ok]
         if not pending.numel():
