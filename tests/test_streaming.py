@@ -14,7 +14,7 @@ import torch
 
 from quantscale.calibration.boundary import Boundary, parse_bytes
 from quantscale.checkpoint.read import Checkpoint
-from quantscale.errors import QuantscaleError
+from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.quantize import quantize_checkpoint
 from quantscale.streaming import KILL_AFTER_ENV, StreamOptions, resolve_device
 
@@ -23,26 +23,39 @@ CALIB = {"calib_samples": 8, "calib_seq_len": 32, "calib_batch_size": 4}
 SCHEMES = [("w4a16", "rtn"), ("w4a16", "gptq"), ("nvfp4a16", "rtn"), ("w8a8", "gptq")]
 
 
-def make_checkpoint(root: Path, layers: int) -> Path:
-    """A tiny bf16 Llama checkpoint with a word-level tokenizer, and a calibration text."""
+def make_checkpoint(root: Path, layers: int, tied: bool = False, moe: bool = False) -> Path:
+    """A tiny bf16 Llama (or Qwen3-MoE) checkpoint with a word-level tokenizer, and a
+    calibration text."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     vocab = {w: i for i, w in enumerate(["<unk>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(root / "m")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(root / "m")
+    shape = {
+        "vocab_size": len(vocab),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": tied,
+    }
+    if moe:
+        extra = {"moe_intermediate_size": 128, "num_experts": 4, "num_experts_per_tok": 2}
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, **extra, head_dim=32))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    model.to(torch.bfloat16).save_pretrained(root / "m")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, len(WORDS), (3000,), generator=gen)
     (root / "calib.txt").write_text(" ".join(WORDS[i] for i in ids))
@@ -95,6 +108,24 @@ def test_streamed_equals_in_memory(tiny, scheme, method):
     assert not Path(f"{streamed}.partial").exists()  # the work dir goes once finished
     index = json.loads((streamed / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 2 + 2  # embeddings, 2 layers, head
+
+
+def test_tied_embeddings_streamed(tmp_path):
+    root = make_checkpoint(tmp_path, layers=2, tied=True)
+    mem = run(root, "mem", "w4a16", "gptq")
+    streamed = run(root, "st", "w4a16", "gptq", stream=True)
+    assert_same_checkpoint(mem, streamed)
+    assert "lm_head.weight" not in tensors(streamed)
+
+
+@pytest.mark.parametrize("all_experts", [True, False])
+def test_moe_streamed(tmp_path, all_experts):
+    root = make_checkpoint(tmp_path, layers=2, moe=True)
+    kw = {"calibrate_all_experts": all_experts}
+    mem = run(root, "mem", "w4a16", "gptq", **kw)
+    streamed = run(root, "st", "w4a16", "gptq", stream=True, **kw)
+    assert_same_checkpoint(mem, streamed)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in tensors(streamed)
 
 
 def test_true_sequential_streamed(tiny):
@@ -188,3 +219,24 @@ def test_smollm2_streamed_equals_in_memory(tmp_path, scheme, method):
         "smollm2", tmp_path / "st", scheme, method=method, stream=True, **calib
     )
     assert_same_checkpoint(mem, streamed)
+
+
+def test_full_disk_and_truncated_source_leave_no_out(tiny, tmp_path, monkeypatch):
+    import quantscale.export.stream as stream
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(stream, "save_file", full)
+        with pytest.raises(CheckpointError, match=r"model-00001-of-00004.*No space left"):
+            run(tiny, "st-full-disk", "w4a16", "rtn", stream=True)
+    assert not (tiny / "st-full-disk").exists()
+    assert (tiny / "st-full-disk.partial" / "progress.json").is_file()  # resumable
+    assert run(tiny, "st-full-disk", "w4a16", "rtn", stream=True).is_dir()
+    bad = make_checkpoint(tmp_path, layers=2)
+    shard = bad / "m" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        run(bad, "out", "w4a16", "gptq", stream=True)
+    assert not (bad / "out").exists()

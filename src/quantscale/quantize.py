@@ -299,6 +299,7 @@ def quantize_checkpoint(
             dtype=dtype,
             fmt=fmt,
             true_sequential=true_sequential,
+            all_experts=calibrate_all_experts,
             settings=settings.fingerprint(),
             options=where,
             overwrite=overwrite,

@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from quantscale.errors import QuantscaleError
 from quantscale.export.base import model_config
 from quantscale.export.stream import STREAM_FORMATS, PartWriter, part_tensors
 from quantscale.models.adapter import causal_lm, decoder_layers
+from quantscale.models.moe import calibrate_all_experts, expert_modules, log_expert_coverage
 from quantscale.models.skeleton import Skeleton
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
 from quantscale.scheme import Recipe
@@ -247,12 +248,13 @@ class StreamedRun:
         dtype: torch.dtype,
         device: torch.device,
         sequential: bool,
+        all_experts: bool = True,
     ) -> None:
+        self.all_experts = all_experts
         self.source_dir = Path(source_dir)
         self.source = open_source(source_dir)
         self.skeleton = Skeleton.build(self.source.config, dtype, str(source_dir))
         self.model = self.skeleton.model
-        _refuse_experts(self.model, source_dir)
         self.linears = replace_linears(self.model, recipe)
         if not self.linears:
             raise QuantscaleError("the recipe targets no Linear module of this model")
@@ -274,11 +276,15 @@ class StreamedRun:
         if missing:
             raise QuantscaleError(f"{work.path}: finished parts missing: {', '.join(missing)}")
         clock = _Clock(self.n_parts)
-        self._start(work, boundary, parts, clock)
-        for i in range(max(work.done - 1, 0), len(self.layers)):
-            self._layer(i, work, boundary, parts, clock)
-        if work.done < self.n_parts:
-            self._head(work, parts, clock)
+        experts = bool(expert_modules(self.model))
+        with calibrate_all_experts(self.model, enabled=self.all_experts and experts):
+            self._start(work, boundary, parts, clock)
+            for i in range(max(work.done - 1, 0), len(self.layers)):
+                self._layer(i, work, boundary, parts, clock)
+            if work.done < self.n_parts:
+                self._head(work, parts, clock)
+        if experts:  # the layers of this run (a resumed run counts only those it did)
+            log_expert_coverage(self.model, all_tokens=self.all_experts)
         config = model_config(self.model)
         config["quantization_config"] = self.recipe.to_quantization_config("compressed")
         return parts.finish(out, config, self.source_dir, overwrite)
@@ -342,7 +348,7 @@ class StreamedRun:
         self.skeleton.release("", keep=keep)
         clock.report(self.n_parts, "head")
 
-    def _head_keep(self):
+    def _head_keep(self) -> Callable[[str], bool]:
         inside = (f"{self.prefix}.", f"{self.embed}.")
         secondary = {n for n, group in self.skeleton.aliases.items() if group[0] != n}
         if self.skeleton.tied and any(f"{n}.weight" in secondary for n in self.linears):
@@ -350,20 +356,12 @@ class StreamedRun:
         return lambda n: not n.startswith(inside) and n not in secondary
 
 
-def _under(prefix: str):
+def _under(prefix: str) -> Callable[[str], bool]:
     return lambda n: n.startswith(prefix + ".")
 
 
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
-
-
-def _refuse_experts(model: torch.nn.Module, source_dir: str | os.PathLike) -> None:
-    if any(n.endswith(".experts") for n, _ in model.named_modules()):
-        raise QuantscaleError(
-            f"{source_dir}: a mixture-of-experts model; the streamed path does not handle "
-            "experts yet (quantize it without --stream)"
-        )
 
 
 def quantize_streamed(
@@ -378,12 +376,14 @@ def quantize_streamed(
     dtype: str = "bfloat16",
     fmt: str = "compressed-tensors",
     true_sequential: bool | None = None,
+    all_experts: bool = True,
     settings: dict[str, Any] | None = None,
     options: StreamOptions = StreamOptions(),
     overwrite: bool = False,
 ) -> Path:
     """Quantize checkpoint `source_dir` into `out` layer by layer (see the module docstring).
-    `settings`: the calibration options as given (recorded in the resume fingerprint)."""
+    `settings`: the calibration options as given (recorded in the resume fingerprint);
+    `all_experts`: MoE experts calibrated on every token (`models.moe.calibrate_all_experts`)."""
     if fmt not in STREAM_FORMATS:
         raise QuantscaleError(
             f"--stream writes {', '.join(STREAM_FORMATS)}; format {fmt!r} needs the in-memory "
@@ -394,7 +394,7 @@ def quantize_streamed(
     data = as_batches(batches, batch_size)
     device = resolve_device(options.device)
     run = StreamedRun(
-        source_dir, recipe, algorithm, data, getattr(torch, dtype), device, sequential
+        source_dir, recipe, algorithm, data, getattr(torch, dtype), device, sequential, all_experts
     )
     fingerprint = {
         "scheme": recipe.model_dump(mode="json"),
@@ -405,6 +405,7 @@ def quantize_streamed(
         "dtype": dtype,
         "format": fmt,
         "true_sequential": sequential,
+        "calibrate_all_experts": all_experts,
         "device": device.type,
         "source": str(Path(source_dir).resolve()),
         "source_digest": source_digest(source_dir),

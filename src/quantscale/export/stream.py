@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -65,8 +66,12 @@ class PartWriter:
         named = checkpoint_names(tensors, self.config)
         path = self.dir / self.name(index)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in named.items()}, str(tmp), {"format": "pt"})
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.contiguous() for k, v in named.items()}, str(tmp), {"format": "pt"})
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as err:  # e.g. the disk is full
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{path}: cannot write this part ({err})") from err
         return path
 
     def missing(self, count: int) -> list[str]:

@@ -7,7 +7,8 @@ parameters and persistent buffers of the submodule `prefix` from a tensor source
 `names()` and `get(name, dtype)`, e.g. `checkpoint.source.TensorSource`), each in the dtype
 the model gave it, onto `device`; `release(prefix)` puts them back on the meta device. A
 parameter the model ties to another one (lm_head to the embeddings) is read under the name the
-source stores.
+source stores. MoE experts are linearized (`models.moe.linearize_experts`) before any weight
+is read, so each expert's projections load from their own checkpoint tensors.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from quantscale.errors import CheckpointError
 from quantscale.models.loader import tied_embeddings
+from quantscale.models.moe import checkpoint_name, linearize_experts
 
 
 class Source(Protocol):
@@ -39,6 +41,7 @@ class Skeleton:
     tied: bool
     aliases: dict[str, list[str]] = field(default_factory=dict)
     where: str = "the source"
+    model_type: str | None = None
 
     @classmethod
     def build(cls, config: dict[str, Any], dtype: torch.dtype, name_or_path: str = "") -> Skeleton:
@@ -51,11 +54,13 @@ class Skeleton:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         model.tie_weights()  # as from_pretrained does (from_config on meta leaves them apart)
+        linearize_experts(model)  # per-expert Linears, named as the checkpoints name them
         names: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name)
         aliases = {n: group for group in names.values() for n in group}
-        return cls(model.eval(), tied_embeddings(model), aliases, name_or_path or "the source")
+        where = name_or_path or "the source"
+        return cls(model.eval(), tied_embeddings(model), aliases, where, config.get("model_type"))
 
     def load(
         self,
@@ -68,7 +73,9 @@ class Skeleton:
         (only the tensors whose full names `keep` accepts)."""
         known = set(source.names())
         for full, module, local, tensor in self._tensors(prefix, keep):
-            stored = next((n for n in self.aliases.get(full, [full]) if n in known), None)
+            names = self.aliases.get(full, [full])
+            names = [*names, *(checkpoint_name(n, self.model_type) for n in names)]
+            stored = next((n for n in names if n in known), None)
             if stored is None:
                 raise CheckpointError(
                     f"{self.where}: no tensor {full!r} ({tensor.dtype}{list(tensor.shape)}), "
