@@ -240,3 +240,20 @@ def test_full_disk_and_truncated_source_leave_no_out(tiny, tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
         run(bad, "out", "w4a16", "gptq", stream=True)
     assert not (bad / "out").exists()
+
+
+def test_fp8_source_streams_without_a_bf16_copy(tiny):
+    from quantscale.checkpoint.dequantize import dequantize_checkpoint
+    from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+
+    fp8 = quantize_checkpoint_fp8(tiny / "m", tiny / "fp8")
+    assert Checkpoint(fp8).get("model.layers.0.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
+    bf16 = dequantize_checkpoint(fp8, tiny / "fp8-bf16")
+    calib = {**CALIB, "calib_data": tiny / "calib.txt", "method": "gptq", "stream": True}
+    from_fp8 = quantize_checkpoint(fp8, tiny / "st-from-fp8", "w4a16", **calib)
+    from_copy = quantize_checkpoint(bf16, tiny / "st-from-copy", "w4a16", **calib)
+    ta, tb = tensors(from_fp8), tensors(from_copy)
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[n], tb[n]) for n in ta)
+    config = json.loads((from_fp8 / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert "weight_block_size" not in json.dumps(config)
