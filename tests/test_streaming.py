@@ -257,3 +257,18 @@ def test_fp8_source_streams_without_a_bf16_copy(tiny):
     config = json.loads((from_fp8 / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     assert "weight_block_size" not in json.dumps(config)
+
+
+def test_stream_flags():
+    import argparse
+
+    from quantscale.commands.quantize import register, stream_options
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    base = ["quantize", "in", "out", "--scheme", "w4a16"]
+    args = parser.parse_args([*base, "--stream", "--max-memory", "8GB", "--work-dir", "w"])
+    assert stream_options(args) == StreamOptions(work_dir="w", device="auto", max_memory=8 * 10**9)
+    assert stream_options(parser.parse_args(base)) is False
+    with pytest.raises(SystemExit, match="--device only apply with --stream"):
+        stream_options(parser.parse_args([*base, "--device", "cpu"]))

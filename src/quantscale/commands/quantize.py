@@ -2,19 +2,25 @@
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
 any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
-exports (`quantscale.quantize.quantize_checkpoint`).
+exports (`quantscale.quantize.quantize_checkpoint`). With `--stream` it does so layer by layer
+from the shards, resumable from `--work-dir`, each layer on `--device`, the activations
+between layers memory-mapped past `--max-memory` (`quantscale.streaming`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from quantscale.commands.options import (
     add_calibration_options,
     add_dtype_option,
     add_overwrite_option,
 )
+
+if TYPE_CHECKING:
+    from quantscale.streaming import StreamOptions
 
 
 def parse_block(text: str) -> tuple[int, int]:
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def stream_options(args: argparse.Namespace):
+def stream_options(args: argparse.Namespace) -> StreamOptions | bool:
     """`--stream` and its options as `streaming.StreamOptions`, or False; the options
     refused without `--stream`."""
     from quantscale.streaming import StreamOptions
@@ -91,7 +97,7 @@ def stream_options(args: argparse.Namespace):
     if not args.stream:
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
-            raise SystemExit(f"quantscale quantize: {flags} need --stream")
+            raise SystemExit(f"quantscale quantize: {flags} only apply with --stream")
         return False
     return StreamOptions(
         work_dir=args.work_dir, device=args.device or "auto", max_memory=args.max_memory
