@@ -107,3 +107,52 @@ def test_a_broken_algorithm_module_raises_its_own_error():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
     assert "Error: import of quantscale.algorithms.gptq halted" in run.stderr
+
+
+def _ct_int4(tmp_path, hidden: int):
+    from quantscale.export import export_model
+    from quantscale.quantize import quantize_model
+
+    model = make_tiny_llama(96, hidden, 256, torch.bfloat16)
+    quantize_model(model, "W4A16")
+    return model, export_model(model, tmp_path / "ct", "compressed-tensors")
+
+
+def test_compressed_tensors_int4_evaluates_through_base_model(tmp_path):
+    """Packed int4 weights stay compressed after from_pretrained, decompressed only by a
+    pre-hook on the top model: evaluators calling `base_model` must still see weights."""
+    from quantscale.eval.perplexity import perplexity
+    from quantscale.eval.scoring import final_hidden, project
+
+    model, out = _ct_int4(tmp_path, 128)
+    loaded, _ = load_model(out, torch.bfloat16)
+    ids = torch.arange(8).reshape(1, 8)
+    with torch.inference_mode():
+        theirs = project(loaded, final_hidden(loaded, ids))  # no top-level forward first
+        ours = project(model, final_hidden(model, ids))
+        torch.testing.assert_close(theirs, ours, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(loaded(ids).logits.float(), theirs, rtol=0, atol=0)
+    tokens = torch.randint(0, 96, (64,), generator=torch.Generator().manual_seed(0))
+    ppl_ours = perplexity(model, tokens, seq_len=16)
+    ppl_theirs = perplexity(loaded, tokens, seq_len=16)
+    assert abs(ppl_theirs - ppl_ours) / ppl_ours < 0.01, (ppl_ours, ppl_theirs)
+
+
+def test_compressed_tensors_ragged_groups_are_refused(tmp_path):
+    """in_features 192 with group 128: compressed-tensors 0.20 cannot decompress it."""
+    from transformers import AutoModelForCausalLM
+
+    from quantscale.checkpoint.validate import validate_checkpoint
+
+    _, out = _ct_int4(tmp_path, 192)
+    raw = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="divisble by the given group_size 128 but got 192"):
+        raw(torch.arange(8).reshape(1, 8))  # the runtime failure the rule stands for
+    with pytest.raises(
+        CheckpointError, match=r"12 weights .*k_proj.weight_packed.*group_size 128 but got 192"
+    ):
+        load_model(out, torch.bfloat16)
+    report = validate_checkpoint(out, runtime="transformers")
+    assert "runtime-refuses" in report.codes() and not report.ok
+    finding = next(f for f in report.errors if f.code == "runtime-refuses")
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in finding.tensors

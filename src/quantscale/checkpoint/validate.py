@@ -565,7 +565,7 @@ def check_runtimes(ctx: _Context, runtime: str | None) -> list[Finding]:
         Finding(
             severity,
             "runtime-refuses",
-            f"{rt} {version} on {len(names)} FP8 weights of this checkpoint: {reason}. "
+            f"{rt} {version} on {len(names)} weights of this checkpoint: {reason}. "
             "Re-export them with shapes the runtime accepts, or load with another runtime.",
             sorted(names),
         )

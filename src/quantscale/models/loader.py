@@ -26,6 +26,7 @@ from quantscale.checkpoint.layouts import (
     NEURON_KEY,
 )
 from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.runtimes import runtime_refusals
 from quantscale.data import assets
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.runtime.qlinear import replace_linears
@@ -114,8 +115,41 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
             f"loader (it reads float checkpoints, {' and '.join(PASSED_THROUGH)} ones, "
             "quantscale fake-quant saves and Quamba checkpoints); dequantize or convert it first"
         )
+    if method == CT_METHOD:
+        refuse_runtime(path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if method == CT_METHOD:
+        decompress_now(model)
     return model.eval()
+
+
+def refuse_runtime(path: str | os.PathLike) -> None:
+    """Raise naming the tensors transformers cannot run (checkpoint/runtimes.py rules)."""
+    refusals = runtime_refusals(str(path))
+    if refusals:
+        names = ", ".join(r.tensor for r in refusals[:4])
+        more = f" and {len(refusals) - 4} more" if len(refusals) > 4 else ""
+        first = refusals[0]
+        raise CheckpointError(
+            f"{path}: {first.runtime} {first.version} cannot run {len(refusals)} weights "
+            f"({names}{more}): {first.reason}. Re-export with a group size dividing in_features "
+            "(or ignore those modules), or evaluate it with a runtime that supports ragged groups"
+        )
+
+
+def decompress_now(model: nn.Module) -> None:
+    """Decompress a compressed-tensors model's packed weights in place, now.
+
+    transformers leaves them packed (`weight_packed`, no `weight`) and registers a pre-hook on
+    the top `*ForCausalLM` that decompresses on its first forward; our evaluators call
+    `base_model` and the LM head directly, so that hook would never fire and the first Linear
+    would fail with "'Linear' object has no attribute 'weight'". Running the hook's own
+    decompression here gives the same weights `model(ids)` would use.
+    """
+    hook = getattr(model, "ct_decompress_hook", None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if hook is not None and quantizer is not None:
+        quantizer.compressor.decompress_model(model)
 
 
 def is_fake_quant(config: dict[str, Any]) -> bool:
