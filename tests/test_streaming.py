@@ -272,3 +272,65 @@ def test_stream_flags():
     assert stream_options(parser.parse_args(base)) is False
     with pytest.raises(SystemExit, match="--device only apply with --stream"):
         stream_options(parser.parse_args([*base, "--device", "cpu"]))
+
+
+def _parts_of(model: torch.nn.Module, out: Path, fmt: str) -> Path:
+    """`model` (quantized in memory) written part by part as the streamed run does."""
+    from quantscale.export.stream import PartWriter, part_tensors
+
+    tied = bool(model.config.tie_word_embeddings)
+    layers = len(model.model.layers)
+    parts = PartWriter(out.with_suffix(".work"), layers + 2, model.config.model_type)
+    parts.dir.mkdir()
+    embed = lambda n: n.startswith("model.embed_tokens.")  # noqa: E731
+    head = lambda n: not n.startswith(("model.embed_tokens.", "model.layers."))  # noqa: E731
+    parts.write(0, part_tensors(model, "", embed, tied, fmt))
+    for i, layer in enumerate(model.model.layers):
+        parts.write(i + 1, part_tensors(layer, f"model.layers.{i}", fmt=fmt))
+    parts.write(layers + 1, part_tensors(model, "", head, tied, fmt))
+    config, extra = parts.format_files(fmt, model)
+    return parts.finish(out, config, extra_json=extra)
+
+
+PART_JOBS = [("hf", "FP8_BLOCK"), ("modelopt", "NVFP4A16"), ("modelopt", "NVFP4")]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("fmt", "preset"), PART_JOBS)
+def test_parts_equal_whole_model_export(tmp_path, fmt, preset, tied):
+    """Per-part tensors + finish-time config files == the in-memory exporter's output."""
+    from tiny_models import make_tiny_llama
+
+    from quantscale.export import export_model
+    from quantscale.quantize import quantize_model
+
+    model = make_tiny_llama(96, 128, 256, tie_word_embeddings=tied)
+    tokens = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, preset, tokens, method="rtn", batch_size=2)
+    whole = export_model(model, tmp_path / "whole", fmt)
+    parts = _parts_of(model, tmp_path / "parts", fmt)
+    assert_same_checkpoint(whole, parts)
+    assert ("lm_head.weight" in tensors(parts)) is not tied
+    side = {p.name for p in whole.iterdir() if p.suffix == ".json"} - {
+        "config.json",
+        "model.safetensors.index.json",
+    }
+    assert side == ({"hf_quant_config.json"} if fmt == "modelopt" else set())
+    for name in side:
+        assert json.loads((whole / name).read_text()) == json.loads((parts / name).read_text())
+    qc = json.loads((parts / "config.json").read_text())["quantization_config"]
+    assert (
+        qc.get("quant_algo", qc["quant_method"])
+        == {"FP8_BLOCK": "fp8", "NVFP4A16": "W4A16_NVFP4", "NVFP4": "NVFP4"}[preset]
+    )
+
+
+def test_part_tensors_refuses_unknown_format():
+    from tiny_models import make_tiny_llama
+
+    from quantscale.export.stream import part_tensors
+
+    with pytest.raises(QuantscaleError, match="not 'gguf'"):
+        part_tensors(make_tiny_llama(), fmt="gguf")
+    with pytest.raises(QuantscaleError, match="pseudo is one file"):
+        part_tensors(make_tiny_llama(), fmt="pseudo")

@@ -9,11 +9,13 @@ hf_quant_config.json: {"producer", "quantization": {"quant_algo": "NVFP4" (W4A4)
 "W4A16_NVFP4" (weights only), "kv_cache_quant_algo": null, "group_size": 16,
 "exclude_modules": [...]}}; config.json's quantization_config repeats it with
 quant_method "modelopt" (without it loaders read the model as unquantized).
+`modelopt_tensors` / `modelopt_config` are shared by `save_modelopt` and the streamed writer.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from quantscale.checkpoint.layouts import (
 from quantscale.checkpoint.source import open_source, read_dense
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
+    ModuleCodes,
     model_config,
     plain_tensors,
     quantized_modules,
@@ -39,15 +42,55 @@ from quantscale.export.base import (
 )
 from quantscale.formats.fp4 import pack_fp4
 from quantscale.formats.fp8 import E4M3
-from quantscale.runtime.qlinear import QuantLinear
+from quantscale.runtime.qlinear import QuantLinear, quant_linears
 
 
-def _unquantized_linears(model: nn.Module, quantized: dict) -> list[str]:
+def _unquantized_linears(model: nn.Module, quantized: Collection[str]) -> list[str]:
     return [
         n
         for n, m in model.named_modules()
         if isinstance(m, (nn.Linear, QuantLinear)) and n and n not in quantized
     ]
+
+
+def modelopt_tensors(
+    mods: dict[str, ModuleCodes], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`tensors` (the other tensors) plus every module's NVFP4 weight, scales and bias
+    (refused for a module that is not NVFP4)."""
+    for name, mc in mods.items():
+        if not mc.args.is_nvfp4:
+            raise QuantscaleError(
+                f"{name}: ModelOpt export writes NVFP4 only; this module is "
+                f"{mc.args.type}{mc.args.num_bits}/{mc.args.strategy} "
+                "(use --format compressed-tensors)"
+            )
+        tensors[f"{name}.weight"] = pack_fp4(mc.codes)
+        tensors[f"{name}.weight_scale"] = mc.qparams.scale.to(E4M3)
+        gs = mc.qparams.global_scale
+        assert gs is not None, "NVFP4 codes come with a global scale"
+        tensors[f"{name}.weight_scale_2"] = reciprocal(gs.reshape(()))
+        igs = mc.module._buffers.get("input_global_scale")
+        if igs is not None:
+            tensors[f"{name}.input_scale"] = reciprocal(igs.reshape(()))
+        if mc.module.bias is not None:
+            tensors[f"{name}.bias"] = mc.module.bias.detach().cpu()
+    return tensors
+
+
+def modelopt_config(model: nn.Module, with_inputs: bool) -> tuple[dict, dict]:
+    """config.json and hf_quant_config.json (`with_inputs`: some tensor is an input_scale)."""
+    quantized = {n for n, q in quant_linears(model).items() if q.scheme.weights is not None}
+    algo = MODELOPT_NVFP4 if with_inputs else MODELOPT_W4A16
+    hf_cfg = hf_quant_config(algo, _unquantized_linears(model, quantized))
+    config = model_config(model)
+    config["quantization_config"] = modelopt_quantization_config(hf_cfg)
+    return config, hf_cfg
+
+
+def has_input_scales(names: Iterable[str]) -> bool:
+    """Whether a ModelOpt checkpoint with these tensor names quantizes inputs."""
+    return any(n.endswith(".input_scale") for n in names)
 
 
 def save_modelopt(
@@ -62,32 +105,9 @@ def save_modelopt(
     mods = quantized_modules(model)
     if not mods:
         raise QuantscaleError("the model has no quantized Linear modules to export")
-    for name, mc in mods.items():
-        if not mc.args.is_nvfp4:
-            raise QuantscaleError(
-                f"{name}: ModelOpt export writes NVFP4 only; this module is "
-                f"{mc.args.type}{mc.args.num_bits}/{mc.args.strategy} "
-                "(use --format compressed-tensors)"
-            )
     warn_unshared(mods)
-    tensors = plain_tensors(model, mods)
-    with_inputs = False
-    for name, mc in mods.items():
-        tensors[f"{name}.weight"] = pack_fp4(mc.codes)
-        tensors[f"{name}.weight_scale"] = mc.qparams.scale.to(E4M3)
-        gs = mc.qparams.global_scale
-        assert gs is not None, "NVFP4 codes come with a global scale"
-        tensors[f"{name}.weight_scale_2"] = reciprocal(gs.reshape(()))
-        igs = mc.module._buffers.get("input_global_scale")
-        if igs is not None:
-            tensors[f"{name}.input_scale"] = reciprocal(igs.reshape(()))
-            with_inputs = True
-        if mc.module.bias is not None:
-            tensors[f"{name}.bias"] = mc.module.bias.detach().cpu()
-    algo = MODELOPT_NVFP4 if with_inputs else MODELOPT_W4A16
-    hf_cfg = hf_quant_config(algo, _unquantized_linears(model, mods))
-    config = model_config(model)
-    config["quantization_config"] = modelopt_quantization_config(hf_cfg)
+    tensors = modelopt_tensors(mods, plain_tensors(model, mods))
+    config, hf_cfg = modelopt_config(model, has_input_scales(tensors))
     return write_checkpoint(
         out,
         tensors,

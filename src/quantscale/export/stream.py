@@ -5,8 +5,10 @@ the head) as its own shard `model-<i>-of-<n>.safetensors` in a work directory th
 part is quantized (temporary name, then renamed: a shard present is complete). `finish(out,
 config)` assembles the checkpoint: the shards (hard-linked, else copied), the index,
 config.json and the source's tokenizer files, through `CheckpointWriter` (temporary directory,
-atomic rename). `part_tensors` gives one part's tensors in compressed-tensors form, by the same
-per-module code as the whole-model exporter.
+atomic rename). `part_tensors` gives one part's tensors in compressed-tensors, ModelOpt NVFP4
+or HF FP8 form, `PartWriter.format_files` the last two's config files at finish time, by the
+same per-module code as the whole-model exporters. The pseudo-quantized layout is one fp16 file
+of the whole model named after all modules' scheme, so it is not written in parts.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from quantscale.checkpoint.layouts import HF_QUANT_CONFIG
 from quantscale.checkpoint.read import read_header
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
+    _renamed_strings,
     checkpoint_config,
     checkpoint_names,
     copy_side_files,
@@ -33,8 +37,11 @@ from quantscale.export.base import (
     warn_unshared,
 )
 from quantscale.export.compressed_tensors import compressed_tensors
+from quantscale.export.hf import hf_fp8_model_config, hf_fp8_tensors
+from quantscale.export.modelopt import has_input_scales, modelopt_config, modelopt_tensors
 
 STREAM_FORMATS = ("compressed-tensors",)
+PART_FORMATS = ("compressed-tensors", "modelopt", "hf")  # part_tensors; --stream wires the first
 
 
 def part_tensors(
@@ -42,12 +49,23 @@ def part_tensors(
     prefix: str = "",
     keep: Callable[[str], bool] | None = None,
     tied: bool = False,
+    fmt: str = "compressed-tensors",
 ) -> dict[str, torch.Tensor]:
-    """Compressed-tensors tensors of submodule `prefix` of a quantized model (only the names
+    """Tensors of submodule `prefix` of a quantized model in format `fmt` (only the names
     `keep` accepts; `tied`: lm_head shares the embeddings and is not written)."""
     mods = quantized_modules(module, prefix, keep)
+    plain = plain_tensors(module, mods, prefix, keep, tied)
+    if fmt == "hf":
+        return hf_fp8_tensors(mods, plain)
     warn_unshared(mods)
-    return compressed_tensors(mods, plain_tensors(module, mods, prefix, keep, tied))
+    if fmt == "modelopt":
+        return modelopt_tensors(mods, plain)
+    if fmt != "compressed-tensors":
+        raise QuantscaleError(
+            f"streamed parts are written as {PART_FORMATS}, not {fmt!r}"
+            " (pseudo is one file of the whole model: omit --stream)"
+        )
+    return compressed_tensors(mods, plain)
 
 
 class PartWriter:
@@ -84,16 +102,35 @@ class PartWriter:
         config: dict,
         source_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
+        extra_json: dict[str, dict] | None = None,
     ) -> Path:
-        """Write the checkpoint `out` from the parts, config.json and the side files."""
+        """Write the checkpoint `out` from the parts, config.json, the `extra_json` files
+        (e.g. hf_quant_config.json) and the side files."""
         if self.missing(self.n_parts):
             raise QuantscaleError(f"{self.dir}: parts missing: {self.missing(self.n_parts)}")
         with CheckpointWriter(out, overwrite=overwrite) as writer:
             for i in range(self.n_parts):
                 self._adopt(writer, self.name(i))
             writer.write_json("config.json", checkpoint_config(config))
+            for name, obj in (extra_json or {}).items():
+                writer.write_json(name, _renamed_strings(obj, config.get("model_type")))
             copy_side_files(source_dir, writer)
             return writer.commit(write_index=True)
+
+    def names(self) -> list[str]:
+        """Tensor names (checkpoint spelling) of all parts written so far."""
+        shards = [self.dir / self.name(i) for i in range(self.n_parts)]
+        return [n for p in shards if p.is_file() for n in read_header(p)]
+
+    def format_files(self, fmt: str, model: nn.Module) -> tuple[dict, dict[str, dict]]:
+        """config.json and the extra JSON files of format `fmt` ("modelopt", "hf") for the
+        (skeleton) `model` whose parts are written."""
+        if fmt == "hf":
+            return hf_fp8_model_config(model), {}
+        if fmt == "modelopt":
+            config, hf_cfg = modelopt_config(model, has_input_scales(self.names()))
+            return config, {HF_QUANT_CONFIG: hf_cfg}
+        raise QuantscaleError(f"no streamed config for format {fmt!r}")
 
     def _adopt(self, writer: CheckpointWriter, shard: str) -> None:
         src = self.dir / shard
