@@ -340,3 +340,67 @@ def test_finish_layer_frees_each_batch_of_hessians():
         _calibrate_layers(model, "W4A16", Probe(expert_batch=2))
     # per layer: 4 gate/up and 4 down Hessians, solved 2 at a time, each pair then freed
     assert alive == [8, 6, 4, 2] * 2
+
+
+class _Held(GPTQ):
+    """GPTQ recording, per pass, the experts whose Hessians it holds at `finish_layer`."""
+
+    held: list[set] = []
+
+    def finish_layer(self, linears):
+        from quantscale.models.moe import expert_of
+
+        assert self._tracker is not None
+        self.held.append({expert_of(n) for n in self._tracker.acc if expert_of(n)})
+        super().finish_layer(linears)
+
+
+def _driven(monkeypatch, recipe: str, all_tokens: bool, batch: int | None) -> tuple[dict, list]:
+    """quantize_model's GPTQ on the tiny Qwen3-MoE: the QuantLinears' tensors, held experts."""
+    import quantscale.quantize as q
+
+    model = _qwen_moe()
+    linearize_experts(model)
+    algo = _Held(expert_batch=batch)
+    algo.held = []
+    monkeypatch.setattr(q, "get_algorithm", lambda name, **kw: algo)
+    with calibrate_all_experts(model, enabled=all_tokens):
+        linears = quantize_model(model, recipe, TOKENS, method="gptq", batch_size=2)
+    tensors = {f"{n}.{k}": t.clone() for n, m in linears.items() for k, t in m.state_dict().items()}
+    return tensors, algo.held
+
+
+@pytest.mark.parametrize("recipe", ["W4A16", "W8A8"])
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_driver_passes_equal_one_pass(monkeypatch, recipe, all_tokens):
+    one, held_one = _driven(monkeypatch, recipe, all_tokens, None)
+    many, held_many = _driven(monkeypatch, recipe, all_tokens, 1)
+    assert [len(h) for h in held_one] == [4, 0] * 2  # experts, then attention, per layer
+    assert [len(h) for h in held_many] == [1, 1, 1, 1, 0] * 2  # 5 passes per layer
+    assert sorted(one) == sorted(many) and any(".input_scale" in n for n in one) == (
+        recipe == "W8A8"
+    )
+    for name, t in one.items():
+        assert torch.equal(t, many[name]), name
+
+
+@pytest.mark.parametrize("all_experts", [False, True])
+def test_streamed_passes_equal_one_pass(tmp_path, monkeypatch, all_experts):
+    from test_streaming import assert_same_checkpoint, make_checkpoint, run
+
+    root = make_checkpoint(tmp_path, layers=2, moe=True)
+    kw = {"calibrate_all_experts": all_experts}
+    one = run(root, "one", "w4a16", "gptq", stream=True, **kw)
+    sizes: list[int] = []
+    passes = GPTQ.passes
+
+    def one_expert_each(self, linears):
+        self.expert_batch = 1
+        out = passes(self, linears)
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(GPTQ, "passes", one_expert_each)
+    many = run(root, "many", "w4a16", "gptq", stream=True, **kw)
+    assert max(sizes) >= 3
+    assert_same_checkpoint(one, many)

@@ -20,7 +20,9 @@ class WeightAlgorithm(Protocol):
     """Sets the weights of a group of QuantLinears after seeing their calibration inputs.
 
     `needs_data`: whether it must see inputs (RTN does not); `true_sequential`: its default
-    for calibrating a layer stage by stage (q/k/v, o, gate/up, down).
+    for calibrating a layer stage by stage (q/k/v, o, gate/up, down). Optional:
+    `passes(linears) -> list[dict]`, the group split into calibration passes, each driven
+    start/forward/finish (`algorithms.layer.calibration_passes`; default one pass).
     """
 
     needs_data: bool

@@ -477,7 +477,7 @@ class GPTQ:
     Hessian) is solved per expert the same way, its rows unchanged (`_per_expert`). Results
     equal the one-group-at-a-time solves (bitwise on the CPUs we tried; tests/test_moe.py).
     `passes` splits a layer into calibration passes that each hold the Hessians of at most
-    that many experts.
+    that many experts; `algorithms.layer` drives them (one pass when the experts fit).
     """
 
     needs_data = True

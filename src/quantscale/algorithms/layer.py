@@ -4,8 +4,10 @@
 QuantLinears `group` of the decoder layer in `step`: the activation observers
 (`calibration.activations.ActivationCalibrator`) and the algorithm's hooks are attached while
 `run()` pushes the cached batches through the layer, then the algorithm sets the weights
-(`finish_layer`) and the observers the static activation scales. With `sequential` (true
-sequential) this happens stage by stage (`calibration.sequential.linear_stages`).
+(`finish_layer`) and the observers the static activation scales. An algorithm with a
+`passes(linears)` method (GPTQ: experts in chunks that fit its memory budget) gets one
+start/forward/finish round per pass. With `sequential` (true sequential) this happens stage
+by stage (`calibration.sequential.linear_stages`).
 """
 
 from __future__ import annotations
@@ -31,17 +33,33 @@ def by_layer(
     return groups
 
 
+def calibration_passes(
+    algorithm: WeightAlgorithm, linears: dict[str, QuantLinear]
+) -> list[dict[str, QuantLinear]]:
+    """The algorithm's calibration passes over `linears` (its optional `passes` method;
+    default one pass with everything)."""
+    passes = getattr(algorithm, "passes", None)
+    return passes(linears) if passes is not None else [linears]
+
+
 def calibrate_group(
     linears: dict[str, QuantLinear], algorithm: WeightAlgorithm, run: Callable[[], object]
 ) -> None:
-    """Observe activations and let the algorithm see inputs during `run()`, then quantize."""
+    """Observe activations and let the algorithm see inputs during `run()`, then quantize;
+    once per calibration pass. The activation observers see the first pass only (later
+    passes rerun on the same inputs: the algorithm's passes keep every Linear's input
+    unchanged until its own pass), and set the static scales after the last."""
     calibrator = ActivationCalibrator(linears)
-    algorithm.start_layer(linears)
-    try:
-        with calibrator:
-            run()
-    finally:
-        algorithm.finish_layer(linears)
+    for i, part in enumerate(calibration_passes(algorithm, linears)):
+        algorithm.start_layer(part)
+        try:
+            if i == 0:
+                with calibrator:
+                    run()
+            else:
+                run()
+        finally:
+            algorithm.finish_layer(part)
     calibrator.apply()
 
 
