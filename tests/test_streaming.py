@@ -110,6 +110,21 @@ def test_streamed_equals_in_memory(tiny, scheme, method):
     assert len(set(index["weight_map"].values())) == 2 + 2  # embeddings, 2 layers, head
 
 
+@pytest.mark.parametrize(
+    ("fmt", "scheme", "sidecar"),
+    [("modelopt", "NVFP4A16", "hf_quant_config.json"), ("hf", "FP8_BLOCK", None)],
+)
+def test_streamed_formats_equal_in_memory(tiny, fmt, scheme, sidecar):
+    """--stream --format modelopt / hf: the same tensors, config and side files as in memory."""
+    mem = run(tiny, f"mem-{fmt}", scheme, "rtn", fmt=fmt)
+    streamed = run(tiny, f"st-{fmt}", scheme, "rtn", stream=True, fmt=fmt)
+    assert_same_checkpoint(mem, streamed)
+    if sidecar is not None:
+        assert json.loads((mem / sidecar).read_text()) == json.loads(
+            (streamed / sidecar).read_text()
+        )
+
+
 def test_tied_embeddings_streamed(tmp_path):
     root = make_checkpoint(tmp_path, layers=2, tied=True)
     mem = run(root, "mem", "w4a16", "gptq")

@@ -262,8 +262,9 @@ class StreamedRun:
         device: torch.device,
         sequential: bool,
         all_experts: bool = True,
+        fmt: str = "compressed-tensors",
     ) -> None:
-        self.all_experts = all_experts
+        self.all_experts, self.fmt = all_experts, fmt
         self.source_dir = Path(source_dir)
         self.source = open_source(source_dir)
         self.skeleton = Skeleton.build(self.source.config, dtype, str(source_dir))
@@ -299,9 +300,12 @@ class StreamedRun:
                 self._head(work, parts, clock)
         if experts:  # the layers of this run (a resumed run counts only those it did)
             log_expert_coverage(self.model, all_tokens=self.all_experts)
-        config = model_config(self.model)
-        config["quantization_config"] = self.recipe.to_quantization_config("compressed")
-        return parts.finish(out, config, self.source_dir, overwrite)
+        if self.fmt == "compressed-tensors":
+            config = model_config(self.model)
+            config["quantization_config"] = self.recipe.to_quantization_config("compressed")
+            return parts.finish(out, config, self.source_dir, overwrite)
+        config, extra = parts.format_files(self.fmt, self.model)
+        return parts.finish(out, config, self.source_dir, overwrite, extra)
 
     def _start(self, work: WorkDir, boundary: Boundary, parts: PartWriter, clock: _Clock) -> None:
         """The embeddings: written first; they give layer 0 its inputs (and every layer its
@@ -317,7 +321,8 @@ class StreamedRun:
                 hidden = boundary.load(work.boundary)
                 self.inputs = [replace_hidden(h, a, k) for h, (a, k) in zip(hidden, self.inputs)]
         if work.done == 0:
-            parts.write(0, part_tensors(self.model, "", _under(self.embed), self.skeleton.tied))
+            embed = part_tensors(self.model, "", _under(self.embed), self.skeleton.tied, self.fmt)
+            parts.write(0, embed)
             work.save(1, None)
             clock.report(1, self.embed)
         self.skeleton.release(self.embed)
@@ -335,7 +340,7 @@ class StreamedRun:
             quantize_layer(step, group, self.algorithm, self.sequential, run)
         else:
             quantize_data_free(group, self.algorithm)
-        parts.write(i + 1, part_tensors(layer, name))
+        parts.write(i + 1, part_tensors(layer, name, fmt=self.fmt))
         saved = None
         if self.needs_data and i + 1 < len(self.layers):
             saved, hidden = boundary.save(i + 1, _outputs(step))
@@ -357,7 +362,8 @@ class StreamedRun:
             calibrate_group(rest, self.algorithm, lambda: None)
         elif rest:
             quantize_data_free(rest, self.algorithm)
-        parts.write(self.n_parts - 1, part_tensors(self.model, "", keep, self.skeleton.tied))
+        head = part_tensors(self.model, "", keep, self.skeleton.tied, self.fmt)
+        parts.write(self.n_parts - 1, head)
         work.save(self.n_parts, None)
         self.skeleton.release("", keep=keep)
         clock.report(self.n_parts, "head")
@@ -408,7 +414,15 @@ def quantize_streamed(
     data = as_batches(batches, batch_size)
     device = resolve_device(options.device)
     run = StreamedRun(
-        source_dir, recipe, algorithm, data, getattr(torch, dtype), device, sequential, all_experts
+        source_dir,
+        recipe,
+        algorithm,
+        data,
+        getattr(torch, dtype),
+        device,
+        sequential,
+        all_experts,
+        fmt,
     )
     fingerprint = {
         "scheme": recipe.model_dump(mode="json"),

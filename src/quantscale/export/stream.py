@@ -40,8 +40,8 @@ from quantscale.export.compressed_tensors import compressed_tensors
 from quantscale.export.hf import hf_fp8_model_config, hf_fp8_tensors
 from quantscale.export.modelopt import has_input_scales, modelopt_config, modelopt_tensors
 
-STREAM_FORMATS = ("compressed-tensors",)
-PART_FORMATS = ("compressed-tensors", "modelopt", "hf")  # part_tensors; --stream wires the first
+PART_FORMATS = ("compressed-tensors", "modelopt", "hf")
+STREAM_FORMATS = PART_FORMATS
 
 
 def part_tensors(
