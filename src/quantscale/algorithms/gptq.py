@@ -523,10 +523,10 @@ class GPTQ:
         `finish_layer` each) holding the Hessians of at most `expert_batch` experts each (None:
         as many as fit in `memory_budget`): the experts in chunks, then the other Linears,
         whose quantization would change the experts' inputs (the experts' changes no other
-        Linear's input). One pass when the layer has no experts. Routed calibration gives
-        the same Hessians as one pass; with all-expert calibration a pass's experts share
-        the gate/up Hessian, and NVFP4's gate/up global scale is then the pass's, not the
-        layer's."""
+        Linear's input). One pass when the layer has no experts or all its experts fit.
+        Routed calibration gives the same Hessians as one pass; with all-expert calibration
+        a pass's experts share the gate/up Hessian, and NVFP4's gate/up global scale is then
+        the pass's, not the layer's."""
         experts: dict[tuple[str, int], dict[str, QuantLinear]] = {}
         rest: dict[str, QuantLinear] = {}
         for name, ql in linears.items():
@@ -537,6 +537,8 @@ class GPTQ:
         first = next(iter(experts.values()))
         size = self.expert_batch or self._fitting(_hessian_bytes(first))
         groups = list(experts.values())
+        if size >= len(groups):
+            return [dict(linears)]
         out = [
             {n: q for group in groups[i : i + size] for n, q in group.items()}
             for i in range(0, len(groups), size)
