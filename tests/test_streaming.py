@@ -143,6 +143,31 @@ def test_moe_streamed(tmp_path, all_experts):
     assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in tensors(streamed)
 
 
+def test_gptq_memory_budget_chunks_experts_with_the_same_weights(tmp_path, monkeypatch):
+    """--gptq-memory below one expert's Hessian: experts in chunks, output unchanged."""
+    from quantscale.algorithms import layer
+    from quantscale.quantize import GPTQOptions
+
+    counts: list[int] = []
+    passes = layer.calibration_passes
+
+    def counted(algorithm, linears):
+        found = passes(algorithm, linears)
+        counts.append(len(found))
+        return found
+
+    monkeypatch.setattr(layer, "calibration_passes", counted)
+    root = make_checkpoint(tmp_path, layers=2, moe=True)
+    whole = run(root, "whole", "w4a16", "gptq")
+    assert max(counts) == 1
+    counts.clear()
+    chunked = run(root, "chunked", "w4a16", "gptq", gptq=GPTQOptions(memory_budget=1))
+    assert max(counts) >= 3  # one expert per pass, then the other Linears
+    assert_same_checkpoint(whole, chunked)
+    assert GPTQOptions(memory_budget=1).method_options("gptq")["memory_budget"] == 1
+    assert "memory_budget" not in GPTQOptions().method_options("gptq")
+
+
 def test_true_sequential_streamed(tiny):
     mem = run(tiny, "mem-ts", "w8a8", "gptq", true_sequential=True)
     streamed = run(tiny, "st-ts", "w8a8", "gptq", stream=True, true_sequential=True)
@@ -282,6 +307,7 @@ def test_stream_flags():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     base = ["quantize", "in", "out", "--scheme", "w4a16"]
+    assert parser.parse_args([*base, "--gptq-memory", "1GiB"]).gptq_memory == 2**30
     args = parser.parse_args([*base, "--stream", "--max-memory", "8GB", "--work-dir", "w"])
     assert stream_options(args) == StreamOptions(work_dir="w", device="auto", max_memory=8 * 10**9)
     assert stream_options(parser.parse_args(base)) is False

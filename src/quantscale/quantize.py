@@ -213,13 +213,17 @@ def is_mamba(spec: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """GPTQ's knobs for `quantize_checkpoint` (the `--actorder` / `--dampening-frac` flags).
+    """GPTQ's knobs for `quantize_checkpoint` (`--actorder`, `--dampening-frac`,
+    `--gptq-memory`).
 
-    `actorder`: None keeps the scheme's, 'none' turns it off, 'group' / 'weight' set it."""
+    `actorder`: None keeps the scheme's, 'none' turns it off, 'group' / 'weight' set it.
+    `memory_budget`: bytes of MoE expert Hessians / solve workspace held at once (None: GPTQ's
+    default); past it a layer's experts are calibrated and solved in chunks (same weights)."""
 
     actorder: str | None = None
     dampening_frac: float = 0.01
     block_size: int = 128
+    memory_budget: int | None = None
 
     def recipe(self, scheme: str) -> Recipe:
         """The scheme's recipe with `actorder` applied to every weight."""
@@ -241,6 +245,8 @@ class GPTQOptions:
         }
         if self.actorder == "none":
             kwargs["actorder"] = None
+        if self.memory_budget is not None:
+            kwargs["memory_budget"] = self.memory_budget
         return kwargs
 
 

@@ -66,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
         return handler(args)
     from quantscale.quantize import GPTQOptions, quantize_checkpoint
 
-    gptq = GPTQOptions(actorder=args.actorder, dampening_frac=args.dampening_frac)
+    gptq = GPTQOptions(
+        actorder=args.actorder,
+        dampening_frac=args.dampening_frac,
+        memory_budget=args.gptq_memory,
+    )
     out = quantize_checkpoint(
         args.model_dir,
         args.out,
@@ -164,6 +168,13 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
     )
     p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument(
+        "--gptq-memory",
+        type=_size,
+        default=None,
+        help="GPTQ, MoE: expert Hessians held at once (e.g. 4GB; default 2GiB); past it each "
+        "layer's experts are calibrated and solved in chunks, with the same weights",
+    )
     p.add_argument(
         "--no-calibrate-all-experts",
         dest="calibrate_all_experts",
