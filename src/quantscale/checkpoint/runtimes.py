@@ -106,7 +106,9 @@ def ct_group_refusals(ckpt: Checkpoint, qc: dict) -> list[Refusal]:
             if -(-cols // g) == scale.shape[1] and cols % g:
                 reason = (
                     f"fails at the first forward: tensor column shape must be divisble by the "
-                    f"given group_size {g} but got {cols} (in_features not a multiple of the group)"
+                    f"given group_size {g} but got {cols} (in_features not a multiple of the "
+                    "group); re-export with a group size dividing in_features or ignore those "
+                    "modules"
                 )
                 found.append(Refusal(f"{module}.weight_packed", CT_RUNTIME, CT_VERSIONS, reason))
     return found

@@ -132,8 +132,8 @@ def refuse_runtime(path: str | os.PathLike) -> None:
         first = refusals[0]
         raise CheckpointError(
             f"{path}: {first.runtime} {first.version} cannot run {len(refusals)} weights "
-            f"({names}{more}): {first.reason}. Re-export with a group size dividing in_features "
-            "(or ignore those modules), or evaluate it with a runtime that supports ragged groups"
+            f"({names}{more}): {first.reason} (`quantscale validate {path} --runtime "
+            "transformers` lists them all)"
         )
 
 
