@@ -41,6 +41,7 @@ from quantscale.algorithms.layer import (
 from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
+from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
@@ -310,7 +311,7 @@ def quantize_checkpoint(
             options=where,
             overwrite=overwrite,
         )
-    model, tokenizer = loader.load_model(path, getattr(torch, dtype))
+    model, tokenizer = loader.load_model(path, parse_dtype(dtype))
     batches = settings.batches(tokenizer, recipe, method, path)
     options = gptq.method_options(method)
     _quantize_experts(

@@ -53,6 +53,7 @@ from quantscale.calibration.sequential import (
     layer_output,
     replace_hidden,
 )
+from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.source import open_source
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import model_config
@@ -418,7 +419,7 @@ def quantize_streamed(
         recipe,
         algorithm,
         data,
-        getattr(torch, dtype),
+        parse_dtype(dtype),
         device,
         sequential,
         all_experts,

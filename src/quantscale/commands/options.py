@@ -67,11 +67,9 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a `--dtype` / `--calib-dtype` name."""
-    import torch
+    from quantscale.checkpoint.dequantize import parse_dtype
 
-    dtype = getattr(torch, name)
-    assert isinstance(dtype, torch.dtype), name
-    return dtype
+    return parse_dtype(name)
 
 
 def calibration_tokens(tokenizer: Any, args: argparse.Namespace) -> Any:
