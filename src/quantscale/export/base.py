@@ -115,14 +115,14 @@ def checkpoint_names(tensors: dict[str, torch.Tensor], config: dict) -> dict[str
     return {checkpoint_name(k, model_type): v for k, v in tensors.items()}
 
 
-def _renamed_strings(obj: Any, model_type: str | None) -> Any:
+def renamed_strings(obj: Any, model_type: str | None) -> Any:
     """Module names inside JSON (ignore / exclude lists) renamed like the tensors."""
     if isinstance(obj, str):
         return checkpoint_name(obj, model_type)
     if isinstance(obj, list):
-        return [_renamed_strings(v, model_type) for v in obj]
+        return [renamed_strings(v, model_type) for v in obj]
     if isinstance(obj, dict):
-        return {k: _renamed_strings(v, model_type) for k, v in obj.items()}
+        return {k: renamed_strings(v, model_type) for k, v in obj.items()}
     return obj
 
 
@@ -130,7 +130,7 @@ def checkpoint_config(config: dict) -> dict:
     """config.json with the module names in its quantization_config renamed like the tensors."""
     if "quantization_config" not in config:
         return config
-    qc = _renamed_strings(config["quantization_config"], config.get("model_type"))
+    qc = renamed_strings(config["quantization_config"], config.get("model_type"))
     return {**config, "quantization_config": qc}
 
 
@@ -166,7 +166,7 @@ def write_checkpoint(
     model_type = config.get("model_type")
     tensors = checkpoint_names(tensors, config)
     config = checkpoint_config(config)
-    extra_json = {k: _renamed_strings(v, model_type) for k, v in (extra_json or {}).items()}
+    extra_json = {k: renamed_strings(v, model_type) for k, v in (extra_json or {}).items()}
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         shards = _shards(tensors, stem)
         for shard, part in shards.items():

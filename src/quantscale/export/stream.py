@@ -28,12 +28,12 @@ from quantscale.checkpoint.read import read_header
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.export.base import (
-    _renamed_strings,
     checkpoint_config,
     checkpoint_names,
     copy_side_files,
     plain_tensors,
     quantized_modules,
+    renamed_strings,
     warn_unshared,
 )
 from quantscale.export.compressed_tensors import compressed_tensors
@@ -113,7 +113,7 @@ class PartWriter:
                 self._adopt(writer, self.name(i))
             writer.write_json("config.json", checkpoint_config(config))
             for name, obj in (extra_json or {}).items():
-                writer.write_json(name, _renamed_strings(obj, config.get("model_type")))
+                writer.write_json(name, renamed_strings(obj, config.get("model_type")))
             copy_side_files(source_dir, writer)
             return writer.commit(write_index=True)
 
