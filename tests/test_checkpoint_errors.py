@@ -5,6 +5,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from quantscale import cli
@@ -105,3 +107,73 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys, command):
     assert "truncated" in err
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda h: h.update({"a.weight": [1, 2]}), "header entry is a JSON list"),
+        (lambda h: h["a.weight"].update(shape="4x4"), "has shape '4x4'"),
+        (lambda h: h["a.weight"].update(data_offsets=[64]), "has data_offsets \\[64\\]"),
+        (lambda h: h["a.weight"].update(data_offsets=[64, 0]), "0 <= start <= end"),
+        (lambda h: h["a.weight"].update(dtype=["F32"]), "has dtype \\['F32'\\]"),
+    ],
+)
+def test_malformed_header_entry_names_file_and_tensor(tmp_path, edit, expected):
+    path = _sharded(tmp_path / "h")
+    _rewrite_header(path / "model-00001-of-00002.safetensors", edit)
+    with pytest.raises(CheckpointError, match=expected) as err:
+        Checkpoint(path)
+    assert "model-00001-of-00002.safetensors" in str(err.value)
+
+
+def test_header_that_is_not_an_object(tmp_path):
+    path = _sharded(tmp_path / "l")
+    shard = path / "model-00001-of-00002.safetensors"
+    raw = b"[1, 2]  "
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError, match="header is a JSON list; expected an object"):
+        Checkpoint(path)
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=4),
+    st.lists(st.integers(-3, 100), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    field=st.sampled_from(["dtype", "shape", "data_offsets", None]),
+    value=_JUNK,
+    command=st.sampled_from(["inspect", "validate", "dequantize", "convert", "quantize"]),
+)
+def test_fuzzed_headers_give_one_line_errors(tmp_path_factory, capsys, field, value, command):
+    """Any mutation of one header entry: a one-line error naming the file, or a clean run."""
+    root = tmp_path_factory.mktemp("fuzz")
+    path = _sharded(root / "c")
+    shard = path / "model-00001-of-00002.safetensors"
+
+    def edit(header):
+        if field is None:
+            header["a.weight"] = value
+        else:
+            header["a.weight"][field] = value
+
+    _rewrite_header(shard, edit)
+    argv = [command, str(path)]
+    if command in ("dequantize", "convert", "quantize"):
+        argv.append(str(root / "out"))
+    if command == "convert":
+        argv += ["--to", "neuron"]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err.startswith("error: ") and "Traceback" not in err
+        assert shard.name in err or "a.weight" in err

@@ -84,6 +84,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: shard file is missing") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: safetensors header is a JSON {type(header).__name__}; expected an object"
+        )
     data_size = size - 8 - header_len
     infos = {}
     for name, entry in header.items():
@@ -94,9 +98,39 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _tensor_info(path: Path, name: str, entry: dict, data_size: int, base: int) -> TensorInfo:
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_entry(path: Path, name: str, entry: object) -> dict:
+    """The entry's fields have the types safetensors defines, or a one-line error."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} header entry is a JSON {type(entry).__name__}; "
+            "expected an object with dtype, shape and data_offsets"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {shape!r}; expected a list of non-negative ints"
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected [start, end] with "
+            "0 <= start <= end"
+        )
+    return entry
+
+
+def _tensor_info(path: Path, name: str, raw: object, data_size: int, base: int) -> TensorInfo:
+    entry = _check_entry(path, name, raw)
     dtype = entry.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(
             f"{path}: tensor {name!r} has dtype {dtype!r}; expected one of {', '.join(DTYPES)}"
         )
