@@ -8,11 +8,13 @@ as they come.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -173,6 +175,35 @@ class ShardStream:
             raise CheckpointError(f"{self.path}: write failed ({err})") from err
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove `.OUT.tmp-PID-*` directories left by a killed writer of `out` (PID not running)."""
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = tmp.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            print(f"removed stale temporary {tmp} (writer pid {pid} is gone)", file=sys.stderr)
+    return removed
+
+
 class CheckpointWriter:
     """Write a checkpoint directory under a temporary name; `commit()` renames it into place.
 
@@ -186,7 +217,10 @@ class CheckpointWriter:
             raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
         self.overwrite = overwrite
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        remove_stale_temporaries(self.out)
+        prefix = f".{self.out.name}.tmp-{os.getpid()}-"
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
+        self.tmp.chmod(0o777 & ~current_umask())  # as a plain mkdir would, not mkdtemp's 0700
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
 
