@@ -123,3 +123,31 @@ def test_mamba_models_take_the_quamba_path(tmp_path, monkeypatch):
             {"calib_samples": 4, "calib_seq_len": 512, "calib_data": "t", "overwrite": False},
         )
     ]
+
+
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "W4A16"])
+def test_weight_only_rtn_needs_no_tokenizer(tmp_path, scheme):
+    """Weight-only RTN needs no calibration text, so a checkpoint without a tokenizer works."""
+    from tiny_models import make_tiny_llama
+
+    from quantscale import cli
+
+    src = tmp_path / "notok"
+    make_tiny_llama().save_pretrained(src)
+    assert not (src / "tokenizer.json").exists()
+    out = tmp_path / "out"
+    assert cli.main(["quantize", str(src), str(out), "--scheme", scheme, "--method", "rtn"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_calibrated_method_without_tokenizer_says_what_is_missing(tmp_path, capsys):
+    from tiny_models import make_tiny_llama
+
+    from quantscale import cli
+
+    src = tmp_path / "notok"
+    make_tiny_llama().save_pretrained(src)
+    argv = ["quantize", str(src), str(tmp_path / "out"), "--scheme", "W4A16", "--method", "gptq"]
+    assert cli.main(argv) == 2
+    assert "no tokenizer found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
