@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from quantscale.errors import QuantscaleError
@@ -12,6 +14,7 @@ from quantscale.scheme import (
     Recipe,
     load_recipe,
     match_pattern,
+    preset_recipe,
     preset_scheme,
     recipe_from_dict,
 )
@@ -182,3 +185,59 @@ def test_old_and_llm_compressor_observer_names_read_as_ours():
     acts.update(observer="minmax", observer_kwargs={"averaging_constant": 0.05})
     back = Recipe.from_quantization_config(cfg).config_groups["group_0"].input_activations
     assert (back.observer, back.observer_kwargs) == ("ema", {"sigma": 0.05})
+
+
+def test_saved_ignore_list_is_plain_names_and_simple_regexes():
+    """The ignore list written to config.json: no atomic groups or inline flags (Python 3.11+
+    only, written by no other tool), and compressed-tensors' own matcher reads it as our globs."""
+    from compressed_tensors.utils.match import match_name
+
+    from quantscale.naming import DEFAULT_IGNORE
+
+    ignore = preset_recipe("W4A16").to_quantization_config()["ignore"]
+    assert ignore == [
+        "re:.*embed_tokens.*$",
+        "re:.*embeddings.*$",
+        "lm_head",
+        r"re:.*\.lm_head$",
+        "re:.*norm.*$",
+        r"re:.*\.gate$",
+        r"re:.*\.router$",
+        "re:.*e_score_correction_bias.*$",
+        r"re:.*\.conv1d$",
+    ]
+    names = [
+        "model.embed_tokens",
+        "lm_head",
+        "model.lm_head",
+        "model.layers.0.input_layernorm",
+        "model.layers.3.mlp.gate",
+        "model.layers.3.mlp.gate_proj",
+        "model.layers.3.mlp.experts.7.down_proj",
+        "backbone.layers.1.mixer.conv1d",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    for name in names:  # a bare name is a suffix match to us, exact to them: the list agrees
+        theirs = any(match_name(name, written) for written in ignore)
+        assert theirs == any(match_pattern(name, glob) for glob in DEFAULT_IGNORE), name
+    assert [n for n in names if any(match_name(n, w) for w in ignore)] == names[:5] + names[7:8]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    glob=st.text(alphabet="ab.*?[]!_0", min_size=1, max_size=8),
+    name=st.text(alphabet="ab._0[]!*?", max_size=10),
+)
+def test_glob_to_regex_matches_fnmatch(glob, name):
+    """Any glob, written as a `re:` pattern, matches exactly the names fnmatch matches."""
+    import fnmatch
+    import re
+
+    from quantscale.scheme import _to_ct_pattern
+
+    written = _to_ct_pattern(glob)
+    if not written.startswith("re:"):
+        assert written == glob
+        return
+    assert "(?" not in written
+    assert (re.match(written[3:], name) is not None) == fnmatch.fnmatchcase(name, glob)

@@ -180,10 +180,32 @@ def _specificity(name: str, pattern: str, module_type: str | None) -> int | None
 
 
 def _to_ct_pattern(pattern: str) -> str:
-    """Glob -> equivalent `re:` pattern; other patterns unchanged."""
+    """Glob -> the plain `re:` pattern other tools write (`*.gate` -> `re:.*\\.gate$`);
+    other patterns unchanged. No atomic groups or inline flags: any `re` reads it."""
     if pattern.startswith("re:") or not any(ch in pattern for ch in "*?["):
         return pattern
-    return "re:" + fnmatch.translate(pattern)
+    return "re:" + _glob_regex(pattern)
+
+
+def _glob_regex(glob: str) -> str:
+    """A glob as a regex matched from the start (`re.match`) of the whole name."""
+    out, i = [], 0
+    while i < len(glob):
+        ch = glob[i]
+        end = glob.find("]", i + 2) if ch == "[" else -1
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif end > 0:
+            body = glob[i + 1 : end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out) + "$"
 
 
 class Recipe(BaseModel):
