@@ -19,7 +19,11 @@ def test_eval_loads_quantlinears_with_static_scales(tiny_llama, tmp_path, monkey
 
     monkeypatch.setattr("quantscale.commands.eval.load_tokenizer", lambda *a: None)
     monkeypatch.setattr("quantscale.commands.eval.evaluate", fake_evaluate)
-    args = type("A", (), {"dtype": "float32", "n_tokens": 8, "n_items": 1, "seq_len": 8})()
+    args = type(
+        "A",
+        (),
+        {"dtype": "float32", "n_tokens": 8, "n_items": 1, "seq_len": 8, "reader": "quantscale"},
+    )()
     _evaluate_path(tmp_path / "q", None, args, ["ppl"])
     reloaded, _ = load_model(tmp_path / "q")
     names = [n for n, b in seen["model"].named_buffers() if n.endswith("input_scale")]

@@ -6,14 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from quantscale.commands.options import add_dtype_option, torch_dtype
 from quantscale.errors import QuantscaleError
 from quantscale.eval.runner import TASKS, evaluate
-from quantscale.models.loader import NAMED_MODELS, load_tokenizer, resolve_model
+from quantscale.models.loader import (
+    NAMED_MODELS,
+    load_tokenizer,
+    quant_method,
+    read_config,
+    resolve_model,
+)
 
+READERS = ("quantscale", "transformers")
 # Metrics where lower is better; the others are accuracies.
 LOWER_IS_BETTER = {"ppl"}
 
@@ -35,6 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-tokens", type=int, default=4096, help="held-out tokens for ppl")
     parser.add_argument("--n-items", type=int, default=200, help="items for cloze / zero-shot")
     parser.add_argument("--seq-len", type=int, default=512, help="perplexity window length")
+    parser.add_argument(
+        "--reader",
+        choices=READERS,
+        default="quantscale",
+        help="how quantized checkpoints are read: our reader (the file's codes and activation "
+        "scales, any layout we write) or transformers' loader (what it runs on this machine)",
+    )
     add_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
@@ -49,11 +65,23 @@ def _parse_tasks(text: str) -> list[str]:
 
 
 def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
-    from quantscale.quantize import load_model  # our saves keep their QuantLinears, scales
-
     tokenizer = load_tokenizer(path, tokenizer_fallback)
-    model, _ = load_model(path, torch_dtype(args.dtype))
+    model = load_evaluated(path, torch_dtype(args.dtype), args.reader)
     return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
+
+
+def load_evaluated(path: Path, dtype: torch.dtype, reader: str = "quantscale") -> nn.Module:
+    """The model `eval` scores: a compressed-tensors, ModelOpt or HF FP8 checkpoint through our
+    own reader (`reader="quantscale"`: the file's codes and activation scales, no runtime
+    needed) or transformers' loader (`"transformers"`: what it runs, refusing what it cannot);
+    anything else as `quantize.load_model` reads it (fake-quant saves, Quamba, plain)."""
+    from quantscale.models.quantized import READ_METHODS, load_quantized_checkpoint
+    from quantscale.quantize import load_model
+
+    method = quant_method(read_config(path)) if (path / "config.json").is_file() else None
+    if reader == "quantscale" and method in READ_METHODS:
+        return load_quantized_checkpoint(path, dtype)
+    return load_model(path, dtype)[0]
 
 
 def run(args: argparse.Namespace) -> int:
