@@ -48,7 +48,7 @@ t0 = time.perf_counter()
 import torch
 from transformers import AutoModelForCausalLM
 from quantscale.algorithms.smoothing import SmoothQuant
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 from quantscale.runtime.qlinear import compute_dtype
 from quantscale.scheme import Recipe
 t1 = time.perf_counter()

@@ -48,7 +48,7 @@ import sys, time, json
 t0 = time.perf_counter()
 torch.set_num_threads(2)
 from transformers import AutoModelForCausalLM
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 t1 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
 calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
@@ -318,7 +318,7 @@ def table(samples: int, schemes: tuple[str, ...]) -> dict:
 
     from quantscale.data.calibration import calibration_batches, eval_tokens
     from quantscale.eval.perplexity import perplexity
-    from quantscale.quantize import load_model, quantize_model
+    from quantscale.orchestrator import load_model, quantize_model
 
     torch.set_num_threads(2)
     base, tok = load_model("smollm2", dtype=torch.bfloat16)

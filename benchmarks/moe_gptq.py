@@ -44,7 +44,7 @@ from quantscale.algorithms.base import register_algorithm  # noqa: E402
 from quantscale.algorithms.gptq import GPTQ  # noqa: E402
 from quantscale.calibration.sequential import batched, layerwise  # noqa: E402
 from quantscale.models.moe import calibrate_all_experts, expert_of, linearize_experts  # noqa: E402
-from quantscale.quantize import quantize_model  # noqa: E402
+from quantscale.orchestrator import quantize_model  # noqa: E402
 from quantscale.runtime.qlinear import replace_linears  # noqa: E402
 from quantscale.scheme import preset_recipe  # noqa: E402
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 from tiny_models import make_tiny_llama
 
-from quantscale.commands.eval import load_evaluated
 from quantscale.errors import CheckpointError
 from quantscale.eval.perplexity import perplexity
 from quantscale.export import export_model
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import load_evaluated, quantize_model
 from quantscale.runtime.qlinear import QuantLinear
 
 LAYOUTS = [

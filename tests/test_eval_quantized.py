@@ -4,7 +4,7 @@ import torch
 
 from quantscale.commands.eval import _evaluate_path
 from quantscale.export.fake_quant import save_quantized
-from quantscale.quantize import load_model, quantize_model
+from quantscale.orchestrator import load_model, quantize_model
 
 
 def test_eval_loads_quantlinears_with_static_scales(tiny_llama, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from quantscale.export.compressed_tensors import (
     read_compressed_tensors,
     save_compressed_tensors,
 )
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 from quantscale.runtime.qlinear import quant_linears
 
 ct = pytest.importorskip("compressed_tensors")

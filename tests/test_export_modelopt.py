@@ -14,7 +14,7 @@ from quantscale.checkpoint.convert import SIDECAR, convert_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.export.compressed_tensors import read_compressed_tensors, save_compressed_tensors
 from quantscale.export.modelopt import read_modelopt, save_modelopt
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 from quantscale.runtime.qlinear import quant_linears
 
 

@@ -15,7 +15,7 @@ from quantscale.export import EXPORTERS, export_model
 from quantscale.export.base import quantized_modules
 from quantscale.export.pseudo import dense_weight
 from quantscale.formats.fp8 import E4M3
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 
 
 def _model(preset: str, **kw):

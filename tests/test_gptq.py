@@ -196,7 +196,7 @@ def test_unused_linears_fall_back_to_rtn(tiny_llama):
 def test_quantize_model_with_gptq_beats_rtn_on_the_output(tiny_llama):
     import copy
 
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
@@ -247,7 +247,7 @@ def test_true_sequential_hessians_come_from_quantized_inputs(tiny_llama, sequent
     import copy
 
     from quantscale.algorithms.base import ALGORITHMS, register_algorithm
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     seen = {}
 

@@ -35,7 +35,7 @@ from quantscale.checkpoint.synthetic import write_llama_like
 from quantscale.errors import QuantscaleError
 from quantscale.export import export_model
 from quantscale.export.fake_quant import save_quantized
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 
 
 def _layout(path):

@@ -11,7 +11,7 @@ from tiny_models import make_tiny_llama
 
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.models import loader
-from quantscale.quantize import load_model
+from quantscale.orchestrator import load_model
 
 
 def _save(tmp_path, name="m", quantization_config=None, **extra):
@@ -87,7 +87,7 @@ def test_sweep_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path
 
 def test_compressed_tensors_checkpoints_pass_through_to_transformers(tmp_path):
     from quantscale.export import export_model
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     model = make_tiny_llama(dtype=torch.bfloat16)
     quantize_model(model, "W8A16")
@@ -102,7 +102,8 @@ def test_a_broken_algorithm_module_raises_its_own_error():
     import subprocess
 
     code = (
-        "import sys; sys.modules['quantscale.algorithms.gptq'] = None\nimport quantscale.quantize\n"
+        "import sys; sys.modules['quantscale.algorithms.gptq'] = None\n"
+        "import quantscale.orchestrator\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
@@ -111,7 +112,7 @@ def test_a_broken_algorithm_module_raises_its_own_error():
 
 def _ct_int4(tmp_path, hidden: int):
     from quantscale.export import export_model
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     model = make_tiny_llama(96, hidden, 256, torch.bfloat16)
     quantize_model(model, "W4A16")

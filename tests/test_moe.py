@@ -18,7 +18,7 @@ from quantscale.models.moe import (
     linearize_experts,
     log_expert_coverage,
 )
-from quantscale.quantize import quantize_model
+from quantscale.orchestrator import quantize_model
 from quantscale.runtime.qlinear import quant_linears
 
 TOKENS = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -357,7 +357,7 @@ class _Held(GPTQ):
 
 def _driven(monkeypatch, recipe: str, all_tokens: bool, batch: int | None) -> tuple[dict, list]:
     """quantize_model's GPTQ on the tiny Qwen3-MoE: the QuantLinears' tensors, held experts."""
-    import quantscale.quantize as q
+    import quantscale.orchestrator as q
 
     model = _qwen_moe()
     linearize_experts(model)

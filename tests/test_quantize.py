@@ -11,7 +11,7 @@ from quantscale.algorithms.base import ALGORITHMS, register_algorithm
 from quantscale.errors import QuantscaleError
 from quantscale.export.fake_quant import save_quantized
 from quantscale.observers import get_observer
-from quantscale.quantize import load_model, quantize_model
+from quantscale.orchestrator import load_model, quantize_model
 from quantscale.runtime.qlinear import QuantLinear, quant_linears
 from quantscale.scheme import preset_recipe
 

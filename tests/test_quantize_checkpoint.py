@@ -13,7 +13,7 @@ from quantscale.checkpoint.layouts import detect_layout
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.commands.quantize import add_calibrated_options
 from quantscale.errors import QuantscaleError
-from quantscale.quantize import quantize_checkpoint
+from quantscale.orchestrator import quantize_checkpoint
 
 WORDS = "the cat sat on a mat while dogs ran far in green hills and rivers flow to sea".split()
 

@@ -13,7 +13,7 @@ from quantscale.analysis.sensitivity import (
 )
 from quantscale.analysis.sweep import Setting, calibrate_shared
 from quantscale.eval.scoring import final_hidden
-from quantscale.quantize import quantize_with_scales, restore_linears
+from quantscale.orchestrator import quantize_with_scales, restore_linears
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import load_recipe, preset_scheme
 

@@ -29,8 +29,8 @@ from quantscale.algorithms.smoothing import (
 )
 from quantscale.calibration.sequential import layerwise
 from quantscale.errors import QuantscaleError
+from quantscale.orchestrator import quantize_model
 from quantscale.qdq import compute_qparams, fake_quantize
-from quantscale.quantize import quantize_model
 from quantscale.scheme import preset_scheme
 
 

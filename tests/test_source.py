@@ -109,7 +109,7 @@ CT_CASES = {
 @pytest.fixture(scope="module", params=list(CT_CASES))
 def ct_export(request, tmp_path_factory):
     from quantscale.export.compressed_tensors import save_compressed_tensors
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     model = _tiny()
     method_kwargs = CT_CASES[request.param]
@@ -141,7 +141,7 @@ def test_compressed_tensors_source(ct_export, tmp_path):
 @pytest.mark.parametrize("preset", ["NVFP4", "NVFP4A16"])
 def test_modelopt_nvfp4_source(preset, tmp_path):
     from quantscale.export.modelopt import read_modelopt, save_modelopt
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
     from quantscale.runtime.qlinear import quant_linears
 
     model = _tiny(tied=False)
@@ -261,7 +261,7 @@ def _rewrite(src_dir, out, change):
 @pytest.fixture(scope="module")
 def nvfp4_ct(tmp_path_factory):
     from quantscale.export.compressed_tensors import save_compressed_tensors
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     model = _tiny()
     quantize_model(model, "NVFP4A16", TOKENS, method="rtn")
@@ -420,7 +420,7 @@ def test_smollm2_fp8_block_source_equals_dequantize(tmp_path):
 def test_fake_quant_save_is_a_plain_source(tmp_path):
     """Our fake-quant save stores weights dequantized: the source drops the qparam buffers."""
     from quantscale.export.fake_quant import save_quantized
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     model = _tiny()
     quantize_model(model, "W8A8", TOKENS, method="rtn", batch_size=2)
@@ -469,7 +469,7 @@ def test_streamed_quantize_from_fp8_equals_from_its_dequantized_copy(tmp_path):
     """The streamed path reads an FP8 source per tensor: its output is the output from the
     float32 copy `dequantize` writes, tensor for tensor (no bf16 copy on disk needed)."""
     from quantscale.checkpoint.synthetic import write_llama_like
-    from quantscale.quantize import quantize_checkpoint
+    from quantscale.orchestrator import quantize_checkpoint
 
     fp8 = write_llama_like(tmp_path / "fp8", 256, 512, 2, 512, shards=2, fp8=True)
     deq = dequantize_checkpoint(fp8, tmp_path / "deq", dtype="fp32")

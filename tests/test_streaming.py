@@ -15,7 +15,7 @@ import torch
 from quantscale.calibration.boundary import Boundary, parse_bytes
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
-from quantscale.quantize import quantize_checkpoint
+from quantscale.orchestrator import quantize_checkpoint
 from quantscale.streaming import KILL_AFTER_ENV, StreamOptions, resolve_device
 
 WORDS = "the cat sat on a mat while dogs ran far in green hills and rivers flow to sea".split()
@@ -146,7 +146,7 @@ def test_moe_streamed(tmp_path, all_experts):
 def test_gptq_memory_budget_chunks_experts_with_the_same_weights(tmp_path, monkeypatch):
     """--gptq-memory below one expert's Hessian: experts in chunks, output unchanged."""
     from quantscale.algorithms import layer
-    from quantscale.quantize import GPTQOptions
+    from quantscale.orchestrator import GPTQOptions
 
     counts: list[int] = []
     passes = layer.calibration_passes
@@ -343,7 +343,7 @@ def test_parts_equal_whole_model_export(tmp_path, fmt, preset, tied):
     from tiny_models import make_tiny_llama
 
     from quantscale.export import export_model
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     model = make_tiny_llama(96, 128, 256, tie_word_embeddings=tied)
     tokens = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))

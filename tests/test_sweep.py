@@ -54,7 +54,7 @@ def test_shared_calibration_matches_pipeline_for_the_first_layer(tiny_llama):
     mm = shared["W8A8 minmax"][("model.layers.0.self_attn.q_proj", "input")].scale
     pct = shared["W8A8 percentile"][("model.layers.0.self_attn.q_proj", "input")].scale
     assert pct < mm
-    from quantscale.quantize import quantize_model
+    from quantscale.orchestrator import quantize_model
 
     quantize_model(tiny_llama, settings[0].recipe, data, batch_size=2)
     assert torch.equal(tiny_llama.model.layers[0].self_attn.q_proj.input_scale, mm)

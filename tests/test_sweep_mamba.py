@@ -5,7 +5,7 @@ import json
 import pytest
 
 from quantscale import cli
-from quantscale.quantize import is_mamba
+from quantscale.orchestrator import is_mamba
 
 
 def test_is_mamba_reads_fixture_names_and_configs(tmp_path):

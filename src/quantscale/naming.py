@@ -50,9 +50,14 @@ def module_path(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
+# Tensor leaves the layouts store for one module (weights, codes, qparams), not module names.
+_LEAF = re.compile(r"\.(bias|(weight|input|output)(_[a-z0-9_]+)?)$")
+
+
 def module_kind(param_name: str) -> str:
-    """Kind of the module owning a parameter (or of a module path); "other" if unknown."""
-    path = module_path(param_name) if param_name.endswith((".weight", ".bias")) else param_name
+    """Kind of the module owning a tensor (`weight`, `weight_packed`, `input_scale`...) or of
+    a module path; "other" if unknown."""
+    path = module_path(param_name) if _LEAF.search(param_name) else param_name
     if param_name.endswith("e_score_correction_bias"):
         return "router"
     for kind, pattern in _COMPILED:

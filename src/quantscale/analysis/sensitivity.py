@@ -28,8 +28,8 @@ from quantscale.errors import QuantscaleError
 from quantscale.eval.error import sqnr_db
 from quantscale.eval.scoring import final_hidden
 from quantscale.models.adapter import decoder_layers
+from quantscale.orchestrator import rtn_quant_linear, targeted_linears
 from quantscale.progress import track
-from quantscale.quantize import rtn_quant_linear, targeted_linears
 from quantscale.scheme import QuantScheme, Recipe
 
 _FINAL_NORMS = ("norm", "final_layernorm", "norm_f", "ln_f")

@@ -39,13 +39,13 @@ from quantscale.calibration.activations import ActivationCalibrator
 from quantscale.calibration.sequential import as_batches, run_batches
 from quantscale.errors import QuantscaleError
 from quantscale.models.adapter import decoder_layers
-from quantscale.progress import track
-from quantscale.quantize import (
+from quantscale.orchestrator import (
     quantize_model,
     quantize_with_scales,
     restore_linears,
     targeted_linears,
 )
+from quantscale.progress import track
 from quantscale.scheme import QuantScheme, Recipe, load_recipe
 
 BASELINE = "baseline"

@@ -52,7 +52,7 @@ from quantscale.formats.intq import unpack_int32
 from quantscale.formats.mxfp4 import MX_GROUP, mx_scale_value
 from quantscale.naming import module_path
 from quantscale.qdq import QParams, dequantize
-from quantscale.scheme import QuantArgs, Recipe
+from quantscale.scheme import QuantArgs, QuantScheme, Recipe
 
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -286,9 +286,10 @@ def _plan_ct(ckpt: Checkpoint, plan: DequantPlan) -> None:
         module, _, leaf = name.rpartition(".")
         if leaf not in ("weight", "weight_packed") or name in plan.weights:
             continue
-        if f"{module}.weight_scale" not in ckpt.tensors:
-            continue
         scheme = recipe.scheme_for(module)
+        if f"{module}.weight_scale" not in ckpt.tensors:
+            _expect_plain(ckpt, name, scheme)
+            continue
         if scheme is None or scheme.weights is None:
             raise CheckpointError(
                 f"{ckpt.path}: {module} has a weight_scale but no config group targets it"
@@ -301,6 +302,18 @@ def _plan_ct(ckpt: Checkpoint, plan: DequantPlan) -> None:
         )
         plan.consumed.update(parts.values())
         plan.consumed.update(_local_parts(ckpt, module, ACTIVATION_QPARAMS).values())
+
+
+def _expect_plain(ckpt: Checkpoint, name: str, scheme: QuantScheme | None) -> None:
+    """A weight without a `weight_scale` must be a float one: packed or int8 / FP8 codes of a
+    module the config quantizes cannot be decoded without it."""
+    dtype = ckpt.tensors[name].dtype
+    packed = name.endswith(".weight_packed")
+    if packed or (dtype in ("I8", "F8_E4M3") and scheme is not None and scheme.weights):
+        raise CheckpointError(
+            f"{_where(ckpt, name)} is stored quantized ({dtype}) but has no weight_scale beside "
+            "it: its codes cannot be decoded"
+        )
 
 
 def _weight_shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:

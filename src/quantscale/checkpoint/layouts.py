@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-import quantscale
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.naming import module_path
 from quantscale.scheme import QuantScheme
+from quantscale.version import __version__
 
 # config.json keys, quant_method values and side files
 HF_FP8_METHOD = "fp8"
@@ -327,7 +327,7 @@ def reciprocal(x: torch.Tensor) -> torch.Tensor:
 def hf_quant_config(quant_algo: str, exclude: list[str]) -> dict:
     """The hf_quant_config.json ModelOpt writes beside an NVFP4 checkpoint."""
     return {
-        "producer": {"name": "quantscale", "version": quantscale.__version__},
+        "producer": {"name": "quantscale", "version": __version__},
         "quantization": {
             "quant_algo": quant_algo,
             "kv_cache_quant_algo": None,

@@ -1,4 +1,5 @@
-"""Check an FP8 block-wise checkpoint's config.json against its tensors.
+"""Check a checkpoint's config.json against its tensors: FP8 block-wise ones (HF layout, or
+no quantization_config) in detail; the other layouts through their formats' header checks.
 
 Each finding has a severity ("error" or "warning"), the tensors it concerns (grouped, e.g.
 "q_proj in 62 layers") and a plain-words explanation of what a loader will do with it.
@@ -17,10 +18,20 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
+from quantscale.checkpoint.dequantize import plan_dequantize
 from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of
-from quantscale.checkpoint.layouts import HF_FP8_METHOD, parse_block, weight_of_scale
+from quantscale.checkpoint.layouts import (
+    HF_FP8,
+    HF_FP8_METHOD,
+    QUAMBA,
+    Layout,
+    detect_layout,
+    parse_block,
+    weight_of_scale,
+)
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.runtimes import runtime_refusals
+from quantscale.errors import CheckpointError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import module_path
 
@@ -576,6 +587,28 @@ def check_runtimes(ctx: _Context, runtime: str | None) -> list[Finding]:
 # ---------------------------------------------------------------- entry point
 
 
+def check_layout(ckpt: Checkpoint, layout: Layout) -> list[Finding]:
+    """A checkpoint in another layout than HF FP8 (compressed-tensors, ModelOpt, Neuron, our
+    saves): every quantized weight has the stored tensors, dtypes and scale shapes its format
+    and config give it (the dequantizer's own header checks), and some weight is quantized."""
+    if layout is QUAMBA:
+        return []
+    try:
+        plan = plan_dequantize(ckpt)
+    except CheckpointError as err:
+        return [Finding(ERROR, "layout", f"{layout.name} checkpoint: {err}")]
+    if plan.weights or layout.name in ("fake-quant", "pseudo"):
+        return []
+    return [
+        Finding(
+            ERROR,
+            "no-quantized-weights",
+            f"config.json declares the {layout.name} layout but no tensor is stored in it: "
+            "loaders build quantized layers and find plain weights",
+        )
+    ]
+
+
 def validate_checkpoint(
     ckpt: Checkpoint | str | os.PathLike, runtime: str | None = None, sample: int = 12
 ) -> ValidationReport:
@@ -583,12 +616,16 @@ def validate_checkpoint(
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint(ckpt)
     ctx = _context(ckpt)
-    findings = check_config(ctx)
-    findings += check_skip_list(ctx)
-    findings += check_pairs(ctx)
-    findings += check_scale_shapes(ctx)
-    findings += check_unquantized(ctx)
-    findings += check_scale_values(ctx, sample)
+    layout = detect_layout(ckpt)
+    if layout is None or layout is HF_FP8:
+        findings = check_config(ctx)
+        findings += check_skip_list(ctx)
+        findings += check_pairs(ctx)
+        findings += check_scale_shapes(ctx)
+        findings += check_unquantized(ctx)
+        findings += check_scale_values(ctx, sample)
+    else:
+        findings = check_layout(ckpt, layout)
     findings += check_runtimes(ctx, runtime)
     findings.sort(key=lambda f: f.severity != ERROR)
     return ValidationReport(str(ckpt.path), findings)

@@ -1,6 +1,6 @@
 """`quantscale calibrate MODEL OUT --scheme W8A8 --observer percentile`: calibrate static
 activation scales and quantize the weights layer by layer, then save the fake-quantized model
-with its scales (reload it with `quantscale.quantize.load_model`)."""
+with its scales (reload it with `quantscale.orchestrator.load_model`)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def build_recipe(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from quantscale.algorithms.smoothing import SmoothQuant
     from quantscale.export.fake_quant import save_quantized
-    from quantscale.quantize import load_model, quantize_model
+    from quantscale.orchestrator import load_model, quantize_model
     from quantscale.runtime.qlinear import compute_dtype
 
     if args.out.exists() and not args.overwrite:

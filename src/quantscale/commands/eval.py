@@ -6,23 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from quantscale.commands.options import add_dtype_option, torch_dtype
 from quantscale.errors import QuantscaleError
 from quantscale.eval.runner import TASKS, evaluate
-from quantscale.models.loader import (
-    NAMED_MODELS,
-    load_tokenizer,
-    quant_method,
-    read_config,
-    resolve_model,
-)
+from quantscale.models.loader import NAMED_MODELS, load_tokenizer, resolve_model
+from quantscale.orchestrator import READERS, load_evaluated
 
-READERS = ("quantscale", "transformers")
 # Metrics where lower is better; the others are accuracies.
 LOWER_IS_BETTER = {"ppl"}
 
@@ -68,20 +60,6 @@ def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
     tokenizer = load_tokenizer(path, tokenizer_fallback)
     model = load_evaluated(path, torch_dtype(args.dtype), args.reader)
     return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
-
-
-def load_evaluated(path: Path, dtype: torch.dtype, reader: str = "quantscale") -> nn.Module:
-    """The model `eval` scores: a compressed-tensors, ModelOpt or HF FP8 checkpoint through our
-    own reader (`reader="quantscale"`: the file's codes and activation scales, no runtime
-    needed) or transformers' loader (`"transformers"`: what it runs, refusing what it cannot);
-    anything else as `quantize.load_model` reads it (fake-quant saves, Quamba, plain)."""
-    from quantscale.models.quantized import READ_METHODS, load_quantized_checkpoint
-    from quantscale.quantize import load_model
-
-    method = quant_method(read_config(path)) if (path / "config.json").is_file() else None
-    if reader == "quantscale" and method in READ_METHODS:
-        return load_quantized_checkpoint(path, dtype)
-    return load_model(path, dtype)[0]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
 any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
-exports (`quantscale.quantize.quantize_checkpoint`). With `--stream` it does so layer by layer
+exports (`quantscale.orchestrator.quantize_checkpoint`). With `--stream` it does so layer by layer
 from the shards, resumable from `--work-dir`, each layer on `--device`, the activations
 between layers memory-mapped past `--max-memory` (`quantscale.streaming`).
 """
@@ -60,11 +60,11 @@ SCHEMES: dict[str, Callable[[argparse.Namespace], int]] = {"fp8-block": run_fp8_
 
 def run(args: argparse.Namespace) -> int:
     """Streaming FP8 block without calibration; every other scheme/method (and every Mamba
-    model) goes through `quantscale.quantize.quantize_checkpoint`."""
+    model) goes through `quantscale.orchestrator.quantize_checkpoint`."""
     handler = SCHEMES.get(args.scheme)
     if handler is not None and args.method is None:
         return handler(args)
-    from quantscale.quantize import GPTQOptions, quantize_checkpoint
+    from quantscale.orchestrator import GPTQOptions, quantize_checkpoint
 
     gptq = GPTQOptions(
         actorder=args.actorder,

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(spec: str) -> tuple[Any, Any]:
-    from quantscale.quantize import load_model
+    from quantscale.orchestrator import load_model
 
     model, tokenizer = load_model(spec)
     if tokenizer is None:

@@ -84,7 +84,7 @@ def run_mamba(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantscale.quantize import is_mamba, load_model
+    from quantscale.orchestrator import is_mamba, load_model
 
     if is_mamba(args.model):
         return run_mamba(args)

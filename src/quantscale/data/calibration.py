@@ -1,7 +1,7 @@
 """Token tensors for calibration and evaluation: tokenization, calibration windows, eval tokens.
 
 - `calibration_batches()`: `[n_samples, seq_len]` random windows over the calibration text
-  (the calibration Wikipedia articles by default, or a text file, or given articles).
+  (the calibration Wikipedia articles by default, or a text file, articles or strings).
 - `eval_tokens()`: the held-out articles' token stream.
 - `tokenize_text()` / `bos_token_id()`: how every caller turns text into ids.
 """
@@ -19,7 +19,7 @@ from quantscale.data import assets
 from quantscale.data.text import Article
 from quantscale.errors import QuantscaleError
 
-CalibrationSource = str | os.PathLike[str] | Sequence[Article] | None
+CalibrationSource = str | os.PathLike[str] | Sequence[Article] | Sequence[str] | None
 
 
 class Tokenizer(Protocol):
@@ -50,7 +50,8 @@ def tokenize_text(tokenizer: Tokenizer, text: str) -> torch.Tensor:
 
 
 def _source_text(source: CalibrationSource) -> str:
-    """Text of a calibration source: None (calibration articles), a text file, or articles."""
+    """Text of a calibration source: None (calibration articles), a text file, articles or
+    strings (joined by blank lines)."""
     if source is None:
         return _join(assets.wiki_split()[0])
     if isinstance(source, (str, os.PathLike)):
@@ -58,7 +59,8 @@ def _source_text(source: CalibrationSource) -> str:
         if not path.is_file():
             raise QuantscaleError(f"calibration text file {path} does not exist")
         return path.read_text(encoding="utf-8")
-    return _join(source)
+    texts = [item if isinstance(item, str) else item.text for item in source]
+    return "\n\n".join(texts)
 
 
 def calibration_batches(

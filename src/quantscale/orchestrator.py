@@ -20,6 +20,7 @@ read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
 from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
+from quantscale.data.calibration import CalibrationSource
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
 from quantscale.models.adapter import decoder_layers
@@ -197,6 +199,26 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     return loader.load_model(path, dtype)
 
 
+READERS = ("quantscale", "transformers")  # how `load_evaluated` reads quantized files
+
+
+def load_evaluated(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, reader: str = "quantscale"
+) -> nn.Module:
+    """The model `eval` scores: a compressed-tensors, ModelOpt or HF FP8 checkpoint through our
+    own reader (`reader="quantscale"`: the file's codes and activation scales, no runtime
+    needed) or transformers' loader (`"transformers"`: what it runs, refusing what it cannot);
+    anything else as `quantize.load_model` reads it (fake-quant saves, Quamba, plain)."""
+    from quantscale.models.quantized import READ_METHODS, load_quantized_checkpoint
+
+    path = Path(path)
+    config = path / "config.json"
+    method = loader.quant_method(loader.read_config(path)) if config.is_file() else None
+    if reader == "quantscale" and method in READ_METHODS:
+        return load_quantized_checkpoint(path, dtype)
+    return load_model(path, dtype)[0]
+
+
 def is_mamba(spec: str | os.PathLike) -> bool:
     """Whether `spec` names a Mamba fixture or a checkpoint of a Mamba / Mamba2 model."""
     from quantscale.mamba.mixers import is_mamba_config
@@ -260,7 +282,7 @@ def quantize_checkpoint(
     fmt: str | None = None,
     calib_samples: int = 128,
     calib_seq_len: int = 512,
-    calib_data: str | os.PathLike | None = None,
+    calib_data: CalibrationSource | torch.Tensor = None,
     calib_batch_size: int = 4,
     dtype: str = "bfloat16",
     gptq: GPTQOptions = GPTQOptions(),
@@ -281,6 +303,8 @@ def quantize_checkpoint(
     if is_mamba(model_dir):
         if stream:
             raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
+        if calib_data is not None and not isinstance(calib_data, (str, os.PathLike)):
+            raise QuantscaleError(f"{model_dir}: a Mamba model calibrates on a text file only")
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
         return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
@@ -339,30 +363,59 @@ class CalibrationSettings:
 
     samples: int = 128
     seq_len: int = 512
-    data: str | os.PathLike | None = None
+    data: CalibrationSource | torch.Tensor = None
     batch_size: int = 4
 
     def batches(
         self, tokenizer: Any, recipe: Recipe, method: str, model_dir: str | os.PathLike
     ) -> torch.Tensor | None:
-        """Calibration token ids, or None when the recipe and method need no data."""
+        """Calibration token ids (`data` itself when it is ids `[N, L]`), or None when the
+        recipe and method need no data."""
         from quantscale.data.calibration import calibration_batches
 
         if method == "rtn" and not has_static_activations(recipe.config_groups.values()):
             return None
+        if isinstance(self.data, torch.Tensor):
+            return _token_batches(self.data)
         if tokenizer is None:
             raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
         return calibration_batches(tokenizer, self.samples, self.seq_len, source=self.data)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings as JSON values (the streamed path's resume record)."""
-        data = os.fspath(Path(self.data).resolve()) if self.data is not None else None
+        data = _data_fingerprint(self.data)
         return {
             "calib_samples": self.samples,
             "calib_seq_len": self.seq_len,
             "calib_data": data,
             "calib_batch_size": self.batch_size,
         }
+
+
+def _token_batches(ids: torch.Tensor) -> torch.Tensor:
+    """Calibration token ids given directly: a 2-D integer tensor `[N, L]`."""
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise QuantscaleError(
+            f"calibration token ids must be an integer tensor [N, L]; got {ids.dtype} "
+            f"of shape {list(ids.shape)}"
+        )
+    return ids.long()
+
+
+def _data_fingerprint(data: CalibrationSource | torch.Tensor) -> str | None:
+    """A calibration source as one JSON string: a file's resolved path, else a digest of the
+    token ids or texts."""
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        return os.fspath(Path(data).resolve())
+    if isinstance(data, torch.Tensor):
+        raw = data.detach().cpu().long().contiguous().numpy().tobytes()
+        return f"tokens {list(data.shape)} sha256:{hashlib.sha256(raw).hexdigest()}"
+    digest = hashlib.sha256()
+    for item in data:
+        digest.update((item if isinstance(item, str) else item.text).encode() + b"\0")
+    return f"{len(data)} texts sha256:{digest.hexdigest()}"
 
 
 def _quantize_mamba(
