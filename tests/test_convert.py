@@ -122,6 +122,19 @@ def test_neuron_layout_and_config(hf_fp8, tmp_path):
     assert neuron["quantization_type"] == "blockwise_symmetric"
     assert neuron["quantization_dtype"] == "f8e4m3"
     assert neuron["quantization_block_size"] == [128, 128]
+    assert neuron["quantized"] is True and neuron["quantized_mlp_kernel_enabled"] is True
+    assert neuron["activation_quantization_type"] is None and neuron["kv_cache_quant"] is False
+
+
+def test_cli_reports_converted_scale_count(hf_fp8, tmp_path, capsys):
+    scales = [n for n in Checkpoint(hf_fp8).names() if n.endswith(".weight_scale_inv")]
+    assert cli.main(["convert", str(hf_fp8), str(tmp_path / "n"), "--to", "neuron"]) == 0
+    err = capsys.readouterr().err
+    assert f"converted {len(scales)} FP8 scale parameters" in err and "no reciprocal" in err
+    written = [n for n in Checkpoint(tmp_path / "n").names() if n.endswith(".scale")]
+    assert len(written) == len(scales) > 0
+    assert cli.main(["-q", "convert", str(hf_fp8), str(tmp_path / "q"), "--to", "neuron"]) == 0
+    assert "converted" not in capsys.readouterr().err
 
 
 def test_minimax_shapes_convert_and_back(tmp_path):

@@ -8,6 +8,7 @@ helpers live beside them in `quantscale.commands.options`.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from types import ModuleType
 
@@ -42,12 +43,37 @@ COMMANDS: tuple[ModuleType, ...] = (
 )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (stdout stays for results and JSON)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(quiet: bool) -> None:
+    """Show quantscale's INFO messages (or only warnings with --quiet) on stderr, once."""
+    logger = logging.getLogger("quantscale")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every sub-command of `COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="quantscale", description="Post-training quantization toolkit for LLMs."
     )
     parser.add_argument("--version", action="version", version=f"quantscale {__version__}")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors on stderr"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
@@ -61,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    configure_logging(args.quiet)
     try:
         return int(args.func(args) or 0)
     except QuantscaleError as err:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -53,6 +54,8 @@ from quantscale.checkpoint.read import Checkpoint, TensorInfo
 from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.scheme import Recipe, preset_scheme
+
+log = logging.getLogger(__name__)
 
 TARGETS = (*FP8_CONVENTIONS, MODELOPT_METHOD)
 SIDECAR = "quantscale_nvfp4_convert.json"
@@ -185,9 +188,16 @@ def convert_fp8(
             return TensorPlan.copy(new, info)
         return TensorPlan(((new, dtype, info.shape),))
 
-    return transform_checkpoint(
+    written = transform_checkpoint(
         ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
     )
+    log.info(
+        "converted %d FP8 scale parameters (%s -> %s, renamed, values unchanged: no reciprocal)",
+        len(scales),
+        src.weight_scale,
+        to.weight_scale,
+    )
+    return written
 
 
 # ------------------------------------------------------------------ NVFP4

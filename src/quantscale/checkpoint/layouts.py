@@ -265,13 +265,19 @@ def from_neuron_name(name: str, scale_to: str, unprefixed: list[str]) -> str:
 
 
 def neuron_block(facts: FP8Facts, unprefixed: list[str]) -> dict:
-    """Settings for NxD Inference's NeuronConfig, plus what --to hf needs to undo renames."""
+    """Settings for NxD Inference's NeuronConfig (the field names its loader reads:
+    `quantized`, `quantization_type`, `quantization_dtype`, `modules_to_not_convert`,
+    `quantized_mlp_kernel_enabled`, `kv_cache_quant`, `activation_quantization_type`), plus
+    what --to hf needs to undo renames."""
     modules = [to_neuron_name(f"{m}.weight", "").rpartition(".")[0] for m in facts.ignore]
     return {
         "quantized": True,
         "quantization_dtype": "f8e4m3",
         "quantization_type": "blockwise_symmetric",
         "quantization_block_size": facts.block,
+        "quantized_mlp_kernel_enabled": True,  # the MLP kernel reads fp8 weight + .scale
+        "kv_cache_quant": False,
+        "activation_quantization_type": None,  # weights only: activations stay bf16
         "modules_to_not_convert": modules,
         "unprefixed_modules": unprefixed,
         "hf_quantization_config": hf_fp8_config(facts),
