@@ -46,7 +46,7 @@ COMMANDS: tuple[ModuleType, ...] = (
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (stdout stays for results and JSON)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):  # noqa: D102
         return sys.stderr
 
