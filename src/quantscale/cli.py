@@ -19,6 +19,7 @@ from quantscale.commands import (
     demo,
     dequantize,
     eval,
+    explain,
     inspect,
     mamba,
     quantize,
@@ -34,6 +35,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     demo,
     dequantize,
     eval,
+    explain,
     inspect,
     mamba,
     quantize,
@@ -47,7 +49,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (stdout stays for results and JSON)."""
 
     @property
-    def stream(self):  # noqa: D102
+    def stream(self):
         return sys.stderr
 
     @stream.setter
