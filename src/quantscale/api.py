@@ -24,6 +24,7 @@ from torch import nn
 
 from quantscale.checkpoint.convert import convert_checkpoint
 from quantscale.checkpoint.inspect import PrecisionReport, precision_report
+from quantscale.checkpoint.layouts import QUANTIZE_CONFIG
 from quantscale.checkpoint.validate import ValidationReport, validate_checkpoint
 from quantscale.data.calibration import CalibrationSource
 from quantscale.errors import QuantscaleError
@@ -105,7 +106,13 @@ def validate(path: str | os.PathLike, runtime: str | None = None) -> ValidationR
 def convert(
     src: str | os.PathLike, out: str | os.PathLike, to: str, overwrite: bool = False
 ) -> Path:
-    """Rewrite an FP8 block or NVFP4 checkpoint in convention `to` (`quantscale convert`)."""
+    """Rewrite an FP8 block or NVFP4 checkpoint in convention `to` (`quantscale convert`); a
+    pseudo-quantized one (fp16 + `_scales`) is repacked into packed compressed-tensors or
+    ModelOpt."""
+    if (Path(src) / QUANTIZE_CONFIG).is_file():
+        from quantscale.export.repack import repack_pseudo
+
+        return repack_pseudo(src, out, to, overwrite=overwrite)
     return convert_checkpoint(src, out, to, overwrite=overwrite)
 
 

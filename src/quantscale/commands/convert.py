@@ -1,7 +1,8 @@
 """`quantscale convert CKPT OUT --to {hf,compressed-tensors,neuron,modelopt} [--explain]`.
 
 FP8 block checkpoints convert between HF, compressed-tensors and Neuron; NVFP4 checkpoints
-between compressed-tensors and ModelOpt.
+between compressed-tensors and ModelOpt; pseudo-quantized ones (fp16 + `_scales`) repack into
+compressed-tensors or ModelOpt.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ TARGETS = ("hf", "compressed-tensors", "neuron", "modelopt")
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantscale.checkpoint.convert import convert_checkpoint, explain
+    from quantscale.api import convert
+    from quantscale.checkpoint.convert import explain
 
     if args.explain:
         print(explain(args.to))
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.ckpt is None or args.out is None:
         raise QuantscaleError("convert needs CKPT and OUT (or only --explain)")
-    out = convert_checkpoint(args.ckpt, args.out, args.to, overwrite=args.overwrite)
+    out = convert(args.ckpt, args.out, args.to, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
