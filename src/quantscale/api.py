@@ -37,6 +37,7 @@ from quantscale.orchestrator import (
     load_evaluated,
     quantize_checkpoint,
     quantize_model,
+    set_kv_cache,
 )
 from quantscale.streaming import StreamOptions
 
@@ -59,14 +60,17 @@ def quantize(
     gptq: GPTQOptions | None = None,
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
+    kv_cache: str | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq' |
     'rtn'). Returns the written directory, or the model itself when it was given in memory
-    without an `output_dir`. A Mamba checkpoint is quantized the Quamba way."""
+    without an `output_dir`. A Mamba checkpoint is quantized the Quamba way. `kv_cache`
+    ('fp8' | 'fp8-head'): static FP8 KV-cache scales calibrated on the same data."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
         recipe = gptq.recipe(scheme)
+        set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
         quantize_model(model, recipe, batches, method, **gptq.method_options(method))
@@ -89,6 +93,7 @@ def quantize(
         gptq=gptq,
         overwrite=overwrite,
         stream=stream,
+        kv_cache=kv_cache,
     )
 
 

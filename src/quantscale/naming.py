@@ -60,6 +60,8 @@ def module_kind(param_name: str) -> str:
     path = module_path(param_name) if _LEAF.search(param_name) else param_name
     if param_name.endswith("e_score_correction_bias"):
         return "router"
+    if param_name.endswith((".k_scale", ".v_scale")):
+        return "kv_cache"
     for kind, pattern in _COMPILED:
         if pattern.search(path):
             return kind

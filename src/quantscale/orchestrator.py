@@ -49,6 +49,7 @@ from quantscale.errors import QuantscaleError
 from quantscale.models import loader
 from quantscale.models.adapter import decoder_layers
 from quantscale.qdq import QParams
+from quantscale.runtime.kv_cache import KV_CHOICES, calibrate_kv_cache, fp8_kv_args
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
 from quantscale.scheme import QuantScheme, Recipe, load_recipe
 from quantscale.streaming import StreamOptions, quantize_streamed
@@ -89,10 +90,12 @@ def quantize_model(
         raise QuantscaleError("the recipe targets no Linear module of this model")
     data = as_batches(batches, batch_size)
     schemes = [ql.scheme for ql in linears.values()]
+    kv = recipe.kv_cache_scheme
     needs_data = has_static_activations(schemes) or algorithm.needs_data
-    if (needs_data or transforms) and not data:
+    if (needs_data or transforms or kv is not None) and not data:
         raise QuantscaleError(
-            f"static activations, layer transforms or method {method!r} need calibration batches"
+            f"static activations, an FP8 KV cache, layer transforms or method {method!r} need "
+            "calibration batches"
         )
     model.eval()
     if not (needs_data or transforms):  # weight-only, data-free: no forward at all
@@ -101,6 +104,8 @@ def quantize_model(
         if true_sequential is None:
             true_sequential = algorithm.true_sequential
         _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential)
+    if kv is not None:  # on the quantized model, as the runtime's cache will see it
+        calibrate_kv_cache(model, kv, lambda: run_batches(model, data))
     cast(Any, model).quantscale_recipe = recipe  # what the exporters write
     return linears
 
@@ -290,6 +295,7 @@ def quantize_checkpoint(
     true_sequential: bool | None = None,
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
+    kv_cache: str | None = None,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
     recipe file) by `method` ('rtn' | 'gptq', default gptq) and write it to `out` in format
@@ -297,7 +303,9 @@ def quantize_checkpoint(
     `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
     Mamba / Mamba2 model is quantized the Quamba way (no method or format applies).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
-    (`streaming.quantize_streamed`); the same tensors as the in-memory path."""
+    (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
+    ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
+    same data (compressed-tensors `kv_cache_scheme`)."""
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
@@ -314,6 +322,7 @@ def quantize_checkpoint(
     if fmt not in EXPORTERS:
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
+    set_kv_cache(recipe, kv_cache, fmt, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
     path = loader.resolve_model(model_dir)
     if stream:
@@ -357,6 +366,26 @@ def quantize_checkpoint(
     return export_model(model, out, fmt, source_dir=path, overwrite=overwrite, **extra)
 
 
+def set_kv_cache(recipe: Recipe, kv_cache: str | None, fmt: str | None, stream: object) -> None:
+    """Apply `--kv-cache` to the recipe; refuse the paths that do not write KV scales (`fmt`
+    None: the model stays in memory)."""
+    if kv_cache is not None:
+        if kv_cache not in KV_CHOICES:
+            raise QuantscaleError(
+                f"--kv-cache {kv_cache!r}; expected one of {', '.join(KV_CHOICES)}"
+            )
+        recipe.kv_cache_scheme = fp8_kv_args(KV_CHOICES[kv_cache])
+    if recipe.kv_cache_scheme is None:
+        return
+    if fmt not in (None, "compressed-tensors"):
+        raise QuantscaleError(
+            "an FP8 KV cache is written in compressed-tensors' kv_cache_scheme only "
+            f"(not --format {fmt})"
+        )
+    if stream:
+        raise QuantscaleError("an FP8 KV cache is calibrated by the in-memory path (omit --stream)")
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """The calibration options of `quantize_checkpoint` (the `--calib-*` flags)."""
@@ -373,7 +402,8 @@ class CalibrationSettings:
         recipe and method need no data."""
         from quantscale.data.calibration import calibration_batches
 
-        if method == "rtn" and not has_static_activations(recipe.config_groups.values()):
+        static = has_static_activations(recipe.config_groups.values())
+        if method == "rtn" and not static and recipe.kv_cache_scheme is None:
             return None
         if isinstance(self.data, torch.Tensor):
             return _token_batches(self.data)

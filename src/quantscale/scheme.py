@@ -32,7 +32,7 @@ from quantscale.naming import DEFAULT_IGNORE
 if TYPE_CHECKING:
     import torch
 
-Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group"]
+Strategy = Literal["tensor", "channel", "group", "block", "token", "tensor_group", "attn_head"]
 
 
 class QuantArgs(BaseModel):

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         true_sequential=args.true_sequential,
         overwrite=args.overwrite,
         stream=stream_options(args),
+        kv_cache=args.kv_cache,
     )
     print(f"wrote {out}")
     return 0
@@ -168,6 +169,13 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
     )
     p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument(
+        "--kv-cache",
+        choices=["fp8", "fp8-head"],
+        default=None,
+        help="static FP8 KV-cache scales calibrated on the same data, per tensor (fp8) or per KV "
+        "head (fp8-head); compressed-tensors kv_cache_scheme (vLLM kv_cache_dtype=fp8)",
+    )
     p.add_argument(
         "--gptq-memory",
         type=_size,

@@ -7,7 +7,9 @@ checkpoint's config; its static activation qparams (`input_scale`, ...) are load
 buffers the fake-quant model used, so activations are quantized the same way in the forward.
 Transformers cannot run some of these layouts on a CPU (packed asymmetric int4, ragged groups,
 FP8 blocks off its grid, ModelOpt without a GPU); this reader needs no runtime. The weights'
-own qparams are not restored: such a model evaluates, it is not re-exported.
+own qparams are not restored: such a model evaluates, it is not re-exported. A
+`kv_cache_scheme` with `k_scale` / `v_scale` tensors quantizes keys and values as the FP8
+cache would (runtime/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from quantscale.checkpoint.layouts import (
 from quantscale.checkpoint.source import TensorSource, open_source
 from quantscale.errors import CheckpointError
 from quantscale.naming import module_path
+from quantscale.runtime.kv_cache import SCALES as KV_SCALES
+from quantscale.runtime.kv_cache import load_kv_scales
 from quantscale.runtime.qlinear import BUFFERS, QuantLinear
 from quantscale.scheme import QuantScheme, Recipe, preset_scheme
 
@@ -79,6 +83,9 @@ def load_quantized_checkpoint(
     state = {n: source.get(n, dtype if source.is_quantized(n) else None) for n in source.names()}
     for module in quantized:
         state.update(_activation_qparams(source, module, qc.get("quant_method")))
+    kv = {n: t for n, t in state.items() if n.rpartition(".")[2] in KV_SCALES}
+    if recipe.kv_cache_scheme is not None:
+        load_kv_scales(model, recipe.kv_cache_scheme, kv, str(path))
     result = model.load_state_dict(state, strict=False)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
