@@ -369,3 +369,27 @@ def test_observer_without_a_range_raises():
     act.observe(torch.tensor([[1.0, float("nan"), float("inf"), 2.0]]))
     with pytest.raises(QuantscaleError, match="minmax observer saw 1 batch.*no finite range"):
         act.finish()
+
+
+def test_checkpoint_without_tokenizer_names_what_is_missing(tmp_path, capsys):
+    """Calibrating a Mamba checkpoint that has no tokenizer says so (it used to fail with
+    'calibration text has 0 tokens'); token ids given directly need no tokenizer."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from quantscale import cli
+    from quantscale.orchestrator import quantize_checkpoint
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8)
+    MambaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "calib.txt").write_text("the fox jumps over the dog. " * 200)
+    argv = ["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--scheme", "W8A8"]
+    argv += ["--calib-samples", "2", "--calib-seq-len", "16"]
+    for extra in ([], ["--calib-data", str(tmp_path / "calib.txt")]):
+        assert cli.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'm'}: no tokenizer found" in err and "token ids [N, L]" in err
+    assert not (tmp_path / "q").exists()
+    ids = torch.cat(_batches())
+    out = quantize_checkpoint(tmp_path / "m", tmp_path / "q", "W8A8", calib_data=ids)
+    assert load_quantized(out).config.quantization_config["quant_method"] == "quamba"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from quantscale.errors import QuantscaleError
-from quantscale.mamba.fixtures import load_mamba
+from quantscale.mamba.fixtures import load_mamba, require_tokenizer
 from quantscale.mamba.mixers import MambaRecipe, PointRule
 from quantscale.mamba.quantize import (
     calibration_token_batches,
@@ -168,6 +168,7 @@ def reference_hidden(
     from quantscale.data.calibration import eval_tokens
 
     model, tokenizer = load_mamba(model_spec)
+    tokenizer = require_tokenizer(tokenizer, model_spec, "evaluation")
     probe = eval_tokens(tokenizer, windows * PROBE_LEN).reshape(windows, PROBE_LEN)
     return probe, final_hidden_states(model, probe)
 
@@ -199,7 +200,8 @@ def _evaluate_one(
         model, tokenizer = load_mamba(model_spec, torch.bfloat16)
     else:
         model, tokenizer = load_mamba(model_spec)
-        quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
+        batches = calibration_token_batches(tokenizer, recipe, calib_data, model_spec)
+        quantize_mamba(model, batches, recipe)
     row = measure(model, tokenizer, n_tokens, n_items)
     row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, ids))
     row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [ids])
