@@ -48,10 +48,10 @@ def quantize(
     model: str | os.PathLike | nn.Module,
     output_dir: str | os.PathLike | None = None,
     scheme: str = "W4A16",
-    method: str = "gptq",
+    method: str | None = None,
     *,
     calibration: Calibration = None,
-    format: str = "compressed-tensors",
+    format: str | None = None,
     calib_samples: int = 128,
     calib_seq_len: int = 512,
     tokenizer: Any = None,
@@ -59,12 +59,14 @@ def quantize(
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
 ) -> Path | nn.Module:
-    """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq' |
-    'rtn'). Returns the written directory, or the model itself when it was given in memory
-    without an `output_dir`. A Mamba checkpoint is quantized the Quamba way."""
+    """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
+    default, or 'rtn') to `format` (default compressed-tensors). Returns the written
+    directory, or the model itself when it was given in memory without an `output_dir`. A
+    Mamba checkpoint is quantized the Quamba way (no method or format applies)."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
+        method, format = method or "gptq", format or "compressed-tensors"
         recipe = gptq.recipe(scheme)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
