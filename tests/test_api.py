@@ -109,3 +109,20 @@ def test_calibration_strings_are_joined_text(tmp_path):
     torch.testing.assert_close(
         calibration_batches(tok, 3, 4, source=texts), calibration_batches(tok, 3, 4, source=path)
     )
+
+
+def test_quantize_mamba_checkpoint_from_token_ids(tmp_path):
+    """qs.quantize on a Mamba checkpoint without a tokenizer: the defaults take the Quamba
+    path (they used to be refused as --method / --format) and token ids need no tokenizer."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from quantscale.mamba.quantize import load_quantized
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)
+    MambaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    with pytest.raises(QuantscaleError, match=r"no tokenizer found.*calibration=ids"):
+        qs.quantize(tmp_path / "m", tmp_path / "q", "W8A8", calib_samples=2, calib_seq_len=16)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = qs.quantize(tmp_path / "m", tmp_path / "q", "W8A8", calibration=ids)
+    assert load_quantized(out).config.quantization_config["quant_method"] == "quamba"

@@ -60,3 +60,30 @@ def test_fixture_quantizes_with_small_perplexity_change(kind):
     quantize_mamba(model, calibration_token_batches(tokenizer, recipe), recipe)
     quantized = perplexity(model, tokens)
     assert quantized != base and abs(quantized / base - 1) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reader", ["quantscale", "transformers"])
+def test_eval_command_reads_a_saved_quamba_checkpoint(tmp_path, capsys, reader):
+    """`quantscale eval` on a saved Quamba checkpoint runs our INT8 mixers: its perplexity is
+    the in-memory quantized model's (a plain transformers load of the INT8 tensors is not)."""
+    import json
+
+    from quantscale import cli
+    from quantscale.eval.runner import evaluate
+    from quantscale.mamba.fixtures import load_fixture
+    from quantscale.mamba.mixers import MambaRecipe
+    from quantscale.mamba.quantize import calibration_token_batches, quantize_mamba, save_quantized
+
+    model, tokenizer = load_fixture("mamba")
+    base = evaluate(model, tokenizer, ["ppl"], n_tokens=2048)["ppl"]
+    recipe = MambaRecipe(n_samples=8, seq_len=128)
+    quantize_mamba(model, calibration_token_batches(tokenizer, recipe), recipe)
+    expected = evaluate(model, tokenizer, ["ppl"], n_tokens=2048)["ppl"]
+    out = save_quantized(model, tmp_path / "q", tokenizer)
+    argv = ["eval", str(out), "--tasks", "ppl", "--n-tokens", "2048", "--reader", reader]
+    assert cli.main([*argv, "--json"]) == 0
+    stdout = capsys.readouterr().out
+    got = json.loads(stdout[stdout.index("{") :])["results"]["ppl"]
+    assert got == pytest.approx(expected, rel=1e-4) and got != base
+    assert abs(expected / base - 1) < 0.05 and got < 0.5 * len(tokenizer)

@@ -319,3 +319,77 @@ def test_quantize_mamba_checkpoint_schemes(tmp_path):
     )
     saved = load_quantized(out).config.quantization_config["recipe"]
     assert (saved["method"], saved["head_groups"], saved["n_samples"]) == ("quamba2", 2, 4)
+
+
+def _observer_names() -> list[str]:
+    """One registered name per observer class."""
+    from quantscale.observers import OBSERVERS
+
+    return sorted({cls.name for cls in OBSERVERS.values()})
+
+
+@pytest.mark.parametrize("observer", _observer_names())
+def test_every_observer_sets_a_real_mamba_scale(observer, monkeypatch):
+    """A Mamba point calibrated with any registered observer gets the scale that observer
+    computes standalone on the same batches (the kl observer used to leave 1.0)."""
+    from quantscale.mamba.quamba import _ACT_ARGS, ActQuant
+    from quantscale.observers import get_observer
+    from quantscale.qdq import compute_qparams
+
+    seen: list[tuple[ActQuant, torch.Tensor]] = []
+    original = ActQuant.observe
+
+    def recording(self, x):
+        if self._observers is not None:
+            seen.append((self, x.detach().float().reshape(-1, self.channels).clone()))
+        original(self, x)
+
+    monkeypatch.setattr(ActQuant, "observe", recording)
+    rule = PointRule(observer=observer)
+    model = _quantized("mamba", points={"ssm.dt": rule, "ssm.x": rule})
+    for point in ("ssm.dt", "ssm.x"):
+        act = model.backbone.layers[0].mixer.act(point)
+        standalone = get_observer(observer, args=_ACT_ARGS)
+        for owner, x in seen:
+            if owner is act:
+                standalone.update(x)
+        assert standalone.count == len(_batches())
+        expected = compute_qparams(_ACT_ARGS, *standalone.min_max()).scale.reshape(1)
+        assert float(act.scale) != 1.0, point
+        torch.testing.assert_close(act.scale, expected, rtol=1e-5, atol=0)
+
+
+def test_observer_without_a_range_raises():
+    """An observer that saw data but yields no finite range fails instead of keeping 1.0."""
+    from quantscale.mamba.mixers import PointSpec
+    from quantscale.mamba.quamba import ActQuant
+
+    act = ActQuant(4)
+    act.start(PointSpec(True, "minmax"))
+    act.observe(torch.tensor([[1.0, float("nan"), float("inf"), 2.0]]))
+    with pytest.raises(QuantscaleError, match="minmax observer saw 1 batch.*no finite range"):
+        act.finish()
+
+
+def test_checkpoint_without_tokenizer_names_what_is_missing(tmp_path, capsys):
+    """Calibrating a Mamba checkpoint that has no tokenizer says so (it used to fail with
+    'calibration text has 0 tokens'); token ids given directly need no tokenizer."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from quantscale import cli
+    from quantscale.orchestrator import quantize_checkpoint
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8)
+    MambaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "calib.txt").write_text("the fox jumps over the dog. " * 200)
+    argv = ["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--scheme", "W8A8"]
+    argv += ["--calib-samples", "2", "--calib-seq-len", "16"]
+    for extra in ([], ["--calib-data", str(tmp_path / "calib.txt")]):
+        assert cli.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'm'}: no tokenizer found" in err and "token ids [N, L]" in err
+    assert not (tmp_path / "q").exists()
+    ids = torch.cat(_batches())
+    out = quantize_checkpoint(tmp_path / "m", tmp_path / "q", "W8A8", calib_data=ids)
+    assert load_quantized(out).config.quantization_config["quant_method"] == "quamba"

@@ -50,10 +50,10 @@ def quantize(
     model: str | os.PathLike | nn.Module,
     output_dir: str | os.PathLike | None = None,
     scheme: str = "W4A16",
-    method: str = "gptq",
+    method: str | None = None,
     *,
     calibration: Calibration = None,
-    format: str = "compressed-tensors",
+    format: str | None = None,
     calib_samples: int = 128,
     calib_seq_len: int = 512,
     tokenizer: Any = None,
@@ -62,13 +62,15 @@ def quantize(
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
 ) -> Path | nn.Module:
-    """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq' |
-    'rtn'). Returns the written directory, or the model itself when it was given in memory
-    without an `output_dir`. A Mamba checkpoint is quantized the Quamba way. `kv_cache`
+    """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
+    default, or 'rtn') to `format` (default compressed-tensors). Returns the written
+    directory, or the model itself when it was given in memory without an `output_dir`. A
+    Mamba checkpoint is quantized the Quamba way (no method or format applies). `kv_cache`
     ('fp8' | 'fp8-head'): static FP8 KV-cache scales calibrated on the same data."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
+        method, format = method or "gptq", format or "compressed-tensors"
         recipe = gptq.recipe(scheme)
         set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"

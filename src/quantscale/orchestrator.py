@@ -44,7 +44,7 @@ from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
 from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
-from quantscale.data.calibration import CalibrationSource
+from quantscale.data.calibration import CalibrationSource, token_ids
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
 from quantscale.models.adapter import decoder_layers
@@ -311,8 +311,10 @@ def quantize_checkpoint(
     if is_mamba(model_dir):
         if stream:
             raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
-        if calib_data is not None and not isinstance(calib_data, (str, os.PathLike)):
-            raise QuantscaleError(f"{model_dir}: a Mamba model calibrates on a text file only")
+        if calib_data is not None and not isinstance(calib_data, (str, os.PathLike, torch.Tensor)):
+            raise QuantscaleError(
+                f"{model_dir}: a Mamba model calibrates on a text file or token ids [N, L]"
+            )
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
         return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
@@ -406,7 +408,7 @@ class CalibrationSettings:
         if method == "rtn" and not static and recipe.kv_cache_scheme is None:
             return None
         if isinstance(self.data, torch.Tensor):
-            return _token_batches(self.data)
+            return token_ids(self.data)
         if tokenizer is None:
             raise QuantscaleError(f"{model_dir}: no tokenizer found; calibration needs one")
         return calibration_batches(tokenizer, self.samples, self.seq_len, source=self.data)
@@ -420,16 +422,6 @@ class CalibrationSettings:
             "calib_data": data,
             "calib_batch_size": self.batch_size,
         }
-
-
-def _token_batches(ids: torch.Tensor) -> torch.Tensor:
-    """Calibration token ids given directly: a 2-D integer tensor `[N, L]`."""
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise QuantscaleError(
-            f"calibration token ids must be an integer tensor [N, L]; got {ids.dtype} "
-            f"of shape {list(ids.shape)}"
-        )
-    return ids.long()
 
 
 def _data_fingerprint(data: CalibrationSource | torch.Tensor) -> str | None:

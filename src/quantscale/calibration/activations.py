@@ -132,7 +132,7 @@ class ActivationCalibrator:
         for key, args in self.args.items():
             source = self._alias.get(key, key) if self.observers[key].count == 0 else key
             obs = self.observers[source]
-            if obs.count == 0 and getattr(obs, "hist", None) is None:
+            if obs.count == 0:
                 raise QuantscaleError(f"{key[0]}: no {key[1]} activations observed")
             out[key] = static_qparams(args, obs)
         return out

@@ -62,22 +62,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the unquantized row")
     p.add_argument(
         "--mamba-settings",
-        default="all",
         help="Mamba / Mamba2 models (fixture:mamba, fixture:mamba2 or a checkpoint): comma list "
-        "of `quantscale mamba eval` settings, or 'all' (alpha, sigma, observer, groups, layers)",
+        "of `quantscale mamba eval` settings, or 'all' (alpha, sigma, observer, groups, layers; "
+        "the default without --observer/--alpha/--sigma/--observers, which on Mamba set the "
+        "SSM input ssm.x of Quamba1 settings)",
     )
     p.set_defaults(func=run)
 
 
-def run_mamba(args: argparse.Namespace) -> int:
-    """The scale-strategy sweep of a Mamba model: Quamba settings through `quantscale mamba`."""
-    from quantscale.mamba.evaluate import evaluate_settings, mamba_sweep_settings, print_rows
+_LLM_ONLY = (("smooth", "--smooth"), ("per_channel", "--per-channel"))
 
-    names = args.mamba_settings.split(",")
-    if args.mamba_settings == "all":
-        names = list(mamba_sweep_settings())
+
+def _mamba_names(args: argparse.Namespace, flagged: bool) -> list[str]:
+    """The named Mamba settings: --mamba-settings ('all' by default), or only the bf16
+    baseline when the observer flags give the settings; bf16 dropped by --no-baseline."""
+    from quantscale.mamba.evaluate import mamba_sweep_settings
+
+    spec = args.mamba_settings or ("bf16" if flagged else "all")
+    names = list(mamba_sweep_settings()) if spec == "all" else spec.split(",")
+    return [n for n in names if not (args.no_baseline and n == "bf16")]
+
+
+def run_mamba(args: argparse.Namespace) -> int:
+    """The scale-strategy sweep of a Mamba model: Quamba settings through `quantscale mamba`,
+    plus one per --alpha / --sigma / --observers value (`mamba.evaluate.flag_settings`)."""
+    from quantscale.mamba.evaluate import evaluate_settings, flag_settings, print_rows
+
+    for attr, flag in _LLM_ONLY:
+        if getattr(args, attr):
+            raise QuantscaleError(f"{flag} applies to transformer models, not Mamba ({args.model})")
+    if args.mode != "shared":
+        raise QuantscaleError(f"--mode {args.mode} applies to transformer models, not Mamba")
+    extra = flag_settings(args.observer, args.alpha, args.sigma, args.observers)
     rows = evaluate_settings(
-        args.model, names, args.calib_samples, args.calib_seq_len, args.n_tokens, 200
+        args.model,
+        _mamba_names(args, bool(extra)),
+        args.calib_samples,
+        args.calib_seq_len,
+        args.n_tokens,
+        200,
+        args.calib_data,
+        args.calib_batch_size,
+        extra=extra,
     )
     print_rows(args.model, rows)
     return 0

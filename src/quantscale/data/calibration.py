@@ -63,6 +63,16 @@ def _source_text(source: CalibrationSource) -> str:
     return "\n\n".join(texts)
 
 
+def token_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Calibration token ids given directly: a 2-D integer tensor `[N, L]` (as long)."""
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise QuantscaleError(
+            f"calibration token ids must be an integer tensor [N, L]; got {ids.dtype} "
+            f"of shape {list(ids.shape)}"
+        )
+    return ids.long()
+
+
 def calibration_batches(
     tokenizer: Tokenizer,
     n_samples: int = 512,

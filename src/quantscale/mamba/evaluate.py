@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from quantscale.errors import QuantscaleError
-from quantscale.mamba.fixtures import load_mamba
+from quantscale.mamba.fixtures import load_mamba, require_tokenizer
 from quantscale.mamba.mixers import MambaRecipe, PointRule
 from quantscale.mamba.quantize import (
     calibration_token_batches,
@@ -27,6 +27,7 @@ from quantscale.mamba.quantize import (
     quantized_mixers,
     run_batches,
 )
+from quantscale.observers import PercentileObserver, get_observer
 
 PROBE_WINDOWS = 8
 PROBE_LEN = 512
@@ -66,6 +67,55 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
             update={"points": _x_rule("percentile", alpha=0.99999, sigma=0.01)}
         ),
     }
+
+
+def _x_setting(
+    observer: str, alpha: float | None = None, sigma: float | None = None
+) -> MambaRecipe:
+    """Quamba1 with the SSM input ssm.x calibrated by `observer` (percentile: the recipe's
+    percentile_alpha / ema_sigma, else observer kwargs)."""
+    q1 = MambaRecipe(method="quamba1")
+    if isinstance(get_observer(observer), PercentileObserver):
+        return q1.with_options(percentile_alpha=alpha, ema_sigma=sigma)
+    kwargs = {} if sigma is None else {"sigma": sigma}
+    return q1.model_copy(update={"points": _x_rule(observer, **kwargs)})
+
+
+def _check_flag(flag: str, values: Sequence[float], observer: str) -> None:
+    """Refuse --alpha / --sigma for an ssm.x observer that has no such parameter."""
+    obs = get_observer(observer)
+    takes = isinstance(obs, PercentileObserver) if flag == "--alpha" else obs.combine == "ema"
+    if values and not takes:
+        raise QuantscaleError(
+            f"{flag} sets the {'percentile' if flag == '--alpha' else 'EMA'} parameter of the "
+            f"Mamba SSM input ssm.x; its observer {observer!r} has none (use --observer "
+            f"percentile{'' if flag == '--alpha' else ' or ema'})"
+        )
+
+
+def flag_settings(
+    observer: str | None = None,
+    alphas: Sequence[float] = (),
+    sigmas: Sequence[float] = (),
+    observers: Sequence[str] = (),
+) -> dict[str, MambaRecipe]:
+    """`quantscale sweep`'s --observer / --alpha / --sigma / --observers on a Mamba model.
+
+    They act on ssm.x, the point Quamba1 calibrates with a percentile (every other point is
+    min-max): one Quamba1 setting per alpha, sigma and observer kind, ssm.x using `observer`
+    (default percentile); --observer alone gives one setting.
+    """
+    x_obs = observer or "percentile"
+    _check_flag("--alpha", alphas, x_obs)
+    _check_flag("--sigma", sigmas, x_obs)
+    for kind in observers:
+        get_observer(kind)
+    out = {f"quamba1 ssm.x={x_obs} alpha={a:g}": _x_setting(x_obs, alpha=a) for a in alphas}
+    out |= {f"quamba1 ssm.x={x_obs} sigma={s:g}": _x_setting(x_obs, sigma=s) for s in sigmas}
+    out |= {f"quamba1 ssm.x={kind}": _x_setting(kind) for kind in observers}
+    if observer and not out:
+        out[f"quamba1 ssm.x={observer}"] = _x_setting(observer)
+    return out
 
 
 def measure(model: nn.Module, tokenizer: Any, n_tokens: int = 32768, n_items: int = 200) -> dict:
@@ -118,16 +168,20 @@ def reference_hidden(
     from quantscale.data.calibration import eval_tokens
 
     model, tokenizer = load_mamba(model_spec)
+    tokenizer = require_tokenizer(tokenizer, model_spec, "evaluation")
     probe = eval_tokens(tokenizer, windows * PROBE_LEN).reshape(windows, PROBE_LEN)
     return probe, final_hidden_states(model, probe)
 
 
-def _settings(names: Sequence[str]) -> list[tuple[str, MambaRecipe | None]]:
+def _settings(
+    names: Sequence[str], extra: Mapping[str, MambaRecipe] | None = None
+) -> list[tuple[str, MambaRecipe | None]]:
+    """The named settings (`mamba_sweep_settings`), then the `extra` ones."""
     settings = mamba_sweep_settings()
     unknown = [n for n in names if n not in settings]
     if unknown:
         raise QuantscaleError(f"unknown setting(s) {unknown}; known: {', '.join(settings)}")
-    return [(n, settings[n]) for n in names]
+    return [(n, settings[n]) for n in names] + list((extra or {}).items())
 
 
 def _evaluate_one(
@@ -146,7 +200,8 @@ def _evaluate_one(
         model, tokenizer = load_mamba(model_spec, torch.bfloat16)
     else:
         model, tokenizer = load_mamba(model_spec)
-        quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
+        batches = calibration_token_batches(tokenizer, recipe, calib_data, model_spec)
+        quantize_mamba(model, batches, recipe)
     row = measure(model, tokenizer, n_tokens, n_items)
     row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, ids))
     row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [ids])
@@ -162,11 +217,12 @@ def evaluate_settings(
     n_items: int,
     calib_data: str | os.PathLike | None = None,
     batch_size: int = 8,
+    extra: Mapping[str, MambaRecipe] | None = None,
 ) -> list[dict]:
-    """Measure each named setting on one model, calibrated on `n_samples` x `seq_len` windows
-    (of `calib_data`, default the Wikipedia calibration split) in batches of `batch_size`;
-    one row per setting."""
-    settings = _settings(names)
+    """Measure each named setting, then each `extra` one (name -> recipe), on one model,
+    calibrated on `n_samples` x `seq_len` windows (of `calib_data`, default the Wikipedia
+    calibration split) in batches of `batch_size`; one row per setting."""
+    settings = _settings(names, extra)
     probe = reference_hidden(model_spec)
     rows = []
     for name, recipe in settings:

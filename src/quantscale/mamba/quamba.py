@@ -124,10 +124,9 @@ class ActQuant(nn.Module):
             raise QuantscaleError("activation quantizer finished without calibration data")
         scales = self.scale.clone()
         for g, obs in enumerate(self._observers):
-            if obs.min_val is None:  # an empty group: its scale is never used
+            if obs.count == 0:  # an empty group: its scale is never used
                 continue
-            mn, mx = obs.min_max()
-            scales[g] = compute_qparams(_ACT_ARGS, mn, mx).scale.reshape(())
+            scales[g] = _observer_scale(obs)
         self.scale = scales.to(self.scale.device)
         self._observers = self._members = None
 
@@ -157,6 +156,18 @@ class ActQuant(nn.Module):
         if gid is not None and self.group_id is None:
             self.group_id = torch.empty_like(gid, device=self.scale.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _observer_scale(obs: Observer) -> torch.Tensor:
+    """The static INT8 scale (a 0-d tensor) of an observer that saw data; raises if its
+    range is missing or not finite (never a silent 1.0)."""
+    mn, mx = obs.min_max()
+    if not bool(torch.isfinite(mn).all() and torch.isfinite(mx).all()):
+        raise QuantscaleError(
+            f"{obs.name} observer saw {obs.count} batch(es) but gave no finite range "
+            f"({mn.tolist()}, {mx.tolist()})"
+        )
+    return compute_qparams(_ACT_ARGS, mn, mx).scale.reshape(())
 
 
 def quantize_weight(w: torch.Tensor, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import CheckpointError, OutputExistsError, QuantscaleError
-from quantscale.mamba.fixtures import load_mamba
+from quantscale.mamba.fixtures import load_mamba, require_tokenizer
 from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.mamba.mixers import (
     MambaKind,
@@ -166,13 +166,21 @@ def scheme_recipe(scheme: str | os.PathLike) -> MambaRecipe:
 
 
 def calibration_token_batches(
-    tokenizer: Any, recipe: MambaRecipe, source: str | os.PathLike | None = None
+    tokenizer: Any,
+    recipe: MambaRecipe,
+    source: str | os.PathLike | torch.Tensor | None = None,
+    model_spec: str | os.PathLike = "the model",
 ) -> list[torch.Tensor]:
     """The recipe's calibration windows (n_samples x seq_len) over a text file or, by
-    default, the calibration articles, in batches of `recipe.batch_size`."""
-    from quantscale.data.calibration import calibration_batches
+    default, the calibration articles, in batches of `recipe.batch_size`; token ids [N, L]
+    given as `source` are used as they are. Text needs the tokenizer of `model_spec`."""
+    from quantscale.data.calibration import calibration_batches, token_ids
 
-    tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len, source=source)
+    if isinstance(source, torch.Tensor):
+        tokens = token_ids(source)
+    else:
+        tokenizer = require_tokenizer(tokenizer, model_spec, "calibration")
+        tokens = calibration_batches(tokenizer, recipe.n_samples, recipe.seq_len, source=source)
     return list(tokens.split(recipe.batch_size))
 
 
@@ -183,7 +191,7 @@ def quantize_mamba_checkpoint(
     *,
     calib_samples: int = 512,
     calib_seq_len: int = 512,
-    calib_data: str | os.PathLike | None = None,
+    calib_data: str | os.PathLike | torch.Tensor | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
@@ -197,7 +205,7 @@ def quantize_and_save(
     model_spec: str | os.PathLike,
     out: str | os.PathLike,
     recipe: MambaRecipe,
-    calib_data: str | os.PathLike | None = None,
+    calib_data: str | os.PathLike | torch.Tensor | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Load a float Mamba model, quantize it with `recipe` (calibrating on `calib_data` or
@@ -205,7 +213,8 @@ def quantize_and_save(
     if Path(out).exists() and not overwrite:
         raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
     model, tokenizer = load_mamba(model_spec)
-    quantize_mamba(model, calibration_token_batches(tokenizer, recipe, calib_data), recipe)
+    batches = calibration_token_batches(tokenizer, recipe, calib_data, model_spec)
+    quantize_mamba(model, batches, recipe)
     return save_quantized(model, out, tokenizer, overwrite=overwrite)
 
 

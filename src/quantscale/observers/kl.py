@@ -62,6 +62,7 @@ class KLObserver(Observer):
             raise QuantscaleError("kl observer supports per-tensor ranges only")
         a = rows.abs().reshape(-1)
         amax = float(a.max()) if a.numel() else 0.0
+        self.count += 1
         if self.hist is None:
             self.width = amax / self.num_bins if amax > 0 else 0.0
             self.hist = torch.zeros(self.num_bins, dtype=torch.float64)
@@ -77,7 +78,6 @@ class KLObserver(Observer):
             self.hist, self.width = h.reshape(-1, 2).sum(dim=1), self.width * 2
         n = len(self.hist)
         self.hist += torch.histc(a.double(), bins=n, min=0.0, max=n * self.width)
-        self.count += 1
 
     def min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hist is None:
