@@ -30,7 +30,7 @@ from quantscale.checkpoint.layouts import (
     weight_of_scale,
 )
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.runtimes import runtime_refusals
+from quantscale.checkpoint.runtimes import runtime_refusals, selects
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import module_path
@@ -563,21 +563,21 @@ def _inverted_finding(
 
 
 def check_runtimes(ctx: _Context, runtime: str | None) -> list[Finding]:
-    """(h) tensors that a runtime (e.g. transformers) refuses or loads wrongly."""
+    """(h) tensors that a runtime refuses or loads wrongly (`runtimes.RUNTIMES`: transformers,
+    vllm, vllm-cpu); all but the vLLM CPU-build rules when no runtime is named."""
     qc = ctx.qc or {}
     if "weight_block_size" in qc and parse_block(qc["weight_block_size"]) is None:
         return []  # already an error; runtime rules need a valid block size
     grouped: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for tensor, rt, version, reason in runtime_refusals(ctx.ckpt):
-        if runtime is None or runtime.lower() in rt.lower():
+    for tensor, rt, version, reason in runtime_refusals(ctx.ckpt, runtime):
+        if selects(runtime, rt):
             grouped[(rt, str(version), reason)].append(tensor)
     severity = ERROR if runtime is not None else WARNING
     return [
         Finding(
             severity,
             "runtime-refuses",
-            f"{rt} {version} on {len(names)} weights of this checkpoint: {reason}. "
-            "Re-export them with shapes the runtime accepts, or load with another runtime.",
+            f"{rt} {version} on {len(names)} tensors of this checkpoint: {reason}.",
             sorted(names),
         )
         for (rt, version, reason), names in sorted(grouped.items())
