@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 from quantscale.checkpoint.dequantize import CT, FP8, MODELOPT_NVFP4, StoredWeight, plan_dequantize
 from quantscale.checkpoint.layouts import (
@@ -49,10 +49,8 @@ from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
-from quantscale.naming import module_path
-
-if TYPE_CHECKING:
-    from quantscale.runtime.qlinear import QuantLinear
+from quantscale.naming import group_names, module_path
+from quantscale.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +187,16 @@ def vllm_group_rule(in_features: int, group: int) -> str | None:
     )
 
 
-def ragged_group_warnings(linears: Mapping[str, QuantLinear]) -> list[str]:
+class SchemedLinear(Protocol):
+    """What `ragged_group_warnings` reads of a QuantLinear."""
+
+    in_features: int
+    scheme: QuantScheme
+
+
+def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
     """Log (and return) one warning per `vllm_group_rule` reason for the QuantLinears that
     will be exported group-quantized with a group not dividing their in_features."""
-    from quantscale.checkpoint.validate import group_names
-
     by_reason: dict[str, list[str]] = defaultdict(list)
     for name, ql in linears.items():
         w = ql.scheme.weights
