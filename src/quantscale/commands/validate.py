@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--runtime",
         default=None,
-        help="treat tensors this runtime refuses (e.g. transformers) as errors",
+        help="treat tensors this runtime refuses as errors: transformers, vllm (rules of "
+        "every vLLM build) or vllm-cpu (those plus the CPU build's: no FP8 block without AMX, "
+        "no FP4, no static int8 activations); without it, all but the vllm-cpu rules warn",
     )
     parser.add_argument(
         "--sample",

@@ -125,7 +125,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
 
 def refuse_runtime(path: str | os.PathLike) -> None:
     """Raise naming the tensors transformers cannot run (checkpoint/runtimes.py rules)."""
-    refusals = runtime_refusals(str(path))
+    refusals = runtime_refusals(str(path), "transformers")
     if refusals:
         names = ", ".join(r.tensor for r in refusals[:4])
         more = f" and {len(refusals) - 4} more" if len(refusals) > 4 else ""

@@ -1,0 +1,159 @@
+"""`validate --runtime vllm / vllm-cpu` on our own exports (checkpoint.runtimes vLLM rules).
+
+The refusals were seen serving SmolLM2 exports in vLLM CPU 0.32.0 (vLLM does not run here):
+W4A16 g128 on 576-wide layers refused at load on every build; FP8 block (no AMX), NVFP4A16 /
+NVFP4 / MXFP4 (no FP4 kernel) refused and static W8A8 stalled on the CPU build; bf16, W8A8
+dynamic and FP8 dynamic served. Each test exports with our exporters and checks that the rule
+names the tensors on the bad case and stays silent on the good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+from quantscale.checkpoint.runtimes import (
+    VLLM,
+    VLLM_CPU,
+    runtime_refusals,
+    selects,
+    vllm_group_rule,
+)
+from quantscale.checkpoint.validate import validate_checkpoint
+from quantscale.cli import main
+from quantscale.export import export_model
+from quantscale.orchestrator import quantize_model
+from quantscale.scheme import load_recipe
+
+CALIB = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+WIDE = 576  # SmolLM2-135M's hidden size: group 128 does not divide it, 64 does
+RAGGED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}  # in_features 576
+
+
+def _w4a16(group: int):
+    recipe = load_recipe("W4A16")
+    for g in recipe.config_groups.values():
+        assert g.weights is not None
+        g.weights = g.weights.model_copy(update={"group_size": group})
+    return recipe
+
+
+def _export(tmp_path, scheme, fmt: str = "compressed-tensors", hidden: int = 128):
+    model = make_tiny_llama(96, hidden, 256, torch.bfloat16)
+    quantize_model(model, scheme, CALIB)
+    return export_model(model, tmp_path / "out", fmt)
+
+
+def _modules(report, runtime: str) -> set[str]:
+    """The tensors of the runtime-refuses findings of `runtime` (by message prefix)."""
+    found = [f for f in report.findings if f.code == "runtime-refuses"]
+    return {t for f in found if f.message.startswith(f"{runtime} 0.32") for t in f.tensors}
+
+
+def test_ragged_groups_refused_on_every_vllm_build(tmp_path, capsys):
+    out = _export(tmp_path, "W4A16", hidden=WIDE)
+    report = validate_checkpoint(out, runtime="vllm")
+    assert not report.ok
+    named = _modules(report, VLLM)
+    assert {t.split(".")[-2] for t in named} == RAGGED
+    assert "model.layers.1.self_attn.q_proj.weight_packed" in named
+    assert len(named) == 12  # 6 ragged modules x 2 layers; down_proj (256 in) divides
+    message = report.errors[0].message
+    assert "vLLM 0.32.0" in message and "input_size_per_partition=576" in message
+    assert "group_size=128" in message and "e.g. 64" in message
+    # the CLI: exit 1, stdout is JSON only
+    capsys.readouterr()
+    assert main(["validate", str(out), "--runtime", "vllm", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    tensors = {t for f in data["findings"] for t in f["tensors"]}
+    assert "model.layers.0.mlp.up_proj.weight_packed" in tensors
+    assert "model.layers.0.mlp.down_proj.weight_packed" not in tensors
+
+
+def test_a_dividing_group_is_served(tmp_path):
+    out = _export(tmp_path, _w4a16(64), hidden=WIDE)
+    assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
+
+
+@pytest.mark.parametrize(
+    ("fmt", "scheme"),
+    [
+        ("compressed-tensors", "NVFP4A16"),
+        ("compressed-tensors", "NVFP4"),
+        ("compressed-tensors", "MXFP4"),
+        ("modelopt", "NVFP4A16"),
+        ("compressed-tensors", "FP8_BLOCK"),
+    ],
+)
+def test_cpu_build_refuses_fp4_and_fp8_block(tmp_path, fmt, scheme):
+    out = _export(tmp_path, scheme, fmt)
+    cpu = validate_checkpoint(out, runtime="vllm-cpu")
+    named = _modules(cpu, VLLM_CPU)
+    assert "model.layers.0.self_attn.q_proj" in {t.rsplit(".", 1)[0] for t in named}
+    assert len(named) == 14  # every quantized Linear of the 2 layers
+    assert "CPU build only" in cpu.errors[0].message
+    word = "FP8" if scheme == "FP8_BLOCK" else "FP4"
+    assert word in cpu.errors[0].message
+    # GPU builds serve it; without --runtime the CPU-build rules stay quiet
+    assert validate_checkpoint(out, runtime="vllm").findings == []
+    assert validate_checkpoint(out).findings == []
+
+
+def test_cpu_build_refuses_hf_fp8_block(tmp_path):
+    src = tmp_path / "bf16"
+    make_tiny_llama(96, 128, 256, torch.bfloat16).save_pretrained(src)
+    out = quantize_checkpoint_fp8(src, tmp_path / "fp8")
+    refusals = runtime_refusals(out, "vllm-cpu")
+    assert {r.runtime for r in refusals} == {VLLM_CPU}
+    assert "model.layers.1.mlp.down_proj.weight" in {r.tensor for r in refusals}
+    assert "Intel AMX" in refusals[0].reason and "128x128" in refusals[0].reason
+    assert runtime_refusals(out, "vllm") == []
+
+
+def test_static_int8_activations_stall_the_cpu_build(tmp_path):
+    out = _export(tmp_path, "W8A8")
+    named = _modules(validate_checkpoint(out, runtime="vllm-cpu"), VLLM_CPU)
+    assert "model.layers.0.self_attn.o_proj.input_scale" in named
+    assert len(named) == 14 and all(t.endswith(".input_scale") for t in named)
+    reason = runtime_refusals(out, "vllm-cpu")[0].reason
+    assert "dynamic activations for vLLM CPU" in reason
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "FP8_DYNAMIC", "W8A16"])
+def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
+    out = _export(tmp_path, scheme)
+    assert runtime_refusals(out, "vllm-cpu") == []
+    assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
+
+
+def test_runtime_selection():
+    assert selects("vllm", VLLM) and not selects("vllm", VLLM_CPU)
+    assert selects("vllm-cpu", VLLM_CPU) and selects("vLLM CPU", VLLM) and selects("vllm_cpu", VLLM)
+    assert selects(None, VLLM) and not selects(None, VLLM_CPU)
+    assert not selects("transformers", VLLM)
+
+
+def test_group_rule_suggests_a_dividing_group():
+    assert vllm_group_rule(576, 64) is None and vllm_group_rule(576, 128) is not None
+    assert "e.g. 64" in (vllm_group_rule(576, 128) or "")
+    assert "e.g. 32" in (vllm_group_rule(96, 128) or "")
+
+
+def test_quantize_warns_on_ragged_groups(caplog):
+    model = make_tiny_llama(96, WIDE, 256, torch.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        quantize_model(model, "W4A16")
+    warned = [
+        r.getMessage() for r in caplog.records if "input_size_per_partition" in r.getMessage()
+    ]
+    assert len(warned) == 1
+    assert "12 modules" in warned[0] and "q_proj" in warned[0] and "down_proj" not in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        quantize_model(make_tiny_llama(96, WIDE, 256, torch.bfloat16), _w4a16(64))
+    assert not [r for r in caplog.records if "input_size_per_partition" in r.getMessage()]
