@@ -138,3 +138,22 @@ def test_full_size_minimax_counts(tmp_path, monkeypatch):
     rows = {r.kind: r for r in report.kinds}
     assert rows["experts.w3"].tensors == 62 * 256
     assert rows["attention.k"].scale_shapes == {"8x24": 62}
+
+
+def test_inspect_out_writes_the_report_atomically(tmp_path, capsys):
+    """`inspect --out FILE`: the text report; an existing FILE needs --overwrite."""
+    from quantscale.checkpoint.synthetic import write_llama_like
+
+    ckpt = write_llama_like(tmp_path / "fp8", 256, 384, 1, 64, fp8=True)
+    out = tmp_path / "model_precision_report.txt"
+    assert main(["inspect", str(ckpt), "--json", "--out", str(out)]) == 0
+    json.loads(capsys.readouterr().out)  # stdout stays JSON only
+    text = out.read_text()
+    assert "Precision report" in text and "attention.q" in text
+    assert "bytes by dtype" in text and "\x1b[" not in text
+    out.write_text("old")
+    assert main(["inspect", str(ckpt), "--out", str(out)]) == 2
+    assert out.read_text() == "old" and "already exists" in capsys.readouterr().err
+    assert main(["inspect", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+    assert "bytes by dtype" in out.read_text()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -77,3 +77,46 @@ def test_a_config_without_quantized_tensors_is_an_error(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     report = validate_checkpoint(path)
     assert [f.code for f in report.errors] == ["no-quantized-weights"]
+
+
+def _fp8_codes(tensors, module: str, packed: bool = True) -> None:
+    """Replace `module`'s stored weight by FP8 codes + a per-channel scale (as an FP8 export
+    would store it), leaving the config as it was."""
+    from quantscale.formats.fp8 import E4M3_MAX
+
+    leaf = "weight_packed" if packed else "weight"
+    rows = tensors.pop(f"{module}.{leaf}").shape[0]
+    for extra in ("weight_scale", "weight_global_scale", "weight_scale_2", "weight_shape"):
+        tensors.pop(f"{module}.{extra}", None)
+    cols = 128 if "down_proj" not in module else 256
+    w = torch.randn(rows, cols) * 0.02
+    scale = w.abs().amax(1, keepdim=True) / E4M3_MAX
+    tensors[f"{module}.weight"] = (w / scale).to(torch.float8_e4m3fn)
+    tensors[f"{module}.weight_scale"] = scale.float()
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
+def test_config_nvfp4_but_fp8_tensors_is_a_mismatch(tmp_path, fmt):
+    out = _export(tmp_path, fmt, "NVFP4A16")
+    module = "model.layers.1.mlp.down_proj"
+    _rewrite(out, lambda t: _fp8_codes(t, module, packed=fmt == "compressed-tensors"))
+    report = validate_checkpoint(out)
+    found = [f for f in report.errors if f.code == "config-mismatch"]
+    assert len(found) == 1 and found[0].tensors == [f"{module}.weight"]
+    assert "stored as FP8" in found[0].message and "nvfp4" in found[0].message
+
+
+def test_config_quantized_but_bf16_tensors_is_a_mismatch(tmp_path):
+    out = _export(tmp_path, "compressed-tensors", "NVFP4A16")
+    module = "model.layers.0.self_attn.v_proj"
+
+    def to_bf16(tensors):
+        rows = tensors.pop(f"{module}.weight_packed").shape[0]
+        for extra in ("weight_scale", "weight_global_scale"):
+            tensors.pop(f"{module}.{extra}")
+        tensors[f"{module}.weight"] = torch.zeros(rows, 128, dtype=torch.bfloat16)
+
+    _rewrite(out, to_bf16)
+    found = [f for f in validate_checkpoint(out).errors if f.code == "config-mismatch"]
+    assert len(found) == 1 and found[0].tensors == [f"{module}.weight"]
+    assert "stored as BF16" in found[0].message

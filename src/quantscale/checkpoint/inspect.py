@@ -12,9 +12,11 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from quantscale.checkpoint.layouts import config_block, scale_name_for, weight_of_scale
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
+from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import block_grid
 from quantscale.naming import module_kind
 
@@ -261,3 +263,29 @@ def summary_lines(report: PrecisionReport) -> list[str]:
         f"quantization_config: {qc if qc is not None else 'none'}",
     ]
     return lines
+
+
+def report_text(report: PrecisionReport, width: int = 120) -> str:
+    """The rendered report as plain text (no colour), as `render` prints it."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    render(report, Console(file=buffer, width=width, color_system=None, force_terminal=False))
+    return buffer.getvalue()
+
+
+def write_report(report: PrecisionReport, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `report_text` to `out` atomically (a temporary beside it, then a rename); an
+    existing `out` is refused unless `overwrite`."""
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise QuantscaleError(f"{path}: already exists (pass --overwrite to replace it)")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(report_text(report))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from quantscale.checkpoint.dequantize import plan_dequantize
+from quantscale.checkpoint.dequantize import FP8, DequantPlan, plan_dequantize
 from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of
 from quantscale.checkpoint.layouts import (
+    CT_METHOD,
     HF_FP8,
     HF_FP8_METHOD,
     QUAMBA,
@@ -34,6 +35,7 @@ from quantscale.checkpoint.runtimes import runtime_refusals, selects
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import group_names, module_path
+from quantscale.scheme import Recipe
 
 ERROR, WARNING = "error", "warning"
 FMT_SPELLINGS = ("e4m3", "float8_e4m3fn")
@@ -572,7 +574,7 @@ def check_layout(ckpt: Checkpoint, layout: Layout) -> list[Finding]:
     except CheckpointError as err:
         return [Finding(ERROR, "layout", f"{layout.name} checkpoint: {err}")]
     if plan.weights or layout.name in ("fake-quant", "pseudo"):
-        return []
+        return check_config_mismatch(ckpt, layout, plan)
     return [
         Finding(
             ERROR,
@@ -580,6 +582,54 @@ def check_layout(ckpt: Checkpoint, layout: Layout) -> list[Finding]:
             f"config.json declares the {layout.name} layout but no tensor is stored in it: "
             "loaders build quantized layers and find plain weights",
         )
+    ]
+
+
+def _stored_as(
+    ckpt: Checkpoint, layout: Layout, plan: DequantPlan, recipe: Recipe | None, weight: str
+) -> str | None:
+    """What a 2-D `<m>.weight` is stored as when that is not the format the config gives its
+    module (FP8 codes, or a float dtype for a quantized module); None when it matches.
+    compressed-tensors: the module's own scheme (`recipe`); ModelOpt: the layout's format."""
+    sw = plan.weights.get(weight)
+    fp8 = sw is not None and sw.kind == FP8
+    if recipe is None:
+        return "FP8" if fp8 and layout.number_format != "fp8" else None
+    scheme = recipe.scheme_for(module_path(weight))
+    w = scheme.weights if scheme is not None else None
+    if w is None:
+        return None
+    if sw is not None:
+        return "FP8" if fp8 and (w.type, w.num_bits) != ("float", 8) else None
+    info = ckpt.tensors[weight]
+    if info.dtype in FLOAT_DTYPES and len(info.shape) == 2 and kind_of(weight) != "embeddings":
+        return info.dtype
+    return None
+
+
+def check_config_mismatch(ckpt: Checkpoint, layout: Layout, plan: DequantPlan) -> list[Finding]:
+    """("honesty") Weights the config declares in `layout`'s format (e.g. NVFP4) but that are
+    stored in another: FP8 codes with scales, or plain bf16 in a module the config quantizes
+    (compressed-tensors; ModelOpt: FP8 only, its exclude rules are not modelled here)."""
+    if layout.number_format not in ("nvfp4", "mxfp4", "int", "fp8"):
+        return []
+    ct = layout.convention == CT_METHOD
+    recipe = Recipe.from_quantization_config(ckpt.quantization_config or {}) if ct else None
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(n for n in ckpt.tensors if n.endswith(".weight")):
+        if (stored := _stored_as(ckpt, layout, plan, recipe, name)) is not None:
+            by_kind[stored].append(name)
+    return [
+        Finding(
+            ERROR,
+            "config-mismatch",
+            f"config.json declares {layout.name} ({layout.number_format}) weights but "
+            f"{len(names)} of them are stored as {stored}: loaders build {layout.number_format} "
+            "layers for them and fail on, or mis-read, these tensors. Re-export them in the "
+            "declared format, or list their modules as ignored / excluded in the config.",
+            names,
+        )
+        for stored, names in sorted(by_kind.items())
     ]
 
 
