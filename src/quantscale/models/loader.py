@@ -176,18 +176,24 @@ def load_fake_quant(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     replace_linears(model, recipe)
     ckpt = Checkpoint(path)
     state = {name: ckpt.get(name) for name in ckpt.names()}
+    load_state_checked(model, state, path, "the quantized model")
+    model.quantscale_recipe = recipe
+    return model.eval()
+
+
+def load_state_checked(model: Any, state: dict, path: str | os.PathLike, what: str) -> None:
+    """Load `state` into `model`; every parameter and buffer must come from it (a tied
+    lm_head excepted, then re-tied), and nothing may be left over."""
     result = model.load_state_dict(state, strict=False)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
         raise CheckpointError(
-            f"{path}: tensors do not match the quantized model; missing {missing[:5]}, "
+            f"{path}: tensors do not match {what}; missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
     if tied:
         model.tie_weights()
-    model.quantscale_recipe = recipe
-    return model.eval()
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:

@@ -30,6 +30,7 @@ from quantscale.checkpoint.layouts import (
 )
 from quantscale.checkpoint.source import TensorSource, open_source
 from quantscale.errors import CheckpointError
+from quantscale.models.loader import load_state_checked
 from quantscale.naming import module_path
 from quantscale.runtime.kv_cache import SCALES as KV_SCALES
 from quantscale.runtime.kv_cache import load_kv_scales
@@ -86,16 +87,7 @@ def load_quantized_checkpoint(
     kv = {n: t for n, t in state.items() if n.rpartition(".")[2] in KV_SCALES}
     if recipe.kv_cache_scheme is not None:
         load_kv_scales(model, recipe.kv_cache_scheme, kv, str(path))
-    result = model.load_state_dict(state, strict=False)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: tensors do not match the model of its config.json; missing "
-            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    if tied:
-        model.tie_weights()
+    load_state_checked(model, state, path, "the model of its config.json")
     model.quantscale_recipe = recipe
     return model.eval()
 
