@@ -96,9 +96,11 @@ def test_hf_fp8_block_export(tmp_path):
 
 
 def test_registry_and_refusals(tmp_path):
-    assert set(EXPORTERS) == {"compressed-tensors", "modelopt", "pseudo", "hf"}
+    assert set(EXPORTERS) == {"compressed-tensors", "modelopt", "pseudo", "hf", "gguf"}
     model, _ = _model("W4A16")
     with pytest.raises(QuantscaleError, match="FP8 block"):
         export_model(model, tmp_path / "x", "hf")
     with pytest.raises(QuantscaleError, match="unknown export format"):
-        export_model(model, tmp_path / "y", "gguf")
+        export_model(model, tmp_path / "y", "onnx")
+    with pytest.raises(QuantscaleError, match="groups of 32"):
+        export_model(model, tmp_path / "z", "gguf")

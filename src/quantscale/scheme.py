@@ -414,6 +414,8 @@ _NVFP4_W = {
     "scale_dtype": "torch.float8_e4m3fn",
 }
 _MXFP4_W = {**_FP4, "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"}
+_GGUF_Q = {"type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+_GGUF_Q = {**_GGUF_Q, "scale_dtype": "torch.float16"}
 _INT4_G128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -445,6 +447,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "W8A16": {"weights": {**_INT8, "strategy": "channel"}, "format": "pack-quantized"},
     "W4A16": {"weights": {**_INT4_G128, "symmetric": True}, "format": "pack-quantized"},
     "W4A16_ASYM": {"weights": {**_INT4_G128, "symmetric": False}, "format": "pack-quantized"},
+    # GGUF block types (--format gguf): Q8_0 = int8, Q4_0 = int4 in [-8, 7] (nibble - 8).
+    "Q8_0": {"weights": {**_GGUF_Q, "num_bits": 8}, "format": "pack-quantized"},
+    "Q4_0": {"weights": {**_GGUF_Q, "num_bits": 4}, "format": "pack-quantized"},
     "NVFP4": {
         "weights": _NVFP4_W,
         "input_activations": {**_NVFP4_W, "dynamic": "local", "observer": "minmax"},

@@ -41,11 +41,18 @@ def _hf(model: nn.Module, out, **kw) -> Path:
     return save_hf_fp8(model, out, **kw)
 
 
+def _gguf(model: nn.Module, out, **kw) -> Path:
+    from quantscale.export.gguf import save_gguf
+
+    return save_gguf(model, out, **kw)
+
+
 EXPORTERS: dict[str, Exporter] = {
     "compressed-tensors": _compressed_tensors,
     "modelopt": _modelopt,
     "pseudo": _pseudo,
     "hf": _hf,
+    "gguf": _gguf,
 }
 
 

@@ -1,0 +1,267 @@
+"""GGUF (llama.cpp) export of Llama-architecture models: `--format gguf`.
+
+The quantized Linears become GGML block types holding exactly our codes:
+
+* Q8_0 (scheme `Q8_0`: symmetric int8, groups of 32, float16 scales): per block of 32 weights
+  of a row, 2 bytes float16 d then 32 int8 codes; value = q * d.
+* Q4_0 (scheme `Q4_0`: symmetric int4, groups of 32, float16 scales): 2 bytes float16 d then
+  16 bytes; byte j holds element j in its low nibble and element j + 16 in its high nibble,
+  each stored as q + 8 in [0, 15]; value = (nibble - 8) * d. Our signed int4 codes [-8, 7]
+  are exactly nibble - 8, so the file dequantizes to our fake-quant weight bit for bit.
+
+Everything else (embeddings, norms, an unquantized head) is written as float32. llama.cpp
+permutes the rows of attn_q / attn_k into its rotary layout (pairs (i, i + d/2) of a head
+become adjacent rows); we apply that permutation when writing and readers (llama.cpp,
+transformers' GGUF loader) undo it. The permutation moves whole rows, so the blocks (along
+the input dimension) are unchanged.
+
+The file `model.gguf` is written into a temporary directory renamed into place
+(`CheckpointWriter`), with the source checkpoint's tokenizer / config side files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantscale.checkpoint.write import CheckpointWriter
+from quantscale.errors import QuantscaleError
+from quantscale.export.base import ModuleCodes, copy_side_files, model_config, quantized_modules
+from quantscale.models.adapter import causal_lm
+from quantscale.scheme import QuantArgs, declared_scale_dtype
+
+GGUF_NAME = "model.gguf"
+BLOCK = 32
+# GGML type name -> (bits, type id, file type id (LLAMA_FTYPE_MOSTLY_*)); ids from ggml.h.
+GGML_TYPES: dict[str, tuple[int, int, int]] = {"Q8_0": (8, 8, 7), "Q4_0": (4, 2, 2)}
+
+_LAYER = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_tensor_name(name: str) -> str | None:
+    """GGUF name of an HF Llama parameter ("model.layers.3.mlp.up_proj.weight" ->
+    "blk.3.ffn_up.weight"); None for names GGUF has no place for."""
+    module, _, leaf = name.rpartition(".")
+    if module == "model.embed_tokens":
+        return f"token_embd.{leaf}"
+    if module == "model.norm":
+        return f"output_norm.{leaf}"
+    if module == "lm_head":
+        return f"output.{leaf}"
+    parts = module.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
+        return f"blk.{parts[2]}.{_LAYER[parts[3]]}.{leaf}"
+    return None
+
+
+def ggml_type(args: QuantArgs) -> str:
+    """The GGML block type holding a weight scheme's codes exactly (else a clear error)."""
+    for name, (bits, _, _) in GGML_TYPES.items():
+        if (
+            args.type == "int"
+            and args.num_bits == bits
+            and args.symmetric
+            and args.strategy == "group"
+            and args.group_size == BLOCK
+            and declared_scale_dtype(args) == torch.float16
+            and args.actorder is None
+        ):
+            return name
+    raise QuantscaleError(
+        "--format gguf holds symmetric int8 / int4 weights in groups of 32 with float16 "
+        f"scales (schemes Q8_0, Q4_0); this weight is {args.to_config('weight')}"
+    )
+
+
+def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order of attn_q / attn_k: within each head, rows (i, i + d/2) become
+    rows (2i, 2i + 1). Works on any tensor whose first dimension is the output rows."""
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def pack_q4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes [..., 32k] in [-8, 7] -> uint8 [..., 16k]: per block of 32, byte j has
+    element j + 8 in its low nibble and element j + 16 (+ 8) in its high nibble."""
+    v = (codes.to(torch.int16) + 8).to(torch.uint8)
+    blocks = v.reshape(*v.shape[:-1], -1, 2, BLOCK // 2)
+    packed = blocks[..., 0, :] | (blocks[..., 1, :] << 4)
+    return packed.reshape(*v.shape[:-1], -1)
+
+
+def unpack_q4_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_q4_nibbles`: int8 codes in [-8, 7]."""
+    blocks = packed.reshape(*packed.shape[:-1], -1, 1, BLOCK // 2)
+    nib = torch.cat([blocks & 0x0F, blocks >> 4], dim=-2).to(torch.int8) - 8
+    return nib.reshape(*packed.shape[:-1], -1)
+
+
+def ggml_blocks(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> np.ndarray:
+    """The bytes of a [rows, cols] weight as GGML `kind` blocks: uint8 [rows, cols/32 * size]."""
+    rows, cols = codes.shape
+    if cols % BLOCK:
+        raise QuantscaleError(f"--format gguf: {cols} input features is not a multiple of 32")
+    d = scale.reshape(rows, cols // BLOCK, 1).to(torch.float16).view(torch.uint8)
+    if kind == "Q8_0":
+        q = codes.to(torch.int8).reshape(rows, cols // BLOCK, BLOCK).view(torch.uint8)
+    else:
+        q = pack_q4_nibbles(codes).reshape(rows, cols // BLOCK, BLOCK // 2)
+    return torch.cat([d, q], dim=-1).reshape(rows, -1).contiguous().numpy()
+
+
+def _tokenizer_fields(source_dir: Path) -> dict[str, Any]:
+    """tokens, merges, token types and special ids of a byte-level BPE tokenizer.json."""
+    path = source_dir / "tokenizer.json"
+    if not path.is_file():
+        raise QuantscaleError(f"--format gguf needs the source's tokenizer.json ({path})")
+    tok = json.loads(path.read_text())
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise QuantscaleError("--format gguf writes byte-level BPE (gpt2) tokenizers only")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = set()
+    for added in tok.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        if added.get("special"):
+            special.add(added["id"])
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # UNUSED
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = 3 if i in special else 1  # CONTROL / NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+def _special_ids(source_dir: Path, config: dict, tokens: list[str]) -> dict[str, int]:
+    ids = {}
+    cfg_path = source_dir / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    for key in ("bos", "eos", "pad", "unk"):
+        tid = config.get(f"{key}_token_id")
+        text = tcfg.get(f"{key}_token")
+        if isinstance(text, dict):
+            text = text.get("content")
+        if isinstance(text, str) and text in tokens:
+            tid = tokens.index(text)
+        if isinstance(tid, int):
+            ids[key] = tid
+    return ids
+
+
+def save_gguf(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    recipe=None,
+    overwrite: bool = False,
+    source_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write a Llama model quantized with scheme Q8_0 / Q4_0 as `out/model.gguf`."""
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise QuantscaleError(
+            "--format gguf needs the gguf package: pip install 'quantscale[gguf]'"
+        ) from e
+    config = model_config(model)
+    if config.get("model_type") != "llama":
+        raise QuantscaleError(
+            f"--format gguf writes Llama-architecture models; this is {config.get('model_type')}"
+        )
+    mods = quantized_modules(model)
+    kinds = {ggml_type(mc.args) for mc in mods.values()}
+    if len(kinds) > 1:
+        raise QuantscaleError(f"--format gguf: one GGML type per file, got {sorted(kinds)}")
+    if source_dir is None:
+        raise QuantscaleError("--format gguf needs the source checkpoint (for its tokenizer)")
+    source = Path(source_dir)
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    tensors = _gguf_tensors(causal_lm(model), mods, n_head, n_kv)
+    tok = _tokenizer_fields(source)
+
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        w = gguf.GGUFWriter(str(writer.tmp / GGUF_NAME), "llama")
+        w.add_name(str(config.get("_name_or_path") or "model").rstrip("/").rpartition("/")[2])
+        if kinds:
+            w.add_file_type(GGML_TYPES[next(iter(kinds))][2])
+        w.add_vocab_size(int(config["vocab_size"]))
+        w.add_context_length(int(config["max_position_embeddings"]))
+        w.add_embedding_length(int(config["hidden_size"]))
+        w.add_block_count(int(config["num_hidden_layers"]))
+        w.add_feed_forward_length(int(config["intermediate_size"]))
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+        rope = config.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        w.add_rope_freq_base(float(theta))
+        head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+        w.add_rope_dimension_count(int(head_dim))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm" if "smollm" in str(source).lower() else "default")
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        for key, tid in _special_ids(source, config, tok["tokens"]).items():
+            getattr(w, f"add_{key}_token_id")(tid)
+        for name, (data, raw_type) in tensors.items():
+            qtype = None if raw_type is None else gguf.GGMLQuantizationType(raw_type)
+            w.add_tensor(name, data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        copy_side_files(source, writer)
+        writer.write_json("config.json", config)
+        return writer.commit(write_index=False)
+
+
+def _gguf_tensors(
+    model: nn.Module, mods: dict[str, ModuleCodes], n_head: int, n_kv: int
+) -> dict[str, tuple[np.ndarray, int | None]]:
+    """GGUF name -> (data, GGML type id or None for float32), in llama.cpp's order."""
+    out: dict[str, tuple[np.ndarray, int | None]] = {}
+    quant_weights = {f"{n}.weight" for n in mods}
+    state = model.state_dict()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    for key, value in state.items():
+        gname = gguf_tensor_name(key)
+        if gname is None:
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            raise QuantscaleError(f"--format gguf: no GGUF tensor for {key!r}")
+        heads = n_head if ".attn_q." in gname else n_kv if ".attn_k." in gname else None
+        if key in quant_weights:
+            mc = mods[key.removesuffix(".weight")]
+            kind = ggml_type(mc.args)
+            codes, scale = mc.codes.cpu(), mc.qparams.scale.cpu()
+            if heads is not None:
+                codes, scale = rotary_permute(codes, heads), rotary_permute(scale, heads)
+            out[gname] = (ggml_blocks(codes, scale, kind), GGML_TYPES[kind][1])
+        else:
+            t = value.detach().cpu().float()
+            if heads is not None:
+                t = rotary_permute(t, heads)
+            out[gname] = (t.contiguous().numpy(), None)
+    return out
