@@ -77,3 +77,14 @@ def test_weights_off_their_grid_are_refused(tmp_path):
     (pseudo / "quantize_config.json").write_text(json.dumps({"checkpoint_format": "x"}))
     with pytest.raises(CheckpointError, match="not a pseudo-quantized checkpoint"):
         load_pseudo_checkpoint(pseudo)
+
+
+def test_a_foreign_quantize_config_does_not_divert_convert(tmp_path):
+    from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
+    from quantscale.checkpoint.synthetic import write_llama_like
+
+    src = write_llama_like(tmp_path / "bf16", hidden=128, intermediate=256, layers=1)
+    fp8 = quantize_checkpoint_fp8(src, tmp_path / "fp8")
+    (fp8 / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
+    assert cli.main(["convert", str(fp8), str(tmp_path / "ct"), "--to", "compressed-tensors"]) == 0
+    assert Checkpoint(tmp_path / "ct").quantization_config["quant_method"] == "compressed-tensors"

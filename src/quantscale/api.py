@@ -24,7 +24,8 @@ from torch import nn
 
 from quantscale.checkpoint.convert import convert_checkpoint
 from quantscale.checkpoint.inspect import PrecisionReport, precision_report
-from quantscale.checkpoint.layouts import QUANTIZE_CONFIG
+from quantscale.checkpoint.layouts import PSEUDO, detect_layout
+from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.validate import ValidationReport, validate_checkpoint
 from quantscale.data.calibration import CalibrationSource
 from quantscale.errors import QuantscaleError
@@ -116,7 +117,7 @@ def convert(
     """Rewrite an FP8 block or NVFP4 checkpoint in convention `to` (`quantscale convert`); a
     pseudo-quantized one (fp16 + `_scales`) is repacked into packed compressed-tensors or
     ModelOpt."""
-    if (Path(src) / QUANTIZE_CONFIG).is_file():
+    if detect_layout(Checkpoint(src)) is PSEUDO:
         from quantscale.export.repack import repack_pseudo
 
         return repack_pseudo(src, out, to, overwrite=overwrite)

@@ -414,8 +414,13 @@ _NVFP4_W = {
     "scale_dtype": "torch.float8_e4m3fn",
 }
 _MXFP4_W = {**_FP4, "strategy": "group", "group_size": 32, "scale_dtype": "torch.uint8"}
-_GGUF_Q = {"type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
-_GGUF_Q = {**_GGUF_Q, "scale_dtype": "torch.float16"}
+_GGUF_Q = {
+    "type": "int",
+    "symmetric": True,
+    "strategy": "group",
+    "group_size": 32,
+    "scale_dtype": "torch.float16",
+}
 _INT4_G128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
 
 PRESETS: dict[str, dict[str, Any]] = {

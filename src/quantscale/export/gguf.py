@@ -72,17 +72,17 @@ def gguf_tensor_name(name: str) -> str | None:
 
 def ggml_type(args: QuantArgs) -> str:
     """The GGML block type holding a weight scheme's codes exactly (else a clear error)."""
-    for name, (bits, _, _) in GGML_TYPES.items():
-        if (
-            args.type == "int"
-            and args.num_bits == bits
-            and args.symmetric
-            and args.strategy == "group"
-            and args.group_size == BLOCK
-            and declared_scale_dtype(args) == torch.float16
-            and args.actorder is None
-        ):
-            return name
+    fits = (
+        args.type == "int"
+        and args.symmetric
+        and args.strategy == "group"
+        and args.group_size == BLOCK
+        and declared_scale_dtype(args) == torch.float16
+        and args.actorder is None
+    )
+    by_bits = {bits: name for name, (bits, _, _) in GGML_TYPES.items()}
+    if fits and args.num_bits in by_bits:
+        return by_bits[args.num_bits]
     raise QuantscaleError(
         "--format gguf holds symmetric int8 / int4 weights in groups of 32 with float16 "
         f"scales (schemes Q8_0, Q4_0); this weight is {args.to_config('weight')}"
