@@ -119,7 +119,7 @@ def transformers_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """FP8 block and compressed-tensors group weights transformers refuses or mis-loads."""
     qc = ckpt.quantization_config or {}
     if qc.get("quant_method") == CT_METHOD:
-        return ct_group_refusals(ckpt, qc)
+        return ct_group_refusals(ckpt)
     if qc.get("quant_method") != HF_FP8_METHOD:
         return []
     block = config_block(ckpt.config) or DEFAULT_BLOCK
@@ -137,35 +137,30 @@ def transformers_refusals(ckpt: Checkpoint) -> list[Refusal]:
     return found
 
 
-def ct_group_sizes(qc: dict) -> set[int]:
-    """The group sizes of a compressed-tensors config's group-strategy weight schemes."""
-    sizes = set()
-    for group in (qc.get("config_groups") or {}).values():
-        weights = group.get("weights") or {} if isinstance(group, dict) else {}
-        if weights.get("strategy") in ("group", "tensor_group") and weights.get("group_size"):
-            sizes.add(int(weights["group_size"]))
-    return sizes
+def ct_group_rule(in_features: int, group: int) -> str | None:
+    """Why compressed-tensors (under transformers) cannot run a weight of `in_features`
+    quantized in groups of `group`; None when the group divides it."""
+    if group <= 0 or in_features % group == 0:
+        return None
+    return (
+        f"fails at the first forward: tensor column shape must be divisble by the given "
+        f"group_size {group} but got {in_features} (in_features not a multiple of the group); "
+        "re-export with a group size dividing in_features or ignore those modules"
+    )
 
 
-def ct_group_refusals(ckpt: Checkpoint, qc: dict) -> list[Refusal]:
-    """Group-quantized compressed-tensors weights whose in_features their group does not divide."""
-    sizes = ct_group_sizes(qc)
+def ct_group_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Compressed-tensors group weights whose in_features their group does not divide
+    (found from the dequantize plan, as `vllm_refusals` finds vLLM's)."""
+    try:
+        weights = plan_dequantize(ckpt).weights
+    except CheckpointError:
+        return []  # a broken layout is validate's "layout" error already
     found = []
-    for name in sorted(n for n in ckpt.tensors if n.endswith(".weight_shape")):
-        module = name[: -len(".weight_shape")]
-        scale = ckpt.tensors.get(f"{module}.weight_scale")
-        if scale is None or len(scale.shape) != 2 or not sizes:
-            continue
-        cols = int(ckpt.get(name).flatten()[-1])
-        for g in sizes:
-            if -(-cols // g) == scale.shape[1] and cols % g:
-                reason = (
-                    f"fails at the first forward: tensor column shape must be divisble by the "
-                    f"given group_size {g} but got {cols} (in_features not a multiple of the "
-                    "group); re-export with a group size dividing in_features or ignore those "
-                    "modules"
-                )
-                found.append(Refusal(f"{module}.weight_packed", CT_RUNTIME, CT_VERSIONS, reason))
+    for stored, sw in sorted(weights.items()):
+        group = _weight_group(sw) if sw.kind == CT else None
+        if group and (reason := ct_group_rule(sw.shape[-1], group)):
+            found.append(Refusal(stored, CT_RUNTIME, CT_VERSIONS, reason))
     return found
 
 
@@ -205,7 +200,8 @@ def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
         if reason := vllm_group_rule(ql.in_features, w.group_size):
             by_reason[reason].append(name)
     messages = [
-        f"{VLLM} {VLLM_VERSION} will refuse {len(names)} modules ({group_names(names)}): {reason}"
+        f"{VLLM} {VLLM_VERSION} will refuse {len(names)} modules ({group_names(names)}): "
+        f"{reason} (compressed-tensors under transformers fails on them at the first forward)"
         for reason, names in by_reason.items()
     ]
     for message in messages:
@@ -263,8 +259,7 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     found = []
     for stored, sw in sorted(plan.weights.items()):
         group = _weight_group(sw)
-        reason = vllm_group_rule(sw.shape[-1], group) if group else None
-        if reason:
+        if group and (reason := vllm_group_rule(sw.shape[-1], group)):
             found.append(Refusal(stored, VLLM, VLLM_VERSION, reason))
         if reason := _vllm_cpu_reason(sw, block):
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
