@@ -26,21 +26,14 @@ from quantscale.checkpoint.runtimes import (
 )
 from quantscale.checkpoint.validate import validate_checkpoint
 from quantscale.cli import main
+from quantscale.errors import QuantscaleError
 from quantscale.export import export_model
 from quantscale.orchestrator import quantize_model
-from quantscale.scheme import load_recipe
+from quantscale.scheme import load_recipe, with_group_size
 
 CALIB = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
 WIDE = 576  # SmolLM2-135M's hidden size: group 128 does not divide it, 64 does
 RAGGED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}  # in_features 576
-
-
-def _w4a16(group: int):
-    recipe = load_recipe("W4A16")
-    for g in recipe.config_groups.values():
-        assert g.weights is not None
-        g.weights = g.weights.model_copy(update={"group_size": group})
-    return recipe
 
 
 def _export(tmp_path, scheme, fmt: str = "compressed-tensors", hidden: int = 128):
@@ -76,8 +69,36 @@ def test_ragged_groups_refused_on_every_vllm_build(tmp_path, capsys):
 
 
 def test_a_dividing_group_is_served(tmp_path):
-    out = _export(tmp_path, _w4a16(64), hidden=WIDE)
+    out = _export(tmp_path, with_group_size(load_recipe("W4A16"), 64), hidden=WIDE)
     assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
+
+
+def test_quantize_group_size_flag_fixes_the_refusal(tmp_path):
+    """`quantize --group-size 64`: the exported groups divide 576, vLLM and compressed-tensors
+    rules stay silent; the config and scales say 64."""
+    from safetensors import safe_open
+
+    src = tmp_path / "wide"
+    make_tiny_llama(96, WIDE, 256, torch.bfloat16).save_pretrained(src)
+    out = tmp_path / "g64"
+    argv = ["quantize", str(src), str(out), "--scheme", "W4A16", "--method", "rtn"]
+    assert main([*argv, "--group-size", "64"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == [64]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        scale = f.get_slice("model.layers.0.self_attn.q_proj.weight_scale").get_shape()
+    assert scale[1] == WIDE // 64
+    assert runtime_refusals(out) == []
+
+
+@pytest.mark.parametrize(
+    ("scheme", "words"), [("NVFP4A16", "fixed at 16"), ("W8A16", "no integer group")]
+)
+def test_group_size_refused_where_it_cannot_apply(scheme, words):
+    with pytest.raises(QuantscaleError, match=words):
+        with_group_size(load_recipe(scheme), 64)
+    with pytest.raises(QuantscaleError, match="positive"):
+        with_group_size(load_recipe("W4A16"), 0)
 
 
 @pytest.mark.parametrize(
@@ -155,5 +176,6 @@ def test_quantize_warns_on_ragged_groups(caplog):
     assert "12 modules" in warned[0] and "q_proj" in warned[0] and "down_proj" not in warned[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        quantize_model(make_tiny_llama(96, WIDE, 256, torch.bfloat16), _w4a16(64))
+        recipe = with_group_size(load_recipe("W4A16"), 64)
+        quantize_model(make_tiny_llama(96, WIDE, 256, torch.bfloat16), recipe)
     assert not [r for r in caplog.records if "input_size_per_partition" in r.getMessage()]

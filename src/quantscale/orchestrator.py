@@ -52,7 +52,7 @@ from quantscale.models.adapter import decoder_layers
 from quantscale.qdq import QParams
 from quantscale.runtime.kv_cache import KV_CHOICES, calibrate_kv_cache, fp8_kv_args
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
-from quantscale.scheme import QuantScheme, Recipe, load_recipe
+from quantscale.scheme import QuantScheme, Recipe, load_recipe, with_group_size
 from quantscale.streaming import StreamOptions, quantize_streamed
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,8 @@ def is_mamba(spec: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """GPTQ's knobs for `quantize_checkpoint` (`--actorder`, `--dampening-frac`,
-    `--gptq-memory`).
+    """The weight options of `quantize_checkpoint` (`--group-size`, and GPTQ's: `--actorder`,
+    `--dampening-frac`, `--gptq-memory`).
 
     `actorder`: None keeps the scheme's, 'none' turns it off, 'group' / 'weight' set it.
     `memory_budget`: bytes of MoE expert Hessians / solve workspace held at once (None: GPTQ's
@@ -256,10 +256,13 @@ class GPTQOptions:
     dampening_frac: float = 0.01
     block_size: int = 128
     memory_budget: int | None = None
+    group_size: int | None = None
 
     def recipe(self, scheme: str) -> Recipe:
-        """The scheme's recipe with `actorder` applied to every weight."""
+        """The scheme's recipe with `group_size` and `actorder` applied to every weight."""
         recipe = load_recipe(scheme)
+        if self.group_size is not None:
+            recipe = with_group_size(recipe, self.group_size)
         if self.actorder and self.actorder != "none":
             for group in recipe.config_groups.values():
                 if group.weights is not None:

@@ -489,6 +489,28 @@ def preset_recipe(name: str) -> Recipe:
     return Recipe(name=normalize_preset_name(name), config_groups={"group_0": preset_scheme(name)})
 
 
+def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
+    """`recipe` with every integer group-quantized weight (config groups and overrides) in
+    groups of `group_size` (`quantize --group-size`); FP4 groups stay as their formats fix
+    them (NVFP4 16, MXFP4 32). Refuses a recipe with no integer group weight."""
+    if group_size <= 0:
+        raise QuantscaleError(f"--group-size {group_size}: expected a positive number of weights")
+    changed = 0
+    for scheme in [*recipe.config_groups.values(), *recipe.overrides.values()]:
+        w = scheme.weights if scheme is not None else None
+        if w is None or w.type != "int" or w.strategy not in ("group", "tensor_group"):
+            continue
+        scheme.weights = w.model_copy(update={"group_size": group_size})
+        changed += 1
+    if not changed:
+        raise QuantscaleError(
+            f"--group-size {group_size}: {recipe.name or 'the recipe'} has no integer "
+            "group-quantized weights (it applies to W4A16, W4A16_ASYM or a recipe with "
+            "strategy: group; NVFP4 and MXFP4 groups are fixed at 16 and 32)"
+        )
+    return recipe
+
+
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
     """Build a Recipe from a dict: a compressed-tensors quantization_config, a full Recipe,
     or the shorthand {scheme: PRESET, ignore: [...], overrides: {pattern: PRESET|scheme|null}}."""

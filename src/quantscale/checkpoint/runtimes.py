@@ -175,7 +175,11 @@ def vllm_group_rule(in_features: int, group: int) -> str | None:
     fits = group
     while fits > 1 and in_features % fits:
         fits //= 2
-    hint = f"a group size dividing {in_features} (e.g. {fits})" if fits >= 8 else "another scheme"
+    hint = (
+        f"a group size dividing {in_features} (e.g. {fits}: quantize --group-size {fits})"
+        if fits >= 8
+        else "another scheme"
+    )
     return (
         f"refuses to load on every build: input_size_per_partition={in_features} is not "
         f"divisible by group_size={group}; re-export with {hint} or ignore these modules"

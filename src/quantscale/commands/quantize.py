@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         actorder=args.actorder,
         dampening_frac=args.dampening_frac,
         memory_budget=args.gptq_memory,
+        group_size=args.group_size,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -169,6 +170,13 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
     )
     p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="weights per scale group of an int group scheme (W4A16 default 128; use one "
+        "dividing in_features for vLLM / compressed-tensors, e.g. 64 for SmolLM2's 576)",
+    )
     p.add_argument(
         "--kv-cache",
         choices=["fp8", "fp8-head"],
