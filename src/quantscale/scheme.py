@@ -496,8 +496,9 @@ def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
     if group_size <= 0:
         raise QuantscaleError(f"--group-size {group_size}: expected a positive number of weights")
     changed = 0
-    for scheme in [*recipe.config_groups.values(), *recipe.overrides.values()]:
-        w = scheme.weights if scheme is not None else None
+    schemes = [*recipe.config_groups.values(), *recipe.overrides.values()]
+    for scheme in (s for s in schemes if s is not None):
+        w = scheme.weights
         if w is None or w.type != "int" or w.strategy not in ("group", "tensor_group"):
             continue
         scheme.weights = w.model_copy(update={"group_size": group_size})
