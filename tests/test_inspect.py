@@ -7,7 +7,7 @@ import json
 import pytest
 
 from quantscale.checkpoint import read
-from quantscale.checkpoint.inspect import infer_block, precision_report
+from quantscale.checkpoint.inspect import infer_block, precision_report, summary_lines
 from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.synthetic import (
     write_llama_like,
@@ -157,3 +157,49 @@ def test_inspect_out_writes_the_report_atomically(tmp_path, capsys):
     assert main(["inspect", str(ckpt), "--out", str(out), "--overwrite"]) == 0
     assert "bytes by dtype" in out.read_text()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def _export_tiny(tmp_path, scheme, fmt="compressed-tensors"):
+    import torch
+    from tiny_models import make_tiny_llama
+
+    from quantscale.export import export_model
+    from quantscale.orchestrator import quantize_model
+    from quantscale.scheme import load_recipe, with_group_size
+
+    model = make_tiny_llama(dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    recipe = load_recipe(scheme)
+    if scheme == "W4A16":
+        recipe = with_group_size(recipe, 32)
+    quantize_model(model, recipe, torch.zeros(1, 4, dtype=torch.long), "rtn")
+    return export_model(model, tmp_path / "q", fmt), tmp_path / "bf16"
+
+
+def test_packed_int4_bits_per_parameter(tmp_path):
+    """CT W4A16 g32: per plain parameter 4 bits of codes + 1 of float32 scale + the 2-element
+    int64 weight_shape; plain shapes, not the packed int32 ones; bf16 size as saved in bf16."""
+    out, bf16 = _export_tiny(tmp_path, "W4A16")
+    report = precision_report(out)
+    rows = {r.kind: r for r in report.kinds}
+    q = rows["attention.q"]
+    rc = 64 * 64
+    assert q.params == 2 * rc and q.shapes == {"64x64": 2} and q.formats == {"int4 g32": 2}
+    assert q.scale_shapes == {"64x2": 2} and q.blocks == {"1x32": 2}
+    assert q.bits_per_param == pytest.approx(4 + 1 + 8 * 16 / rc)
+    assert rows["embeddings"].bits_per_param == 16 and not rows["embeddings"].formats
+    assert report.bf16_bytes == Checkpoint(bf16).total_bytes()
+    assert report.to_dict()["kinds"][1]["bits_per_param"] == pytest.approx(q.bits_per_param)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
+def test_nvfp4_bits_per_parameter(tmp_path, fmt):
+    """NVFP4: 4-bit codes plus an FP8 scale per 16 weights (and a float32 global scale)."""
+    out, bf16 = _export_tiny(tmp_path, "NVFP4A16", fmt)
+    report = precision_report(out)
+    mlp = {r.kind: r for r in report.kinds}["mlp.down"]
+    assert mlp.formats == {("fp4 g16" if fmt != "modelopt" else "nvfp4"): 2}
+    assert 4.5 < mlp.bits_per_param < 4.51
+    assert report.bf16_bytes == Checkpoint(bf16).total_bytes()
+    text = "\n".join(summary_lines(report))
+    assert "quantized kinds 4.5" in text

@@ -1,9 +1,12 @@
 """Precision report of a checkpoint, from the shard headers only (no tensor data is read).
 
 Per module kind (attention q/k/v/o, experts w1/w2/w3, router, embeddings, norms, lm_head...)
-it lists dtypes, shapes, scale dtypes/shapes and the block size the scale grid implies; then
-counts (FP8 weights, scale tensors, other tensors by dtype), bytes by dtype and the saving
-against the same checkpoint with its quantized weights in bf16 and no scales.
+it lists dtypes, shapes, the stored format of quantized weights, scale dtypes/shapes, the block
+size the scale grid implies and the bits per parameter (stored bytes, scales and other side
+tensors included, over the plain parameter count); then counts (FP8 weights, scale tensors,
+other tensors by dtype), bytes by dtype and the saving against the same checkpoint with its
+quantized weights in bf16 and no scales. Packed layouts (compressed-tensors, ModelOpt) are read
+through the dequantize plan, so a packed int4 weight counts its plain rows x columns.
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quantscale.checkpoint.dequantize import (
+    FP8,
+    MODELOPT_NVFP4,
+    DequantPlan,
+    StoredWeight,
+    plan_dequantize,
+)
 from quantscale.checkpoint.layouts import config_block, scale_name_for, weight_of_scale
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.errors import QuantscaleError
+from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import block_grid
 from quantscale.naming import module_kind
 
@@ -83,7 +93,14 @@ class KindSummary:
     scale_dtypes: dict[str, int] = field(default_factory=dict)
     scale_shapes: dict[str, int] = field(default_factory=dict)
     blocks: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
+    params: int = 0
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits (weights, scales, side tensors) per plain parameter."""
+        return 8 * self.bytes / self.params if self.params else 0.0
 
 
 @dataclass
@@ -113,6 +130,8 @@ class PrecisionReport:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        for row, kind in zip(out["kinds"], self.kinds, strict=True):
+            row["bits_per_param"] = kind.bits_per_param
         out["saving_bytes"] = self.saving_bytes
         out["saving_fraction"] = self.saving_fraction
         return out
@@ -132,24 +151,32 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
     bytes_by_dtype: Counter[str] = Counter()
     other: Counter[str] = Counter()
     fp8 = scales = scale_elems = bf16_bytes = 0
+    plan = _plan(ckpt)
     for name, info in tensors.items():
         bytes_by_dtype[info.dtype] += info.nbytes
         if weight_of_scale(name) in tensors:
             scales += 1
             scale_elems += _numel(info.shape)
             continue
+        if name in plan.consumed:
+            continue  # a packed weight's scale / zero point / shape: counted with its weight
         kind = kind_of(name)
         row = kinds.setdefault(kind, KindSummary(kind))
         _add_tensor(row, info)
+        stored = plan.weights.get(name)
         if info.dtype in FP8_DTYPES:
             fp8 += 1
             bf16_bytes += 2 * _numel(info.shape)
+        elif stored is not None:
+            other[info.dtype] += 1
+            bf16_bytes += 2 * _numel(stored.shape)
         else:
             other[info.dtype] += 1
             bf16_bytes += info.nbytes
-        scale = find_scale(ckpt, name)
-        if scale is not None:
-            _add_scale(row, info, tensors[scale], hint)
+        if stored is not None:
+            _add_stored(row, ckpt, stored, hint)
+        elif (scale := find_scale(ckpt, name)) is not None:
+            _add_scale(row, info.shape, tensors[scale], hint)
     return PrecisionReport(
         path=str(ckpt.path),
         shards=len(ckpt.shards),
@@ -187,20 +214,62 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _plan(ckpt: Checkpoint) -> DequantPlan:
+    """The checkpoint's quantized weights; empty when its layout cannot be read (validate
+    says why), so the report still lists what is stored."""
+    try:
+        return plan_dequantize(ckpt)
+    except CheckpointError:
+        return DequantPlan()
+
+
 def _add_tensor(row: KindSummary, info: TensorInfo) -> None:
     row.tensors += 1
     row.bytes += info.nbytes
+    row.params += _numel(info.shape)
     _add(row.dtypes, info.dtype)
     _add(row.shapes, _shape(info.shape))
 
 
+def _add_stored(
+    row: KindSummary, ckpt: Checkpoint, sw: StoredWeight, hint: tuple[int, int] | None
+) -> None:
+    """A quantized weight: its plain parameter count and shape, format, side tensors' bytes
+    and its scale's dtype / shape / block."""
+    info = ckpt.tensors[sw.stored]
+    row.params += _numel(sw.shape) - _numel(info.shape)
+    if sw.stored != sw.name:
+        row.shapes[_shape(info.shape)] -= 1
+        row.shapes = {k: v for k, v in row.shapes.items() if v}
+        _add(row.shapes, _shape(sw.shape))
+    _add(row.formats, stored_format(sw))
+    for local, tensor in sw.parts.items():
+        part = ckpt.tensors[tensor]
+        if local in ("scale", "weight_scale"):
+            _add_scale(row, sw.shape, part, hint)
+        else:
+            row.bytes += part.nbytes
+
+
+def stored_format(sw: StoredWeight) -> str:
+    """A short name of how a quantized weight is stored: "fp8", "int4 g32", "fp4 g16",
+    "int8 channel", "nvfp4" (ModelOpt)..."""
+    args = sw.args
+    if args is None:
+        return {MODELOPT_NVFP4: "nvfp4", FP8: "fp8"}.get(sw.kind, sw.kind)
+    bits = f"{'fp' if args.type == 'float' else args.type}{args.num_bits}"
+    if args.strategy in ("group", "tensor_group") and args.group_size:
+        return f"{bits} g{args.group_size}"
+    return f"{bits} {args.strategy}"
+
+
 def _add_scale(
-    row: KindSummary, weight: TensorInfo, scale: TensorInfo, hint: tuple[int, int] | None
+    row: KindSummary, weight: tuple[int, ...], scale: TensorInfo, hint: tuple[int, int] | None
 ) -> None:
     row.bytes += scale.nbytes
     _add(row.scale_dtypes, scale.dtype)
     _add(row.scale_shapes, _shape(scale.shape))
-    _add(row.blocks, infer_block(weight.shape, scale.shape, hint))
+    _add(row.blocks, infer_block(weight, scale.shape, hint))
 
 
 # ---------------------------------------------------------------- rendering
@@ -234,15 +303,17 @@ def render(report: PrecisionReport, console=None) -> None:
     table = Table(title=f"Precision report: {report.path}")
     table.add_column("Module kind", no_wrap=True)
     table.add_column("Tensors", justify="right")
-    for col in ("DType", "Shape", "Scale", "Block"):
+    for col in ("DType", "Shape", "Format", "Scale", "Block"):
         table.add_column(col)
     table.add_column("Bytes", justify="right", no_wrap=True)
+    table.add_column("Bits/param", justify="right", no_wrap=True)
     for row in report.kinds:
         scale = _cell(row.scale_shapes)
         if row.scale_dtypes:
             scale = f"{_cell(row.scale_dtypes)} {scale}"
-        cells = (_cell(row.dtypes), _cell(row.shapes), scale, _cell(row.blocks))
-        table.add_row(row.kind, f"{row.tensors:,}", *cells, _human(row.bytes))
+        dtypes, shapes, formats = _cell(row.dtypes), _cell(row.shapes), _cell(row.formats)
+        cells = (dtypes, shapes, formats, scale, _cell(row.blocks), _human(row.bytes))
+        table.add_row(row.kind, f"{row.tensors:,}", *cells, f"{row.bits_per_param:.2f}")
     console.print(table)
     for line in summary_lines(report):
         console.print(line, highlight=False)
@@ -260,9 +331,16 @@ def summary_lines(report: PrecisionReport) -> list[str]:
         f"bytes by dtype: {bytes_line}; total {_human(report.total_bytes)}",
         f"as bf16 (quantized weights in bf16, no scales): {_human(report.bf16_bytes)}; "
         f"saving {_human(report.saving_bytes)} ({100 * report.saving_fraction:.1f}%)",
+        f"bits per parameter: {_bits(report.kinds)} overall, quantized kinds "
+        f"{_bits([k for k in report.kinds if k.formats])}",
         f"quantization_config: {qc if qc is not None else 'none'}",
     ]
     return lines
+
+
+def _bits(rows: list[KindSummary]) -> str:
+    params = sum(r.params for r in rows)
+    return f"{8 * sum(r.bytes for r in rows) / params:.2f}" if params else "-"
 
 
 def report_text(report: PrecisionReport, width: int = 120) -> str:
