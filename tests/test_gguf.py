@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quantscale.errors import QuantscaleError
 from quantscale.export.gguf import (
     ggml_blocks,
     gguf_tensor_name,
@@ -49,6 +50,29 @@ def test_blocks_dequantize_in_the_gguf_package_to_our_values(kind, bits):
     assert torch.equal(theirs.float(), ours)
 
 
+def test_q4_1_blocks_dequantize_in_the_gguf_package_to_our_values():
+    """(q - z) * s as nibble * d + m: equal up to m's float16 rounding (<= 15 * s * 2^-11)."""
+    from quantscale.qdq import compute_qparams, dequantize, quantize
+    from quantscale.scheme import preset_scheme
+
+    args = preset_scheme("Q4_1").weights
+    assert args is not None
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 96, generator=g) + torch.linspace(-1, 2, 96)
+    groups = w.reshape(6, 3, 32)
+    qp = compute_qparams(args, groups.amin(-1), groups.amax(-1))
+    qp.scale = qp.scale.to(torch.float16)
+    codes = quantize(w, args, qp)
+    raw = ggml_blocks(codes, qp.scale, "Q4_1", qp.zero_point)
+    assert raw.shape == (6, 3 * 20)  # d, m (2 bytes each) + 16 bytes of nibbles per block
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1).copy())
+    ours = dequantize(codes, args, qp)
+    bound = (15 * qp.scale.float() * 2**-11).repeat_interleave(32, dim=1) + 1e-6
+    assert ((theirs.float() - ours).abs() <= bound).all()
+    with pytest.raises(QuantscaleError, match="zero points"):
+        ggml_blocks(codes, qp.scale, "Q4_1")
+
+
 def test_rotary_permutation_is_undone_by_transformers_reader():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
@@ -71,7 +95,7 @@ def test_tensor_names():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_0", "Q4_1"])
 def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     from transformers import AutoModelForCausalLM
 
@@ -96,6 +120,12 @@ def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     state = loaded.state_dict()
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):
         full = f"model.layers.5.{name}"
-        assert torch.equal(state[f"{full}.weight"], model.get_submodule(full).weight.float())
+        ql = model.get_submodule(full)
+        diff = (state[f"{full}.weight"] - ql.weight.float()).abs().max()
+        # Q8_0 / Q4_0 bit for bit; Q4_1's float16 m: under 15 * s * 2^-11
+        assert diff <= (
+            15 * ql.weight_scale.float().max() * 2**-11 + 1e-6 if scheme == "Q4_1" else 0
+        )
     theirs = perplexity(loaded, tokens, 512)
+    print(f"{scheme}: perplexity ours {ours:.4f}, transformers' GGUF reader {theirs:.4f}")
     assert abs(theirs / ours - 1) < 0.01, (ours, theirs)

@@ -452,9 +452,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "W8A16": {"weights": {**_INT8, "strategy": "channel"}, "format": "pack-quantized"},
     "W4A16": {"weights": {**_INT4_G128, "symmetric": True}, "format": "pack-quantized"},
     "W4A16_ASYM": {"weights": {**_INT4_G128, "symmetric": False}, "format": "pack-quantized"},
-    # GGUF block types (--format gguf): Q8_0 = int8, Q4_0 = int4 in [-8, 7] (nibble - 8).
+    # GGUF block types (--format gguf): Q8_0 = int8, Q4_0 = int4 in [-8, 7] (nibble - 8), Q4_1 =
+    # asymmetric int4 (nibble * d + m).
     "Q8_0": {"weights": {**_GGUF_Q, "num_bits": 8}, "format": "pack-quantized"},
     "Q4_0": {"weights": {**_GGUF_Q, "num_bits": 4}, "format": "pack-quantized"},
+    "Q4_1": {
+        "weights": {**_GGUF_Q, "num_bits": 4, "symmetric": False},
+        "format": "pack-quantized",
+    },
     "NVFP4": {
         "weights": _NVFP4_W,
         "input_activations": {**_NVFP4_W, "dynamic": "local", "observer": "minmax"},

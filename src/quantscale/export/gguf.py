@@ -8,6 +8,10 @@ The quantized Linears become GGML block types holding exactly our codes:
   16 bytes; byte j holds element j in its low nibble and element j + 16 in its high nibble,
   each stored as q + 8 in [0, 15]; value = (nibble - 8) * d. Our signed int4 codes [-8, 7]
   are exactly nibble - 8, so the file dequantizes to our fake-quant weight bit for bit.
+* Q4_1 (scheme `Q4_1`: asymmetric int4, groups of 32, float16 scales and integer zero points):
+  2 bytes float16 d, 2 bytes float16 m, then the Q4_0 nibble layout holding q + 8; value =
+  nibble * d + m. Our (q - z) * s becomes d = s, m = -(z + 8) * s rounded to float16: the one
+  rounding in the file, at most 15 * s * 2^-11 per group (under 0.8% of a step).
 
 Everything else (embeddings, norms, an unquantized head) is written as float32. llama.cpp
 permutes the rows of attn_q / attn_k into its rotary layout (pairs (i, i + d/2) of a head
@@ -39,7 +43,11 @@ from quantscale.scheme import QuantArgs, declared_scale_dtype
 GGUF_NAME = "model.gguf"
 BLOCK = 32
 # GGML type name -> (bits, type id, file type id (LLAMA_FTYPE_MOSTLY_*)); ids from ggml.h.
-GGML_TYPES: dict[str, tuple[int, int, int]] = {"Q8_0": (8, 8, 7), "Q4_0": (4, 2, 2)}
+GGML_TYPES: dict[str, tuple[int, int, int]] = {
+    "Q8_0": (8, 8, 7),
+    "Q4_0": (4, 2, 2),
+    "Q4_1": (4, 3, 3),
+}
 
 _LAYER = {
     "self_attn.q_proj": "attn_q",
@@ -71,21 +79,21 @@ def gguf_tensor_name(name: str) -> str | None:
 
 
 def ggml_type(args: QuantArgs) -> str:
-    """The GGML block type holding a weight scheme's codes exactly (else a clear error)."""
+    """The GGML block type holding a weight scheme's codes (else a clear error)."""
     fits = (
         args.type == "int"
-        and args.symmetric
         and args.strategy == "group"
         and args.group_size == BLOCK
         and declared_scale_dtype(args) == torch.float16
         and args.actorder is None
     )
-    by_bits = {bits: name for name, (bits, _, _) in GGML_TYPES.items()}
-    if fits and args.num_bits in by_bits:
-        return by_bits[args.num_bits]
+    if fits and args.symmetric and args.num_bits in (8, 4):
+        return f"Q{args.num_bits}_0"
+    if fits and not args.symmetric and args.num_bits == 4:
+        return "Q4_1"
     raise QuantscaleError(
-        "--format gguf holds symmetric int8 / int4 weights in groups of 32 with float16 "
-        f"scales (schemes Q8_0, Q4_0); this weight is {args.to_config('weight')}"
+        "--format gguf holds int8 / int4 weights in groups of 32 with float16 scales "
+        f"(schemes Q8_0, Q4_0, Q4_1); this weight is {args.to_config('weight')}"
     )
 
 
@@ -113,17 +121,27 @@ def unpack_q4_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return nib.reshape(*packed.shape[:-1], -1)
 
 
-def ggml_blocks(codes: torch.Tensor, scale: torch.Tensor, kind: str) -> np.ndarray:
-    """The bytes of a [rows, cols] weight as GGML `kind` blocks: uint8 [rows, cols/32 * size]."""
+def ggml_blocks(
+    codes: torch.Tensor, scale: torch.Tensor, kind: str, zero_point: torch.Tensor | None = None
+) -> np.ndarray:
+    """The bytes of a [rows, cols] weight as GGML `kind` blocks: uint8 [rows, cols/32 * size].
+    Q4_1 takes the integer `zero_point` of each group."""
     rows, cols = codes.shape
     if cols % BLOCK:
         raise QuantscaleError(f"--format gguf: {cols} input features is not a multiple of 32")
-    d = scale.reshape(rows, cols // BLOCK, 1).to(torch.float16).view(torch.uint8)
+    groups = (rows, cols // BLOCK, 1)
+    d16 = scale.reshape(groups).to(torch.float16)
+    head = [d16.view(torch.uint8)]
+    if kind == "Q4_1":
+        if zero_point is None:
+            raise QuantscaleError("--format gguf: Q4_1 blocks need the weight's zero points")
+        m = -(zero_point.reshape(groups).float() + 8) * d16.float()
+        head.append(m.to(torch.float16).view(torch.uint8))
     if kind == "Q8_0":
         q = codes.to(torch.int8).reshape(rows, cols // BLOCK, BLOCK).view(torch.uint8)
     else:
         q = pack_q4_nibbles(codes).reshape(rows, cols // BLOCK, BLOCK // 2)
-    return torch.cat([d, q], dim=-1).reshape(rows, -1).contiguous().numpy()
+    return torch.cat([*head, q], dim=-1).reshape(rows, -1).contiguous().numpy()
 
 
 def _tokenizer_fields(source_dir: Path) -> dict[str, Any]:
@@ -175,7 +193,7 @@ def save_gguf(
     overwrite: bool = False,
     source_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a Llama model quantized with scheme Q8_0 / Q4_0 as `out/model.gguf`."""
+    """Write a Llama model quantized with scheme Q8_0 / Q4_0 / Q4_1 as `out/model.gguf`."""
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -255,10 +273,12 @@ def _gguf_tensors(
         if key in quant_weights:
             mc = mods[key.removesuffix(".weight")]
             kind = ggml_type(mc.args)
-            codes, scale = mc.codes.cpu(), mc.qparams.scale.cpu()
+            codes, scale, zp = mc.codes.cpu(), mc.qparams.scale.cpu(), mc.qparams.zero_point
+            zp = zp.cpu() if zp is not None else None
             if heads is not None:
                 codes, scale = rotary_permute(codes, heads), rotary_permute(scale, heads)
-            out[gname] = (ggml_blocks(codes, scale, kind), GGML_TYPES[kind][1])
+                zp = rotary_permute(zp, heads) if zp is not None else None
+            out[gname] = (ggml_blocks(codes, scale, kind, zp), GGML_TYPES[kind][1])
         else:
             t = value.detach().cpu().float()
             if heads is not None:
