@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast lint typecheck bench bench-quick eval
+.PHONY: install demo test test-fast lint typecheck bench bench-quick eval interop
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/run_all.py --quick
+
+# every SmolLM2 export in each runtime that claims it (vLLM CPU and llama.cpp build their own
+# cached venvs on first use: tens of minutes)
+interop: install
+	$(PY) benchmarks/interop.py
 
 EVAL_STAMP := $(VENV)/.installed-eval
 $(EVAL_STAMP): $(STAMP)

