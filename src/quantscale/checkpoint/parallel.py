@@ -105,13 +105,22 @@ class ShardResult:
     shard: str
     seconds: float
     peak_rss: int  # bytes, the process's peak (getrusage) when the shard was done
+    start_rss: int  # bytes, that peak when the shard began (a fresh Ray worker: its baseline)
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size, in bytes: Linux's VmHWM (its own address
+    space; getrusage's ru_maxrss also counts the parent's memory copied at fork), else
+    getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class Staging:
@@ -151,7 +160,7 @@ class Staging:
 
     def write(self, shard: str, progress: Progress | None = None) -> ShardResult:
         """Write one shard under a temporary name, rename it, then record it done."""
-        start = time.perf_counter()
+        start, start_rss = time.perf_counter(), peak_rss()
         plans = self.job.plans(shard)
         pieces = self.job.pieces(plans)
         if pieces:
@@ -170,7 +179,7 @@ class Staging:
             part = self._record(shard)
             part.with_suffix(".tmp").write_text(json.dumps(record))
             os.replace(part.with_suffix(".tmp"), part)
-        return ShardResult(shard, time.perf_counter() - start, peak_rss())
+        return ShardResult(shard, time.perf_counter() - start, peak_rss(), start_rss)
 
     @property
     def lock(self) -> Path:
@@ -272,7 +281,8 @@ class RayTasks:
 
     def _run(self, ray, staging: Staging, todo: list[str], progress: Progress | None) -> None:  # noqa: ANN001
         package = str(Path(__file__).resolve().parents[2])  # workers import this quantscale
-        path = os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH")) if p)
+        given = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        path = os.pathsep.join(dict.fromkeys([package, *given]))
         if not ray.is_initialized():
             ray.init(
                 address=self.address,
@@ -316,8 +326,8 @@ def runner_from_args(
 def report(runner: Ranks | RayTasks | None, out: Path | None, target: Path) -> list[str]:
     """What a run did, one line per shard a parallel runner wrote, then where the output is."""
     lines = [
-        f"{r.shard}: {r.seconds:.1f} s, peak RSS {r.peak_rss / 2**20:.0f} MiB "
-        f"({r.host} pid {r.pid})"
+        f"{r.shard}: {r.seconds:.1f} s, peak RSS {r.peak_rss / 2**20:.0f} MiB (at its start "
+        f"{r.start_rss / 2**20:.0f} MiB; {r.host} pid {r.pid})"
         for r in getattr(runner, "results", [])
     ]
     if out is None:
