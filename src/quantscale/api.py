@@ -26,6 +26,7 @@ from quantscale.checkpoint.convert import convert_checkpoint
 from quantscale.checkpoint.inspect import PrecisionReport, precision_report
 from quantscale.checkpoint.layouts import PSEUDO, detect_layout
 from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.transform import ShardRunner
 from quantscale.checkpoint.validate import ValidationReport, validate_checkpoint
 from quantscale.data.calibration import CalibrationSource
 from quantscale.errors import QuantscaleError
@@ -112,16 +113,23 @@ def validate(path: str | os.PathLike, runtime: str | None = None) -> ValidationR
 
 
 def convert(
-    src: str | os.PathLike, out: str | os.PathLike, to: str, overwrite: bool = False
-) -> Path:
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str,
+    overwrite: bool = False,
+    runner: ShardRunner | None = None,
+) -> Path | None:
     """Rewrite an FP8 block or NVFP4 checkpoint in convention `to` (`quantscale convert`); a
     pseudo-quantized one (fp16 + `_scales`) is repacked into packed compressed-tensors or
-    ModelOpt."""
+    ModelOpt. A `runner` (`checkpoint.parallel`) spreads an FP8 conversion's shards over
+    ranks or Ray tasks; None is returned while other ranks still write."""
     if detect_layout(Checkpoint(src)) is PSEUDO:
+        if runner is not None:
+            raise QuantscaleError(f"{os.fspath(src)}: repacking runs in one process")
         from quantscale.export.repack import repack_pseudo
 
         return repack_pseudo(src, out, to, overwrite=overwrite)
-    return convert_checkpoint(src, out, to, overwrite=overwrite)
+    return convert_checkpoint(src, out, to, overwrite=overwrite, runner=runner)
 
 
 def evaluate(

@@ -51,7 +51,7 @@ from quantscale.checkpoint.layouts import (
     to_neuron_name,
 )
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
+from quantscale.checkpoint.transform import ShardRunner, TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.scheme import Recipe, preset_scheme
 
@@ -94,15 +94,25 @@ NVFP4_RULES = {
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, out: str | os.PathLike, to: str, overwrite: bool = False
-) -> Path:
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    to: str,
+    overwrite: bool = False,
+    runner: ShardRunner | None = None,
+) -> Path | None:
     """Write checkpoint `src` in convention `to`: FP8 block checkpoints as 'hf',
-    'compressed-tensors' or 'neuron', NVFP4 ones as 'compressed-tensors' or 'modelopt'."""
+    'compressed-tensors' or 'neuron', NVFP4 ones as 'compressed-tensors' or 'modelopt'.
+    A `runner` spreads an FP8 conversion's shards over processes (None: others still write)."""
     if to not in TARGETS:
         raise QuantscaleError(f"unknown target {to!r}; expected one of {', '.join(TARGETS)}")
     ckpt = Checkpoint(src)
     layout = detect_layout(ckpt)
     if layout is not None and layout in NVFP4_CONVENTIONS.values():
+        if runner is not None:
+            raise QuantscaleError(
+                f"{ckpt.path}: NVFP4 conversion keeps exact scales across shards in one sidecar; "
+                "it runs in one process (drop --ray / --rank)"
+            )
         return convert_nvfp4(ckpt, layout, out, to, overwrite)
     if to == MODELOPT_METHOD:
         raise QuantscaleError(f"{os.fspath(src)}: --to modelopt converts NVFP4 checkpoints only")
@@ -112,7 +122,7 @@ def convert_checkpoint(
             f"{ckpt.path / 'config.json'}: not an FP8 block checkpoint this tool converts "
             f"(quant_method {method!r}; expected 'fp8', 'compressed-tensors' or a Neuron block)"
         )
-    return convert_fp8(ckpt, layout, out, to, overwrite)
+    return convert_fp8(ckpt, layout, out, to, overwrite, runner)
 
 
 def explain(to: str) -> str:
@@ -162,8 +172,13 @@ def _target_fp8_config(ckpt: Checkpoint, src: Layout, to: Layout) -> tuple[dict,
 
 
 def convert_fp8(
-    ckpt: Checkpoint, src: Layout, out: str | os.PathLike, to_name: str, overwrite: bool
-) -> Path:
+    ckpt: Checkpoint,
+    src: Layout,
+    out: str | os.PathLike,
+    to_name: str,
+    overwrite: bool,
+    runner: ShardRunner | None = None,
+) -> Path | None:
     """Write FP8 block checkpoint `ckpt` (in layout `src`) in convention `to_name`."""
     to = FP8_CONVENTIONS[to_name]
     config, unprefixed = _target_fp8_config(ckpt, src, to)
@@ -189,7 +204,7 @@ def convert_fp8(
         return TensorPlan(((new, dtype, info.shape),))
 
     written = transform_checkpoint(
-        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn, runner=runner
     )
     log.info(
         "converted %d FP8 scale parameters (%s -> %s, renamed, values unchanged: no reciprocal)",
@@ -310,6 +325,7 @@ def convert_nvfp4(
 
     config, hf_cfg = _target_nvfp4_config(ckpt, to, sidecar)
     result = transform_checkpoint(ckpt, out, tensor_fn, config, overwrite, progress.track)
+    assert result is not None, "one process always commits"
     _finish(result, src, ckpt, back, hf_cfg, restoring=bool(sidecar))
     return result
 

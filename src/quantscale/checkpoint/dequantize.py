@@ -44,7 +44,7 @@ from quantscale.checkpoint.layouts import (
     scale_name_for,
 )
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
+from quantscale.checkpoint.transform import ShardRunner, TensorPlan, transform_checkpoint
 from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp4 import NVFP4_GROUP, dequantize_nvfp4, unpack_fp4
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid, dequantize_fp8_block
@@ -422,8 +422,10 @@ def dequantize_checkpoint(
     out: str | os.PathLike,
     dtype: torch.dtype | str = torch.bfloat16,
     overwrite: bool = False,
-) -> Path:
-    """Write a plain (unquantized) copy of quantized checkpoint `src` to `out`; returns `out`.
+    runner: ShardRunner | None = None,
+) -> Path | None:
+    """Write a plain (unquantized) copy of quantized checkpoint `src` to `out`; returns `out`
+    (None: a `runner`'s other ranks still write shards).
 
     config.json loses `quantization_config` (and Neuron's block), and ModelOpt's
     hf_quant_config.json is not copied, so loaders read plain weights.
@@ -456,5 +458,5 @@ def dequantize_checkpoint(
 
     config = plain_config(ckpt.config, dtype)
     return transform_checkpoint(
-        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn
+        ckpt, out, tensor_fn, config, overwrite, progress.track, plan_fn=plan_fn, runner=runner
     )

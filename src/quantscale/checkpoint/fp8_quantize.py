@@ -17,7 +17,7 @@ import torch
 from quantscale import progress
 from quantscale.checkpoint.layouts import CT_SCALE, HF_SCALE, FP8Facts, hf_fp8_config, hf_scale_name
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.transform import TensorPlan, transform_checkpoint
+from quantscale.checkpoint.transform import ShardRunner, TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, E4M3, block_grid
 from quantscale.formats.fp8_fast import choose_backend, quantize_fp8_block_fast
@@ -74,8 +74,10 @@ def quantize_checkpoint_fp8(
     scale_fmt: str | None = None,
     overwrite: bool = False,
     backend: str = "auto",
-) -> Path:
-    """Write an FP8 block-wise copy of checkpoint `src` to `out`; returns `out`."""
+    runner: ShardRunner | None = None,
+) -> Path | None:
+    """Write an FP8 block-wise copy of checkpoint `src` to `out`; returns `out` (None: a
+    `runner`'s other ranks still write shards)."""
     ckpt = Checkpoint(src)
     check_not_quantized(ckpt)
     if scale_fmt not in (None, "ue8m0"):
@@ -105,5 +107,13 @@ def quantize_checkpoint_fp8(
     facts = FP8Facts(list(block), unconverted_modules(ckpt, ignore), scale_fmt)
     config["quantization_config"] = hf_fp8_config(facts)
     return transform_checkpoint(
-        ckpt, out, None, config, overwrite, progress.track, plan_fn=plan_fn, rows_fn=rows_fn
+        ckpt,
+        out,
+        None,
+        config,
+        overwrite,
+        progress.track,
+        plan_fn=plan_fn,
+        rows_fn=rows_fn,
+        runner=runner,
     )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -26,7 +27,7 @@ from quantscale.checkpoint.read import (
     TensorInfo,
 )
 from quantscale.checkpoint.write import CheckpointWriter, PlannedTensor, ShardStream
-from quantscale.errors import CheckpointError, OutputExistsError
+from quantscale.errors import CheckpointError, OutputExistsError, QuantscaleError
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,67 @@ class Mappers:
     rows_fn: RowsFn | None
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """What it takes to write any one output shard of a streamed transform, on its own: the
+    source, its plan and mapping functions (picklable by cloudpickle, for Ray tasks)."""
+
+    src: Checkpoint
+    fns: Mappers
+    plan_fn: PlanFn
+
+    def plans(self, shard: str) -> dict[str, TensorPlan]:
+        """Each input tensor of `shard` -> its plan."""
+        return _plans(self.src, shard, self.plan_fn)
+
+    def write(
+        self, plans: dict[str, TensorPlan], pieces: Iterable[Piece], stream: ShardStream
+    ) -> None:
+        """Read, map and write one shard's `pieces` (of `shard_pieces(plans)`) into `stream`."""
+        pieces = list(pieces)
+        if not pieces:
+            return
+        with ShardReader(self.src.path / pieces[0].info.shard, pieces) as reader:
+            for piece, data in reader:
+                _map_piece(piece, plans[piece.info.name], data, stream, self.fns)
+
+    def pieces(self, plans: dict[str, TensorPlan]) -> list[Piece]:
+        """The reads a shard's plans need, in file order."""
+        return _pieces(self.src, plans)
+
+
+def shard_outputs(plans: dict[str, TensorPlan]) -> list[PlannedTensor]:
+    """The tensors one output shard holds, in plan order (the order of the index)."""
+    return [o for p in plans.values() for o in p.outputs]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """What completes an output once its shards are written: config.json (None: none), the
+    other files copied, whether an index is written."""
+
+    config: dict | None
+    extras: tuple[Path, ...]
+    write_index: bool
+
+    def apply(self, writer: CheckpointWriter) -> Path:
+        """Write config.json and the extra files, then commit (index, rename into place)."""
+        if self.config is not None:
+            writer.write_json(CONFIG_NAME, self.config)
+        for extra in self.extras:
+            writer.copy_file(extra)
+        return writer.commit(write_index=self.write_index)
+
+
+class ShardRunner(Protocol):
+    """Writes a streamed transform's shards elsewhere (other processes or machines) and
+    commits the output when all are written; returns it, or None while others still write."""
+
+    def __call__(
+        self, job: ShardJob, out: Path, finish: Finish, overwrite: bool, progress: Progress | None
+    ) -> Path | None: ...
+
+
 def transform_checkpoint(
     src: Checkpoint,
     out: str | os.PathLike,
@@ -73,7 +135,8 @@ def transform_checkpoint(
     progress: Progress | None = None,
     plan_fn: PlanFn | None = None,
     rows_fn: RowsFn | None = None,
-) -> Path:
+    runner: ShardRunner | None = None,
+) -> Path | None:
     """Stream `src` into `out`, mapping each tensor through `tensor_fn` shard by shard.
 
     `tensor_fn(name, tensor)` returns the output tensors for that input tensor (any names);
@@ -84,22 +147,27 @@ def transform_checkpoint(
     memory; a tensor given to `tensor_fn` is valid only during the call. Without `plan_fn`,
     each output shard is collected in memory and saved whole.
     `config` is written as config.json (None: none is written). Other files are copied.
+    A `runner` (with a `plan_fn`) writes the shards in other processes instead
+    (`quantscale.checkpoint.parallel`); the same bytes, or None while other ranks still write.
     """
     out = Path(out)
     if out.resolve() == src.path.resolve():
         raise OutputExistsError(f"{out}: output must differ from the input checkpoint")
+    write_index = src.index is not None or len(src.shards) > 1
+    finish = Finish(config, tuple(src.extra_files()), write_index)
+    if runner is not None:
+        if plan_fn is None:
+            raise QuantscaleError("this transform holds state across shards: one process only")
+        job = ShardJob(src, Mappers(tensor_fn, rows_fn), plan_fn)
+        return runner(job, out, finish, overwrite, progress)
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         if plan_fn is None:
             if tensor_fn is None:
                 raise ValueError("transform_checkpoint needs a tensor_fn or a plan_fn")
             _collect_shards(src, writer, tensor_fn, progress)
         else:
-            _stream_shards(src, writer, Mappers(tensor_fn, rows_fn), plan_fn, progress)
-        if config is not None:
-            writer.write_json(CONFIG_NAME, config)
-        for extra in src.extra_files():
-            writer.copy_file(extra)
-        return writer.commit(write_index=src.index is not None or len(src.shards) > 1)
+            _stream_shards(ShardJob(src, Mappers(tensor_fn, rows_fn), plan_fn), writer, progress)
+        return finish.apply(writer)
 
 
 def _collect_shards(
@@ -118,27 +186,18 @@ def _collect_shards(
         writer.write_shard(shard, pending)
 
 
-def _stream_shards(
-    src: Checkpoint,
-    writer: CheckpointWriter,
-    fns: Mappers,
-    plan_fn: PlanFn,
-    progress: Progress | None,
-) -> None:
+def _stream_shards(job: ShardJob, writer: CheckpointWriter, progress: Progress | None) -> None:
     """Plan each shard's outputs, then read, map and write its tensors in file order, in
     pieces of about CHUNK_BYTES (whole tensors for a `tensor_fn`)."""
-    plans = {shard: _plans(src, shard, plan_fn) for shard in src.shards}
-    order = [(shard, piece) for shard in src.shards for piece in _pieces(src, plans[shard])]
+    src = job.src
+    plans = {shard: job.plans(shard) for shard in src.shards}
+    order = [(shard, piece) for shard in src.shards for piece in job.pieces(plans[shard])]
     steps = iter(order)
     if progress is not None:
         steps = progress(steps, len(order), f"writing {writer.out.name}")
     for shard, group in itertools.groupby(steps, key=lambda step: step[0]):
-        outputs = [o for p in plans[shard].values() for o in p.outputs]
-        pieces = [piece for _, piece in group]
-        with writer.open_shard(shard, outputs) as stream:
-            with ShardReader(src.path / shard, pieces) as reader:
-                for piece, data in reader:
-                    _map_piece(piece, plans[shard][piece.info.name], data, stream, fns)
+        with writer.open_shard(shard, shard_outputs(plans[shard])) as stream:
+            job.write(plans[shard], (piece for _, piece in group), stream)
 
 
 def _plans(src: Checkpoint, shard: str, plan_fn: PlanFn) -> dict[str, TensorPlan]:

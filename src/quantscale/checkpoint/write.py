@@ -31,6 +31,7 @@ SAVE_ORDER = (
     *("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"),
 )
 PlannedTensor = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape) of an output
+SHARD_METADATA = {"format": "pt"}  # the __metadata__ every written shard carries
 
 
 def safetensors_header(
@@ -204,6 +205,12 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Raise unless `out` is free or may be replaced."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
 class CheckpointWriter:
     """Write a checkpoint directory under a temporary name; `commit()` renames it into place.
 
@@ -211,16 +218,20 @@ class CheckpointWriter:
     existing output is left untouched.
     """
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(
+        self, out: str | os.PathLike, overwrite: bool = False, staging: Path | None = None
+    ) -> None:
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        check_output(self.out, overwrite)
         self.overwrite = overwrite
         self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out)
-        prefix = f".{self.out.name}.tmp-{os.getpid()}-"
-        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
-        self.tmp.chmod(0o777 & ~current_umask())  # as a plain mkdir would, not mkdtemp's 0700
+        if staging is not None:  # shards already there, written by other processes
+            self.tmp = staging
+        else:
+            prefix = f".{self.out.name}.tmp-{os.getpid()}-"
+            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.out.parent))
+            self.tmp.chmod(0o777 & ~current_umask())  # as a plain mkdir would, not mkdtemp's
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
 
@@ -239,16 +250,20 @@ class CheckpointWriter:
             self.weight_map[name] = shard
             self.total_size += tensor.numel() * tensor.element_size()
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(self.tmp / shard), metadata={"format": "pt"})
+        save_file(tensors, str(self.tmp / shard), metadata=SHARD_METADATA)
 
     def open_shard(self, shard: str, plan: list[PlannedTensor]) -> ShardStream:
         """A `ShardStream` for one shard of planned tensors, recorded in the index."""
+        self.record_shard(shard, plan)
+        return ShardStream(self.tmp / shard, plan, SHARD_METADATA)
+
+    def record_shard(self, shard: str, plan: list[PlannedTensor]) -> None:
+        """Record one shard's planned tensors in the index (the shard is written elsewhere)."""
         for name, dtype, shape in plan:
             if name in self.weight_map:
                 raise CheckpointError(f"tensor {name!r} written twice ({shard})")
             self.weight_map[name] = shard
             self.total_size += math.prod(shape) * dtype.itemsize
-        return ShardStream(self.tmp / shard, plan, {"format": "pt"})
 
     def write_json(self, name: str, obj: dict) -> None:
         (self.tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from quantscale.commands.options import add_parallel_options, parallel_runner, print_written
 from quantscale.errors import QuantscaleError
 
 TARGETS = ("hf", "compressed-tensors", "neuron", "modelopt")
@@ -24,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.ckpt is None or args.out is None:
         raise QuantscaleError("convert needs CKPT and OUT (or only --explain)")
-    out = convert(args.ckpt, args.out, args.to, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    runner = parallel_runner(args)
+    out = convert(args.ckpt, args.out, args.to, overwrite=args.overwrite, runner=runner)
+    print_written(runner, out, args.out)
     return 0
 
 
@@ -40,4 +42,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, choices=TARGETS, help="target convention")
     p.add_argument("--explain", action="store_true", help="print the rule for each tensor kind")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_parallel_options(p)
     p.set_defaults(func=run)

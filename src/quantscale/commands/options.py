@@ -65,6 +65,44 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """--rank / --world-size / --ray / --ray-address: output shards spread over processes."""
+    group = parser.add_argument_group("shard-parallel (one output shard per task)")
+    group.add_argument(
+        "--rank", type=int, default=None, help="this process's rank (default: torchrun's RANK)"
+    )
+    group.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="processes splitting the shards by bytes (default: torchrun's WORLD_SIZE); the "
+        "last to finish commits OUT; rerunning redoes only missing shards",
+    )
+    group.add_argument(
+        "--ray", action="store_true", help="one Ray task per shard (pip install quantscale[ray])"
+    )
+    group.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="Ray cluster to join (implies --ray)"
+    )
+
+
+def parallel_runner(args: argparse.Namespace) -> Any:
+    """The shard runner the --rank / --ray options (or torchrun's environment) ask for; None:
+    one process."""
+    from quantscale.checkpoint.parallel import runner_from_args
+
+    return runner_from_args(args.rank, args.world_size, args.ray, args.ray_address)
+
+
+def print_written(runner: Any, out: Any, target: str) -> None:
+    """Per-shard lines of a parallel run, then `wrote OUT` (or that other ranks will)."""
+    from pathlib import Path
+
+    from quantscale.checkpoint.parallel import report
+
+    print("\n".join(report(runner, out, Path(target))))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a `--dtype` / `--calib-dtype` name."""
     from quantscale.checkpoint.dequantize import parse_dtype

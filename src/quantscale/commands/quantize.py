@@ -17,7 +17,11 @@ from quantscale.commands.options import (
     add_calibration_options,
     add_dtype_option,
     add_overwrite_option,
+    add_parallel_options,
+    parallel_runner,
+    print_written,
 )
+from quantscale.errors import QuantscaleError
 
 if TYPE_CHECKING:
     from quantscale.streaming import StreamOptions
@@ -43,6 +47,7 @@ def run_fp8_block(args: argparse.Namespace) -> int:
     """Streaming FP8 block quantization (no calibration)."""
     from quantscale.checkpoint.fp8_quantize import quantize_checkpoint_fp8
 
+    runner = parallel_runner(args)
     out = quantize_checkpoint_fp8(
         args.model_dir,
         args.out,
@@ -50,8 +55,9 @@ def run_fp8_block(args: argparse.Namespace) -> int:
         ignore=args.ignore,
         scale_fmt=args.scale_fmt,
         overwrite=args.overwrite,
+        runner=runner,
     )
-    print(f"wrote {out}")
+    print_written(runner, out, args.out)
     return 0
 
 
@@ -64,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
     handler = SCHEMES.get(args.scheme)
     if handler is not None and args.method is None:
         return handler(args)
+    if args.ray or args.ray_address or args.rank is not None or args.world_size is not None:
+        raise QuantscaleError(
+            "--ray / --rank / --world-size spread the streamed fp8-block scheme's shards; "
+            f"--scheme {args.scheme}{' --method ' + args.method if args.method else ''} runs "
+            "in one process"
+        )
     from quantscale.orchestrator import GPTQOptions, quantize_checkpoint
 
     gptq = GPTQOptions(
@@ -228,6 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--scale-fmt", choices=["ue8m0"], default=None, help="power-of-two scales")
     add_overwrite_option(p)
+    add_parallel_options(p)
     add_calibrated_options(p)
     add_stream_options(p)
     p.set_defaults(func=run)
