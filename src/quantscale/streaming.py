@@ -484,7 +484,7 @@ def quantize_streamed(
         all_experts,
         fmt,
     )
-    fingerprint = {
+    fingerprint: dict[str, Any] = {
         "scheme": recipe.model_dump(mode="json"),
         "method": method,
         "method_options": method_options or {},
