@@ -15,9 +15,10 @@ import torch
 from test_streaming import CALIB, assert_same_checkpoint, make_checkpoint
 
 from quantscale import distributed
+from quantscale.calibration.boundary import parse_bytes
 from quantscale.errors import QuantscaleError
 from quantscale.observers import get_observer
-from quantscale.orchestrator import quantize_checkpoint
+from quantscale.orchestrator import GPTQOptions, quantize_checkpoint
 from quantscale.scheme import QuantArgs
 from quantscale.streaming import KILL_AFTER_ENV, KILL_RANK_ENV, StreamOptions
 
@@ -50,13 +51,16 @@ def reference(root: Path, out: str, scheme: str, stream: bool) -> Path:
     return quantize_checkpoint(root / "m", root / out, scheme, method="gptq", stream=where, **calib)
 
 
-def torchrun(root: Path, out: str, scheme: str, stream: bool, env: dict | None = None):
+def torchrun(
+    root: Path, out: str, scheme: str, stream: bool, env: dict | None = None, flags: tuple = ()
+):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     launch += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     job = ["-m", "quantscale", "quantize", str(root / "m"), str(root / out), "--scheme", scheme]
     job += ["--method", "gptq", "--calib-data", str(root / "calib.txt")]
     job += ["--calib-samples", "8", "--calib-seq-len", "32", "--calib-batch-size", "2"]
     job += ["--stream", "--device", "cpu"] if stream else []
+    job += list(flags)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTSCALE_PROGRESS": "0"}
     full_env["PYTHONPATH"] = os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])
     full_env.update(env or {})
@@ -77,6 +81,20 @@ def test_two_ranks_equal_one_process(tiny, one_thread, scheme, stream):
         assert not (tiny / f"two-{name}.partial").exists()
 
 
+@pytest.mark.parametrize("memory", [None, "60KB"], ids=["one-pass", "expert-passes"])
+def test_moe_two_ranks_equal_one_process(tmp_path, one_thread, memory):
+    """Qwen3-MoE (4 experts): expert batches and the other Linears solved on their owners,
+    routed tokens summed per expert; with a tiny --gptq-memory the experts come in passes."""
+    root = make_checkpoint(tmp_path, 2, moe=True)
+    extra = {"gptq": GPTQOptions(memory_budget=parse_bytes(memory))} if memory else {}
+    calib = {**CALIB, "calib_batch_size": 2, "calib_data": root / "calib.txt"}
+    one = quantize_checkpoint(root / "m", root / "one", "w4a16", method="gptq", **calib, **extra)
+    flags = ("--gptq-memory", memory) if memory else ()
+    two = torchrun(root, "two", "w4a16", True, flags=flags)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_checkpoint(one, root / "two")
+
+
 def test_killed_rank_fails_clearly_and_resumes(tiny, one_thread):
     one = reference(tiny, "one-kill", "w4a16", True)
     kill = {KILL_AFTER_ENV: "0", KILL_RANK_ENV: "1"}
@@ -84,6 +102,8 @@ def test_killed_rank_fails_clearly_and_resumes(tiny, one_thread):
     assert killed.returncode != 0
     assert "rank        : 1" in killed.stderr or "rank: 1" in killed.stderr, killed.stderr[-3000:]
     assert "SIGKILL" in killed.stderr or "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]
+    said = [line for line in killed.stderr.splitlines() if line.startswith("error: rank 0 of 2")]
+    assert said and "model.layers." in said[0], killed.stderr[-3000:]  # where rank 0 stood
     work = tiny / "two-kill.partial"
     record = json.loads((work / "progress.json").read_text())
     assert record["done"] == 2 and record["fingerprint"]["ranks"] == 2

@@ -20,6 +20,8 @@ import datetime
 import logging
 import os
 import pickle
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,8 +85,21 @@ def init_from_env() -> Context:
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     _CTX.rank, _CTX.world, _CTX.local_rank = dist.get_rank(), dist.get_world_size(), local
+    signal.signal(signal.SIGTERM, _stopped)
     log.info("rank %d of %d (%s)", _CTX.rank, _CTX.world, dist.get_backend())
     return _CTX
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    """SIGTERM (torchrun ends every rank once one has failed): say where this rank stood."""
+    print(
+        f"error: rank {_CTX.rank} of {_CTX.world} stopped by signal {signum} at {_CTX.where} "
+        "(the launcher ends every rank when one fails; its report names the failed rank); "
+        "rerun the same command (with --stream it resumes from the last finished layer)",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + signum)
 
 
 def shutdown() -> None:
@@ -96,12 +111,11 @@ def shutdown() -> None:
 
 @contextmanager
 def step(where: str) -> Iterator[None]:
-    """Name the step in progress for the errors of the collectives inside it."""
+    """Name the step in progress for the errors of the collectives inside it (kept when it
+    fails, for the messages that follow)."""
     before, _CTX.where = _CTX.where, where
-    try:
-        yield
-    finally:
-        _CTX.where = before
+    yield
+    _CTX.where = before
 
 
 @contextmanager

@@ -370,6 +370,7 @@ class StreamedRun:
         self, i: int, work: WorkDir, boundary: Boundary, parts: PartWriter, clock: _Clock
     ) -> None:
         name = f"{self.prefix}.{i}"
+        distributed.context().where = name
         layer = self.layers[i]
         self.skeleton.load(name, self.source, self.device)
         group = self.groups[i]
@@ -395,6 +396,7 @@ class StreamedRun:
     def _head(self, work: WorkDir, parts: PartWriter, clock: _Clock) -> None:
         """Everything outside the embeddings and the decoder layers (final norm, lm_head)."""
         keep = self._head_keep()
+        distributed.context().where = "head"
         self.skeleton.load("", self.source, keep=keep)
         rest: dict[str, QuantLinear] = {n: q for n, q in self.linears.items() if keep(n)}
         if rest and self.needs_data:
