@@ -180,3 +180,11 @@ def test_single_process_is_the_no_op():
     t = torch.ones(2)
     assert distributed.sum_to(t, 0) is t
     assert distributed.owners([3.0, 1.0]) == [0, 0]
+
+
+def test_other_commands_refuse_torchrun(monkeypatch, capsys):
+    from quantscale.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["inspect", "nowhere"]) == 2
+    assert "under torchrun only quantize" in capsys.readouterr().err

@@ -70,6 +70,11 @@ def is_writer() -> bool:
     return _CTX.rank == 0
 
 
+def launched() -> bool:
+    """Whether the environment names more than one rank (torchrun's WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_from_env() -> Context:
     """Join the torchrun process group when the environment names more than one rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -102,6 +102,11 @@ def quantize_model(
             f"static activations, an FP8 KV cache, layer transforms or method {method!r} need "
             "calibration batches"
         )
+    if transforms and distributed.active():
+        raise QuantscaleError(
+            "layer transforms (smoothing) see each rank's own data and are not reduced across "
+            "ranks; run them on one process"
+        )
     model.eval()
     if not (needs_data or transforms):  # weight-only, data-free: no forward at all
         quantize_data_free(linears, algorithm)
