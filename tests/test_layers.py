@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "src" / "quantscale"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("version", "errors", "progress", "cache", "naming"),
+    ("version", "errors", "progress", "cache", "naming", "distributed"),
     ("formats",),
     ("scheme", "qdq"),
     ("observers",),

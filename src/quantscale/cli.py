@@ -27,8 +27,10 @@ from quantscale.commands import (
     sweep,
     validate,
 )
+from quantscale.distributed import launched
 from quantscale.errors import QuantscaleError
 
+DISTRIBUTED = ("quantize",)  # the commands that run across torchrun ranks
 COMMANDS: tuple[ModuleType, ...] = (
     calibrate,
     convert,
@@ -90,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.quiet)
+    if launched() and args.command not in DISTRIBUTED:
+        print(
+            f"error: `{args.command}` runs in one process; under torchrun only "
+            f"{', '.join(DISTRIBUTED)} does",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(args.func(args) or 0)
     except QuantscaleError as err:

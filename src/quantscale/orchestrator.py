@@ -32,6 +32,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from quantscale import distributed
 from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
 from quantscale.algorithms.layer import (
     by_layer,
@@ -101,6 +102,11 @@ def quantize_model(
             f"static activations, an FP8 KV cache, layer transforms or method {method!r} need "
             "calibration batches"
         )
+    if transforms and distributed.active():
+        raise QuantscaleError(
+            "layer transforms (smoothing) see each rank's own data and are not reduced across "
+            "ranks; run them on one process"
+        )
     model.eval()
     if not (needs_data or transforms):  # weight-only, data-free: no forward at all
         quantize_data_free(linears, algorithm)
@@ -124,6 +130,7 @@ def _quantize_with_data(
 ) -> None:
     prefix, layers = decoder_layers(model)
     groups = by_layer(linears, prefix, len(layers))
+    data = distributed.rank_slice(data)  # with several ranks: this rank's share
     for step in layerwise(model, data, description="calibrate"):
         for transform in transforms:
             transform(step)
@@ -312,10 +319,15 @@ def quantize_checkpoint(
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
-    same data (compressed-tensors `kv_cache_scheme`)."""
+    same data (compressed-tensors `kv_cache_scheme`). Launched by torchrun with several
+    processes, the ranks calibrate their shares of the data and rank 0 writes
+    (`quantscale.distributed`): the same output as one process."""
+    distributed.init_from_env()
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
+        if distributed.active():
+            raise QuantscaleError(f"{model_dir}: a Mamba model is quantized by one process")
         if stream:
             raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
         if calib_data is not None and not isinstance(calib_data, (str, os.PathLike, torch.Tensor)):
@@ -372,7 +384,11 @@ def quantize_checkpoint(
         "calib_samples": calib_samples,
     }
     extra = {"quantize_info": info} if fmt == "pseudo" else {}
-    return export_model(model, out, fmt, source_dir=path, overwrite=overwrite, **extra)
+    result = Path(out)
+    if distributed.is_writer():  # with several ranks every one holds the same model
+        result = export_model(model, out, fmt, source_dir=path, overwrite=overwrite, **extra)
+    distributed.barrier()
+    return result
 
 
 def set_kv_cache(recipe: Recipe, kv_cache: str | None, fmt: str | None, stream: object) -> None:

@@ -13,6 +13,13 @@ fingerprint and the number of finished parts) they let the same command continue
 kill, with byte-identical output. A different command refuses the work directory and names
 what differs. The output is the in-memory path's checkpoint tensor for tensor (split into one
 shard per part).
+
+With several ranks (torchrun, `quantscale.distributed`) each rank calibrates its share of
+the batches and keeps its boundary activations in `<work dir>/rank-<r>/`; rank 0 alone
+writes the parts, the output and the progress record, which also names every rank's saved
+boundary. A layer is recorded only once every rank has saved its boundary, and the older
+boundaries are removed only after that, so the same command resumes all ranks from the last
+layer they all finished.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import Any
 
 import torch
 
-from quantscale import progress
+from quantscale import distributed, progress
 from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
 from quantscale.algorithms.layer import (
     by_layer,
@@ -68,6 +75,7 @@ from quantscale.scheme import Recipe
 log = logging.getLogger(__name__)
 RECORD = "progress.json"
 KILL_AFTER_ENV = "QUANTSCALE_TEST_KILL_AFTER_LAYER"  # test hook: SIGKILL after layer k
+KILL_RANK_ENV = "QUANTSCALE_TEST_KILL_RANK"  # ... on this rank only (default 0)
 
 
 @dataclass(frozen=True)
@@ -139,13 +147,16 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 class WorkDir:
-    """The resume state: progress record, part shards, the last boundary activations."""
+    """The resume state: progress record, part shards, the last boundary activations (with
+    several ranks: rank 0's, whose record names the other ranks' boundaries too)."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict) -> None:
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.done = 0
         self.boundary: BoundaryFile | None = None
+        self.rank_boundaries: list[dict | None] = []  # ranks 1.. of a distributed run
+        self.follows = False
         record = self.path / RECORD
         if record.is_file():
             self._resume(json.loads(record.read_text()))
@@ -156,7 +167,7 @@ class WorkDir:
             )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.save(0, None)
+            self._write(0, None, [])
 
     def _resume(self, record: dict) -> None:
         diff = _differences(record.get("fingerprint", {}), self.fingerprint)
@@ -168,25 +179,48 @@ class WorkDir:
                 "another --work-dir"
             )
         self.done = int(record["done"])
+        self.rank_boundaries = record.get("rank_boundaries", [])
         if record.get("boundary"):
             self.boundary = BoundaryFile.from_json(record["boundary"])
         if self.done:
             log.info("%s: resuming after %d finished parts", self.path, self.done)
 
+    @classmethod
+    def follower(cls, path: Path, done: int, boundary: dict | None) -> WorkDir:
+        """Rank r > 0's view: its own boundary directory, rank 0's record the progress."""
+        self = cls.__new__(cls)
+        self.path, self.fingerprint, self.follows = path, {}, True
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.done, self.rank_boundaries = done, []
+        self.boundary = BoundaryFile.from_json(boundary) if boundary else None
+        return self
+
     def save(self, done: int, boundary: BoundaryFile | None) -> None:
-        """Record `done` finished parts (and the saved inputs of the next layer), atomically."""
-        record = {
+        """Record `done` finished parts (and the saved inputs of the next layer), atomically;
+        with several ranks (every rank calls this) once every rank has saved its boundary."""
+        if distributed.active():
+            every = distributed.gather_objects(boundary.to_json() if boundary else None)
+            if not self.follows:
+                self._write(done, boundary, every[1:])
+            distributed.barrier()
+        else:
+            self._write(done, boundary, [])
+        self.done, self.boundary = done, boundary
+
+    def _write(self, done: int, boundary: BoundaryFile | None, others: list) -> None:
+        record: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "done": done,
             "boundary": boundary.to_json() if boundary else None,
         }
+        if others:
+            record["rank_boundaries"] = others
         tmp = self.path / f".{RECORD}.tmp"
         with open(tmp, "w") as f:
             f.write(json.dumps(record, indent=1, sort_keys=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / RECORD)
-        self.done, self.boundary = done, boundary
 
 
 # ------------------------------------------------------------------ the streamed run
@@ -289,7 +323,7 @@ class StreamedRun:
 
     def run(self, work: WorkDir, boundary: Boundary, out: Path, overwrite: bool) -> Path:
         parts = PartWriter(work.path, self.n_parts, self.source.config.get("model_type"))
-        missing = parts.missing(work.done)
+        missing = parts.missing(work.done) if distributed.is_writer() else []
         if missing:
             raise QuantscaleError(f"{work.path}: finished parts missing: {', '.join(missing)}")
         clock = _Clock(self.n_parts)
@@ -303,6 +337,8 @@ class StreamedRun:
                 self._head(work, parts, clock)
         if experts:  # the layers of this run (a resumed run counts only those it did)
             log_expert_coverage(self.model, all_tokens=self.all_experts)
+        if not distributed.is_writer():
+            return out
         if self.fmt == "compressed-tensors":
             config = model_config(self.model)
             config["quantization_config"] = self.recipe.to_quantization_config("compressed")
@@ -325,7 +361,7 @@ class StreamedRun:
                 self.inputs = [replace_hidden(h, a, k) for h, (a, k) in zip(hidden, self.inputs)]
         if work.done == 0:
             embed = part_tensors(self.model, "", _under(self.embed), self.skeleton.tied, self.fmt)
-            parts.write(0, embed)
+            _write_part(parts, 0, embed)
             work.save(1, None)
             clock.report(1, self.embed)
         self.skeleton.release(self.embed)
@@ -334,6 +370,7 @@ class StreamedRun:
         self, i: int, work: WorkDir, boundary: Boundary, parts: PartWriter, clock: _Clock
     ) -> None:
         name = f"{self.prefix}.{i}"
+        distributed.context().where = name
         layer = self.layers[i]
         self.skeleton.load(name, self.source, self.device)
         group = self.groups[i]
@@ -343,7 +380,7 @@ class StreamedRun:
             quantize_layer(step, group, self.algorithm, self.sequential, run)
         else:
             quantize_data_free(group, self.algorithm)
-        parts.write(i + 1, part_tensors(layer, name, fmt=self.fmt))
+        _write_part(parts, i + 1, part_tensors(layer, name, fmt=self.fmt))
         saved = None
         if self.needs_data and i + 1 < len(self.layers):
             saved, hidden = boundary.save(i + 1, _outputs(step))
@@ -352,12 +389,14 @@ class StreamedRun:
         boundary.prune(saved.name if saved else None)
         self.skeleton.release(name)
         clock.report(i + 2, name)
-        if os.environ.get(KILL_AFTER_ENV) == str(i):
+        rank = str(distributed.context().rank)
+        if os.environ.get(KILL_AFTER_ENV) == str(i) and os.environ.get(KILL_RANK_ENV, "0") == rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _head(self, work: WorkDir, parts: PartWriter, clock: _Clock) -> None:
         """Everything outside the embeddings and the decoder layers (final norm, lm_head)."""
         keep = self._head_keep()
+        distributed.context().where = "head"
         self.skeleton.load("", self.source, keep=keep)
         rest: dict[str, QuantLinear] = {n: q for n, q in self.linears.items() if keep(n)}
         if rest and self.needs_data:
@@ -366,7 +405,7 @@ class StreamedRun:
         elif rest:
             quantize_data_free(rest, self.algorithm)
         head = part_tensors(self.model, "", keep, self.skeleton.tied, self.fmt)
-        parts.write(self.n_parts - 1, head)
+        _write_part(parts, self.n_parts - 1, head)
         work.save(self.n_parts, None)
         self.skeleton.release("", keep=keep)
         clock.report(self.n_parts, "head")
@@ -377,6 +416,25 @@ class StreamedRun:
         if self.skeleton.tied and any(f"{n}.weight" in secondary for n in self.linears):
             raise QuantscaleError("streaming cannot quantize an lm_head tied to the embeddings")
         return lambda n: not n.startswith(inside) and n not in secondary
+
+
+def _write_part(parts: PartWriter, index: int, tensors: dict[str, torch.Tensor]) -> None:
+    if distributed.is_writer():  # with several ranks every one holds the same tensors
+        parts.write(index, tensors)
+
+
+def _open_work(path: Path, fingerprint: dict) -> WorkDir:
+    """Rank 0 opens (or resumes) the work directory; the other ranks follow its record."""
+    if not distributed.active():
+        return WorkDir(path, fingerprint)
+    work = WorkDir(path, fingerprint) if distributed.is_writer() else None
+    done, others = distributed.gather_objects(
+        (work.done, work.rank_boundaries) if work is not None else None
+    )[0]
+    if work is not None:
+        return work
+    rank = distributed.context().rank
+    return WorkDir.follower(path / f"rank-{rank}", done, others[rank - 1] if others else None)
 
 
 def _under(prefix: str) -> Callable[[str], bool]:
@@ -412,6 +470,7 @@ def quantize_streamed(
             f"--stream writes {', '.join(STREAM_FORMATS)}; format {fmt!r} needs the in-memory "
             "path (omit --stream)"
         )
+    distributed.init_from_env()
     algorithm = get_algorithm(method, **(method_options or {}))
     sequential = algorithm.true_sequential if true_sequential is None else true_sequential
     data = as_batches(batches, batch_size)
@@ -420,14 +479,14 @@ def quantize_streamed(
         source_dir,
         recipe,
         algorithm,
-        data,
+        distributed.rank_slice(data) if data else data,
         parse_dtype(dtype),
         device,
         sequential,
         all_experts,
         fmt,
     )
-    fingerprint = {
+    fingerprint: dict[str, Any] = {
         "scheme": recipe.model_dump(mode="json"),
         "method": method,
         "method_options": method_options or {},
@@ -441,8 +500,12 @@ def quantize_streamed(
         "source": str(Path(source_dir).resolve()),
         "source_digest": source_digest(source_dir),
     }
+    if distributed.active():
+        fingerprint["ranks"] = distributed.context().world
     work_path = Path(options.work_dir or f"{os.fspath(out)}.partial")
-    work = WorkDir(work_path, fingerprint)
-    result = run.run(work, Boundary(work_path, options.max_memory), Path(out), overwrite)
-    shutil.rmtree(work_path)
+    work = _open_work(work_path, fingerprint)
+    result = run.run(work, Boundary(work.path, options.max_memory), Path(out), overwrite)
+    distributed.barrier()
+    if distributed.is_writer():
+        shutil.rmtree(work_path)
     return result

@@ -35,6 +35,7 @@ the results are bitwise equal to solving the weights one at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantscale import distributed
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import (
     full_range,
@@ -76,12 +78,14 @@ _DYNAMIC = ("group", "tensor_group", "block")
 
 
 class HessianAccumulator:
-    """Running sum of x^T x over a Linear's inputs (float32); `hessian()` = 2/n * sum.
+    """Running sum of x^T x over a Linear's inputs; `hessian()` = 2/n * sum (float32).
 
-    bfloat16 inputs are multiplied in bfloat16 (4-5x faster on CPUs with AVX512-BF16) one
-    `chunk` of rows at a time, each product widened to float32 before it is summed, so the
-    bf16 rounding of the products averages out over the chunks; `exact=True` (or any other
-    dtype) multiplies in float32.
+    Each batch's product is computed in float32 (bfloat16 inputs: in bfloat16, 4-5x faster on
+    CPUs with AVX512-BF16, one `chunk` of rows at a time, each product widened before it is
+    summed, so the bf16 rounding averages out; `exact=True` or any other dtype: float32) and
+    summed in float64, where adding float32 products is exact unless their magnitudes span
+    more than ~2^25: the sum then does not depend on the order of the batches, and N ranks
+    that each sum their share of the batches (`reduce`) give one process's Hessian bit for bit.
     """
 
     def __init__(
@@ -91,12 +95,15 @@ class HessianAccumulator:
         exact: bool = False,
         chunk: int = 512,
     ) -> None:
-        self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.sum: torch.Tensor | None = torch.zeros(
+            columns, columns, dtype=torch.float64, device=device
+        )
         self.count = 0
         self.exact, self.chunk = exact, chunk
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs [..., columns] (every leading position is one sample)."""
+        assert self.sum is not None, "add after reduce"
         rows = x.detach().reshape(-1, x.shape[-1])
         self.count += rows.shape[0]
         if rows.dtype == torch.bfloat16 and not self.exact:
@@ -105,10 +112,17 @@ class HessianAccumulator:
             return
         if rows.dtype != torch.float32:
             rows = rows.float()
-        self.sum.addmm_(rows.t(), rows)
+        self.sum += rows.t() @ rows
+
+    def reduce(self, owner: int) -> None:
+        """Sum the ranks' partial sums onto rank `owner` (`distributed.sum_to`: in rank
+        order); the others drop theirs. The count is already the total (`_share_counts`)."""
+        assert self.sum is not None, "reduce after dropping the sum"
+        self.sum = distributed.sum_to(self.sum, owner)
 
     def hessian(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.count, 1))
+        assert self.sum is not None, "hessian of a rank that does not own it"
+        return (self.sum * (2.0 / max(self.count, 1))).float()
 
 
 @dataclass
@@ -501,6 +515,9 @@ class GPTQ:
         assert tracker is not None, "finish_layer without start_layer"
         tracker.detach()
         names = [n for n, m in linears.items() if m.scheme.weights is not None]
+        if distributed.active():
+            _share_counts(tracker, linears)
+        units: list[_Unit] = []
         batches = _ExpertBatches()
         for leader, members in tracker.groups(names).items():
             acc = tracker.acc.pop(leader, None)
@@ -511,12 +528,46 @@ class GPTQ:
                         for sub, global_scale in _per_expert(stack, linears):
                             batches.add(sub, linears, acc, global_scale)
                 else:
-                    self._quantize_group(part, linears, acc)
+                    solve = functools.partial(self._quantize_group, part, linears, acc)
+                    units.append(_Unit(solve, part, self._needing(acc), _cost(part, linears)))
         for jobs in batches.pop_all():
             size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
             while jobs:
                 chunk, jobs = jobs[:size], jobs[size:]
-                self._quantize_experts(chunk, linears)
+                solve = functools.partial(self._quantize_experts, chunk, linears)
+                members = [n for job in chunk for n in job.stack]
+                accs = [a for job in chunk for a in self._needing(job.acc)]
+                units.append(_Unit(solve, members, accs, _cost(members, linears)))
+        self._solve(units, linears)
+
+    def _needing(self, acc: HessianAccumulator | None) -> list[HessianAccumulator]:
+        """[acc] when the solve reads its Hessian (GPTQ, not the RTN fallback)."""
+        return [acc] if acc is not None and acc.count >= self.min_tokens else []
+
+    def _solve(self, units: list[_Unit], linears: dict[str, QuantLinear]) -> None:
+        """Run the solves; with several ranks each on the rank `distributed.owners` gives it,
+        its Hessians summed there first, its weights broadcast from there after."""
+        if not distributed.active():
+            for unit in units:
+                unit.solve()
+            return
+        owner = distributed.owners([u.cost for u in units])
+        _reduce_hessians(units, owner)
+        replies: list[list[dict]] = []
+        for unit, rank in zip(units, owner):
+            start = len(self.report)
+            if rank == distributed.context().rank:
+                unit.solve()
+            replies.append(self.report[start:])
+            del self.report[start:]
+        for unit, rank, report in zip(units, owner, replies):
+            mine = rank == distributed.context().rank
+            state = {f"{n}.{k}": t for n in unit.names for k, t in _weight_state(linears[n])}
+            got, report = distributed.broadcast_tensors(state if mine else None, rank, report)
+            if not mine:
+                for name in unit.names:
+                    _install_weight_state(linears[name], name, got)
+            self.report.extend(report)
 
     def passes(self, linears: dict[str, QuantLinear]) -> list[dict[str, QuantLinear]]:
         """A layer's Linears as calibration passes (`start_layer`, the layer's forwards,
@@ -638,9 +689,9 @@ def _solve_bytes(stack: list[str], linears: dict[str, QuantLinear]) -> int:
 
 
 def _hessian_bytes(expert: dict[str, QuantLinear]) -> int:
-    """One expert's Hessians: one float32 [in, in] per distinct input width (gate and up
+    """One expert's Hessians: one float64 [in, in] per distinct input width (gate and up
     share their input)."""
-    return sum(4 * n * n for n in {ql.in_features for ql in expert.values()})
+    return sum(8 * n * n for n in {ql.in_features for ql in expert.values()})
 
 
 @dataclass
@@ -693,3 +744,82 @@ def _split_by_args(names: list[str], linears: dict[str, QuantLinear]) -> list[li
         else:
             parts.append((args, [name]))
     return [members for _, members in parts]
+
+
+@dataclass
+class _Unit:
+    """One solve of `finish_layer` (a group or a batch of experts): the call, the modules it
+    sets, the Hessians it reads and its cost (for `distributed.owners`)."""
+
+    solve: Callable[[], None]
+    names: list[str]
+    accs: list[HessianAccumulator]
+    cost: float
+
+
+def _cost(names: list[str], linears: dict[str, QuantLinear]) -> float:
+    """A solve's work: columns^2 x rows (the column loop) + columns^3 (the factorization)."""
+    return float(
+        sum(
+            q.in_features**2 * (q.out_features + q.in_features) for q in (linears[n] for n in names)
+        )
+    )
+
+
+_STATE = ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_g_idx")
+
+
+def _weight_state(ql: QuantLinear) -> list[tuple[str, torch.Tensor]]:
+    """A quantized module's weight and weight qparams (what `set_weight` installs)."""
+    out = [("weight", ql.weight.detach())]
+    return out + [(k, b) for k in _STATE if (b := ql._buffers.get(k)) is not None]
+
+
+def _install_weight_state(ql: QuantLinear, name: str, got: Mapping[str, torch.Tensor]) -> None:
+    def get(key: str) -> torch.Tensor | None:
+        return got.get(f"{name}.{key}")
+
+    scale = get("weight_scale")
+    assert scale is not None, f"{name}: the owner sent no weight scale"
+    qp = QParams(scale, get("weight_zero_point"), get("weight_global_scale"))
+    ql.set_weight(got[f"{name}.weight"], qp, get("weight_g_idx"))
+
+
+def _reduce_hessians(units: list[_Unit], owner: list[int]) -> None:
+    """Each Hessian summed onto every rank that solves a unit reading it (`owner` per unit),
+    in the same order on every rank; the other ranks drop theirs."""
+    needed: dict[int, tuple[HessianAccumulator, list[int]]] = {}
+    for unit, rank in zip(units, owner):
+        for acc in unit.accs:
+            ranks = needed.setdefault(id(acc), (acc, []))[1]
+            if rank not in ranks:
+                ranks.append(rank)
+    for acc, ranks in needed.values():
+        partial, total = acc.sum, None
+        for rank in sorted(ranks):
+            acc.sum = partial
+            acc.reduce(rank)
+            total = acc.sum if acc.sum is not None else total
+        acc.sum = total
+
+
+def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) -> None:
+    """Make the ranks' trackers agree: the union of who shares whose input, an (empty)
+    accumulator wherever another rank has one, and every count the total over ranks."""
+    leader: dict[str, str] = {}
+    for other in distributed.gather_objects(tracker.leader):
+        for name, lead in other.items():
+            if leader.setdefault(name, lead) != lead:
+                raise QuantscaleError(
+                    f"GPTQ: {name} shared its input with {lead} on one rank and with "
+                    f"{leader[name]} on another; cannot share a Hessian"
+                )
+    tracker.leader = leader
+    leaders = sorted(set(leader.values()))
+    for name in leaders:
+        if name not in tracker.acc:
+            ql = linears[name]
+            tracker.acc[name] = HessianAccumulator(ql.in_features, ql.weight.device, tracker.exact)
+    counts = distributed.all_sum_ints([tracker.acc[n].count for n in leaders])
+    for name, count in zip(leaders, counts):
+        tracker.acc[name].count = count

@@ -3,11 +3,12 @@
 `quantize_layer(step, group, algorithm, sequential, run)` calibrates and quantizes the
 QuantLinears `group` of the decoder layer in `step`: the activation observers
 (`calibration.activations.ActivationCalibrator`) and the algorithm's hooks are attached while
-`run()` pushes the cached batches through the layer, then the algorithm sets the weights
-(`finish_layer`) and the observers the static activation scales. An algorithm with a
-`passes(linears)` method (GPTQ: experts in chunks that fit its memory budget) gets one
-start/forward/finish round per pass. With `sequential` (true sequential) this happens stage
-by stage (`calibration.sequential.linear_stages`).
+`run()` pushes the cached batches through the layer (with several ranks, each rank's share of
+them: the algorithm and the observers merge what the ranks saw, `quantscale.distributed`),
+then the algorithm sets the weights (`finish_layer`) and the observers the static activation
+scales. An algorithm with a `passes(linears)` method (GPTQ: experts in chunks that fit its
+memory budget) gets one start/forward/finish round per pass. With `sequential` (true
+sequential) this happens stage by stage (`calibration.sequential.linear_stages`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from quantscale import distributed
 from quantscale.algorithms.base import WeightAlgorithm
 from quantscale.calibration.activations import ActivationCalibrator
 from quantscale.calibration.sequential import LayerStep, linear_stages
@@ -84,10 +86,12 @@ def quantize_layer(
     the cached batches (default `step.run`)."""
     if not group:
         return
-    if sequential:
-        calibrate_in_stages(step, group, algorithm)
-    else:
-        calibrate_group(group, algorithm, run or step.run)
+    with distributed.step(step.name):
+        if sequential:
+            calibrate_in_stages(step, group, algorithm)
+        else:
+            calibrate_group(group, algorithm, run or step.run)
+    distributed.traffic(step.name)
 
 
 def quantize_data_free(group: dict[str, QuantLinear], algorithm: WeightAlgorithm) -> None:

@@ -7,6 +7,8 @@ forward hooks while attached, and turns the collected ranges into static `QParam
 same input tensor with the same args (q/k/v, gate/up) share one observer, so every input is
 observed once. Observers that search per batch (`mse`) see at most `token_budget` tokens of
 each batch, drawn at random with a fixed seed: their cost does not grow with the batch.
+With several ranks every observer merges the ranks' states (`Observer.reduce`) before the
+QParams are computed.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class ActivationCalibrator:
         self._alias: dict[Key, Key] = {}
         self._last: dict[tuple[str, str], tuple[torch.Tensor, Key]] = {}
         self._handles: list = []
+        self._reduced = False
 
     def __enter__(self) -> ActivationCalibrator:
         self.attach()
@@ -129,6 +132,10 @@ class ActivationCalibrator:
     def qparams(self) -> dict[Key, QParams]:
         """Static QParams per (module name, role)."""
         out = {}
+        if not self._reduced:
+            for observer in self.observers.values():  # the same order on every rank
+                observer.reduce()
+            self._reduced = True
         for key, args in self.args.items():
             source = self._alias.get(key, key) if self.observers[key].count == 0 else key
             obs = self.observers[source]

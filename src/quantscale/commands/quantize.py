@@ -4,7 +4,9 @@
 any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
 exports (`quantscale.orchestrator.quantize_checkpoint`). With `--stream` it does so layer by layer
 from the shards, resumable from `--work-dir`, each layer on `--device`, the activations
-between layers memory-mapped past `--max-memory` (`quantscale.streaming`).
+between layers memory-mapped past `--max-memory` (`quantscale.streaming`). Launched by
+`torchrun --nproc-per-node N -m quantscale quantize ...`, the ranks calibrate their shares of
+the data and rank 0 writes the output (`quantscale.distributed`).
 """
 
 from __future__ import annotations
@@ -102,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
         stream=stream_options(args),
         kv_cache=args.kv_cache,
     )
-    print(f"wrote {out}")
+    from quantscale import distributed
+
+    if distributed.is_writer():
+        print(f"wrote {out}")
+    distributed.shutdown()
     return 0
 
 

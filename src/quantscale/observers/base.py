@@ -8,6 +8,13 @@ per-tensor: it sets the static global scale (`qdq.nvfp4_global_scale(obs.amax())
 group scales being computed at run time. Per-batch statistics combine across `update` calls by
 `combine`: 'minmax' (running extremes), 'ema' (w += sigma*(cur - w), first batch seeds it)
 or 'mean' (running average).
+
+With several ranks (`quantscale.distributed`) each observer saw its rank's batches; `reduce()`
+makes every rank hold the job's range, as each observer defines it: 'minmax' takes the
+extremes over the ranks (exactly one process's range), 'mean' the count-weighted average of
+the ranks' averages (one process's in exact arithmetic, within float32 rounding here), and an
+observer whose state cannot be merged ('ema', whose result depends on the order of all the
+batches, or a data-dependent histogram) refuses with an error that says so.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from quantscale import distributed
 from quantscale.errors import QuantscaleError
 from quantscale.qdq import ACTIVATION, to_rows
 from quantscale.scheme import QuantArgs
@@ -107,6 +115,36 @@ class Observer:
             self.max_val = (old_mx * n + mx) / (n + 1)
         self.count += 1
 
+    def reduce(self) -> None:
+        """Merge the ranks' states (see the module docstring); a no-op on one process."""
+        if not distributed.active():
+            return
+        if self.combine == "ema":
+            raise QuantscaleError(
+                f"{self.name} observer (combine 'ema'): a moving average depends on the order "
+                "of every batch and cannot be merged across ranks exactly; use combine "
+                "'minmax' or 'mean' (observer_kwargs) or run on one process"
+            )
+        seen = [s for s in distributed.gather_objects(self._state()) if s[0]]
+        if not seen:
+            return
+        device = self.min_val.device if self.min_val is not None else torch.device("cpu")
+        mins = [s[1] for s in seen]
+        maxs = [s[2] for s in seen]
+        total = sum(s[0] for s in seen)
+        if self.combine == "minmax":
+            mn, mx = _fold(torch.minimum, mins), _fold(torch.maximum, maxs)
+        else:
+            mn = _fold(torch.add, [m * (s[0] / total) for m, s in zip(mins, seen)])
+            mx = _fold(torch.add, [m * (s[0] / total) for m, s in zip(maxs, seen)])
+        self.min_val, self.max_val, self.count = mn.to(device), mx.to(device), total
+
+    def _state(self) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        return self.count, cpu(self.min_val), cpu(self.max_val)
+
     def min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The collected (min, max)."""
         if self.min_val is None or self.max_val is None:
@@ -117,6 +155,13 @@ class Observer:
         """max(|min|, |max|) of the collected range."""
         mn, mx = self.min_max()
         return torch.maximum(mn.abs(), mx.abs())
+
+
+def _fold(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], parts: list) -> torch.Tensor:
+    out = parts[0]
+    for part in parts[1:]:
+        out = op(out, part)
+    return out
 
 
 @register_observer("minmax", "static_minmax", "memoryless_minmax")

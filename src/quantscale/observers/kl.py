@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from quantscale import distributed
 from quantscale.errors import QuantscaleError
 from quantscale.observers.base import Observer, register_observer
 
@@ -78,6 +79,15 @@ class KLObserver(Observer):
             self.hist, self.width = h.reshape(-1, 2).sum(dim=1), self.width * 2
         n = len(self.hist)
         self.hist += torch.histc(a.double(), bins=n, min=0.0, max=n * self.width)
+
+    def reduce(self) -> None:
+        """Refused with several ranks: each rank's bin width follows its own first batch
+        and growth, so the histograms do not merge exactly."""
+        if distributed.active():
+            raise QuantscaleError(
+                "kl observer: its histogram bins follow each rank's own data and cannot be "
+                "merged across ranks exactly; use minmax / mse / aciq or run on one process"
+            )
 
     def min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hist is None:
