@@ -64,10 +64,11 @@ def quantize(
     kv_cache: str | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
-    default, or 'rtn') to `format` (default compressed-tensors). Returns the written
-    directory, or the model itself when it was given in memory without an `output_dir`. A
-    Mamba checkpoint is quantized the Quamba way (no method or format applies). `kv_cache`
-    ('fp8' | 'fp8-head'): static FP8 KV-cache scales calibrated on the same data."""
+    default, 'rtn', 'awq' or 'awq+gptq': AWQ scales, then GPTQ rounding) to `format`
+    (default compressed-tensors). Returns the written directory, or the model itself when
+    it was given in memory without an `output_dir`. A Mamba checkpoint is quantized the
+    Quamba way (no method or format applies). `kv_cache` ('fp8' | 'fp8-head'): static FP8
+    KV-cache scales calibrated on the same data."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):

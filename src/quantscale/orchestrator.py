@@ -268,8 +268,8 @@ class GPTQOptions:
         return recipe
 
     def method_options(self, method: str) -> dict[str, Any]:
-        """The weight algorithm's keyword options (none for RTN)."""
-        if method != "gptq":
+        """The weight algorithm's keyword options (none for RTN and AWQ)."""
+        if method not in ("gptq", "awq+gptq"):
             return {}
         kwargs: dict[str, Any] = {
             "dampening_frac": self.dampening_frac,
@@ -302,9 +302,9 @@ def quantize_checkpoint(
     kv_cache: str | None = None,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
-    recipe file) by `method` ('rtn' | 'gptq', default gptq) and write it to `out` in format
-    `fmt` (default compressed-tensors), calibrating on `calib_samples` windows of
-    `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
+    recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq', default gptq) and write
+    it to `out` in format `fmt` (default compressed-tensors), calibrating on `calib_samples`
+    windows of `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
     Mamba / Mamba2 model is quantized the Quamba way (no method or format applies).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`

@@ -7,7 +7,9 @@ QuantLinears `group` of the decoder layer in `step`: the activation observers
 (`finish_layer`) and the observers the static activation scales. An algorithm with a
 `passes(linears)` method (GPTQ: experts in chunks that fit its memory budget) gets one
 start/forward/finish round per pass. With `sequential` (true sequential) this happens stage
-by stage (`calibration.sequential.linear_stages`).
+by stage (`calibration.sequential.linear_stages`). An algorithm with a
+`prepare_layer(step, group, run)` method (AWQ: scales folded into the layer, clipping) sees
+the layer first.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def quantize_layer(
     the cached batches (default `step.run`)."""
     if not group:
         return
+    prepare = getattr(algorithm, "prepare_layer", None)
+    if prepare is not None:
+        prepare(step, group, run or step.run)
     if sequential:
         calibrate_in_stages(step, group, algorithm)
     else:

@@ -1,4 +1,5 @@
-"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq] [--format F]`.
+"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq|awq|awq+gptq]
+[--format F]`.
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
 any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
@@ -151,7 +152,11 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
     from quantscale.export import EXPORTERS
 
     p.add_argument(
-        "--method", choices=["rtn", "gptq"], default=None, help="weight algorithm (gptq)"
+        "--method",
+        choices=["rtn", "gptq", "awq", "awq+gptq"],
+        default=None,
+        help="weight algorithm (gptq); awq: activation-aware scales and clipping, then RTN; "
+        "awq+gptq: AWQ scales, then GPTQ rounding",
     )
     p.add_argument(
         "--format",
