@@ -11,7 +11,7 @@ from test_streaming import assert_same_checkpoint, make_checkpoint, run
 from tiny_models import make_tiny_llama
 
 from quantscale.algorithms import get_algorithm
-from quantscale.algorithms.awq import AWQ, AWQScales, awq_scales, clip_search
+from quantscale.algorithms.awq import AWQ, AWQScales, awq_scales, clip_search, output_error
 from quantscale.calibration.sequential import layerwise
 from quantscale.errors import QuantscaleError
 from quantscale.models.adapter import decoder_layers
@@ -96,10 +96,10 @@ def test_clip_search_lowers_the_error_and_keeps_ratio_one_when_best():
     def error(weight: torch.Tensor) -> float:
         return float((x @ (rtn_weight(weight, args)[0] - w).T).pow(2).mean())
 
-    clipped = clip_search(x, w, args)
+    clipped = clip_search(w, args, output_error(x))
     assert error(clipped) <= error(w)
     assert clipped.abs().amax() <= w.abs().amax()
-    only_one = clip_search(x, w, args, grid=(1.0,))
+    only_one = clip_search(w, args, output_error(x), grid=(1.0,))
     assert torch.equal(only_one, w)
 
 

@@ -5,8 +5,9 @@ Per mapping of `smoothing.LLAMA_MAPPINGS` (norm -> q/k/v, v -> o, norm -> gate/u
 down), on the layer's own calibration inputs (each layer fed by the quantized layers before
 it): the per-channel mean |x| of the input of the `nexts` gives scales s = mean|x|^alpha,
 normalized to a geometric mean of 1 (`awq_scales`); every alpha of `grid` is tried and the
-one whose scaled, fake-quantized `nexts` (their own scheme: `smoothing.smoothed_error`) give
-the least output MSE against the float outputs is kept. 1/s is folded into the previous op
+one whose scaled, fake-quantized `nexts` (their own scheme; `AWQScales.grid_errors`) give
+the least output MSE against the float outputs is kept (on up to `max_tokens` sampled
+tokens; the per-channel means over all). 1/s is folded into the previous op
 (a norm's weight, or a Linear's rows) and s into the `nexts`' input columns: the float model
 is unchanged. Then each Linear but q/k (as AutoAWQ: attention scores are clipping-sensitive)
 gets a clipping search: per output row and weight group, the shrink ratio of the group's
@@ -40,7 +41,9 @@ from quantscale.algorithms.smoothing import (
     SmoothMapping,
     SmoothQuant,
     _module,
+    _weight,
     layer_mappings,
+    search_scheme,
 )
 from quantscale.calibration.sequential import LayerStep
 from quantscale.errors import QuantscaleError
@@ -85,25 +88,43 @@ def _grouped(t: torch.Tensor, size: int) -> torch.Tensor:
     return t.reshape(*t.shape[:-1], -1, size)
 
 
+GroupError = Callable[[torch.Tensor], torch.Tensor]
+"""Weight error per (row, group): [O, G, size] rounded-minus-float weights -> [O, G]."""
+
+
+def output_error(x: torch.Tensor) -> GroupError:
+    """Squared output error on the input tokens `x` [T, C], per (row, group)."""
+
+    def error(delta: torch.Tensor) -> torch.Tensor:
+        xg = _grouped(x.float(), delta.shape[-1])
+        rows = max(1, _ERROR_ELEMENTS // max(1, xg.shape[0] * xg.shape[1]))
+        parts = [torch.einsum("tgk,ogk->tog", xg, d).pow(2).sum(dim=0) for d in delta.split(rows)]
+        return torch.cat(parts)
+
+    return error
+
+
+def importance_error(importance: torch.Tensor) -> GroupError:
+    """Squared weight error weighted by each input channel's `importance` [C] (mean x^2:
+    the output error with the inputs' cross-channel terms dropped)."""
+    return lambda delta: (delta.pow(2) * _grouped(importance.float(), delta.shape[-1])).sum(-1)
+
+
 def clip_search(
-    x: torch.Tensor, w: torch.Tensor, args: QuantArgs, grid: Sequence[float] = CLIP_GRID
+    w: torch.Tensor, args: QuantArgs, error: GroupError, grid: Sequence[float] = CLIP_GRID
 ) -> torch.Tensor:
-    """`w` [O, C] with each (row, group) clamped to the shrink ratio of `grid` whose rounded
-    weights (`rtn_weight`) give the least squared output error on the inputs `x` [T, C]."""
+    """`w` [O, C] with each (row, group) clamped to the shrink ratio of `grid` (of the
+    group's range) whose rounded weights (`rtn_weight`) give the least `error`."""
     size = clip_group_size(args, w.shape[1])
     if size is None:
         return w
-    xg, wg = _grouped(x.float(), size), _grouped(w.float(), size)
+    wg = _grouped(w.float(), size)
     lo, hi = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-    best_err = torch.full(wg.shape[:2], float("inf"))
-    best = torch.ones(wg.shape[:2])
-    rows = max(1, _ERROR_ELEMENTS // max(1, xg.shape[0] * xg.shape[1]))
+    best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)
+    best = torch.ones(wg.shape[:2], device=w.device)
     for ratio in grid:
         clipped = wg.clamp(lo * ratio, hi * ratio).flatten(1)[:, : w.shape[1]]
-        delta = _grouped(rtn_weight(clipped, args)[0] - w.float(), size)
-        err = torch.cat(
-            [torch.einsum("tgk,ogk->tog", xg, d).pow(2).sum(dim=0) for d in delta.split(rows)]
-        )
+        err = error(_grouped(rtn_weight(clipped, args)[0] - w.float(), size))
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, ratio), best)
@@ -134,6 +155,30 @@ class AWQScales(SmoothQuant):
 
     def statistic(self, stats: InputSamples) -> dict[str, torch.Tensor]:
         return stats.mean_abs()
+
+    def grid_errors(
+        self, layer: nn.Module, m: SmoothMapping, stats: InputSamples, where: str
+    ) -> dict[float, float]:
+        """{alpha: output MSE of the mapping's scaled, rounded nexts}. Weight-only schemes:
+        from the inputs' second moments H = X^T X / T, as mean_o (D H D^T)_oo with D =
+        Q(W s) / s - W (exact, and O x C^2 per alpha instead of T x O x C); schemes that
+        quantize activations: on the tokens (`SmoothQuant.grid_errors`)."""
+        nexts = [_module(layer, p) for p in m.nexts]
+        scheme = search_scheme(nexts)
+        if scheme.input_activations is not None or scheme.weights is None:
+            return super().grid_errors(layer, m, stats, where)
+        x = stats.tokens(m.name)
+        h = x.T @ x / x.shape[0]
+        w = torch.cat([_weight(n).detach().float() for n in nexts])
+        statistic, errors = self.statistic(stats)[m.name], {}
+        for alpha in self.grid:
+            scales = self.mapping_scales(layer, m, statistic, alpha, where)
+            if scales is None:
+                return {}
+            s = scales[1]
+            d = rtn_weight(w * s, scheme.weights)[0] / s - w
+            errors[alpha] = float((d @ h * d).sum() / d.shape[0])
+        return errors
 
     def prepare(
         self, step: LayerStep, group: dict[str, QuantLinear], run: Callable[[], object]
@@ -187,7 +232,7 @@ class AWQScales(SmoothQuant):
                 continue
             w = ql.weight
             assert isinstance(w, torch.Tensor)
-            w.data.copy_(clip_search(x.to(w.device), w.detach(), args, self.clip_grid))
+            w.data.copy_(clip_search(w.detach(), args, output_error(x), self.clip_grid))
 
 
 class AWQ:

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stream=stream_options(args),
         kv_cache=args.kv_cache,
+        importance=args.importance,
     )
     print(f"wrote {out}")
     return 0
@@ -157,6 +158,13 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weight algorithm (gptq); awq: activation-aware scales and clipping, then RTN; "
         "awq+gptq: AWQ scales, then GPTQ rounding",
+    )
+    p.add_argument(
+        "--importance",
+        metavar="STATS",
+        default=None,
+        help="importance-weighted RTN: clipping weighted by each input channel's mean x^2 from "
+        "STATS (safetensors), collected on the calibration data and written there if absent",
     )
     p.add_argument(
         "--format",
