@@ -20,6 +20,7 @@ workers but parent 'cpu' only has 1"): its job sets GPTQMODEL_CPU_WORKERS=2, stu
         [--group-size 128] [--only quantscale,llm-compressor,gptqmodel] [--actorder group]
         [--true-sequential]
     .venv/bin/python benchmarks/gptq.py --table   # bf16 / RTN / GPTQ perplexity per scheme
+        [--samples 128] [--schemes W4A16,NVFP4A16] [--methods rtn,gptq,awq,awq+gptq]
 """
 
 from __future__ import annotations
@@ -309,8 +310,11 @@ def _print(model_name: str, res: dict) -> None:
 TABLE_SCHEMES = ("W8A16", "FP8_DYNAMIC", "NVFP4A16", "W4A16", "W4A16_ASYM", "MXFP4A16")
 
 
-def table(samples: int, schemes: tuple[str, ...]) -> dict:
-    """bf16 / RTN / GPTQ held-out perplexity of SmolLM2 per weight scheme (in this process)."""
+def table(
+    samples: int, schemes: tuple[str, ...], methods: tuple[str, ...] = ("rtn", "gptq")
+) -> dict:
+    """bf16 and per-method (RTN / GPTQ / AWQ / AWQ+GPTQ) held-out perplexity of SmolLM2 per
+    weight scheme (in this process)."""
     import copy
     import time
 
@@ -327,10 +331,10 @@ def table(samples: int, schemes: tuple[str, ...]) -> dict:
     rows = {"bf16": {"ppl": perplexity(base, ev)}}
     print(json.dumps({"bf16": rows["bf16"]}), flush=True)
     for scheme in schemes:
-        for method in ("rtn", "gptq"):
+        for method in methods:
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            data = calib if method == "gptq" else None
+            data = None if method == "rtn" else calib
             quantize_model(model, scheme, data, method=method, batch_size=4)
             took = time.perf_counter() - start
             rows[f"{scheme}/{method}"] = {"ppl": perplexity(model, ev), "quantize_s": took}
@@ -358,13 +362,14 @@ def main() -> None:
     )
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
+    ap.add_argument("--methods", default="rtn,gptq", help="--table: e.g. rtn,gptq,awq,awq+gptq")
     ap.add_argument("--json", type=Path, default=None, help="results file (run_all.py)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 16 samples, g128")
     a = ap.parse_args()
     if a.quick:
         a.models, a.samples, a.group_size = "tiny", 16, 128
     if a.table:
-        table(a.samples, tuple(a.schemes.split(",")))
+        table(a.samples, tuple(a.schemes.split(",")), tuple(a.methods.split(",")))
         return
     only = a.only.split(",") if a.only else None
     bench(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantscale.algorithms.importance import importance_method
 from quantscale.checkpoint.convert import convert_checkpoint
 from quantscale.checkpoint.inspect import PrecisionReport, precision_report
 from quantscale.checkpoint.layouts import PSEUDO, detect_layout
@@ -63,21 +64,29 @@ def quantize(
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
+    importance: str | os.PathLike | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
-    default, or 'rtn') to `format` (default compressed-tensors). Returns the written
-    directory, or the model itself when it was given in memory without an `output_dir`. A
-    Mamba checkpoint is quantized the Quamba way (no method or format applies). `kv_cache`
-    ('fp8' | 'fp8-head'): static FP8 KV-cache scales calibrated on the same data."""
+    default, 'rtn', 'awq' or 'awq+gptq': AWQ scales, then GPTQ rounding) to `format`
+    (default compressed-tensors). Returns the written directory, or the model itself when
+    it was given in memory without an `output_dir`. A Mamba checkpoint is quantized the
+    Quamba way (no method or format applies). `kv_cache` ('fp8' | 'fp8-head'): static FP8
+    KV-cache scales calibrated on the same data. `importance`: importance-weighted RTN from
+    that statistics file (collected on the calibration data and written there if absent)."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
+        if importance is not None:
+            method = importance_method(method)
         method, format = method or "gptq", format or "compressed-tensors"
         recipe = gptq.recipe(scheme)
         set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
-        quantize_model(model, recipe, batches, method, **gptq.method_options(method))
+        options = gptq.method_options(method)
+        if importance is not None:
+            method, options = _importance_rtn(model, recipe, settings, tokenizer, importance)
+        quantize_model(model, recipe, batches, method, **options)
         if output_dir is None:
             return model
         from quantscale.export import export_model
@@ -98,7 +107,26 @@ def quantize(
         overwrite=overwrite,
         stream=stream,
         kv_cache=kv_cache,
+        importance=importance,
     )
+
+
+def _importance_rtn(
+    model: nn.Module,
+    recipe: Any,
+    settings: CalibrationSettings,
+    tokenizer: Any,
+    path: str | os.PathLike,
+) -> tuple[str, dict[str, Any]]:
+    """Importance-weighted RTN of an in-memory model: its statistics, collected if absent."""
+    from quantscale.algorithms.importance import ensure_importance, importance_options
+    from quantscale.calibration.sequential import as_batches
+    from quantscale.orchestrator import targeted_linears
+
+    where = "quantize(<in-memory model>, tokenizer=None)"
+    names = list(targeted_linears(model, recipe))
+    ensure_importance(path, model, names, lambda: as_batches(settings.tokens(tokenizer, where), 4))
+    return "rtn-importance", importance_options(path, False)
 
 
 def inspect(path: str | os.PathLike) -> PrecisionReport:

@@ -20,6 +20,7 @@ read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,11 @@ from torch import nn
 
 from quantscale import distributed
 from quantscale.algorithms.base import WeightAlgorithm, get_algorithm
+from quantscale.algorithms.importance import (
+    ensure_importance,
+    importance_method,
+    importance_options,
+)
 from quantscale.algorithms.layer import (
     by_layer,
     calibrate_group,
@@ -278,8 +284,8 @@ class GPTQOptions:
         return recipe
 
     def method_options(self, method: str) -> dict[str, Any]:
-        """The weight algorithm's keyword options (none for RTN)."""
-        if method != "gptq":
+        """The weight algorithm's keyword options (none for RTN and AWQ)."""
+        if method not in ("gptq", "awq+gptq"):
             return {}
         kwargs: dict[str, Any] = {
             "dampening_frac": self.dampening_frac,
@@ -310,16 +316,19 @@ def quantize_checkpoint(
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
+    importance: str | os.PathLike | None = None,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
-    recipe file) by `method` ('rtn' | 'gptq', default gptq) and write it to `out` in format
-    `fmt` (default compressed-tensors), calibrating on `calib_samples` windows of
-    `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
+    recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq', default gptq) and write
+    it to `out` in format `fmt` (default compressed-tensors), calibrating on `calib_samples`
+    windows of `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
     Mamba / Mamba2 model is quantized the Quamba way (no method or format applies).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
-    same data (compressed-tensors `kv_cache_scheme`). Launched by torchrun with several
+    same data (compressed-tensors `kv_cache_scheme`). `importance`: importance-weighted RTN
+    (`algorithms.importance`) from that statistics file, collected on the calibration data
+    and written there first when it does not exist. Launched by torchrun with several
     processes, the ranks calibrate their shares of the data and rank 0 writes
     (`quantscale.distributed`): the same output as one process."""
     distributed.init_from_env()
@@ -339,7 +348,12 @@ def quantize_checkpoint(
         return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
     from quantscale.export import EXPORTERS, export_model
 
+    if importance is not None:
+        method = importance_method(method)
     fmt, method = fmt or "compressed-tensors", method or "gptq"
+    algo_options = gptq.method_options(method)
+    if importance is not None:
+        algo_options = importance_options(importance, stream)
     if fmt not in EXPORTERS:
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
@@ -354,7 +368,7 @@ def quantize_checkpoint(
             out,
             recipe,
             method,
-            method_options=gptq.method_options(method),
+            method_options=algo_options,
             batches=batches,
             batch_size=calib_batch_size,
             dtype=dtype,
@@ -366,8 +380,11 @@ def quantize_checkpoint(
             overwrite=overwrite,
         )
     model, tokenizer = loader.load_model(path, parse_dtype(dtype))
+    if importance is not None:
+        names = list(targeted_linears(model, recipe))
+        ids = functools.partial(settings.tokens, tokenizer, path)
+        ensure_importance(importance, model, names, lambda: as_batches(ids(), calib_batch_size))
     batches = settings.batches(tokenizer, recipe, method, path)
-    options = gptq.method_options(method)
     _quantize_experts(
         model,
         recipe,
@@ -376,7 +393,7 @@ def quantize_checkpoint(
         calib_batch_size,
         calibrate_all_experts,
         true_sequential=true_sequential,
-        **options,
+        **algo_options,
     )
     info = {
         "quant_method": method,
@@ -425,11 +442,15 @@ class CalibrationSettings:
     ) -> torch.Tensor | None:
         """Calibration token ids (`data` itself when it is ids `[N, L]`), or None when the
         recipe and method need no data."""
+        static = has_static_activations(recipe.config_groups.values())
+        if method in ("rtn", "rtn-importance") and not static and recipe.kv_cache_scheme is None:
+            return None
+        return self.tokens(tokenizer, model_dir)
+
+    def tokens(self, tokenizer: Any, model_dir: str | os.PathLike) -> torch.Tensor:
+        """The calibration token ids."""
         from quantscale.data.calibration import calibration_batches
 
-        static = has_static_activations(recipe.config_groups.values())
-        if method == "rtn" and not static and recipe.kv_cache_scheme is None:
-            return None
         if isinstance(self.data, torch.Tensor):
             return token_ids(self.data)
         if tokenizer is None:

@@ -22,7 +22,9 @@ class WeightAlgorithm(Protocol):
     `needs_data`: whether it must see inputs (RTN does not); `true_sequential`: its default
     for calibrating a layer stage by stage (q/k/v, o, gate/up, down). Optional:
     `passes(linears) -> list[dict]`, the group split into calibration passes, each driven
-    start/forward/finish (`algorithms.layer.calibration_passes`; default one pass).
+    start/forward/finish (`algorithms.layer.calibration_passes`; default one pass);
+    `prepare_layer(step, group, run)`, called with the decoder layer's `LayerStep` before it
+    is calibrated (AWQ changes the layer's float weights there).
     """
 
     needs_data: bool

@@ -8,7 +8,9 @@ them: the algorithm and the observers merge what the ranks saw, `quantscale.dist
 then the algorithm sets the weights (`finish_layer`) and the observers the static activation
 scales. An algorithm with a `passes(linears)` method (GPTQ: experts in chunks that fit its
 memory budget) gets one start/forward/finish round per pass. With `sequential` (true
-sequential) this happens stage by stage (`calibration.sequential.linear_stages`).
+sequential) this happens stage by stage (`calibration.sequential.linear_stages`). An algorithm
+with a `prepare_layer(step, group, run)` method (AWQ: scales folded into the layer, clipping)
+sees the layer first (one process only: its search statistics are not reduced across ranks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from quantscale import distributed
 from quantscale.algorithms.base import WeightAlgorithm
 from quantscale.calibration.activations import ActivationCalibrator
 from quantscale.calibration.sequential import LayerStep, linear_stages
+from quantscale.errors import QuantscaleError
 from quantscale.runtime.qlinear import QuantLinear
 
 
@@ -86,7 +89,15 @@ def quantize_layer(
     the cached batches (default `step.run`)."""
     if not group:
         return
+    prepare = getattr(algorithm, "prepare_layer", None)
+    if prepare is not None and distributed.active():
+        raise QuantscaleError(
+            f"{step.name}: {type(algorithm).__name__}'s search does not reduce its statistics "
+            "across ranks yet; run it in one process (without torchrun)"
+        )
     with distributed.step(step.name):
+        if prepare is not None:
+            prepare(step, group, run or step.run)
         if sequential:
             calibrate_in_stages(step, group, algorithm)
         else:

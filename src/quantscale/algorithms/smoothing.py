@@ -210,8 +210,9 @@ def collect_absmax(
 
 
 class InputSamples(ChannelAbsMax):
-    """`ChannelAbsMax` that also keeps each mapping's per-channel min / max of its input and
-    up to `per_call` random tokens of every call (float32), for the alpha search."""
+    """`ChannelAbsMax` that also keeps each mapping's per-channel min / max and mean |x| of
+    its input and up to `per_call` random tokens of every call (float32), for the alpha
+    search."""
 
     def __init__(
         self, layer: nn.Module, mappings: Sequence[SmoothMapping], per_call: int, seed: int = 0
@@ -219,6 +220,8 @@ class InputSamples(ChannelAbsMax):
         self.per_call = per_call
         self.min: dict[str, torch.Tensor] = {}
         self.max: dict[str, torch.Tensor] = {}
+        self._abs_sum: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
         self.samples: dict[str, list[torch.Tensor]] = {m.name: [] for m in mappings}
         self._gen = torch.Generator().manual_seed(seed)
         super().__init__(layer, mappings)
@@ -231,6 +234,11 @@ class InputSamples(ChannelAbsMax):
                 lo, hi = torch.minimum(self.min[name], lo), torch.maximum(self.max[name], hi)
             self.min[name], self.max[name] = lo, hi
             self.absmax[name] = torch.maximum(-lo, hi)
+            abs_sum = x.abs().float().sum(dim=0)
+            if name in self._abs_sum:
+                abs_sum = abs_sum + self._abs_sum[name]
+            self._abs_sum[name] = abs_sum
+            self._count[name] = self._count.get(name, 0) + x.shape[0]
             if x.shape[0] > self.per_call:
                 x = x[torch.randperm(x.shape[0], generator=self._gen)[: self.per_call]]
             self.samples[name].append(x.float().clone())
@@ -240,6 +248,10 @@ class InputSamples(ChannelAbsMax):
     def tokens(self, name: str) -> torch.Tensor:
         """The sampled input tokens of mapping `name`, [T, channels]."""
         return torch.cat(self.samples[name])
+
+    def mean_abs(self) -> dict[str, torch.Tensor]:
+        """Per mapping, the per-channel mean |x| over every input token seen."""
+        return {n: s / max(1, self._count[n]) for n, s in self._abs_sum.items()}
 
 
 # ------------------------------------------------------------------ scales
@@ -347,6 +359,11 @@ class Smoothing:
             self._keep(weight)
             weight.data.mul_(s[None, :].to(weight.dtype))
 
+    def channel_scales(self, x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Per-channel scales from the input statistic x and the weights' max|W| w at
+        `alpha` (SmoothQuant's `smooth_scales`; AWQ overrides it)."""
+        return smooth_scales(x, w, alpha)
+
     def mapping_scales(
         self, layer: nn.Module, m: SmoothMapping, x_absmax: torch.Tensor, alpha: float, where: str
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -356,7 +373,7 @@ class Smoothing:
         x, w = x_absmax.to(_weight(nexts[0]).device), _weight_absmax(nexts)
         if m.name == "vo":
             return self._vo_scales(layer, _module(layer, m.prev), x, w, alpha, where)
-        s = smooth_scales(x, w, alpha)
+        s = self.channel_scales(x, w, alpha)
         return s, s
 
     def smooth_layer(
@@ -403,7 +420,7 @@ class Smoothing:
         head_dim = getattr(_find(layer, "self_attn"), "head_dim", None) or kv
         # o_proj input channel (kv head g, repeat r, dim d) reads v channel (g, d).
         x_g, w_g = (t.reshape(kv // head_dim, rep, head_dim).amax(dim=1) for t in (x, w))
-        s_v = smooth_scales(x_g, w_g, alpha).reshape(-1)
+        s_v = self.channel_scales(x_g, w_g, alpha).reshape(-1)
         s_o = s_v.reshape(kv // head_dim, 1, head_dim).expand(-1, rep, -1).reshape(-1)
         return s_v, s_o
 
@@ -459,7 +476,11 @@ class SmoothQuant(Smoothing):
         finally:
             stats.remove()
         alphas = self.search_layer(step.layer, mappings, stats, step.name)
-        self.smooth_layer(step.layer, stats.absmax, step.name, alphas)
+        self.smooth_layer(step.layer, self.statistic(stats), step.name, alphas)
+
+    def statistic(self, stats: InputSamples) -> dict[str, torch.Tensor]:
+        """The per-channel input statistic the scales are computed from (max|x|)."""
+        return stats.absmax
 
     def search_layer(
         self,
@@ -494,9 +515,9 @@ class SmoothQuant(Smoothing):
         w = torch.cat([_weight(n).detach().float() for n in nexts])
         y_ref, scheme = x @ w.T, search_scheme(nexts)
         x_range = (stats.min[m.name], stats.max[m.name])
-        errors = {}
+        errors, statistic = {}, self.statistic(stats)[m.name]
         for alpha in self.grid:
-            scales = self.mapping_scales(layer, m, stats.absmax[m.name], alpha, where)
+            scales = self.mapping_scales(layer, m, statistic, alpha, where)
             if scales is None:
                 return {}
             errors[alpha] = smoothed_error(

@@ -1,4 +1,5 @@
-"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq] [--format F]`.
+"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq|awq|awq+gptq]
+[--format F]`.
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
 any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stream=stream_options(args),
         kv_cache=args.kv_cache,
+        importance=args.importance,
     )
     from quantscale import distributed
 
@@ -170,7 +172,18 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
     from quantscale.export import EXPORTERS
 
     p.add_argument(
-        "--method", choices=["rtn", "gptq"], default=None, help="weight algorithm (gptq)"
+        "--method",
+        choices=["rtn", "gptq", "awq", "awq+gptq"],
+        default=None,
+        help="weight algorithm (gptq); awq: activation-aware scales and clipping, then RTN; "
+        "awq+gptq: AWQ scales, then GPTQ rounding",
+    )
+    p.add_argument(
+        "--importance",
+        metavar="STATS",
+        default=None,
+        help="importance-weighted RTN: clipping weighted by each input channel's mean x^2 from "
+        "STATS (safetensors), collected on the calibration data and written there if absent",
     )
     p.add_argument(
         "--format",
