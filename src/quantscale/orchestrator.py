@@ -335,17 +335,9 @@ def quantize_checkpoint(
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
-        if distributed.active():
-            raise QuantscaleError(f"{model_dir}: a Mamba model is quantized by one process")
-        if stream:
-            raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
-        if calib_data is not None and not isinstance(calib_data, (str, os.PathLike, torch.Tensor)):
-            raise QuantscaleError(
-                f"{model_dir}: a Mamba model calibrates on a text file or token ids [N, L]"
-            )
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
-        return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
+        return _quantize_mamba(model_dir, out, scheme, method, fmt, stream, **options)
     from quantscale.export import EXPORTERS, export_model
 
     if importance is not None:
@@ -490,11 +482,21 @@ def _quantize_mamba(
     scheme: str,
     method: str | None,
     fmt: str | None,
+    stream: object,
     **options: Any,
 ) -> Path:
-    """The Quamba path of `quantize_checkpoint`."""
+    """The Quamba path of `quantize_checkpoint` (one process, in memory)."""
     from quantscale.mamba.quantize import quantize_mamba_checkpoint
 
+    if distributed.active():
+        raise QuantscaleError(f"{model_dir}: a Mamba model is quantized by one process")
+    if stream:
+        raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
+    data = options.get("calib_data")
+    if data is not None and not isinstance(data, (str, os.PathLike, torch.Tensor)):
+        raise QuantscaleError(
+            f"{model_dir}: a Mamba model calibrates on a text file or token ids [N, L]"
+        )
     if method is not None or fmt is not None:
         raise QuantscaleError(
             f"{model_dir}: a Mamba model is quantized the Quamba way; --method and --format "
