@@ -39,6 +39,7 @@ from quantscale.orchestrator import (
     quantize_checkpoint,
     quantize_model,
     set_kv_cache,
+    set_rotation,
 )
 from quantscale.streaming import StreamOptions
 
@@ -62,18 +63,21 @@ def quantize(
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
+    rotate: str | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
     default, or 'rtn') to `format` (default compressed-tensors). Returns the written
     directory, or the model itself when it was given in memory without an `output_dir`. A
     Mamba checkpoint is quantized the Quamba way (no method or format applies). `kv_cache`
-    ('fp8' | 'fp8-head'): static FP8 KV-cache scales calibrated on the same data."""
+    ('fp8' | 'fp8-head'): static FP8 KV-cache scales calibrated on the same data. `rotate`
+    ('hadamard'): Hadamard rotations fused before quantizing (`algorithms.rotation`)."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
         method, format = method or "gptq", format or "compressed-tensors"
         recipe = gptq.recipe(scheme)
         set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
+        set_rotation(recipe, rotate, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
         quantize_model(model, recipe, batches, method, **gptq.method_options(method))
@@ -97,6 +101,7 @@ def quantize(
         overwrite=overwrite,
         stream=stream,
         kv_cache=kv_cache,
+        rotate=rotate,
     )
 
 

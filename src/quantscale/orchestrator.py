@@ -39,6 +39,7 @@ from quantscale.algorithms.layer import (
     quantize_data_free,
     quantize_layer,
 )
+from quantscale.algorithms.rotation import check_rotation, rotate_model
 from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
@@ -88,6 +89,8 @@ def quantize_model(
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     algorithm = get_algorithm(method, **method_kwargs)
+    if recipe.rotate:  # fused into the float weights before anything is quantized
+        rotate_model(model, recipe.rotate)
     linears = replace_linears(model, recipe)
     if not linears:
         raise QuantscaleError("the recipe targets no Linear module of this model")
@@ -300,6 +303,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
+    rotate: str | None = None,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
     recipe file) by `method` ('rtn' | 'gptq', default gptq) and write it to `out` in format
@@ -309,7 +313,8 @@ def quantize_checkpoint(
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
-    same data (compressed-tensors `kv_cache_scheme`)."""
+    same data (compressed-tensors `kv_cache_scheme`). `rotate` ('hadamard'): Hadamard
+    rotations fused before quantizing (`algorithms.rotation`; in-memory path only)."""
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
@@ -329,6 +334,7 @@ def quantize_checkpoint(
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
     set_kv_cache(recipe, kv_cache, fmt, stream)
+    set_rotation(recipe, rotate, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
     path = loader.resolve_model(model_dir)
     if stream:
@@ -390,6 +396,15 @@ def set_kv_cache(recipe: Recipe, kv_cache: str | None, fmt: str | None, stream: 
         )
     if stream:
         raise QuantscaleError("an FP8 KV cache is calibrated by the in-memory path (omit --stream)")
+
+
+def set_rotation(recipe: Recipe, rotate: str | None, stream: object) -> None:
+    """Apply `--rotate` to the recipe; refuse the streamed path (it never holds the whole
+    model, and R1 rotates every layer and the embeddings at once)."""
+    if rotate is not None:
+        recipe.rotate = check_rotation(rotate)  # type: ignore[assignment]
+    if recipe.rotate and stream:
+        raise QuantscaleError("--rotate runs on the in-memory path (omit --stream)")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from quantscale.commands.options import (
     add_calibration_options,
     add_dtype_option,
     add_overwrite_option,
+    add_rotate_option,
 )
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stream=stream_options(args),
         kv_cache=args.kv_cache,
+        rotate=args.rotate,
     )
     print(f"wrote {out}")
     return 0
@@ -162,6 +164,7 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
     )
     add_calibration_options(p, batch_size=4)
     add_dtype_option(p, default="bfloat16")
+    add_rotate_option(p)
     p.add_argument(
         "--actorder",
         choices=["group", "weight", "none"],

@@ -1,0 +1,196 @@
+"""Hadamard rotations (algorithms.rotation, runtime.hadamard): the matrices are orthogonal,
+the fused R1 / R2 / R4 keep the float model's logits, the online Hadamard reaches every hook,
+rotated models reload with it, and an injected massive activation stops hurting W8A8."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+from torch import nn
+
+from quantscale.algorithms.rotation import residual_rotation, rotate_model
+from quantscale.algorithms.smoothing import SmoothQuant
+from quantscale.calibration.activations import ActivationCalibrator
+from quantscale.errors import QuantscaleError
+from quantscale.export import export_model
+from quantscale.export.fake_quant import save_quantized
+from quantscale.models.quantized import load_quantized_checkpoint
+from quantscale.orchestrator import load_model, quantize_model
+from quantscale.runtime.hadamard import (
+    add_online_hadamard,
+    hadamard,
+    has_online_hadamard,
+    is_hadamard_size,
+)
+from quantscale.runtime.qlinear import QuantLinear
+from quantscale.scheme import load_recipe, preset_scheme
+
+
+def _ids(n: int = 4, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits.double()
+
+
+def _llama(dtype: torch.dtype = torch.float64, **config) -> nn.Module:
+    """The tiny Llama with non-trivial norm weights (so that folding them matters)."""
+    model = make_tiny_llama(dtype=dtype, **config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if "RMSNorm" in type(module).__name__:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 24, 28, 36, 64, 72, 576, 1536])
+def test_hadamard_sizes_are_hadamard(n):
+    h = hadamard(n)
+    assert is_hadamard_size(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=h.dtype), atol=1e-12)
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [6, 9, 18, 3 * 64])
+def test_other_sizes_get_an_orthogonal_kronecker_block(n):
+    h = hadamard(n)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=h.dtype), atol=1e-12)
+    assert is_hadamard_size(n) == (n == 3 * 64)  # 192 = 2^3 x 24 (Paley I, p = 23)
+    assert torch.equal(h, hadamard(n))  # deterministic
+
+
+def test_residual_rotation_is_orthogonal_and_seeded():
+    q = residual_rotation(576, seed=3)
+    assert torch.allclose(q @ q.T, torch.eye(576, dtype=q.dtype), atol=1e-12)
+    assert torch.equal(q, residual_rotation(576, seed=3))
+    assert not torch.equal(q, residual_rotation(576, seed=4))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_rotations_keep_the_float_logits(tied, bias):
+    model = _llama(tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias)
+    ids = _ids()
+    before = _logits(model, ids)
+    rotate_model(model)
+    after = _logits(model, ids)
+    # transformers' RMSNorm computes in float32 internally: ~1e-7 relative is the floor
+    assert (after - before).abs().max() < 1e-5 * before.abs().max()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    layer = model.model.layers[0]
+    assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    assert has_online_hadamard(layer.mlp.down_proj) and not has_online_hadamard(layer.mlp.up_proj)
+    assert not torch.allclose(before, _logits(make_tiny_llama(dtype=torch.float64), ids))
+
+
+def test_float32_rotation_keeps_logits_closely():
+    model = _llama(torch.float32)
+    ids = _ids()
+    before = _logits(model, ids)
+    after = _logits(rotate_model(model), ids)
+    assert (after - before).abs().max() < 1e-4 * before.abs().max()
+
+
+def test_online_hadamard_with_offline_weight_keeps_outputs_and_reaches_hooks():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 8).double()
+    x = torch.randn(5, 96, dtype=torch.float64)
+    ref = linear(x)
+    rotated = copy.deepcopy(linear)
+    with torch.no_grad():
+        rotated.weight.copy_(rotated.weight @ hadamard(96))
+    assert not torch.allclose(rotated(x), ref)
+    add_online_hadamard(rotated)
+    add_online_hadamard(rotated)  # idempotent: one rotation, not two
+    assert torch.allclose(rotated(x), ref, atol=1e-12)
+    ql = QuantLinear.from_linear(rotated, preset_scheme("W8A8"))
+    assert has_online_hadamard(ql) and torch.allclose(ql(x), ref, atol=1e-12)
+    calibrator = ActivationCalibrator({"m": ql})  # its pre-hook comes after the rotation
+    with calibrator:
+        ql(x)
+    amax = calibrator.observers[("m", "input")].amax().max()
+    assert torch.isclose(amax.double(), (x @ hadamard(96)).abs().max(), rtol=1e-6)
+
+
+def _massive(model: nn.Module, factor: float = 200.0) -> None:
+    """A massive down_proj input channel (up_proj row 5 x factor, down_proj column 5 / factor:
+    the float function is unchanged), like SmolLM2's layer 11 (3,160 against ~0.1)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[5] *= factor
+            layer.mlp.down_proj.weight[:, 5] /= factor
+
+
+def _w8a8_error(rotate: bool) -> float:
+    model = _llama(torch.float32)
+    _massive(model)
+    ids, calib = _ids(seed=1), _ids(8, seed=2)
+    ref = _logits(model, ids)
+    recipe = load_recipe("W8A8")
+    recipe.rotate = "hadamard" if rotate else None
+    quantize_model(model, recipe, calib, "rtn")
+    return float(((_logits(model, ids) - ref) ** 2).mean() / (ref**2).mean())
+
+
+def test_rotation_lowers_w8a8_static_error_with_a_massive_channel():
+    plain, rotated = _w8a8_error(False), _w8a8_error(True)
+    assert rotated < 0.5 * plain, (plain, rotated)
+
+
+def _rotated_w8a8() -> tuple[nn.Module, torch.Tensor]:
+    model = _llama(torch.float32)
+    recipe = load_recipe("W8A8")
+    recipe.rotate = "hadamard"
+    quantize_model(model, recipe, _ids(8, seed=2), "rtn")
+    return model, _ids(seed=1)
+
+
+def test_fake_quant_save_reloads_with_the_online_hadamard(tmp_path):
+    model, ids = _rotated_w8a8()
+    save_quantized(model, tmp_path / "q")
+    loaded, _tok = load_model(tmp_path / "q")
+    assert has_online_hadamard(loaded.model.layers[1].mlp.down_proj)
+    assert loaded.quantscale_recipe.rotate == "hadamard"
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-5)
+
+
+def test_compressed_tensors_export_records_the_transform_and_reloads(tmp_path):
+    model, ids = _rotated_w8a8()
+    out = export_model(model, tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    r4 = qc["transform_config"]["config_groups"]["R4"]
+    assert r4["apply"] == [
+        {"targets": ["re:.*mlp.down_proj$"], "location": "input", "inverse": False}
+    ]
+    transform = pytest.importorskip("compressed_tensors.transform")
+    transform.TransformConfig.model_validate(qc["transform_config"])
+    loaded = load_quantized_checkpoint(out)
+    assert has_online_hadamard(loaded.model.layers[0].mlp.down_proj)
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-4)
+
+
+def test_smoothing_the_rotated_down_proj_is_refused():
+    model = _llama(torch.float32)
+    recipe = load_recipe("W8A8")
+    recipe.rotate = "hadamard"
+    with pytest.raises(QuantscaleError, match="rotated online"):
+        quantize_model(model, recipe, _ids(4), "rtn", transforms=[SmoothQuant("down=0.5")])
+
+
+def test_quantized_or_unsupported_models_are_refused():
+    model = _llama(torch.float32)
+    quantize_model(model, "W8A16", None, "rtn")
+    with pytest.raises(QuantscaleError, match="expected an nn.Linear"):
+        rotate_model(model)
+    with pytest.raises(QuantscaleError, match="--rotate"):
+        from quantscale.algorithms.rotation import check_rotation
+
+        check_rotation("spin")
