@@ -15,6 +15,7 @@ from torch import nn
 from quantscale.algorithms.rotation import residual_rotation, rotate_model
 from quantscale.algorithms.smoothing import SmoothQuant
 from quantscale.calibration.activations import ActivationCalibrator
+from quantscale.checkpoint.validate import validate_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.export import export_model
 from quantscale.export.fake_quant import save_quantized
@@ -194,3 +195,37 @@ def test_quantized_or_unsupported_models_are_refused():
         from quantscale.algorithms.rotation import check_rotation
 
         check_rotation("spin")
+
+
+def test_validate_names_the_runtimes_that_skip_the_online_hadamard(tmp_path):
+    model, _ids_ = _rotated_w8a8()
+    out = export_model(model, tmp_path / "ct", "compressed-tensors")
+    report = validate_checkpoint(out, runtime="transformers")
+    flagged = [f for f in report.errors if "transform_config" in f.message]
+    assert [f.tensors for f in flagged] == [
+        [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
+    ]
+    assert not any("transform_config" in f.message for f in validate_checkpoint(out).errors)
+    assert [f for f in validate_checkpoint(out).warnings if "transform_config" in f.message]
+    vllm = validate_checkpoint(out, runtime="vllm")
+    assert any("stores none" in f.message for f in vllm.errors)
+
+
+def test_transformers_ignores_the_transform_config(tmp_path):
+    """Pins the rule above: transformers + compressed-tensors attach no online Hadamard, so
+    the rotated file runs wrongly there (unlike the same scheme without rotation)."""
+    pytest.importorskip("compressed_tensors.transform")
+    from transformers import AutoModelForCausalLM
+
+    gaps = []
+    for rotate in (False, True):
+        model = _llama(torch.float32)
+        recipe = load_recipe("W8A16")
+        recipe.rotate = "hadamard" if rotate else None
+        quantize_model(model, recipe, None, "rtn")
+        out = export_model(model, tmp_path / f"ct{rotate}", "compressed-tensors")
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        assert not theirs.model.layers[0].mlp.down_proj._forward_pre_hooks
+        ids = _ids(seed=1)
+        gaps.append(float((_logits(theirs, ids) - _logits(model, ids)).abs().max()))
+    assert gaps[1] > 10 * gaps[0], gaps
