@@ -229,3 +229,86 @@ def test_transformers_ignores_the_transform_config(tmp_path):
         ids = _ids(seed=1)
         gaps.append(float((_logits(theirs, ids) - _logits(model, ids)).abs().max()))
     assert gaps[1] > 10 * gaps[0], gaps
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_mamba_out_proj_hadamard_keeps_float_outputs(kind):
+    from test_mamba_quant import MAKERS
+    from test_mamba_quant import _ids as mamba_ids
+    from test_mamba_quant import _logits as mamba_logits
+
+    from quantscale.mamba.mixers import MambaRecipe, resolve_points
+    from quantscale.mamba.quamba import quantized_mixer
+
+    model = MAKERS[kind]()
+    ids = mamba_ids(0)
+    ref = mamba_logits(model, ids)
+    specs = resolve_points(kind, MambaRecipe(), 10**6)
+    for layer in model.backbone.layers:
+        layer.mixer = quantized_mixer(layer.mixer, kind, specs)
+        layer.mixer.add_out_hadamard()
+        layer.mixer.add_out_hadamard()  # idempotent
+    assert model.backbone.layers[0].mixer.rotate
+    torch.testing.assert_close(mamba_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["quamba1", "quamba2"])
+def test_mamba_rotated_quamba_reloads_equal(method, tmp_path):
+    from test_mamba_quant import _ids as mamba_ids
+    from test_mamba_quant import _logits as mamba_logits
+    from test_mamba_quant import _quantized
+
+    from quantscale.mamba.quantize import load_quantized, save_quantized
+
+    model = _quantized("mamba2", method=method, rotate="hadamard")
+    assert all(layer.mixer.rotate for layer in model.backbone.layers)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert all(layer.mixer.rotate for layer in loaded.backbone.layers)
+    ids = mamba_ids(5)
+    torch.testing.assert_close(mamba_logits(loaded, ids), mamba_logits(model, ids))
+
+
+def test_mamba_out_proj_hadamard_lowers_error_with_a_massive_channel():
+    """An out_proj input channel made huge (D[3] x 20: the skip path of y's channel 3):
+    the static INT8 error of that point (the only one quantized) falls once the Hadamard
+    spreads it."""
+    from test_mamba_quant import _batches, _mamba1
+    from test_mamba_quant import _ids as mamba_ids
+    from test_mamba_quant import _logits as mamba_logits
+
+    from quantscale.mamba.mixers import ACTIVATION_POINTS, WEIGHT_POINTS, MambaRecipe, PointRule
+    from quantscale.mamba.quantize import quantize_mamba
+
+    points = [*ACTIVATION_POINTS["mamba"], *WEIGHT_POINTS["mamba"]]
+    only_out = {p: PointRule(quantize=False) for p in points if p != "out_proj.input"}
+    only_out["out_proj.input"] = PointRule(observer="minmax")
+    errors = []
+    for rotate in (None, "hadamard"):
+        model = _mamba1()
+        with torch.no_grad():
+            for layer in model.backbone.layers:
+                layer.mixer.D[3] *= 20.0
+        ids = mamba_ids(9)
+        ref = mamba_logits(model, ids)
+        recipe = MambaRecipe(points=only_out, rotate=rotate)
+        quantize_mamba(model, _batches(), recipe)
+        errors.append(float(((mamba_logits(model, ids) - ref) ** 2).mean()))
+    assert errors[1] < 0.2 * errors[0], errors
+
+
+def test_quantize_command_rotates_a_mamba_model(tmp_path):
+    """`quantscale quantize MAMBA OUT --rotate hadamard` records and reloads the Hadamard."""
+    from test_mamba_quant import _tiny_checkpoint
+
+    from quantscale import cli
+    from quantscale.mamba.quantize import load_quantized
+
+    model_dir, calib, _ = _tiny_checkpoint(tmp_path)
+    calib_args = ["--calib-samples", "4", "--calib-seq-len", "32", "--calib-data", str(calib)]
+    out = tmp_path / "q"
+    argv = ["quantize", str(model_dir), str(out), "--scheme", "W8A8", "--rotate", "hadamard"]
+    assert cli.main([*argv, *calib_args]) == 0
+    loaded = load_quantized(out)
+    assert loaded.config.quantization_config["recipe"]["rotate"] == "hadamard"
+    assert all(layer.mixer.rotate for layer in loaded.backbone.layers)

@@ -325,7 +325,7 @@ def quantize_checkpoint(
                 f"{model_dir}: a Mamba model calibrates on a text file or token ids [N, L]"
             )
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
-        options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
+        options = {**calib, "calib_data": calib_data, "overwrite": overwrite, "rotate": rotate}
         return _quantize_mamba(model_dir, out, scheme, method, fmt, **options)
     from quantscale.export import EXPORTERS, export_model
 
