@@ -23,7 +23,9 @@ from quantscale.models.quantized import load_quantized_checkpoint
 from quantscale.orchestrator import load_model, quantize_model
 from quantscale.runtime.hadamard import (
     add_online_hadamard,
+    apply_hadamard,
     hadamard,
+    hadamard_factors,
     has_online_hadamard,
     is_hadamard_size,
 )
@@ -65,6 +67,13 @@ def test_other_sizes_get_an_orthogonal_kronecker_block(n):
     assert torch.allclose(h @ h.T, torch.eye(n, dtype=h.dtype), atol=1e-12)
     assert is_hadamard_size(n) == (n == 3 * 64)  # 192 = 2^3 x 24 (Paley I, p = 23)
     assert torch.equal(h, hadamard(n))  # deterministic
+
+
+@pytest.mark.parametrize("n", [1, 6, 64, 96, 576, 1536, 3 * 64 * 5])
+def test_factored_online_hadamard_equals_the_dense_matrix(n):
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(apply_hadamard(x), x @ hadamard(n), atol=1e-12)
+    assert len(hadamard_factors(1536)) == 2  # 64 x 24: two small matmuls per row
 
 
 def test_residual_rotation_is_orthogonal_and_seeded():

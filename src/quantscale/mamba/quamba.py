@@ -36,7 +36,7 @@ from quantscale.mamba.grouping import group_runs
 from quantscale.mamba.mixers import ACTIVATION_POINTS, MambaKind, PointSpec, WeightStrategy
 from quantscale.observers import Observer, get_observer
 from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
-from quantscale.runtime.hadamard import hadamard
+from quantscale.runtime.hadamard import apply_hadamard, hadamard
 from quantscale.scheme import QuantArgs, Strategy
 
 if TYPE_CHECKING:
@@ -379,7 +379,7 @@ class QMixerBase(nn.Module):
     def _out_input(self, y: torch.Tensor) -> torch.Tensor:
         """The out_proj input, Hadamard-rotated with `rotate`, then observed."""
         if self.rotate:
-            y = y @ hadamard(y.shape[-1], y.dtype, y.device)
+            y = apply_hadamard(y)
         return self._see("out_proj.input", y)
 
     def _add_acts(self, channels: dict[str, int]) -> None:
