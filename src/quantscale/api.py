@@ -41,6 +41,7 @@ from quantscale.orchestrator import (
     quantize_checkpoint,
     quantize_model,
     set_kv_cache,
+    set_rotation,
 )
 from quantscale.streaming import StreamOptions
 
@@ -65,6 +66,7 @@ def quantize(
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
     importance: str | os.PathLike | None = None,
+    rotate: str | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
     default, 'rtn', 'awq' or 'awq+gptq': AWQ scales, then GPTQ rounding) to `format`
@@ -72,7 +74,8 @@ def quantize(
     it was given in memory without an `output_dir`. A Mamba checkpoint is quantized the
     Quamba way (no method or format applies). `kv_cache` ('fp8' | 'fp8-head'): static FP8
     KV-cache scales calibrated on the same data. `importance`: importance-weighted RTN from
-    that statistics file (collected on the calibration data and written there if absent)."""
+    that statistics file (collected on the calibration data and written there if absent).
+    `rotate` ('hadamard'): Hadamard rotations fused before quantizing (`algorithms.rotation`)."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
@@ -81,6 +84,7 @@ def quantize(
         method, format = method or "gptq", format or "compressed-tensors"
         recipe = gptq.recipe(scheme)
         set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
+        set_rotation(recipe, rotate, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
         options = gptq.method_options(method)
@@ -108,6 +112,7 @@ def quantize(
         stream=stream,
         kv_cache=kv_cache,
         importance=importance,
+        rotate=rotate,
     )
 
 

@@ -46,6 +46,7 @@ from quantscale.algorithms.layer import (
     quantize_data_free,
     quantize_layer,
 )
+from quantscale.algorithms.rotation import check_rotation, rotate_model
 from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
@@ -95,6 +96,8 @@ def quantize_model(
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     algorithm = get_algorithm(method, **method_kwargs)
+    if recipe.rotate:  # fused into the float weights before anything is quantized
+        rotate_model(model, recipe.rotate)
     linears = replace_linears(model, recipe)
     if not linears:
         raise QuantscaleError("the recipe targets no Linear module of this model")
@@ -317,6 +320,7 @@ def quantize_checkpoint(
     stream: bool | StreamOptions = False,
     kv_cache: str | None = None,
     importance: str | os.PathLike | None = None,
+    rotate: str | None = None,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
     recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq', default gptq) and write
@@ -328,15 +332,16 @@ def quantize_checkpoint(
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
     same data (compressed-tensors `kv_cache_scheme`). `importance`: importance-weighted RTN
     (`algorithms.importance`) from that statistics file, collected on the calibration data
-    and written there first when it does not exist. Launched by torchrun with several
-    processes, the ranks calibrate their shares of the data and rank 0 writes
-    (`quantscale.distributed`): the same output as one process."""
+    and written there first when it does not exist. `rotate` ('hadamard'): Hadamard
+    rotations fused before quantizing (`algorithms.rotation`; in-memory path only). Launched
+    by torchrun with several processes, the ranks calibrate their shares of the data and
+    rank 0 writes (`quantscale.distributed`): the same output as one process."""
     distributed.init_from_env()
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
-        options = {**calib, "calib_data": calib_data, "overwrite": overwrite}
+        options = {**calib, "calib_data": calib_data, "overwrite": overwrite, "rotate": rotate}
         return _quantize_mamba(model_dir, out, scheme, method, fmt, stream, **options)
     from quantscale.export import EXPORTERS, export_model
 
@@ -350,6 +355,7 @@ def quantize_checkpoint(
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
     set_kv_cache(recipe, kv_cache, fmt, stream)
+    set_rotation(recipe, rotate, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
     path = loader.resolve_model(model_dir)
     if stream:
@@ -418,6 +424,15 @@ def set_kv_cache(recipe: Recipe, kv_cache: str | None, fmt: str | None, stream: 
         )
     if stream:
         raise QuantscaleError("an FP8 KV cache is calibrated by the in-memory path (omit --stream)")
+
+
+def set_rotation(recipe: Recipe, rotate: str | None, stream: object) -> None:
+    """Apply `--rotate` to the recipe; refuse the streamed path (it never holds the whole
+    model, and R1 rotates every layer and the embeddings at once)."""
+    if rotate is not None:
+        recipe.rotate = check_rotation(rotate)  # type: ignore[assignment]
+    if recipe.rotate and stream:
+        raise QuantscaleError("--rotate runs on the in-memory path (omit --stream)")
 
 
 @dataclass(frozen=True)

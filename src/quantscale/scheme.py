@@ -219,6 +219,7 @@ class Recipe(BaseModel):
     overrides: dict[str, QuantScheme | None] = Field(default_factory=dict)
     kv_cache_scheme: QuantArgs | None = None
     format: str | None = None
+    rotate: Literal["hadamard"] | None = None  # algorithms.rotation, fused before quantizing
 
     @field_validator("overrides", mode="before")
     @classmethod
@@ -298,6 +299,7 @@ class Recipe(BaseModel):
             "kv_cache_scheme": self.kv_cache_scheme.to_config() if self.kv_cache_scheme else None,
             "global_compression_ratio": None,
             "sparsity_config": {},
+            **({"transform_config": online_transform_config()} if self.rotate else {}),
         }
 
     @classmethod
@@ -326,6 +328,7 @@ class Recipe(BaseModel):
             overrides=overrides,
             kv_cache_scheme=QuantArgs.model_validate(_strip_args(kv)) if kv else None,
             format=cfg.get("format"),
+            rotate=_rotation_of(cfg.get("transform_config")),
         )
 
 
@@ -423,6 +426,31 @@ _GGUF_Q = {
 }
 _INT4_G128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
 
+ONLINE_HADAMARD_TARGETS = ["re:.*mlp.down_proj$"]
+
+
+def online_transform_config() -> dict[str, Any]:
+    """compressed-tensors' `transform_config` of a rotated model's online Hadamard (R4: every
+    down_proj input times `runtime.hadamard.hadamard(in_features)`). Only the online part is
+    listed: R1, R2 and R4's weight side are already fused into the stored weights."""
+    online = {"targets": ONLINE_HADAMARD_TARGETS, "location": "input", "inverse": False}
+    scheme = {"type": "hadamard", "apply": [online], "randomize": False, "head_dim": None}
+    return {"config_groups": {"R4": scheme}}
+
+
+def _rotation_of(transform_config: Any) -> Literal["hadamard"] | None:
+    """'hadamard' when a quantization_config's transform_config is ours, None when absent."""
+    if not transform_config:
+        return None
+    groups = transform_config.get("config_groups") if isinstance(transform_config, dict) else None
+    if not isinstance(groups, dict) or set(groups) != {"R4"}:
+        raise QuantscaleError(
+            "quantization_config.transform_config: only quantscale's online down_proj Hadamard "
+            f"(config_groups {{'R4': ...}}) is read; found {transform_config!r}"
+        )
+    return "hadamard"
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "FP8_BLOCK": {
         "weights": {**_FP8, "strategy": "block", "block_structure": [128, 128]},
@@ -450,6 +478,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "format": "int-quantized",
     },
     "W8A16": {"weights": {**_INT8, "strategy": "channel"}, "format": "pack-quantized"},
+    "W4A8": {  # int4 g128 weights, static per-tensor int8 activations
+        "weights": {**_INT4_G128, "symmetric": True},
+        "input_activations": {**_INT8, "strategy": "tensor", "observer": "minmax"},
+        "format": "pack-quantized",
+    },
     "W4A16": {"weights": {**_INT4_G128, "symmetric": True}, "format": "pack-quantized"},
     "W4A16_ASYM": {"weights": {**_INT4_G128, "symmetric": False}, "format": "pack-quantized"},
     # GGUF block types (--format gguf): Q8_0 = int8, Q4_0 = int4 in [-8, 7] (nibble - 8), Q4_1 =

@@ -48,6 +48,7 @@ from quantscale.qdq import (
     fake_quantize_dynamic,
     reduce_minmax,
 )
+from quantscale.runtime.hadamard import has_online_hadamard
 from quantscale.scheme import QuantArgs, QuantScheme, preset_scheme
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,11 @@ def layer_mappings(
         if missing:
             log.info("smoothing: %s has no %s; mapping %r skipped", where, missing, m.name)
             continue
+        if any(has_online_hadamard(_module(layer, p)) for p in m.nexts):
+            raise QuantscaleError(
+                f"smoothing {where}: mapping {m.name!r} scales the input of {m.nexts}, which "
+                "is rotated online (--rotate); smooth the other mappings only"
+            )
         found.append(m)
     return found
 

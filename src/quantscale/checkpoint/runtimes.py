@@ -21,6 +21,14 @@ Rules come from running the runtime here, and each is pinned by a test
   but its first forward never returns (`RPC call to execute_model timed out` after 300 s; the
   same with llm-compressor's own static W8A8). bf16, W8A8 dynamic and FP8 dynamic served.
 
+- An online Hadamard (our rotated exports' compressed-tensors `transform_config`, R4 on the
+  down_proj inputs; `algorithms.rotation`): transformers 5.24 with compressed-tensors 0.20
+  loads the file but attaches no transform (no hook on down_proj), so it runs with wrong
+  outputs (tests/test_rotation.py pins it where compressed-tensors is installed). vLLM was not
+  run on such a file; its compressed-tensors transform support reads the transform matrices
+  from the checkpoint, which our export does not store. Only quantscale's reader (`eval`)
+  applies it.
+
 `runtime_refusals(ckpt, runtime)` picks the rules by `--runtime` name (`RUNTIMES`): without
 one, every rule except the vLLM CPU-build ones (they would flag every FP4 or FP8 block export
 for GPU users too).
@@ -50,7 +58,7 @@ from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.naming import group_names, module_path
-from quantscale.scheme import QuantScheme
+from quantscale.scheme import QuantScheme, match_pattern
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +119,46 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     """(tensor, runtime, version, reason) for every tensor a known runtime refuses or
     mishandles, for the runtimes `runtime` selects (`selects`)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
-    found = transformers_refusals(ckpt) + vllm_refusals(ckpt)
+    found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
+
+
+WEIGHT_LEAVES = ("weight", "weight_packed")
+ONLINE_TRANSFORM_REASONS = {
+    CT_RUNTIME: (
+        CT_VERSIONS,
+        "loads, but ignores transform_config (no online Hadamard on this module's input): "
+        "wrong outputs; evaluate with quantscale's reader (`quantscale eval`), or quantize "
+        "without --rotate",
+    ),
+    VLLM: (
+        VLLM_VERSION,
+        "not run here: vLLM's compressed-tensors transforms read the Hadamard matrices from "
+        "the checkpoint, and this export stores none (quantscale's reader rebuilds them); "
+        "quantize without --rotate for vLLM",
+    ),
+}
+
+
+def transform_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """The modules whose input a compressed-tensors `transform_config` rotates online (our
+    R4), for each runtime that does not apply it."""
+    qc = ckpt.quantization_config or {}
+    groups = (qc.get("transform_config") or {}).get("config_groups") or {}
+    targets = [
+        t
+        for g in groups.values()
+        for a in g.get("apply", [])
+        if a.get("location") == "input"
+        for t in a.get("targets", [])
+    ]
+    weights = [n for n in sorted(ckpt.tensors) if n.rpartition(".")[2] in WEIGHT_LEAVES]
+    hit = [n for n in weights if any(match_pattern(module_path(n), t) for t in targets)]
+    return [
+        Refusal(name, runtime, version, reason)
+        for runtime, (version, reason) in ONLINE_TRANSFORM_REASONS.items()
+        for name in hit
+    ]
 
 
 def transformers_refusals(ckpt: Checkpoint) -> list[Refusal]:

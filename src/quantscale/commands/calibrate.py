@@ -12,6 +12,7 @@ from pathlib import Path
 from quantscale.commands.options import (
     add_calibration_options,
     add_overwrite_option,
+    add_rotate_option,
     calibration_tokens,
     torch_dtype,
 )
@@ -48,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "squared error over its squared output norm (rare huge tokens weigh no more)",
     )
     add_calibration_options(p, calib_dtype=True)
+    add_rotate_option(p)
     add_overwrite_option(p)
     p.set_defaults(func=run)
 
@@ -58,6 +60,8 @@ def build_recipe(args: argparse.Namespace):
     from quantscale.scheme import load_recipe
 
     recipe = load_recipe(args.scheme)
+    if args.rotate:
+        recipe.rotate = args.rotate
     kwargs = {k: v for k, v in (("alpha", args.alpha), ("sigma", args.sigma)) if v is not None}
     updates = {"observer": args.observer} if args.observer else {}
     if kwargs:
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
     smooth = f", smooth {args.smooth}" if args.smooth else ""
+    smooth += f", rotate {recipe.rotate}" if recipe.rotate else ""
     print(f"wrote {out} ({args.scheme}, {args.method}{smooth}, calibrated in {seconds:.0f} s)")
     if transforms and transforms[0].chosen:
         print(alphas_summary(transforms[0].chosen))

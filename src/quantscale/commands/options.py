@@ -117,3 +117,14 @@ def calibration_tokens(tokenizer: Any, args: argparse.Namespace) -> Any:
     return calibration_batches(
         tokenizer, args.calib_samples, args.calib_seq_len, source=args.calib_data
     )
+
+
+def add_rotate_option(parser: argparse.ArgumentParser) -> None:
+    """--rotate: a rotation fused into the model before quantizing (algorithms.rotation)."""
+    parser.add_argument(
+        "--rotate",
+        choices=["hadamard"],
+        default=None,
+        help="Hadamard rotations (QuaRot-style) before quantizing: R1 on the residual stream "
+        "and R2 per head fused into the weights, R4 on the down_proj input applied online",
+    )

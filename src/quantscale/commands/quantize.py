@@ -21,6 +21,7 @@ from quantscale.commands.options import (
     add_dtype_option,
     add_overwrite_option,
     add_parallel_options,
+    add_rotate_option,
     parallel_runner,
     print_written,
 )
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         stream=stream_options(args),
         kv_cache=args.kv_cache,
         importance=args.importance,
+        rotate=args.rotate,
     )
     from quantscale import distributed
 
@@ -194,6 +196,7 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
     )
     add_calibration_options(p, batch_size=4)
     add_dtype_option(p, default="bfloat16")
+    add_rotate_option(p)
     p.add_argument(
         "--actorder",
         choices=["group", "weight", "none"],

@@ -42,7 +42,8 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
 
     Covers the seed's experiments: percentile alpha, EMA sigma, observer kind on the SSM
     input, Quamba2 group counts, first/last layers kept in float, conv1d left in float, and
-    out_proj's input left in float (the largest error on the fixtures).
+    out_proj's input left in float (the largest error on the fixtures), and Quamba's Hadamard
+    on that input (`-hadamard`).
     """
     q1, q2 = MambaRecipe(method="quamba1"), MambaRecipe(method="quamba2")
     conv_off = {p: PointRule(quantize=False) for p in ("conv1d.weight", "conv1d.input")}
@@ -60,7 +61,9 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
         "quamba1-out-proj-input-float": q1.model_copy(
             update={"points": {"out_proj.input": PointRule(quantize=False)}}
         ),
+        "quamba1-hadamard": q1.model_copy(update={"rotate": "hadamard"}),
         "quamba2": q2,
+        "quamba2-hadamard": q2.model_copy(update={"rotate": "hadamard"}),
         "quamba2-2x2": q2.model_copy(update={"head_groups": 2, "channel_groups": 2}),
         "quamba2-8x8": q2.model_copy(update={"head_groups": 8, "channel_groups": 8}),
         "quamba2-percentile": q2.model_copy(

@@ -118,6 +118,7 @@ class MambaRecipe(BaseModel):
     n_samples: int = 512
     seq_len: int = 512
     batch_size: int = 8
+    rotate: Literal["hadamard"] | None = None  # Quamba1's Hadamard on the out_proj input
 
     @field_validator("head_groups", "channel_groups", "n_samples", "seq_len", "batch_size")
     @classmethod

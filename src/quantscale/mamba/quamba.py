@@ -36,6 +36,7 @@ from quantscale.mamba.grouping import group_runs
 from quantscale.mamba.mixers import ACTIVATION_POINTS, MambaKind, PointSpec, WeightStrategy
 from quantscale.observers import Observer, get_observer
 from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
+from quantscale.runtime.hadamard import apply_hadamard, hadamard
 from quantscale.scheme import QuantArgs, Strategy
 
 if TYPE_CHECKING:
@@ -349,13 +350,37 @@ class QMixerBase(nn.Module):
 
     kind: MambaKind
 
+    out_proj: QLinear
+
     def __init__(self, specs: dict[str, PointSpec], layer_idx: int) -> None:
         super().__init__()
+        self.rotate = False
         self.specs = specs
         self.layer_idx = layer_idx
         self.mode: Mode = "float"
         self.error_stats: dict[str, tuple[float, float]] | None = None  # point -> (|x|^2, |e|^2)
         self.acts = nn.ModuleDict()
+
+    def add_out_hadamard(self, fuse: bool = True) -> None:
+        """Rotate out_proj's input by H = `hadamard(inner)` at run time (Quamba) and, with
+        `fuse`, its float weight by W H offline so that the output is unchanged (False: a
+        reloaded mixer whose stored weight is rotated already). Call it after any channel
+        reordering (Quamba2 permutes out_proj's input columns) and before calibrating."""
+        if self.rotate:
+            return
+        if fuse:
+            if self.out_proj.frozen:
+                raise QuantscaleError(f"mixer {self.layer_idx}: rotate before freeze()")
+            w = self.out_proj.weight.detach().double()
+            rotated = (w @ hadamard(w.shape[1])).float()
+            self.out_proj.weight = nn.Parameter(rotated, requires_grad=False)
+        self.rotate = True
+
+    def _out_input(self, y: torch.Tensor) -> torch.Tensor:
+        """The out_proj input, Hadamard-rotated with `rotate`, then observed."""
+        if self.rotate:
+            y = apply_hadamard(y)
+        return self._see("out_proj.input", y)
 
     def _add_acts(self, channels: dict[str, int]) -> None:
         for point in ACTIVATION_POINTS[self.kind]:
@@ -493,7 +518,7 @@ class QMambaMixer(QMixerBase):
             self._ssm_in("ssm.z", z),
             self.dt_proj.bias,
         )
-        y = self._see("out_proj.input", y)
+        y = self._out_input(y)
         return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
 
 
@@ -565,7 +590,7 @@ class QMamba2Mixer(QMixerBase):
             dt_limit=self.time_step_limit,
         )
         y = self.norm(y.reshape(batch, length, -1), self._ssm_in("ssm.z", z))
-        y = self._see("out_proj.input", y)
+        y = self._out_input(y)
         return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
 
 

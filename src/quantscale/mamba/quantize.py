@@ -143,6 +143,8 @@ def quantize_mamba(
         _group_and_reorder(model, batches, kind, recipe)
     mixers = quantized_mixers(model)
     for mixer in mixers.values():
+        if recipe.rotate:  # after Quamba2's reordering of out_proj's input columns
+            mixer.add_out_hadamard()
         mixer.start_calibration()
     run_batches(model, batches, "calibration")
     for mixer in mixers.values():
@@ -193,11 +195,15 @@ def quantize_mamba_checkpoint(
     calib_seq_len: int = 512,
     calib_data: str | os.PathLike | torch.Tensor | None = None,
     overwrite: bool = False,
+    rotate: str | None = None,
 ) -> Path:
     """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
     on `calib_samples` windows of `calib_seq_len` tokens (of `calib_data`, default the
-    Wikipedia calibration split) and save it to `out`; returns the written directory."""
-    recipe = scheme_recipe(scheme).with_options(n_samples=calib_samples, seq_len=calib_seq_len)
+    Wikipedia calibration split) and save it to `out`; returns the written directory.
+    `rotate` ('hadamard'): the out_proj input Hadamard (the recipe's `rotate`)."""
+    recipe = scheme_recipe(scheme).with_options(
+        n_samples=calib_samples, seq_len=calib_seq_len, rotate=rotate
+    )
     return quantize_and_save(model_dir, out, recipe, calib_data, overwrite)
 
 
@@ -279,6 +285,8 @@ def load_quantized(path: str | os.PathLike) -> PreTrainedModel:
         mixer = quantized_mixer(
             child_module(layers[i], "mixer"), kind, specs, recipe.weight_strategy
         )
+        if recipe.rotate:
+            mixer.add_out_hadamard(fuse=False)  # the stored weight is rotated
         mixer.freeze(placeholder=True)
         layers[i].mixer = mixer
     model = model.to_empty(device="cpu")

@@ -29,6 +29,7 @@ from quantscale.checkpoint.read import Checkpoint
 from quantscale.checkpoint.runtimes import runtime_refusals
 from quantscale.data import assets
 from quantscale.errors import CheckpointError, QuantscaleError
+from quantscale.runtime.hadamard import add_online_hadamards
 from quantscale.runtime.qlinear import replace_linears
 from quantscale.scheme import Recipe
 
@@ -174,6 +175,7 @@ def load_fake_quant(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     config = AutoConfig.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     replace_linears(model, recipe)
+    add_online_hadamards(model, recipe)
     ckpt = Checkpoint(path)
     state = {name: ckpt.get(name) for name in ckpt.names()}
     load_state_checked(model, state, path, "the quantized model")

@@ -32,6 +32,7 @@ from quantscale.checkpoint.source import TensorSource, open_source
 from quantscale.errors import CheckpointError
 from quantscale.models.loader import load_state_checked
 from quantscale.naming import module_path
+from quantscale.runtime.hadamard import add_online_hadamards
 from quantscale.runtime.kv_cache import SCALES as KV_SCALES
 from quantscale.runtime.kv_cache import load_kv_scales
 from quantscale.runtime.qlinear import BUFFERS, QuantLinear
@@ -81,6 +82,7 @@ def load_quantized_checkpoint(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantized = {module_path(n) for n in source.names() if source.is_quantized(n)}
     _replace(model, recipe, quantized, path)
+    add_online_hadamards(model, recipe)
     state = {n: source.get(n, dtype if source.is_quantized(n) else None) for n in source.names()}
     for module in quantized:
         state.update(_activation_qparams(source, module, qc.get("quant_method")))

@@ -38,6 +38,7 @@ from quantscale.qdq import (
     quantize,
     reduce_minmax,
 )
+from quantscale.runtime.hadamard import add_online_hadamard, has_online_hadamard
 from quantscale.runtime.int8 import int8_linear, supports_int8
 from quantscale.scheme import QuantArgs, QuantScheme, Recipe
 
@@ -91,6 +92,8 @@ class QuantLinear(nn.Module):
         ql = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, "meta")
         ql.weight = linear.weight
         ql.bias = linear.bias
+        if has_online_hadamard(linear):
+            add_online_hadamard(ql)
         return ql
 
     # ------------------------------------------------------------------ qparams
