@@ -2,8 +2,12 @@
 
 Per module kind (attention q/k/v/o, experts w1/w2/w3, router, embeddings, norms, lm_head...)
 it lists dtypes, shapes, scale dtypes/shapes and the block size the scale grid implies; then
-counts (FP8 weights, scale tensors, other tensors by dtype), bytes by dtype and the saving
-against the same checkpoint with its quantized weights in bf16 and no scales.
+counts (FP8 weights, packed NVFP4 / MXFP4 / int weights, scale tensors, other tensors by
+dtype), bytes by dtype and the saving against the same checkpoint with its quantized weights
+in bf16 and no scales. Packed weights are told apart by the dequantization plan
+(`checkpoint.dequantize.plan_dequantize`): their block is given in plain-weight columns
+(NVFP4: 1x16), their scale tensors are counted with them; a pack-quantized checkpoint's
+`weight_shape` tensors (two integers each) are the only data read.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from quantscale.checkpoint.dequantize import FP8, DequantPlan, StoredWeight, plan_dequantize
 from quantscale.checkpoint.layouts import config_block, scale_name_for, weight_of_scale
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.errors import QuantscaleError
+from quantscale.errors import CheckpointError, QuantscaleError
 from quantscale.formats.fp8 import block_grid
 from quantscale.naming import module_kind
 
@@ -102,6 +107,7 @@ class PrecisionReport:
     bf16_bytes: int
     kinds: list[KindSummary]
     quantization_config: dict | None
+    packed_weights: dict[str, int] = field(default_factory=dict)  # by format
 
     @property
     def saving_bytes(self) -> int:
@@ -131,9 +137,14 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
     kinds: dict[str, KindSummary] = {}
     bytes_by_dtype: Counter[str] = Counter()
     other: Counter[str] = Counter()
+    packed_by_fmt: Counter[str] = Counter()
+    packed = _packed_weights(ckpt)
+    parts = {p for sw in packed.values() for p in sw.parts.values()}
     fp8 = scales = scale_elems = bf16_bytes = 0
     for name, info in tensors.items():
         bytes_by_dtype[info.dtype] += info.nbytes
+        if name in parts:
+            continue  # counted with its weight
         if weight_of_scale(name) in tensors:
             scales += 1
             scale_elems += _numel(info.shape)
@@ -141,6 +152,19 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
         kind = kind_of(name)
         row = kinds.setdefault(kind, KindSummary(kind))
         _add_tensor(row, info)
+        sw = packed.get(name)
+        if sw is not None:
+            packed_by_fmt[sw.fmt or sw.kind] += 1
+            bf16_bytes += 2 * _numel(sw.shape)
+            for local, stored in sw.parts.items():
+                part = tensors[stored]
+                scales += 1
+                scale_elems += _numel(part.shape)
+                if local == "weight_scale":
+                    _add_scale(row, sw.shape, part, hint)
+                else:
+                    row.bytes += part.nbytes
+            continue
         if info.dtype in FP8_DTYPES:
             fp8 += 1
             bf16_bytes += 2 * _numel(info.shape)
@@ -149,7 +173,7 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
             bf16_bytes += info.nbytes
         scale = find_scale(ckpt, name)
         if scale is not None:
-            _add_scale(row, info, tensors[scale], hint)
+            _add_scale(row, info.shape, tensors[scale], hint)
     return PrecisionReport(
         path=str(ckpt.path),
         shards=len(ckpt.shards),
@@ -163,7 +187,18 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
         bf16_bytes=bf16_bytes,
         kinds=sorted(kinds.values(), key=_kind_rank),
         quantization_config=ckpt.quantization_config,
+        packed_weights=dict(sorted(packed_by_fmt.items())),
     )
+
+
+def _packed_weights(ckpt: Checkpoint) -> dict[str, StoredWeight]:
+    """Stored name -> plan of each quantized weight that is not FP8 (packed NVFP4 / MXFP4 /
+    int codes); none for a checkpoint whose plan does not hold (`validate` says why)."""
+    try:
+        plan = plan_dequantize(ckpt)
+    except CheckpointError:
+        plan = DequantPlan()
+    return {sw.stored: sw for sw in plan.weights.values() if sw.kind != FP8}
 
 
 _KIND_GROUPS = ("embeddings", "attention", "mlp", "experts", "router", "mamba", "norm", "lm_head")
@@ -195,12 +230,12 @@ def _add_tensor(row: KindSummary, info: TensorInfo) -> None:
 
 
 def _add_scale(
-    row: KindSummary, weight: TensorInfo, scale: TensorInfo, hint: tuple[int, int] | None
+    row: KindSummary, weight: tuple[int, ...], scale: TensorInfo, hint: tuple[int, int] | None
 ) -> None:
     row.bytes += scale.nbytes
     _add(row.scale_dtypes, scale.dtype)
     _add(row.scale_shapes, _shape(scale.shape))
-    _add(row.blocks, infer_block(weight.shape, scale.shape, hint))
+    _add(row.blocks, infer_block(weight, scale.shape, hint))
 
 
 # ---------------------------------------------------------------- rendering
@@ -253,9 +288,11 @@ def summary_lines(report: PrecisionReport) -> list[str]:
     other = ", ".join(f"{n:,} {dt}" for dt, n in report.other_tensors.items()) or "none"
     bytes_line = ", ".join(f"{dt} {_human(b)}" for dt, b in report.bytes_by_dtype.items())
     qc = report.quantization_config
+    scales = "scale tensors" if report.packed_weights else "FP8 scale parameters"
+    packed = "".join(f"{n:,} packed {fmt} weights, " for fmt, n in report.packed_weights.items())
     lines = [
         f"{report.tensors:,} tensors in {report.shards} shard(s): {report.fp8_weights:,} FP8 "
-        f"weights, {report.scale_tensors:,} FP8 scale parameters "
+        f"weights, {packed}{report.scale_tensors:,} {scales} "
         f"({report.scale_elements:,} scale values), other tensors: {other}",
         f"bytes by dtype: {bytes_line}; total {_human(report.total_bytes)}",
         f"as bf16 (quantized weights in bf16, no scales): {_human(report.bf16_bytes)}; "
