@@ -467,3 +467,39 @@ def test_minimax_nvfp4_validate_and_inspect(minimax_nvfp4, tmp_path):
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     bad = validate_checkpoint(broken)
     assert not bad.ok and any(name in f.message for f in bad.errors), bad.to_dict()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_source_shard_damaged_mid_run(tmp_path, monkeypatch, damage):
+    """A source shard deleted or truncated after the run started: an error naming the shard
+    and the tensor, no OUT, and once the shard is back the same command resumes and gives
+    the uninterrupted run's bytes."""
+    import quantscale.export.stream as stream
+    from quantscale.checkpoint.synthetic import write_llama_like
+
+    src = write_llama_like(tmp_path / "src", hidden=128, intermediate=256, layers=2, shards=2)
+    shard = src / "model-00002-of-00002.safetensors"  # layer 1, final norm, lm_head
+    original = shard.read_bytes()
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    calib = {"calib_data": ids, "calib_samples": 4, "calib_seq_len": 16, "stream": True}
+    whole = quantize_checkpoint(src, tmp_path / "whole", "w4a16", method="gptq", **calib)
+    write = stream.PartWriter.write
+
+    def damaging(self, index, tensors):
+        path = write(self, index, tensors)
+        if index == 1:  # layer 0 is written: damage the shard layer 1 is read from
+            shard.unlink() if damage == "deleted" else shard.write_bytes(original[:-4096])
+        return path
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(stream.PartWriter, "write", damaging)
+        want = "shard file is missing" if damage == "deleted" else "truncated file"
+        with pytest.raises(CheckpointError, match=rf"{shard.name}.*{want}") as err:
+            quantize_checkpoint(src, out, "w4a16", method="gptq", **calib)
+    assert "tensor 'model.layers.1." in str(err.value), err.value
+    assert not out.exists()
+    assert json.loads((tmp_path / "out.partial" / "progress.json").read_text())["done"] == 2
+    shard.write_bytes(original)
+    quantize_checkpoint(src, out, "w4a16", method="gptq", **calib)
+    assert digests(out) == digests(whole)
