@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from quantscale.calibration.boundary import Boundary, parse_bytes
 from quantscale.checkpoint.read import Checkpoint
@@ -375,3 +377,129 @@ def test_part_tensors_refuses_unknown_format():
         part_tensors(make_tiny_llama(), fmt="gguf")
     with pytest.raises(QuantscaleError, match="pseudo is one file"):
         part_tensors(make_tiny_llama(), fmt="pseudo")
+
+
+@pytest.fixture(scope="module")
+def minimax_nvfp4(tmp_path_factory):
+    """A MiniMax-M2-shaped FP8 block checkpoint (real names and shapes, 1 layer, 2 experts)
+    streamed to NVFP4A16 with GPTQ; the peak bytes on disk beside the input after each part."""
+    import quantscale.export.stream as stream
+    from quantscale.checkpoint.synthetic import write_minimax_like
+
+    root = tmp_path_factory.mktemp("minimax")
+    src = write_minimax_like(root / "src", layers=1, experts=2, fp8=True)
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    written: list[int] = []
+    write = stream.PartWriter.write
+
+    def measured(self, index, tensors):
+        path = write(self, index, tensors)
+        written.append(sum(p.stat().st_size for p in root.rglob("*") if p.is_file()))
+        return path
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(stream.PartWriter, "write", measured)
+    try:
+        calib = {"calib_data": ids, "calib_samples": 4, "calib_seq_len": 16, "stream": True}
+        out = quantize_checkpoint(src, root / "out", "NVFP4A16", method="gptq", **calib)
+    finally:
+        patch.undo()
+    return src, out, max(written)
+
+
+def test_minimax_fp8_streams_to_nvfp4_without_a_bf16_copy(minimax_nvfp4):
+    """No bf16 copy on disk (peak = input + output), every expert quantized from its own FP8
+    weight, and compressed-tensors' own compressors decode every module as we do."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from quantscale.checkpoint.source import open_source
+    from quantscale.export.compressed_tensors import read_compressed_tensors
+
+    src, out, peak = minimax_nvfp4
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+    assert peak <= size(src) + size(out) + 2**20  # a bf16 copy would add ~4x the output
+    config = json.loads((out / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(config["quantization_config"])
+    scheme = next(iter(qc.config_groups.values()))
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    ours = read_compressed_tensors(out, dtype=torch.bfloat16)
+    stored = tensors(out)
+    fp8 = open_source(src)
+    modules = sorted(n[: -len(".weight_packed")] for n in stored if n.endswith(".weight_packed"))
+    expert = "model.layers.0.block_sparse_moe.experts.{}.{}"
+    assert {expert.format(e, w) for e in (0, 1) for w in ("w1", "w2", "w3")} <= set(modules)
+    assert len(modules) == 4 + 2 * 3
+    for module in modules:
+        local = {k[len(module) + 1 :]: v for k, v in stored.items() if k.startswith(module + ".")}
+        theirs = compressor.decompress(local, scheme)["weight"].to(torch.bfloat16)
+        assert torch.equal(theirs, ours[f"{module}.weight"]), module
+        plain = fp8.get(f"{module}.weight", torch.float32)  # the FP8 source, dequantized
+        err = (theirs.float() - plain).norm() / plain.norm()
+        assert err < 0.2, (module, err)  # NVFP4 of this weight, not of another one
+    assert "model.layers.0.block_sparse_moe.gate.weight" in stored  # the router stays as is
+    assert not any(n.endswith("weight_scale_inv") for n in stored)
+
+
+def test_minimax_nvfp4_validate_and_inspect(minimax_nvfp4, tmp_path):
+    from quantscale.checkpoint.inspect import precision_report
+    from quantscale.checkpoint.validate import validate_checkpoint
+    from quantscale.export.compressed_tensors import read_compressed_tensors
+
+    _, out, _ = minimax_nvfp4
+    report = validate_checkpoint(out)
+    assert report.ok and not report.findings, [f.message for f in report.findings]
+    inspect = precision_report(out)
+    assert inspect.fp8_weights == 0 and inspect.packed_weights == {"nvfp4-pack-quantized": 10}
+    rows = {r.kind: r for r in inspect.kinds}
+    assert rows["experts.w2"].blocks == {"1x16": 2} and rows["experts.w2"].tensors == 2
+    assert rows["attention.o"].scale_shapes == {"3072x384": 1}
+    dense = read_compressed_tensors(out, dtype=torch.bfloat16)
+    assert inspect.bf16_bytes == sum(t.numel() * t.element_size() for t in dense.values())
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.block_sparse_moe.experts.1.w3.weight_global_scale"
+    shard = broken / index["weight_map"][name]
+    kept = {k: v for k, v in tensors(broken).items() if index["weight_map"][k] == shard.name}
+    del kept[name], index["weight_map"][name]
+    save_file(kept, str(shard), {"format": "pt"})
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    bad = validate_checkpoint(broken)
+    assert not bad.ok and any(name in f.message for f in bad.errors), bad.to_dict()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_source_shard_damaged_mid_run(tmp_path, monkeypatch, damage):
+    """A source shard deleted or truncated after the run started: an error naming the shard
+    and the tensor, no OUT, and once the shard is back the same command resumes and gives
+    the uninterrupted run's bytes."""
+    import quantscale.export.stream as stream
+    from quantscale.checkpoint.synthetic import write_llama_like
+
+    src = write_llama_like(tmp_path / "src", hidden=128, intermediate=256, layers=2, shards=2)
+    shard = src / "model-00002-of-00002.safetensors"  # layer 1, final norm, lm_head
+    original = shard.read_bytes()
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    calib = {"calib_data": ids, "calib_samples": 4, "calib_seq_len": 16, "stream": True}
+    whole = quantize_checkpoint(src, tmp_path / "whole", "w4a16", method="gptq", **calib)
+    write = stream.PartWriter.write
+
+    def damaging(self, index, tensors):
+        path = write(self, index, tensors)
+        if index == 1:  # layer 0 is written: damage the shard layer 1 is read from
+            shard.unlink() if damage == "deleted" else shard.write_bytes(original[:-4096])
+        return path
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(stream.PartWriter, "write", damaging)
+        want = "shard file is missing" if damage == "deleted" else "truncated file"
+        with pytest.raises(CheckpointError, match=rf"{shard.name}.*{want}") as err:
+            quantize_checkpoint(src, out, "w4a16", method="gptq", **calib)
+    assert "tensor 'model.layers.1." in str(err.value), err.value
+    assert not out.exists()
+    assert json.loads((tmp_path / "out.partial" / "progress.json").read_text())["done"] == 2
+    shard.write_bytes(original)
+    quantize_checkpoint(src, out, "w4a16", method="gptq", **calib)
+    assert digests(out) == digests(whole)

@@ -119,6 +119,7 @@ class PrecisionReport:
     bf16_bytes: int
     kinds: list[KindSummary]
     quantization_config: dict | None
+    packed_weights: dict[str, int] = field(default_factory=dict)  # non-FP8 codes, by format
 
     @property
     def saving_bytes(self) -> int:
@@ -150,6 +151,7 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
     kinds: dict[str, KindSummary] = {}
     bytes_by_dtype: Counter[str] = Counter()
     other: Counter[str] = Counter()
+    packed: Counter[str] = Counter()
     fp8 = scales = scale_elems = bf16_bytes = 0
     plan = _plan(ckpt)
     for name, info in tensors.items():
@@ -170,6 +172,10 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
         elif stored is not None:
             other[info.dtype] += 1
             bf16_bytes += 2 * _numel(stored.shape)
+            packed[stored.fmt or stored.kind] += 1
+            side = [t for t in stored.parts.values() if weight_of_scale(t) not in tensors]
+            scales += len(side)  # the rest were counted as scales of `.weight` above
+            scale_elems += sum(_numel(tensors[t].shape) for t in side)
         else:
             other[info.dtype] += 1
             bf16_bytes += info.nbytes
@@ -190,6 +196,7 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
         bf16_bytes=bf16_bytes,
         kinds=sorted(kinds.values(), key=_kind_rank),
         quantization_config=ckpt.quantization_config,
+        packed_weights=dict(sorted(packed.items())),
     )
 
 
@@ -324,9 +331,11 @@ def summary_lines(report: PrecisionReport) -> list[str]:
     other = ", ".join(f"{n:,} {dt}" for dt, n in report.other_tensors.items()) or "none"
     bytes_line = ", ".join(f"{dt} {_human(b)}" for dt, b in report.bytes_by_dtype.items())
     qc = report.quantization_config
+    scales = "scale tensors" if report.packed_weights else "FP8 scale parameters"
+    packed = "".join(f"{n:,} packed {fmt} weights, " for fmt, n in report.packed_weights.items())
     lines = [
         f"{report.tensors:,} tensors in {report.shards} shard(s): {report.fp8_weights:,} FP8 "
-        f"weights, {report.scale_tensors:,} FP8 scale parameters "
+        f"weights, {packed}{report.scale_tensors:,} {scales} "
         f"({report.scale_elements:,} scale values), other tensors: {other}",
         f"bytes by dtype: {bytes_line}; total {_human(report.total_bytes)}",
         f"as bf16 (quantized weights in bf16, no scales): {_human(report.bf16_bytes)}; "

@@ -3,7 +3,7 @@
 transformers 5 stores a layer's experts fused (`gate_up_proj` [E, 2I, H], `down_proj`
 [E, H, I]), which no Linear-based quantizer sees. `linearize_experts` replaces each such
 module with `LinearExperts`: one `gate_proj` / `up_proj` / `down_proj` nn.Linear per expert
-(Mixtral: `w1` / `w3` / `w2`), the names vLLM reads from compressed-tensors checkpoints,
+(Mixtral, MiniMax-M2: `w1` / `w3` / `w2`), the names vLLM reads from compressed-tensors checkpoints,
 computing exactly what the fused module computed.
 
 The router sends few or no calibration tokens to some experts. With `calibrate_all` on
@@ -14,9 +14,9 @@ weight-only statistics (GPTQ -> RTN). `expert_token_counts` / `log_expert_covera
 how many tokens the router actually sent to each expert. `expert_of(name)` tells an expert's
 projection (`<experts>.<e>.<proj>`) from any other Linear (GPTQ solves experts batched).
 
-transformers 5 also renames some MoE blocks in memory (Mixtral: `block_sparse_moe` ->
-`mlp`); `checkpoint_name` maps a module / tensor name back to the checkpoint convention that
-transformers' `save_pretrained` writes and vLLM / SGLang load
+transformers 5 also renames some MoE blocks in memory (Mixtral, MiniMax-M2:
+`block_sparse_moe` -> `mlp`); `checkpoint_name` maps a module / tensor name back to the
+checkpoint convention that transformers' `save_pretrained` writes and vLLM / SGLang load
 (`model.layers.L.block_sparse_moe.experts.E.w1`, `...block_sparse_moe.gate`).
 """
 
@@ -32,12 +32,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_NAMES = {"mixtral": ("w1", "w3", "w2")}
+_NAMES = {"mixtral": ("w1", "w3", "w2"), "minimax_m2": ("w1", "w3", "w2")}
 _DEFAULT_NAMES = ("gate_proj", "up_proj", "down_proj")
 # model_type -> (in-memory pattern, checkpoint replacement) of transformers 5's renames.
 _EXPERT_LINEAR = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)$")
+_MIXTRAL_RENAMES = ((re.compile(r"(^|\.)(layers\.\d+)\.mlp\."), r"\1\2.block_sparse_moe."),)
 _CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern, str], ...]] = {
-    "mixtral": ((re.compile(r"(^|\.)(layers\.\d+)\.mlp\."), r"\1\2.block_sparse_moe."),),
+    "mixtral": _MIXTRAL_RENAMES,
+    "minimax_m2": _MIXTRAL_RENAMES,  # transformers maps MiniMax-M2 as Mixtral (+ its bias)
 }
 
 
