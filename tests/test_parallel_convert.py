@@ -101,6 +101,7 @@ def test_rerun_redoes_only_missing_or_incomplete_shards(fp8, tmp_path):
     (staging / cut).write_bytes(data[: len(data) // 2])
     (staging / PARTS / f"{lost}.json").unlink()
     (staging / f".{mine[-1]}.tmp-otherhost-1").write_bytes(b"partial")  # a killed writer's
+    (staging / "model-00009-of-00009.safetensors").write_bytes(b"another job's")
     second = Ranks(1, 2)
     assert convert_checkpoint(fp8, out, "neuron", runner=second) is None  # rank 0's are bad
     again = Ranks(0, 2)

@@ -104,7 +104,7 @@ class ShardResult:
 
     shard: str
     seconds: float
-    peak_rss: int  # bytes, the process's peak (getrusage) when the shard was done
+    peak_rss: int  # bytes, the process's peak (`peak_rss()`) when the shard was done
     start_rss: int  # bytes, that peak when the shard began (a fresh Ray worker: its baseline)
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
@@ -208,8 +208,9 @@ class Staging:
                 if self.job.pieces(plans):
                     writer.record_shard(shard, shard_outputs(plans))
             shutil.rmtree(self.dir / PARTS)
-            for leftover in self.dir.glob(".*.tmp-*"):  # of writers killed mid-shard
-                leftover.unlink()
+            for leftover in self.dir.iterdir():  # of writers killed mid-shard, of other jobs
+                if leftover.name not in writer.weight_map.values():
+                    leftover.unlink()
             written = self.finish.apply(writer)
             self.lock.unlink(missing_ok=True)  # a waiter then finds the directory gone
             return written
