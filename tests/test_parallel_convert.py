@@ -101,6 +101,7 @@ def test_rerun_redoes_only_missing_or_incomplete_shards(fp8, tmp_path):
     (staging / cut).write_bytes(data[: len(data) // 2])
     (staging / PARTS / f"{lost}.json").unlink()
     (staging / f".{mine[-1]}.tmp-otherhost-1").write_bytes(b"partial")  # a killed writer's
+    (staging / "model-00009-of-00009.safetensors").write_bytes(b"another job's")
     second = Ranks(1, 2)
     assert convert_checkpoint(fp8, out, "neuron", runner=second) is None  # rank 0's are bad
     again = Ranks(0, 2)
@@ -175,17 +176,21 @@ def test_calibrated_schemes_refuse_parallel_flags(bf16, tmp_path, capsys):
 
 @pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs quantscale[ray]")
-def test_ray_tasks_write_the_one_process_bytes(fp8, tmp_path):
+def test_ray_tasks_write_the_one_process_bytes(bf16, fp8, tmp_path):
     import ray
 
     one, out = tmp_path / "one", tmp_path / "out"
     convert_checkpoint(fp8, one, "compressed-tensors")
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a fresh local cluster
     try:
         runner = RayTasks()
         assert convert_checkpoint(fp8, out, "compressed-tensors", runner=runner) == out
+        quantized = quantize_checkpoint_fp8(bf16, tmp_path / "q", runner=RayTasks())
+        with pytest.raises(QuantscaleError, match="no Ray node has"):
+            convert_checkpoint(fp8, tmp_path / "big", "hf", runner=RayTasks(work_bytes=1 << 50))
     finally:
         ray.shutdown()
+    assert quantized is not None and _files(quantized) == _files(fp8)
     assert _files(out) == _files(one)
     assert sorted(r.shard for r in runner.results) == Checkpoint(fp8).shards
     assert len({r.pid for r in runner.results}) == len(runner.results)  # a worker per task

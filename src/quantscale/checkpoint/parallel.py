@@ -104,7 +104,7 @@ class ShardResult:
 
     shard: str
     seconds: float
-    peak_rss: int  # bytes, the process's peak (getrusage) when the shard was done
+    peak_rss: int  # bytes, the process's peak (`peak_rss()`) when the shard was done
     start_rss: int  # bytes, that peak when the shard began (a fresh Ray worker: its baseline)
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
@@ -208,8 +208,9 @@ class Staging:
                 if self.job.pieces(plans):
                     writer.record_shard(shard, shard_outputs(plans))
             shutil.rmtree(self.dir / PARTS)
-            for leftover in self.dir.glob(".*.tmp-*"):  # of writers killed mid-shard
-                leftover.unlink()
+            for leftover in self.dir.iterdir():  # of writers killed mid-shard, of other jobs
+                if leftover.name not in writer.weight_map.values():
+                    leftover.unlink()
             written = self.finish.apply(writer)
             self.lock.unlink(missing_ok=True)  # a waiter then finds the directory gone
             return written
@@ -263,6 +264,7 @@ class RayTasks:
 
     address: str | None = None
     max_retries: int = 3
+    work_bytes: int = WORK_BYTES  # reserved per task beyond its shard's bytes
     results: list[ShardResult] = field(default_factory=list)
 
     def __call__(
@@ -289,14 +291,14 @@ class RayTasks:
                 runtime_env={"env_vars": {"PYTHONPATH": path}},
                 log_to_driver=False,
             )
+        reserve = {s: shard_bytes(staging.job, s) + self.work_bytes for s in todo}
+        _check_fits(ray, max(reserve.values()), max(reserve, key=reserve.__getitem__))
         task = ray.remote(max_calls=1)(_ray_write)  # a fresh worker per task
         job_ref = ray.put(staging.job)
         refs = [
-            task.options(
-                memory=shard_bytes(staging.job, shard) + WORK_BYTES,
-                num_cpus=1,
-                max_retries=self.max_retries,
-            ).remote(job_ref, str(staging.out), staging.finish, shard)
+            task.options(memory=reserve[shard], num_cpus=1, max_retries=self.max_retries).remote(
+                job_ref, str(staging.out), staging.finish, shard
+            )
             for shard in todo
         ]
         pending = iter(refs)
@@ -304,6 +306,17 @@ class RayTasks:
             pending = progress(pending, len(refs), f"Ray: {len(refs)} shard tasks")
         for ref in pending:
             self.results.append(ray.get(ref))
+
+
+def _check_fits(ray, need: int, shard: str) -> None:  # noqa: ANN001 - the ray module
+    """Raise if no live node offers the memory one task reserves (it would wait forever)."""
+    offered = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    if max(offered, default=0) < need:
+        raise QuantscaleError(
+            f"{shard}: a task reserves {need / 2**30:.1f} GiB (the shard plus working memory) "
+            f"but no Ray node has that much memory to offer (largest "
+            f"{max(offered, default=0) / 2**30:.1f} GiB)"
+        )
 
 
 def runner_from_args(
