@@ -281,7 +281,7 @@ class _Clock:
             f"peak RSS {peak_rss() / 2**30:.2f} GiB"
         )
         log.info(line)
-        if progress.enabled():
+        if progress.enabled() and distributed.is_writer():
             print(line, file=sys.stderr, flush=True)
 
 

@@ -523,7 +523,8 @@ class GPTQ:
         names = [n for n, m in linears.items() if m.scheme.weights is not None]
         if distributed.active():
             _share_counts(tracker, linears)
-        units: list[_Unit] = []
+        units: list[_Unit] = []  # with several ranks: solved together at the end
+        submit = units.append if distributed.active() else _Unit.run
         batches = _ExpertBatches()
         for leader, members in tracker.groups(names).items():
             acc = tracker.acc.pop(leader, None)
@@ -535,7 +536,7 @@ class GPTQ:
                             batches.add(sub, linears, acc, global_scale)
                 else:
                     solve = functools.partial(self._quantize_group, part, linears, acc)
-                    units.append(_Unit(solve, part, self._needing(acc), _cost(part, linears)))
+                    submit(_Unit(solve, part, self._needing(acc), _cost(part, linears)))
         for jobs in batches.pop_all():
             size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
             while jobs:
@@ -543,27 +544,25 @@ class GPTQ:
                 solve = functools.partial(self._quantize_experts, chunk, linears)
                 members = [n for job in chunk for n in job.stack]
                 accs = [a for job in chunk for a in self._needing(job.acc)]
-                units.append(_Unit(solve, members, accs, _cost(members, linears)))
-        self._solve(units, linears)
+                submit(_Unit(solve, members, accs, _cost(members, linears)))
+                del solve, accs  # a batch's Hessians are freed once it is solved
+        if units:
+            self._solve_distributed(units, linears)
 
     def _needing(self, acc: HessianAccumulator | None) -> list[HessianAccumulator]:
         """[acc] when the solve reads its Hessian (GPTQ, not the RTN fallback)."""
         return [acc] if acc is not None and acc.count >= self.min_tokens else []
 
-    def _solve(self, units: list[_Unit], linears: dict[str, QuantLinear]) -> None:
-        """Run the solves; with several ranks each on the rank `distributed.owners` gives it,
-        its Hessians summed there first, its weights broadcast from there after."""
-        if not distributed.active():
-            for unit in units:
-                unit.solve()
-            return
+    def _solve_distributed(self, units: list[_Unit], linears: dict[str, QuantLinear]) -> None:
+        """Each solve on the rank `distributed.owners` gives it, its Hessians summed there
+        first, its weights broadcast from there after."""
         owner = distributed.owners([u.cost for u in units])
         _reduce_hessians(units, owner)
         replies: list[list[dict]] = []
         for unit, rank in zip(units, owner):
             start = len(self.report)
             if rank == distributed.context().rank:
-                unit.solve()
+                unit.run()
             replies.append(self.report[start:])
             del self.report[start:]
         for unit, rank, report in zip(units, owner, replies):
@@ -757,10 +756,16 @@ class _Unit:
     """One solve of `finish_layer` (a group or a batch of experts): the call, the modules it
     sets, the Hessians it reads and its cost (for `distributed.owners`)."""
 
-    solve: Callable[[], None]
+    solve: Callable[[], None] | None
     names: list[str]
     accs: list[HessianAccumulator]
     cost: float
+
+    def run(self) -> None:
+        """Solve, then drop the references to the Hessians (freed as each unit is done)."""
+        assert self.solve is not None, "a unit solves once"
+        self.solve()
+        self.solve, self.accs = None, []
 
 
 def _cost(names: list[str], linears: dict[str, QuantLinear]) -> float:
