@@ -12,6 +12,7 @@ import torch
 from tiny_models import make_tiny_llama
 from torch import nn
 
+import quantscale as qs
 from quantscale.algorithms.rotation import residual_rotation, rotate_model
 from quantscale.algorithms.smoothing import SmoothQuant
 from quantscale.calibration.activations import ActivationCalibrator
@@ -321,3 +322,30 @@ def test_quantize_command_rotates_a_mamba_model(tmp_path):
     loaded = load_quantized(out)
     assert loaded.config.quantization_config["recipe"]["rotate"] == "hadamard"
     assert all(layer.mixer.rotate for layer in loaded.backbone.layers)
+
+
+def test_formats_that_cannot_record_the_online_hadamard_are_refused(tmp_path):
+    model, _ids_ = _rotated_w8a8()
+    with pytest.raises(QuantscaleError, match="not --format modelopt"):
+        export_model(model, tmp_path / "mo", "modelopt")
+    with pytest.raises(QuantscaleError, match="not --format pseudo"):
+        qs.quantize(
+            _llama(torch.float32),
+            tmp_path / "p",
+            "W8A16",
+            "rtn",
+            format="pseudo",
+            rotate="hadamard",
+        )
+    with pytest.raises(QuantscaleError, match="omit --stream"):
+        qs.quantize("smollm2", tmp_path / "s", "W8A16", "rtn", rotate="hadamard", stream=True)
+
+
+def test_api_rotates_an_in_memory_model():
+    model = _llama(torch.float32)
+    ids = _ids(seed=1)
+    ref = _logits(model, ids)
+    qs.quantize(model, scheme="W8A16", method="rtn", rotate="hadamard")
+    assert model.quantscale_recipe.rotate == "hadamard"
+    assert has_online_hadamard(model.model.layers[0].mlp.down_proj)
+    assert (_logits(model, ids) - ref).abs().max() < 0.05 * ref.abs().max()

@@ -84,7 +84,7 @@ def quantize(
         method, format = method or "gptq", format or "compressed-tensors"
         recipe = gptq.recipe(scheme)
         set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
-        set_rotation(recipe, rotate, stream)
+        set_rotation(recipe, rotate, format if output_dir is not None else None, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
         options = gptq.method_options(method)

@@ -355,7 +355,7 @@ def quantize_checkpoint(
         raise QuantscaleError(f"unknown --format {fmt!r}; known: {', '.join(EXPORTERS)}")
     recipe = gptq.recipe(scheme)
     set_kv_cache(recipe, kv_cache, fmt, stream)
-    set_rotation(recipe, rotate, stream)
+    set_rotation(recipe, rotate, fmt, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
     path = loader.resolve_model(model_dir)
     if stream:
@@ -426,13 +426,23 @@ def set_kv_cache(recipe: Recipe, kv_cache: str | None, fmt: str | None, stream: 
         raise QuantscaleError("an FP8 KV cache is calibrated by the in-memory path (omit --stream)")
 
 
-def set_rotation(recipe: Recipe, rotate: str | None, stream: object) -> None:
+def set_rotation(recipe: Recipe, rotate: str | None, fmt: str | None, stream: object) -> None:
     """Apply `--rotate` to the recipe; refuse the streamed path (it never holds the whole
-    model, and R1 rotates every layer and the embeddings at once)."""
+    model, and R1 rotates every layer and the embeddings at once) and the formats that cannot
+    record the online Hadamard (`fmt` None: the model stays in memory)."""
     if rotate is not None:
         recipe.rotate = check_rotation(rotate)  # type: ignore[assignment]
-    if recipe.rotate and stream:
+    if not recipe.rotate:
+        return
+    if stream:
         raise QuantscaleError("--rotate runs on the in-memory path (omit --stream)")
+    from quantscale.export import ROTATION_FORMATS
+
+    if fmt is not None and fmt not in ROTATION_FORMATS:  # before calibrating, not after
+        raise QuantscaleError(
+            "a rotated model needs its online down_proj Hadamard recorded, which only "
+            f"{' and '.join(ROTATION_FORMATS)} (transform_config) does; not --format {fmt}"
+        )
 
 
 @dataclass(frozen=True)

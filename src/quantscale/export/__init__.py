@@ -56,10 +56,19 @@ EXPORTERS: dict[str, Exporter] = {
 }
 
 
+ROTATION_FORMATS = ("compressed-tensors",)  # formats that record an online Hadamard
+
+
 def export_model(
     model: nn.Module, out: str | os.PathLike, fmt: str = "compressed-tensors", **kwargs
 ) -> Path:
     """Write a quantized model in format `fmt` (see EXPORTERS)."""
     if fmt not in EXPORTERS:
         raise QuantscaleError(f"unknown export format {fmt!r}; known: {', '.join(EXPORTERS)}")
+    recipe = getattr(model, "quantscale_recipe", None)
+    if fmt not in ROTATION_FORMATS and getattr(recipe, "rotate", None):
+        raise QuantscaleError(
+            "a rotated model needs its online down_proj Hadamard recorded, which only "
+            f"{' and '.join(ROTATION_FORMATS)} (transform_config) does; not --format {fmt}"
+        )
     return EXPORTERS[fmt](model, out, **kwargs)
