@@ -1,10 +1,11 @@
 """Run every benchmark in this folder and print one table: quantscale vs peers vs the machine.
 
-Each benchmark module present (kernels, fp8_block, calibration, gptq, moe_gptq) runs as a
-subprocess, `python benchmarks/X.py [--quick] --json bench-results/X.json`; one whose --help
-lacks `--json` (or `--quick`, in a quick run) is skipped with a note, and so is moe_gptq in a
-quick run (`FULL_ONLY`). In the same run this measures the machine's raw limits on the same
-bytes (the SmolLM2 or synthetic input): a plain file copy and an in-memory copy. The table
+Each benchmark module present (kernels, fp8_block, calibration, gptq, moe_gptq,
+streaming_scale) runs as a subprocess, `python benchmarks/X.py [--quick] --json
+bench-results/X.json`; one whose --help lacks `--json` (or `--quick`, in a quick run) is
+skipped with a note, and so are moe_gptq and streaming_scale in a quick run (`FULL_ONLY`).
+In the same run this measures the machine's raw limits on the same bytes (the SmolLM2 or
+synthetic input): a plain file copy and an in-memory copy. The table
 shows, per job and tool, wall and work time, peak RSS, output size, perplexity, ours/peer time
 and the share of the machine limit reached. Everything goes to bench-results/all.json.
 
@@ -29,8 +30,8 @@ import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "bench-results"
-MODULES = ("kernels", "fp8_block", "calibration", "gptq", "moe_gptq")
-FULL_ONLY = ("moe_gptq",)  # minutes on 2 cores: not in --quick
+MODULES = ("kernels", "fp8_block", "calibration", "gptq", "moe_gptq", "streaming_scale")
+FULL_ONLY = ("moe_gptq", "streaming_scale")  # minutes / hours on 2 cores: not in --quick
 QUICK_BUDGET_S = 280  # --quick: all modules together, so the run stays under 5 minutes
 OUR_PACKAGES = ("quantscale", "torch", "transformers", "safetensors", "numpy")
 PEER_PACKAGES = ("llmcompressor", "compressed-tensors", "gptqmodel", "nvidia-modelopt")

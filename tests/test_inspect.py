@@ -203,3 +203,32 @@ def test_nvfp4_bits_per_parameter(tmp_path, fmt):
     assert report.bf16_bytes == Checkpoint(bf16).total_bytes()
     text = "\n".join(summary_lines(report))
     assert "quantized kinds 4.5" in text
+
+
+@pytest.mark.parametrize(
+    ("preset", "fmt", "block"),
+    [("NVFP4A16", "nvfp4-pack-quantized", "1x16"), ("W4A16", "pack-quantized", "1x128")],
+)
+def test_packed_weights_counted_with_their_scales(tmp_path, preset, fmt, block):
+    """compressed-tensors packed weights: counted as packed (not their FP8 / bf16 scales as
+    weights), blocks in plain columns, and bf16_bytes = the same model's bf16 tensors."""
+    import torch
+    from tiny_models import make_tiny_llama
+
+    from quantscale.export.compressed_tensors import (
+        read_compressed_tensors,
+        save_compressed_tensors,
+    )
+    from quantscale.orchestrator import quantize_model
+
+    model = make_tiny_llama(96, 256, 512, torch.bfloat16, tie_word_embeddings=False)
+    quantize_model(model, preset, method="rtn")
+    out = save_compressed_tensors(model, tmp_path / preset)
+    report = precision_report(out)
+    assert report.packed_weights == {fmt: 14} and report.fp8_weights == 0
+    assert report.scale_tensors == 14 * 2  # weight_scale + weight_global_scale / weight_shape
+    rows = {r.kind: r for r in report.kinds}
+    assert rows["attention.q"].blocks == {block: 2} and rows["mlp.down"].tensors == 2
+    dense = read_compressed_tensors(out, dtype=torch.bfloat16)
+    assert report.bf16_bytes == sum(t.numel() * t.element_size() for t in dense.values())
+    assert 0.5 < report.saving_fraction < 0.8
