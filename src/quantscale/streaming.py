@@ -505,6 +505,8 @@ def quantize_streamed(
     work_path = Path(options.work_dir or f"{os.fspath(out)}.partial")
     work = _open_work(work_path, fingerprint)
     result = run.run(work, Boundary(work.path, options.max_memory), Path(out), overwrite)
+    if work.follows:  # its own boundary directory (on its node's disk when not shared)
+        shutil.rmtree(work.path, ignore_errors=True)
     distributed.barrier()
     if distributed.is_writer():
         shutil.rmtree(work_path)

@@ -498,6 +498,10 @@ class GPTQ:
     equal the one-group-at-a-time solves (bitwise on the CPUs we tried; tests/test_moe.py).
     `passes` splits a layer into calibration passes that each hold the Hessians of at most
     that many experts; `algorithms.layer` drives them (one pass when the experts fit).
+    With several ranks (`quantscale.distributed`) `finish_layer` first makes the ranks agree
+    on the shared inputs and token counts, then gives each solve (a group or an expert batch,
+    the same ones as one process) to a rank balanced by cost, sums its Hessians onto that
+    rank in rank order, solves there and broadcasts the quantized weights and qparams.
     """
 
     needs_data = True
