@@ -48,7 +48,10 @@ def one_thread():
 def reference(root: Path, out: str, scheme: str, stream: bool) -> Path:
     calib = {**CALIB, "calib_batch_size": 2, "calib_data": root / "calib.txt"}
     where = StreamOptions(device="cpu") if stream else False
-    return quantize_checkpoint(root / "m", root / out, scheme, method="gptq", stream=where, **calib)
+    wide = GPTQOptions(hessian_dtype="float64")  # torchrun's default sum dtype
+    return quantize_checkpoint(
+        root / "m", root / out, scheme, method="gptq", stream=where, gptq=wide, **calib
+    )
 
 
 def torchrun(
@@ -86,9 +89,10 @@ def test_moe_two_ranks_equal_one_process(tmp_path, one_thread, memory):
     """Qwen3-MoE (4 experts): expert batches and the other Linears solved on their owners,
     routed tokens summed per expert; with a tiny --gptq-memory the experts come in passes."""
     root = make_checkpoint(tmp_path, 2, moe=True)
-    extra = {"gptq": GPTQOptions(memory_budget=parse_bytes(memory))} if memory else {}
+    budget = {"memory_budget": parse_bytes(memory)} if memory else {}
+    wide = GPTQOptions(hessian_dtype="float64", **budget)  # torchrun's default sum dtype
     calib = {**CALIB, "calib_batch_size": 2, "calib_data": root / "calib.txt"}
-    one = quantize_checkpoint(root / "m", root / "one", "w4a16", method="gptq", **calib, **extra)
+    one = quantize_checkpoint(root / "m", root / "one", "w4a16", method="gptq", gptq=wide, **calib)
     flags = ("--gptq-memory", memory) if memory else ()
     two = torchrun(root, "two", "w4a16", True, flags=flags)
     assert two.returncode == 0, two.stderr[-3000:]

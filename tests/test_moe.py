@@ -290,10 +290,13 @@ def test_passes_sized_by_the_memory_budget():
 
     linears = replace_linears(model, preset_recipe("W4A16"))
     layer = {n: q for n, q in linears.items() if n.startswith("model.layers.0.")}
-    one_expert = 8 * (64 * 64 + 32 * 32)  # gate/up [64, 64] and down [32, 32] float64
+    one_expert = 4 * (64 * 64 + 32 * 32)  # gate/up [64, 64] and down [32, 32] float32
     sizes = [len(p) for p in GPTQ(memory_budget=2 * one_expert).passes(layer)]
     assert sizes == [6, 6, 4]  # 2 experts x 3 projections, twice; then q/k/v/o
     assert [len(p) for p in GPTQ().passes(layer)] == [16]  # all fit: one pass
+    # float64 sums (torchrun's default) hold twice the bytes: one expert per pass
+    wide = GPTQ(memory_budget=2 * one_expert, hessian_dtype="float64").passes(layer)
+    assert [len(p) for p in wide] == [3, 3, 3, 3, 4]
 
 
 def test_starved_experts_rtn_and_the_others_batched(caplog):

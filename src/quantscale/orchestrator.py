@@ -273,6 +273,7 @@ class GPTQOptions:
     block_size: int = 128
     memory_budget: int | None = None
     group_size: int | None = None
+    hessian_dtype: str | None = None  # GPTQ's Hessian sums: float32 alone, float64 torchrun
 
     def recipe(self, scheme: str) -> Recipe:
         """The scheme's recipe with `group_size` and `actorder` applied to every weight."""
@@ -298,6 +299,8 @@ class GPTQOptions:
             kwargs["actorder"] = None
         if self.memory_budget is not None:
             kwargs["memory_budget"] = self.memory_budget
+        if self.hessian_dtype is not None:
+            kwargs["hessian_dtype"] = self.hessian_dtype
         return kwargs
 
 

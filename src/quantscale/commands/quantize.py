@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         dampening_frac=args.dampening_frac,
         memory_budget=args.gptq_memory,
         group_size=args.group_size,
+        hessian_dtype=args.hessian_dtype,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -204,6 +205,13 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         help="GPTQ act-order (default: the scheme's, else 'weight'; 'none' turns it off)",
     )
     p.add_argument("--dampening-frac", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument(
+        "--hessian-dtype",
+        choices=["float32", "float64"],
+        default=None,
+        help="GPTQ Hessian sums (default float32 in one process, float64 under torchrun; "
+        "float64 in one process reproduces a torchrun run bit for bit, at twice the memory)",
+    )
     p.add_argument(
         "--group-size",
         type=int,
