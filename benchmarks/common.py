@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,12 +87,23 @@ def run_job(
     os.sync()  # start from clean page cache: earlier jobs' dirty pages must not slow this one
     load = loadavg()
     start = time.perf_counter()
-    proc = subprocess.run(wrapped, env=full_env, capture_output=True, text=True, timeout=timeout)
+    pipe = subprocess.PIPE
+    # its own process group: a timeout kills the job under GNU time too, not GNU time alone
+    proc = subprocess.Popen(
+        wrapped, env=full_env, stdout=pipe, stderr=pipe, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        os.unlink(time_file)
+        raise
     wall = time.perf_counter() - start
     rss_kb = _peak_rss_kb(time_file)
     os.unlink(time_file)
-    tail = (proc.stdout + proc.stderr)[-2000:]
-    return Run(job, wall, rss_kb / 1024, proc.returncode, load, tail, _json_lines(proc.stdout))
+    tail = (stdout + stderr)[-2000:]
+    return Run(job, wall, rss_kb / 1024, proc.returncode, load, tail, _json_lines(stdout))
 
 
 def _peak_rss_kb(time_file: str) -> float:
