@@ -60,7 +60,7 @@ def build_recipe(args: argparse.Namespace):
     from quantscale.scheme import load_recipe
 
     recipe = load_recipe(args.scheme)
-    if args.rotate:
+    if getattr(args, "rotate", None):  # absent from namespaces built before --rotate
         recipe.rotate = args.rotate
     kwargs = {k: v for k, v in (("alpha", args.alpha), ("sigma", args.sigma)) if v is not None}
     updates = {"observer": args.observer} if args.observer else {}
