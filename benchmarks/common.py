@@ -250,6 +250,26 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# GPTQModel imports torchvision (for InternVL), which text models do not need: let
+# transformers record that torchvision is absent (a cached check), then stub the modules
+# GPTQModel imports (text in a job script, before it imports gptqmodel).
+TORCHVISION_STUB = """
+import enum, importlib.machinery, sys, types
+from transformers.utils import import_utils
+import_utils.is_torchvision_available()
+import_utils.is_torchvision_v2_available()
+modes = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")
+for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+    stub = types.ModuleType(name)
+    stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    stub.__path__, stub.InterpolationMode = [], modes
+    sys.modules[name] = stub
+    parent, _, leaf = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], leaf, stub)
+"""
+
+
 # Perplexity code for benchmark jobs run as scripts, ours and the peers' (whose venvs lack
 # quantscale): non-overlapping windows, no BOS, the same in every job.
 PPL_CODE = """

@@ -102,23 +102,9 @@ GPTQMODEL_JOB = (
 import sys, os, time, json, types, importlib.machinery
 t0 = time.perf_counter()
 torch.set_num_threads(2)
-# GPTQModel imports torchvision (for InternVL), which text models do not need. Let
-# transformers record that torchvision is absent (a cached check), then stub the two modules
-# GPTQModel imports.
-import enum
-from transformers.utils import import_utils
-import_utils.is_torchvision_available()
-import_utils.is_torchvision_v2_available()
-modes = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")
-for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-    stub = types.ModuleType(name)
-    stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    stub.__path__, stub.InterpolationMode = [], modes
-    sys.modules[name] = stub
-    parent, _, leaf = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], leaf, stub)
-__RAISE_WORKERS__
+"""
+    + common.TORCHVISION_STUB
+    + """__RAISE_WORKERS__
 from gptqmodel import GPTQModel, QuantizeConfig
 t1 = time.perf_counter()
 calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])

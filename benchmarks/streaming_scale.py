@@ -77,22 +77,13 @@ print("BENCH " + json.dumps({"load_s": t1 - t0, "quantize_s": t2 - t1,
                              "save_s": time.perf_counter() - t2}))
 """
 
-GPTQMODEL = """
+GPTQMODEL = (
+    """
 import json, sys, os, time, types, importlib.machinery, enum, torch
 torch.set_num_threads(2)
-from transformers.utils import import_utils
-import_utils.is_torchvision_available()
-import_utils.is_torchvision_v2_available()
-modes = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")
-for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-    stub = types.ModuleType(name)
-    stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    stub.__path__, stub.InterpolationMode = [], modes
-    sys.modules[name] = stub
-    parent, _, leaf = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], leaf, stub)
-__RAISE_WORKERS__
+"""
+    + common.TORCHVISION_STUB
+    + """__RAISE_WORKERS__
 from gptqmodel import GPTQModel, QuantizeConfig
 ckpt, out, scheme, calib = sys.argv[1:5]
 t0 = time.perf_counter()
@@ -107,6 +98,7 @@ model.save(out)
 print("BENCH " + json.dumps({"load_s": t1 - t0, "quantize_s": t2 - t1,
                              "save_s": time.perf_counter() - t2}))
 """
+)
 
 OURS_TOOL = "quantscale --stream"
 # job -> (tool, scheme, code, peer venv (None: ours) and its requirements)
