@@ -111,6 +111,10 @@ def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     argv = ["quantize", str(path), str(out), "--scheme", scheme, "--method", "rtn"]
     assert cli.main([*argv, "--format", "gguf", "--dtype", "float32"]) == 0
     assert (out / "model.gguf").is_file()
+    # only the tensors llama.cpp's Llama creates (it refuses any other: "wrong number of
+    # tensors"): 9 per layer, token_embd, output_norm, output; no scale buffers
+    names = [t.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors]
+    assert len(names) == 9 * 30 + 3 and all(n.endswith(".weight") for n in names), names[:12]
 
     tokens = eval_tokens(load_tokenizer(path), 2048)
     model = load_pretrained(path, torch.float32)

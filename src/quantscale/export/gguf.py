@@ -264,10 +264,12 @@ def _gguf_tensors(
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     for key, value in state.items():
+        if key.rpartition(".")[2] not in ("weight", "bias"):
+            # QuantLinear's scale / zero-point buffers live inside the GGML blocks; llama.cpp
+            # refuses a file with tensors its model does not create ("wrong number of tensors")
+            continue
         gname = gguf_tensor_name(key)
         if gname is None:
-            if key.endswith("rotary_emb.inv_freq"):
-                continue
             raise QuantscaleError(f"--format gguf: no GGUF tensor for {key!r}")
         heads = n_head if ".attn_q." in gname else n_kv if ".attn_k." in gname else None
         if key in quant_weights:
