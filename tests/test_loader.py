@@ -73,8 +73,9 @@ def test_registry_names_the_known_algorithms():
     assert {"rtn", "gptq"} <= set(ALGORITHMS)
     assert get_algorithm("RTN").needs_data is False
     assert get_algorithm("gptq", dampening_frac=0.1).dampening_frac == 0.1
-    with pytest.raises(QuantscaleError, match="unknown weight algorithm 'awq'; known: gptq, rtn"):
-        get_algorithm("awq")
+    known = r"known: awq, awq\+gptq, gptq, rtn"
+    with pytest.raises(QuantscaleError, match=f"unknown weight algorithm 'adaround'; {known}"):
+        get_algorithm("adaround")
 
 
 def test_sweep_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):

@@ -120,7 +120,13 @@ def test_mamba_models_take_the_quamba_path(tmp_path, monkeypatch):
     assert calls == [
         (
             (tmp_path / "m", tmp_path / "o", "W8A8"),
-            {"calib_samples": 4, "calib_seq_len": 512, "calib_data": "t", "overwrite": False},
+            {
+                "calib_samples": 4,
+                "calib_seq_len": 512,
+                "calib_data": "t",
+                "overwrite": False,
+                "rotate": None,
+            },
         )
     ]
 
