@@ -164,8 +164,8 @@ def precision_report(ckpt: Checkpoint | str | os.PathLike) -> PrecisionReport:
             continue  # a packed weight's scale / zero point / shape: counted with its weight
         kind = kind_of(name)
         row = kinds.setdefault(kind, KindSummary(kind))
-        _add_tensor(row, info)
         stored = plan.weights.get(name)
+        _add_tensor(row, info, stored.shape if stored is not None else info.shape)
         if info.dtype in FP8_DTYPES:
             fp8 += 1
             bf16_bytes += 2 * _numel(info.shape)
@@ -230,25 +230,21 @@ def _plan(ckpt: Checkpoint) -> DequantPlan:
         return DequantPlan()
 
 
-def _add_tensor(row: KindSummary, info: TensorInfo) -> None:
+def _add_tensor(row: KindSummary, info: TensorInfo, plain: tuple[int, ...]) -> None:
+    """A stored tensor: its bytes and dtype, and its `plain` shape (a packed weight's
+    unpacked rows x columns) for the parameter count."""
     row.tensors += 1
     row.bytes += info.nbytes
-    row.params += _numel(info.shape)
+    row.params += _numel(plain)
     _add(row.dtypes, info.dtype)
-    _add(row.shapes, _shape(info.shape))
+    _add(row.shapes, _shape(plain))
 
 
 def _add_stored(
     row: KindSummary, ckpt: Checkpoint, sw: StoredWeight, hint: tuple[int, int] | None
 ) -> None:
-    """A quantized weight: its plain parameter count and shape, format, side tensors' bytes
-    and its scale's dtype / shape / block."""
-    info = ckpt.tensors[sw.stored]
-    row.params += _numel(sw.shape) - _numel(info.shape)
-    if sw.stored != sw.name:
-        row.shapes[_shape(info.shape)] -= 1
-        row.shapes = {k: v for k, v in row.shapes.items() if v}
-        _add(row.shapes, _shape(sw.shape))
+    """A quantized weight's format, side tensors' bytes and its scale's dtype / shape /
+    block."""
     _add(row.formats, stored_format(sw))
     for local, tensor in sw.parts.items():
         part = ckpt.tensors[tensor]
