@@ -253,9 +253,9 @@ def test_true_sequential_hessians_come_from_quantized_inputs(tiny_llama, sequent
 
     @register_algorithm("gptq-probe")
     class Probe(GPTQ):
-        def _quantize_group(self, names, linears, acc):
+        def _quantize_group(self, names, linears, acc, hand_over=False):
             seen[names[0]] = acc.hessian().clone()
-            super()._quantize_group(names, linears, acc)
+            super()._quantize_group(names, linears, acc, hand_over)
 
     tokens = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
     names = ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
@@ -339,3 +339,40 @@ def test_batched_factor_retries_only_the_failing_hessian():
     got = inverse_hessian_factors(h, 0.01)
     for e in range(3):
         torch.testing.assert_close(got[e], inverse_hessian_factor(h[e], 0.01), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("actorder", [None, "weight"])
+def test_handed_over_hessian_solves_the_same_and_is_consumed(actorder):
+    """A Hessian passed as `[h]` (the layer path's `[acc.take()]`) is overwritten and
+    released, the result bit for bit the one of a Hessian the solve must not touch."""
+    torch.manual_seed(3)
+    x = torch.randn(200, 64)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    kept = acc.hessian()
+    original = kept.clone()
+    args = preset_scheme("W4A16").weights.model_copy(update={"group_size": 16})
+    want = gptq_quantize(torch.randn(8, 64) * 0.02, kept, args, actorder=actorder)
+    assert torch.equal(kept, original), "a Hessian passed plainly is left as it was"
+    box = [acc.take()]
+    assert acc.sum is None, "take() drops the accumulator's sum"
+    assert torch.equal(box[0], original), "take() is hessian() computed in place"
+    torch.manual_seed(3)
+    _ = torch.randn(200, 64)
+    got = gptq_quantize(torch.randn(8, 64) * 0.02, box, args, actorder=actorder)
+    assert box == [], "the solve took the Hessian out of the list"
+    assert torch.equal(got.weight, want.weight)
+    assert torch.equal(got.qparams.scale, want.qparams.scale)
+    assert got.loss == want.loss
+
+
+def test_handed_over_hessian_retries_dampening_in_place():
+    """An owned Hessian that needs more dampening is re-damped in place (only its diagonal
+    changed), giving the factor of the copy-damping path."""
+    from quantscale.algorithms.gptq import inverse_hessian_factor, inverse_hessian_factors
+
+    h = torch.diag(torch.linspace(-0.5, 1.0, 32))  # PD only once damped 10x or 100x
+    h[0, 1] = h[1, 0] = 0.01
+    want = inverse_hessian_factor(h, 0.01)
+    got = inverse_hessian_factors(h.clone()[None], 0.01, owned=True)[0]
+    assert torch.equal(got, want)

@@ -59,6 +59,7 @@ from quantscale.models.moe import expert_of
 from quantscale.qdq import (
     WEIGHT,
     QParams,
+    _block,
     _expand,
     compute_qparams,
     fake_quantize,
@@ -125,6 +126,14 @@ class HessianAccumulator:
         assert self.sum is not None, "hessian of a rank that does not own it"
         return (self.sum * (2.0 / max(self.count, 1))).float()
 
+    def take(self) -> torch.Tensor:
+        """`hessian()` computed in place of the sum, which the accumulator then drops: the
+        caller holds the only reference (a solve can free it once factored)."""
+        assert self.sum is not None, "hessian of a rank that does not own it"
+        total, self.sum = self.sum, None
+        with torch.inference_mode():  # the sum may be an inference tensor (calibration's)
+            return total.mul_(2.0 / max(self.count, 1)).float()
+
 
 @dataclass
 class GPTQResult:
@@ -145,37 +154,59 @@ def inverse_hessian_factor(h: torch.Tensor, dampening_frac: float) -> torch.Tens
     return inverse_hessian_factors(h[None], dampening_frac)[0]
 
 
-def inverse_hessian_factors(h: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+def inverse_hessian_factors(
+    h: torch.Tensor, dampening_frac: float, owned: bool = False
+) -> torch.Tensor:
     """`inverse_hessian_factor` of each Hessian of a batch [E, n, n]; a Hessian that is not
     positive definite retries with tenfold dampening. The factorizations run one matrix at a
     time: on CPU that is ~2x faster than torch's batched Cholesky (measured on 64 x 256^2),
-    bitwise equal to it, and holds one matrix's temporaries at a time."""
+    bitwise equal to it, and holds one matrix's temporaries at a time. `owned`: h is the
+    caller's to overwrite (damped in place, no copy) and, for a batch of one, to free once
+    factored (the caller passes it as a temporary), so that the factor of an n-column
+    Hessian peaks at two n x n matrices instead of four."""
     diag = h.diagonal(dim1=-2, dim2=-1)
     diag = torch.where(diag == 0, torch.ones_like(diag), diag)
     base = diag.mean(-1).double()
-    factors = [_inverse_factor(h[e], diag[e], base[e], dampening_frac) for e in range(h.shape[0])]
+    if owned and h.shape[0] == 1:
+        box = [h[0]]
+        del h
+        return _inverse_factor(box, diag[0], base[0], dampening_frac, owned=True)[None]
+    factors = [
+        _inverse_factor([h[e]], diag[e], base[e], dampening_frac, owned) for e in range(h.shape[0])
+    ]
     return torch.stack(factors) if len(factors) > 1 else factors[0][None]
 
 
 def _inverse_factor(
-    h: torch.Tensor, diag: torch.Tensor, base: torch.Tensor, dampening_frac: float
+    box: list[torch.Tensor],
+    diag: torch.Tensor,
+    base: torch.Tensor,
+    dampening_frac: float,
+    owned: bool = False,
 ) -> torch.Tensor:
-    """Upper Cholesky factor of (h + damp*I)^-1 for one Hessian h [n, n] (its diagonal with
-    zeros replaced by ones, `diag`, and their mean, `base`)."""
+    """Upper Cholesky factor of (h + damp*I)^-1 for the one Hessian h [n, n] in `box` (its
+    diagonal with zeros replaced by ones, `diag`, and their mean, `base`). `owned`: h is
+    damped in place and released after its Cholesky (the box held the last reference); if
+    the inverse then fails its own Cholesky, the retry rebuilds h from that inverse."""
     frac = dampening_frac
+    h = box.pop()
     for _ in range(5):
-        damped = h.clone()
+        damped = h if owned else h.clone()
         damped.diagonal().copy_(diag).add_((base * frac).float())
         chol, info = torch.linalg.cholesky_ex(damped)
         del damped
+        if owned and int(info) == 0:
+            del h
         inverse = torch.cholesky_inverse(chol)
         del chol
         upper, info_inv = torch.linalg.cholesky_ex(inverse, upper=True)
         if int(info) == 0 and int(info_inv) == 0:
             return upper
+        if owned and int(info) == 0:
+            h = torch.linalg.inv(inverse)  # h was freed: the damped Hessian, up to rounding
         frac = max(frac * 10, 1e-6)
     raise QuantscaleError(
-        f"GPTQ: the Hessian ({h.shape[-1]} columns) is not positive definite even with "
+        f"GPTQ: the Hessian ({diag.shape[-1]} columns) is not positive definite even with "
         f"dampening_frac={frac / 10:g}; calibrate with more samples"
     )
 
@@ -209,6 +240,10 @@ class _Scales:
         self.scale_t: torch.Tensor | None = None
         self.zp_t: torch.Tensor | None = None
         self.parts: list[list[QParams]] = [[] for _ in global_scales]
+        self.cols = 0
+        self.grouped = torch.empty(0)
+        self.grouped_zp: torch.Tensor | None = None
+        self.perm: torch.Tensor | None = None
 
     def qparams_of(self, w: torch.Tensor) -> list[QParams]:
         """Min-max qparams of each weight of the batch w [E, rows, cols]."""
@@ -243,8 +278,50 @@ class _Scales:
         self.scale_t = scale.transpose(1, 2).contiguous()
         self.zp_t = zp.transpose(1, 2).contiguous() if zp is not None else None
 
+    def set_static(self, shape: torch.Size, qps: list[QParams], perm: torch.Tensor | None) -> None:
+        """Hold the fixed qparams of weights [E, rows, cols] per column group, unexpanded;
+        `column` expands a chunk of columns (in perm's order) at a time, never the whole
+        weight."""
+        rows, self.cols = shape[1], shape[2]
+        scales = [self._grouped(qp.scale, qp.global_scale, rows) for qp in qps]
+        self.grouped = torch.stack(scales)
+        zps = [qp.zero_point for qp in qps if qp.zero_point is not None]
+        self.grouped_zp = None
+        if zps:
+            self.grouped_zp = torch.stack([self._grouped(z, None, rows) for z in zps])
+        self.perm = perm
+
+    def _grouped(
+        self, t: torch.Tensor, global_scale: torch.Tensor | None, rows: int
+    ) -> torch.Tensor:
+        """A scale (or zero point) as [rows, column groups] (`self.width` columns per group)."""
+        t = t.float()
+        if self.args.strategy in ("group", "tensor_group"):
+            self.width = _segment_width(self.args)
+        elif self.args.strategy == "block":
+            b_rows, self.width = _block(self.args)
+            t = t.repeat_interleave(b_rows, dim=0)[:rows]
+        else:  # tensor / channel: one group of all columns
+            t, self.width = t.reshape(-1, 1).expand(rows, 1), self.cols
+        return t / global_scale.float() if global_scale is not None else t
+
+    def _static_chunk(self, p: int, chunk: int = 128) -> None:
+        """Expand the fixed qparams of processing positions [p, p + chunk) (transposed)."""
+        end = min(p + chunk, self.cols)
+        if self.perm is not None:
+            idx = self.perm[:, p:end]
+        else:
+            idx = torch.arange(p, end, device=self.grouped.device).expand(self.grouped.shape[0], -1)
+        index = (idx // self.width)[:, None, :].expand(-1, self.grouped.shape[1], -1)
+        self.start = p
+        self.scale_t = self.grouped.gather(2, index).transpose(1, 2).contiguous()
+        zp = self.grouped_zp
+        self.zp_t = zp.gather(2, index).transpose(1, 2).contiguous() if zp is not None else None
+
     def column(self, p: int, wt: torch.Tensor) -> QParams:
         """QParams ([E, rows]) for processing position p; opens new groups."""
+        if self.static and (self.scale_t is None or not 0 <= p - self.start < len(self.scale_t[0])):
+            self._static_chunk(p)
         if not self.static and p % self.width == 0:
             seg = wt[:, p : p + self.width].transpose(1, 2)
             qps = self.qparams_of(seg)
@@ -276,7 +353,7 @@ def _check_actorder(args: QuantArgs, actorder: str | None) -> None:
 
 def gptq_quantize(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | list[torch.Tensor],
     args: QuantArgs,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -287,6 +364,9 @@ def gptq_quantize(
 ) -> GPTQResult:
     """GPTQ-quantize weight w [out, in] with Hessian [in, in]; see the module docstring.
 
+    A Hessian passed in a one-element list is handed over: the solve overwrites it and frees
+    it once factored (`[acc.take()]`: the factor then peaks at two Hessian-sized matrices).
+
     `actorder` "args" takes `args.actorder`, else `DEFAULT_ACTORDER`; None turns it off.
     NVFP4's `global_scale` (448*6/amax) defaults to the whole weight's; pass a shared one for
     fused q/k/v or gate/up projections.
@@ -294,13 +374,18 @@ def gptq_quantize(
     scheme's scale dtype or w's 16-bit dtype, so that runtimes which hold scales in the model
     dtype dequantize to exactly the weights returned here).
     """
-    if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]):
+    h = hessian[0] if isinstance(hessian, list) else hessian
+    if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise QuantscaleError(
-            f"GPTQ: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match"
+            f"GPTQ: weight {tuple(w.shape)} and Hessian {tuple(h.shape)} do not match"
         )
+    del h
+    given: torch.Tensor | list[torch.Tensor]
+    given = [hessian.pop()[None]] if isinstance(hessian, list) else hessian[None]
+    del hessian
     batch = gptq_quantize_batch(
         w[None],
-        hessian[None],
+        given,
         args,
         block_size=block_size,
         dampening_frac=dampening_frac,
@@ -313,7 +398,7 @@ def gptq_quantize(
 
 def gptq_quantize_batch(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | list[torch.Tensor],
     args: QuantArgs,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -326,31 +411,35 @@ def gptq_quantize_batch(
     [E, in, in] at once (MoE experts): one batched Cholesky, and the column loop on the whole
     batch, each weight with its own act-order permutation, scales and NVFP4 global scale.
     Every operation is the per-weight one on a batch, so each result equals `gptq_quantize`'s
-    up to the rounding of the batched matmul kernels (bitwise on the CPUs we tried)."""
-    if w.ndim != 3 or hessian.shape != (w.shape[0], w.shape[2], w.shape[2]):
+    up to the rounding of the batched matmul kernels (bitwise on the CPUs we tried). A
+    one-element list hands the Hessians over, as in `gptq_quantize`."""
+    shape = (hessian[0] if isinstance(hessian, list) else hessian).shape
+    if w.ndim != 3 or shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise QuantscaleError(
-            f"GPTQ: weights {tuple(w.shape)} and Hessians {tuple(hessian.shape)} do not match"
+            f"GPTQ: weights {tuple(w.shape)} and Hessians {tuple(shape)} do not match"
         )
     if actorder == "args":
         actorder = args.actorder or DEFAULT_ACTORDER
     _check_actorder(args, actorder)
-    wf = w.detach().float()
     gs: list[torch.Tensor | None] = list(global_scales or [None] * w.shape[0])
     if len(gs) != w.shape[0]:
         raise QuantscaleError(f"GPTQ: {len(gs)} global scales for {w.shape[0]} weights")
+    perm, upper = _ordered_factors(hessian, actorder, dampening_frac)
+    wf = w.detach().float()
     if args.is_nvfp4:
         gs = [g if g is not None else nvfp4_global_scale(we.abs().amax()) for g, we in zip(gs, wf)]
-    perm, upper = _ordered_factors(hessian, actorder, dampening_frac)
     static = args.strategy not in _DYNAMIC or actorder == "weight"
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
     scales = _Scales(args, gs, static, dtype)
     if static:
         qp_static = scales.qparams_of(wf)
-        scales.set(0, wf, qp_static, perm)
-    wt = (_gather_columns(wf, perm) if perm is not None else wf).transpose(1, 2).contiguous()
-    qt, losses = _column_loop(wt, upper, args, scales, block_size)
-    q = qt.transpose(1, 2)
+        scales.set_static(wf.shape, qp_static, perm)
+    wt = _transposed(wf, perm)
+    del wf
+    losses = _column_loop(wt, upper, args, scales, block_size)
+    del upper
+    q = wt.transpose(1, 2)
     g_idx: list[torch.Tensor | None] = [None] * w.shape[0]
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)
@@ -365,24 +454,59 @@ def gptq_quantize_batch(
     return out
 
 
+def _transposed(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """A new [E, cols, rows] tensor: each weight of w [E, rows, cols] transposed, its columns
+    (rows of the result) in perm's order."""
+    if perm is None:
+        out = w.transpose(1, 2).contiguous()
+        return out.clone() if out.data_ptr() == w.data_ptr() else out
+    parts = [we.t().index_select(0, p) for we, p in zip(w, perm)]
+    return torch.stack(parts) if len(parts) > 1 else parts[0][None]
+
+
 def _ordered_factors(
-    hessian: torch.Tensor, actorder: str | None, dampening_frac: float
+    hessian: torch.Tensor | list[torch.Tensor], actorder: str | None, dampening_frac: float
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(act-order permutations [E, n] or None, factors [E, n, n] of the permuted Hessians); a
-    Hessian shared by the whole batch (`expand`ed: stride 0) is permuted and factored once."""
-    batch = hessian.shape[0]
-    shared = batch > 1 and hessian.stride(0) == 0
-    h = (hessian[:1] if shared else hessian).float()
+    Hessian shared by the whole batch (`expand`ed: stride 0) is permuted and factored once.
+    A one-element list hands the Hessian over: it is overwritten and freed once factored."""
+    with torch.inference_mode():  # factors are only read; the Hessian may be an inference tensor
+        return _factors(hessian, actorder, dampening_frac)
+
+
+def _factors(
+    hessian: torch.Tensor | list[torch.Tensor], actorder: str | None, dampening_frac: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    handed_over = isinstance(hessian, list)
+    h = hessian.pop() if isinstance(hessian, list) else hessian
+    del hessian
+    batch = h.shape[0]
+    shared = batch > 1 and h.stride(0) == 0
+    h = (h[:1] if shared else h).float()
+    owned = handed_over and not shared
     perm = None
     if actorder is not None:
         perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
-        # one index_select pair per Hessian: ~10x faster than two batched gathers, same copy
-        h = torch.stack([he.index_select(0, p).index_select(1, p) for he, p in zip(h, perm)])
-    upper = inverse_hessian_factors(h, dampening_frac)
+        box, owned = [_permuted(h, perm)], True
+        del h
+    else:
+        box = [h]
+        del h
+    upper = inverse_hessian_factors(box.pop(), dampening_frac, owned)
     if shared:
         upper = upper.expand(batch, -1, -1)
         perm = perm.expand(batch, -1) if perm is not None else None
     return perm, upper
+
+
+def _permuted(h: torch.Tensor, perm: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """h[e][perm[e]][:, perm[e]] for each Hessian of h [E, n, n], a chunk of rows at a time
+    (one new [E, n, n] tensor, no full-size temporaries)."""
+    out = torch.empty_like(h)
+    for he, p, oe in zip(h, perm, out):
+        for start in range(0, p.shape[0], chunk):
+            oe[start : start + chunk] = he.index_select(0, p[start : start + chunk])[:, p]
+    return out
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -393,14 +517,13 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
 
 def _column_loop(
     wt: torch.Tensor, upper: torch.Tensor, args: QuantArgs, scales: _Scales, block_size: int
-) -> tuple[torch.Tensor, list[float]]:
-    """The GPTQ loop over a batch wt [E, cols, rows] (modified in place) -> (fake-quantized
-    qt, each weight's loss).
+) -> list[float]:
+    """The GPTQ loop over a batch wt [E, cols, rows], which ends holding the fake-quantized
+    weights (each column is replaced once quantized) -> each weight's loss.
 
     loss = sum of (w - q)^2 / (2 U_ii^2) over columns (U: the factor), GPTQ's own estimate.
     """
     cols = wt.shape[1]
-    qt = torch.empty_like(wt)
     losses = [0.0] * wt.shape[0]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -412,8 +535,8 @@ def _column_loop(
             p = i1 + i
             col = w1[:, i]
             q = fake_quantize(col, args, scales.column(p, wt))
-            qt[:, p] = q
             err = (col - q).div_(diag[:, i, None])
+            col.copy_(q)
             err1[:, i] = err
             if i + 1 < i2 - i1:
                 w1[:, i + 1 :].addcmul_(hinv1[:, i, i + 1 :, None], err[:, None, :], value=-1.0)
@@ -421,7 +544,7 @@ def _column_loop(
         losses = [loss + part / 2 for loss, part in zip(losses, block_loss)]
         if i2 < cols:
             wt[:, i2:].baddbmm_(upper[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1.0)
-    return qt, losses
+    return losses
 
 
 # ---------------------------------------------------------------- layer-wise algorithm
@@ -543,7 +666,8 @@ class GPTQ:
                         for sub, global_scale in _per_expert(stack, linears):
                             batches.add(sub, linears, acc, global_scale)
                 else:
-                    solve = functools.partial(self._quantize_group, part, linears, acc)
+                    hand_over = len(members) == len(part) and not distributed.active()
+                    solve = functools.partial(self._quantize_group, part, linears, acc, hand_over)
                     submit(_Unit(solve, part, self._needing(acc), _cost(part, linears)))
         for jobs in batches.pop_all():
             size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
@@ -619,12 +743,19 @@ class GPTQ:
         return enough and all(expert_of(n) is not None for n in names)
 
     def _quantize_group(
-        self, names: list[str], linears: dict[str, QuantLinear], acc: HessianAccumulator | None
+        self,
+        names: list[str],
+        linears: dict[str, QuantLinear],
+        acc: HessianAccumulator | None,
+        hand_over: bool = False,
     ) -> None:
+        """GPTQ (or RTN without enough tokens) of the Linears sharing `acc`; `hand_over`: no
+        other solve reads acc, so its last stack takes the Hessian (freed once factored)."""
         args = linears[names[0]].scheme.weights
         assert args is not None, "finish_layer passes quantized weights only"
         tokens = acc.count if acc is not None else 0
-        for stack in _stacks(names, linears):
+        stacks = _stacks(names, linears)
+        for stack in stacks:
             w = stacked_weight(linears, stack)
             rtn = acc is None or tokens < self.min_tokens
             if rtn:
@@ -633,7 +764,10 @@ class GPTQ:
                 log.warning("%s: %d calibration tokens; RTN instead of GPTQ", stack, tokens)
             else:
                 assert acc is not None
-                res = gptq_quantize(w, acc.hessian(), args, **self._options())
+                last = hand_over and stack is stacks[-1]
+                hessian = [acc.take()] if last else acc.hessian()
+                res = gptq_quantize(w, hessian, args, **self._options())
+                del hessian
             set_stacked(linears, stack, res.weight, res.qparams, res.g_idx)
             self._report(stack, tokens, "rtn" if rtn else "gptq", res.loss, 1)
 
