@@ -469,11 +469,40 @@ def test_minimax_nvfp4_validate_and_inspect(minimax_nvfp4, tmp_path):
     assert not bad.ok and any(name in f.message for f in bad.errors), bad.to_dict()
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def _damage(shard: Path, original: bytes, damage: str) -> None:
+    """Delete, truncate, replace (another file: a header with an extra tensor, so every
+    offset moves) or rewrite in place (same size, some bytes changed) a shard."""
+    from safetensors.torch import load, save
+
+    if damage == "deleted":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(original[:-4096])
+    elif damage == "replaced":
+        tensors = {"aaa.extra": torch.zeros(7), **load(original)}
+        tmp = shard.with_suffix(".tmp")
+        tmp.write_bytes(save(tensors))
+        os.replace(tmp, shard)
+    else:
+        with open(shard, "r+b") as f:
+            f.seek(len(original) - 64)
+            f.write(bytes(64))
+
+
+DAMAGE_ERRORS = {
+    "deleted": "shard file is missing",
+    "truncated": "changed after its header was read .its size went from",
+    "replaced": "changed after its header was read .it was replaced by another file",
+    "rewritten": "changed after its header was read .it was modified",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE_ERRORS))
 def test_source_shard_damaged_mid_run(tmp_path, monkeypatch, damage):
-    """A source shard deleted or truncated after the run started: an error naming the shard
-    and the tensor, no OUT, and once the shard is back the same command resumes and gives
-    the uninterrupted run's bytes."""
+    """A source shard deleted, truncated, replaced or rewritten after the run started: an
+    error naming the shard and the tensor (never values read at the old header's offsets),
+    no OUT, and once the shard is back the same command resumes and gives the uninterrupted
+    run's bytes."""
     import quantscale.export.stream as stream
     from quantscale.checkpoint.synthetic import write_llama_like
 
@@ -488,14 +517,13 @@ def test_source_shard_damaged_mid_run(tmp_path, monkeypatch, damage):
     def damaging(self, index, tensors):
         path = write(self, index, tensors)
         if index == 1:  # layer 0 is written: damage the shard layer 1 is read from
-            shard.unlink() if damage == "deleted" else shard.write_bytes(original[:-4096])
+            _damage(shard, original, damage)
         return path
 
     out = tmp_path / "out"
     with monkeypatch.context() as m:
         m.setattr(stream.PartWriter, "write", damaging)
-        want = "shard file is missing" if damage == "deleted" else "truncated file"
-        with pytest.raises(CheckpointError, match=rf"{shard.name}.*{want}") as err:
+        with pytest.raises(CheckpointError, match=rf"{shard.name}.*{DAMAGE_ERRORS[damage]}") as err:
             quantize_checkpoint(src, out, "w4a16", method="gptq", **calib)
     assert "tensor 'model.layers.1." in str(err.value), err.value
     assert not out.exists()

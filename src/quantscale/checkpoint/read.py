@@ -65,11 +65,41 @@ class TensorInfo:
         return count * DTYPES[self.dtype][1]
 
 
+@dataclass(frozen=True)
+class ShardStamp:
+    """Which file a shard was when its header was read (inode, size, modification time): a
+    shard replaced or rewritten later no longer matches."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> ShardStamp:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changes(self, now: ShardStamp) -> str:
+        """What differs in `now` ('' if nothing): replaced / size / modified."""
+        if now.inode != self.inode:
+            return "it was replaced by another file"
+        if now.size != self.size:
+            return f"its size went from {self.size} to {now.size} bytes"
+        if now.mtime_ns != self.mtime_ns:
+            return "it was modified"
+        return ""
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header: known dtypes, offsets inside the file."""
+    return read_stamped_header(path)[0]
+
+
+def read_stamped_header(path: Path) -> tuple[dict[str, TensorInfo], ShardStamp]:
+    """`read_header` and the stamp of the file it was read from."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            stamp = ShardStamp.of(os.fstat(f.fileno()))
+            size = stamp.size
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
@@ -95,7 +125,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         info = _tensor_info(path, name, entry, data_size, 8 + header_len)
         infos[name] = info
-    return infos
+    return infos, stamp
 
 
 def _is_count(value: object) -> bool:
@@ -173,8 +203,10 @@ class Checkpoint:
         self.index = self._read_json(INDEX_NAME)
         self.shards = self._shard_names()
         self.tensors: dict[str, TensorInfo] = {}
+        self.stamps: dict[str, ShardStamp] = {}
         for shard in self.shards:
-            self.tensors.update(read_header(self.path / shard))
+            infos, self.stamps[shard] = read_stamped_header(self.path / shard)
+            self.tensors.update(infos)
         self._check_index()
 
     def _read_json(self, name: str) -> dict | None:

@@ -23,7 +23,7 @@ from quantscale.checkpoint.dequantize import (
     plan_dequantize,
 )
 from quantscale.checkpoint.layouts import NEURON_KEY, NEURON_SCALE, from_neuron_name
-from quantscale.checkpoint.read import Checkpoint, TensorInfo, read_into
+from quantscale.checkpoint.read import Checkpoint, ShardStamp, TensorInfo, read_into
 from quantscale.errors import CheckpointError, QuantscaleError
 
 
@@ -92,7 +92,7 @@ class TensorSource:
         info = self.checkpoint.tensors.get(stored)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {stored!r}")
-        tensor = read_tensor(self.path, info)
+        tensor = read_tensor(self.path, info, self.checkpoint.stamps.get(info.shard))
         self.bytes_read += info.nbytes
         self.files_read.append(info.shard)
         return tensor
@@ -124,8 +124,10 @@ def _config_dtype(config: dict) -> torch.dtype:
         return torch.bfloat16
 
 
-def read_tensor(directory: Path, info: TensorInfo) -> torch.Tensor:
-    """The tensor `info` describes, read from its shard in `directory` (its bytes only)."""
+def read_tensor(directory: Path, info: TensorInfo, stamp: ShardStamp | None = None) -> torch.Tensor:
+    """The tensor `info` describes, read from its shard in `directory` (its bytes only).
+    With the shard's `stamp` (taken when its header was read), a shard that has been
+    replaced or rewritten since is refused instead of read at the old header's offsets."""
     path = directory / info.shard
     data = torch.empty(info.nbytes, dtype=torch.uint8)
     try:
@@ -133,6 +135,13 @@ def read_tensor(directory: Path, info: TensorInfo) -> torch.Tensor:
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: shard file is missing (tensor {info.name!r})") from err
     try:
+        changed = stamp.changes(ShardStamp.of(os.fstat(fd))) if stamp is not None else ""
+        if changed:
+            raise CheckpointError(
+                f"{path}: the shard changed after its header was read ({changed}); tensor "
+                f"{info.name!r} was not read. A checkpoint must not change during a run: "
+                "restore it and rerun (a streamed run resumes from its work dir)"
+            )
         read_into(fd, data.numpy().data, info.offset, path, f"tensor {info.name!r}")
     finally:
         os.close(fd)
