@@ -192,3 +192,25 @@ def test_other_commands_refuse_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["inspect", "nowhere"]) == 2
     assert "under torchrun only quantize" in capsys.readouterr().err
+
+
+def test_importance_two_ranks_equal_one_process(tiny, one_thread):
+    """`--method rtn --importance STATS` with no STATS file yet: each rank collects its share,
+    the sums are added in rank order, rank 0 writes the file: the same statistics and the
+    same checkpoint as one process."""
+    from safetensors.torch import load_file
+
+    calib = {**CALIB, "calib_batch_size": 2, "calib_data": tiny / "calib.txt"}
+    stats_one = tiny / "imp-one.safetensors"
+    one = quantize_checkpoint(
+        tiny / "m", tiny / "one-imp", "w4a16", method="rtn", importance=stats_one, **calib
+    )
+    stats_two = tiny / "imp-two.safetensors"
+    flags = ("--method", "rtn", "--importance", str(stats_two))
+    two = torchrun(tiny, "two-imp", "w4a16", False, flags=flags)
+    assert two.returncode == 0, two.stderr[-3000:]
+    want, got = load_file(stats_one), load_file(stats_two)
+    assert sorted(want) == sorted(got) and want
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert_same_checkpoint(one, tiny / "two-imp")

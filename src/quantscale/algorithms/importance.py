@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quantscale import distributed
 from quantscale.algorithms.awq import CLIP_GRID, NO_CLIP, clip_search, importance_error
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import rtn_quantize_fused
@@ -39,14 +40,17 @@ def collect_importance(
     model: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """{module name: per-input-channel mean x^2 (float32)} of the Linears `names`, from one
-    pass of the float model over `batches`."""
+    pass of the float model over `batches`. Sums are float64 (exact for float32 terms in
+    practice, so independent of the order they are added in); under torchrun each rank
+    runs its share of `batches` (`distributed.rank_slice`) and the sums are added in rank
+    order on every rank: the statistics of one process over all the batches."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str) -> Callable:
         def record(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sq = x.pow(2).sum(dim=0)
+            sq = x.pow(2).sum(dim=0).double()
             sums[name] = sq + sums[name] if name in sums else sq
             counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -59,11 +63,27 @@ def collect_importance(
         if name in wanted
     ]
     try:
-        run_batches(model, batches)
+        run_batches(model, distributed.rank_slice(batches))
     finally:
         for handle in handles:
             handle.remove()
-    return {n: (s / counts[n]).cpu() for n, s in sums.items()}
+    if distributed.active():
+        sums, counts = _summed_over_ranks(sums, counts)
+    return {n: (s / counts[n]).float().cpu() for n, s in sums.items()}
+
+
+def _summed_over_ranks(
+    sums: dict[str, torch.Tensor], counts: dict[str, int]
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every rank's sums and counts added in rank order (the same on every rank)."""
+    parts = distributed.gather_objects(({n: s.cpu() for n, s in sums.items()}, counts))
+    total: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    for part_sums, part_counts in parts:
+        for name, value in part_sums.items():
+            total[name] = total[name] + value if name in total else value
+            count[name] = count.get(name, 0) + part_counts[name]
+    return total, count
 
 
 def save_importance(path: str | os.PathLike, stats: Mapping[str, torch.Tensor]) -> Path:
@@ -71,7 +91,9 @@ def save_importance(path: str | os.PathLike, stats: Mapping[str, torch.Tensor]) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.float().contiguous() for n, t in stats.items()}
-    save_file(tensors, path, metadata={"format": FORMAT, "statistic": STATISTIC})
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, partial, metadata={"format": FORMAT, "statistic": STATISTIC})
+    os.replace(partial, path)
     return path
 
 
@@ -153,10 +175,15 @@ def ensure_importance(
     batches: Callable[[], Sequence[torch.Tensor]],
 ) -> Path:
     """`path` if it exists, else the statistics of `names` collected on `batches()` and
-    written there."""
+    written there (under torchrun: collected by every rank on its share, written by rank 0;
+    each rank checks for the file before its share joins the reduction, so all see the
+    same answer)."""
     path = Path(path)
     if not path.is_file():
-        save_importance(path, collect_importance(model, names, batches()))
+        stats = collect_importance(model, names, batches())
+        if distributed.is_writer():
+            save_importance(path, stats)
+        distributed.barrier()
     return path
 
 
