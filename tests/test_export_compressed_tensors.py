@@ -157,3 +157,34 @@ def test_declared_scale_dtype_is_stored_exactly(tmp_path, method):
     dense = read_compressed_tensors(out)
     for n, ql in quant_linears(model).items():
         assert torch.equal(dense[f"{n}.weight"], ql.weight), n
+
+
+@pytest.mark.parametrize(
+    "preset", ["W4A16", "W4A16_ASYM", "W8A8", "NVFP4A16", "MXFP4A16", "FP8", "FP8_BLOCK"]
+)
+@pytest.mark.parametrize("with_g_idx", [False, True])
+def test_codes_a_chunk_of_rows_at_a_time_equal_the_whole(preset, with_g_idx):
+    """`quantize_rows` (the exporters' codes, 512 rows at a time) gives `quantize`'s codes of
+    the whole weight: per-row, per-group, per-block (rows not a multiple of the chunk or the
+    block) and per-tensor qparams, and g_idx-gathered ones."""
+    from quantscale.algorithms.rtn import rtn_weight
+    from quantscale.checkpoint.dequantize import per_column_qparams
+    from quantscale.export.base import quantize_rows
+    from quantscale.qdq import quantize
+    from quantscale.scheme import preset_scheme
+
+    args = preset_scheme(preset).weights
+    if with_g_idx and args.strategy != "group":
+        pytest.skip("g_idx belongs to group strategies")
+    w = torch.randn(1300, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    _, qp = rtn_weight(w, args)
+    g_idx = None
+    if with_g_idx:
+        g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(2)) // args.group_size
+    want_qp = per_column_qparams(qp, g_idx) if g_idx is not None else qp
+    want = quantize(w, args, want_qp)
+    got = quantize_rows(w, args, qp, g_idx, rows=512)
+    assert got.dtype == want.dtype
+    if got.element_size() == 1:  # fp8 / uint8 codes: compare the bytes
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    assert torch.equal(got, want)

@@ -444,6 +444,7 @@ def gptq_quantize_batch(
     if perm is not None:
         inv = torch.argsort(perm, dim=-1)
         q = _gather_columns(q, inv)
+        del wt
         if actorder == "group":
             groups = torch.arange(w.shape[2], device=w.device) // _segment_width(args)
             g_idx = [groups[i].to(torch.int32) for i in inv]
@@ -657,7 +658,7 @@ class GPTQ:
         units: list[_Unit] = []  # with several ranks: solved together at the end
         submit = units.append if distributed.active() else _Unit.run
         batches = _ExpertBatches()
-        for leader, members in tracker.groups(names).items():
+        for leader, members in _widest_first(tracker.groups(names), tracker.acc):
             acc = tracker.acc.pop(leader, None)
             for part in _split_by_args(members, linears):
                 if self._batchable(part, acc):
@@ -800,6 +801,20 @@ class GPTQ:
         self.report.append(
             {"modules": stack, "tokens": tokens, "method": method, "loss": loss, "batch": batch}
         )
+
+
+def _widest_first(
+    groups: dict[str, list[str]], accs: Mapping[str, HessianAccumulator]
+) -> list[tuple[str, list[str]]]:
+    """A layer's groups with the widest Hessian first (a down_proj before the rest): each
+    solve is independent of the others, and the largest Hessian is then freed before the
+    stacked gate/up weights are copied for theirs. Equal widths keep their order."""
+
+    def width(item: tuple[str, list[str]]) -> int:
+        acc = accs.get(item[0])
+        return -(acc.sum.shape[-1] if acc is not None and acc.sum is not None else 0)
+
+    return sorted(groups.items(), key=width)
 
 
 def _stacks(names: list[str], linears: dict[str, QuantLinear]) -> list[list[str]]:

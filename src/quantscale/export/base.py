@@ -53,9 +53,46 @@ def weight_codes(name: str, ql: QuantLinear) -> ModuleCodes:
     if qp is None or args is None:
         raise QuantscaleError(f"{name}: weight is not quantized (no weight_scale); quantize first")
     g_idx = ql._buffers.get("weight_g_idx")
-    grid_qp = per_column_qparams(qp, g_idx) if g_idx is not None else qp
-    codes = quantize(ql.weight.detach().float(), args, grid_qp)
+    codes = quantize_rows(ql.weight.detach(), args, qp, g_idx)
     return ModuleCodes(name, args, codes, qp, g_idx, ql)
+
+
+def quantize_rows(
+    w: torch.Tensor,
+    args: QuantArgs,
+    qp: QParams,
+    g_idx: torch.Tensor | None = None,
+    rows: int = 512,
+) -> torch.Tensor:
+    """`quantize(w.float(), args, qp)` (qparams gathered per column through `g_idx`) a chunk
+    of `rows` rows at a time (a multiple of the block height): the same codes, with float
+    temporaries of one chunk instead of several weight-sized ones."""
+    if args.strategy == "block":
+        height = args.block_structure[0] if args.block_structure else 1
+        rows = max(height, rows // height * height)
+    parts = []
+    for start in range(0, w.shape[0], rows):
+        part = _row_qparams(qp, args, w.shape[0], start, start + rows)
+        part = per_column_qparams(part, g_idx) if g_idx is not None else part
+        parts.append(quantize(w[start : start + rows].float(), args, part))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _row_qparams(qp: QParams, args: QuantArgs, rows: int, start: int, end: int) -> QParams:
+    """The qparams of weight rows [start, end): per-row scales / zero points sliced (block
+    scales by block rows), per-tensor ones and the global scale as they are."""
+
+    def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.ndim == 0:
+            return t
+        if args.strategy == "block" and args.block_structure:
+            height = args.block_structure[0]
+            return t[start // height : -(-end // height)]
+        return t[start:end] if t.shape[0] == rows and t.ndim == 2 else t
+
+    scale = rows_of(qp.scale)
+    assert scale is not None
+    return QParams(scale, rows_of(qp.zero_point), qp.global_scale)
 
 
 def _full(prefix: str, name: str) -> str:
