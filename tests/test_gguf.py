@@ -225,7 +225,7 @@ def test_tensor_names():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_0", "Q4_1", "Q6_K", "Q4_K_M"])
 def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     from transformers import AutoModelForCausalLM
 
@@ -252,14 +252,16 @@ def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     ours = perplexity(model, tokens, 512)
     loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
     state = loaded.state_dict()
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):
-        full = f"model.layers.5.{name}"
-        ql = model.get_submodule(full)
-        diff = (state[f"{full}.weight"] - ql.weight.float()).abs().max()
-        # Q8_0 / Q4_0 bit for bit; Q4_1's float16 m: under 15 * s * 2^-11
-        assert diff <= (
-            15 * ql.weight_scale.float().max() * 2**-11 + 1e-6 if scheme == "Q4_1" else 0
-        )
+    for layer in (4, 5):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):
+            full = f"model.layers.{layer}.{name}"
+            ql = model.get_submodule(full)
+            diff = (state[f"{full}.weight"] - ql.weight.float()).abs().max()
+            kind = ggml_type(ql.scheme.weights)
+            # Q8_0 / Q5_0 / Q4_0 / Q6_K bit for bit; Q4_1's float16 m: under 15 * s * 2^-11;
+            # Q4_K's offsets: float32 rounding
+            bound = {"Q4_1": 15 * 2**-11, "Q4_K": 1e-5}.get(kind, 0.0)
+            assert diff <= bound * ql.weight_scale.float().max() + (1e-6 if bound else 0), full
     theirs = perplexity(loaded, tokens, 512)
     print(f"{scheme}: perplexity ours {ours:.4f}, transformers' GGUF reader {theirs:.4f}")
     assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
