@@ -10,12 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantscale.errors import QuantscaleError
-from quantscale.export.gguf import (
+from quantscale.export.gguf import ggml_type, gguf_tensor_name, rotary_permute
+from quantscale.formats.ggml import (
     ggml_blocks,
-    ggml_type,
-    gguf_tensor_name,
     pack_q4_nibbles,
-    rotary_permute,
+    superblock_factors,
     unpack_blocks,
     unpack_q4_nibbles,
 )
@@ -112,15 +111,15 @@ def test_new_blocks_round_trip_and_dequantize_as_the_gguf_package_does(
     args, w_hat, codes, qp = _rtn_codes(kind, w)
     raw = ggml_blocks(codes, qp.scale, kind, qp.zero_point)
     assert raw.shape == (rows, KQUANT_BYTES[kind] * blocks)
-    back, qp_back = unpack_blocks(raw, kind, w.shape[1])
+    back, scale_back, zp_back = unpack_blocks(raw, kind, w.shape[1])
     assert torch.equal(back, codes)
-    assert torch.equal(qp_back.scale, qp.scale.float())
+    assert torch.equal(scale_back, qp.scale.float())
     theirs = torch.from_numpy(
         gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).copy()
     )
     if kind == "Q4_K":
-        assert qp.zero_point is not None and qp_back.zero_point is not None
-        assert torch.allclose(qp_back.zero_point, qp.zero_point, atol=1e-5)
+        assert qp.zero_point is not None and zp_back is not None
+        assert torch.allclose(zp_back, qp.zero_point, atol=1e-5)
         step = qp.scale.float().repeat_interleave(32, dim=1)
         assert ((theirs - w_hat).abs() <= step * 1e-5).all()
     else:
@@ -129,8 +128,6 @@ def test_new_blocks_round_trip_and_dequantize_as_the_gguf_package_does(
 
 @pytest.mark.parametrize(("kind", "top"), [("Q4_K", 63), ("Q6_K", 127)])
 def test_kquant_scales_are_float16_d_times_small_integers(kind, top):
-    from quantscale.export.gguf import superblock_factors
-
     g = torch.Generator().manual_seed(3)
     w = torch.randn(4, 512, generator=g) * torch.linspace(0.01, 1, 512)
     args, _w_hat, _codes, qp = _rtn_codes(kind, w)
