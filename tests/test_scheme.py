@@ -37,7 +37,21 @@ def test_strategy_inference_and_validation():
         QuantArgs(bogus=1)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+# GGUF k-quants (superblock scales) have no compressed-tensors form: --format gguf writes them
+CT_PRESETS = [n for n in PRESETS if "superblock" not in PRESETS[n]["weights"]]
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q4_K_M"])
+def test_kquant_recipes_round_trip_through_our_quantization_config(name):
+    recipe = load_recipe(name)
+    cfg = recipe.to_quantization_config()
+    assert cfg["config_groups"]["group_0"]["weights"]["superblock"] == 256
+    assert Recipe.from_quantization_config(cfg).config_groups == recipe.config_groups
+    with pytest.raises(ValidationError, match="GGUF k-quants"):
+        QuantArgs(num_bits=4, group_size=128, superblock=256)
+
+
+@pytest.mark.parametrize("name", CT_PRESETS)
 def test_presets_validate_in_compressed_tensors(name):
     ct = pytest.importorskip("compressed_tensors.quantization")
     cfg = load_recipe(name).to_quantization_config()

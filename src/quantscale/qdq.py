@@ -7,6 +7,12 @@ All scales are float32 *dequantization multipliers*: x ~= (q - zp) * scale. NVFP
 (tensor_group) adds `global_scale` in compressed-tensors' convention (448*6/amax, i.e.
 1/scale_2): x ~= q * scale / global_scale, and `scale` holds exact E4M3 values. MX scales
 hold exact powers of two. Zero ranges always give finite, non-zero scales.
+
+GGUF k-quants (`args.superblock`, scheme.KQUANTS): `superblock_qparams` puts each
+superblock's group scales on d * k (d float16, k integer in [1, 127] for Q6_K, [1, 63] for
+Q4_K) and Q4_K's group offsets (zp - qmin) * scale on dmin * m (m in [0, 63]); the zero point
+is then fractional, m * dmin / scale + qmin, and codes are round(x / scale + zp) as
+compressed-tensors rounds (other schemes round x / scale and add their integer zero point).
 """
 
 from __future__ import annotations
@@ -128,6 +134,35 @@ def compute_qparams(
     return QParams(scale, zero_point=zp)
 
 
+SUPERBLOCK_SCALE_MAX = {True: 127, False: 63}  # symmetric: Q6_K's int8, else Q4_K's 6 bits
+
+
+def snap_to_superblock(values: torch.Tensor, per: int, top: int, lowest: int) -> torch.Tensor:
+    """values [..., G] (non-negative) as d * k per run of `per` groups: d = float16 of the
+    run's max / top, k = round(value / d) clamped to [lowest, top]; float32, exact products.
+    A run of zeros stays zero (with lowest 0)."""
+    if values.shape[-1] % per:
+        raise ValueError(f"{values.shape[-1]} groups do not fill superblocks of {per} groups")
+    v = values.float().reshape(*values.shape[:-1], -1, per)
+    tiny = torch.finfo(torch.float16).smallest_normal * 2.0**-10  # float16's least subnormal
+    d = (v.amax(dim=-1, keepdim=True) / top).clamp(tiny, 65504.0).to(torch.float16).float()
+    k = torch.round(v / d).clamp_(lowest, top)
+    return (d * k).reshape(values.shape)
+
+
+def superblock_qparams(args: QuantArgs, qp: QParams) -> QParams:
+    """Group qparams [..., G] on the k-quant grid of `args.superblock` (module docstring)."""
+    assert args.superblock is not None and args.group_size is not None, "k-quant args"
+    per = args.superblock // args.group_size
+    top = SUPERBLOCK_SCALE_MAX[args.symmetric]
+    scale = snap_to_superblock(qp.scale, per, top, 1)
+    if qp.zero_point is None:
+        return QParams(scale)
+    qmin = int_range(args.num_bits)[0]
+    offset = snap_to_superblock((qp.zero_point.float() - qmin) * qp.scale.float(), per, top, 0)
+    return QParams(scale, zero_point=offset / scale + qmin)
+
+
 def _expand(t: torch.Tensor, x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Make a scale-shaped tensor broadcastable to x (x may be a column slice)."""
     if t.ndim == x.ndim and all(a in (b, 1) for a, b in zip(t.shape, x.shape, strict=True)):
@@ -161,6 +196,9 @@ def _to_grid(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
         return cast_fp8(v, E4M3).float() if args.num_bits == 8 else e2m1_round(v)
     zp = _zero_point(x, args, qp)
     qmin, qmax = int_range(args.num_bits)
+    if zp is not None and args.superblock:  # fractional zero points: add, then round
+        v.add_(zp).round_()
+        return v.clamp_(qmin, qmax)
     v.round_()
     if zp is not None:
         v.add_(zp)

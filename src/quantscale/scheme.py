@@ -52,6 +52,9 @@ class QuantArgs(BaseModel):
     zp_dtype: str | None = None
     observer: str | None = None
     observer_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # GGUF k-quants: the group scales (and zero points) of each `superblock` weights of a row
+    # are integers times one float16 scale (`KQUANTS`; `qdq.superblock_qparams`)
+    superblock: int | None = None
 
     @field_validator("type", "strategy", mode="before")
     @classmethod
@@ -91,7 +94,20 @@ class QuantArgs(BaseModel):
             raise ValueError(f"float quantization supports 4 or 8 bits, got {self.num_bits}")
         if self.type == "float" and not self.symmetric:
             raise ValueError("float quantization is symmetric only")
+        if self.superblock is not None and self.kquant is None:
+            raise ValueError(
+                f"superblock {self.superblock}: the GGUF k-quants are {', '.join(KQUANTS)} "
+                f"(int6 symmetric groups of 16, int4 asymmetric groups of 32, superblock 256)"
+            )
         return self
+
+    @property
+    def kquant(self) -> str | None:
+        """The GGUF k-quant type these args are ('Q4_K', 'Q6_K'), else None."""
+        if self.superblock is None or self.type != "int" or self.strategy != "group":
+            return None
+        key = (self.num_bits, self.symmetric, self.group_size, self.superblock)
+        return next((k for k, spec in KQUANTS.items() if spec == key), None)
 
     @property
     def is_nvfp4(self) -> bool:
@@ -114,7 +130,14 @@ class QuantArgs(BaseModel):
         'activation')."""
         d = self.model_dump()
         d["observer"], d["observer_kwargs"] = ct_observer(self, role)
-        for key in ("actorder", "block_structure", "scale_dtype", "zp_dtype", "observer"):
+        for key in (
+            "actorder",
+            "block_structure",
+            "scale_dtype",
+            "zp_dtype",
+            "observer",
+            "superblock",
+        ):
             if d.get(key) is None:
                 d.pop(key)
         if not d["observer_kwargs"]:
@@ -220,6 +243,7 @@ class Recipe(BaseModel):
     kv_cache_scheme: QuantArgs | None = None
     format: str | None = None
     rotate: Literal["hadamard"] | None = None  # algorithms.rotation, fused before quantizing
+    gguf_mix: Literal["Q4_K_M"] | None = None  # GGUF_MIXES: resolved by `place_ggml_blocks`
 
     @field_validator("overrides", mode="before")
     @classmethod
@@ -261,6 +285,26 @@ class Recipe(BaseModel):
         if not candidates:
             return None
         return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+    def place_ggml_blocks(self, widths: dict[str, int]) -> Recipe:
+        """Exact-name overrides (in place) that make the recipe what llama.cpp would write
+        for Linears of these input widths: the mix's Q6_K layers (`more_bits_layer`), then
+        each k-quant weight whose rows are not a multiple of its superblock at llama.cpp's
+        fallback type (`KQUANT_FALLBACK`: Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+        if self.gguf_mix is not None:
+            kinds = GGUF_MIXES[self.gguf_mix][1]
+            layers = {int(m.group(1)) for n in widths if (m := _LAYER_INDEX.search(n))}
+            for name in widths:
+                m = _LAYER_INDEX.search(name)
+                if m and name.endswith(kinds) and more_bits_layer(int(m.group(1)), len(layers)):
+                    if self.scheme_for(name) is not None:
+                        self.overrides.setdefault(name, preset_scheme("Q6_K"))
+        for name, width in widths.items():
+            scheme = self.scheme_for(name)
+            args = scheme.weights if scheme is not None else None
+            if args is not None and args.kquant and width % (args.superblock or 1):
+                self.overrides[name] = preset_scheme(KQUANT_FALLBACK[args.kquant])
+        return self
 
     def resolved_format(self) -> str:
         """Global `format`: the explicit one, the groups' common one, or 'mixed-precision'."""
@@ -425,6 +469,33 @@ _GGUF_Q = {
     "scale_dtype": "torch.float16",
 }
 _INT4_G128 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
+# GGUF k-quant type -> (num_bits, symmetric, group_size, superblock): Q6_K holds int6 codes in
+# 16 groups of 16 with int8 group scales times a float16 d; Q4_K int4 codes (0..15) in 8
+# groups of 32 with 6-bit scales and 6-bit mins times float16 d and dmin.
+KQUANTS: dict[str, tuple[int, bool, int, int]] = {
+    "Q6_K": (6, True, 16, 256),
+    "Q4_K": (4, False, 32, 256),
+}
+# llama.cpp's replacement where a row is not a multiple of 256 (llama-quant.cpp's fallback)
+KQUANT_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+# GGUF mixes: base k-quant, and the module kinds llama.cpp raises to Q6_K on the layers
+# `more_bits_layer` picks (llama-quant.cpp, LLAMA_FTYPE_MOSTLY_Q4_K_M)
+GGUF_MIXES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Q4_K_M": ("Q4_K", ("self_attn.v_proj", "mlp.down_proj")),
+}
+
+
+def _kquant_weights(kind: str) -> dict[str, Any]:
+    bits, symmetric, group, superblock = KQUANTS[kind]
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "strategy": "group",
+        "group_size": group,
+        "superblock": superblock,
+    }
+
 
 ONLINE_HADAMARD_TARGETS = ["re:.*mlp.down_proj$"]
 
@@ -493,6 +564,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "weights": {**_GGUF_Q, "num_bits": 4, "symmetric": False},
         "format": "pack-quantized",
     },
+    "Q5_0": {"weights": {**_GGUF_Q, "num_bits": 5}, "format": "pack-quantized"},
+    # GGUF k-quants (--format gguf only): two-level scales, see KQUANTS
+    "Q6_K": {"weights": _kquant_weights("Q6_K"), "format": "pack-quantized"},
+    "Q4_K": {"weights": _kquant_weights("Q4_K"), "format": "pack-quantized"},
     "NVFP4": {
         "weights": _NVFP4_W,
         "input_activations": {**_NVFP4_W, "dynamic": "local", "observer": "minmax"},
@@ -523,8 +598,22 @@ def preset_scheme(name: str, targets: list[str] | None = None) -> QuantScheme:
 
 
 def preset_recipe(name: str) -> Recipe:
-    """A recipe applying one preset to every Linear, with the default ignore list."""
-    return Recipe(name=normalize_preset_name(name), config_groups={"group_0": preset_scheme(name)})
+    """A recipe applying one preset (or a GGUF mix's base k-quant) to every Linear, with the
+    default ignore list."""
+    key = normalize_preset_name(name)
+    if key in GGUF_MIXES:
+        base = preset_scheme(GGUF_MIXES[key][0])
+        return Recipe(name=key, config_groups={"group_0": base}, gguf_mix=key)  # type: ignore[arg-type]
+    return Recipe(name=key, config_groups={"group_0": preset_scheme(name)})
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def more_bits_layer(i: int, n: int) -> bool:
+    """llama.cpp's `use_more_bits`: the first and last eighth of n layers and every third one
+    between them get the mix's larger type."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
 def with_group_size(recipe: Recipe, group_size: int) -> Recipe:
@@ -568,7 +657,7 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A preset name (case-insensitive, '-' == '_') or a YAML/JSON recipe file."""
     text = str(name_or_path)
-    if normalize_preset_name(text) in PRESETS:
+    if normalize_preset_name(text) in (*PRESETS, *GGUF_MIXES):
         return preset_recipe(text)
     path = Path(text)
     if not path.is_file():

@@ -22,6 +22,10 @@ perplexity from 34.70 to 30.34 (W4A16 g128), 30.80 to 28.80 (W4A16_ASYM g128) an
 25.86 (NVFP4A16) against no act-order, whose group scales, taken from weights that earlier
 GPTQ updates have spread, come out coarser.
 
+GGUF k-quants (`args.superblock`): the two-level scales are fixed before the loop, with or
+without act-order: min-max group qparams of the original weight put on the superblock grid
+(`rtn.held_scales`), then every column is rounded onto that fixed grid.
+
 Columns that never saw a non-zero input (H[i, i] == 0) are kept and quantized on their own
 (reference GPTQ zeroes them, which would erase MoE experts that got no tokens).
 
@@ -48,10 +52,10 @@ from quantscale import distributed
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import (
     full_range,
+    held_scales,
     rtn_weight,
     set_stacked,
     stacked_weight,
-    stored_scales,
     weight_scale_dtype,
 )
 from quantscale.errors import QuantscaleError
@@ -251,7 +255,7 @@ class _Scales:
         for we, gs in zip(w, self.global_scales):
             mn, mx = reduce_minmax(we, self.args, WEIGHT)
             qp = full_range(self.args, compute_qparams(self.args, mn, mx, gs))
-            out.append(stored_scales(qp, self.scale_dtype))
+            out.append(held_scales(self.args, qp, self.scale_dtype))
         return out
 
     def _expanded(self, w: torch.Tensor, qps: list[QParams], zero: bool) -> torch.Tensor:
@@ -349,6 +353,11 @@ def _check_actorder(args: QuantArgs, actorder: str | None) -> None:
             f"GPTQ actorder 'group' needs strategy 'group' (g_idx), got {args.strategy!r}; "
             "use actorder 'weight' instead"
         )
+    if actorder == "group" and args.superblock:
+        raise QuantscaleError(
+            f"GPTQ actorder 'group': GGUF {args.kquant} blocks hold no g_idx; use actorder "
+            "'weight' (the default) or none"
+        )
 
 
 def gptq_quantize(
@@ -428,7 +437,8 @@ def gptq_quantize_batch(
     wf = w.detach().float()
     if args.is_nvfp4:
         gs = [g if g is not None else nvfp4_global_scale(we.abs().amax()) for g, we in zip(gs, wf)]
-    static = args.strategy not in _DYNAMIC or actorder == "weight"
+    # k-quant superblocks span 8-16 groups: their scales are fixed from the whole weight first
+    static = args.strategy not in _DYNAMIC or actorder == "weight" or bool(args.superblock)
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
     scales = _Scales(args, gs, static, dtype)

@@ -21,6 +21,7 @@ from quantscale.qdq import (
     fake_quantize,
     nvfp4_global_scale,
     reduce_minmax,
+    superblock_qparams,
 )
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantArgs, declared_scale_dtype
@@ -73,13 +74,21 @@ def stored_scales(qp: QParams, dtype: torch.dtype | None) -> QParams:
     return QParams(qp.scale.to(dtype).float(), qp.zero_point, qp.global_scale)
 
 
+def held_scales(args: QuantArgs, qp: QParams, dtype: torch.dtype | None) -> QParams:
+    """qp as the format holds it: GGUF k-quants on their superblock grid
+    (`qdq.superblock_qparams`), other schemes' scales rounded to `dtype` (`stored_scales`)."""
+    if args.superblock:
+        return superblock_qparams(args, qp)
+    return stored_scales(qp, dtype)
+
+
 def rtn_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
     """Round-to-nearest (w_hat, qparams): min-max symmetric int scales on the `full_range`,
-    scales rounded per `weight_scale_dtype`."""
+    scales held as the format holds them (`held_scales`)."""
     w_hat, qp = quantize_weight_rtn(w, args)
     new = full_range(args, qp) if args.observer in _MINMAX else qp
-    new = stored_scales(new, weight_scale_dtype(args, w.dtype))
-    if not torch.equal(new.scale, qp.scale.float()):
+    new = held_scales(args, new, weight_scale_dtype(args, w.dtype))
+    if not torch.equal(new.scale, qp.scale.float()) or new.zero_point is not qp.zero_point:
         w_hat = fake_quantize(w, args, new)
     return w_hat, new
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from quantscale.checkpoint.gguf import find_gguf, load_gguf_model
 from quantscale.commands.options import add_dtype_option, torch_dtype
 from quantscale.errors import QuantscaleError
 from quantscale.eval.runner import TASKS, evaluate
@@ -27,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     parser.add_argument(
-        "model", help=f"checkpoint dir loadable by transformers, or one of {list(NAMED_MODELS)}"
+        "model",
+        help="checkpoint dir loadable by transformers, a GGUF file (or a dir holding one), or "
+        f"one of {list(NAMED_MODELS)}",
     )
     parser.add_argument("--baseline", help="checkpoint dir or name to compare against")
     parser.add_argument(
@@ -57,16 +60,31 @@ def _parse_tasks(text: str) -> list[str]:
 
 
 def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
-    tokenizer = load_tokenizer(path, tokenizer_fallback)
-    model = load_evaluated(path, torch_dtype(args.dtype), args.reader)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:  # our GGUF reader (or transformers'), the tokenizer beside it
+        tokenizer = _gguf_tokenizer(gguf_file, tokenizer_fallback)
+        model = load_gguf_model(gguf_file, torch_dtype(args.dtype), args.reader)
+    else:
+        tokenizer = load_tokenizer(path, tokenizer_fallback)
+        model = load_evaluated(path, torch_dtype(args.dtype), args.reader)
     return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
+
+
+def _gguf_tokenizer(file: Path, fallback):
+    """The tokenizer saved beside a GGUF file (our writer copies it), else the file's own."""
+    try:
+        return load_tokenizer(file.parent, fallback)
+    except QuantscaleError:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate MODEL (and --baseline) and print the metrics with deltas."""
     tasks = _parse_tasks(args.tasks)
     baseline_path = resolve_model(args.baseline) if args.baseline else None
-    model_path = resolve_model(args.model)
+    model_path = find_gguf(args.model) or resolve_model(args.model)
     report = {"model": str(model_path), "results": {}}
     if baseline_path is not None:
         report["baseline"] = str(baseline_path)

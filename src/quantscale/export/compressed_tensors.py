@@ -64,6 +64,11 @@ def _check(mc: ModuleCodes, fmt: str) -> None:
         raise QuantscaleError(
             f"{mc.name}: format {fmt!r} cannot hold {a.type}{a.num_bits} / {a.strategy} weights"
         )
+    if a.superblock:
+        raise QuantscaleError(
+            f"{mc.name}: GGUF {a.kquant} weights (two-level superblock scales) are written by "
+            "--format gguf only"
+        )
     if mc.g_idx is not None and fmt != CT_PACKED:
         raise QuantscaleError(f"{mc.name}: act-order g_idx is only stored by {CT_PACKED!r}")
 

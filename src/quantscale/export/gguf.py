@@ -12,6 +12,21 @@ The quantized Linears become GGML block types holding exactly our codes:
   2 bytes float16 d, 2 bytes float16 m, then the Q4_0 nibble layout holding q + 8; value =
   nibble * d + m. Our (q - z) * s becomes d = s, m = -(z + 8) * s rounded to float16: the one
   rounding in the file, at most 15 * s * 2^-11 per group (under 0.8% of a step).
+* Q5_0 (scheme `Q5_0`: symmetric int5, groups of 32, float16 scales): 2 bytes d, 4 bytes
+  (bit e = bit 4 of element e + 16), 16 bytes of low nibbles as Q4_0; value = (u - 16) * d.
+* Q4_K (scheme `Q4_K`, 144 bytes per 256 weights): float16 d and dmin, 12 bytes of 6-bit
+  group scales sc and mins m (groups 0-3 in the low 6 bits of bytes 0-3 / 4-7, groups 4-7
+  in the nibbles of bytes 8-11 with their top 2 bits in the top bits of bytes 0-7), then per
+  64 weights 32 bytes: weight l in the low nibble, l + 32 in the high one; value =
+  d * sc * u - dmin * m with u = our code + 8. Our scale is d * sc exactly and our offset
+  (zp + 8) * scale is dmin * m up to float32 rounding (`qdq.superblock_qparams`).
+* Q6_K (scheme `Q6_K`, 210 bytes per 256 weights): per 128 weights 64 bytes of low nibbles
+  (weights l and l + 64 in byte l, l + 32 and l + 96 in byte l + 32) and 32 bytes of the top
+  2 bits (weights l, l + 32, l + 64, l + 96 in bits 0-1, 2-3, 4-5, 6-7 of byte l), then 16
+  int8 group scales sc and float16 d; value = d * sc * (u - 32). Our scale is d * sc exactly.
+
+A file may mix types (`quantize --scheme Q4_K_M`: llama.cpp's mix, `Recipe.place_ggml_blocks`);
+the k-quant scales d and dmin are recovered from our group scales (`superblock_factors`).
 
 Everything else (embeddings, norms, an unquantized head) is written as float32. llama.cpp
 permutes the rows of attn_q / attn_k into its rotary layout (pairs (i, i + d/2) of a head
@@ -34,52 +49,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantscale.checkpoint.gguf import GGUF_NAME, gguf_tensor_name, rotary_permute
 from quantscale.checkpoint.write import CheckpointWriter
 from quantscale.errors import QuantscaleError
 from quantscale.export.base import ModuleCodes, copy_side_files, model_config, quantized_modules
+from quantscale.formats.ggml import BLOCK, GGML_TYPES, ggml_blocks
 from quantscale.models.adapter import causal_lm
 from quantscale.scheme import QuantArgs, declared_scale_dtype
 
-GGUF_NAME = "model.gguf"
-BLOCK = 32
-# GGML type name -> (bits, type id, file type id (LLAMA_FTYPE_MOSTLY_*)); ids from ggml.h.
-GGML_TYPES: dict[str, tuple[int, int, int]] = {
-    "Q8_0": (8, 8, 7),
-    "Q4_0": (4, 2, 2),
-    "Q4_1": (4, 3, 3),
-}
-
-_LAYER = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def gguf_tensor_name(name: str) -> str | None:
-    """GGUF name of an HF Llama parameter ("model.layers.3.mlp.up_proj.weight" ->
-    "blk.3.ffn_up.weight"); None for names GGUF has no place for."""
-    module, _, leaf = name.rpartition(".")
-    if module == "model.embed_tokens":
-        return f"token_embd.{leaf}"
-    if module == "model.norm":
-        return f"output_norm.{leaf}"
-    if module == "lm_head":
-        return f"output.{leaf}"
-    parts = module.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
-        return f"blk.{parts[2]}.{_LAYER[parts[3]]}.{leaf}"
-    return None
+MIX_FILE_TYPES = {"Q4_K_M": 15}
 
 
 def ggml_type(args: QuantArgs) -> str:
     """The GGML block type holding a weight scheme's codes (else a clear error)."""
+    if args.kquant is not None and args.actorder is None:
+        return args.kquant
     fits = (
         args.type == "int"
         and args.strategy == "group"
@@ -87,61 +71,15 @@ def ggml_type(args: QuantArgs) -> str:
         and declared_scale_dtype(args) == torch.float16
         and args.actorder is None
     )
-    if fits and args.symmetric and args.num_bits in (8, 4):
+    if fits and args.symmetric and args.num_bits in (8, 5, 4):
         return f"Q{args.num_bits}_0"
     if fits and not args.symmetric and args.num_bits == 4:
         return "Q4_1"
     raise QuantscaleError(
-        "--format gguf holds int8 / int4 weights in groups of 32 with float16 scales "
-        f"(schemes Q8_0, Q4_0, Q4_1); this weight is {args.to_config('weight')}"
+        "--format gguf holds int8 / int5 / int4 weights in groups of 32 with float16 scales "
+        "or GGUF k-quants (schemes Q8_0, Q5_0, Q4_0, Q4_1, Q6_K, Q4_K, Q4_K_M); this weight "
+        f"is {args.to_config('weight')}"
     )
-
-
-def rotary_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's row order of attn_q / attn_k: within each head, rows (i, i + d/2) become
-    rows (2i, 2i + 1). Works on any tensor whose first dimension is the output rows."""
-    rows = w.shape[0]
-    half = rows // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def pack_q4_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Signed int4 codes [..., 32k] in [-8, 7] -> uint8 [..., 16k]: per block of 32, byte j has
-    element j + 8 in its low nibble and element j + 16 (+ 8) in its high nibble."""
-    v = (codes.to(torch.int16) + 8).to(torch.uint8)
-    blocks = v.reshape(*v.shape[:-1], -1, 2, BLOCK // 2)
-    packed = blocks[..., 0, :] | (blocks[..., 1, :] << 4)
-    return packed.reshape(*v.shape[:-1], -1)
-
-
-def unpack_q4_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_q4_nibbles`: int8 codes in [-8, 7]."""
-    blocks = packed.reshape(*packed.shape[:-1], -1, 1, BLOCK // 2)
-    nib = torch.cat([blocks & 0x0F, blocks >> 4], dim=-2).to(torch.int8) - 8
-    return nib.reshape(*packed.shape[:-1], -1)
-
-
-def ggml_blocks(
-    codes: torch.Tensor, scale: torch.Tensor, kind: str, zero_point: torch.Tensor | None = None
-) -> np.ndarray:
-    """The bytes of a [rows, cols] weight as GGML `kind` blocks: uint8 [rows, cols/32 * size].
-    Q4_1 takes the integer `zero_point` of each group."""
-    rows, cols = codes.shape
-    if cols % BLOCK:
-        raise QuantscaleError(f"--format gguf: {cols} input features is not a multiple of 32")
-    groups = (rows, cols // BLOCK, 1)
-    d16 = scale.reshape(groups).to(torch.float16)
-    head = [d16.view(torch.uint8)]
-    if kind == "Q4_1":
-        if zero_point is None:
-            raise QuantscaleError("--format gguf: Q4_1 blocks need the weight's zero points")
-        m = -(zero_point.reshape(groups).float() + 8) * d16.float()
-        head.append(m.to(torch.float16).view(torch.uint8))
-    if kind == "Q8_0":
-        q = codes.to(torch.int8).reshape(rows, cols // BLOCK, BLOCK).view(torch.uint8)
-    else:
-        q = pack_q4_nibbles(codes).reshape(rows, cols // BLOCK, BLOCK // 2)
-    return torch.cat([*head, q], dim=-1).reshape(rows, -1).contiguous().numpy()
 
 
 def _tokenizer_fields(source_dir: Path) -> dict[str, Any]:
@@ -193,7 +131,8 @@ def save_gguf(
     overwrite: bool = False,
     source_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write a Llama model quantized with scheme Q8_0 / Q4_0 / Q4_1 as `out/model.gguf`."""
+    """Write a Llama model quantized with GGUF schemes (Q8_0, Q5_0, Q4_0, Q4_1, Q6_K, Q4_K,
+    the Q4_K_M mix; one type per Linear) as `out/model.gguf`."""
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -206,9 +145,7 @@ def save_gguf(
             f"--format gguf writes Llama-architecture models; this is {config.get('model_type')}"
         )
     mods = quantized_modules(model)
-    kinds = {ggml_type(mc.args) for mc in mods.values()}
-    if len(kinds) > 1:
-        raise QuantscaleError(f"--format gguf: one GGML type per file, got {sorted(kinds)}")
+    file_type = _file_type(mods, recipe if recipe is not None else _recipe_of(model))
     if source_dir is None:
         raise QuantscaleError("--format gguf needs the source checkpoint (for its tokenizer)")
     source = Path(source_dir)
@@ -220,8 +157,8 @@ def save_gguf(
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         w = gguf.GGUFWriter(str(writer.tmp / GGUF_NAME), "llama")
         w.add_name(str(config.get("_name_or_path") or "model").rstrip("/").rpartition("/")[2])
-        if kinds:
-            w.add_file_type(GGML_TYPES[next(iter(kinds))][2])
+        if file_type is not None:
+            w.add_file_type(file_type)
         w.add_vocab_size(int(config["vocab_size"]))
         w.add_context_length(int(config["max_position_embeddings"]))
         w.add_embedding_length(int(config["hidden_size"]))
@@ -252,6 +189,23 @@ def save_gguf(
         copy_side_files(source, writer)
         writer.write_json("config.json", config)
         return writer.commit(write_index=False)
+
+
+def _recipe_of(model: nn.Module) -> Any:
+    return getattr(model, "quantscale_recipe", None)
+
+
+def _file_type(mods: dict[str, ModuleCodes], recipe: Any) -> int | None:
+    """general.file_type: the GGUF mix's (Q4_K_M), else that of the type holding the most
+    quantized weights; None when nothing is quantized."""
+    mix = getattr(recipe, "gguf_mix", None)
+    if mix in MIX_FILE_TYPES:
+        return MIX_FILE_TYPES[mix]
+    counts: dict[str, int] = {}
+    for mc in mods.values():
+        kind = ggml_type(mc.args)
+        counts[kind] = counts.get(kind, 0) + mc.codes.numel()
+    return GGML_TYPES[max(counts, key=counts.__getitem__)][2] if counts else None
 
 
 def _gguf_tensors(

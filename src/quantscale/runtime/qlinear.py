@@ -268,8 +268,12 @@ class QuantLinear(nn.Module):
 
 
 def replace_linears(model: nn.Module, recipe: Recipe) -> dict[str, QuantLinear]:
-    """Swap every nn.Linear the recipe targets for a QuantLinear, in place; name -> module."""
+    """Swap every nn.Linear the recipe targets for a QuantLinear, in place; name -> module.
+    GGUF k-quant recipes first get llama.cpp's per-module types (`Recipe.place_ggml_blocks`,
+    added to the recipe as exact-name overrides, so that the saved recipe says them)."""
     replaced: dict[str, QuantLinear] = {}
+    widths = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    recipe.place_ggml_blocks(widths)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not name:
             continue
