@@ -44,6 +44,18 @@ def test_cached_steps_match_the_whole_sequence(kind, method, rotate):
 
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_int8_conv_step_equals_the_convolution(kind):
+    """A decode step's conv1d (one position from the cached window, summed tap by tap) is
+    the whole convolution's last position bit for bit (integer products, exact sums)."""
+    mixer = _quantized(kind).backbone.layers[0].mixer
+    act = mixer.act("conv1d.input")
+    window = torch.randn(2, act.channels, mixer.conv1d.kernel + 1) * act.scale * 60
+    for mode in ("int8", "fake"):
+        step = mixer.conv1d(window, act, mode, last=1)
+        assert torch.equal(step, mixer.conv1d(window, act, mode)[..., -1:])
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_float_mixers_with_cache_match_transformers(kind):
     """Our float mixers step through the cache as transformers' own mixers do (one token at
     a time: transformers' Mamba1 restarts a multi-token continuation from a zero SSM state,

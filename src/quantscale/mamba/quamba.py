@@ -271,21 +271,32 @@ class QConv1d(_QWeight):
         super().__init__(conv, quantized, strategy)
         self.kernel = conv.kernel_size[0]
 
-    def forward(self, x: torch.Tensor, act: ActQuant | None, mode: Mode) -> torch.Tensor:
-        """x [batch, channels, length] -> pre-activation output of the same shape."""
+    def forward(
+        self, x: torch.Tensor, act: ActQuant | None, mode: Mode, last: int | None = None
+    ) -> torch.Tensor:
+        """x [batch, channels, length] -> pre-activation output of the same shape, or of its
+        `last` positions only (a decode step: one position from the cached window)."""
         length, channels = x.shape[-1], x.shape[1]
+        last = length if last is None else last
         if mode in ("fake", "int8") and act is not None and self.quantized:
-            # integer products summed over <= kernel taps are exact in float32
+            # integer products summed over <= kernel taps are exact in float32 (so the
+            # one-position sum equals the convolution's value bit for bit)
             q = act.quantize(x, dim=1).float()
-            out = F.conv1d(q, self.weight.float(), None, padding=self.kernel - 1, groups=channels)
+            if last == 1 and length >= self.kernel:
+                out = (q[..., -self.kernel :] * self.weight.float()[:, 0]).sum(-1, keepdim=True)
+            else:
+                out = F.conv1d(
+                    q, self.weight.float(), None, padding=self.kernel - 1, groups=channels
+                )
+                out = out[..., length - last : length]
             scale = _scale_view(act.channel_scale(), 3, 1) * self.weight_scale.reshape(1, -1, 1)
-            out = out[..., :length] * scale
+            out = out * scale
             return out if self.bias is None else out + self.bias.reshape(1, -1, 1)
         if mode in ("fake", "int8") and act is not None:
             x = act.qdq(x, dim=1)
         weight = self.weight if mode in ("float", "calibrate") else self.float_weight()
         out = F.conv1d(x, weight, self.bias, padding=self.kernel - 1, groups=channels)
-        return out[..., :length]
+        return out[..., length - last : length]
 
 
 def _mask(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -501,8 +512,7 @@ class QMixerBase(nn.Module):
             window = cache.update_conv_state(
                 window, self.layer_idx, conv_kernel_size=self.conv1d.kernel
             )
-        out = self.conv1d(window, self.act("conv1d.input"), mode)
-        return out[..., -length:].transpose(1, 2)
+        return self.conv1d(window, self.act("conv1d.input"), mode, last=length).transpose(1, 2)
 
 
 class QMambaMixer(QMixerBase):
