@@ -8,9 +8,13 @@ calibration text), greedy generation of 64 tokens after a fixed prompt (the firs
   quantization: separates our Python from the INT8 arithmetic);
 - INT8 quamba1 / quamba2: the fixture quantized (static INT8 activations, INT8 weights;
   `torch._int_mm` matmuls, INT8 conv1d), calibrated on 16 windows of 128 tokens.
-Each timed run is prefill + 64 decode steps; rounds alternate the models (after a warm-up
-round) so that load on the machine hits all alike; the median over `--repeats` rounds gives
-ms per generated token (wall, and process CPU time over all threads), tokens/s and the ratio
+With `--synthetic`, the same for random-weight models of Mamba-130M / Mamba2-130M shape
+(hidden 768, 24 layers; vocabulary 4,096, the fixtures' tokenizer, so that the float LM
+head does not hide the mixers): the fixtures are so small that Python overhead, not
+arithmetic, sets their speed. Each timed run is prefill + 64 decode steps; rounds alternate
+the models (after a warm-up round) so that load on the machine hits all alike; the median
+over `--repeats` rounds gives ms per generated token (wall, and process CPU time over all
+threads), tokens/s and the ratio
 to float. The load average is recorded before and after.
 
     .venv/bin/python benchmarks/mamba_speed.py [--repeats 5] [--threads 2] [--json FILE]
@@ -33,16 +37,51 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench-results" / "mamba_speed.j
 NEW_TOKENS = 64
 KINDS = ("mamba", "mamba2")
 METHODS = ("quamba1", "quamba2")
+SYNTHETIC = {  # Mamba-130M / Mamba2-130M shapes, a 4,096-token vocabulary
+    "mamba-130m-shape": ("mamba", {"hidden_size": 768, "num_hidden_layers": 24}),
+    "mamba2-130m-shape": (
+        "mamba2",
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 24,
+            "state_size": 128,
+            "head_dim": 64,
+            "num_heads": 24,
+            "n_groups": 1,
+        },
+    ),
+}
 
 
-def models(kind: str) -> tuple[dict, object]:
-    """name -> model of one fixture (float, float with our mixers, each INT8 method), and
-    the tokenizer."""
-    from quantscale.mamba.fixtures import _fast_mixers, load_fixture
+def synthetic(name: str):
+    """A random-weight model (seed 0) of one SYNTHETIC shape, never stopping at EOS."""
+    import torch
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+    from quantscale.mamba.fixtures import VOCAB_SIZE
+
+    kind, config = SYNTHETIC[name]
+    torch.manual_seed(0)
+    if kind == "mamba":
+        model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB_SIZE, **config))
+    else:
+        model = Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB_SIZE, expand=2, **config))
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def models(name: str) -> tuple[dict, object]:
+    """name -> model of one fixture or synthetic shape (float, float with our mixers, each
+    INT8 method), and the tokenizer."""
+    from quantscale.mamba.fixtures import _fast_mixers, fixture_tokenizer, load_fixture
     from quantscale.mamba.mixers import MambaRecipe
     from quantscale.mamba.quantize import calibration_token_batches, quantize_mamba
 
-    model, tokenizer = load_fixture(kind)
+    if name in SYNTHETIC:
+        kind, model, tokenizer = SYNTHETIC[name][0], synthetic(name), fixture_tokenizer()
+    else:
+        kind = name
+        model, tokenizer = load_fixture(kind)
     ours = copy.deepcopy(model)
     _fast_mixers(ours, kind)
     out = {"float": model, "float, quantscale mixers": ours}
@@ -95,6 +134,7 @@ def bench_kind(kind: str, prompt_len: int, repeats: int) -> list[dict]:
                 "wall_median_s": wall,
                 "wall_min_s": min(r[0] for r in runs[name]),
                 "ms_per_token": 1000 * wall / n,
+                "min_ms_per_token": 1000 * min(r[0] for r in runs[name]) / n,
                 "cpu_ms_per_token": 1000 * cpu / n,
                 "tokens_per_s": n / wall,
                 "weights_mb": weight_mb(model),
@@ -112,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--quick", action="store_true", help="3 repeats")
+    p.add_argument(
+        "--synthetic", action="store_true", help="also random models of 130M shape (minutes)"
+    )
     p.add_argument("--json", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     import torch
@@ -120,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 3 if args.quick else args.repeats
     payload = {"machine": common.machine(), "threads": args.threads, "repeats": repeats}
     payload["loadavg_start"] = common.loadavg()
-    rows = [row for kind in KINDS for row in bench_kind(kind, args.prompt_len, repeats)]
+    names = [*KINDS, *(SYNTHETIC if args.synthetic else ())]
+    rows = [row for name in names for row in bench_kind(name, args.prompt_len, repeats)]
     payload["loadavg_end"] = common.loadavg()
     payload["results"] = rows
     payload["rows"] = [
         common.result_row(
-            f"generate {NEW_TOKENS} tokens, fixture:{r['fixture']}",
+            f"generate {NEW_TOKENS} tokens, {r['fixture']}",
             r["model"],
             {"ok": True, "wall_median_s": r["wall_median_s"], "wall_min_s": r["wall_min_s"]},
             ours="INT8 quamba1",
@@ -133,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         for r in rows
     ]
-    header = ["fixture", "model", "ms/token", "CPU ms/token", "tokens/s", "x float", "MB"]
+    header = ["model", "variant", "ms/token", "min", "CPU ms/token", "tokens/s", "x float", "MB"]
     table = [
         [
             r["fixture"],
             r["model"],
             f"{r['ms_per_token']:.2f}",
+            f"{r['min_ms_per_token']:.2f}",
             f"{r['cpu_ms_per_token']:.2f}",
             f"{r['tokens_per_s']:.1f}",
             f"{r['vs_float']:.2f}",
