@@ -1,4 +1,9 @@
-"""`quantscale eval`: perplexity, cloze and zero-shot accuracy of a model vs a baseline."""
+"""`quantscale eval`: perplexity, cloze and zero-shot accuracy of a model vs a baseline.
+
+With `--prompt TEXT` it generates instead: the greedy continuation of TEXT
+(`--max-new-tokens`, 64 by default, with the generation cache) from the model as `eval` reads
+it (a saved Quamba checkpoint runs its INT8 mixers), and from --baseline when given.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from rich.table import Table
 from quantscale.checkpoint.gguf import find_gguf, load_gguf_model
 from quantscale.commands.options import add_dtype_option, torch_dtype
 from quantscale.errors import QuantscaleError
+from quantscale.eval.generate import generate_text
 from quantscale.eval.runner import TASKS, evaluate
 from quantscale.models.loader import NAMED_MODELS, load_tokenizer, resolve_model
 from quantscale.orchestrator import READERS, load_evaluated
@@ -46,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how quantized checkpoints are read: our reader (the file's codes and activation "
         "scales, any layout we write) or transformers' loader (what it runs on this machine)",
     )
+    parser.add_argument(
+        "--prompt", help="generate the greedy continuation of TEXT instead of evaluating"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens --prompt generates (default 64)"
+    )
     add_dtype_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
@@ -59,14 +71,19 @@ def _parse_tasks(text: str) -> list[str]:
     return tasks
 
 
-def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
+def _load(path, tokenizer_fallback, args):
+    """(model, tokenizer) of a checkpoint dir or a GGUF file (our reader or transformers',
+    the tokenizer beside it)."""
     gguf_file = find_gguf(path)
-    if gguf_file is not None:  # our GGUF reader (or transformers'), the tokenizer beside it
+    if gguf_file is not None:
         tokenizer = _gguf_tokenizer(gguf_file, tokenizer_fallback)
-        model = load_gguf_model(gguf_file, torch_dtype(args.dtype), args.reader)
-    else:
-        tokenizer = load_tokenizer(path, tokenizer_fallback)
-        model = load_evaluated(path, torch_dtype(args.dtype), args.reader)
+        return load_gguf_model(gguf_file, torch_dtype(args.dtype), args.reader), tokenizer
+    tokenizer = load_tokenizer(path, tokenizer_fallback)
+    return load_evaluated(path, torch_dtype(args.dtype), args.reader), tokenizer
+
+
+def _evaluate_path(path, tokenizer_fallback, args, tasks) -> dict[str, float]:
+    model, tokenizer = _load(path, tokenizer_fallback, args)
     return evaluate(model, tokenizer, tasks, args.n_tokens, args.n_items, args.seq_len)
 
 
@@ -80,11 +97,35 @@ def _gguf_tokenizer(file: Path, fallback):
         return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
 
 
+def _generate_path(path, tokenizer_fallback, args) -> str:
+    model, tokenizer = _load(path, tokenizer_fallback, args)
+    return generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
+
+
+def _run_prompt(args: argparse.Namespace, model_path: Path, baseline_path: Path | None) -> int:
+    """Print the continuation of --prompt (the baseline's first, each labelled, if given)."""
+    report = {"model": str(model_path), "prompt": args.prompt}
+    if baseline_path is not None:
+        report["baseline"] = str(baseline_path)
+        report["baseline_continuation"] = _generate_path(baseline_path, None, args)
+    report["continuation"] = _generate_path(model_path, baseline_path, args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif baseline_path is None:
+        print(report["continuation"])
+    else:
+        print(f"baseline: {report['baseline_continuation']}\nmodel:    {report['continuation']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Evaluate MODEL (and --baseline) and print the metrics with deltas."""
-    tasks = _parse_tasks(args.tasks)
+    """Evaluate MODEL (and --baseline) and print the metrics with deltas (or, with
+    --prompt, the continuations)."""
     baseline_path = resolve_model(args.baseline) if args.baseline else None
     model_path = find_gguf(args.model) or resolve_model(args.model)
+    if args.prompt is not None:
+        return _run_prompt(args, model_path, baseline_path)
+    tasks = _parse_tasks(args.tasks)
     report = {"model": str(model_path), "results": {}}
     if baseline_path is not None:
         report["baseline"] = str(baseline_path)

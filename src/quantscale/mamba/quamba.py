@@ -1,8 +1,10 @@
 """Quantized Mamba / Mamba2 mixers with static INT8 scales (Quamba1 and Quamba2).
 
 `QMambaMixer` and `QMamba2Mixer` replace transformers' `MambaMixer` / `Mamba2Mixer` and
-mirror their CPU slow paths (full sequences, no generation cache). A mixer moves through
-modes:
+mirror their CPU slow paths, whole sequences and transformers' generation cache alike
+(`use_cache=True`: the conv state keeps the last conv-kernel float inputs of conv1d, the SSM
+state the float recurrent state; a decode step quantizes the same points with the same
+static scales as a whole sequence). A mixer moves through modes:
 
 - ``float``: float weights, no quantization (equal to transformers' mixer up to rounding;
   Mamba1's scan runs as a chunked parallel scan instead of a per-token loop);
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import operator
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, TypeGuard, cast
 
 import torch
@@ -268,21 +271,32 @@ class QConv1d(_QWeight):
         super().__init__(conv, quantized, strategy)
         self.kernel = conv.kernel_size[0]
 
-    def forward(self, x: torch.Tensor, act: ActQuant | None, mode: Mode) -> torch.Tensor:
-        """x [batch, channels, length] -> pre-activation output of the same shape."""
+    def forward(
+        self, x: torch.Tensor, act: ActQuant | None, mode: Mode, last: int | None = None
+    ) -> torch.Tensor:
+        """x [batch, channels, length] -> pre-activation output of the same shape, or of its
+        `last` positions only (a decode step: one position from the cached window)."""
         length, channels = x.shape[-1], x.shape[1]
+        last = length if last is None else last
         if mode in ("fake", "int8") and act is not None and self.quantized:
-            # integer products summed over <= kernel taps are exact in float32
+            # integer products summed over <= kernel taps are exact in float32 (so the
+            # one-position sum equals the convolution's value bit for bit)
             q = act.quantize(x, dim=1).float()
-            out = F.conv1d(q, self.weight.float(), None, padding=self.kernel - 1, groups=channels)
+            if last == 1 and length >= self.kernel:
+                out = (q[..., -self.kernel :] * self.weight.float()[:, 0]).sum(-1, keepdim=True)
+            else:
+                out = F.conv1d(
+                    q, self.weight.float(), None, padding=self.kernel - 1, groups=channels
+                )
+                out = out[..., length - last : length]
             scale = _scale_view(act.channel_scale(), 3, 1) * self.weight_scale.reshape(1, -1, 1)
-            out = out[..., :length] * scale
+            out = out * scale
             return out if self.bias is None else out + self.bias.reshape(1, -1, 1)
         if mode in ("fake", "int8") and act is not None:
             x = act.qdq(x, dim=1)
         weight = self.weight if mode in ("float", "calibrate") else self.float_weight()
         out = F.conv1d(x, weight, self.bias, padding=self.kernel - 1, groups=channels)
-        return out[..., :length]
+        return out[..., length - last : length]
 
 
 def _mask(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -314,16 +328,18 @@ def selective_scan(
     D: torch.Tensor,
     z: torch.Tensor,
     delta_bias: torch.Tensor,
+    state: torch.Tensor | None = None,
     chunk: int = 8,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba1's selective scan, token-major: u, delta, z [b, L, d]; A [d, n]; B, C [b, L, n].
 
-    Same math as transformers' `mamba_selective_scan` (softplus(delta + bias), zero initial
-    state, D skip, SiLU(z) gate), computed chunk by chunk with a parallel scan.
+    Same math as transformers' `mamba_selective_scan` (softplus(delta + bias), D skip, SiLU(z)
+    gate), computed chunk by chunk with a parallel scan from `state` [b, d, n] (zero when
+    None; a one-token call is the recurrent step). Returns (y, last state).
     """
     delta = F.softplus(delta + delta_bias)
     batch, length, d = u.shape
-    h = u.new_zeros(batch, d, A.shape[1])
+    h = u.new_zeros(batch, d, A.shape[1]) if state is None else state.float()
     outs = []
     for s in range(0, length, chunk):
         dt = delta[:, s : s + chunk, :, None]
@@ -334,7 +350,31 @@ def selective_scan(
         outs.append((states * C[:, s : s + chunk, None, :]).sum(-1))
         h = states[:, -1]
     y = torch.cat(outs, dim=1) + u * D
-    return y * F.silu(z)
+    return y * F.silu(z), h
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    dt_limit: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of Mamba2's SSD recurrence: state [b, h, p, n], x [b, h, p], dt [b, h],
+    A, D, dt_bias [h], B, C [b, g, n]. The time step as `mamba2_chunk_scan` takes it
+    (softplus of dt + bias, clamped to `dt_limit`). Returns (y [b, h, p], new state)."""
+    heads = x.shape[1]
+    dt = torch.clamp(F.softplus(dt + dt_bias), min=dt_limit[0], max=dt_limit[1])
+    B = B.float().repeat_interleave(heads // B.shape[1], dim=1)
+    C = C.float().repeat_interleave(heads // C.shape[1], dim=1)
+    xdt = x.float() * dt[..., None]
+    state = state.float() * torch.exp(A * dt)[..., None, None] + xdt[..., None] * B[:, :, None]
+    y = (state * C[:, :, None]).sum(-1) + D[:, None] * x.float()
+    return y, state
 
 
 def _chunk_scan():
@@ -350,6 +390,7 @@ class QMixerBase(nn.Module):
 
     kind: MambaKind
 
+    conv1d: QConv1d
     out_proj: QLinear
 
     def __init__(self, specs: dict[str, PointSpec], layer_idx: int) -> None:
@@ -453,12 +494,25 @@ class QMixerBase(nn.Module):
     def _weights(self) -> list[_QWeight]:
         return [m for m in self.children() if isinstance(m, _QWeight)]
 
-    def _check_cache(self, cache) -> None:
+    def _cached_state(self, cache) -> torch.Tensor | None:
+        """The SSM state the cache holds for this layer (None: none yet, or no cache)."""
+        return None if cache is None else cache.get_recurrent_state(self.layer_idx)
+
+    def _keep_state(self, cache, state: torch.Tensor | None) -> None:
+        if cache is not None and state is not None:
+            cache.update_recurrent_state(state, self.layer_idx)
+
+    def _conv(self, x: torch.Tensor, cache, mode: Mode) -> torch.Tensor:
+        """conv1d (pre-activation) of x [b, L, C], channels last, after the conv inputs the
+        cache keeps (it then keeps the last kernel-size inputs, float, quantized again with
+        the same static scale at the next step: the same INT8 values)."""
+        length = x.shape[1]
+        window = x.transpose(1, 2)
         if cache is not None:
-            raise QuantscaleError(
-                "quantized Mamba mixers run whole sequences only: call the model with "
-                "use_cache=False (generation with a cache is not supported)"
+            window = cache.update_conv_state(
+                window, self.layer_idx, conv_kernel_size=self.conv1d.kernel
             )
+        return self.conv1d(window, self.act("conv1d.input"), mode, last=length).transpose(1, 2)
 
 
 class QMambaMixer(QMixerBase):
@@ -496,19 +550,18 @@ class QMambaMixer(QMixerBase):
         )
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-        self._check_cache(cache)
         dtype, mode = hidden_states.dtype, self.mode
+        state = self._cached_state(cache)
         h = self._see("in_proj.input", _mask(hidden_states.float(), attention_mask))
         x, z = self.in_proj(h, self.act("in_proj.input"), mode).chunk(2, dim=-1)
-        x = self._see("conv1d.input", x)
-        x = self.conv1d(x.transpose(1, 2), self.act("conv1d.input"), mode)
-        x = self._see("ssm.x", _mask(F.silu(x).transpose(1, 2), attention_mask))
+        x = self._conv(self._see("conv1d.input", x), cache, mode)
+        x = self._see("ssm.x", _mask(F.silu(x), attention_mask))
         dt_lr, B, C = self.x_proj(x, self.act("ssm.x"), mode).split(
             [self.rank, self.state, self.state], dim=-1
         )
         dt_lr = self._see("dt_proj.input", dt_lr)
         dt = self.dt_proj(dt_lr, self.act("dt_proj.input"), mode, use_bias=False)
-        y = selective_scan(
+        y, state = selective_scan(
             self._dq("ssm.x", x),
             self._ssm_in("ssm.dt", dt),
             -torch.exp(self.A_log.float()),
@@ -517,7 +570,9 @@ class QMambaMixer(QMixerBase):
             self.D,
             self._ssm_in("ssm.z", z),
             self.dt_proj.bias,
+            state,
         )
+        self._keep_state(cache, state)
         y = self._out_input(y)
         return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
 
@@ -564,34 +619,63 @@ class QMamba2Mixer(QMixerBase):
                 act.set_groups(per_group, self.n_groups)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-        self._check_cache(cache)
         dtype, mode = hidden_states.dtype, self.mode
         batch, length, _ = hidden_states.shape
+        state = self._cached_state(cache)
         h = self._see("in_proj.input", _mask(hidden_states.float(), attention_mask))
         z, xbc, dt = self.in_proj(h, self.act("in_proj.input"), mode).split(
             [self.inner, self.conv_dim, self.num_heads], dim=-1
         )
-        xbc = self._see("conv1d.input", xbc)
-        xbc = self.conv1d(xbc.transpose(1, 2), self.act("conv1d.input"), mode)
-        xbc = _mask(F.silu(xbc).transpose(1, 2), attention_mask)
+        xbc = self._conv(self._see("conv1d.input", xbc), cache, mode)
+        xbc = _mask(F.silu(xbc), attention_mask)
         bc = self.n_groups * self.ssm_state_size
         x, B, C = xbc.split([self.inner, bc, bc], dim=-1)
-        groups = (batch, length, self.n_groups, self.ssm_state_size)
-        y = _chunk_scan()(
+        y, state = self._scan(
             self._ssm_in("ssm.x", x).reshape(batch, length, self.num_heads, self.head_dim),
             self._ssm_in("ssm.dt", dt),
-            -torch.exp(self.A_log.float()),
-            self._ssm_in("ssm.B", B).reshape(groups),
-            self._ssm_in("ssm.C", C).reshape(groups),
+            self._ssm_in("ssm.B", B).reshape(batch, length, self.n_groups, -1),
+            self._ssm_in("ssm.C", C).reshape(batch, length, self.n_groups, -1),
+            state,
+            cache is not None,
+        )
+        self._keep_state(cache, state)
+        y = self.norm(y.reshape(batch, length, -1), self._ssm_in("ssm.z", z))
+        y = self._out_input(y)
+        return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
+
+    def _scan(self, x, dt, B, C, state, final: bool):
+        """SSD over x [b, L, heads, head_dim] from `state` (None: zero): the recurrent step
+        for one token after a state, else the chunked scan. Returns (y, last state or None
+        unless `final`)."""
+        A = -torch.exp(self.A_log.float())
+        if state is not None and x.shape[1] == 1:
+            y, state = ssd_step(
+                state,
+                x[:, 0],
+                dt[:, 0],
+                A,
+                B[:, 0],
+                C[:, 0],
+                self.D,
+                self.dt_bias,
+                self.time_step_limit,
+            )
+            return y[:, None], state
+        out = _chunk_scan()(
+            x,
+            dt,
+            A,
+            B,
+            C,
             chunk_size=self.chunk_size,
             D=self.D,
             dt_bias=self.dt_bias,
             dt_softplus=True,
             dt_limit=self.time_step_limit,
+            initial_states=state,
+            return_final_states=final,
         )
-        y = self.norm(y.reshape(batch, length, -1), self._ssm_in("ssm.z", z))
-        y = self._out_input(y)
-        return self.out_proj(y, self.act("out_proj.input"), mode).to(dtype)
+        return out if final else (out, None)
 
 
 def quantized_mixer(
