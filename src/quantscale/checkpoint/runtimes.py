@@ -86,6 +86,7 @@ TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
 CT_VERSIONS = "0.20"
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
+VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
 # as a substring ("transformers": FineGrainedFP8 and compressed-tensors)
 RUNTIMES: dict[str, tuple[str, ...]] = {
@@ -214,7 +215,7 @@ def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
         return []
     pattern, reason = rule
     return [
-        Refusal(stored, VLLM, VLLM_VERSION, reason)
+        Refusal(stored, VLLM, VLLM_SOURCE, reason)
         for stored, sw in sorted(plan.weights.items())
         if match_pattern(module_path(sw.name), pattern)
     ]
