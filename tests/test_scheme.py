@@ -219,6 +219,7 @@ def test_saved_ignore_list_is_plain_names_and_simple_regexes():
         r"re:.*\.router$",
         "re:.*e_score_correction_bias.*$",
         r"re:.*\.conv1d$",
+        r"re:.*\.shared_expert_gate$",
     ]
     names = [
         "model.embed_tokens",
@@ -226,6 +227,7 @@ def test_saved_ignore_list_is_plain_names_and_simple_regexes():
         "model.lm_head",
         "model.layers.0.input_layernorm",
         "model.layers.3.mlp.gate",
+        "model.layers.3.mlp.shared_expert_gate",
         "model.layers.3.mlp.gate_proj",
         "model.layers.3.mlp.experts.7.down_proj",
         "backbone.layers.1.mixer.conv1d",
@@ -234,7 +236,7 @@ def test_saved_ignore_list_is_plain_names_and_simple_regexes():
     for name in names:  # a bare name is a suffix match to us, exact to them: the list agrees
         theirs = any(match_name(name, written) for written in ignore)
         assert theirs == any(match_pattern(name, glob) for glob in DEFAULT_IGNORE), name
-    assert [n for n in names if any(match_name(n, w) for w in ignore)] == names[:5] + names[7:8]
+    assert [n for n in names if any(match_name(n, w) for w in ignore)] == names[:6] + names[8:9]
 
 
 @settings(max_examples=300, deadline=None)

@@ -43,7 +43,29 @@ DEFAULT_IGNORE = (
     "*.router",
     "*e_score_correction_bias*",
     "*.conv1d",
+    "*.shared_expert_gate",
 )
+
+# Hybrid (attention + Mamba / linear-attention) architectures: Linears kept float on top of
+# DEFAULT_IGNORE, by config.json model_type, with the reason (docs/hybrid.md has the whole
+# per-mixer table). The SSM parameters (A_log, D, dt_bias), conv1d, norms and routers are not
+# Linears or are default-ignored already.
+HYBRID_FLOAT: dict[str, dict[str, str]] = {
+    "jamba": {
+        "*.mamba.dt_proj": "Jamba's forward multiplies dt_proj.weight directly (no module call) "
+        "unless config._is_quantized is set, so a calibrated dt_proj sees no input; vLLM builds "
+        "Mamba1 mixers without a quantization config",
+    },
+    "zamba2": {
+        "*.gate_up_proj_adapter_list.*": "each hybrid layer holds the low-rank adapters of "
+        "every use of its shared block and runs only its own, so the others see no input",
+    },
+}
+
+
+def model_ignore(model_type: str | None) -> list[str]:
+    """The patterns `HYBRID_FLOAT` keeps float for a config.json `model_type`."""
+    return list(HYBRID_FLOAT.get(model_type or "", {}))
 
 
 def module_path(param_name: str) -> str:

@@ -45,6 +45,7 @@ from quantscale.algorithms.layer import (
     calibrate_group,
     quantize_data_free,
     quantize_layer,
+    refuse_tied_linears,
 )
 from quantscale.algorithms.rotation import check_rotation, rotate_model
 from quantscale.algorithms.rtn import rtn_quantize
@@ -57,6 +58,7 @@ from quantscale.data.calibration import CalibrationSource, token_ids
 from quantscale.errors import QuantscaleError
 from quantscale.models import loader
 from quantscale.models.adapter import decoder_layers
+from quantscale.naming import model_ignore
 from quantscale.qdq import QParams
 from quantscale.runtime.kv_cache import KV_CHOICES, calibrate_kv_cache, fp8_kv_args
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
@@ -95,9 +97,12 @@ def quantize_model(
     such weights: `checkpoint.runtimes.vllm_group_rule`).
     """
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    recipe = recipe.with_ignored(model_ignore(model_type))
     algorithm = get_algorithm(method, **method_kwargs)
     if recipe.rotate:  # fused into the float weights before anything is quantized
         rotate_model(model, recipe.rotate)
+    refuse_tied_linears(model, recipe)
     linears = replace_linears(model, recipe)
     if not linears:
         raise QuantscaleError("the recipe targets no Linear module of this model")
@@ -324,6 +329,7 @@ def quantize_checkpoint(
     kv_cache: str | None = None,
     importance: str | os.PathLike | None = None,
     rotate: str | None = None,
+    ignore: Sequence[str] = (),
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
     recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq', default gptq) and write
@@ -343,6 +349,8 @@ def quantize_checkpoint(
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
     if is_mamba(model_dir):
+        if ignore:
+            raise QuantscaleError("--ignore is not read by the Mamba (Quamba) path; omit it")
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         options = {**calib, "calib_data": calib_data, "overwrite": overwrite, "rotate": rotate}
         return _quantize_mamba(model_dir, out, scheme, method, fmt, stream, **options)
@@ -361,6 +369,8 @@ def quantize_checkpoint(
     set_rotation(recipe, rotate, fmt, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
     path = loader.resolve_model(model_dir)
+    model_type = loader.read_config(path).get("model_type")
+    recipe = recipe.with_ignored([*ignore, *model_ignore(model_type)])
     if stream:
         where = stream if isinstance(stream, StreamOptions) else StreamOptions()
         batches = settings.batches(loader.saved_tokenizer(path), recipe, method, path)

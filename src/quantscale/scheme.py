@@ -253,6 +253,11 @@ class Recipe(BaseModel):
             return v
         return {k: (preset_scheme(s) if isinstance(s, str) else s) for k, s in v.items()}
 
+    def with_ignored(self, patterns: list[str] | tuple[str, ...]) -> Recipe:
+        """This recipe with `patterns` added to its ignore list (those not there yet)."""
+        extra = [p for p in patterns if p not in self.ignore]
+        return self.model_copy(update={"ignore": [*self.ignore, *extra]}) if extra else self
+
     def is_ignored(self, module_name: str) -> bool:
         """Whether the ignore list (or a `None` override) excludes the module."""
         if any(match_pattern(module_name, p) for p in self.ignore):

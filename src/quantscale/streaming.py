@@ -50,15 +50,16 @@ from quantscale.algorithms.layer import (
     calibrate_group,
     quantize_data_free,
     quantize_layer,
+    refuse_tied_linears,
 )
 from quantscale.calibration.activations import has_static_activations
 from quantscale.calibration.boundary import Boundary, BoundaryFile
 from quantscale.calibration.sequential import (
     LayerStep,
     as_batches,
-    capture_layer_inputs,
+    capture_layer_arguments,
     layer_output,
-    replace_hidden,
+    next_inputs,
 )
 from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.runtimes import ragged_group_warnings
@@ -305,6 +306,7 @@ class StreamedRun:
         self.source = open_source(source_dir)
         self.skeleton = Skeleton.build(self.source.config, dtype, str(source_dir))
         self.model = self.skeleton.model
+        refuse_tied_linears(self.model, recipe)
         self.linears = replace_linears(self.model, recipe)
         if not self.linears:
             raise QuantscaleError("the recipe targets no Linear module of this model")
@@ -320,6 +322,7 @@ class StreamedRun:
             raise QuantscaleError("static activations or this method need calibration batches")
         self.n_parts = len(self.layers) + 2
         self.inputs: list[tuple[tuple, dict]] = []
+        self.arguments: list[list[tuple[tuple, dict]]] = []  # per layer, per batch
 
     def run(self, work: WorkDir, boundary: Boundary, out: Path, overwrite: bool) -> Path:
         parts = PartWriter(work.path, self.n_parts, self.source.config.get("model_type"))
@@ -354,11 +357,12 @@ class StreamedRun:
             return
         self.skeleton.load(self.embed, self.source)
         if self.needs_data and layer_next < len(self.layers):
-            self.inputs = capture_layer_inputs(self.model, self.layers[0], self.data)
+            self.arguments = capture_layer_arguments(self.model, self.layers, self.data)
+            self.inputs = self.arguments[0]
             if layer_next > 0:
                 assert work.boundary is not None, "a resumed calibrated run has saved inputs"
                 hidden = boundary.load(work.boundary)
-                self.inputs = [replace_hidden(h, a, k) for h, (a, k) in zip(hidden, self.inputs)]
+                self.inputs = next_inputs(hidden, self.arguments[layer_next])
         if work.done == 0:
             embed = part_tensors(self.model, "", _under(self.embed), self.skeleton.tied, self.fmt)
             _write_part(parts, 0, embed)
@@ -384,7 +388,7 @@ class StreamedRun:
         saved = None
         if self.needs_data and i + 1 < len(self.layers):
             saved, hidden = boundary.save(i + 1, _outputs(step))
-            self.inputs = [replace_hidden(h, a, k) for h, (a, k) in zip(hidden, self.inputs)]
+            self.inputs = next_inputs(hidden, self.arguments[i + 1])
         work.save(i + 2, saved)
         boundary.prune(saved.name if saved else None)
         self.skeleton.release(name)

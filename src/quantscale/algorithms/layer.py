@@ -18,12 +18,32 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from torch import nn
+
 from quantscale import distributed
 from quantscale.algorithms.base import WeightAlgorithm
 from quantscale.calibration.activations import ActivationCalibrator
 from quantscale.calibration.sequential import LayerStep, linear_stages
 from quantscale.errors import QuantscaleError
+from quantscale.models.adapter import tied_across_layers
+from quantscale.naming import group_names
 from quantscale.runtime.qlinear import QuantLinear
+from quantscale.scheme import Recipe
+
+
+def refuse_tied_linears(model: nn.Module, recipe: Recipe) -> None:
+    """Refuse a recipe that targets a Linear several decoder layers share: the layer-by-layer
+    driver calibrates a module inside one layer, and a use in another layer would see
+    another layer's inputs (or none: Zamba2's per-use adapters)."""
+    tied = {n: i for n, i in tied_across_layers(model).items() if recipe.scheme_for(n)}
+    if tied:
+        first, layers = next(iter(tied.items()))
+        raise QuantscaleError(
+            f"{len(tied)} targeted Linear modules are shared by several decoder layers "
+            f"({first} by layers {layers}; {group_names(list(tied))}); quantizing tied blocks "
+            "is not supported: leave them float, e.g. --ignore 're:.*shared_transformer.*' "
+            "for Zamba2"
+        )
 
 
 def by_layer(

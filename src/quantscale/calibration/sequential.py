@@ -12,6 +12,11 @@ forward: modules fed the very same input tensor form one stage, stages follow th
 first run, and MoE experts' same-named projections merge into one stage. A consumer that
 quantizes stage by stage, each with `step.run_until(last module of the stage)`, calibrates
 every stage on the outputs of the already quantized stages before it.
+
+Each layer gets the arguments the model itself passes it (`capture_layer_arguments`): hybrid
+models give attention and Mamba / linear-attention layers different masks (Jamba, Bamba,
+Nemotron-H, Qwen3-Next...), Gemma-3 sliding and full layers different masks and rotary
+tables, Zamba2 each layer its own index; only the hidden states come from the layer before.
 """
 
 from __future__ import annotations
@@ -169,17 +174,81 @@ def capture_layer_inputs(
     return captured
 
 
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return cast(torch.Tensor, args[0] if args else kwargs["hidden_states"])
+
+
+@torch.inference_mode()
+def capture_layer_arguments(
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]
+) -> list[list[tuple[tuple, dict]]]:
+    """For each layer, for each batch, the (args, kwargs) the model passes that layer, found by
+    one forward per batch in which every layer is the identity (no layer weight is read, so
+    layers may sit on the meta device); the first layer's hidden states are real, the
+    others' are placeholders that `replace_hidden` swaps for the previous layer's outputs.
+    The identity returns the hidden states alone, or `(hidden, None)` for models whose layers
+    return a tuple (Bamba), whichever the model's loop accepts."""
+    try:
+        return _capture_arguments(model, layers, batches, tuple_output=False)
+    except (TypeError, ValueError) as err:  # the loop unpacks a tuple from each layer
+        try:
+            return _capture_arguments(model, layers, batches, tuple_output=True)
+        except (TypeError, ValueError):
+            raise err from None
+
+
+def _capture_arguments(
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], tuple_output: bool
+) -> list[list[tuple[tuple, dict]]]:
+    captured: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
+
+    def stub(index: int):
+        def forward(*args, **kwargs):
+            captured[index].append((args, dict(kwargs)))
+            if index == len(layers) - 1:
+                raise _StopForward
+            hidden = _hidden(args, kwargs)
+            return (hidden, None) if tuple_output else hidden
+
+        return forward
+
+    originals = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = stub(i)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for layer, original in zip(layers, originals):
+            del layer.forward
+            if original is not None:
+                layer.forward = original
+    return captured
+
+
+def next_inputs(
+    outputs: Sequence[torch.Tensor], arguments: list[tuple[tuple, dict]]
+) -> list[tuple[tuple, dict]]:
+    """A layer's cached inputs: its own captured arguments, the previous layer's outputs as
+    the hidden states."""
+    return [replace_hidden(out, a, k) for out, (a, k) in zip(outputs, arguments)]
+
+
 def layerwise(
     model: nn.Module, batches: list[torch.Tensor], description: str = "layers"
 ) -> Iterator[LayerStep]:
     """Yield a `LayerStep` per decoder layer; see the module docstring for the protocol."""
     prefix, layers = decoder_layers(model)
-    inputs = capture_layer_inputs(model, layers[0], batches)
+    arguments = capture_layer_arguments(model, layers, batches)
+    inputs = arguments[0]
     for index in track(range(len(layers)), len(layers), description):
         step = LayerStep(index, f"{prefix}.{index}", layers[index], inputs)
         yield step
         if index + 1 < len(layers):
-            inputs = [replace_hidden(out, a, k) for out, (a, k) in zip(step.run(), inputs)]
+            inputs = next_inputs(step.run(), arguments[index + 1])
 
 
 def batched(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

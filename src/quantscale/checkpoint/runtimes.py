@@ -29,6 +29,25 @@ Rules come from running the runtime here, and each is pinned by a test
   from the checkpoint, which our export does not store. Only quantscale's reader (`eval`)
   applies it.
 
+- Quantized MoE experts under transformers 5.24 + compressed-tensors 0.20 (run here on tiny
+  Jamba, Qwen3-Next, Granite-4 hybrid and Nemotron-H exports, docs/hybrid.md): transformers
+  fuses per-expert checkpoint tensors into 3-D expert parameters, which compressed-tensors
+  runs without activation quantization. Weight-only experts (W4A16) load exactly; dynamic
+  activations (FP8 dynamic) load but the experts run on float activations; a static
+  `input_scale` is dropped (FP8) or the load fails (INT8 W8A8: `Concatenate on tensors
+  destined for ...experts.gate_up_proj. Ckpt contains: 0`, Jamba and Qwen3-Next) or leaves the
+  experts randomly initialized (Nemotron-H). Granite-4 hybrid (granitemoehybrid) experts are
+  read only as the fused `block_sparse_moe.input_linear` / `output_linear`: per-expert
+  tensors are ignored in every scheme and the experts stay random, without an error.
+- Hybrid mixers in vLLM, read from its source (vllm-project/vllm, not run here): the Mamba1
+  mixer Jamba uses (model_executor/layers/mamba/mamba_mixer.py) builds in_proj, x_proj,
+  dt_proj and out_proj without a quantization config, so quantized tensors there have no
+  parameter to load into; Qwen3-Next builds its router `gate` and `shared_expert_gate` with
+  `quant_config=None` (models/qwen3_next.py), and its gated-delta-net `in_proj_ba` has no
+  block-wise FP8 (layers/mamba/gdn/qwen_gdn_linear_attn.py). The Mamba2 mixer (Bamba,
+  Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
+  float (mamba_mixer2.py), which is what we write.
+
 `runtime_refusals(ckpt, runtime)` picks the rules by `--runtime` name (`RUNTIMES`): without
 one, every rule except the vLLM CPU-build ones (they would flag every FP4 or FP8 block export
 for GPU users too).
@@ -57,8 +76,8 @@ from quantscale.checkpoint.read import Checkpoint
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
-from quantscale.naming import group_names, module_path
-from quantscale.scheme import QuantScheme, match_pattern
+from quantscale.naming import group_names, module_kind, module_path
+from quantscale.scheme import QuantScheme, Recipe, match_pattern
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +86,7 @@ TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
 CT_VERSIONS = "0.20"
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
+VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
 # as a substring ("transformers": FineGrainedFP8 and compressed-tensors)
 RUNTIMES: dict[str, tuple[str, ...]] = {
@@ -120,7 +140,85 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     mishandles, for the runtimes `runtime` selects (`selects`)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
+    found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
+
+
+EXPERT_REASONS = {
+    "granite": "does not load per-expert tensors of granitemoehybrid (it reads the fused "
+    "block_sparse_moe.input_linear / output_linear only): the experts stay randomly "
+    "initialized, without an error; keep the experts float (--ignore 're:.*experts.*') "
+    "or serve with vLLM",
+    "static-int": "cannot load experts with a static int8 input scale (Jamba, Qwen3-Next: "
+    "'Concatenate on tensors destined for ...experts.gate_up_proj. Ckpt contains: 0'; "
+    "Nemotron-H: the experts stay randomly initialized); use W8A8_DYNAMIC or weight-only",
+    "static": "drops the experts' static input scales (they are unexpected keys): the "
+    "experts run on float activations, not the quantized model's",
+    "dynamic": "runs the experts (fused into 3-D parameters) without their dynamic "
+    "activation quantization: outputs differ from the quantized model's",
+}
+
+
+def expert_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Quantized MoE expert weights transformers' compressed-tensors path loads wrongly or not
+    at all (see the module docstring); weight-only experts load exactly."""
+    qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") != CT_METHOD:
+        return []
+    try:
+        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
+    except (CheckpointError, ValueError):
+        return []  # validate reports a broken layout or config itself
+    granite = (ckpt.config or {}).get("model_type") == "granitemoehybrid"
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        module = module_path(sw.name)
+        if not module_kind(module).startswith("experts."):
+            continue
+        scheme = recipe.scheme_for(module)
+        acts = scheme.input_activations if scheme is not None else None
+        if granite:
+            key = "granite"
+        elif acts is None:
+            continue
+        elif not acts.dynamic:
+            key = "static-int" if acts.type == "int" else "static"
+        else:
+            key = "dynamic"
+        found.append(Refusal(stored, CT_RUNTIME, CT_VERSIONS, EXPERT_REASONS[key]))
+    return found
+
+
+_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it quantized)
+    "jamba": (
+        r"re:.*\.mamba\.(in_proj|x_proj|dt_proj|out_proj)$",
+        "builds Jamba's Mamba1 mixer projections without a quantization config "
+        "(layers/mamba/mamba_mixer.py): the quantized tensors have no parameter to load "
+        "into; keep them float (--ignore 're:.*\\.mamba\\..*') for vLLM",
+    ),
+    "qwen3_next": (
+        r"re:.*\.(gate|shared_expert_gate)$",
+        "builds Qwen3-Next's router gate and shared_expert_gate with quant_config=None "
+        "(models/qwen3_next.py): keep them float",
+    ),
+}
+
+
+def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Quantized weights of hybrid mixers vLLM builds unquantized (module docstring)."""
+    rule = _VLLM_UNQUANTIZED.get(str((ckpt.config or {}).get("model_type")))
+    if rule is None or (ckpt.quantization_config or {}).get("quant_method") != CT_METHOD:
+        return []
+    try:
+        plan = plan_dequantize(ckpt)
+    except CheckpointError:
+        return []
+    pattern, reason = rule
+    return [
+        Refusal(stored, VLLM, VLLM_SOURCE, reason)
+        for stored, sw in sorted(plan.weights.items())
+        if match_pattern(module_path(sw.name), pattern)
+    ]
 
 
 WEIGHT_LEAVES = ("weight", "weight_packed")

@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache=args.kv_cache,
         importance=args.importance,
         rotate=args.rotate,
+        ignore=args.ignore,
     )
     from quantscale import distributed
 

@@ -64,3 +64,21 @@ def layer_linears(
     """For each decoder layer, its quantizable Linear modules by full name."""
     prefix, layers = decoder_layers(model)
     return [quantizable_linears(layer, f"{prefix}.{i}", ignore) for i, layer in enumerate(layers)]
+
+
+def tied_across_layers(model: nn.Module) -> dict[str, list[int]]:
+    """Linear modules whose weight more than one decoder layer holds (the same module or tied
+    parameters, e.g. Zamba2's shared transformer blocks): first full name -> the layer
+    indices that hold it."""
+    prefix, layers = decoder_layers(model)
+    uses: dict[int, list[tuple[int, str]]] = {}
+    for i, layer in enumerate(layers):
+        for name, child in layer.named_modules(remove_duplicate=False):
+            if isinstance(child, nn.Linear):
+                uses.setdefault(id(child.weight), []).append((i, f"{prefix}.{i}.{name}"))
+    found = {}
+    for held in uses.values():
+        indices = sorted({i for i, _ in held})
+        if len(indices) > 1:
+            found[held[0][1]] = indices
+    return found

@@ -15,7 +15,8 @@ how many tokens the router actually sent to each expert. `expert_of(name)` tells
 projection (`<experts>.<e>.<proj>`) from any other Linear (GPTQ solves experts batched).
 
 transformers 5 also renames some MoE blocks in memory (Mixtral, MiniMax-M2:
-`block_sparse_moe` -> `mlp`); `checkpoint_name` maps a module / tensor name back to the
+`block_sparse_moe` -> `mlp`); Nemotron-H's experts are ungated (`up_proj` / `down_proj`
+only). `checkpoint_name` maps a module / tensor name back to the
 checkpoint convention that transformers' `save_pretrained` writes and vLLM / SGLang load
 (`model.layers.L.block_sparse_moe.experts.E.w1`, `...block_sparse_moe.gate`).
 """
@@ -58,16 +59,21 @@ def expert_of(name: str) -> tuple[str, int] | None:
 
 
 class ExpertMLP(nn.Module):
-    """One expert: down(act(gate(x)) * up(x)) with named Linear projections."""
+    """One expert: down(act(gate(x)) * up(x)) with named Linear projections; without a gate
+    (Nemotron-H's ungated experts) down(act(up(x)))."""
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act, names) -> None:
+    def __init__(self, gate: nn.Linear | None, up: nn.Linear, down: nn.Linear, act, names) -> None:
         super().__init__()
-        self.names = names
-        for name, module in zip(names, (gate, up, down)):
+        self.names = tuple(names) if gate is not None else tuple(names[1:])
+        modules = (gate, up, down) if gate is not None else (up, down)
+        for name, module in zip(self.names, modules):
             self.add_module(name, module)
         self.act_fn = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.names) == 2:
+            up, down = (getattr(self, n) for n in self.names)
+            return down(self.act_fn(up(x)))
         gate, up, down = (getattr(self, n) for n in self.names)
         return down(self.act_fn(gate(x)) * up(x))
 
@@ -90,19 +96,20 @@ class LinearExperts(nn.ModuleList):
     e's projections are named `<experts>.<e>.gate_proj` etc.); see the module docstring."""
 
     def __init__(self, fused: nn.Module, names: tuple[str, str, str] = _DEFAULT_NAMES) -> None:
-        gate_up, down = _tensor(fused, "gate_up_proj"), _tensor(fused, "down_proj")
-        inter = gate_up.shape[1] // 2
+        down = _tensor(fused, "down_proj")
+        if isinstance(getattr(fused, "gate_up_proj", None), torch.Tensor):
+            gate_up = _tensor(fused, "gate_up_proj")
+            inter = gate_up.shape[1] // 2
+            gates: list[nn.Linear | None] = [_linear(g[:inter]) for g in gate_up]
+            ups = [_linear(g[inter:]) for g in gate_up]
+        else:  # ungated experts: up_proj [E, I, H]
+            gates = [None] * down.shape[0]
+            ups = [_linear(u) for u in _tensor(fused, "up_proj")]
         super().__init__(
-            ExpertMLP(
-                _linear(gate_up[e, :inter]),
-                _linear(gate_up[e, inter:]),
-                _linear(down[e]),
-                fused.act_fn,
-                names,
-            )
-            for e in range(gate_up.shape[0])
+            ExpertMLP(gates[e], ups[e], _linear(down[e]), fused.act_fn, names)
+            for e in range(down.shape[0])
         )
-        self.num_experts = gate_up.shape[0]
+        self.num_experts = down.shape[0]
         self.calibrate_all = False
         self.routed_tokens: torch.Tensor
         self.register_buffer(
@@ -128,12 +135,15 @@ class LinearExperts(nn.ModuleList):
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
-    gate_up = getattr(module, "gate_up_proj", None)
+    """gate_up_proj [E, 2I, H] (or, ungated, up_proj [E, I, H]) and down_proj [E, H, I]."""
+    up = getattr(module, "gate_up_proj", None)
+    if up is None:
+        up = getattr(module, "up_proj", None)
     down = getattr(module, "down_proj", None)
     return (
-        isinstance(gate_up, torch.Tensor)
+        isinstance(up, torch.Tensor)
         and isinstance(down, torch.Tensor)
-        and gate_up.ndim == 3
+        and up.ndim == 3
         and down.ndim == 3
     )
 

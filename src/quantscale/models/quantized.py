@@ -31,6 +31,7 @@ from quantscale.checkpoint.layouts import (
 from quantscale.checkpoint.source import TensorSource, open_source
 from quantscale.errors import CheckpointError
 from quantscale.models.loader import load_state_checked
+from quantscale.models.moe import linearize_experts
 from quantscale.naming import module_path
 from quantscale.runtime.hadamard import add_online_hadamards
 from quantscale.runtime.kv_cache import SCALES as KV_SCALES
@@ -80,6 +81,7 @@ def load_quantized_checkpoint(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    linearize_experts(model)  # per-expert Linears, as the quantized checkpoint stores them
     quantized = {module_path(n) for n in source.names() if source.is_quantized(n)}
     _replace(model, recipe, quantized, path)
     add_online_hadamards(model, recipe)

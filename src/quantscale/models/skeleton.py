@@ -47,8 +47,11 @@ class Skeleton:
     def build(cls, config: dict[str, Any], dtype: torch.dtype, name_or_path: str = "") -> Skeleton:
         """The model of config.json `config`, parameters on the meta device."""
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+        # config.json spells inf / nan {"__float__": "Infinity"} (Bamba's time_step_limit);
+        # from_pretrained decodes them, for_model does not
+        config = PretrainedConfig._decode_special_floats(config)
         hf_config = AutoConfig.for_model(**config)
         hf_config._name_or_path = name_or_path
         with init_empty_weights(include_buffers=False):
