@@ -70,3 +70,16 @@ def test_pack_matches_compressed_tensors(bits, n, rnd):
 def test_unpack_checks_word_count():
     with pytest.raises(ValueError):
         unpack_int32(torch.zeros(1, 2, dtype=torch.int32), 4, 8)
+
+
+def test_pack_int32_in_row_chunks_equals_row_by_row():
+    """A weight taller than one packing chunk (2^22 values) packs as its rows do one by one
+    (chunk boundaries change nothing), and unpacks back."""
+    from quantscale.formats.intq import pack_int32, unpack_int32
+
+    q = torch.randint(-8, 8, ((1 << 16) + 3, 64), generator=torch.Generator().manual_seed(0))
+    packed = pack_int32(q.to(torch.int8), 4)
+    head = pack_int32(q[:5].to(torch.int8), 4)
+    tail = pack_int32(q[-5:].to(torch.int8), 4)
+    assert torch.equal(packed[:5], head) and torch.equal(packed[-5:], tail)
+    assert torch.equal(unpack_int32(packed, 4, 64), q.to(torch.int8))

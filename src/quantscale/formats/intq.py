@@ -73,15 +73,26 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
         raise ValueError(f"pack_int32 supports 1..8 bits, got {bits}")
     x = q.movedim(dim, -1)
     lead, n = x.shape[:-1], x.shape[-1]
-    v = (x.reshape(-1, n).to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
+    rows = x.reshape(-1, n)
     word, off = _bit_layout(n, bits, x.device)
     nwords = packed_words(n, bits)
+    out = torch.empty(rows.shape[0], nwords, dtype=torch.int32, device=x.device)
+    step = max(1, (1 << 22) // max(n, 1))  # rows per chunk: int64 temporaries of ~32 MB
+    for start in range(0, rows.shape[0], step):
+        out[start : start + step] = _pack_rows(rows[start : start + step], bits, word, off, nwords)
+    return out.reshape(*lead, nwords).movedim(-1, dim)
+
+
+def _pack_rows(
+    x: torch.Tensor, bits: int, word: torch.Tensor, off: torch.Tensor, nwords: int
+) -> torch.Tensor:
+    """`pack_int32` of the rows x [r, n] (int64 work, int32 result)."""
+    v = (x.to(torch.int64) + (1 << (bits - 1))) & ((1 << bits) - 1)
     out = torch.zeros(v.shape[0], nwords + 1, dtype=torch.int64, device=x.device)
     out.index_add_(1, word, (v << off) & 0xFFFFFFFF)
     out.index_add_(1, word + 1, v >> (32 - off))  # spill of fields that straddle a word
     out = out[:, :nwords]
-    out = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
-    return out.reshape(*lead, nwords).movedim(-1, dim)
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
