@@ -114,11 +114,23 @@ class HessianAccumulator:
         self.count += rows.shape[0]
         if rows.dtype == torch.bfloat16 and not self.exact:
             for part in rows.split(self.chunk):
-                self.sum += (part.t() @ part).float()
+                self._add_product(part)
             return
         if rows.dtype != torch.float32:
             rows = rows.float()
-        self.sum += rows.t() @ rows
+        if self.sum.dtype == torch.float32:
+            self.sum.addmm_(rows.t(), rows)  # in place: no Hessian-sized product
+        else:
+            self._add_product(rows)
+
+    def _add_product(self, rows: torch.Tensor) -> None:
+        """sum += rows^T rows, computed in rows' dtype and widened, a band of columns at a
+        time (temporaries of ~32 MB, not a Hessian-sized product)."""
+        assert self.sum is not None
+        width = max(1, (8 << 20) // self.sum.shape[0])
+        for start in range(0, self.sum.shape[1], width):
+            band = rows.t() @ rows[:, start : start + width]
+            self.sum[:, start : start + width] += band.to(self.sum.dtype)
 
     def reduce(self, owner: int) -> None:
         """Sum the ranks' partial sums onto rank `owner` (`distributed.sum_to`: in rank
