@@ -164,14 +164,19 @@ def capture_layer_inputs(
 
     handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for ids in batches:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
+        _run_until_stopped(model, batches)
     finally:
         handle.remove()
     return captured
+
+
+def _run_until_stopped(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """One forward per batch of token ids, each ended early by a hook raising _StopForward."""
+    for ids in batches:
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _StopForward:
+            pass
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -216,11 +221,7 @@ def _capture_arguments(
     for i, layer in enumerate(layers):
         layer.forward = stub(i)
     try:
-        for ids in batches:
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
+        _run_until_stopped(model, batches)
     finally:
         for layer, original in zip(layers, originals):
             del layer.forward
