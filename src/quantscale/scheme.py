@@ -215,20 +215,34 @@ def _glob_regex(glob: str) -> str:
     out, i = [], 0
     while i < len(glob):
         ch = glob[i]
-        end = glob.find("]", i + 2) if ch == "[" else -1
+        end = _set_end(glob, i) if ch == "[" else -1
         if ch == "*":
             out.append(".*")
         elif ch == "?":
             out.append(".")
         elif end > 0:
-            body = glob[i + 1 : end]
-            body = "^" + body[1:] if body.startswith("!") else body
-            out.append("[" + body.replace("\\", "\\\\") + "]")
+            body = glob[i + 1 : end].replace("\\", "\\\\")
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith(("^", "[")):
+                body = "\\" + body
+            out.append("[" + body + "]")
             i = end
         else:
             out.append(re.escape(ch))
         i += 1
     return "".join(out) + "$"
+
+
+def _set_end(glob: str, start: int) -> int:
+    """Index of the ']' closing the set that opens at glob[start] ('['), -1 if none (the '['
+    is then literal). As fnmatch: a ']' right after '[' or '[!' is a member, not the end."""
+    k = start + 1
+    if k < len(glob) and glob[k] == "!":
+        k += 1
+    if k < len(glob) and glob[k] == "]":
+        k += 1
+    return glob.find("]", k)
 
 
 class Recipe(BaseModel):
