@@ -281,15 +281,10 @@ class _Scales:
             parts.append(full)
         return torch.stack(parts) if len(parts) > 1 else parts[0][None]
 
-    def set(
-        self, start: int, w: torch.Tensor, qps: list[QParams], perm: torch.Tensor | None
-    ) -> None:
-        """Expand qps to w's shape [E, rows, cols], reorder columns by perm, store transposed."""
+    def set(self, start: int, w: torch.Tensor, qps: list[QParams]) -> None:
+        """Expand the qparams of a group segment w [E, rows, width] to its shape, transposed."""
         scale = self._expanded(w, qps, zero=False)
         zp = self._expanded(w, qps, zero=True) if qps[0].zero_point is not None else None
-        if perm is not None:
-            scale = _gather_columns(scale, perm)
-            zp = _gather_columns(zp, perm) if zp is not None else None
         self.start = start
         self.scale_t = scale.transpose(1, 2).contiguous()
         self.zp_t = zp.transpose(1, 2).contiguous() if zp is not None else None
@@ -299,6 +294,7 @@ class _Scales:
         `column` expands a chunk of columns (in perm's order) at a time, never the whole
         weight."""
         rows, self.cols = shape[1], shape[2]
+        self.width = _segment_width(self.args) if self.args.strategy in _DYNAMIC else self.cols
         scales = [self._grouped(qp.scale, qp.global_scale, rows) for qp in qps]
         self.grouped = torch.stack(scales)
         zps = [qp.zero_point for qp in qps if qp.zero_point is not None]
@@ -312,13 +308,10 @@ class _Scales:
     ) -> torch.Tensor:
         """A scale (or zero point) as [rows, column groups] (`self.width` columns per group)."""
         t = t.float()
-        if self.args.strategy in ("group", "tensor_group"):
-            self.width = _segment_width(self.args)
-        elif self.args.strategy == "block":
-            b_rows, self.width = _block(self.args)
-            t = t.repeat_interleave(b_rows, dim=0)[:rows]
-        else:  # tensor / channel: one group of all columns
-            t, self.width = t.reshape(-1, 1).expand(rows, 1), self.cols
+        if self.args.strategy == "block":
+            t = t.repeat_interleave(_block(self.args)[0], dim=0)[:rows]
+        elif self.args.strategy not in _DYNAMIC:  # tensor / channel: one group of all columns
+            t = t.reshape(-1, 1).expand(rows, 1)
         return t / global_scale.float() if global_scale is not None else t
 
     def _static_chunk(self, p: int, chunk: int = 128) -> None:
@@ -343,7 +336,7 @@ class _Scales:
             qps = self.qparams_of(seg)
             for parts, qp in zip(self.parts, qps):
                 parts.append(qp)
-            self.set(p, seg, qps, None)
+            self.set(p, seg, qps)
         j = p - self.start
         assert self.scale_t is not None, "set() or a new group comes first"
         return QParams(self.scale_t[:, j], self.zp_t[:, j] if self.zp_t is not None else None)
