@@ -26,7 +26,7 @@ from quantscale.models.adapter import causal_lm
 from quantscale.models.loader import tied_embeddings
 from quantscale.models.moe import checkpoint_name
 from quantscale.naming import fused_siblings
-from quantscale.qdq import QParams, quantize
+from quantscale.qdq import QParams, _block, quantize
 from quantscale.runtime.qlinear import QuantLinear, quant_linears
 from quantscale.scheme import QuantArgs
 
@@ -68,7 +68,7 @@ def quantize_rows(
     of `rows` rows at a time (a multiple of the block height): the same codes, with float
     temporaries of one chunk instead of several weight-sized ones."""
     if args.strategy == "block":
-        height = args.block_structure[0] if args.block_structure else 1
+        height = _block(args)[0]
         rows = max(height, rows // height * height)
     parts = []
     for start in range(0, w.shape[0], rows):
@@ -85,8 +85,8 @@ def _row_qparams(qp: QParams, args: QuantArgs, rows: int, start: int, end: int) 
     def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or t.ndim == 0:
             return t
-        if args.strategy == "block" and args.block_structure:
-            height = args.block_structure[0]
+        if args.strategy == "block":
+            height = _block(args)[0]
             return t[start // height : -(-end // height)]
         return t[start:end] if t.shape[0] == rows and t.ndim == 2 else t
 
