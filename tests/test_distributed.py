@@ -214,3 +214,60 @@ def test_importance_two_ranks_equal_one_process(tiny, one_thread):
     for name in want:
         assert torch.equal(want[name], got[name]), name
     assert_same_checkpoint(one, tiny / "two-imp")
+
+
+@pytest.mark.parametrize(
+    "preset, actorder, dtype",
+    [
+        ("W4A16", "group", torch.float32),
+        ("W4A16_ASYM", None, torch.bfloat16),
+        ("NVFP4A16", None, torch.float32),
+        ("MXFP4A16", None, torch.bfloat16),
+        ("W8A16", "weight", torch.float32),
+        ("FP8_DYNAMIC", None, torch.bfloat16),
+        ("FP8_BLOCK", None, torch.float32),
+    ],
+)
+def test_owner_sends_codes_that_decode_to_its_weight(preset, actorder, dtype):
+    """The solving rank broadcasts codes (two 4-bit codes a byte) and qparams, not the
+    fake-quantized weight: the other ranks decode exactly the owner's weight."""
+    from quantscale.algorithms.gptq import _install_weight_state, _weight_state, gptq_quantize
+    from quantscale.runtime.qlinear import QuantLinear
+    from quantscale.scheme import preset_scheme
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128, bias=False).to(dtype)
+    owner = QuantLinear.from_linear(linear, preset_scheme(preset))
+    other = QuantLinear.from_linear(linear, preset_scheme(preset))
+    x = torch.randn(512, 256)
+    x[:, 3] *= 30  # an outlier channel: act order moves it first
+    args = owner.scheme.weights
+    res = gptq_quantize(owner.weight.detach().float(), x.T @ x, args, actorder=actorder)
+    owner.set_weight(res.weight.to(dtype), res.qparams, res.g_idx)
+    state = dict(_weight_state("m", owner))
+    assert "weight" not in state and state["weight_codes"].element_size() == 1
+    bits = args.num_bits
+    assert state["weight_codes"].numel() == owner.weight.numel() * bits // 8
+    _install_weight_state(other, "m", {f"m.{k}": v for k, v in state.items()})
+    assert other.weight.dtype == dtype
+    assert torch.equal(other.weight, owner.weight)
+    for key, buf in owner.named_buffers():
+        assert torch.equal(dict(other.named_buffers())[key], buf), key
+
+
+def test_owner_sends_the_weight_when_codes_do_not_decode_to_it():
+    """A weight off its grid (set by hand) travels as it is."""
+    from quantscale.algorithms.gptq import _install_weight_state, _weight_state
+    from quantscale.algorithms.rtn import rtn_weight
+    from quantscale.runtime.qlinear import QuantLinear
+    from quantscale.scheme import preset_scheme
+
+    linear = torch.nn.Linear(64, 16, bias=False)
+    owner = QuantLinear.from_linear(linear, preset_scheme("W4A16"))
+    other = QuantLinear.from_linear(linear, preset_scheme("W4A16"))
+    w_hat, qp = rtn_weight(owner.weight.detach(), owner.scheme.weights)
+    owner.set_weight(w_hat + 1e-3, qp)
+    state = dict(_weight_state("m", owner))
+    assert "weight_codes" not in state
+    _install_weight_state(other, "m", {f"m.{k}": v for k, v in state.items()})
+    assert torch.equal(other.weight, owner.weight)

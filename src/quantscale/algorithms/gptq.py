@@ -59,6 +59,9 @@ from quantscale.algorithms.rtn import (
     weight_scale_dtype,
 )
 from quantscale.errors import QuantscaleError
+from quantscale.export.base import ModuleCodes, weight_codes
+from quantscale.export.pseudo import dense_weight
+from quantscale.formats.fp4 import pack_fp4, unpack_fp4
 from quantscale.models.moe import expert_of
 from quantscale.qdq import (
     WEIGHT,
@@ -715,8 +718,10 @@ class GPTQ:
             del self.report[start:]
         for unit, rank, report in zip(units, owner, replies):
             mine = rank == distributed.context().rank
-            state = {f"{n}.{k}": t for n in unit.names for k, t in _weight_state(linears[n])}
-            got, report = distributed.broadcast_tensors(state if mine else None, rank, report)
+            state = None
+            if mine:
+                state = {f"{n}.{k}": t for n in unit.names for k, t in _weight_state(n, linears[n])}
+            got, report = distributed.broadcast_tensors(state, rank, report)
             if not mine:
                 for name in unit.names:
                     _install_weight_state(linears[name], name, got)
@@ -967,10 +972,37 @@ def _cost(names: list[str], linears: dict[str, QuantLinear]) -> float:
 _STATE = ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_g_idx")
 
 
-def _weight_state(ql: QuantLinear) -> list[tuple[str, torch.Tensor]]:
-    """A quantized module's weight and weight qparams (what `set_weight` installs)."""
-    out = [("weight", ql.weight.detach())]
+def _weight_state(name: str, ql: QuantLinear) -> list[tuple[str, torch.Tensor]]:
+    """A quantized module's weight and weight qparams (what `set_weight` installs): the
+    weight as its codes (one byte each, two 4-bit codes a byte) when they decode to it bit
+    for bit, else the weight itself."""
+    codes = _lossless_codes(name, ql)
+    out = [("weight_codes", codes) if codes is not None else ("weight", ql.weight.detach())]
     return out + [(k, b) for k in _STATE if (b := ql._buffers.get(k)) is not None]
+
+
+def _lossless_codes(name: str, ql: QuantLinear) -> torch.Tensor | None:
+    mc = weight_codes(name, ql)
+    if not torch.equal(dense_weight(mc, ql.weight.dtype), ql.weight.detach()):
+        return None
+    return pack_fp4(mc.codes) if _packs(mc.args, ql.weight.shape[-1]) else mc.codes
+
+
+def _packs(args: QuantArgs, columns: int) -> bool:
+    return args.num_bits == 4 and columns % 2 == 0
+
+
+def _decoded_weight(
+    ql: QuantLinear, codes: torch.Tensor, qp: QParams, g_idx: torch.Tensor | None
+) -> torch.Tensor:
+    """The weight `_lossless_codes` sent, from its codes."""
+    args = ql.scheme.weights
+    assert args is not None
+    if _packs(args, ql.weight.shape[-1]):
+        codes = unpack_fp4(codes)
+        codes = codes if args.type == "float" else ((codes ^ 8).to(torch.int8) - 8)
+    mc = ModuleCodes("", args, codes, qp, g_idx, ql)
+    return dense_weight(mc, ql.weight.dtype)
 
 
 def _install_weight_state(ql: QuantLinear, name: str, got: Mapping[str, torch.Tensor]) -> None:
@@ -980,7 +1012,9 @@ def _install_weight_state(ql: QuantLinear, name: str, got: Mapping[str, torch.Te
     scale = get("weight_scale")
     assert scale is not None, f"{name}: the owner sent no weight scale"
     qp = QParams(scale, get("weight_zero_point"), get("weight_global_scale"))
-    ql.set_weight(got[f"{name}.weight"], qp, get("weight_g_idx"))
+    g_idx, codes = get("weight_g_idx"), get("weight_codes")
+    w = got[f"{name}.weight"] if codes is None else _decoded_weight(ql, codes, qp, g_idx)
+    ql.set_weight(w, qp, g_idx)
 
 
 def _reduce_hessians(units: list[_Unit], owner: list[int]) -> None:
