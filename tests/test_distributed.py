@@ -84,6 +84,20 @@ def test_two_ranks_equal_one_process(tiny, one_thread, scheme, stream):
         assert not (tiny / f"two-{name}.partial").exists()
 
 
+def test_rotated_two_ranks_equal_one_process(tiny, one_thread):
+    """Hadamard rotations fused on every rank before calibration: 2 ranks write what one
+    process writes."""
+    calib = {**CALIB, "calib_batch_size": 2, "calib_data": tiny / "calib.txt"}
+    wide = GPTQOptions(hessian_dtype="float64")
+    one = quantize_checkpoint(
+        tiny / "m", tiny / "one-rot", "w4a16", method="gptq", gptq=wide, rotate="hadamard", **calib
+    )
+    two = torchrun(tiny, "two-rot", "w4a16", False, flags=("--rotate", "hadamard"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_checkpoint(one, tiny / "two-rot")
+    assert json.loads((one / "config.json").read_text())["quantization_config"]["transform_config"]
+
+
 @pytest.mark.parametrize("memory", [None, "60KB"], ids=["one-pass", "expert-passes"])
 def test_moe_two_ranks_equal_one_process(tmp_path, one_thread, memory):
     """Qwen3-MoE (4 experts): expert batches and the other Linears solved on their owners,
