@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,6 +112,49 @@ def test_moe_two_ranks_equal_one_process(tmp_path, one_thread, memory):
     two = torchrun(root, "two", "w4a16", True, flags=flags)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_checkpoint(one, root / "two")
+
+
+HELD = re.compile(r"rank (\d) GPTQ Hessians: (\d+) bytes held, (\d+) bytes of routed inputs")
+
+
+def _held(stderr: str) -> dict[int, tuple[int, int]]:
+    """Per rank: the most Hessian bytes held at a layer's end, routed-input bytes sent."""
+    out: dict[int, tuple[int, int]] = {}
+    for rank, held, sent in HELD.findall(stderr):
+        before = out.get(int(rank), (0, 0))
+        out[int(rank)] = (max(before[0], int(held)), before[1] + int(sent))
+    return out
+
+
+@pytest.mark.parametrize("routed", [True, False], ids=["routed", "all-experts"])
+def test_expert_parallel_two_ranks_equal_one_process(tmp_path, one_thread, routed):
+    """--expert-parallel: each expert's Hessians summed and solved on one rank from the
+    routed inputs the other rank sends: the one-process checkpoint, fewer Hessian bytes per
+    rank than data parallelism (all-expert calibration: the shared gate/up input stays data
+    parallel, the down_proj inputs are routed)."""
+    root = make_checkpoint(tmp_path, 2, moe=True)
+    wide = GPTQOptions(hessian_dtype="float64")
+    calib = {**CALIB, "calib_batch_size": 2, "calib_data": root / "calib.txt"}
+    one = quantize_checkpoint(
+        root / "m",
+        root / "one",
+        "w4a16",
+        method="gptq",
+        gptq=wide,
+        calibrate_all_experts=not routed,
+        **calib,
+    )
+    mode = ("--no-calibrate-all-experts",) if routed else ()
+    ep = torchrun(root, "ep", "w4a16", True, flags=("--expert-parallel", *mode))
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    assert_same_checkpoint(one, root / "ep")
+    dp = torchrun(root, "dp", "w4a16", True, flags=mode)
+    assert dp.returncode == 0, dp.stderr[-3000:]
+    held_ep, held_dp = _held(ep.stderr), _held(dp.stderr)
+    assert sorted(held_ep) == sorted(held_dp) == [0, 1]
+    for rank in (0, 1):
+        assert held_ep[rank][0] < held_dp[rank][0], (held_ep, held_dp)
+        assert held_ep[rank][1] > 0 and held_dp[rank][1] == 0
 
 
 def test_killed_rank_fails_clearly_and_resumes(tiny, one_thread):

@@ -10,7 +10,8 @@ calibration batches, in rank order), `sum_to` (a tensor summed onto one rank, th
 in rank order, so the sum does not depend on which rank finished first), `all_sum_ints`,
 `gather_objects` (small state such as observer ranges), `broadcast_tensors` (quantized
 weights from the rank that solved them), `owners` (work items assigned to ranks balanced by
-cost) and `barrier`. Every collective counts the bytes it moves (`traffic`) and turns a
+cost), `send_tensor` / `recv_tensor` (MoE experts' routed inputs to the rank that owns
+the expert) and `barrier`. Every collective counts the bytes it moves (`traffic`) and turns a
 failed peer into a `QuantscaleError` naming this rank and the step (`context().where`).
 """
 
@@ -238,16 +239,40 @@ def broadcast_tensors(
     return out, extra
 
 
-def owners(costs: Sequence[float]) -> list[int]:
-    """A rank per work item, balanced by cost: largest first onto the least loaded rank
-    (ties: the lower rank, then the earlier item), the same on every rank."""
+def owners(costs: Sequence[float], fixed: Sequence[int | None] | None = None) -> list[int]:
+    """A rank per work item, balanced by cost: the `fixed` ones where they are, then the others
+    largest first onto the least loaded rank (ties: the lower rank, then the earlier item),
+    the same on every rank."""
     load = [0.0] * _CTX.world
     out = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+    free = []
+    for i, rank in enumerate(fixed or [None] * len(costs)):
+        if rank is None:
+            free.append(i)
+        else:
+            out[i] = rank
+            load[rank] += costs[i]
+    for i in sorted(free, key=lambda i: (-costs[i], i)):
         rank = min(range(_CTX.world), key=lambda r: (load[r], r))
         out[i] = rank
         load[rank] += costs[i]
     return out
+
+
+def send_tensor(t: torch.Tensor, dst: int) -> None:
+    """Point to point: `t` to rank `dst`, which calls `recv_tensor` with its shape."""
+    with _collective("a routed-token send"):
+        dist.send(t.to(_device()).contiguous(), dst=dst)
+    _CTX.sent += t.numel() * t.element_size()
+
+
+def recv_tensor(shape: Sequence[int], dtype: torch.dtype, src: int) -> torch.Tensor:
+    """The tensor rank `src` sends with `send_tensor`."""
+    t = torch.empty(tuple(shape), dtype=dtype, device=_device())
+    with _collective("a routed-token receive"):
+        dist.recv(t, src=src)
+    _CTX.received += t.numel() * t.element_size()
+    return t
 
 
 def traffic(label: str) -> tuple[int, int]:

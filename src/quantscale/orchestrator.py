@@ -271,7 +271,9 @@ class GPTQOptions:
 
     `actorder`: None keeps the scheme's, 'none' turns it off, 'group' / 'weight' set it.
     `memory_budget`: bytes of MoE expert Hessians / solve workspace held at once (None: GPTQ's
-    default); past it a layer's experts are calibrated and solved in chunks (same weights)."""
+    default); past it a layer's experts are calibrated and solved in chunks (same weights).
+    `expert_parallel` (`--expert-parallel`, with several ranks): each MoE expert's Hessians
+    are summed and solved on one rank, the other ranks send it their routed inputs."""
 
     actorder: str | None = None
     dampening_frac: float = 0.01
@@ -279,6 +281,7 @@ class GPTQOptions:
     memory_budget: int | None = None
     group_size: int | None = None
     hessian_dtype: str | None = None  # GPTQ's Hessian sums: float32 alone, float64 torchrun
+    expert_parallel: bool = False  # torchrun, MoE: each expert's Hessians on one rank
 
     def recipe(self, scheme: str) -> Recipe:
         """The scheme's recipe with `group_size` and `actorder` applied to every weight."""
@@ -306,6 +309,8 @@ class GPTQOptions:
             kwargs["memory_budget"] = self.memory_budget
         if self.hessian_dtype is not None:
             kwargs["hessian_dtype"] = self.hessian_dtype
+        if self.expert_parallel:
+            kwargs["expert_parallel"] = True
         return kwargs
 
 

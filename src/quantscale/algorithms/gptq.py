@@ -107,8 +107,16 @@ class HessianAccumulator:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.sum: torch.Tensor | None = torch.zeros(columns, columns, dtype=dtype, device=device)
-        self.count = 0
+        self.count, self.columns = 0, columns
         self.exact, self.chunk = exact, chunk
+        self.owner: int | None = None  # expert parallelism: the rank holding the whole sum
+
+    @classmethod
+    def held_by(cls, owner: int, columns: int) -> HessianAccumulator:
+        """The stand-in for a Hessian that rank `owner` sums alone (no memory here)."""
+        acc = cls(0)
+        acc.sum, acc.owner, acc.columns = None, owner, columns
+        return acc
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs [..., columns] (every leading position is one sample)."""
@@ -576,10 +584,20 @@ class _InputTracker:
     get every token) share one accumulator: the first of them to run is the group's leader.
     """
 
-    def __init__(self, exact: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        exact: bool = False,
+        dtype: torch.dtype = torch.float32,
+        expert_owner: Mapping[str, int] | None = None,
+    ) -> None:
         self.exact, self.dtype = exact, dtype
         self.acc: dict[str, HessianAccumulator] = {}
         self.leader: dict[str, str] = {}
+        # expert parallelism: the rank that owns each expert Linear; the inputs of another
+        # rank's expert are kept (`stash`, one tensor a batch) and sent to it at the end
+        self.owner = dict(expert_owner or {})
+        self.stash: dict[str, list[torch.Tensor]] = {}
+        self._rank = distributed.context().rank
         self._recent: list[tuple[weakref.ref, str]] = []
         self._handles: list = []
 
@@ -604,15 +622,38 @@ class _InputTracker:
                     f"GPTQ: {name} shared its input with {self.leader[name]} in one batch "
                     f"but not in another ({leader}); cannot share a Hessian"
                 )
+            if found is not None and found in self.stash and not self._one_expert(name, found):
+                self._accumulate_stash(found)  # an input shared across experts: data parallel
             if leader == name:
-                if name not in self.acc:
-                    self.acc[name] = HessianAccumulator(
-                        x.shape[-1], x.device, self.exact, dtype=self.dtype
-                    )
-                self.acc[name].add(x)
+                if self._elsewhere(name):
+                    self.stash.setdefault(name, []).append(x.detach())
+                else:
+                    self._accumulator(name, x.shape[-1], x.device).add(x)
                 self._recent.append((weakref.ref(x), name))
 
         return hook
+
+    def _accumulator(self, name: str, columns: int, device: torch.device) -> HessianAccumulator:
+        if name not in self.acc:
+            self.acc[name] = HessianAccumulator(columns, device, self.exact, dtype=self.dtype)
+        return self.acc[name]
+
+    def _elsewhere(self, name: str) -> bool:
+        """An expert Linear another rank owns, whose inputs this rank has not summed."""
+        owner = self.owner.get(name)
+        return owner is not None and owner != self._rank and name not in self.acc
+
+    def _one_expert(self, a: str, b: str) -> bool:
+        return expert_of(a) == expert_of(b)
+
+    def _accumulate_stash(self, name: str) -> None:
+        """Sum the kept inputs of `name` here after all (its input is shared beyond one
+        expert, so its Hessian is reduced across ranks as any other)."""
+        kept = self.stash.pop(name)
+        with torch.inference_mode():  # the sums calibration made are inference tensors
+            acc = self._accumulator(name, kept[0].shape[-1], kept[0].device)
+            for x in kept:
+                acc.add(x)
 
     def groups(self, names: list[str]) -> dict[str, list[str]]:
         """Leader -> member names (in `names` order); linears never run lead themselves."""
@@ -659,11 +700,14 @@ class GPTQ:
     expert_batch: int | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     hessian_dtype: str | None = None
+    expert_parallel: bool = False
     report: list[dict] = field(default_factory=list)
     _tracker: _InputTracker | None = field(default=None, repr=False)
 
     def start_layer(self, linears: dict[str, QuantLinear]) -> None:
-        self._tracker = _InputTracker(self.exact_hessian, hessian_sum_dtype(self.hessian_dtype))
+        owners = _expert_owners(linears) if self.expert_parallel else None
+        dtype = hessian_sum_dtype(self.hessian_dtype)
+        self._tracker = _InputTracker(self.exact_hessian, dtype, owners)
         self._tracker.attach(linears)
 
     def finish_layer(self, linears: dict[str, QuantLinear]) -> None:
@@ -688,17 +732,28 @@ class GPTQ:
                     hand_over = len(members) == len(part) and not distributed.active()
                     solve = functools.partial(self._quantize_group, part, linears, acc, hand_over)
                     submit(_Unit(solve, part, self._needing(acc), _cost(part, linears)))
-        for jobs in batches.pop_all():
-            size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
-            while jobs:
-                chunk, jobs = jobs[:size], jobs[size:]
-                solve = functools.partial(self._quantize_experts, chunk, linears)
-                members = [n for job in chunk for n in job.stack]
-                accs = [a for job in chunk for a in self._needing(job.acc)]
-                submit(_Unit(solve, members, accs, _cost(members, linears)))
-                del solve, accs  # a batch's Hessians are freed once it is solved
+        self._submit_batches(batches, linears, submit)
         if units:
             self._solve_distributed(units, linears)
+
+    def _submit_batches(
+        self,
+        batches: _ExpertBatches,
+        linears: dict[str, QuantLinear],
+        submit: Callable[[_Unit], None],
+    ) -> None:
+        """The experts' solves in batches of `expert_batch` (or as many as fit), each batch's
+        Hessians held by one rank."""
+        for bucket in batches.pop_all():
+            for jobs in _by_owner(bucket):
+                size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
+                while jobs:
+                    chunk, jobs = jobs[:size], jobs[size:]
+                    solve = functools.partial(self._quantize_experts, chunk, linears)
+                    members = [n for job in chunk for n in job.stack]
+                    accs = [a for job in chunk for a in self._needing(job.acc)]
+                    submit(_Unit(solve, members, accs, _cost(members, linears)))
+                    del solve, accs  # a batch's Hessians are freed once it is solved
 
     def _needing(self, acc: HessianAccumulator | None) -> list[HessianAccumulator]:
         """[acc] when the solve reads its Hessian (GPTQ, not the RTN fallback)."""
@@ -707,7 +762,7 @@ class GPTQ:
     def _solve_distributed(self, units: list[_Unit], linears: dict[str, QuantLinear]) -> None:
         """Each solve on the rank `distributed.owners` gives it, its Hessians summed there
         first, its weights broadcast from there after."""
-        owner = distributed.owners([u.cost for u in units])
+        owner = distributed.owners([u.cost for u in units], [_held_by(u) for u in units])
         _reduce_hessians(units, owner)
         replies: list[list[dict]] = []
         for unit, rank in zip(units, owner):
@@ -832,7 +887,7 @@ def _widest_first(
 
     def width(item: tuple[str, list[str]]) -> int:
         acc = accs.get(item[0])
-        return -(acc.sum.shape[-1] if acc is not None and acc.sum is not None else 0)
+        return -(acc.columns if acc is not None else 0)
 
     return sorted(groups.items(), key=width)
 
@@ -1027,6 +1082,8 @@ def _reduce_hessians(units: list[_Unit], owner: list[int]) -> None:
             if rank not in ranks:
                 ranks.append(rank)
     for acc, ranks in needed.values():
+        if acc.owner is not None:  # expert parallelism: summed on its owner already
+            continue
         partial, total = acc.sum, None
         for rank in sorted(ranks):
             acc.sum = partial
@@ -1036,8 +1093,9 @@ def _reduce_hessians(units: list[_Unit], owner: list[int]) -> None:
 
 
 def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) -> None:
-    """Make the ranks' trackers agree: the union of who shares whose input, an (empty)
-    accumulator wherever another rank has one, and every count the total over ranks."""
+    """Make the ranks' trackers agree: the union of who shares whose input, every routed
+    expert's kept inputs summed on its owner (`_send_routed`), an (empty) accumulator wherever
+    another rank has one, and every count the total over ranks."""
     leader: dict[str, str] = {}
     for other in distributed.gather_objects(tracker.leader):
         for name, lead in other.items():
@@ -1048,12 +1106,94 @@ def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) ->
                 )
     tracker.leader = leader
     leaders = sorted(set(leader.values()))
+    routed = _routed_leaders(tracker, leaders)
+    for name in [n for n in tracker.stash if n not in routed]:
+        tracker._accumulate_stash(name)
+    kept = sum(t.numel() * t.element_size() for ts in tracker.stash.values() for t in ts)
+    _send_routed(tracker, routed, linears)
+    held = sum(
+        a.sum.numel() * a.sum.element_size() for a in tracker.acc.values() if a.sum is not None
+    )
+    log.info(
+        "rank %d GPTQ Hessians: %d bytes held, %d bytes of routed inputs sent to their experts",
+        distributed.context().rank,
+        held,
+        kept,
+    )
     for name in leaders:
-        if name not in tracker.acc:
+        if name in routed and routed[name] != distributed.context().rank:
+            tracker.acc[name] = HessianAccumulator.held_by(routed[name], linears[name].in_features)
+        elif name not in tracker.acc:
             ql = linears[name]
             tracker.acc[name] = HessianAccumulator(
                 ql.in_features, ql.weight.device, tracker.exact, dtype=tracker.dtype
             )
+        tracker.acc[name].owner = routed.get(name)
     counts = distributed.all_sum_ints([tracker.acc[n].count for n in leaders])
     for name, count in zip(leaders, counts):
         tracker.acc[name].count = count
+
+
+def _expert_owners(linears: Mapping[str, QuantLinear]) -> dict[str, int]:
+    """Expert parallelism: each expert's Linears on one rank, the experts in contiguous,
+    equal shares in index order (empty with one process)."""
+    experts = sorted({e for n in linears if (e := expert_of(n)) is not None})
+    world = distributed.context().world
+    if world == 1 or not experts:
+        return {}
+    rank = {e: i * world // len(experts) for i, e in enumerate(experts)}
+    return {n: rank[e] for n in linears if (e := expert_of(n)) is not None}
+
+
+def _routed_leaders(tracker: _InputTracker, leaders: list[str]) -> dict[str, int]:
+    """Leader -> owning rank of the Hessians one expert's Linears share alone (routed
+    inputs); an input shared across experts (all-expert calibration) stays data parallel."""
+    members: dict[str, list[str]] = {}
+    for name, lead in tracker.leader.items():
+        members.setdefault(lead, []).append(name)
+    return {
+        lead: tracker.owner[lead]
+        for lead in leaders
+        if lead in tracker.owner
+        and all(tracker._one_expert(m, lead) for m in members.get(lead, [lead]))
+    }
+
+
+def _send_routed(
+    tracker: _InputTracker, routed: Mapping[str, int], linears: Mapping[str, QuantLinear]
+) -> None:
+    """Each rank's kept inputs of another rank's experts sent there, batch by batch, and added
+    to the owner's Hessians (float64 sums of float32 products: the one-process Hessian)."""
+    kept = {n: [(tuple(t.shape), t.dtype) for t in ts] for n, ts in tracker.stash.items()}
+    specs = distributed.gather_objects(kept)
+    me = distributed.context().rank
+    for name in sorted(routed):
+        owner = routed[name]
+        for src, theirs in enumerate(specs):
+            if src == me != owner:
+                for x in tracker.stash.pop(name, []):
+                    distributed.send_tensor(x, owner)
+            elif me == owner != src:
+                device = linears[name].weight.device
+                for shape, dtype in theirs.get(name, []):
+                    x = distributed.recv_tensor(shape, dtype, src)
+                    with torch.inference_mode():  # calibration's sums are inference tensors
+                        tracker._accumulator(name, shape[-1], device).add(x.to(device))
+    tracker.stash.clear()
+
+
+def _by_owner(jobs: list[_Job]) -> list[list[_Job]]:
+    """Expert jobs split by the rank that holds their Hessians (one list without expert
+    parallelism), in order."""
+    out: dict[int | None, list[_Job]] = {}
+    for job in jobs:
+        out.setdefault(job.acc.owner, []).append(job)
+    return list(out.values())
+
+
+def _held_by(unit: _Unit) -> int | None:
+    """The rank that must solve `unit`: the one holding its (expert-parallel) Hessians."""
+    held = {acc.owner for acc in unit.accs}
+    if len(held) > 1:
+        raise QuantscaleError(f"GPTQ: one solve of {unit.names[:3]} reads Hessians of two ranks")
+    return held.pop() if held else None

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         memory_budget=args.gptq_memory,
         group_size=args.group_size,
         hessian_dtype=args.hessian_dtype,
+        expert_parallel=args.expert_parallel,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -233,6 +234,13 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="GPTQ, MoE: expert Hessians held at once (e.g. 4GB; default 2GiB); past it each "
         "layer's experts are calibrated and solved in chunks, with the same weights",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="GPTQ under torchrun, MoE: each expert's Hessians summed and solved on one rank "
+        "(the experts shared out in index order); the others send it their routed inputs "
+        "instead of Hessians (same weights)",
     )
     p.add_argument(
         "--no-calibrate-all-experts",
