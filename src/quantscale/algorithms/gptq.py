@@ -717,6 +717,8 @@ class GPTQ:
         names = [n for n, m in linears.items() if m.scheme.weights is not None]
         if distributed.active():
             _share_counts(tracker, linears)
+        else:
+            _log_held(tracker, 0)
         units: list[_Unit] = []  # with several ranks: solved together at the end
         submit = units.append if distributed.active() else _Unit.run
         batches = _ExpertBatches()
@@ -745,7 +747,10 @@ class GPTQ:
         """The experts' solves in batches of `expert_batch` (or as many as fit), each batch's
         Hessians held by one rank."""
         for bucket in batches.pop_all():
-            for jobs in _by_owner(bucket):
+            by_owner = _by_owner(bucket)
+            bucket.clear()  # each batch's Hessians are freed once it is solved
+            while by_owner:
+                jobs = by_owner.pop(0)
                 size = self.expert_batch or self._fitting(_solve_bytes(jobs[0].stack, linears))
                 while jobs:
                     chunk, jobs = jobs[:size], jobs[size:]
@@ -1111,15 +1116,7 @@ def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) ->
         tracker._accumulate_stash(name)
     kept = sum(t.numel() * t.element_size() for ts in tracker.stash.values() for t in ts)
     _send_routed(tracker, routed, linears)
-    held = sum(
-        a.sum.numel() * a.sum.element_size() for a in tracker.acc.values() if a.sum is not None
-    )
-    log.info(
-        "rank %d GPTQ Hessians: %d bytes held, %d bytes of routed inputs sent to their experts",
-        distributed.context().rank,
-        held,
-        kept,
-    )
+    _log_held(tracker, kept)
     for name in leaders:
         if name in routed and routed[name] != distributed.context().rank:
             tracker.acc[name] = HessianAccumulator.held_by(routed[name], linears[name].in_features)
@@ -1132,6 +1129,18 @@ def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) ->
     counts = distributed.all_sum_ints([tracker.acc[n].count for n in leaders])
     for name, count in zip(leaders, counts):
         tracker.acc[name].count = count
+
+
+def _log_held(tracker: _InputTracker, kept: int) -> None:
+    """The Hessian bytes this rank holds at the layer's end (and the routed inputs it kept
+    for other ranks' experts)."""
+    sums = [a.sum for a in tracker.acc.values() if a.sum is not None]
+    log.info(
+        "rank %d GPTQ Hessians: %d bytes held, %d bytes of routed inputs sent to their experts",
+        distributed.context().rank,
+        sum(t.numel() * t.element_size() for t in sums),
+        kept,
+    )
 
 
 def _expert_owners(linears: Mapping[str, QuantLinear]) -> dict[str, int]:
