@@ -126,15 +126,23 @@ def _held(stderr: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("routed", [True, False], ids=["routed", "all-experts"])
-def test_expert_parallel_two_ranks_equal_one_process(tmp_path, one_thread, routed):
+@pytest.mark.parametrize(
+    "routed, samples, seq_len, split",
+    [(True, 8, 32, True), (False, 8, 32, True), (False, 32, 64, False)],
+    ids=["routed", "all-experts", "inputs-outweigh-hessians"],
+)
+def test_expert_parallel_two_ranks_equal_one_process(
+    tmp_path, one_thread, routed, samples, seq_len, split
+):
     """--expert-parallel: each expert's Hessians summed and solved on one rank from the
     routed inputs the other rank sends: the one-process checkpoint, fewer Hessian bytes per
     rank than data parallelism (all-expert calibration: the shared gate/up input stays data
-    parallel, the down_proj inputs are routed)."""
+    parallel, the down_proj inputs are routed). Once a rank's kept inputs of an expert
+    outweigh its Hessian it sums them itself: data parallel again, same bytes and output."""
     root = make_checkpoint(tmp_path, 2, moe=True)
     wide = GPTQOptions(hessian_dtype="float64")
     calib = {**CALIB, "calib_batch_size": 2, "calib_data": root / "calib.txt"}
+    calib |= {"calib_samples": samples, "calib_seq_len": seq_len}
     one = quantize_checkpoint(
         root / "m",
         root / "one",
@@ -145,6 +153,7 @@ def test_expert_parallel_two_ranks_equal_one_process(tmp_path, one_thread, route
         **calib,
     )
     mode = ("--no-calibrate-all-experts",) if routed else ()
+    mode += ("--calib-samples", str(samples), "--calib-seq-len", str(seq_len))
     ep = torchrun(root, "ep", "w4a16", True, flags=("--expert-parallel", *mode))
     assert ep.returncode == 0, ep.stderr[-3000:]
     assert_same_checkpoint(one, root / "ep")
@@ -153,8 +162,12 @@ def test_expert_parallel_two_ranks_equal_one_process(tmp_path, one_thread, route
     held_ep, held_dp = _held(ep.stderr), _held(dp.stderr)
     assert sorted(held_ep) == sorted(held_dp) == [0, 1]
     for rank in (0, 1):
-        assert held_ep[rank][0] < held_dp[rank][0], (held_ep, held_dp)
-        assert held_ep[rank][1] > 0 and held_dp[rank][1] == 0
+        if split:
+            assert held_ep[rank][0] < held_dp[rank][0], (held_ep, held_dp)
+            assert held_ep[rank][1] > 0
+        else:
+            assert held_ep[rank] == (held_dp[rank][0], 0), (held_ep, held_dp)
+        assert held_dp[rank][1] == 0
 
 
 def test_killed_rank_fails_clearly_and_resumes(tiny, one_thread):

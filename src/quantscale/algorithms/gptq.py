@@ -597,6 +597,7 @@ class _InputTracker:
         # rank's expert are kept (`stash`, one tensor a batch) and sent to it at the end
         self.owner = dict(expert_owner or {})
         self.stash: dict[str, list[torch.Tensor]] = {}
+        self.summed: set[str] = set()  # another rank's experts summed here after all
         self._rank = distributed.context().rank
         self._recent: list[tuple[weakref.ref, str]] = []
         self._handles: list = []
@@ -626,7 +627,7 @@ class _InputTracker:
                 self._accumulate_stash(found)  # an input shared across experts: data parallel
             if leader == name:
                 if self._elsewhere(name):
-                    self.stash.setdefault(name, []).append(x.detach())
+                    self._keep(name, x.detach())
                 else:
                     self._accumulator(name, x.shape[-1], x.device).add(x)
                 self._recent.append((weakref.ref(x), name))
@@ -646,9 +647,19 @@ class _InputTracker:
     def _one_expert(self, a: str, b: str) -> bool:
         return expert_of(a) == expert_of(b)
 
+    def _keep(self, name: str, x: torch.Tensor) -> None:
+        """Keep another rank's expert input, until the kept inputs would outweigh its
+        Hessian: then sum them here (that expert's Hessian is then reduced as any other)."""
+        kept = self.stash.setdefault(name, [])
+        kept.append(x)
+        columns = x.shape[-1]
+        if sum(t.numel() * t.element_size() for t in kept) > columns**2 * self.dtype.itemsize:
+            self._accumulate_stash(name)
+
     def _accumulate_stash(self, name: str) -> None:
         """Sum the kept inputs of `name` here after all (its input is shared beyond one
-        expert, so its Hessian is reduced across ranks as any other)."""
+        expert, or outweighs its Hessian: reduced across ranks as any other Hessian)."""
+        self.summed.add(name)
         kept = self.stash.pop(name)
         with torch.inference_mode():  # the sums calibration made are inference tensors
             acc = self._accumulator(name, kept[0].shape[-1], kept[0].device)
@@ -1102,7 +1113,9 @@ def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) ->
     expert's kept inputs summed on its owner (`_send_routed`), an (empty) accumulator wherever
     another rank has one, and every count the total over ranks."""
     leader: dict[str, str] = {}
-    for other in distributed.gather_objects(tracker.leader):
+    summed: set[str] = set()
+    for other, theirs in distributed.gather_objects((tracker.leader, sorted(tracker.summed))):
+        summed.update(theirs)
         for name, lead in other.items():
             if leader.setdefault(name, lead) != lead:
                 raise QuantscaleError(
@@ -1111,7 +1124,7 @@ def _share_counts(tracker: _InputTracker, linears: Mapping[str, QuantLinear]) ->
                 )
     tracker.leader = leader
     leaders = sorted(set(leader.values()))
-    routed = _routed_leaders(tracker, leaders)
+    routed = _routed_leaders(tracker, [n for n in leaders if n not in summed])
     for name in [n for n in tracker.stash if n not in routed]:
         tracker._accumulate_stash(name)
     kept = sum(t.numel() * t.element_size() for ts in tracker.stash.values() for t in ts)
