@@ -43,7 +43,7 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
     Covers the seed's experiments: percentile alpha, EMA sigma, observer kind on the SSM
     input, Quamba2 group counts, first/last layers kept in float, conv1d left in float, and
     out_proj's input left in float (the largest error on the fixtures), and Quamba's Hadamard
-    on that input (`-hadamard`).
+    on that input (`-hadamard`); Quamba2's weight side (`w4_settings`).
     """
     q1, q2 = MambaRecipe(method="quamba1"), MambaRecipe(method="quamba2")
     conv_off = {p: PointRule(quantize=False) for p in ("conv1d.weight", "conv1d.input")}
@@ -69,7 +69,29 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
         "quamba2-percentile": q2.model_copy(
             update={"points": _x_rule("percentile", alpha=0.99999, sigma=0.01)}
         ),
+        **w4_settings(q2),
     }
+
+
+W4_GROUP = 128
+MIXED_BUDGET = 1  # blocks kept W4A16 by the mixed setting (1 of the fixtures' 4)
+
+
+def w4_settings(base: MambaRecipe) -> dict[str, MambaRecipe]:
+    """Quamba2's weight side, spelled as the LLM schemes and methods: `quamba2-W4A8-rtn`,
+    `-W4A8-gptq`, `-W4A16-rtn`, `-W4A16-gptq` (int4 in_proj / x_proj / out_proj in groups of
+    128 input columns; W4A8 keeps Quamba2's static INT8 activations, conv1d and dt_proj in
+    INT8, W4A16 all of them float) and `quamba2-W4A8-W4A16-gptq`: W4A8 but the
+    `MIXED_BUDGET` blocks most sensitive to W4A8 at W4A16."""
+    w4 = base.model_copy(update={"weight_bits": 4, "weight_group_size": W4_GROUP})
+    out = {}
+    for scheme, act_bits in (("W4A8", 8), ("W4A16", 16)):
+        for method in ("rtn", "gptq"):
+            update = {"activation_bits": act_bits, "weight_method": method}
+            out[f"quamba2-{scheme}-{method}"] = w4.model_copy(update=update)
+    update = {"weight_method": "gptq", "a16_budget": MIXED_BUDGET}
+    out["quamba2-W4A8-W4A16-gptq"] = w4.model_copy(update=update)
+    return out
 
 
 def _x_setting(
