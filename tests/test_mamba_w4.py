@@ -150,3 +150,27 @@ def test_w4_settings_are_named():
             assert (recipe.activation_bits, recipe.weight_method) == (act_bits, method)
     mixed = settings["quamba2-W4A8-W4A16-gptq"]
     assert mixed is not None and mixed.a16_budget == 1 and mixed.weight_group_size == 128
+
+
+def test_quantize_command_w4_schemes(tmp_path):
+    """`quantscale quantize DIR OUT --scheme W4A16 --method gptq` writes a Quamba checkpoint
+    with int4 GPTQ projections that reloads to the same outputs as the model it came from."""
+    from test_mamba_quant import _tiny_checkpoint
+
+    from quantscale import cli
+    from quantscale.mamba.fixtures import load_mamba
+    from quantscale.mamba.quantize import calibration_token_batches, scheme_recipe
+
+    model_dir, calib, tokens = _tiny_checkpoint(tmp_path)
+    calib_args = ["--calib-samples", "6", "--calib-seq-len", "32", "--calib-data", str(calib)]
+    out = tmp_path / "w4"
+    argv = ["quantize", str(model_dir), str(out), "--scheme", "W4A16", "--method", "gptq"]
+    assert cli.main([*argv, *calib_args]) == 0
+    loaded = load_quantized(out)
+    recipe = MambaRecipe.model_validate(loaded.config.quantization_config["recipe"])
+    assert (recipe.weight_bits, recipe.activation_bits, recipe.weight_method) == (4, 16, "gptq")
+    model, tokenizer = load_mamba(str(model_dir))
+    recipe = scheme_recipe("W4A16", "gptq").with_options(n_samples=6, seq_len=32)
+    quantize_mamba(model, calibration_token_batches(tokenizer, recipe, str(calib)), recipe)
+    ids = tokens[None, :64]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=0, rtol=0)

@@ -22,10 +22,12 @@ from quantscale.errors import QuantscaleError
 from quantscale.mamba.fixtures import load_mamba, require_tokenizer
 from quantscale.mamba.mixers import MambaRecipe, PointRule
 from quantscale.mamba.quantize import (
+    W4_SCHEMES,
     calibration_token_batches,
     quantize_mamba,
     quantized_mixers,
     run_batches,
+    scheme_recipe,
 )
 from quantscale.observers import PercentileObserver, get_observer
 
@@ -69,29 +71,26 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
         "quamba2-percentile": q2.model_copy(
             update={"points": _x_rule("percentile", alpha=0.99999, sigma=0.01)}
         ),
-        **w4_settings(q2),
+        **w4_settings(),
     }
 
 
-W4_GROUP = 128
 MIXED_BUDGET = 1  # blocks kept W4A16 by the mixed setting (1 of the fixtures' 4)
 
 
-def w4_settings(base: MambaRecipe) -> dict[str, MambaRecipe]:
-    """Quamba2's weight side, spelled as the LLM schemes and methods: `quamba2-W4A8-rtn`,
-    `-W4A8-gptq`, `-W4A16-rtn`, `-W4A16-gptq` (int4 in_proj / x_proj / out_proj in groups of
-    128 input columns; W4A8 keeps Quamba2's static INT8 activations, conv1d and dt_proj in
-    INT8, W4A16 all of them float) and `quamba2-W4A8-W4A16-gptq`: W4A8 but the
-    `MIXED_BUDGET` blocks most sensitive to W4A8 at W4A16."""
-    w4 = base.model_copy(update={"weight_bits": 4, "weight_group_size": W4_GROUP})
-    out = {}
-    for scheme, act_bits in (("W4A8", 8), ("W4A16", 16)):
-        for method in ("rtn", "gptq"):
-            update = {"activation_bits": act_bits, "weight_method": method}
-            out[f"quamba2-{scheme}-{method}"] = w4.model_copy(update=update)
-    update = {"weight_method": "gptq", "a16_budget": MIXED_BUDGET}
-    out["quamba2-W4A8-W4A16-gptq"] = w4.model_copy(update=update)
-    return out
+def w4_settings() -> dict[str, MambaRecipe]:
+    """Quamba2's weight side, spelled as the LLM schemes and methods (`scheme_recipe`):
+    `quamba2-W4A8-rtn`, `-W4A8-gptq`, `-W4A16-rtn`, `-W4A16-gptq` (int4 in_proj / x_proj /
+    out_proj in groups of 128 input columns; W4A8 keeps Quamba2's static INT8 activations,
+    conv1d and dt_proj in INT8, W4A16 all of them float) and `quamba2-W4A8-W4A16-gptq`:
+    W4A8 but the `MIXED_BUDGET` blocks most sensitive to W4A8 at W4A16."""
+    out = {
+        f"quamba2-{scheme}-{method}": scheme_recipe(scheme, method)
+        for scheme in W4_SCHEMES
+        for method in ("rtn", "gptq")
+    }
+    mixed = scheme_recipe("W4A8", "gptq").with_options(a16_budget=MIXED_BUDGET)
+    return {**out, "quamba2-W4A8-W4A16-gptq": mixed}
 
 
 def _x_setting(

@@ -253,16 +253,38 @@ def most_sensitive(scores: dict[int, float], recipe: MambaRecipe) -> list[int]:
     return sorted(ranked[:budget])
 
 
-def scheme_recipe(scheme: str | os.PathLike) -> MambaRecipe:
-    """The MambaRecipe of a scheme: "W8A8" (the default Quamba1 recipe) or a recipe file."""
+W4_GROUP = 128
+W4_SCHEMES = {"W4A8": 8, "W4A16": 16}  # scheme -> activation bits (Quamba2's weight side)
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+def scheme_recipe(scheme: str | os.PathLike, method: str | None = None) -> MambaRecipe:
+    """The MambaRecipe of a scheme: "W8A8" (the default Quamba1 recipe), "W4A8" / "W4A16"
+    (Quamba2 with int4 in_proj / x_proj / out_proj in groups of `W4_GROUP` input columns;
+    W4A16: float activations) or a recipe file; `method` "rtn" / "gptq" sets the weight
+    method."""
+    if method is not None and method not in WEIGHT_METHODS:
+        raise QuantscaleError(
+            f"method {method!r} does not apply to a Mamba model; use one of {WEIGHT_METHODS}"
+        )
     if scheme == SCHEME_W8A8:
-        return MambaRecipe()
-    if Path(scheme).suffix.lower() in (".yaml", ".yml", ".json") or Path(scheme).is_file():
-        return read_recipe(scheme)
-    raise QuantscaleError(
-        f"scheme {os.fspath(scheme)!r} is not supported for Mamba models; use "
-        f"{SCHEME_W8A8!r} (Quamba static INT8) or a MambaRecipe YAML file"
-    )
+        recipe = MambaRecipe()
+    elif scheme in W4_SCHEMES:
+        recipe = MambaRecipe(
+            method="quamba2",
+            weight_bits=4,
+            weight_group_size=W4_GROUP,
+            activation_bits=W4_SCHEMES[str(scheme)],
+        )
+    elif Path(scheme).suffix.lower() in (".yaml", ".yml", ".json") or Path(scheme).is_file():
+        recipe = read_recipe(scheme)
+    else:
+        raise QuantscaleError(
+            f"scheme {os.fspath(scheme)!r} is not supported for Mamba models; use "
+            f"{SCHEME_W8A8!r} (Quamba static INT8), {' / '.join(map(repr, W4_SCHEMES))} "
+            "(Quamba2 int4 weights) or a MambaRecipe YAML file"
+        )
+    return recipe.with_options(weight_method=method)
 
 
 def calibration_token_batches(
@@ -294,12 +316,14 @@ def quantize_mamba_checkpoint(
     calib_data: str | os.PathLike | torch.Tensor | None = None,
     overwrite: bool = False,
     rotate: str | None = None,
+    method: str | None = None,
 ) -> Path:
     """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
     on `calib_samples` windows of `calib_seq_len` tokens (of `calib_data`, default the
     Wikipedia calibration split) and save it to `out`; returns the written directory.
-    `rotate` ('hadamard'): the out_proj input Hadamard (the recipe's `rotate`)."""
-    recipe = scheme_recipe(scheme).with_options(
+    `rotate` ('hadamard'): the out_proj input Hadamard (the recipe's `rotate`); `method`:
+    the weight method ('rtn' / 'gptq', `scheme_recipe`)."""
+    recipe = scheme_recipe(scheme, method).with_options(
         n_samples=calib_samples, seq_len=calib_seq_len, rotate=rotate
     )
     return quantize_and_save(model_dir, out, recipe, calib_data, overwrite)
