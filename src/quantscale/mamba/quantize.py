@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -254,7 +254,7 @@ def most_sensitive(scores: dict[int, float], recipe: MambaRecipe) -> list[int]:
 
 
 W4_GROUP = 128
-W4_SCHEMES = {"W4A8": 8, "W4A16": 16}  # scheme -> activation bits (Quamba2's weight side)
+W4_SCHEMES: dict[str, Literal[8, 16]] = {"W4A8": 8, "W4A16": 16}  # scheme -> activation bits
 WEIGHT_METHODS = ("rtn", "gptq")
 
 
