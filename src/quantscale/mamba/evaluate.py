@@ -229,6 +229,10 @@ def _evaluate_one(
     row = measure(model, tokenizer, n_tokens, n_items)
     row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, ids))
     row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [ids])
+    qcfg = getattr(model.config, "quantization_config", None) or {}
+    if "block_sensitivity" in qcfg:  # a mixed W4A8 / W4A16 setting: what its scan chose
+        row["a16_layers"] = qcfg["recipe"]["a16_layers"]
+        row["block_sensitivity"] = qcfg["block_sensitivity"]
     return row
 
 
