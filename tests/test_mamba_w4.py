@@ -174,3 +174,25 @@ def test_quantize_command_w4_schemes(tmp_path):
     quantize_mamba(model, calibration_token_batches(tokenizer, recipe, str(calib)), recipe)
     ids = tokens[None, :64]
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=0, rtol=0)
+
+
+def test_gptq_on_quantized_inputs_uses_the_int8_round_trip(monkeypatch):
+    """gptq_inputs: quantized feeds GPTQ the static INT8 round trip of each projection's
+    input (what the W4A8 matmul multiplies), not the float input."""
+    import quantscale.mamba.quamba as quamba
+
+    seen = []
+    real = quamba.gptq_quantize
+    monkeypatch.setattr(
+        quamba, "gptq_quantize", lambda w, h, args: seen.append(h.clone()) or real(w, h, args)
+    )
+    models = [_w4("mamba", weight_method="gptq", gptq_inputs=g) for g in ("float", "quantized")]
+    n = len(seen) // 2
+    assert n == 2 * 3  # 2 blocks x (in_proj, x_proj, out_proj)
+    for h_float, h_quant in zip(seen[:n], seen[n:]):
+        assert not torch.equal(h_float, h_quant)
+        torch.testing.assert_close(
+            h_quant, h_float, rtol=0.2, atol=0.2 * float(h_float.abs().max())
+        )
+    w = [quantized_mixers(m)[0].in_proj.weight for m in models]
+    assert not torch.equal(w[0], w[1]) and int(w[1].abs().max()) <= 8

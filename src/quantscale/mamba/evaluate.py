@@ -82,13 +82,17 @@ def w4_settings() -> dict[str, MambaRecipe]:
     """Quamba2's weight side, spelled as the LLM schemes and methods (`scheme_recipe`):
     `quamba2-W4A8-rtn`, `-W4A8-gptq`, `-W4A16-rtn`, `-W4A16-gptq` (int4 in_proj / x_proj /
     out_proj in groups of 128 input columns; W4A8 keeps Quamba2's static INT8 activations,
-    conv1d and dt_proj in INT8, W4A16 all of them float) and `quamba2-W4A8-W4A16-gptq`:
+    conv1d and dt_proj in INT8, W4A16 all of them float), `quamba2-W4A8-gptq-qinputs` (GPTQ's
+    Hessians from the INT8-rounded inputs the W4A8 matmuls see) and `quamba2-W4A8-W4A16-gptq`:
     W4A8 but the `MIXED_BUDGET` blocks most sensitive to W4A8 at W4A16."""
     out = {
         f"quamba2-{scheme}-{method}": scheme_recipe(scheme, method)
         for scheme in W4_SCHEMES
         for method in ("rtn", "gptq")
     }
+    out["quamba2-W4A8-gptq-qinputs"] = out["quamba2-W4A8-gptq"].with_options(
+        gptq_inputs="quantized"
+    )
     mixed = scheme_recipe("W4A8", "gptq").with_options(a16_budget=MIXED_BUDGET)
     return {**out, "quamba2-W4A8-W4A16-gptq": mixed}
 

@@ -132,6 +132,7 @@ class MambaRecipe(BaseModel):
     weight_bits: Literal[4, 8] = 8  # in_proj / x_proj / out_proj (conv1d, dt_proj: 8)
     weight_group_size: int | None = None  # int4 input-column groups; None: per channel
     weight_method: Literal["rtn", "gptq"] = "rtn"
+    gptq_inputs: Literal["float", "quantized"] = "float"  # Hessians of x or of its INT8 qdq
     activation_bits: Literal[8, 16] = 8  # 16: float activations in every block (W4A16)
     a16_layers: list[int] = Field(default_factory=list)  # blocks with float activations
     a16_budget: int | None = None  # choose a16_layers: the k most sensitive blocks

@@ -174,7 +174,7 @@ def quantize_mamba(
     if any(len(m.acts) for m in mixers.values()):
         run_batches(model, batches, "calibration")
     if recipe.weight_method == "gptq":
-        _gptq_layers(model, batches, mixers)
+        _gptq_layers(model, batches, mixers, recipe.gptq_inputs == "quantized")
     for mixer in mixers.values():
         if mixer.mode != "int8":
             mixer.freeze()
@@ -185,10 +185,14 @@ def quantize_mamba(
 
 
 def _gptq_layers(
-    model: nn.Module, batches: Sequence[torch.Tensor], mixers: dict[int, QMixerBase]
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    mixers: dict[int, QMixerBase],
+    quantized_inputs: bool = False,
 ) -> None:
     """Freeze the mixers block by block, each block's projections by GPTQ on the Hessians of
-    the inputs that the blocks before it, already quantized, give it."""
+    the inputs that the blocks before it, already quantized, give it (`quantized_inputs`:
+    each input after its static INT8 round trip, as the W4A8 matmul sees it)."""
     for mixer in mixers.values():
         mixer.finish_activations()
         mixer.set_mode("float")
@@ -201,7 +205,8 @@ def _gptq_layers(
             linear = getattr(mixer, name, None)
             if isinstance(linear, QLinear) and linear.quantized:
                 acc = accs[name] = HessianAccumulator(linear.weight.shape[1])
-                handles.append(linear.register_forward_pre_hook(_hessian_hook(acc)))
+                hook = _hessian_hook(acc, quantized_inputs)
+                handles.append(linear.register_forward_pre_hook(hook))
         try:
             step.run()
         finally:
@@ -210,9 +215,12 @@ def _gptq_layers(
         mixer.freeze(hessians={name: acc.hessian() for name, acc in accs.items()})
 
 
-def _hessian_hook(acc: HessianAccumulator):
+def _hessian_hook(acc: HessianAccumulator, quantized: bool):
+    """A QLinear pre-hook (args: x, its input quantizer, mode) adding x to `acc`."""
+
     def hook(_module: nn.Module, args: tuple) -> None:
-        acc.add(args[0])
+        x, act = args[0], args[1]
+        acc.add(act.qdq(x) if quantized and act is not None else x)
 
     return hook
 
