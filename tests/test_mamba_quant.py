@@ -310,6 +310,8 @@ def test_quantize_mamba_checkpoint_schemes(tmp_path):
     model_dir, calib, _ = _tiny_checkpoint(tmp_path)
     with pytest.raises(QuantscaleError, match="'NVFP4' is not supported for Mamba.*'W8A8'"):
         quantize_mamba_checkpoint(model_dir, tmp_path / "q", "NVFP4")
+    with pytest.raises(QuantscaleError, match="method 'awq' does not apply to a Mamba"):
+        quantize_mamba_checkpoint(model_dir, tmp_path / "q", "W4A16", method="awq")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: quamba2\nhead_groups: 2\nchannel_groups: 2\n")
     out = quantize_mamba_checkpoint(

@@ -113,14 +113,17 @@ def test_mamba_models_take_the_quamba_path(tmp_path, monkeypatch):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
     with pytest.raises(QuantscaleError, match="quantized the Quamba way"):
-        quantize_checkpoint(tmp_path / "m", tmp_path / "o", "W8A8", method="gptq")
+        quantize_checkpoint(tmp_path / "m", tmp_path / "o", "W8A8", fmt="gguf")
     calls = []
     monkeypatch.setattr(mq, "quantize_mamba_checkpoint", lambda *a, **k: calls.append((a, k)))
-    quantize_checkpoint(tmp_path / "m", tmp_path / "o", "W8A8", calib_samples=4, calib_data="t")
+    quantize_checkpoint(
+        tmp_path / "m", tmp_path / "o", "W4A8", method="gptq", calib_samples=4, calib_data="t"
+    )
     assert calls == [
         (
-            (tmp_path / "m", tmp_path / "o", "W8A8"),
+            (tmp_path / "m", tmp_path / "o", "W4A8"),
             {
+                "method": "gptq",
                 "calib_samples": 4,
                 "calib_seq_len": 512,
                 "calib_data": "t",

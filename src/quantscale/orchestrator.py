@@ -340,7 +340,8 @@ def quantize_checkpoint(
     recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq', default gptq) and write
     it to `out` in format `fmt` (default compressed-tensors), calibrating on `calib_samples`
     windows of `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
-    Mamba / Mamba2 model is quantized the Quamba way (no method or format applies).
+    Mamba / Mamba2 model is quantized the Quamba way (method rtn / gptq for its weights; no
+    format applies).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
@@ -540,12 +541,11 @@ def _quantize_mamba(
         raise QuantscaleError(
             f"{model_dir}: a Mamba model calibrates on a text file or token ids [N, L]"
         )
-    if method is not None or fmt is not None:
+    if fmt is not None:
         raise QuantscaleError(
-            f"{model_dir}: a Mamba model is quantized the Quamba way; --method and --format "
-            "do not apply"
+            f"{model_dir}: a Mamba model is quantized the Quamba way; --format does not apply"
         )
-    return quantize_mamba_checkpoint(model_dir, out, scheme, **options)
+    return quantize_mamba_checkpoint(model_dir, out, scheme, method=method, **options)
 
 
 def _quantize_experts(

@@ -267,7 +267,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--scheme",
         default="fp8-block",
         help="fp8-block (streaming) or a preset (W4A16, NVFP4, W8A8, ...) or a recipe YAML/JSON; "
-        "a Mamba / Mamba2 model: W8A8 (Quamba) or a MambaRecipe YAML",
+        "a Mamba / Mamba2 model: W8A8 (Quamba), W4A8 / W4A16 (Quamba2 int4 weights, "
+        "--method rtn|gptq) or a MambaRecipe YAML",
     )
     p.add_argument("--block", type=parse_block, default=(128, 128), help="tile, e.g. 128x128")
     p.add_argument(

@@ -22,10 +22,12 @@ from quantscale.errors import QuantscaleError
 from quantscale.mamba.fixtures import load_mamba, require_tokenizer
 from quantscale.mamba.mixers import MambaRecipe, PointRule
 from quantscale.mamba.quantize import (
+    W4_SCHEMES,
     calibration_token_batches,
     quantize_mamba,
     quantized_mixers,
     run_batches,
+    scheme_recipe,
 )
 from quantscale.observers import PercentileObserver, get_observer
 
@@ -43,7 +45,7 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
     Covers the seed's experiments: percentile alpha, EMA sigma, observer kind on the SSM
     input, Quamba2 group counts, first/last layers kept in float, conv1d left in float, and
     out_proj's input left in float (the largest error on the fixtures), and Quamba's Hadamard
-    on that input (`-hadamard`).
+    on that input (`-hadamard`); Quamba2's weight side (`w4_settings`).
     """
     q1, q2 = MambaRecipe(method="quamba1"), MambaRecipe(method="quamba2")
     conv_off = {p: PointRule(quantize=False) for p in ("conv1d.weight", "conv1d.input")}
@@ -69,7 +71,30 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
         "quamba2-percentile": q2.model_copy(
             update={"points": _x_rule("percentile", alpha=0.99999, sigma=0.01)}
         ),
+        **w4_settings(),
     }
+
+
+MIXED_BUDGET = 1  # blocks kept W4A16 by the mixed setting (1 of the fixtures' 4)
+
+
+def w4_settings() -> dict[str, MambaRecipe]:
+    """Quamba2's weight side, spelled as the LLM schemes and methods (`scheme_recipe`):
+    `quamba2-W4A8-rtn`, `-W4A8-gptq`, `-W4A16-rtn`, `-W4A16-gptq` (int4 in_proj / x_proj /
+    out_proj in groups of 128 input columns; W4A8 keeps Quamba2's static INT8 activations,
+    conv1d and dt_proj in INT8, W4A16 all of them float), `quamba2-W4A8-gptq-qinputs` (GPTQ's
+    Hessians from the INT8-rounded inputs the W4A8 matmuls see) and `quamba2-W4A8-W4A16-gptq`:
+    W4A8 but the `MIXED_BUDGET` blocks most sensitive to W4A8 at W4A16."""
+    out = {
+        f"quamba2-{scheme}-{method}": scheme_recipe(scheme, method)
+        for scheme in W4_SCHEMES
+        for method in ("rtn", "gptq")
+    }
+    out["quamba2-W4A8-gptq-qinputs"] = out["quamba2-W4A8-gptq"].with_options(
+        gptq_inputs="quantized"
+    )
+    mixed = scheme_recipe("W4A8", "gptq").with_options(a16_budget=MIXED_BUDGET)
+    return {**out, "quamba2-W4A8-W4A16-gptq": mixed}
 
 
 def _x_setting(
@@ -208,6 +233,10 @@ def _evaluate_one(
     row = measure(model, tokenizer, n_tokens, n_items)
     row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, ids))
     row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [ids])
+    qcfg = getattr(model.config, "quantization_config", None) or {}
+    if "block_sensitivity" in qcfg:  # a mixed W4A8 / W4A16 setting: what its scan chose
+        row["a16_layers"] = qcfg["recipe"]["a16_layers"]
+        row["block_sensitivity"] = qcfg["block_sensitivity"]
     return row
 
 

@@ -3,7 +3,10 @@
 Points of a mixer (transformers' `MambaMixer` / `Mamba2Mixer`), by name:
 
 weights (symmetric INT8, per output channel by default)
-  in_proj.weight, conv1d.weight, out_proj.weight, and for Mamba1 x_proj.weight, dt_proj.weight
+  in_proj.weight, conv1d.weight, out_proj.weight, and for Mamba1 x_proj.weight, dt_proj.weight;
+  the projections (in_proj, x_proj, out_proj) take `weight_bits: 4` (Quamba2's W4A8 / W4A16:
+  symmetric int4, groups of `weight_group_size` input columns where they tile the input,
+  else per output channel), by round to nearest or GPTQ (`weight_method`)
 activations (static symmetric INT8 scales)
   in_proj.input    output of the block's RMSNorm
   conv1d.input     x (Mamba1) or xBC (Mamba2) from in_proj, before the causal conv
@@ -23,12 +26,17 @@ under 300M parameters), every other point min-max. Quamba2 (`method="quamba2"`):
 piecewise scales, one per (SSD group, head group, channel group) after clustering and
 reordering (see `quantscale.mamba.grouping`), ssm.B / ssm.C one scale per SSD group,
 min-max everywhere.
+
+W4A16 blocks (`activation_bits: 16`, or the `a16_layers` of a mixed W4A8 / W4A16 model) keep
+every activation point, conv1d and dt_proj in float: only the projections are quantized.
+`a16_budget: k` chooses those layers when quantizing: the k blocks whose loss rises most when
+that block alone is W4A8 (`quantize.block_sensitivity`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +78,8 @@ WEIGHT_POINTS: dict[str, tuple[str, ...]] = {
 OFF_BY_DEFAULT = ("norm.weight",)
 SMALL_MODEL_PARAMS = 300_000_000
 PIECEWISE_POINTS = ("ssm.x", "ssm.B", "ssm.C")
+PROJECTIONS = ("in_proj", "x_proj", "out_proj")  # the Linears `weight_bits` applies to
+A16_FLOAT_WEIGHTS = ("conv1d.weight", "dt_proj.weight")  # float in a W4A16 block
 
 
 def is_mamba_config(config: dict) -> bool:
@@ -119,17 +129,43 @@ class MambaRecipe(BaseModel):
     seq_len: int = 512
     batch_size: int = 8
     rotate: Literal["hadamard"] | None = None  # Quamba1's Hadamard on the out_proj input
+    weight_bits: Literal[4, 8] = 8  # in_proj / x_proj / out_proj (conv1d, dt_proj: 8)
+    weight_group_size: int | None = None  # int4 input-column groups; None: per channel
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    gptq_inputs: Literal["float", "quantized"] = "float"  # Hessians of x or of its INT8 qdq
+    activation_bits: Literal[8, 16] = 8  # 16: float activations in every block (W4A16)
+    a16_layers: list[int] = Field(default_factory=list)  # blocks with float activations
+    a16_budget: int | None = None  # choose a16_layers: the k most sensitive blocks
 
-    @field_validator("head_groups", "channel_groups", "n_samples", "seq_len", "batch_size")
+    @field_validator(
+        "head_groups", "channel_groups", "n_samples", "seq_len", "batch_size", "weight_group_size"
+    )
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @field_validator("a16_budget")
+    @classmethod
+    def _budget(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
+            raise ValueError(f"must be at least 0, got {v}")
         return v
 
     @property
     def piecewise(self) -> bool:
         return self.method == "quamba2"
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.weight_strategy, self.weight_bits, self.weight_group_size)
+
+    def a16_set(self, n_layers: int) -> set[int]:
+        """Indices of the blocks whose activations stay float (W4A16)."""
+        if self.activation_bits == 16:
+            return set(range(n_layers))
+        return {_layer_index(i, n_layers, "a16_layers") for i in self.a16_layers}
 
     def with_options(self, **fields: Any) -> MambaRecipe:
         """A validated copy with every field given a value (not None) replaced."""
@@ -145,6 +181,17 @@ def read_recipe(path: str | os.PathLike) -> MambaRecipe:
     if not file.is_file():
         raise QuantscaleError(f"recipe file {file} does not exist")
     return MambaRecipe.model_validate(yaml.safe_load(file.read_text()))
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a mixer's weights are stored: 8-bit `strategy` (channel / tensor) for all, or
+    `bits` 4 for the projections, in groups of `group_size` input columns (None: per output
+    channel; also where the groups do not tile the input)."""
+
+    strategy: WeightStrategy = "channel"
+    bits: int = 8
+    group_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,13 +246,26 @@ def resolve_points(kind: MambaKind, recipe: MambaRecipe, n_params: int) -> dict[
     return specs
 
 
+def layer_points(
+    specs: dict[str, PointSpec], kind: MambaKind, recipe: MambaRecipe, index: int, n_layers: int
+) -> dict[str, PointSpec]:
+    """The specs of block `index`: `specs`, or for a W4A16 block (`recipe.a16_set`) every
+    activation point, conv1d and dt_proj in float."""
+    if index not in recipe.a16_set(n_layers):
+        return specs
+    off = (*ACTIVATION_POINTS[kind], *A16_FLOAT_WEIGHTS)
+    return {n: replace(s, quantize=False) if n in off else s for n, s in specs.items()}
+
+
+def _layer_index(i: int, n_layers: int, field: str) -> int:
+    if not -n_layers <= i < n_layers:
+        raise QuantscaleError(f"{field} entry {i} is outside 0..{n_layers - 1}")
+    return i % n_layers
+
+
 def quantized_layers(n_layers: int, recipe: MambaRecipe) -> list[int]:
     """Indices of the layers to quantize (all but `recipe.float_layers`, negatives allowed)."""
-    skip = set()
-    for i in recipe.float_layers:
-        if not -n_layers <= i < n_layers:
-            raise QuantscaleError(f"float_layers entry {i} is outside 0..{n_layers - 1}")
-        skip.add(i % n_layers)
+    skip = {_layer_index(i, n_layers, "float_layers") for i in recipe.float_layers}
     return [i for i in range(n_layers) if i not in skip]
 
 

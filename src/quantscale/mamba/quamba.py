@@ -9,11 +9,14 @@ static scales as a whole sequence). A mixer moves through modes:
 - ``float``: float weights, no quantization (equal to transformers' mixer up to rounding;
   Mamba1's scan runs as a chunked parallel scan instead of a per-token loop);
 - ``calibrate``: as float, and every quantized activation point feeds its observers;
-- after `freeze()`: INT8 weights (`weight`, int8) with float32 `weight_scale`, and float32
-  activation scales (`acts.<point>.scale`, one per tensor or one per channel group with
-  `acts.<point>.group_id` mapping channels to groups). Then ``int8`` (the default) runs
-  in_proj, x_proj, dt_proj and out_proj as real INT8 matmuls (`torch._int_mm`, int32
-  accumulation) and conv1d on the INT8 values, and ``fake`` is the reference: every
+- after `freeze()`: INT8 weights (`weight`, int8) with float32 `weight_scale` ([out, 1] per
+  channel, [1, 1] per tensor; Quamba2's int4 projections: values in [-8, 7] held as int8,
+  `weight_scale` [out, in / group] or [out, 1]), rounded to nearest or by GPTQ from the
+  Hessian of the calibration inputs (`freeze(hessians=...)`), and float32 activation scales
+  (`acts.<point>.scale`, one per tensor or one per channel group with `acts.<point>.group_id`
+  mapping channels to groups). Then ``int8`` (the default) runs in_proj, x_proj, dt_proj and
+  out_proj as real INT8 matmuls (`torch._int_mm`, int32 accumulation, one per run of equal
+  input and weight scales) and conv1d on the INT8 values, and ``fake`` is the reference: every
   quantized tensor is quantized and dequantized with the same scales and float ops are used.
   The SSM consumes dequantized INT8 x, B, C, dt and z in both. Neither mode computes any
   statistic at run time.
@@ -33,10 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantscale.algorithms.gptq import gptq_quantize
+from quantscale.algorithms.rtn import rtn_weight
 from quantscale.errors import QuantscaleError
 from quantscale.formats.intq import dequantize_int, quantize_int
 from quantscale.mamba.grouping import group_runs
-from quantscale.mamba.mixers import ACTIVATION_POINTS, MambaKind, PointSpec, WeightStrategy
+from quantscale.mamba.mixers import (
+    ACTIVATION_POINTS,
+    MambaKind,
+    PointSpec,
+    WeightFormat,
+)
 from quantscale.observers import Observer, get_observer
 from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
 from quantscale.runtime.hadamard import apply_hadamard, hadamard
@@ -174,13 +184,37 @@ def _observer_scale(obs: Observer) -> torch.Tensor:
     return compute_qparams(_ACT_ARGS, mn, mx).scale.reshape(())
 
 
-def quantize_weight(w: torch.Tensor, strategy: Strategy) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric INT8 weight [out, ...] -> (int8 weight, float32 scale [out, 1] or [1])."""
-    args = QuantArgs(num_bits=8, strategy=strategy)
+def weight_args(fmt: WeightFormat, in_features: int, projection: bool) -> QuantArgs:
+    """The QuantArgs of one weight: int4 for a projection when `fmt.bits` is 4 (groups of
+    `fmt.group_size` input columns where they tile `in_features`, else per output channel),
+    otherwise INT8 with `fmt.strategy`."""
+    if not (projection and fmt.bits == 4):
+        return QuantArgs(num_bits=8, strategy=fmt.strategy)
+    g = fmt.group_size
+    if g is not None and g <= in_features and in_features % g == 0:
+        return QuantArgs(num_bits=4, strategy="group", group_size=g)
+    return QuantArgs(num_bits=4, strategy="channel")
+
+
+def quantize_weight(
+    w: torch.Tensor, args: QuantArgs | Strategy, hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric weight [out, ...] -> (int8-typed codes, float32 scale [out, groups] or
+    [1, 1]). INT8: min-max (amax / 127); int4: min-max on the full code range (amax / 7.5,
+    `rtn.rtn_weight`), or GPTQ with `hessian` [in, in] (as the LLM path quantizes)."""
+    args = QuantArgs(num_bits=8, strategy=args) if isinstance(args, str) else args
     rows = w.detach().float().reshape(w.shape[0], -1)
-    mn, mx = reduce_minmax(rows, args, WEIGHT)
-    qp = compute_qparams(args, mn, mx)
-    return quantize(rows, args, qp).reshape(w.shape), qp.scale.float().reshape(-1, 1)
+    if hessian is not None:
+        result = gptq_quantize(rows, hessian, args)
+        w_hat, qp = result.weight, result.qparams
+    elif args.num_bits == 8:
+        mn, mx = reduce_minmax(rows, args, WEIGHT)
+        w_hat, qp = rows, compute_qparams(args, mn, mx)
+    else:
+        w_hat, qp = rtn_weight(rows, args)
+    q = quantize(w_hat, args, qp).reshape(w.shape)
+    scale = qp.scale.float()
+    return q, scale.reshape(rows.shape[0], -1) if scale.numel() > 1 else scale.reshape(1, 1)
 
 
 class _QWeight(nn.Module):
@@ -191,25 +225,33 @@ class _QWeight(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(
-        self, module: nn.Linear | nn.Conv1d, quantized: bool, strategy: WeightStrategy
+        self,
+        module: nn.Linear | nn.Conv1d,
+        quantized: bool,
+        fmt: WeightFormat,
+        projection: bool = False,
     ) -> None:
         super().__init__()
         self.weight = _as_float_param(module.weight)
         self.bias = None if module.bias is None else _as_float_param(module.bias)
-        self.quantized, self.strategy, self.frozen = quantized, strategy, False
+        self.quantized, self.frozen = quantized, False
+        in_features = self.weight[0].numel()
+        self.args = weight_args(fmt, in_features, projection)
 
-    def freeze(self, placeholder: bool = False) -> None:
-        """Quantize the weight (or, for loading, allocate empty INT8 buffers)."""
+    def freeze(self, placeholder: bool = False, hessian: torch.Tensor | None = None) -> None:
+        """Quantize the weight, by GPTQ given the `hessian` of its inputs (or, for loading,
+        allocate empty buffers)."""
         self.frozen = True
         if not self.quantized:
             return
         w = self.weight
         if placeholder:
             q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-            rows = w.shape[0] if self.strategy == "channel" else 1
-            scale = torch.empty(rows, 1, dtype=torch.float32, device=w.device)
+            rows = 1 if self.args.strategy == "tensor" else w.shape[0]
+            groups = w[0].numel() // (self.args.group_size or w[0].numel())
+            scale = torch.empty(rows, groups, dtype=torch.float32, device=w.device)
         else:
-            q, scale = quantize_weight(w, self.strategy)
+            q, scale = quantize_weight(w, self.args, hessian)
         del self.weight
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale)
@@ -218,7 +260,12 @@ class _QWeight(nn.Module):
         """The float weight, or the dequantized INT8 weight once frozen."""
         if not (self.frozen and self.quantized):
             return self.weight
-        scale = self.weight_scale.reshape(-1, *([1] * (self.weight.ndim - 1)))
+        scale = self.weight_scale
+        if scale.shape[1] > 1:  # int4 input-column groups
+            return self.weight.float() * scale.repeat_interleave(
+                self.weight.shape[1] // scale.shape[1], 1
+            )
+        scale = scale.reshape(-1, *([1] * (self.weight.ndim - 1)))
         return self.weight.float() * scale
 
 
@@ -236,39 +283,64 @@ class QLinear(_QWeight):
         self, x: torch.Tensor, act: ActQuant | None, mode: Mode, use_bias: bool = True
     ) -> torch.Tensor:
         bias = self.bias if use_bias else None
-        if mode in ("float", "calibrate"):
-            return F.linear(x, self.weight, bias)
+        if mode in ("float", "calibrate"):  # (GPTQ runs later layers on earlier frozen ones)
+            return F.linear(x, self.float_weight(), bias)
         if mode == "int8" and act is not None and self.quantized:
             return self._int8(x, act, bias)
         x_in = act.qdq(x) if act is not None else x
         return F.linear(x_in, self.float_weight(), bias)
 
     def _int8(self, x: torch.Tensor, act: ActQuant, bias: torch.Tensor | None) -> torch.Tensor:
-        """INT8 x INT8 -> INT32 matmul per contiguous run of equal input scales."""
+        """INT8 x INT8 -> INT32 matmul per contiguous run of equal input scales (and, for
+        int4 groups, of equal weight scales)."""
         q = act.quantize(x).reshape(-1, x.shape[-1])
         w_t = self.weight.t()
-        if act.group_id is None:
+        if act.group_id is None and self.weight_scale.shape[1] == 1:
             acc = torch._int_mm(q, w_t).float() * act.scale
         else:
             acc = functools.reduce(
                 operator.add,
                 (
-                    torch._int_mm(q[:, s:e].contiguous(), w_t[s:e].contiguous()).float()
-                    * act.scale[g]
-                    for s, e, g in group_runs(act.group_id)
+                    torch._int_mm(q[:, s:e].contiguous(), w_t[s:e].contiguous()).float() * scale
+                    for s, e, scale in self._runs(act)
                 ),
             )
+            if self.weight_scale.shape[1] > 1:  # the weight scales are in the runs' scales
+                return _add_bias(acc, bias).reshape(*x.shape[:-1], -1)
         out = acc * self.weight_scale.reshape(1, -1)
-        if bias is not None:
-            out = out + bias
-        return out.reshape(*x.shape[:-1], -1)
+        return _add_bias(out, bias).reshape(*x.shape[:-1], -1)
+
+    def _runs(self, act: ActQuant) -> list[tuple[int, int, torch.Tensor]]:
+        """(start, end, scale) of the input columns' runs of one activation scale, split at
+        the weight's group boundaries; scale: the activation scale, times the group's
+        weight scales [out] when the weight has groups."""
+        width = self.weight.shape[1]
+        if act.group_id is None:
+            runs = [(0, width, 0)]
+        else:
+            runs = group_runs(act.group_id)
+        groups = self.weight_scale.shape[1]
+        if groups == 1:
+            return [(s, e, act.scale[g]) for s, e, g in runs]
+        size = width // groups
+        out = []
+        for start, end, g in runs:
+            while start < end:
+                stop = min(end, (start // size + 1) * size)
+                out.append((start, stop, act.scale[g] * self.weight_scale[:, start // size]))
+                start = stop
+        return out
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 class QConv1d(_QWeight):
     """Depthwise causal conv1d with an INT8 weight per channel."""
 
-    def __init__(self, conv: nn.Conv1d, quantized: bool, strategy: WeightStrategy) -> None:
-        super().__init__(conv, quantized, strategy)
+    def __init__(self, conv: nn.Conv1d, quantized: bool, fmt: WeightFormat) -> None:
+        super().__init__(conv, quantized, fmt)
         self.kernel = conv.kernel_size[0]
 
     def forward(
@@ -396,6 +468,7 @@ class QMixerBase(nn.Module):
     def __init__(self, specs: dict[str, PointSpec], layer_idx: int) -> None:
         super().__init__()
         self.rotate = False
+        self._acts_done = False
         self.specs = specs
         self.layer_idx = layer_idx
         self.mode: Mode = "float"
@@ -475,17 +548,30 @@ class QMixerBase(nn.Module):
                 act.start(self.specs[point])
         self.set_mode("calibrate")
 
-    def freeze(self, placeholder: bool = False) -> None:
-        """Static scales from the observers and INT8 weights; mode becomes int8.
+    def finish_activations(self) -> None:
+        """Static activation scales from the observers (the weights stay float)."""
+        for act in self._act_quants():
+            act.channel_amax = None
+            act.finish()
+        self._acts_done = True
+
+    def freeze(
+        self, placeholder: bool = False, hessians: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Static scales from the observers (unless `finish_activations` ran) and INT8 (or
+        int4) weights, by GPTQ for those named in `hessians` (weight name -> Hessian of its
+        inputs), else rounded to nearest; mode becomes int8.
 
         `placeholder=True` allocates the buffers only (to load a saved state dict).
         """
-        for act in self._act_quants():
-            act.channel_amax = None
-            if not placeholder:
-                act.finish()
-        for module in self._weights():
-            module.freeze(placeholder)
+        if placeholder:
+            for act in self._act_quants():
+                act.channel_amax = None
+        elif not self._acts_done:
+            self.finish_activations()
+        for name, module in self.named_children():
+            if isinstance(module, _QWeight):
+                module.freeze(placeholder, (hessians or {}).get(name))
         self.mode = "int8"
 
     def _act_quants(self) -> list[ActQuant]:
@@ -520,16 +606,14 @@ class QMambaMixer(QMixerBase):
 
     kind = "mamba"
 
-    def __init__(
-        self, mixer: MambaMixer, specs: dict[str, PointSpec], strategy: WeightStrategy
-    ) -> None:
+    def __init__(self, mixer: MambaMixer, specs: dict[str, PointSpec], fmt: WeightFormat) -> None:
         super().__init__(specs, mixer.layer_idx)
         w = specs
-        self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, strategy)
-        self.conv1d = QConv1d(mixer.conv1d, w["conv1d.weight"].quantize, strategy)
-        self.x_proj = QLinear(mixer.x_proj, w["x_proj.weight"].quantize, strategy)
-        self.dt_proj = QLinear(mixer.dt_proj, w["dt_proj.weight"].quantize, strategy)
-        self.out_proj = QLinear(mixer.out_proj, w["out_proj.weight"].quantize, strategy)
+        self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, fmt, True)
+        self.conv1d = QConv1d(mixer.conv1d, w["conv1d.weight"].quantize, fmt)
+        self.x_proj = QLinear(mixer.x_proj, w["x_proj.weight"].quantize, fmt, True)
+        self.dt_proj = QLinear(mixer.dt_proj, w["dt_proj.weight"].quantize, fmt)
+        self.out_proj = QLinear(mixer.out_proj, w["out_proj.weight"].quantize, fmt, True)
         self.A_log = _as_float_param(mixer.A_log)
         self.D = _as_float_param(mixer.D)
         self.rank = mixer.time_step_rank
@@ -582,14 +666,12 @@ class QMamba2Mixer(QMixerBase):
 
     kind = "mamba2"
 
-    def __init__(
-        self, mixer: Mamba2Mixer, specs: dict[str, PointSpec], strategy: WeightStrategy
-    ) -> None:
+    def __init__(self, mixer: Mamba2Mixer, specs: dict[str, PointSpec], fmt: WeightFormat) -> None:
         super().__init__(specs, mixer.layer_idx)
         w = specs
-        self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, strategy)
-        self.conv1d = QConv1d(mixer.conv1d, w["conv1d.weight"].quantize, strategy)
-        self.out_proj = QLinear(mixer.out_proj, w["out_proj.weight"].quantize, strategy)
+        self.in_proj = QLinear(mixer.in_proj, w["in_proj.weight"].quantize, fmt, True)
+        self.conv1d = QConv1d(mixer.conv1d, w["conv1d.weight"].quantize, fmt)
+        self.out_proj = QLinear(mixer.out_proj, w["out_proj.weight"].quantize, fmt, True)
         self.A_log = _as_float_param(mixer.A_log)
         self.D = _as_float_param(mixer.D)
         self.dt_bias = _as_float_param(mixer.dt_bias)
@@ -682,12 +764,14 @@ def quantized_mixer(
     mixer: nn.Module,
     kind: MambaKind,
     specs: dict[str, PointSpec],
-    strategy: WeightStrategy = "channel",
+    fmt: WeightFormat | None = None,
 ) -> QMixerBase:
-    """The quantized counterpart (float mode) of a transformers MambaMixer / Mamba2Mixer."""
+    """The quantized counterpart (float mode) of a transformers MambaMixer / Mamba2Mixer;
+    `fmt`: how its weights are stored (default INT8 per channel)."""
+    fmt = fmt or WeightFormat()
     if kind == "mamba":
-        return QMambaMixer(cast("MambaMixer", mixer), specs, strategy)
-    return QMamba2Mixer(cast("Mamba2Mixer", mixer), specs, strategy)
+        return QMambaMixer(cast("MambaMixer", mixer), specs, fmt)
+    return QMamba2Mixer(cast("Mamba2Mixer", mixer), specs, fmt)
 
 
 def is_quantized_mixer(module: nn.Module) -> TypeGuard[QMixerBase]:

@@ -4,6 +4,12 @@
 (`quantscale.mamba.quamba`), then, for Quamba2, measures the per-channel range of x,
 clusters and reorders channels and heads (`quantscale.mamba.grouping`), calibrates every
 quantization point with its observer on the same batches, and freezes static INT8 scales.
+Weights are rounded to nearest, or (`weight_method: gptq`) quantized by GPTQ layer by layer:
+each block's projections get the Hessians of the inputs the already quantized blocks give it
+(`calibration.sequential.layerwise`, as the LLM path runs GPTQ), the activation scales coming
+from the float calibration pass as Quamba calibrates them. With `a16_budget: k` a scan first
+quantizes each block alone W4A8 (`block_sensitivity`) and keeps the k blocks whose loss rises
+most at W4A16 (Quamba2's mixed W4A8 / W4A16).
 `save_quantized` writes config.json (with a `quantization_config` whose `quant_method` is
 `checkpoint.layouts.QUAMBA_METHOD`, "quamba") and model.safetensors (INT8 weights, float32
 scales, group maps); `load_quantized` rebuilds the model from them and reproduces the same
@@ -13,14 +19,18 @@ fixture) to a saved one, as `quantscale quantize MAMBA_DIR OUT --scheme W8A8` ru
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
+from quantscale.algorithms.gptq import HessianAccumulator
+from quantscale.calibration.sequential import layerwise
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
 from quantscale.checkpoint.write import CheckpointWriter
@@ -28,9 +38,11 @@ from quantscale.errors import CheckpointError, OutputExistsError, QuantscaleErro
 from quantscale.mamba.fixtures import load_mamba, require_tokenizer
 from quantscale.mamba.grouping import GroupPlan, plan_channels, plan_heads
 from quantscale.mamba.mixers import (
+    PROJECTIONS,
     MambaKind,
     MambaRecipe,
     child_module,
+    layer_points,
     mamba_kind,
     mixer_shape,
     module_tensor,
@@ -43,6 +55,7 @@ from quantscale.mamba.quamba import (
     MODES,
     ActQuant,
     Mode,
+    QLinear,
     QMixerBase,
     is_quantized_mixer,
     quantize_weight,
@@ -57,6 +70,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 SCHEME_W8A8 = "W8A8"
+SCAN_BATCHES = 4  # calibration batches each trial of the mixed-precision scan calibrates on
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -98,8 +112,15 @@ def _plan(mixer: QMixerBase, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
 def _group_and_reorder(
     model: nn.Module, batches: Sequence[torch.Tensor], kind: MambaKind, recipe: MambaRecipe
 ) -> None:
-    """Quamba2: measure x's channel ranges, cluster, reorder weights, set the group maps."""
-    mixers = quantized_mixers(model)
+    """Quamba2: measure x's channel ranges, cluster, reorder weights, set the group maps
+    (in the mixers whose ssm.x has piecewise scales)."""
+    mixers = {
+        i: m
+        for i, m in quantized_mixers(model).items()
+        if m.act("ssm.x") is not None and m.specs["ssm.x"].piecewise
+    }
+    if not mixers:
+        return
     for mixer in mixers.values():
         _x_act(mixer).track_channels()
     run_batches(model, batches, "channel ranges")
@@ -133,38 +154,145 @@ def quantize_mamba(
     kind = mamba_kind(model)
     model.eval()
     n_params = n_parameters(model)
+    scores = None
+    if recipe.a16_budget is not None:
+        scores = block_sensitivity(model, batches, recipe)
+        recipe = recipe.model_copy(update={"a16_layers": most_sensitive(scores, recipe)})
     specs = resolve_points(kind, recipe, n_params)
     _, layers = decoder_layers(model)
     chosen = quantized_layers(len(layers), recipe)
     for i in chosen:
         mixer = child_module(layers[i], "mixer")
-        layers[i].mixer = quantized_mixer(mixer, kind, specs, recipe.weight_strategy)
-    if specs["ssm.x"].quantize and specs["ssm.x"].piecewise:
-        _group_and_reorder(model, batches, kind, recipe)
+        own = layer_points(specs, kind, recipe, i, len(layers))
+        layers[i].mixer = quantized_mixer(mixer, kind, own, recipe.weight_format)
+    _group_and_reorder(model, batches, kind, recipe)
     mixers = quantized_mixers(model)
     for mixer in mixers.values():
         if recipe.rotate:  # after Quamba2's reordering of out_proj's input columns
             mixer.add_out_hadamard()
         mixer.start_calibration()
-    run_batches(model, batches, "calibration")
+    if any(len(m.acts) for m in mixers.values()):
+        run_batches(model, batches, "calibration")
+    if recipe.weight_method == "gptq":
+        _gptq_layers(model, batches, mixers, recipe.gptq_inputs == "quantized")
     for mixer in mixers.values():
-        mixer.freeze()
+        if mixer.mode != "int8":
+            mixer.freeze()
     if specs["norm.weight"].quantize:
         _round_norms(model, chosen)
-    model.config.quantization_config = quantization_config(recipe, n_params, chosen)
+    model.config.quantization_config = quantization_config(recipe, n_params, chosen, scores)
     return model
 
 
-def scheme_recipe(scheme: str | os.PathLike) -> MambaRecipe:
-    """The MambaRecipe of a scheme: "W8A8" (the default Quamba1 recipe) or a recipe file."""
+def _gptq_layers(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    mixers: dict[int, QMixerBase],
+    quantized_inputs: bool = False,
+) -> None:
+    """Freeze the mixers block by block, each block's projections by GPTQ on the Hessians of
+    the inputs that the blocks before it, already quantized, give it (`quantized_inputs`:
+    each input after its static INT8 round trip, as the W4A8 matmul sees it)."""
+    for mixer in mixers.values():
+        mixer.finish_activations()
+        mixer.set_mode("float")
+    for step in layerwise(model, list(batches), "GPTQ"):
+        if step.index not in mixers:
+            continue
+        mixer = mixers[step.index]
+        accs, handles = {}, []
+        for name in PROJECTIONS:
+            linear = getattr(mixer, name, None)
+            if isinstance(linear, QLinear) and linear.quantized:
+                acc = accs[name] = HessianAccumulator(linear.weight.shape[1])
+                hook = _hessian_hook(acc, quantized_inputs)
+                handles.append(linear.register_forward_pre_hook(hook))
+        try:
+            step.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        mixer.freeze(hessians={name: acc.hessian() for name, acc in accs.items()})
+
+
+def _hessian_hook(acc: HessianAccumulator, quantized: bool):
+    """A QLinear pre-hook (args: x, its input quantizer, mode) adding x to `acc`."""
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        x, act = args[0], args[1]
+        acc.add(act.qdq(x) if quantized and act is not None else x)
+
+    return hook
+
+
+def block_sensitivity(
+    model: PreTrainedModel, batches: Sequence[torch.Tensor], recipe: MambaRecipe
+) -> dict[int, float]:
+    """Block index -> increase of the mean next-token loss (nats) on the first calibration
+    batch when that block alone is quantized W4A8 by `recipe` (the others float), calibrated
+    on the first `SCAN_BATCHES` batches, for each block the recipe quantizes. `model` is
+    float and is not changed."""
+    from quantscale.eval.perplexity import perplexity
+
+    probe = batches[0]
+    w4a8 = recipe.model_copy(update={"a16_budget": None, "a16_layers": [], "activation_bits": 8})
+    base = math.log(perplexity(model, probe, seq_len=probe.shape[1]))
+    _, layers = decoder_layers(model)
+    candidates = quantized_layers(len(layers), recipe)
+    scores = {}
+    for i in track(candidates, total=len(candidates), description="block sensitivity"):
+        trial = copy.deepcopy(model)
+        others = [j for j in range(len(layers)) if j != i]
+        alone = w4a8.model_copy(update={"float_layers": others})
+        quantize_mamba(trial, batches[:SCAN_BATCHES], alone)
+        scores[i] = math.log(perplexity(trial, probe, seq_len=probe.shape[1])) - base
+    return scores
+
+
+def most_sensitive(scores: dict[int, float], recipe: MambaRecipe) -> list[int]:
+    """The `recipe.a16_budget` blocks with the largest scores (ties: the earlier block),
+    in block order."""
+    budget = recipe.a16_budget or 0
+    if budget > len(scores):
+        raise QuantscaleError(
+            f"a16_budget {budget}: only {len(scores)} quantized blocks to keep at W4A16"
+        )
+    ranked = sorted(scores, key=lambda i: (-scores[i], i))
+    return sorted(ranked[:budget])
+
+
+W4_GROUP = 128
+W4_SCHEMES: dict[str, Literal[8, 16]] = {"W4A8": 8, "W4A16": 16}  # scheme -> activation bits
+WEIGHT_METHODS = ("rtn", "gptq")
+
+
+def scheme_recipe(scheme: str | os.PathLike, method: str | None = None) -> MambaRecipe:
+    """The MambaRecipe of a scheme: "W8A8" (the default Quamba1 recipe), "W4A8" / "W4A16"
+    (Quamba2 with int4 in_proj / x_proj / out_proj in groups of `W4_GROUP` input columns;
+    W4A16: float activations) or a recipe file; `method` "rtn" / "gptq" sets the weight
+    method."""
+    if method is not None and method not in WEIGHT_METHODS:
+        raise QuantscaleError(
+            f"method {method!r} does not apply to a Mamba model; use one of {WEIGHT_METHODS}"
+        )
     if scheme == SCHEME_W8A8:
-        return MambaRecipe()
-    if Path(scheme).suffix.lower() in (".yaml", ".yml", ".json") or Path(scheme).is_file():
-        return read_recipe(scheme)
-    raise QuantscaleError(
-        f"scheme {os.fspath(scheme)!r} is not supported for Mamba models; use "
-        f"{SCHEME_W8A8!r} (Quamba static INT8) or a MambaRecipe YAML file"
-    )
+        recipe = MambaRecipe()
+    elif scheme in W4_SCHEMES:
+        recipe = MambaRecipe(
+            method="quamba2",
+            weight_bits=4,
+            weight_group_size=W4_GROUP,
+            activation_bits=W4_SCHEMES[str(scheme)],
+        )
+    elif Path(scheme).suffix.lower() in (".yaml", ".yml", ".json") or Path(scheme).is_file():
+        recipe = read_recipe(scheme)
+    else:
+        raise QuantscaleError(
+            f"scheme {os.fspath(scheme)!r} is not supported for Mamba models; use "
+            f"{SCHEME_W8A8!r} (Quamba static INT8), {' / '.join(map(repr, W4_SCHEMES))} "
+            "(Quamba2 int4 weights) or a MambaRecipe YAML file"
+        )
+    return recipe.with_options(weight_method=method)
 
 
 def calibration_token_batches(
@@ -196,12 +324,14 @@ def quantize_mamba_checkpoint(
     calib_data: str | os.PathLike | torch.Tensor | None = None,
     overwrite: bool = False,
     rotate: str | None = None,
+    method: str | None = None,
 ) -> Path:
     """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
     on `calib_samples` windows of `calib_seq_len` tokens (of `calib_data`, default the
     Wikipedia calibration split) and save it to `out`; returns the written directory.
-    `rotate` ('hadamard'): the out_proj input Hadamard (the recipe's `rotate`)."""
-    recipe = scheme_recipe(scheme).with_options(
+    `rotate` ('hadamard'): the out_proj input Hadamard (the recipe's `rotate`); `method`:
+    the weight method ('rtn' / 'gptq', `scheme_recipe`)."""
+    recipe = scheme_recipe(scheme, method).with_options(
         n_samples=calib_samples, seq_len=calib_seq_len, rotate=rotate
     )
     return quantize_and_save(model_dir, out, recipe, calib_data, overwrite)
@@ -224,15 +354,24 @@ def quantize_and_save(
     return save_quantized(model, out, tokenizer, overwrite=overwrite)
 
 
-def quantization_config(recipe: MambaRecipe, n_params: int, layers: list[int]) -> dict:
-    """The `quantization_config` saved in config.json."""
-    return {
+def quantization_config(
+    recipe: MambaRecipe,
+    n_params: int,
+    layers: list[int],
+    scores: dict[int, float] | None = None,
+) -> dict:
+    """The `quantization_config` saved in config.json (with the mixed-precision scan's
+    `block_sensitivity` when one chose the W4A16 blocks)."""
+    config = {
         "quant_method": QUAMBA_METHOD,
         "format_version": FORMAT_VERSION,
         "recipe": recipe.model_dump(),
         "n_params": n_params,
         "quantized_layers": layers,
     }
+    if scores is not None:
+        config["block_sensitivity"] = {str(i): v for i, v in scores.items()}
+    return config
 
 
 def set_mode(model: nn.Module, mode: Mode) -> None:
@@ -282,9 +421,8 @@ def load_quantized(path: str | os.PathLike) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(config)
     _, layers = decoder_layers(model)
     for i in qcfg["quantized_layers"]:
-        mixer = quantized_mixer(
-            child_module(layers[i], "mixer"), kind, specs, recipe.weight_strategy
-        )
+        own = layer_points(specs, kind, recipe, i, len(layers))
+        mixer = quantized_mixer(child_module(layers[i], "mixer"), kind, own, recipe.weight_format)
         if recipe.rotate:
             mixer.add_out_hadamard(fuse=False)  # the stored weight is rotated
         mixer.freeze(placeholder=True)
