@@ -7,7 +7,7 @@ gate/up share their global / per-tensor scales as with RTN) gets a rounding offs
 weight's shape, in [-0.5, 0.5], init 0) and, for group / channel scales, clip factors a, b per
 (row, group) (in [0.5, 1], init 1) that shrink the group's min / max. Each step: the float
 weights clamped to [a * min, b * max] give the scales exactly as RTN computes them
-(`rtn.rtn_weight`, held scale dtype included); the weight is rounded as round(w / s + V)
+(`rtn.rtn_qparams`, held scale dtype included); the weight is rounded as round(w / s + V)
 on the scheme's grid (integers, E2M1 or E4M3: V is added in units of the scale, then the
 value rounded to the nearest grid point), with a straight-through estimator for the rounding
 and for the scale (s moves with the clipped range); the loss is the MSE between the float
@@ -40,8 +40,8 @@ from quantscale.algorithms.awq import _grouped, clip_group_size
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import (
     fused_stacks,
+    rtn_qparams,
     rtn_quantize_fused,
-    rtn_weight,
     set_stacked,
     stacked_weight,
 )
@@ -102,7 +102,7 @@ class Rounding:
             assert self.a is not None and self.b is not None
             lo, hi = self.lo * self.a.detach(), self.hi * self.b.detach()
             w = _grouped(w, self.size).clamp(lo, hi).flatten(1)[:, : w.shape[1]]
-        return rtn_weight(w.to(self.dtype), self.args)[1]
+        return rtn_qparams(w.to(self.dtype), self.args)
 
     def _range_ratio(self) -> torch.Tensor | None:
         """[O, C]: the clipped range over its value (1, with the range's gradient)."""
