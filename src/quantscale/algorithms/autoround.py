@@ -158,7 +158,8 @@ def _float_copy(obj: Any) -> Any:
 
 @dataclass
 class LayerLoss:
-    """The output MSE of a float32 copy of one decoder layer with substituted weights."""
+    """The output MSE of a float32 copy of one decoder layer with substituted weights, on
+    the cached `inputs` (copied to float32 per call) against the float layer's `targets`."""
 
     layer: nn.Module
     inputs: list[tuple[tuple, dict]]
@@ -170,21 +171,20 @@ class LayerLoss:
         for r in roundings:
             parts = r.fake().split(r.rows)
             weights.update({f"{self.paths[n]}.weight": w for n, w in zip(r.names, parts)})
-        args, kwargs = self.inputs[batch]
+        args, kwargs = _float_copy(self.inputs[batch])
         out = layer_output(functional_call(self.layer, weights, args, kwargs))
         return F.mse_loss(out, self.targets[batch])
 
 
 def layer_loss(step: LayerStep, group: dict[str, QuantLinear]) -> LayerLoss:
-    """A float32 copy of `step.layer`, its cached inputs and float outputs."""
+    """A float32 copy of `step.layer` and its float outputs on the cached inputs."""
     layer = copy.deepcopy(step.layer).float()
     layer.requires_grad_(False)
-    inputs = [_float_copy(x) for x in step.inputs]
     with torch.no_grad():
-        targets = [layer_output(layer(*a, **k)) for a, k in inputs]
+        targets = [layer_output(layer(*_float_copy(a), **_float_copy(k))) for a, k in step.inputs]
     prefix = step.name + "."
     paths = {n: n[len(prefix) :] for n in group if n.startswith(prefix)}
-    return LayerLoss(layer, inputs, targets, paths)
+    return LayerLoss(layer, step.inputs, targets, paths)
 
 
 def sign_descent(
