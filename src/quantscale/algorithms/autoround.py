@@ -14,7 +14,8 @@ and for the scale (s moves with the clipped range); the loss is the MSE between 
 layer's output and the output with these weights, on one cached calibration batch (a
 float32 copy of the layer); every parameter moves by -lr * sign(grad), lr decayed linearly to
 0, V and the clip factors clamped to their ranges. The parameters of least loss seen (the
-initial RTN point included) are kept, and `finish_layer` sets the weights from them
+initial RTN point included; each step's loss relative to its batch's RTN loss, since batches
+differ more than steps) are kept, and `finish_layer` sets the weights from them
 (`ql.set_weight` with the codes' dequantized values and their qparams), so that every export
 path writes them unchanged. `steps=0` is RTN exactly.
 
@@ -195,22 +196,26 @@ def sign_descent(
     batches: int,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """`steps` signed-gradient steps (lr decayed linearly to 0), one batch of `batches` each
-    (a fresh random order per epoch); the parameters of least loss are left in place.
-    Returns (first loss, best loss)."""
+    """`steps` signed-gradient steps (lr decayed linearly to 0), one of the `batches` each (a
+    fresh random order per epoch). Each step's loss is compared with its batch's loss at the
+    start (RTN), and the parameters of least ratio (the start, ratio 1, included) are left
+    in place: batches differ in loss far more than steps do. Returns (mean start loss, mean
+    start loss times the best ratio)."""
     params = [p for r in roundings for p in r.params()]
+    with torch.no_grad():
+        start = [float(loss(b)) for b in range(batches)]
     best = [p.detach().clone() for p in params]
-    best_loss, first = float("inf"), float("nan")
+    best_ratio = 1.0
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for i in range(steps):
         if not order:
             order = torch.randperm(batches, generator=gen).tolist()
-        value = loss(order.pop())
-        current = float(value.detach())
-        first = current if i == 0 else first
-        if current < best_loss:
-            best_loss = current
+        batch = order.pop()
+        value = loss(batch)
+        ratio = float(value.detach()) / max(start[batch], 1e-30)
+        if ratio < best_ratio:
+            best_ratio = ratio
             best = [p.detach().clone() for p in params]
         value.backward()
         with torch.no_grad():
@@ -224,7 +229,8 @@ def sign_descent(
     with torch.no_grad():
         for p, kept in zip(params, best):
             p.copy_(kept)
-    return first, best_loss
+    mean = sum(start) / len(start)
+    return mean, mean * best_ratio
 
 
 @register_algorithm("autoround")
