@@ -180,3 +180,21 @@ def test_cli_end_to_end_and_streamed_equals_in_memory(tmp_path):
     mem = run(root, "mem", "w4a16", "autoround", gptq=options)
     streamed = run(root, "st", "w4a16", "autoround", stream=True, gptq=options)
     assert_same_checkpoint(mem, streamed)
+
+
+def test_on_top_of_the_hadamard_rotation():
+    def logits(model: torch.nn.Module) -> torch.Tensor:  # rotation-invariant, unlike hidden
+        with torch.no_grad():
+            return model(input_ids=test_ids).logits
+
+    test_ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(2))
+    ref_model = outlier_llama()
+    ref = logits(ref_model)
+    errors = {}
+    for method, options in (("rtn", {}), ("autoround", {"steps": STEPS})):
+        model = copy.deepcopy(ref_model)
+        recipe = load_recipe("W4A16")
+        recipe.rotate = "hadamard"
+        quantize_model(model, recipe, calib_ids(), method=method, **options)
+        errors[method] = float((logits(model) - ref).pow(2).mean())
+    assert errors["autoround"] < 0.7 * errors["rtn"], errors
