@@ -20,7 +20,8 @@ workers but parent 'cpu' only has 1"): its job sets GPTQMODEL_CPU_WORKERS=2, stu
         [--group-size 128] [--only quantscale,llm-compressor,gptqmodel] [--actorder group]
         [--true-sequential]
     .venv/bin/python benchmarks/gptq.py --table   # bf16 / RTN / GPTQ perplexity per scheme
-        [--samples 128] [--schemes W4A16,NVFP4A16] [--methods rtn,gptq,awq,awq+gptq]
+        [--samples 128] [--schemes W4A16,NVFP4A16] [--methods rtn,gptq,awq,awq+gptq,autoround]
+        [--batch-size 4] [--autoround-steps 200] [--autoround-lr 0.005]
 """
 
 from __future__ import annotations
@@ -297,10 +298,17 @@ TABLE_SCHEMES = ("W8A16", "FP8_DYNAMIC", "NVFP4A16", "W4A16", "W4A16_ASYM", "MXF
 
 
 def table(
-    samples: int, schemes: tuple[str, ...], methods: tuple[str, ...] = ("rtn", "gptq")
+    samples: int,
+    schemes: tuple[str, ...],
+    methods: tuple[str, ...] = ("rtn", "gptq"),
+    batch_size: int = 4,
+    autoround_steps: int = 200,
+    json_path: Path | None = None,
+    autoround_lr: float | None = None,
 ) -> dict:
-    """bf16 and per-method (RTN / GPTQ / AWQ / AWQ+GPTQ) held-out perplexity of SmolLM2 per
-    weight scheme (in this process)."""
+    """bf16 and per-method (RTN / GPTQ / AWQ / AWQ+GPTQ / AutoRound) held-out perplexity of
+    SmolLM2 per weight scheme (in this process); calibration batches of `batch_size` windows
+    (AutoRound's minibatch), `autoround_steps` AutoRound steps per layer of `autoround_lr`."""
     import copy
     import time
 
@@ -321,12 +329,20 @@ def table(
             model = copy.deepcopy(base)
             start = time.perf_counter()
             data = None if method == "rtn" else calib
-            quantize_model(model, scheme, data, method=method, batch_size=4)
+            ar = {"steps": autoround_steps, "lr": autoround_lr}
+            options = ar if method.endswith("autoround") else {}
+            quantize_model(model, scheme, data, method=method, batch_size=batch_size, **options)
             took = time.perf_counter() - start
             rows[f"{scheme}/{method}"] = {"ppl": perplexity(model, ev), "quantize_s": took}
             print(json.dumps({f"{scheme}/{method}": rows[f"{scheme}/{method}"]}), flush=True)
-    out = {"machine": common.machine(), "samples": samples, "eval_tokens": EVAL_TOKENS, **rows}
-    common.write_results(TABLE_RESULTS, out)
+    settings = {
+        "samples": samples,
+        "batch_size": batch_size,
+        "autoround_steps": autoround_steps,
+        "autoround_lr": autoround_lr,
+    }
+    out = {"machine": common.machine(), **settings, "eval_tokens": EVAL_TOKENS, **rows}
+    common.write_results(json_path or TABLE_RESULTS, out)
     return out
 
 
@@ -348,14 +364,21 @@ def main() -> None:
     )
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
-    ap.add_argument("--methods", default="rtn,gptq", help="--table: e.g. rtn,gptq,awq,awq+gptq")
+    ap.add_argument(
+        "--methods", default="rtn,gptq", help="--table: e.g. rtn,gptq,awq,awq+gptq,autoround"
+    )
+    ap.add_argument("--batch-size", type=int, default=4, help="--table: calibration batch")
+    ap.add_argument("--autoround-steps", type=int, default=200, help="--table: steps per layer")
+    ap.add_argument("--autoround-lr", type=float, default=None, help="--table: (1 / steps)")
     ap.add_argument("--json", type=Path, default=None, help="results file (run_all.py)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 16 samples, g128")
     a = ap.parse_args()
     if a.quick:
         a.models, a.samples, a.group_size = "tiny", 16, 128
     if a.table:
-        table(a.samples, tuple(a.schemes.split(",")), tuple(a.methods.split(",")))
+        schemes, methods = tuple(a.schemes.split(",")), tuple(a.methods.split(","))
+        steps, lr = a.autoround_steps, a.autoround_lr
+        table(a.samples, schemes, methods, a.batch_size, steps, a.json, lr)
         return
     only = a.only.split(",") if a.only else None
     bench(

@@ -110,7 +110,7 @@ def test_names_options_and_refusals():
     assert get_algorithm("awq").scales.clip
     assert GPTQOptions().method_options("awq+gptq")["dampening_frac"] == 0.01
     assert GPTQOptions().method_options("awq") == {}
-    with pytest.raises(QuantscaleError, match="expected rtn or gptq"):
+    with pytest.raises(QuantscaleError, match="expected rtn, gptq or autoround"):
         AWQ(rounding="awq")
     with pytest.raises(QuantscaleError, match="calibration batches"):
         quantize_model(make_tiny_llama(), "W4A16", None, method="awq")

@@ -69,7 +69,8 @@ def quantize(
     rotate: str | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
-    default, 'rtn', 'awq' or 'awq+gptq': AWQ scales, then GPTQ rounding) to `format`
+    default, 'rtn', 'awq', 'awq+gptq': AWQ scales, then GPTQ rounding, 'autoround': learned
+    rounding, or 'awq+autoround'; their options in `gptq`) to `format`
     (default compressed-tensors). Returns the written directory, or the model itself when
     it was given in memory without an `output_dir`. A Mamba checkpoint is quantized the
     Quamba way (no method or format applies). `kv_cache` ('fp8' | 'fp8-head'): static FP8

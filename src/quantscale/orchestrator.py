@@ -266,8 +266,8 @@ def is_mamba(spec: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """The weight options of `quantize_checkpoint` (`--group-size`, and GPTQ's: `--actorder`,
-    `--dampening-frac`, `--gptq-memory`).
+    """The weight options of `quantize_checkpoint` (`--group-size`; GPTQ's: `--actorder`,
+    `--dampening-frac`, `--gptq-memory`; AutoRound's: `--autoround-steps`, `--autoround-lr`).
 
     `actorder`: None keeps the scheme's, 'none' turns it off, 'group' / 'weight' set it.
     `memory_budget`: bytes of MoE expert Hessians / solve workspace held at once (None: GPTQ's
@@ -282,6 +282,8 @@ class GPTQOptions:
     group_size: int | None = None
     hessian_dtype: str | None = None  # GPTQ's Hessian sums: float32 alone, float64 torchrun
     expert_parallel: bool = False  # torchrun, MoE: each expert's Hessians on one rank
+    autoround_steps: int = 200
+    autoround_lr: float | None = None  # None: 1 / autoround_steps
 
     def recipe(self, scheme: str) -> Recipe:
         """The scheme's recipe with `group_size` and `actorder` applied to every weight."""
@@ -297,6 +299,8 @@ class GPTQOptions:
 
     def method_options(self, method: str) -> dict[str, Any]:
         """The weight algorithm's keyword options (none for RTN and AWQ)."""
+        if method in ("autoround", "awq+autoround"):
+            return {"steps": self.autoround_steps, "lr": self.autoround_lr}
         if method not in ("gptq", "awq+gptq"):
             return {}
         kwargs: dict[str, Any] = {
@@ -337,11 +341,11 @@ def quantize_checkpoint(
     ignore: Sequence[str] = (),
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
-    recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq', default gptq) and write
-    it to `out` in format `fmt` (default compressed-tensors), calibrating on `calib_samples`
-    windows of `calib_seq_len` tokens of `calib_data` (default: the Wikipedia calibration split). A
-    Mamba / Mamba2 model is quantized the Quamba way (method rtn / gptq for its weights; no
-    format applies).
+    recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq' | 'autoround' |
+    'awq+autoround', default gptq) and write it to `out` in format `fmt` (default
+    compressed-tensors), calibrating on `calib_samples` windows of `calib_seq_len` tokens of
+    `calib_data` (default: the Wikipedia calibration split). A Mamba / Mamba2 model is
+    quantized the Quamba way (method rtn / gptq for its weights; no format applies).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the

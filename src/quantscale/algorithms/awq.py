@@ -14,11 +14,13 @@ gets a clipping search: per output row and weight group, the shrink ratio of the
 range in `clip_grid` of least output error on up to `clip_tokens` sampled inputs; its float
 weights are clamped there, so that the rounding that follows puts its scale on that range.
 
-`AWQ(rounding="rtn" | "gptq")` is the weight algorithm (`quantize --method awq` and
-`awq+gptq`): its `prepare_layer` (called by `algorithms.layer.quantize_layer`, so the
-in-memory and streamed paths both run it) scales and clips, then the rounding algorithm sets
-the weights. With GPTQ the clipping search is off by default (`clip`): GPTQ rounds against
-the float weights with its own error feedback, and clamped float weights move its target.
+`AWQ(rounding="rtn" | "gptq" | "autoround")` is the weight algorithm (`quantize --method
+awq`, `awq+gptq` and `awq+autoround`): its `prepare_layer` (called by
+`algorithms.layer.quantize_layer`, so the in-memory and streamed paths both run it) scales
+and clips, then the rounding algorithm sets the weights (AutoRound learns them in its own
+`prepare_layer`, which AWQ's calls after scaling). With GPTQ the clipping search is off by
+default (`clip`): GPTQ rounds against the float weights with its own error feedback, and
+clamped float weights move its target; AutoRound learns its own clip ranges.
 """
 
 from __future__ import annotations
@@ -236,8 +238,9 @@ class AWQScales(SmoothQuant):
 
 
 class AWQ:
-    """AWQ scales and clipping (`AWQScales`), then the `rounding` weight algorithm ('rtn' or
-    'gptq', with `rounding_options`); `clip` None: on for RTN, off for GPTQ."""
+    """AWQ scales and clipping (`AWQScales`), then the `rounding` weight algorithm ('rtn',
+    'gptq' or 'autoround', with `rounding_options`); `clip` None: on for RTN only (AutoRound
+    learns its own clip ranges)."""
 
     needs_data = True
 
@@ -251,7 +254,7 @@ class AWQ:
         **rounding_options: Any,
     ) -> None:
         if rounding.lower().startswith("awq"):
-            raise QuantscaleError(f"AWQ rounding {rounding!r}: expected rtn or gptq")
+            raise QuantscaleError(f"AWQ rounding {rounding!r}: expected rtn, gptq or autoround")
         self.rounding = get_algorithm(rounding, **rounding_options)
         self.true_sequential = self.rounding.true_sequential
         clip = rounding.lower() == "rtn" if clip is None else clip
@@ -260,8 +263,12 @@ class AWQ:
     def prepare_layer(
         self, step: LayerStep, group: dict[str, QuantLinear], run: Callable[[], object]
     ) -> None:
-        """Scale and clip the layer before it is calibrated (`AWQScales.prepare`)."""
+        """Scale and clip the layer before it is calibrated (`AWQScales.prepare`), then let
+        the rounding algorithm see it (AutoRound learns its rounding there)."""
         self.scales.prepare(step, group, run)
+        inner = getattr(self.rounding, "prepare_layer", None)
+        if inner is not None:
+            inner(step, group, run)
 
     def passes(self, linears: dict[str, QuantLinear]) -> list[dict[str, QuantLinear]]:
         return calibration_passes(self.rounding, linears)
@@ -280,3 +287,9 @@ register_algorithm("awq")(AWQ)
 def awq_gptq(**options: Any) -> AWQ:
     """AWQ scales, then GPTQ rounding."""
     return AWQ(rounding="gptq", **options)
+
+
+@register_algorithm("awq+autoround")
+def awq_autoround(**options: Any) -> AWQ:
+    """AWQ scales, then AutoRound's learned rounding."""
+    return AWQ(rounding="autoround", **options)

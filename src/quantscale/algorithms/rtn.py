@@ -30,11 +30,9 @@ _HALF = (torch.bfloat16, torch.float16)
 _MINMAX = (None, "minmax", "static_minmax", "memoryless_minmax")
 
 
-def quantize_weight_rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
-    """Round-to-nearest weight quantization -> (w_hat in w's dtype, QParams).
-
-    Uses min-max ranges, or `args.observer` (e.g. 'mse') with `args.observer_kwargs`.
-    """
+def observed_qparams(w: torch.Tensor, args: QuantArgs) -> QParams:
+    """The weight's qparams from min-max ranges, or `args.observer` (e.g. 'mse') with
+    `args.observer_kwargs`."""
     global_scale = None
     if args.is_nvfp4:
         global_scale = nvfp4_global_scale(w.detach().abs().amax() if w.numel() else 0.0)
@@ -44,7 +42,13 @@ def quantize_weight_rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor,
         obs = get_observer(args.observer, args=args, role=WEIGHT, **args.observer_kwargs)
         obs.update(w)
         mn, mx = obs.min_max()
-    qp = compute_qparams(args, mn, mx, global_scale)
+    return compute_qparams(args, mn, mx, global_scale)
+
+
+def quantize_weight_rtn(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
+    """Round-to-nearest weight quantization -> (w_hat in w's dtype, QParams) on the
+    `observed_qparams`."""
+    qp = observed_qparams(w, args)
     return fake_quantize(w, args, qp), qp
 
 
@@ -82,15 +86,18 @@ def held_scales(args: QuantArgs, qp: QParams, dtype: torch.dtype | None) -> QPar
     return stored_scales(qp, dtype)
 
 
+def rtn_qparams(w: torch.Tensor, args: QuantArgs) -> QParams:
+    """RTN's qparams: the `observed_qparams`, min-max symmetric int scales on the
+    `full_range`, held as the format holds them (`held_scales`)."""
+    qp = observed_qparams(w, args)
+    qp = full_range(args, qp) if args.observer in _MINMAX else qp
+    return held_scales(args, qp, weight_scale_dtype(args, w.dtype))
+
+
 def rtn_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:
-    """Round-to-nearest (w_hat, qparams): min-max symmetric int scales on the `full_range`,
-    scales held as the format holds them (`held_scales`)."""
-    w_hat, qp = quantize_weight_rtn(w, args)
-    new = full_range(args, qp) if args.observer in _MINMAX else qp
-    new = held_scales(args, new, weight_scale_dtype(args, w.dtype))
-    if not torch.equal(new.scale, qp.scale.float()) or new.zero_point is not qp.zero_point:
-        w_hat = fake_quantize(w, args, new)
-    return w_hat, new
+    """Round-to-nearest (w_hat, qparams) on the `rtn_qparams`."""
+    qp = rtn_qparams(w, args)
+    return fake_quantize(w, args, qp), qp
 
 
 def split_rows(qp: QParams, rows: list[int]) -> list[QParams]:

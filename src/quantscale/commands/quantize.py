@@ -1,4 +1,4 @@
-"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq|awq|awq+gptq]
+"""`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq|awq|awq+gptq|autoround]
 [--format F]`.
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         hessian_dtype=args.hessian_dtype,
         expert_parallel=args.expert_parallel,
+        autoround_steps=args.autoround_steps,
+        autoround_lr=args.autoround_lr,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -178,10 +180,20 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument(
         "--method",
-        choices=["rtn", "gptq", "awq", "awq+gptq"],
+        choices=["rtn", "gptq", "awq", "awq+gptq", "autoround", "awq+autoround"],
         default=None,
         help="weight algorithm (gptq); awq: activation-aware scales and clipping, then RTN; "
-        "awq+gptq: AWQ scales, then GPTQ rounding",
+        "awq+gptq: AWQ scales, then GPTQ rounding; autoround: rounding and clip ranges learned "
+        "per layer by signed gradient descent (SignRound); awq+autoround: AWQ scales first",
+    )
+    p.add_argument(
+        "--autoround-steps",
+        type=int,
+        default=200,
+        help="autoround: sign-gradient steps per decoder layer, one calibration batch each",
+    )
+    p.add_argument(
+        "--autoround-lr", type=float, default=None, help="autoround: learning rate (1 / steps)"
     )
     p.add_argument(
         "--importance",
