@@ -17,7 +17,9 @@ Rows are written to the JSON file as they finish (a cut-short run keeps what it 
 
     .venv/bin/python benchmarks/quality.py [--models smollm2,gemma3]
         [--schemes W4A16,NVFP4A16,MXFP4A16,W8A8,W4A8] [--methods rtn,gptq,awq,awq+gptq,...]
-        [--samples 16] [--peers] [--only-peers] [--zeroshot] [--json PATH]
+        [--samples 16] [--peers [llm-compressor,gptqmodel]] [--only-peers] [--zeroshot]
+        [--json PATH]
+    .venv/bin/python benchmarks/quality.py --show A.json B.json   # one table of several runs
 """
 
 from __future__ import annotations
@@ -206,7 +208,14 @@ def main() -> None:
     ap.add_argument("--only-peers", action="store_true", help="no rows of ours (but bf16)")
     ap.add_argument("--zeroshot", action="store_true", help="BIG-bench zero-shot (358 MB sdist)")
     ap.add_argument("--json", type=Path, default=JSON_PATH)
+    ap.add_argument("--show", type=Path, nargs="+", help="print the table of these results files")
     a = ap.parse_args()
+    if a.show:
+        merged: dict = {"rows": {}}
+        for path in a.show:
+            merged["rows"].update(json.loads(path.read_text())["rows"])
+        print_table(merged)
+        return
     from quantscale.cache import cache_dir
     from quantscale.data.calibration import bos_token_id
 
