@@ -1,7 +1,8 @@
 """Quality table: held-out Wikipedia perplexity (and, with --zeroshot, the BIG-bench zero-shot
 accuracy of `quantscale eval --tasks zeroshot`) and time to quantize, for models x schemes x
 methods, ours in this process and (--peers) llm-compressor / GPTQModel GPTQ W4A16 in their own
-venvs (benchmarks/gptq.py's jobs), all on the same calibration and held-out tokens.
+venvs (benchmarks/gptq.py's jobs) and AutoRound W4A16 (`--peers autoround`, auto-round 0.16.1
+in its own venv), all on the same calibration and held-out tokens.
 
 Methods: rtn, gptq, awq, awq+gptq, importance (importance-weighted RTN: per-channel mean x^2
 collected on the calibration tokens, in the timed part), and for schemes with static
@@ -42,6 +43,33 @@ STATIC_ONLY = {"smooth", "rotate"}  # transforms that target activation quantiza
 WEIGHT_ONLY = {"awq", "awq+gptq", "importance"}  # 4-bit weight searches: not for int8
 GROUP = 128
 JSON_PATH = gptq.RESULTS_DIR / "quality.json"
+AUTOROUND_REQS = ["auto-round==0.16.1"]  # its own venv, beside common.TORCH_PIN
+
+# AutoRound (SignRound) with its W4A16 preset (int4 g128 sym); quantize() leaves the model
+# fake-quantized in place (checked: 15 distinct values in a weight group of a tiny Llama after
+# 2 iterations, 4 x 64 tokens: 137 s on the loaded 2-core machine, ~25 s per layer).
+AUTOROUND_JOB = (
+    common.PPL_CODE
+    + """
+import sys, time, json
+t0 = time.perf_counter()
+torch.set_num_threads(2)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from auto_round import AutoRound
+t1 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+calib, tokens = torch.load(sys.argv[2]), torch.load(sys.argv[3])
+t2 = time.perf_counter()
+ar = AutoRound(model, scheme="W4A16", tokenizer=tok, dataset=list(calib.split(4)),
+               nsamples=len(calib), seqlen=calib.shape[1], batch_size=4,
+               iters=int(sys.argv[4]), device_map="cpu")
+model, _ = ar.quantize()
+t3 = time.perf_counter()
+print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
+                             "ppl": perplexity(model.eval(), tokens)}))
+"""
+)
 
 
 def applies(scheme: str, method: str) -> bool:
@@ -152,26 +180,36 @@ def ours(model_name: str, schemes, methods, samples: int, zeroshot: bool, res: R
 
 
 def peer_rows(
-    model_name: str, samples: int, bos: int | None, tools: list[str], res: Results, work: Path
+    model_name: str,
+    samples: int,
+    bos: int | None,
+    tools: list[str],
+    iters: int,
+    res: Results,
+    work: Path,
 ) -> None:
-    """llm-compressor and GPTQModel GPTQ W4A16 g128 (gptq.py's jobs) on our saved tokens."""
+    """llm-compressor and GPTQModel GPTQ W4A16 g128 (gptq.py's jobs) and AutoRound W4A16 g128
+    (`iters` sign-gradient steps per layer) on our saved tokens."""
     from quantscale.models.loader import resolve_model
 
     ckpt = resolve_model(model_name)
     calib, ev = work / f"{model_name}-calib-{samples}.pt", work / f"{model_name}-eval.pt"
     env = {} if bos is None else {common.BOS_ENV: str(bos)}
-    for name, (python, code) in gptq.peers().items():
-        if name not in tools:
-            continue
+    jobs = {k: v for k, v in gptq.peers().items() if k in tools}
+    if "autoround" in tools:
+        jobs["autoround"] = (str(common.peer_python("autoround", AUTOROUND_REQS)), AUTOROUND_JOB)
+    for name, (python, code) in jobs.items():
         script = gptq._job_file(work, name, code)
-        cmd = [python, str(script), str(ckpt), str(calib), str(ev), str(GROUP), "weight", "0"]
-        run = common.run_job(name, cmd, env=env, timeout=3600)
+        args = [str(iters)] if name == "autoround" else [str(GROUP), "weight", "0"]
+        cmd = [python, str(script), str(ckpt), str(calib), str(ev), *args]
+        run = common.run_job(name, cmd, env=env, timeout=3600 * 6)
         row: dict = {"tool": name, "wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
         if run.returncode == 0:
             row.update({k: run.extra[k] for k in ("quantize_s", "ppl") if k in run.extra})
         else:
             row["error"] = run.output_tail[-600:]
-        res.add(f"{model_name}/W4A16/gptq[{name}]", row)
+        method = "autoround" if name == "autoround" else "gptq"
+        res.add(f"{model_name}/W4A16/{method}[{name}]", row)
 
 
 def print_table(data: dict) -> None:
@@ -203,8 +241,10 @@ def main() -> None:
         nargs="?",
         const="llm-compressor,gptqmodel",
         default=None,
-        help="GPTQ W4A16 g128 of these peers (default both: llm-compressor,gptqmodel)",
+        help="W4A16 g128 of these peers: GPTQ of llm-compressor, gptqmodel (the default pair), "
+        "AutoRound of autoround",
     )
+    ap.add_argument("--autoround-iters", type=int, default=200, help="AutoRound steps per layer")
     ap.add_argument("--only-peers", action="store_true", help="no rows of ours (but bf16)")
     ap.add_argument("--zeroshot", action="store_true", help="BIG-bench zero-shot (358 MB sdist)")
     ap.add_argument("--json", type=Path, default=JSON_PATH)
@@ -232,7 +272,8 @@ def main() -> None:
                    res, work)  # fmt: skip
         if a.peers:
             tools = a.peers.split(",")
-            peer_rows(model_name, a.samples, bos_token_id(tok), tools, res, work)
+            bos = bos_token_id(tok)
+            peer_rows(model_name, a.samples, bos, tools, a.autoround_iters, res, work)
     print_table(res.data)
     print(f"\nwrote {a.json}")
 
