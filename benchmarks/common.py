@@ -271,14 +271,20 @@ for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.fu
 
 
 # Perplexity code for benchmark jobs run as scripts, ours and the peers' (whose venvs lack
-# quantscale): non-overlapping windows, no BOS, the same in every job.
+# quantscale): non-overlapping windows, the same in every job; with BOS_ENV set (Gemma-3) each
+# window is that BOS id + seq_len - 1 tokens and every token after it is scored, as
+# quantscale.eval.perplexity does with bos_id.
+BOS_ENV = "BENCH_BOS_ID"
 PPL_CODE = """
-import math, torch
+import math, os, torch
 def perplexity(model, tokens, seq_len=512):
+    bos = os.environ.get("BENCH_BOS_ID")
+    head = torch.tensor([int(bos)]) if bos else tokens[:0]
+    width = seq_len - len(head)
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for i in range(0, len(tokens), seq_len):
-            ids = tokens[i:i + seq_len][None]
+        for i in range(0, len(tokens), width):
+            ids = torch.cat([head, tokens[i:i + width]])[None]
             if ids.shape[1] < 2:
                 continue
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()

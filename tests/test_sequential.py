@@ -1,6 +1,13 @@
 import torch
+from tiny_models import make_tiny_gemma3
 
-from quantscale.calibration.sequential import batched, layerwise, linear_stages
+from quantscale.calibration.sequential import (
+    batched,
+    capture_layer_arguments,
+    layer_output,
+    layerwise,
+    linear_stages,
+)
 from quantscale.models.adapter import decoder_layers, layer_linears
 
 
@@ -86,3 +93,39 @@ def test_run_until_stops_after_the_module(tiny_llama):
     assert calls == {"o_proj": 4, "gate_proj": 2}
     for h in hooks:
         h.remove()
+
+
+def test_gemma3_sliding_and_full_layers_get_their_own_arguments():
+    model = make_tiny_gemma3()
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(4))
+    _, layers = decoder_layers(model)
+    sliding, full, _ = capture_layer_arguments(model, layers, batched(tokens, 2))
+    (_, s_kw), (_, f_kw) = sliding[0], full[0]
+    assert not torch.equal(s_kw["position_embeddings"][0], f_kw["position_embeddings"][0])
+    s_mask, f_mask = s_kw["attention_mask"], f_kw["attention_mask"]
+    assert s_mask is not None and (f_mask is None or not torch.equal(s_mask, f_mask))
+    with torch.inference_mode():
+        ref = model(input_ids=tokens, output_hidden_states=True).hidden_states
+        # a sliding layer given the full layer's arguments computes something else
+        args, _ = sliding[0]
+        wrong = layer_output(layers[0](*args, **f_kw))
+        assert not torch.allclose(wrong, ref[1][:2], atol=1e-4)
+    for step in layerwise(model, batched(tokens, 2)):  # each layer's input: the float forward's
+        got = torch.cat([args[0] if args else kw["hidden_states"] for args, kw in step.inputs])
+        torch.testing.assert_close(got, ref[step.index])
+        outputs = torch.cat(step.run())
+        if step.index + 1 < len(ref) - 1:
+            torch.testing.assert_close(outputs, ref[step.index + 1])
+
+
+def test_gemma3_quantized_w8a16_stays_close_to_float():
+    from quantscale.orchestrator import quantize_model
+
+    model = make_tiny_gemma3()
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        ref = model(input_ids=tokens).logits
+    quantize_model(model, "W8A16", tokens, method="gptq", batch_size=2)
+    with torch.inference_mode():
+        got = model(input_ids=tokens).logits
+    assert 0 < (got - ref).norm() / ref.norm() < 0.02

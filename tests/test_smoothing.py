@@ -22,6 +22,7 @@ from quantscale.algorithms.smoothing import (
     format_alphas,
     layer_mappings,
     model_absmax,
+    norm_offset,
     parse_alphas,
     smooth_model,
     smooth_scales,
@@ -260,3 +261,21 @@ def test_relative_objective_weighs_tokens_equally():
     assert err(1, True) == pytest.approx(sum(singles) / len(singles), rel=1e-5)
     with pytest.raises(QuantscaleError):
         SmoothQuant("search", objective="bogus")
+
+
+def test_gemma3_smoothing_folds_into_its_own_norms_and_keeps_the_float_function():
+    """Gemma-3: gate/up read pre_feedforward_layernorm (post_attention_layernorm scales the
+    attention output before the residual add), and its norms compute x * (1 + weight)."""
+    from tiny_models import make_tiny_gemma3
+
+    model = make_tiny_gemma3()
+    layer = model.model.layers[0]
+    assert norm_offset(layer.input_layernorm) == 1.0
+    assert norm_offset(nn.LayerNorm(8)) == 0.0
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(6))
+    before = _logits(model, ids)
+    post = layer.post_attention_layernorm.weight.clone()
+    smoothing = smooth_model(model, 0.5, [ids])
+    assert {k.rsplit(".", 1)[1] for k in smoothing.scales} == set(MAPPING_NAMES)
+    assert torch.equal(layer.post_attention_layernorm.weight, post)
+    torch.testing.assert_close(_logits(model, ids), before, rtol=1e-4, atol=1e-4)

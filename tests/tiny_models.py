@@ -149,6 +149,31 @@ def make_tiny_hybrid(model_type: str, vocab_size: int = len(WORDS) + 1, **overri
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def make_tiny_gemma3(vocab_size: int = 128):
+    """Gemma-3: sliding (window 4), full, sliding attention layers (each kind changes the
+    output at 16 tokens), (1 + weight) RMSNorms, pre/post-feedforward norms; eval mode."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # trained-like norm weights (random init leaves them 0: 1 + 0)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
 def save_word_tokenizer(path) -> None:
     """A word-level tokenizer over WORDS (id 0 is <unk>), saved to `path`."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -14,7 +14,11 @@ Llama-style mappings (module paths inside one decoder layer), by name:
   the one that reaches the massive down_proj inputs of SmolLM2
 - `vo`: v_proj -> o_proj, with grouped-query attention handled: one scale per KV channel,
   shared by the query heads that read it.
-A mapping whose modules a layer lacks is skipped with a log line.
+A mapping whose modules a layer lacks is skipped with a log line. Gemma 2/3 layers feed the
+MLP from `pre_feedforward_layernorm` (their `post_attention_layernorm` normalizes the attention
+output before the residual add): `gate_up` folds into it there. Norms computing
+x * (1 + weight) (Gemma's RMSNorm, found by a probe: `norm_offset`) get
+weight' = (1 + weight) / s - 1.
 
 An alpha may be `search` (`SmoothQuant("search")`, `qkv=search+down=0.9`): per layer and
 mapping, on a random subsample of the layer's own calibration tokens (`max_tokens`), every
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -79,6 +83,8 @@ LLAMA_MAPPINGS: tuple[SmoothMapping, ...] = (
     SmoothMapping("vo", "self_attn.v_proj", ("self_attn.o_proj",)),
 )
 MAPPING_NAMES = tuple(m.name for m in LLAMA_MAPPINGS)
+# prev paths that a layer's own MLP-input norm replaces where it has one (Gemma 2/3)
+MLP_INPUT_NORMS = {"post_attention_layernorm": "pre_feedforward_layernorm"}
 
 Alpha = float | str  # a number in [0, 1] or SEARCH
 Alphas = Mapping[str, Alpha]
@@ -152,6 +158,18 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+@torch.no_grad()
+def norm_offset(norm: nn.Module) -> float:
+    """1 for a norm computing x_hat * (1 + weight) (Gemma's RMSNorm), else 0 (x_hat * weight
+    [+ bias]): probed on a row of alternating +-1, which RMSNorm and LayerNorm leave as is."""
+    weight = _weight(norm)
+    x = torch.ones(1, weight.numel(), dtype=weight.dtype, device=weight.device)
+    x[:, 1::2] = -1
+    scale = (norm(x)[0].float() * x[0].float()).cpu()
+    one_plus = torch.allclose(scale, weight.detach().float().cpu() + 1, rtol=1e-2, atol=1e-2)
+    return 1.0 if one_plus else 0.0
+
+
 def _bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
@@ -165,6 +183,9 @@ def layer_mappings(
     for m in LLAMA_MAPPINGS:
         if m.name not in names:
             continue
+        own = MLP_INPUT_NORMS.get(m.prev)
+        if own is not None and _find(layer, own) is not None:
+            m = replace(m, prev=own)
         missing = [p for p in (m.prev, *m.nexts) if _find(layer, p) is None]
         if missing:
             log.info("smoothing: %s has no %s; mapping %r skipped", where, missing, m.name)
@@ -355,7 +376,11 @@ class Smoothing:
         self._keep(weight)
         self._keep(bias)
         w = weight.data
-        w.div_((s[:, None] if w.ndim == 2 else s).to(w.dtype))
+        if w.ndim == 1:  # a norm: (offset + w) / s - offset
+            offset = norm_offset(prev)
+            w.copy_(((w.float() + offset) / s.to(w.device) - offset).to(w.dtype))
+        else:
+            w.div_(s[:, None].to(w.dtype))
         if bias is not None:
             bias.data.div_(s.to(bias.dtype))
 
