@@ -58,9 +58,8 @@ from quantscale.algorithms.rtn import (
     stacked_weight,
     weight_scale_dtype,
 )
+from quantscale.checkpoint.dequantize import per_column_qparams
 from quantscale.errors import QuantscaleError
-from quantscale.export.base import ModuleCodes, weight_codes
-from quantscale.export.pseudo import dense_weight
 from quantscale.formats.fp4 import pack_fp4, unpack_fp4
 from quantscale.models.moe import expert_of
 from quantscale.qdq import (
@@ -69,8 +68,10 @@ from quantscale.qdq import (
     _block,
     _expand,
     compute_qparams,
+    dequantize,
     fake_quantize,
     nvfp4_global_scale,
+    quantize,
     reduce_minmax,
 )
 from quantscale.runtime.qlinear import QuantLinear
@@ -1053,10 +1054,19 @@ def _weight_state(name: str, ql: QuantLinear) -> list[tuple[str, torch.Tensor]]:
 
 
 def _lossless_codes(name: str, ql: QuantLinear) -> torch.Tensor | None:
-    mc = weight_codes(name, ql)
-    if not torch.equal(dense_weight(mc, ql.weight.dtype), ql.weight.detach()):
+    args, qp = ql.scheme.weights, ql.weight_qparams()
+    if args is None or qp is None:
+        raise QuantscaleError(f"{name}: the solving rank has no quantized weight to send")
+    w = ql.weight.detach()
+    full = _column_qparams(qp, ql._buffers.get("weight_g_idx"))
+    codes = quantize(w.float(), args, full)
+    if not torch.equal(dequantize(codes, args, full, w.dtype), w):
         return None
-    return pack_fp4(mc.codes) if _packs(mc.args, ql.weight.shape[-1]) else mc.codes
+    return pack_fp4(codes) if _packs(args, w.shape[-1]) else codes
+
+
+def _column_qparams(qp: QParams, g_idx: torch.Tensor | None) -> QParams:
+    return per_column_qparams(qp, g_idx) if g_idx is not None else qp
 
 
 def _packs(args: QuantArgs, columns: int) -> bool:
@@ -1072,8 +1082,7 @@ def _decoded_weight(
     if _packs(args, ql.weight.shape[-1]):
         codes = unpack_fp4(codes)
         codes = codes if args.type == "float" else ((codes ^ 8).to(torch.int8) - 8)
-    mc = ModuleCodes("", args, codes, qp, g_idx, ql)
-    return dense_weight(mc, ql.weight.dtype)
+    return dequantize(codes, args, _column_qparams(qp, g_idx), ql.weight.dtype)
 
 
 def _install_weight_state(ql: QuantLinear, name: str, got: Mapping[str, torch.Tensor]) -> None:
