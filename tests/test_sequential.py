@@ -129,3 +129,65 @@ def test_gemma3_quantized_w8a16_stays_close_to_float():
     with torch.inference_mode():
         got = model(input_ids=tokens).logits
     assert 0 < (got - ref).norm() / ref.norm() < 0.02
+
+
+def _count_down_proj(monkeypatch) -> dict[int, int]:
+    """Forwards of each down_proj (the only QuantLinear reading 128 features in the tiny
+    Llama), by module, in the order they first ran (layer 0 first)."""
+    from quantscale.runtime.qlinear import QuantLinear
+
+    runs: dict[int, int] = {}
+    forward = QuantLinear.forward
+
+    def counted(self, x):
+        if self.in_features == 128:
+            runs[id(self)] = runs.get(id(self), 0) + 1
+        return forward(self, x)
+
+    monkeypatch.setattr(QuantLinear, "forward", counted)
+    return runs
+
+
+@torch.inference_mode()
+def _full_observe(step, needed) -> None:
+    for args, kwargs in step.inputs:
+        step.layer(*args, **kwargs)
+
+
+def test_calibration_pass_stops_at_the_last_observed_input(monkeypatch):
+    """A W8A8 static pass forwards each batch only up to down_proj's input (after the first
+    batch, which runs whole to check each Linear runs once): down_proj's matmul runs in the
+    propagation pass only, and the result equals full forwards bit for bit."""
+    from tiny_models import make_tiny_llama
+
+    from quantscale.calibration.sequential import LayerStep
+    from quantscale.orchestrator import quantize_model
+
+    tokens = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5))
+    fast = make_tiny_llama()
+    runs = _count_down_proj(monkeypatch)
+    quantize_model(fast, "W8A8", tokens, batch_size=2)
+    # 4 batches: the first whole + 4 propagated (layer 0); the first only in the last layer
+    assert list(runs.values()) == [5, 1]
+    monkeypatch.undo()
+    monkeypatch.setattr(LayerStep, "observe", _full_observe)
+    full = make_tiny_llama()
+    runs = _count_down_proj(monkeypatch)
+    quantize_model(full, "W8A8", tokens, batch_size=2)
+    assert list(runs.values()) == [8, 4]
+    a, b = fast.state_dict(), full.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_observe_runs_whole_when_a_needed_module_runs_twice(tiny_llama):
+    """A module called twice per forward (its second input matters) disables stopping."""
+    tokens = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(4))
+    step = _step0(tiny_llama, tokens)
+    mlp = step.layer.mlp
+    forward = mlp.forward
+    mlp.forward = lambda x: forward(x) + 0 * mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)))
+    seen = []
+    hook = mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape))
+    step.observe({mlp.down_proj: False})
+    hook.remove()
+    assert len(seen) == 2 * len(step.inputs)  # both calls of every batch observed

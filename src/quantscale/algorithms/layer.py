@@ -16,7 +16,7 @@ sees the layer first (one process only: its search statistics are not reduced ac
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -68,21 +68,32 @@ def calibration_passes(
 
 
 def calibrate_group(
-    linears: dict[str, QuantLinear], algorithm: WeightAlgorithm, run: Callable[[], object]
+    linears: dict[str, QuantLinear],
+    algorithm: WeightAlgorithm,
+    run: Callable[[], object],
+    observe: Callable[[Mapping[nn.Module, bool]], object] | None = None,
 ) -> None:
     """Observe activations and let the algorithm see inputs during `run()`, then quantize;
     once per calibration pass. The activation observers see the first pass only (later
     passes rerun on the same inputs: the algorithm's passes keep every Linear's input
-    unchanged until its own pass), and set the static scales after the last."""
+    unchanged until its own pass), and set the static scales after the last. With
+    `observe` (`LayerStep.observe`), a pass forwards only as far as its hooks need: up to
+    the input of the pass's last Linear (its output where an output activation is observed)."""
     calibrator = ActivationCalibrator(linears)
+    outputs = {name for name, role in calibrator.args if role == "output"}
     for i, part in enumerate(calibration_passes(algorithm, linears)):
         algorithm.start_layer(part)
+        watched = linears if i == 0 else part
+        needed: dict[nn.Module, bool] = {
+            m: i == 0 and name in outputs for name, m in watched.items()
+        }
+        forward = run if observe is None else functools.partial(observe, needed)
         try:
             if i == 0:
                 with calibrator:
-                    run()
+                    forward()
             else:
-                run()
+                forward()
         finally:
             algorithm.finish_layer(part)
     calibrator.apply()
@@ -121,7 +132,7 @@ def quantize_layer(
         if sequential:
             calibrate_in_stages(step, group, algorithm)
         else:
-            calibrate_group(group, algorithm, run or step.run)
+            calibrate_group(group, algorithm, run or step.run, step.observe)
     distributed.traffic(step.name)
 
 

@@ -72,6 +72,47 @@ class LayerStep:
         finally:
             handle.remove()
 
+    @torch.inference_mode()
+    def observe(self, needed: Mapping[nn.Module, bool]) -> None:
+        """Forward every cached batch only as far as a calibration pass needs: a batch stops
+        once each module of `needed` has been reached (True: once it has run, for hooks on
+        its output; False: at its input, before it runs), since the layer's output is not
+        used. Call it after the observers' hooks are attached (hooks run in the order they
+        were registered). The first batch runs whole and shows whether stopping is safe:
+        only if every needed module ran exactly once in it (a module called twice, or not
+        at all, e.g. an expert the router skipped, means the later calls matter); a later
+        batch in which a needed module does not run simply runs whole."""
+        if not needed:
+            for args, kwargs in self.inputs:
+                self.layer(*args, **kwargs)
+            return
+        calls: dict[nn.Module, int] = {}
+        armed = False
+
+        def seen(module: nn.Module) -> None:
+            calls[module] = calls.get(module, 0) + 1
+            if armed and len(calls) == len(needed):
+                raise _StopForward
+
+        handles = [
+            m.register_forward_hook(lambda mod, _a, _o: seen(mod))
+            if after
+            else m.register_forward_pre_hook(lambda mod, _a: seen(mod))
+            for m, after in needed.items()
+        ]
+        try:
+            for i, (args, kwargs) in enumerate(self.inputs):
+                calls.clear()
+                try:
+                    self.layer(*args, **kwargs)
+                except _StopForward:
+                    pass
+                if i == 0:
+                    armed = len(calls) == len(needed) and all(c == 1 for c in calls.values())
+        finally:
+            for handle in handles:
+                handle.remove()
+
 
 @dataclass
 class Stage:
