@@ -48,9 +48,12 @@ Rules come from running the runtime here, and each is pinned by a test
   Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
   float (mamba_mixer2.py), which is what we write.
 
+- llama.cpp (llama-cpp-python 0.3.36): GGUF files and the converter a user runs on a
+  safetensors checkpoint, in checkpoint/llama_cpp.py.
+
 `runtime_refusals(ckpt, runtime)` picks the rules by `--runtime` name (`RUNTIMES`): without
 one, every rule except the vLLM CPU-build ones (they would flag every FP4 or FP8 block export
-for GPU users too).
+for GPU users too) and llama.cpp's converter's (most exports are not meant for it).
 """
 
 from __future__ import annotations
@@ -89,10 +92,14 @@ VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
 # as a substring ("transformers": FineGrainedFP8 and compressed-tensors)
+LLAMA_CPP, LLAMA_CPP_CONVERT = "llama.cpp", "llama.cpp convert_hf_to_gguf.py"  # llama_cpp.py
 RUNTIMES: dict[str, tuple[str, ...]] = {
     "vllm": (VLLM,),
     "vllm-cpu": (VLLM, VLLM_CPU),
+    "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
+    "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT)  # rules only a named --runtime selects
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -126,9 +133,9 @@ def transformers_block_rule(
 
 def selects(runtime: str | None, name: str) -> bool:
     """Whether `--runtime runtime` covers the rules of runtime `name`: a `RUNTIMES` key picks
-    its runtimes, another string matches as a substring; None picks all but vLLM CPU's."""
+    its runtimes, another string matches as a substring; None picks all but `NAMED_ONLY`."""
     if runtime is None:
-        return name != VLLM_CPU
+        return name not in NAMED_ONLY
     key = "-".join(runtime.lower().replace("_", " ").replace("-", " ").split())
     if key in RUNTIMES:
         return name in RUNTIMES[key]
@@ -138,9 +145,11 @@ def selects(runtime: str | None, name: str) -> bool:
 def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -> list[Refusal]:
     """(tensor, runtime, version, reason) for every tensor a known runtime refuses or
     mishandles, for the runtimes `runtime` selects (`selects`)."""
+    from quantscale.checkpoint.llama_cpp import convert_refusals
+
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
-    found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt)
+    found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
