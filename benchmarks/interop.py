@@ -71,6 +71,7 @@ EXPORTS = [
     Export("FP8_static", "FP8"),
     Export("FP8_dynamic_kv_fp8", "FP8_DYNAMIC", flags=("--kv-cache", "fp8")),
     Export("W8A8_dynamic_kv_fp8", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8")),
+    Export("W8A8_dynamic_kv_fp8_head", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8-head")),
     Export("FP8_block_hf", "FP8_BLOCK", "hf"),
     Export("NVFP4A16", "NVFP4A16"),
     Export("MXFP4A16", "MXFP4A16"),
@@ -204,7 +205,12 @@ def main():
         report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
         return
     sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp)
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp)
+    except Exception as exc:  # e.g. the engine's RPC timeout on a forward that never returns
+        report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+        import os, signal
+        os.killpg(0, signal.SIGKILL)  # its workers outlive a dead engine and hold our pipes
     nll = n = 0
     for w, o in zip(windows, outs):
         for tok, lp in zip(w[1:], o.prompt_logprobs[1:]):
@@ -307,8 +313,16 @@ def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok) 
             row["same_greedy"] = found["greedy"] == ours.get("greedy")
     else:
         why = found.get("refused") or (run.output_tail.strip().splitlines() or ["no output"])[-1]
-        row.update(loads=False, refused=why[:300])
+        if cause := _cause(run.output_tail):
+            why = f"{why} ({cause})"
+        row.update(loads=False, refused=why[:400])
     return row
+
+
+def _cause(tail: str) -> str | None:
+    """The last error line of a job's output other than vLLM's EngineDeadError wrapper."""
+    lines = [ln for ln in tail.splitlines() if "Error" in ln and "EngineDeadError" not in ln]
+    return lines[-1].rpartition("] ")[2].strip() if lines else None
 
 
 def main(argv: list[str] | None = None) -> int:

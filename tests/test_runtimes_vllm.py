@@ -2,9 +2,10 @@
 
 The refusals were seen serving SmolLM2 exports in vLLM CPU 0.32.0 (vLLM does not run here):
 W4A16 g128 on 576-wide layers refused at load on every build; FP8 block (no AMX), NVFP4A16 /
-NVFP4 / MXFP4 (no FP4 kernel) refused and static W8A8 stalled on the CPU build; bf16, W8A8
-dynamic and FP8 dynamic served. Each test exports with our exporters and checks that the rule
-names the tensors on the bad case and stays silent on the good one.
+NVFP4 / MXFP4 (no FP4 kernel) refused; static W8A8 served as dynamic (AMX) or stalled (no
+AMX), FP8 dynamic stalled in torch._scaled_mm; bf16, W8A8 dynamic and W4A16 g64 served (the
+module docstring of checkpoint.runtimes). Each test exports with our exporters and checks
+that the rule names the tensors on the bad case and stays silent on the good one.
 """
 
 from __future__ import annotations
@@ -145,7 +146,22 @@ def test_static_int8_activations_stall_the_cpu_build(tmp_path):
     assert "dynamic activations for vLLM CPU" in reason
 
 
-@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "FP8_DYNAMIC", "W8A16"])
+@pytest.mark.parametrize(
+    ("scheme", "words"),
+    [("FP8_DYNAMIC", "torch._scaled_mm"), ("FP8", "CPUFp8PerTensorScaledMMLinearKernel")],
+)
+def test_fp8_matmuls_named_for_the_cpu_build(tmp_path, scheme, words):
+    """FP8 weights on CPUs without AMX-FP8: torch._scaled_mm's reference kernel (SmolLM2 FP8
+    dynamic timed out in vLLM CPU here), or W8A16 for per-tensor weights with a static scale."""
+    out = _export(tmp_path, scheme)
+    refusals = runtime_refusals(out, "vllm-cpu")
+    assert len(refusals) == 14 and {r.runtime for r in refusals} == {VLLM_CPU}
+    assert "model.layers.1.mlp.down_proj.weight" in {r.tensor for r in refusals}
+    assert all(words in r.reason for r in refusals)
+    assert runtime_refusals(out, "vllm") == [] and runtime_refusals(out) == []
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "W8A16"])
 def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
     out = _export(tmp_path, scheme)
     assert runtime_refusals(out, "vllm-cpu") == []

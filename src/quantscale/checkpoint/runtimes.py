@@ -17,9 +17,19 @@ Rules come from running the runtime here, and each is pinned by a test
   whose in_features its group does not divide is refused at load (`input_size_per_partition=576
   ... not divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed).
   CPU build only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4
-  kernel (NVFP4, NVFP4A16, MXFP4 refused), and int8 with a static per-tensor input scale loads
-  but its first forward never returns (`RPC call to execute_model timed out` after 300 s; the
-  same with llm-compressor's own static W8A8). bf16, W8A8 dynamic and FP8 dynamic served.
+  kernel (NVFP4, NVFP4A16, MXFP4 refused). Read from its source and run on a 2-core Xeon with
+  AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale selects
+  CPUInt8ScaledMMLinearKernel, whose AMX sgl path (symmetric input, in % 32 == 0, out % 16
+  == 0) calls int8_scaled_mm_with_quant, which quantizes activations per token and ignores
+  the scale (SmolLM2 W8A8 RTN static served at the dynamic export's perplexity, 23.21, ours
+  57.84); without AMX its oneDNN path builds a matmul with the static source scale and a bf16
+  output, which oneDNN limited to AVX2 runs with its reference `ref_int8` kernel (26 s per
+  512x576x1536 GEMM, 27 ms dynamic): the first forward outlasts vLLM's 300 s `RPC call to
+  execute_model timed out`, as seen on an AMD host. FP8 weights without AMX-FP8 hardware
+  select ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with
+  its reference `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2
+  FP8 dynamic timed out the same way here (an earlier AMD host served it). bf16, W8A8 dynamic
+  and W4A16 served.
 
 - An online Hadamard (our rotated exports' compressed-tensors `transform_config`, R4 on the
   down_proj inputs; `algorithms.rotation`): transformers 5.24 with compressed-tensors 0.20
@@ -59,6 +69,7 @@ for GPU users too) and llama.cpp's converter's (most exports are not meant for i
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple, Protocol
@@ -399,15 +410,40 @@ def _static_int8_input(ckpt: Checkpoint, sw: StoredWeight) -> str | None:
 
 
 STATIC_INT8_REASON = (
-    "loads but the first forward never returns (CPU build only): int8 with a static "
-    "per-tensor input scale stalls until `RPC call to execute_model timed out` (300 s), "
-    "llm-compressor's own static W8A8 too; use dynamic activations for vLLM CPU (W8A8_DYNAMIC)"
+    "the CPU build does not run this static per-tensor input scale as exported: with AMX its "
+    "sgl kernel (int8_scaled_mm_with_quant) quantizes activations per token and ignores the "
+    "scale (outputs of a dynamic model, not this one's); without AMX its oneDNN matmul with a "
+    "static source scale can fall to oneDNN's reference ref_int8 kernel (about 1000x slower: "
+    "the first forward ends in `RPC call to execute_model timed out`, 300 s); use dynamic "
+    "activations for vLLM CPU (W8A8_DYNAMIC)"
 )
+FP8_SCALED_MM_REASON = (
+    "loads but runs FP8 matmuls through torch._scaled_mm (CPU build only, CPUs without "
+    "AMX-FP8): oneDNN's reference f8 kernel (37 s per 512x576x1536 GEMM on one thread, bf16 "
+    "10 ms); on a few cores the first forward ends in `RPC call to execute_model timed out` "
+    "(300 s); for vLLM CPU export W8A8_DYNAMIC or W4A16"
+)
+FP8_PER_TENSOR_REASON = (
+    "does not run these FP8 activations as exported (CPU build only; read from its source, "
+    "not run): with AMX, CPUFp8PerTensorScaledMMLinearKernel runs a per-tensor FP8 weight "
+    "W8A16 (activations stay bf16, the static input scale unused); without it "
+    "torch._scaled_mm's reference f8 kernel (the FP8 dynamic rule); for vLLM CPU export "
+    "W8A8_DYNAMIC or W4A16"
+)
+
+
+def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
+    """Which CPU kernel family an FP8 (not block-wise) weight selects, as a reason."""
+    scale = ckpt.tensors.get(sw.parts.get("scale", ""))
+    per_tensor = scale is not None and math.prod(scale.shape) == 1
+    static = f"{module_path(sw.name)}.input_scale" in ckpt.tensors
+    return FP8_PER_TENSOR_REASON if per_tensor and static else FP8_SCALED_MM_REASON
 
 
 def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """Stored weights vLLM refuses (every build: ragged groups) or its CPU build cannot serve
-    (FP8 block, FP4, static int8 activations), read from the headers via the dequantize plan."""
+    (FP8 block, FP4, FP8 through torch._scaled_mm, static int8 activations), read from the
+    headers via the dequantize plan."""
     try:
         plan = plan_dequantize(ckpt)
     except CheckpointError:
@@ -420,6 +456,8 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
             found.append(Refusal(stored, VLLM, VLLM_VERSION, reason))
         if reason := _vllm_cpu_reason(sw, block):
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
+        elif sw.kind == FP8:
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, _fp8_matmul_reason(ckpt, sw)))
         if scale := _static_int8_input(ckpt, sw):
             found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
     return found

@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="treat tensors this runtime refuses as errors: transformers, vllm (rules of "
         "every vLLM build), vllm-cpu (those plus the CPU build's: no FP8 block without AMX, "
-        "no FP4, static int8 activations) or llama.cpp (GGUF files, and what its "
-        "convert_hf_to_gguf.py refuses in a safetensors checkpoint); without it, all but the "
-        "vllm-cpu and converter rules warn",
+        "no FP4, FP8 through torch._scaled_mm, static int8 activations) or llama.cpp (GGUF "
+        "files, and what its convert_hf_to_gguf.py refuses in a safetensors checkpoint); "
+        "without it, all but the vllm-cpu and converter rules warn",
     )
     parser.add_argument(
         "--sample",
