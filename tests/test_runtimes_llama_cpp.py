@@ -3,9 +3,10 @@ the same files with one thing llama.cpp 0.3.36 refuses (an extra tensor, a missi
 wrong shape, a row its block does not divide, a missing metadata key) are refused by name;
 safetensors exports its convert_hf_to_gguf.py cannot convert are named too.
 
-The extra-tensor case was run in llama.cpp (llama-cpp-python 0.3.36) on a SmolLM2 GGUF of an
-earlier exporter that kept the scale buffers: `done_getting_tensors: wrong number of tensors;
-expected 483, got 273`, the numbers the rule gives.
+Run in llama.cpp (llama-cpp-python 0.3.36): a SmolLM2 GGUF of an earlier exporter that kept
+the scale buffers (`done_getting_tensors: wrong number of tensors; expected 483, got 273`, the
+numbers the rule gives); this file's clean tiny GGUF (loads), its ragged-row, missing-tensor
+and merges-less variants (refused with the messages the rules quote).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def tokenizer_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {chr(97 + i % 26) * (1 + i // 26): i for i in range(128)}
+    letters = [chr(97 + i) for i in range(26)]
+    vocab = {t: i for i, t in enumerate([*letters, "ab", *(f"w{i}" for i in range(101))])}
     path = tmp_path_factory.mktemp("tok")
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, []))).save_pretrained(path)
+    bpe = models.BPE(vocab, [("a", "b")])
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(bpe)).save_pretrained(path)
     return path
 
 
@@ -87,7 +90,7 @@ def test_missing_and_misshapen_tensors_are_refused(tmp_path, tokenizer_dir, monk
 
     errors = _errors(_gguf(tmp_path, tokenizer_dir, monkeypatch, edit))
     assert set(errors) == {"blk.1.ffn_up.weight", "blk.0.ffn_norm.weight"}
-    assert "missing tensor 'blk.1.ffn_up.weight'" in errors["blk.1.ffn_up.weight"]
+    assert "tensor 'blk.1.ffn_up.weight' not found" in errors["blk.1.ffn_up.weight"]
     assert "wrong shape; expected [64], got [32]" in errors["blk.0.ffn_norm.weight"]
 
 
@@ -110,6 +113,25 @@ def test_missing_metadata_key_is_refused(tmp_path, tokenizer_dir, monkeypatch):
     monkeypatch.setattr(gguf.GGUFWriter, "add_layer_norm_rms_eps", lambda self, v: None)
     errors = _errors(_gguf(tmp_path, tokenizer_dir))
     assert "key not found in model" in errors["llama.attention.layer_norm_rms_epsilon"]
+
+
+def test_bpe_vocabulary_without_merges(tmp_path, tokenizer_dir, monkeypatch):
+    """llama.cpp refuses it ('cannot find tokenizer merges', run there); our exporter refuses
+    to write one, and validate names the missing key in a file written without them."""
+    import json
+
+    from quantscale.errors import QuantscaleError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    tok["model"]["merges"] = []
+    (bare / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(QuantscaleError, match="no BPE merges"):
+        _gguf(tmp_path, bare)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_merges", lambda self, m: None)
+    errors = _errors(_gguf(tmp_path, tokenizer_dir))
+    assert "cannot find tokenizer merges" in errors["tokenizer.ggml.merges"]
 
 
 def _export(tmp_path, scheme, fmt="compressed-tensors", **kw):

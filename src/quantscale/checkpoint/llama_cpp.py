@@ -1,7 +1,8 @@
 """What llama.cpp refuses in a GGUF file, and in a checkpoint a user converts for it.
 
 Read from the llama.cpp that llama-cpp-python 0.3.36 vendors (the sdist's vendor/llama.cpp);
-the GGUF row-width and tensor-count rules were also run there (docs/benchmarks.md):
+the row-width, extra-tensor, missing-tensor and merges rules were also run there, and a
+clean tiny file of ours loads (docs/benchmarks.md):
 - `gguf_init_from_file_impl` (ggml/src/gguf.cpp) refuses a tensor whose row (ne[0]) is not a
   multiple of its type's block size (32 for Q4_0 / Q4_1 / Q5_0 / Q8_0, 256 for the k-quants):
   `tensor '...' of type 12 (q4_K) has 576 elements per row, not a multiple of block size
@@ -9,11 +10,14 @@ the GGUF row-width and tensor-count rules were also run there (docs/benchmarks.m
 - the Llama loader (src/models/llama.cpp `load_arch_tensors`, src/llama-model-loader.cpp)
   creates token_embd, output_norm, an optional output, and per block attn_norm, attn_q / k / v
   (or a fused attn_qkv), attn_output, ffn_norm, ffn_gate / down / up with optional biases and
-  rope_freqs. A required one absent: `missing tensor '...'`; any other tensor in the file:
-  `done_getting_tensors: wrong number of tensors; expected N, got M`; one of another shape
-  than the metadata gives: `check_tensor_dims: tensor '...' has wrong shape`. Missing
+  rope_freqs. A required one absent: `check_tensor_dims: tensor '...' not found`; any other
+  tensor in the file: `done_getting_tensors: wrong number of tensors; expected N, got M`; one
+  of another shape than the metadata gives: `check_tensor_dims: tensor '...' has wrong
+  shape`. Missing
   `llama.context_length` / `embedding_length` / `block_count` /
-  `attention.layer_norm_rms_epsilon`: `key not found in model`.
+  `attention.layer_norm_rms_epsilon`: `key not found in model`. A BPE (gpt2) vocabulary
+  without `tokenizer.ggml.merges` (src/llama-vocab.cpp): `cannot find tokenizer merges in
+  model file` (run there on a tiny file of ours).
 - convert_hf_to_gguf.py (conversion/base.py `dequant_model`), which a user runs on a
   safetensors checkpoint before llama.cpp can read it: quant methods other than fp8, gptq,
   bitnet, compressed-tensors and modelopt are refused; compressed-tensors with several config
@@ -189,7 +193,8 @@ def _llama_tensor_refusals(fields: dict[str, Any], tensors: dict[str, GGUFTensor
         parts = name.split(".")
         split_qkv = len(parts) == 3 and parts[2] in ("attn_q", "attn_k", "attn_v")
         if name not in tensors and not (split_qkv and parts[1] in fused):
-            found.append(_refusal(name, f"refuses to load: missing tensor '{name}'"))
+            missing = f"refuses to load: check_tensor_dims: tensor '{name}' not found"
+            found.append(_refusal(name, missing))
     extra = sorted(set(tensors) - set(shapes) - optional)
     for name in extra:
         found.append(
@@ -236,7 +241,22 @@ def gguf_refusals(file: str | os.PathLike) -> list[Refusal]:
             found.append(_refusal(t.name, reason))
     if fields.get("general.architecture") == "llama":
         found += _llama_tensor_refusals(fields, tensors)
+    if reason := vocab_rule(fields):
+        found.append(_refusal("tokenizer.ggml.merges", reason))
     return found
+
+
+def vocab_rule(fields: dict[str, Any]) -> str | None:
+    """Why llama.cpp's vocabulary loader refuses a BPE (gpt2) vocabulary: no merges."""
+    bpe = fields.get("tokenizer.ggml.model") in ("gpt2", "hybriddna", "whitespace")
+    kimi = fields.get("tokenizer.ggml.pre") == "kimi-k2"  # its tokenizer has no merges
+    if not bpe or kimi or fields.get("tokenizer.ggml.merges"):
+        return None
+    return (
+        "refuses to load: error loading model vocabulary: cannot find tokenizer merges in "
+        "model file (a BPE vocabulary needs tokenizer.ggml.merges; the gguf writer drops an "
+        "empty list)"
+    )
 
 
 # ------------------------------------------------------- convert_hf_to_gguf.py

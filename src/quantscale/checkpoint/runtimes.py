@@ -161,6 +161,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
+    found += kv_cache_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -438,6 +439,28 @@ def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
     per_tensor = scale is not None and math.prod(scale.shape) == 1
     static = f"{module_path(sw.name)}.input_scale" in ckpt.tensors
     return FP8_PER_TENSOR_REASON if per_tensor and static else FP8_SCALED_MM_REASON
+
+
+KV_HEAD_REASON = (
+    "loads with kv_cache_dtype='fp8', but the CPU build caches with one scale per layer: "
+    "compressed-tensors' per-head (attn_head) k_scale / v_scale become their maximum "
+    "(`_to_scalar`, read for the CPU attention's float k_scale), so every head but the "
+    "largest is cached on a coarser grid than this export's; use --kv-cache fp8 (per tensor) "
+    "for vLLM CPU. Every build: without kv_cache_dtype='fp8' the scales are unused (a bf16 "
+    "cache)"
+)
+
+
+def kv_cache_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """The per-head KV-cache scales vLLM's CPU build reduces to one per layer."""
+    kv = (ckpt.quantization_config or {}).get("kv_cache_scheme") or {}
+    if kv.get("strategy") != "attn_head":
+        return []
+    return [
+        Refusal(name, VLLM_CPU, VLLM_VERSION, KV_HEAD_REASON)
+        for name in sorted(ckpt.tensors)
+        if name.endswith((".k_scale", ".v_scale"))
+    ]
 
 
 def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
