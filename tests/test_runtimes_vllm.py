@@ -69,9 +69,14 @@ def test_ragged_groups_refused_on_every_vllm_build(tmp_path, capsys):
     assert "model.layers.0.mlp.down_proj.weight_packed" not in tensors
 
 
-def test_a_dividing_group_is_served(tmp_path):
+def test_a_dividing_group_is_served_as_w4a8_on_cpu(tmp_path):
+    """W4A16 g64 loads on every build; vLLM CPU on AMX runs it W4A8 (SmolLM2: 34.00 vs 32.69)
+    unless VLLM_CPU_INT4_W4A8=0, which the CPU rule says."""
     out = _export(tmp_path, with_group_size(load_recipe("W4A16"), 64), hidden=WIDE)
-    assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
+    assert validate_checkpoint(out, runtime="vllm").findings == []
+    cpu = runtime_refusals(out, "vllm-cpu")
+    assert len(cpu) == 14 and all("VLLM_CPU_INT4_W4A8=0" in r.reason for r in cpu)
+    assert "model.layers.0.mlp.down_proj.weight_packed" in {r.tensor for r in cpu}
 
 
 def test_quantize_group_size_flag_fixes_the_refusal(tmp_path):

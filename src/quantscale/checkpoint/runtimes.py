@@ -29,7 +29,9 @@ Rules come from running the runtime here, and each is pinned by a test
   select ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with
   its reference `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2
   FP8 dynamic timed out the same way here (an earlier AMD host served it). bf16, W8A8 dynamic
-  and W4A16 served.
+  and W4A16 served; W4A16 runs as W4A8 on AMX CPUs (CPUWNA16LinearKernel's int4_scaled_mm_cpu
+  quantizes activations per token unless VLLM_CPU_INT4_W4A8=0): SmolLM2 g64 34.00 against
+  our 32.69, 32.62 with VLLM_CPU_INT4_W4A8=0.
 
 - An online Hadamard (our rotated exports' compressed-tensors `transform_config`, R4 on the
   down_proj inputs; `algorithms.rotation`): transformers 5.24 with compressed-tensors 0.20
@@ -80,6 +82,7 @@ from quantscale.checkpoint.layouts import (
     CT_METHOD,
     CT_MXFP4,
     CT_NVFP4,
+    CT_PACKED,
     HF_FP8,
     HF_FP8_METHOD,
     config_block,
@@ -433,6 +436,12 @@ FP8_PER_TENSOR_REASON = (
 )
 
 
+def _int4_packed(sw: StoredWeight) -> bool:
+    """A compressed-tensors 4-bit integer weight (what vLLM CPU's CPUWNA16 kernel takes)."""
+    args = sw.args
+    return sw.fmt == CT_PACKED and args is not None and (args.type, args.num_bits) == ("int", 4)
+
+
 def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
     """Which CPU kernel family an FP8 (not block-wise) weight selects, as a reason."""
     scale = ckpt.tensors.get(sw.parts.get("scale", ""))
@@ -441,6 +450,13 @@ def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
     return FP8_PER_TENSOR_REASON if per_tensor and static else FP8_SCALED_MM_REASON
 
 
+W4A8_REASON = (
+    "runs as W4A8, not W4A16 (CPU build only, CPUs with AMX, bf16): CPUWNA16LinearKernel "
+    "uses the int4 x int8 kernel int4_scaled_mm_cpu, which quantizes the activations per "
+    "token, unless VLLM_CPU_INT4_W4A8=0 (SmolLM2 W4A16 g64: perplexity 34.00 against our and "
+    "transformers' 32.69; 32.62 with it set); set VLLM_CPU_INT4_W4A8=0 when serving it on "
+    "vLLM CPU"
+)
 KV_HEAD_REASON = (
     "loads with kv_cache_dtype='fp8', but the CPU build caches with one scale per layer: "
     "compressed-tensors' per-head (attn_head) k_scale / v_scale become their maximum "
@@ -481,6 +497,8 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
         elif sw.kind == FP8:
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, _fp8_matmul_reason(ckpt, sw)))
+        elif _int4_packed(sw):
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, W4A8_REASON))
         if scale := _static_int8_input(ckpt, sw):
             found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
     return found
