@@ -193,6 +193,22 @@ def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
     assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
 
 
+def test_mamba1_models_named_for_the_cpu_build(tmp_path):
+    """vLLM CPU loads a Mamba1 model and fails at its first forward (no selective_scan_fwd);
+    Mamba2 models are served: only the first gets the CPU rule."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}
+    MambaForCausalLM(MambaConfig(**small)).save_pretrained(tmp_path / "m1")
+    m2 = Mamba2Config(**small, num_heads=4, head_dim=16, n_groups=1, state_size=16)
+    Mamba2ForCausalLM(m2).save_pretrained(tmp_path / "m2")
+    found = runtime_refusals(tmp_path / "m1", "vllm-cpu")
+    assert [(r.tensor, r.runtime) for r in found] == [("config.json model_type", VLLM_CPU)]
+    assert "selective_scan_fwd" in found[0].reason
+    assert runtime_refusals(tmp_path / "m1", "vllm") == []
+    assert runtime_refusals(tmp_path / "m2", "vllm-cpu") == []
+
+
 def test_runtime_selection():
     assert selects("vllm", VLLM) and not selects("vllm", VLLM_CPU)
     assert selects("vllm-cpu", VLLM_CPU) and selects("vLLM CPU", VLLM) and selects("vllm_cpu", VLLM)

@@ -58,7 +58,10 @@ Rules come from running the runtime here, and each is pinned by a test
   `quant_config=None` (models/qwen3_next.py), and its gated-delta-net `in_proj_ba` has no
   block-wise FP8 (layers/mamba/gdn/qwen_gdn_linear_attn.py). The Mamba2 mixer (Bamba,
   Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
-  float (mamba_mixer2.py), which is what we write.
+  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32 (bf16 fixtures, not
+  quantized: no compressed-tensors export of Mamba exists): the Mamba2 fixture is served at
+  our perplexity (357.2893 both, same greedy text); the Mamba1 one loads and its first
+  forward fails (`selective_scan_fwd` is not in the CPU build).
 
 - llama.cpp (llama-cpp-python 0.3.36): GGUF files and the converter a user runs on a
   safetensors checkpoint, in checkpoint/llama_cpp.py.
@@ -164,7 +167,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
-    found += kv_cache_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -226,6 +229,22 @@ _VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it 
         "(models/qwen3_next.py): keep them float",
     ),
 }
+
+
+MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba")  # vLLM builds them on mamba_mixer.py
+MAMBA1_CPU_REASON = (
+    "loads, but the first forward fails (CPU build only): AttributeError: '_OpNamespace' "
+    "'_C' object has no attribute 'selective_scan_fwd' (the Mamba1 mixer's selective scan "
+    "has no CPU kernel; seen on our Mamba fixture, Jamba builds the same mixer); Mamba2 "
+    "models are served (our Mamba2 fixture at our perplexity)"
+)
+
+
+def mamba1_cpu_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Models vLLM CPU builds on the Mamba1 mixer, which it cannot run."""
+    if (ckpt.config or {}).get("model_type") not in MAMBA1_MODELS:
+        return []
+    return [Refusal("config.json model_type", VLLM_CPU, VLLM_VERSION, MAMBA1_CPU_REASON)]
 
 
 def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
