@@ -25,6 +25,8 @@ clean tiny file of ours loads (docs/benchmarks.md):
   per block and pack-quantized ones per group (an assert otherwise); the tensors it does not
   consume for the method (compressed-tensors' input_scale, k_scale / v_scale, an int8
   weight_zero_point, weight_g_idx) reach the name map and stop it: `Can not map tensor`.
+  Run there on tiny exports of ours: static W8A8 (`Can not map tensor '...input_scale'`) and
+  W8A16 per channel (the strategy assert); W4A16 groups convert.
 """
 
 from __future__ import annotations
