@@ -162,3 +162,14 @@ def test_converter_rules_only_when_named(tmp_path):
     assert not [r for r in runtime_refusals(out) if r.runtime == LLAMA_CPP_CONVERT]
     assert not [r for r in runtime_refusals(out, "vllm") if r.runtime == LLAMA_CPP_CONVERT]
     assert {r.runtime for r in runtime_refusals(out, "llama-cpp")} == {LLAMA_CPP_CONVERT}
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path, tokenizer_dir):
+    from quantscale.errors import CheckpointError
+
+    data = _gguf(tmp_path, tokenizer_dir).read_bytes()
+    for cut in (3, 200):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=f"cut{cut}.gguf: not a readable GGUF file"):
+            validate_checkpoint(bad, runtime="llama.cpp")

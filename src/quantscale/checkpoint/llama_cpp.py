@@ -42,17 +42,6 @@ from quantscale.checkpoint.runtimes import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
 from quantscale.errors import CheckpointError
 
 LLAMA_CPP_VERSION = "0.3.36 (llama-cpp-python)"
-_BLOCK_TENSORS = (
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_down",
-    "ffn_up",
-)
 _OPTIONAL_BLOCK = (
     "attn_q.bias",
     "attn_k.bias",
@@ -97,7 +86,11 @@ def _read(f: BinaryIO, fmt: str) -> Any:
 
 def _value(f: BinaryIO, kind: int) -> Any:
     if kind == STRING:
-        return f.read(_read(f, "<Q")).decode("utf-8", "replace")
+        size = _read(f, "<Q")
+        data = f.read(size)
+        if len(data) != size:  # also ends a forged huge array of strings at the file's end
+            raise CheckpointError("truncated GGUF header")
+        return data.decode("utf-8", "replace")
     if kind == ARRAY:
         item, n = _read(f, "<I"), _read(f, "<Q")
         return [_value(f, item) for _ in range(n)]
