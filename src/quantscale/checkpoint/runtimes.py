@@ -17,9 +17,21 @@ Rules come from running the runtime here, and each is pinned by a test
   whose in_features its group does not divide is refused at load (`input_size_per_partition=576
   ... not divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed).
   CPU build only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4
-  kernel (NVFP4, NVFP4A16, MXFP4 refused), and int8 with a static per-tensor input scale loads
-  but its first forward never returns (`RPC call to execute_model timed out` after 300 s; the
-  same with llm-compressor's own static W8A8). bf16, W8A8 dynamic and FP8 dynamic served.
+  kernel (NVFP4, NVFP4A16, MXFP4 refused). Read from its source and run on a 2-core Xeon with
+  AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale selects
+  CPUInt8ScaledMMLinearKernel, whose AMX sgl path (symmetric input, in % 32 == 0, out % 16
+  == 0) calls int8_scaled_mm_with_quant, which quantizes activations per token and ignores
+  the scale (SmolLM2 W8A8 RTN static served at the dynamic export's perplexity, 23.21, ours
+  57.84); without AMX its oneDNN path builds a matmul with the static source scale and a bf16
+  output, which oneDNN limited to AVX2 runs with its reference `ref_int8` kernel (26 s per
+  512x576x1536 GEMM, 27 ms dynamic): the first forward outlasts vLLM's 300 s `RPC call to
+  execute_model timed out`, as seen on an AMD host. FP8 weights without AMX-FP8 hardware
+  select ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with
+  its reference `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2
+  FP8 dynamic timed out the same way here (an earlier AMD host served it). bf16, W8A8 dynamic
+  and W4A16 served; W4A16 runs as W4A8 on AMX CPUs (CPUWNA16LinearKernel's int4_scaled_mm_cpu
+  quantizes activations per token unless VLLM_CPU_INT4_W4A8=0): SmolLM2 g64 34.00 against
+  our 32.69, 32.62 with VLLM_CPU_INT4_W4A8=0.
 
 - An online Hadamard (our rotated exports' compressed-tensors `transform_config`, R4 on the
   down_proj inputs; `algorithms.rotation`): transformers 5.24 with compressed-tensors 0.20
@@ -46,16 +58,23 @@ Rules come from running the runtime here, and each is pinned by a test
   `quant_config=None` (models/qwen3_next.py), and its gated-delta-net `in_proj_ba` has no
   block-wise FP8 (layers/mamba/gdn/qwen_gdn_linear_attn.py). The Mamba2 mixer (Bamba,
   Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
-  float (mamba_mixer2.py), which is what we write.
+  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32 (bf16 fixtures, not
+  quantized: no compressed-tensors export of Mamba exists): the Mamba2 fixture is served at
+  our perplexity (357.2893 both, same greedy text); the Mamba1 one loads and its first
+  forward fails (`selective_scan_fwd` is not in the CPU build).
+
+- llama.cpp (llama-cpp-python 0.3.36): GGUF files and the converter a user runs on a
+  safetensors checkpoint, in checkpoint/llama_cpp.py.
 
 `runtime_refusals(ckpt, runtime)` picks the rules by `--runtime` name (`RUNTIMES`): without
 one, every rule except the vLLM CPU-build ones (they would flag every FP4 or FP8 block export
-for GPU users too).
+for GPU users too) and llama.cpp's converter's (most exports are not meant for it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import NamedTuple, Protocol
@@ -66,6 +85,7 @@ from quantscale.checkpoint.layouts import (
     CT_METHOD,
     CT_MXFP4,
     CT_NVFP4,
+    CT_PACKED,
     HF_FP8,
     HF_FP8_METHOD,
     config_block,
@@ -89,10 +109,14 @@ VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
 # as a substring ("transformers": FineGrainedFP8 and compressed-tensors)
+LLAMA_CPP, LLAMA_CPP_CONVERT = "llama.cpp", "llama.cpp convert_hf_to_gguf.py"  # llama_cpp.py
 RUNTIMES: dict[str, tuple[str, ...]] = {
     "vllm": (VLLM,),
     "vllm-cpu": (VLLM, VLLM_CPU),
+    "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
+    "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT)  # rules only a named --runtime selects
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -126,9 +150,9 @@ def transformers_block_rule(
 
 def selects(runtime: str | None, name: str) -> bool:
     """Whether `--runtime runtime` covers the rules of runtime `name`: a `RUNTIMES` key picks
-    its runtimes, another string matches as a substring; None picks all but vLLM CPU's."""
+    its runtimes, another string matches as a substring; None picks all but `NAMED_ONLY`."""
     if runtime is None:
-        return name != VLLM_CPU
+        return name not in NAMED_ONLY
     key = "-".join(runtime.lower().replace("_", " ").replace("-", " ").split())
     if key in RUNTIMES:
         return name in RUNTIMES[key]
@@ -138,9 +162,12 @@ def selects(runtime: str | None, name: str) -> bool:
 def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -> list[Refusal]:
     """(tensor, runtime, version, reason) for every tensor a known runtime refuses or
     mishandles, for the runtimes `runtime` selects (`selects`)."""
+    from quantscale.checkpoint.llama_cpp import convert_refusals
+
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
-    found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt)
+    found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -202,6 +229,22 @@ _VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it 
         "(models/qwen3_next.py): keep them float",
     ),
 }
+
+
+MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba")  # vLLM builds them on mamba_mixer.py
+MAMBA1_CPU_REASON = (
+    "loads, but the first forward fails (CPU build only): AttributeError: '_OpNamespace' "
+    "'_C' object has no attribute 'selective_scan_fwd' (the Mamba1 mixer's selective scan "
+    "has no CPU kernel; seen on our Mamba fixture, Jamba builds the same mixer); Mamba2 "
+    "models are served (our Mamba2 fixture at our perplexity)"
+)
+
+
+def mamba1_cpu_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Models vLLM CPU builds on the Mamba1 mixer, which it cannot run."""
+    if (ckpt.config or {}).get("model_type") not in MAMBA1_MODELS:
+        return []
+    return [Refusal("config.json model_type", VLLM_CPU, VLLM_VERSION, MAMBA1_CPU_REASON)]
 
 
 def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
@@ -390,15 +433,75 @@ def _static_int8_input(ckpt: Checkpoint, sw: StoredWeight) -> str | None:
 
 
 STATIC_INT8_REASON = (
-    "loads but the first forward never returns (CPU build only): int8 with a static "
-    "per-tensor input scale stalls until `RPC call to execute_model timed out` (300 s), "
-    "llm-compressor's own static W8A8 too; use dynamic activations for vLLM CPU (W8A8_DYNAMIC)"
+    "the CPU build does not run this static per-tensor input scale as exported: with AMX its "
+    "sgl kernel (int8_scaled_mm_with_quant) quantizes activations per token and ignores the "
+    "scale (outputs of a dynamic model, not this one's); without AMX its oneDNN matmul with a "
+    "static source scale can fall to oneDNN's reference ref_int8 kernel (about 1000x slower: "
+    "the first forward ends in `RPC call to execute_model timed out`, 300 s); use dynamic "
+    "activations for vLLM CPU (W8A8_DYNAMIC)"
 )
+FP8_SCALED_MM_REASON = (
+    "loads but runs FP8 matmuls through torch._scaled_mm (CPU build only, CPUs without "
+    "AMX-FP8): oneDNN's reference f8 kernel (37 s per 512x576x1536 GEMM on one thread, bf16 "
+    "10 ms); on a few cores the first forward ends in `RPC call to execute_model timed out` "
+    "(300 s); for vLLM CPU export W8A8_DYNAMIC or W4A16"
+)
+FP8_PER_TENSOR_REASON = (
+    "does not run these FP8 activations as exported (CPU build only; read from its source, "
+    "not run): with AMX, CPUFp8PerTensorScaledMMLinearKernel runs a per-tensor FP8 weight "
+    "W8A16 (activations stay bf16, the static input scale unused); without it "
+    "torch._scaled_mm's reference f8 kernel (the FP8 dynamic rule); for vLLM CPU export "
+    "W8A8_DYNAMIC or W4A16"
+)
+
+
+def _int4_packed(sw: StoredWeight) -> bool:
+    """A compressed-tensors 4-bit integer weight (what vLLM CPU's CPUWNA16 kernel takes)."""
+    args = sw.args
+    return sw.fmt == CT_PACKED and args is not None and (args.type, args.num_bits) == ("int", 4)
+
+
+def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
+    """Which CPU kernel family an FP8 (not block-wise) weight selects, as a reason."""
+    scale = ckpt.tensors.get(sw.parts.get("scale", ""))
+    per_tensor = scale is not None and math.prod(scale.shape) == 1
+    static = f"{module_path(sw.name)}.input_scale" in ckpt.tensors
+    return FP8_PER_TENSOR_REASON if per_tensor and static else FP8_SCALED_MM_REASON
+
+
+W4A8_REASON = (
+    "runs as W4A8, not W4A16 (CPU build only, CPUs with AMX, bf16): CPUWNA16LinearKernel "
+    "uses the int4 x int8 kernel int4_scaled_mm_cpu, which quantizes the activations per "
+    "token, unless VLLM_CPU_INT4_W4A8=0 (SmolLM2 W4A16 g64: perplexity 34.00 against our and "
+    "transformers' 32.69; 32.62 with it set); set VLLM_CPU_INT4_W4A8=0 when serving it on "
+    "vLLM CPU"
+)
+KV_HEAD_REASON = (
+    "loads with kv_cache_dtype='fp8', but the CPU build caches with one scale per layer: "
+    "compressed-tensors' per-head (attn_head) k_scale / v_scale become their maximum "
+    "(`_to_scalar`, read for the CPU attention's float k_scale), so every head but the "
+    "largest is cached on a coarser grid than this export's; use --kv-cache fp8 (per tensor) "
+    "for vLLM CPU. Every build: without kv_cache_dtype='fp8' the scales are unused (a bf16 "
+    "cache)"
+)
+
+
+def kv_cache_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """The per-head KV-cache scales vLLM's CPU build reduces to one per layer."""
+    kv = (ckpt.quantization_config or {}).get("kv_cache_scheme") or {}
+    if kv.get("strategy") != "attn_head":
+        return []
+    return [
+        Refusal(name, VLLM_CPU, VLLM_VERSION, KV_HEAD_REASON)
+        for name in sorted(ckpt.tensors)
+        if name.endswith((".k_scale", ".v_scale"))
+    ]
 
 
 def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """Stored weights vLLM refuses (every build: ragged groups) or its CPU build cannot serve
-    (FP8 block, FP4, static int8 activations), read from the headers via the dequantize plan."""
+    (FP8 block, FP4, FP8 through torch._scaled_mm, static int8 activations), read from the
+    headers via the dequantize plan."""
     try:
         plan = plan_dequantize(ckpt)
     except CheckpointError:
@@ -411,6 +514,10 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
             found.append(Refusal(stored, VLLM, VLLM_VERSION, reason))
         if reason := _vllm_cpu_reason(sw, block):
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
+        elif sw.kind == FP8:
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, _fp8_matmul_reason(ckpt, sw)))
+        elif _int4_packed(sw):
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, W4A8_REASON))
         if scale := _static_int8_input(ckpt, sw):
             found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
     return found

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from quantscale.checkpoint.dequantize import FP8, DequantPlan, plan_dequantize
+from quantscale.checkpoint.gguf import find_gguf
 from quantscale.checkpoint.inspect import FP8_DTYPES, find_scale, kind_of
 from quantscale.checkpoint.layouts import (
     CT_METHOD,
@@ -31,7 +32,7 @@ from quantscale.checkpoint.layouts import (
     weight_of_scale,
 )
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.runtimes import runtime_refusals, selects
+from quantscale.checkpoint.runtimes import Refusal, runtime_refusals, selects
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import group_names, module_path
@@ -544,8 +545,14 @@ def check_runtimes(ctx: _Context, runtime: str | None) -> list[Finding]:
     qc = ctx.qc or {}
     if "weight_block_size" in qc and parse_block(qc["weight_block_size"]) is None:
         return []  # already an error; runtime rules need a valid block size
+    return runtime_findings(runtime_refusals(ctx.ckpt, runtime), runtime)
+
+
+def runtime_findings(refusals: list[Refusal], runtime: str | None) -> list[Finding]:
+    """One finding per (runtime, version, reason) of the refusals `runtime` selects: errors
+    when a runtime is named, else warnings."""
     grouped: dict[tuple[str, str, str], list[str]] = defaultdict(list)
-    for tensor, rt, version, reason in runtime_refusals(ctx.ckpt, runtime):
+    for tensor, rt, version, reason in refusals:
         if selects(runtime, rt):
             grouped[(rt, str(version), reason)].append(tensor)
     severity = ERROR if runtime is not None else WARNING
@@ -636,7 +643,10 @@ def check_config_mismatch(ckpt: Checkpoint, layout: Layout, plan: DequantPlan) -
 def validate_checkpoint(
     ckpt: Checkpoint | str | os.PathLike, runtime: str | None = None, sample: int = 12
 ) -> ValidationReport:
-    """Run every check; `runtime` makes that runtime's refusals errors (else warnings)."""
+    """Run every check; `runtime` makes that runtime's refusals errors (else warnings). A GGUF
+    file (or a directory holding one and no safetensors) gets llama.cpp's rules."""
+    if not isinstance(ckpt, Checkpoint) and (gguf := find_gguf(ckpt)) is not None:
+        return validate_gguf(gguf, runtime)
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint(ckpt)
     ctx = _context(ckpt)
@@ -653,6 +663,13 @@ def validate_checkpoint(
     findings += check_runtimes(ctx, runtime)
     findings.sort(key=lambda f: f.severity != ERROR)
     return ValidationReport(str(ckpt.path), findings)
+
+
+def validate_gguf(file: os.PathLike, runtime: str | None = None) -> ValidationReport:
+    """llama.cpp's refusals of a GGUF file (`llama_cpp.gguf_refusals`) as findings."""
+    from quantscale.checkpoint.llama_cpp import gguf_refusals
+
+    return ValidationReport(str(file), runtime_findings(gguf_refusals(file), runtime))
 
 
 def render(report: ValidationReport, console=None) -> None:

@@ -18,14 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "in converted modules, bad quantization_config fields and tensors a runtime refuses. "
         "Exit code 1 when there are errors.",
     )
-    parser.add_argument("checkpoint", help="checkpoint directory (safetensors + config.json)")
+    parser.add_argument(
+        "checkpoint", help="checkpoint directory (safetensors + config.json) or a GGUF file"
+    )
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
     parser.add_argument(
         "--runtime",
         default=None,
         help="treat tensors this runtime refuses as errors: transformers, vllm (rules of "
-        "every vLLM build) or vllm-cpu (those plus the CPU build's: no FP8 block without AMX, "
-        "no FP4, no static int8 activations); without it, all but the vllm-cpu rules warn",
+        "every vLLM build), vllm-cpu (those plus the CPU build's: no FP8 block without AMX, "
+        "no FP4, FP8 through torch._scaled_mm, static int8 activations) or llama.cpp (GGUF "
+        "files, and what its convert_hf_to_gguf.py refuses in a safetensors checkpoint); "
+        "without it, all but the vllm-cpu and converter rules warn",
     )
     parser.add_argument(
         "--sample",

@@ -104,6 +104,11 @@ def _tokenizer_fields(source_dir: Path) -> dict[str, Any]:
         tokens[i] = text
         types[i] = 3 if i in special else 1  # CONTROL / NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:  # the gguf writer drops an empty array; llama.cpp then refuses the file
+        raise QuantscaleError(
+            f"--format gguf: {path} has no BPE merges; llama.cpp refuses a gpt2 vocabulary "
+            "without tokenizer.ggml.merges ('cannot find tokenizer merges in model file')"
+        )
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
