@@ -94,7 +94,9 @@ def test_mamba_sweep_applies_alpha_sigma_and_observers(tmp_path, monkeypatch):
         (["--observer", "mse", "--sigma", "0.1"], "--sigma sets the EMA .* 'mse' has none"),
         (["--observers", "nope"], "unknown observer 'nope'"),
         (["--smooth", "0.5"], "--smooth applies to transformer models, not Mamba"),
-        (["--per-channel"], "--per-channel applies to transformer models"),
+        (["--scheme", "W4A8"], "--scheme W4A8: .* name W4 settings with --mamba-settings"),
+        (["--tasks", "ppl,zeroshot"], "--tasks zeroshot: a Mamba sweep measures ppl and cloze"),
+        (["--sigma-warmup", "4", "--observer", "mse"], "--sigma-warmup sets the EMA .* 'mse'"),
         (["--mode", "layerwise"], "--mode layerwise applies to transformer models"),
     ],
 )
