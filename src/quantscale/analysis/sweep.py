@@ -320,7 +320,7 @@ def _add_deltas(rows: list[SweepRow], metrics: Sequence[str] | None = None) -> N
         r.delta_pct = {
             k: 100 * (v / base.metrics[k] - 1)
             for k, v in r.metrics.items()
-            if metrics is None or k in metrics
+            if (metrics is None or k in metrics) and base.metrics.get(k)
         }
 
 

@@ -283,7 +283,7 @@ def _evaluate_one(
     row = measure(model, tokenizer, n_tokens, n_items)
     row["hidden_sqnr_db"] = sqnr_db(reference, final_hidden_states(model, ids))
     row["point_sqnr_db"] = {} if recipe is None else point_sqnr(model, [ids])
-    row["calib_s"] = round(calib_s, 1)
+    row["calib_s"] = calib_s
     row["scales"] = scale_counts(model)
     qcfg = getattr(model.config, "quantization_config", None) or {}
     if "block_sensitivity" in qcfg:  # a sensitivity-scan setting: what its scan chose

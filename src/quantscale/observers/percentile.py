@@ -117,7 +117,7 @@ class PercentileMSEObserver(Observer):
         data = torch.cat(self._samples, dim=1)
         best = torch.full((data.shape[0],), float("inf"))
         lo = hi = None
-        chosen = torch.empty(data.shape[0])
+        chosen = torch.empty(data.shape[0], dtype=torch.float64)
         for alpha, cand in zip(self.alphas, self.candidates):
             mn, mx = (t.reshape(-1) for t in cand.min_max())
             qp = row_qparams(compute_qparams(self.args, mn, mx))
