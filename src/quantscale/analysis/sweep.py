@@ -375,7 +375,8 @@ def write_outputs(
 
 def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: str = "ppl") -> Path:
     """PNG: the metric against a numeric swept parameter (a curve), else one bar per setting;
-    the baseline as a horizontal line. Needs matplotlib (the `plots` extra)."""
+    the baseline as a horizontal line; the y axis zoomed in on values within 1.5x of each
+    other. Needs matplotlib (the `plots` extra)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(rows)), 4))
     base = next((r for r in rows if r.setting == BASELINE), None)
@@ -397,8 +398,12 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: st
         ax.axhline(base.metrics[metric], color="gray", linestyle="--", label="baseline")
         ax.legend()
     values = [r.metrics[metric] for r in rows]
-    if min(values) > 0 and max(values) / min(values) > 10:
+    lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo > 10:
         ax.set_yscale("log")
+    elif lo > 0 and hi / lo < 1.5:  # close values (Mamba settings): zoom in on them
+        pad = 0.1 * (hi - lo) or 0.01 * hi
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_ylabel(metric)
     ax.set_title(title)
     fig.tight_layout()
