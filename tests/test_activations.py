@@ -63,12 +63,15 @@ def test_modules_sharing_an_input_share_one_observer():
     assert len(scales) == 1 and all(m.input_scale.item() in scales for m in mods.values())
 
 
-@pytest.mark.parametrize("observer", ["minmax", "ema", "percentile", "mse", "aciq", "kl"])
+@pytest.mark.parametrize(
+    "observer",
+    ["minmax", "ema", "percentile", "mse", "aciq", "kl", "max_entropy", "percentile_mse"],
+)
 @pytest.mark.parametrize("value", [0.0, 2.5])
 @pytest.mark.parametrize("strategy", ["tensor", "channel"])
 def test_zero_and_constant_activations_give_finite_scales(observer, value, strategy):
-    if observer == "kl" and strategy == "channel":
-        pytest.skip("kl is per-tensor only")
+    if observer in ("kl", "max_entropy") and strategy == "channel":
+        pytest.skip("the histogram observers are per-tensor only")
     ql = _ql(_w8a8(observer, strategy))
     x = torch.full((4, 16), value)
     x[:, 3] = 0.0  # an all-zero channel

@@ -90,3 +90,27 @@ def test_smoothing_settings_run_and_are_undone(tiny_llama, mode):
     assert len({r.metrics["ppl"] for r in rows}) == 3  # smoothing changed the quantized model
     for k, v in tiny_llama.state_dict().items():
         assert torch.equal(v, params[k]), k
+
+
+def test_sigma_warmup_setting_reaches_the_observer(tiny_llama):
+    """--sigma-warmup N: one setting whose EMA observer ramps its momentum over N batches
+    (the same observer option as on the Mamba sweep), calibrating to other scales."""
+    settings = build_settings(tiny_llama, "W8A8", "ema", sigmas=[0.1], sigma_warmup=3)
+    assert [s.name for s in settings[1:]] == ["W8A8 sigma=0.1", "W8A8 sigma-warmup=3"]
+    acts = settings[2].recipe.scheme_for("model.layers.0.mlp.up_proj").input_activations
+    assert acts.observer == "ema" and acts.observer_kwargs == {"sigma_warmup": 3}
+    plain = build_settings(tiny_llama, "W8A8", "ema", baseline=False)
+    shared = calibrate_shared(tiny_llama, [plain[0], settings[2]], list(_data(8).split(2)))
+    key = ("model.layers.0.self_attn.q_proj", "input")
+    assert not torch.equal(shared["W8A8 ema"][key].scale, shared["W8A8 sigma-warmup=3"][key].scale)
+
+
+def test_new_observers_calibrate_the_llm_sweep(tiny_llama):
+    """max_entropy and percentile_mse (the Mamba sweep's settings) work as --observers here:
+    max-entropy clips below min-max, the MSE-chosen percentile never exceeds it."""
+    names = ["percentile_mse", "max_entropy", "minmax"]
+    settings = build_settings(tiny_llama, "W8A8", observers=names, baseline=False)
+    shared = calibrate_shared(tiny_llama, settings, list(_data(8).split(2)))
+    key = ("model.layers.0.self_attn.q_proj", "input")
+    mse, ent, mm = (float(shared[f"W8A8 {n}"][key].scale) for n in names)
+    assert 0 < ent < mm and 0 < mse <= mm

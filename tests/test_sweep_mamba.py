@@ -20,14 +20,19 @@ def test_is_mamba_reads_fixture_names_and_configs(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_on_the_mamba2_fixture(capsys):
-    argv = ["sweep", "fixture:mamba2", "--mamba-settings", "bf16,quamba1"]
+def test_sweep_on_the_mamba2_fixture(capsys, tmp_path):
+    argv = ["sweep", "fixture:mamba2", "--mamba-settings", "bf16,quamba1,quamba2-adaptive"]
     argv += ["--calib-samples", "8", "--calib-seq-len", "128", "--n-tokens", "2048"]
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("│")]
-    assert [r.split("│")[1].strip() for r in rows] == ["bf16", "quamba1"]
+    assert [r.split("│")[1].strip() for r in rows] == ["bf16", "quamba1", "quamba2-adaptive"]
     assert "dB" in rows[1] and "%" in rows[1]
+    data = json.loads((tmp_path / "sweep_mamba2.json").read_text())
+    metrics = {r["setting"]: r["metrics"] for r in data["rows"]}
+    assert metrics["quamba1"]["x_scales"] == 4  # one per block
+    assert 4 * 2 <= metrics["quamba2-adaptive"]["x_scales"]  # >= 1 x 1 per SSD group
+    assert (tmp_path / "sweep_mamba2.png").stat().st_size > 0
 
 
 def _mamba_dir(tmp_path):
@@ -94,7 +99,9 @@ def test_mamba_sweep_applies_alpha_sigma_and_observers(tmp_path, monkeypatch):
         (["--observer", "mse", "--sigma", "0.1"], "--sigma sets the EMA .* 'mse' has none"),
         (["--observers", "nope"], "unknown observer 'nope'"),
         (["--smooth", "0.5"], "--smooth applies to transformer models, not Mamba"),
-        (["--per-channel"], "--per-channel applies to transformer models"),
+        (["--scheme", "W4A8"], "--scheme W4A8: .* name W4 settings with --mamba-settings"),
+        (["--tasks", "ppl,zeroshot"], "--tasks zeroshot: a Mamba sweep measures ppl and cloze"),
+        (["--sigma-warmup", "4", "--observer", "mse"], "--sigma-warmup sets the EMA .* 'mse'"),
         (["--mode", "layerwise"], "--mode layerwise applies to transformer models"),
     ],
 )

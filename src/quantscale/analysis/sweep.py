@@ -71,6 +71,35 @@ class SweepRow:
     seconds: float = 0.0
     param: str | None = None
     value: float | str | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # what else the setting reports
+
+
+MAMBA_METRICS = {  # `mamba.evaluate` row key -> metric name
+    "ppl": "ppl",
+    "cloze": "cloze",
+    "hidden_sqnr_db": "hidden_sqnr_db",
+    "calib_s": "calib_s",
+}
+
+
+def mamba_rows(rows: Sequence[dict]) -> list[SweepRow]:
+    """`mamba.evaluate.evaluate_settings` rows as sweep rows: perplexity and cloze (with
+    their change against the bf16 row), hidden-state SQNR, the SQNR of the SSM input ssm.x,
+    calibration seconds and the number of ssm.x / activation scales as metrics; the rest
+    (every point's SQNR, a scan's choices) as details."""
+    out = []
+    for row in rows:
+        metrics = {name: float(row[key]) for key, name in MAMBA_METRICS.items()}
+        if "ssm.x" in row["point_sqnr_db"]:
+            metrics["x_sqnr_db"] = float(row["point_sqnr_db"]["ssm.x"])
+        for point, name in (("ssm.x", "x_scales"), ("all", "act_scales")):
+            if point in row["scales"]:
+                metrics[name] = float(row["scales"][point])
+        details = {k: v for k, v in row.items() if k not in MAMBA_METRICS and k != "setting"}
+        setting = BASELINE if row["setting"] == "bf16" else row["setting"]
+        out.append(SweepRow(setting, metrics, {}, float(row["seconds"]), details=details))
+    _add_deltas(out, ("ppl", "cloze"))
+    return out
 
 
 def measurer(tokenizer, tasks: Sequence[str], n_tokens: int) -> Callable[[nn.Module], dict]:
@@ -126,6 +155,7 @@ def build_settings(
     first_last: bool = False,
     baseline: bool = True,
     smooth: Sequence[str | float] = (),
+    sigma_warmup: int | None = None,
 ) -> list[Setting]:
     """The settings the `sweep` command measures (see its help)."""
     base = load_recipe(scheme)
@@ -139,11 +169,14 @@ def build_settings(
     for s in sigmas:
         kw = {"sigma": s}
         settings.append(Setting(f"{name} sigma={s:g}", _with_kwargs(base, kw), "sigma", float(s)))
+    if sigma_warmup:
+        recipe = _with_kwargs(base, {"sigma_warmup": sigma_warmup})
+        settings.append(Setting(f"{name} sigma-warmup={sigma_warmup}", recipe))
     for obs in observers:
         settings.append(
             Setting(f"{name} {obs}", with_activations(base, observer=obs), "observer", obs)
         )
-    if not (alphas or sigmas or observers):
+    if not (alphas or sigmas or observers or sigma_warmup):
         settings.append(Setting(f"{name} {_observer_name(base)}", base))
     ref, ref_name = base, f"{name} {_observer_name(base)}"
     if per_channel:
@@ -278,41 +311,74 @@ def _run_setting(model, st: Setting, measure, mode, batches, qparams) -> SweepRo
     return SweepRow(st.name, metrics, {}, time.perf_counter() - start, st.param, st.value)
 
 
-def _add_deltas(rows: list[SweepRow]) -> None:
+def _add_deltas(rows: list[SweepRow], metrics: Sequence[str] | None = None) -> None:
+    """Each row's change (%) against the baseline row in `metrics` (default: all)."""
     base = next((r for r in rows if r.setting == BASELINE), None)
     if base is None:
         return
     for r in rows:
-        r.delta_pct = {k: 100 * (v / base.metrics[k] - 1) for k, v in r.metrics.items()}
+        r.delta_pct = {
+            k: 100 * (v / base.metrics[k] - 1)
+            for k, v in r.metrics.items()
+            if (metrics is None or k in metrics) and base.metrics.get(k)
+        }
 
 
 # ------------------------------------------------------------------ output
 
 
 def format_metric(metric: str, value: float) -> str:
-    return f"{value:.3f}" if metric == "ppl" else f"{100 * value:.1f}%"
+    """ppl to 3 decimals, SQNRs in dB, seconds, counts; accuracies as percentages."""
+    if metric == "ppl":
+        return f"{value:.3f}"
+    if metric.endswith("_db"):
+        return f"{value:.1f} dB"
+    if metric.endswith("_s"):
+        return f"{value:.1f}"
+    if metric.endswith("scales"):
+        return f"{value:.0f}"
+    return f"{100 * value:.1f}%"
 
 
 def markdown_table(rows: Sequence[SweepRow]) -> str:
-    """Rows as a markdown table (metric, and its change vs the baseline row)."""
-    metrics = list(rows[0].metrics) if rows else []
-    head = ["setting"] + [c for m in metrics for c in (m, f"{m} vs baseline")] + ["seconds"]
+    """Rows as a markdown table (each metric, and its change vs the baseline row where a
+    row has one); a metric a row lacks is an empty cell."""
+    metrics = list(dict.fromkeys(m for r in rows for m in r.metrics))
+    compared = {m for r in rows for m in r.delta_pct}
+    head = ["setting"]
+    for m in metrics:
+        head += [m, f"{m} vs baseline"] if m in compared else [m]
+    head.append("seconds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.setting]
         for m in metrics:
-            d = r.delta_pct.get(m)
-            cells += [format_metric(m, r.metrics[m]), "" if d is None else f"{d:+.2f}%"]
+            cells.append(format_metric(m, r.metrics[m]) if m in r.metrics else "")
+            if m in compared:
+                d = r.delta_pct.get(m)
+                cells.append("" if d is None else f"{d:+.2f}%")
         cells.append(f"{r.seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def write_outputs(
+    rows: Sequence[SweepRow], out_dir: Path, stem: str, title: str, meta: dict
+) -> list[Path]:
+    """The sweep's PNG plot, markdown table and JSON as `out_dir/stem.{png,md,json}`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(rows, out_dir / f"{stem}.png", title)
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown_table(rows) + "\n")
+    return [png, md, write_json(rows, out_dir / f"{stem}.json", meta)]
+
+
 def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: str = "ppl") -> Path:
     """PNG: the metric against a numeric swept parameter (a curve), else one bar per setting;
-    the baseline as a horizontal line. Needs matplotlib (the `plots` extra)."""
+    the baseline as a horizontal line; the y axis zoomed in on values within 1.5x of each
+    other. Needs matplotlib (the `plots` extra)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(rows)), 4))
     base = next((r for r in rows if r.setting == BASELINE), None)
     points = [r for r in rows if isinstance(r.value, float)]
     if points and len({r.param for r in points}) == 1:
@@ -332,8 +398,12 @@ def plot(rows: Sequence[SweepRow], path: str | Path, title: str = "", metric: st
         ax.axhline(base.metrics[metric], color="gray", linestyle="--", label="baseline")
         ax.legend()
     values = [r.metrics[metric] for r in rows]
-    if min(values) > 0 and max(values) / min(values) > 10:
+    lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo > 10:
         ax.set_yscale("log")
+    elif lo > 0 and hi / lo < 1.5:  # close values (Mamba settings): zoom in on them
+        pad = 0.1 * (hi - lo) or 0.01 * hi
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_ylabel(metric)
     ax.set_title(title)
     fig.tight_layout()

@@ -5,6 +5,7 @@ a markdown table and JSON."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -36,7 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=_floats, default=[], help="percentile alphas, comma-separated")
     p.add_argument("--sigma", type=_floats, default=[], help="EMA sigmas, comma-separated")
     p.add_argument(
-        "--observers", type=_names, default=[], help="observer kinds: minmax,percentile,mse,aciq,kl"
+        "--sigma-warmup",
+        type=int,
+        metavar="N",
+        help="add a setting whose EMA momentum ramps up over the first N calibration batches",
+    )
+    p.add_argument(
+        "--observers",
+        type=_names,
+        default=[],
+        help="observer kinds: minmax,percentile,mse,aciq,kl,max_entropy,percentile_mse",
     )
     p.add_argument("--per-channel", action="store_true", help="add per-channel activations")
     p.add_argument("--first-last", action="store_true", help="add first/last layer kept float")
@@ -63,14 +73,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mamba-settings",
         help="Mamba / Mamba2 models (fixture:mamba, fixture:mamba2 or a checkpoint): comma list "
-        "of `quantscale mamba eval` settings, or 'all' (alpha, sigma, observer, groups, layers; "
-        "the default without --observer/--alpha/--sigma/--observers, which on Mamba set the "
-        "SSM input ssm.x of Quamba1 settings)",
+        "of `quantscale mamba eval` settings, or 'all' (alpha, sigma, warm-up, observers, "
+        "per-channel, per-layer alpha, sensitivity scan, groups, layers, W4; the default "
+        "without the observer flags, which on Mamba set the SSM input ssm.x of Quamba1 "
+        "settings)",
     )
     p.set_defaults(func=run)
 
 
-_LLM_ONLY = (("smooth", "--smooth"), ("per_channel", "--per-channel"))
+_LLM_ONLY = (("smooth", "--smooth"),)
+MAMBA_TASKS = ("ppl", "cloze")  # what `mamba.evaluate.measure` measures
 
 
 def _mamba_names(args: argparse.Namespace, flagged: bool) -> list[str]:
@@ -86,14 +98,19 @@ def _mamba_names(args: argparse.Namespace, flagged: bool) -> list[str]:
 def run_mamba(args: argparse.Namespace) -> int:
     """The scale-strategy sweep of a Mamba model: Quamba settings through `quantscale mamba`,
     plus one per --alpha / --sigma / --observers value (`mamba.evaluate.flag_settings`)."""
+    from quantscale.analysis.sweep import mamba_rows, write_outputs
     from quantscale.mamba.evaluate import evaluate_settings, flag_settings, print_rows
 
-    for attr, flag in _LLM_ONLY:
-        if getattr(args, attr):
-            raise QuantscaleError(f"{flag} applies to transformer models, not Mamba ({args.model})")
-    if args.mode != "shared":
-        raise QuantscaleError(f"--mode {args.mode} applies to transformer models, not Mamba")
-    extra = flag_settings(args.observer, args.alpha, args.sigma, args.observers)
+    _refuse_llm_flags(args)
+    extra = flag_settings(
+        args.observer,
+        args.alpha,
+        args.sigma,
+        args.observers,
+        args.sigma_warmup,
+        args.per_channel,
+        args.first_last,
+    )
     rows = evaluate_settings(
         args.model,
         _mamba_names(args, bool(extra)),
@@ -106,7 +123,34 @@ def run_mamba(args: argparse.Namespace) -> int:
         extra=extra,
     )
     print_rows(args.model, rows)
+    if not rows:
+        return 0
+    stem = "sweep_" + re.sub(r"\W+", "_", Path(str(args.model).removeprefix("fixture:")).name)
+    title = f"{args.model} W8A8 settings, {args.calib_samples}x{args.calib_seq_len}"
+    paths = write_outputs(mamba_rows(rows), args.out_dir, stem, title, _meta(args))
+    print(f"wrote {', '.join(p.name for p in paths)} in {args.out_dir}")
     return 0
+
+
+def _refuse_llm_flags(args: argparse.Namespace) -> None:
+    """The sweep options that have no meaning on a Mamba model, refused by name."""
+    for attr, flag in _LLM_ONLY:
+        if getattr(args, attr):
+            raise QuantscaleError(f"{flag} applies to transformer models, not Mamba ({args.model})")
+    if args.mode != "shared":
+        raise QuantscaleError(f"--mode {args.mode} applies to transformer models, not Mamba")
+    if args.scheme != "W8A8":
+        raise QuantscaleError(
+            f"--scheme {args.scheme}: the Mamba sweep's flags build Quamba W8A8 settings; name "
+            "W4 settings with --mamba-settings (quamba2-W4A8-gptq, ...)"
+        )
+    other = [t for t in args.tasks if t not in MAMBA_TASKS]
+    if other:
+        raise QuantscaleError(f"--tasks {','.join(other)}: a Mamba sweep measures ppl and cloze")
+
+
+def _meta(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,14 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     if is_mamba(args.model):
         return run_mamba(args)
-    from quantscale.analysis.sweep import (
-        build_settings,
-        markdown_table,
-        measurer,
-        plot,
-        run_sweep,
-        write_json,
-    )
+    from quantscale.analysis.sweep import build_settings, measurer, run_sweep, write_outputs
     from quantscale.scheme import normalize_preset_name
 
     model, tokenizer = load_model(args.model)
@@ -138,19 +175,16 @@ def run(args: argparse.Namespace) -> int:
         args.first_last,
         baseline=not args.no_baseline,
         smooth=args.smooth,
+        sigma_warmup=args.sigma_warmup,
     )
     calib = calibration_tokens(tokenizer, args)
     measure = measurer(tokenizer, args.tasks, args.n_tokens)
     rows = run_sweep(model, settings, calib, measure, args.mode, args.calib_batch_size)
     _print(rows)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "sweep_" + normalize_preset_name(Path(args.scheme).stem).lower()
     title = f"{Path(str(args.model)).name} {args.scheme}, {args.calib_samples}x{args.calib_seq_len}"
-    png = plot(rows, args.out_dir / f"{stem}.png", title)
-    (args.out_dir / f"{stem}.md").write_text(markdown_table(rows) + "\n")
-    meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    write_json(rows, args.out_dir / f"{stem}.json", meta)
-    print(f"wrote {png}, {stem}.md and {stem}.json in {args.out_dir}")
+    paths = write_outputs(rows, args.out_dir, stem, title, _meta(args))
+    print(f"wrote {', '.join(p.name for p in paths)} in {args.out_dir}")
     return 0
 
 

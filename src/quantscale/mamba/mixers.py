@@ -31,6 +31,17 @@ W4A16 blocks (`activation_bits: 16`, or the `a16_layers` of a mixed W4A8 / W4A16
 every activation point, conv1d and dt_proj in float: only the projections are quantized.
 `a16_budget: k` chooses those layers when quantizing: the k blocks whose loss rises most when
 that block alone is W4A8 (`quantize.block_sensitivity`).
+`scale_budget: k` uses the same scan for the plan's x0.8 variant: the k most sensitive blocks
+keep INT8 activations, every activation scale multiplied by `scale_factor` (0.8) after
+calibration (`scale_layers` records them).
+
+A point rule may ask for `per_channel` scales (one per channel, as the LLM path's channel
+strategy for activations; `per_channel: true` asks it for every activation point);
+`layer_rules` override points in single blocks (negative indices count from the end), e.g.
+the first block's ssm.x at alpha 1.0. `adaptive_groups` (Quamba2) picks per block the
+smallest of the candidate group counts k (k head groups x k channel groups) whose SQNR of
+ssm.x, measured on a sample of the calibration tokens, is within `adaptive_sqnr_db` of the
+best candidate's.
 """
 
 from __future__ import annotations
@@ -110,6 +121,7 @@ class PointRule(BaseModel):
     observer: str | None = None
     observer_kwargs: dict[str, Any] = Field(default_factory=dict)
     piecewise: bool | None = None
+    per_channel: bool | None = None
 
 
 class MambaRecipe(BaseModel):
@@ -121,6 +133,8 @@ class MambaRecipe(BaseModel):
     weight_strategy: WeightStrategy = "channel"
     percentile_alpha: float | None = None  # None: by model size (see module docstring)
     ema_sigma: float = 0.01
+    sigma_warmup: int = 0  # batches the EMA momentum of ssm.x ramps up over (observers.base)
+    per_channel: bool = False  # one scale per channel at every activation point
     head_groups: int = 4
     channel_groups: int = 4
     float_layers: list[int] = Field(default_factory=list)
@@ -136,6 +150,12 @@ class MambaRecipe(BaseModel):
     activation_bits: Literal[8, 16] = 8  # 16: float activations in every block (W4A16)
     a16_layers: list[int] = Field(default_factory=list)  # blocks with float activations
     a16_budget: int | None = None  # choose a16_layers: the k most sensitive blocks
+    layer_rules: dict[int, dict[str, PointRule]] = Field(default_factory=dict)
+    scale_budget: int | None = None  # choose scale_layers: the k most sensitive blocks
+    scale_layers: list[int] = Field(default_factory=list)  # activation scales x scale_factor
+    scale_factor: float = 0.8
+    adaptive_groups: list[int] | None = None  # Quamba2: candidate k per block (k x k groups)
+    adaptive_sqnr_db: float = 1.0
 
     @field_validator(
         "head_groups", "channel_groups", "n_samples", "seq_len", "batch_size", "weight_group_size"
@@ -146,7 +166,21 @@ class MambaRecipe(BaseModel):
             raise ValueError(f"must be at least 1, got {v}")
         return v
 
-    @field_validator("a16_budget")
+    @field_validator("adaptive_groups")
+    @classmethod
+    def _candidates(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 1):
+            raise ValueError(f"candidate group counts must be >= 1 (and at least one): {v}")
+        return v
+
+    @field_validator("scale_factor")
+    @classmethod
+    def _factor(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be positive, got {v}")
+        return v
+
+    @field_validator("a16_budget", "scale_budget")
     @classmethod
     def _budget(cls, v: int | None) -> int | None:
         if v is not None and v < 0:
@@ -165,7 +199,7 @@ class MambaRecipe(BaseModel):
         """Indices of the blocks whose activations stay float (W4A16)."""
         if self.activation_bits == 16:
             return set(range(n_layers))
-        return {_layer_index(i, n_layers, "a16_layers") for i in self.a16_layers}
+        return {layer_index(i, n_layers, "a16_layers") for i in self.a16_layers}
 
     def with_options(self, **fields: Any) -> MambaRecipe:
         """A validated copy with every field given a value (not None) replaced."""
@@ -202,6 +236,7 @@ class PointSpec:
     observer: str = "minmax"
     observer_kwargs: tuple[tuple[str, Any], ...] = ()
     piecewise: bool = False
+    per_channel: bool = False
 
 
 def default_alpha(n_params: int) -> float:
@@ -212,10 +247,14 @@ def default_alpha(n_params: int) -> float:
 def _default_spec(name: str, recipe: MambaRecipe, alpha: float) -> PointSpec:
     if name in OFF_BY_DEFAULT:
         return PointSpec(quantize=False)
+    per_channel = recipe.per_channel and name not in WEIGHT_POINTS["mamba"]
     if name == "ssm.x" and not recipe.piecewise:
-        kwargs = (("alpha", alpha), ("sigma", recipe.ema_sigma))
-        return PointSpec(True, "percentile", kwargs)
-    return PointSpec(True, "minmax", (), recipe.piecewise and name in PIECEWISE_POINTS)
+        kwargs: tuple[tuple[str, Any], ...] = (("alpha", alpha), ("sigma", recipe.ema_sigma))
+        if recipe.sigma_warmup:
+            kwargs += (("sigma_warmup", recipe.sigma_warmup),)
+        return PointSpec(True, "percentile", kwargs, per_channel=per_channel)
+    piecewise = recipe.piecewise and name in PIECEWISE_POINTS and not per_channel
+    return PointSpec(True, "minmax", (), piecewise, per_channel)
 
 
 def resolve_points(kind: MambaKind, recipe: MambaRecipe, n_params: int) -> dict[str, PointSpec]:
@@ -226,38 +265,59 @@ def resolve_points(kind: MambaKind, recipe: MambaRecipe, n_params: int) -> dict[
         raise QuantscaleError(
             f"unknown {kind} quantization point(s) {unknown}; known: {', '.join(names)}"
         )
+    for rules in recipe.layer_rules.values():
+        unknown = sorted(set(rules) - set(names))
+        if unknown:
+            raise QuantscaleError(
+                f"unknown {kind} quantization point(s) {unknown} in layer_rules; "
+                f"known: {', '.join(names)}"
+            )
     alpha = recipe.percentile_alpha or default_alpha(n_params)
     specs = {}
     for name in names:
-        spec = _default_spec(name, recipe, alpha)
-        rule = recipe.points.get(name)
-        if rule is not None:
-            spec = PointSpec(
-                quantize=spec.quantize if rule.quantize is None else rule.quantize,
-                observer=rule.observer or spec.observer,
-                observer_kwargs=tuple(sorted(rule.observer_kwargs.items()))
-                if rule.observer
-                else spec.observer_kwargs,
-                piecewise=spec.piecewise if rule.piecewise is None else rule.piecewise,
-            )
-        if spec.piecewise and name not in PIECEWISE_POINTS:
-            raise QuantscaleError(f"point {name!r} cannot have piecewise scales")
-        specs[name] = spec
+        specs[name] = apply_rule(name, _default_spec(name, recipe, alpha), recipe.points.get(name))
     return specs
+
+
+def apply_rule(name: str, spec: PointSpec, rule: PointRule | None) -> PointSpec:
+    """A point's spec with a rule's set fields applied (per-channel scales replace
+    piecewise ones unless the rule asks for both, which is an error)."""
+    if rule is not None:
+        per_channel = spec.per_channel if rule.per_channel is None else rule.per_channel
+        piecewise = spec.piecewise if rule.piecewise is None else rule.piecewise
+        if per_channel and rule.piecewise:
+            raise QuantscaleError(f"point {name!r}: per_channel and piecewise scales exclude")
+        spec = PointSpec(
+            quantize=spec.quantize if rule.quantize is None else rule.quantize,
+            observer=rule.observer or spec.observer,
+            observer_kwargs=tuple(sorted(rule.observer_kwargs.items()))
+            if rule.observer
+            else spec.observer_kwargs,
+            piecewise=piecewise and not per_channel,
+            per_channel=per_channel,
+        )
+    if spec.piecewise and name not in PIECEWISE_POINTS:
+        raise QuantscaleError(f"point {name!r} cannot have piecewise scales")
+    return spec
 
 
 def layer_points(
     specs: dict[str, PointSpec], kind: MambaKind, recipe: MambaRecipe, index: int, n_layers: int
 ) -> dict[str, PointSpec]:
-    """The specs of block `index`: `specs`, or for a W4A16 block (`recipe.a16_set`) every
-    activation point, conv1d and dt_proj in float."""
-    if index not in recipe.a16_set(n_layers):
-        return specs
-    off = (*ACTIVATION_POINTS[kind], *A16_FLOAT_WEIGHTS)
-    return {n: replace(s, quantize=False) if n in off else s for n, s in specs.items()}
+    """The specs of block `index`: `specs` with the recipe's `layer_rules` for that block,
+    or for a W4A16 block (`recipe.a16_set`) every activation point, conv1d and dt_proj in
+    float."""
+    if index in recipe.a16_set(n_layers):
+        off = (*ACTIVATION_POINTS[kind], *A16_FLOAT_WEIGHTS)
+        return {n: replace(s, quantize=False) if n in off else s for n, s in specs.items()}
+    rules: dict[str, PointRule] = {}
+    for i, own in recipe.layer_rules.items():
+        if layer_index(i, n_layers, "layer_rules") == index:
+            rules |= own
+    return {n: apply_rule(n, s, rules.get(n)) for n, s in specs.items()}
 
 
-def _layer_index(i: int, n_layers: int, field: str) -> int:
+def layer_index(i: int, n_layers: int, field: str) -> int:
     if not -n_layers <= i < n_layers:
         raise QuantscaleError(f"{field} entry {i} is outside 0..{n_layers - 1}")
     return i % n_layers
@@ -265,7 +325,7 @@ def _layer_index(i: int, n_layers: int, field: str) -> int:
 
 def quantized_layers(n_layers: int, recipe: MambaRecipe) -> list[int]:
     """Indices of the layers to quantize (all but `recipe.float_layers`, negatives allowed)."""
-    skip = {_layer_index(i, n_layers, "float_layers") for i in recipe.float_layers}
+    skip = {layer_index(i, n_layers, "float_layers") for i in recipe.float_layers}
     return [i for i in range(n_layers) if i not in skip]
 
 

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 Mode = Literal["float", "calibrate", "fake", "int8"]
 MODES = ("float", "calibrate", "fake", "int8")
 _ACT_ARGS = QuantArgs(num_bits=8, strategy="tensor")
+_CHANNEL_ARGS = QuantArgs(num_bits=8, strategy="channel")  # one range per channel (last dim)
 
 
 def act_key(point: str) -> str:
@@ -76,7 +77,8 @@ def _scale_view(scale: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 
 
 class ActQuant(nn.Module):
-    """Static symmetric INT8 quantizer of one activation: per tensor or per channel group."""
+    """Static symmetric INT8 quantizer of one activation: per tensor, per channel group, or
+    per channel (`set_per_channel`: one observer with the channel strategy)."""
 
     scale: torch.Tensor
     group_id: torch.Tensor | None
@@ -89,6 +91,10 @@ class ActQuant(nn.Module):
         self._observers: list[Observer] | None = None
         self._members: list[torch.Tensor] | None = None
         self.channel_amax: torch.Tensor | None = None
+        self.channel_sample: list[torch.Tensor] | None = None
+        self.per_channel = False
+        self.scale_factor = 1.0  # applied to the calibrated scales (the x0.8 variant)
+        self.chosen_alpha: list[float] | None = None  # what a percentile_mse observer chose
 
     def set_groups(self, group_id: torch.Tensor, n_groups: int) -> None:
         """Use one scale per group; `group_id` [channels] maps channels to groups."""
@@ -99,17 +105,32 @@ class ActQuant(nn.Module):
         self.group_id = group_id.long().clone()
         self.scale = torch.ones(n_groups, dtype=torch.float32, device=self.scale.device)
 
+    def set_per_channel(self) -> None:
+        """Use one scale per channel."""
+        self.set_groups(torch.arange(self.channels), self.channels)
+        self.per_channel = True
+
     @property
     def n_groups(self) -> int:
         return self.scale.numel()
 
-    def track_channels(self) -> None:
-        """Start collecting the running max |x| per channel (for grouping)."""
+    def n_scales(self) -> int:
+        """Scales in use (groups that some channel maps to)."""
+        return 1 if self.group_id is None else int(torch.unique(self.group_id).numel())
+
+    def track_channels(self, sample_rows: int = 0) -> None:
+        """Start collecting the running max |x| per channel (for grouping) and the first
+        `sample_rows` rows (tokens) seen."""
         self.channel_amax = torch.zeros(self.channels)
+        self.channel_sample = [] if sample_rows else None
+        self._sample_rows = sample_rows
 
     def start(self, spec: PointSpec) -> None:
         """Attach fresh observers (one per group) built from the point's spec."""
         kwargs = dict(spec.observer_kwargs)
+        if self.per_channel:
+            self._observers = [get_observer(spec.observer, args=_CHANNEL_ARGS, **kwargs)]
+            return
         self._observers = [
             get_observer(spec.observer, args=_ACT_ARGS, **kwargs) for _ in range(self.n_groups)
         ]
@@ -123,6 +144,10 @@ class ActQuant(nn.Module):
         flat = x.detach().float().reshape(-1, self.channels).cpu()
         if self.channel_amax is not None:
             self.channel_amax = torch.maximum(self.channel_amax, flat.abs().amax(dim=0))
+        if self.channel_sample is not None:
+            have = sum(t.shape[0] for t in self.channel_sample)
+            if have < self._sample_rows:
+                self.channel_sample.append(flat[: self._sample_rows - have].clone())
         if self._observers is None:
             return
         if self._members is None:
@@ -137,11 +162,15 @@ class ActQuant(nn.Module):
         if self._observers is None:
             raise QuantscaleError("activation quantizer finished without calibration data")
         scales = self.scale.clone()
-        for g, obs in enumerate(self._observers):
+        if self.per_channel:
+            scales = _observer_scale(self._observers[0]).reshape(self.channels)
+        for g, obs in enumerate([] if self.per_channel else self._observers):
             if obs.count == 0:  # an empty group: its scale is never used
                 continue
             scales[g] = _observer_scale(obs)
-        self.scale = scales.to(self.scale.device)
+        chosen = getattr(self._observers[0], "chosen_alpha", None)  # percentile_mse
+        self.chosen_alpha = None if chosen is None else chosen.reshape(-1).tolist()
+        self.scale = (scales * self.scale_factor).to(self.scale.device)
         self._observers = self._members = None
 
     def channel_scale(self) -> torch.Tensor:
@@ -173,15 +202,16 @@ class ActQuant(nn.Module):
 
 
 def _observer_scale(obs: Observer) -> torch.Tensor:
-    """The static INT8 scale (a 0-d tensor) of an observer that saw data; raises if its
-    range is missing or not finite (never a silent 1.0)."""
+    """The static INT8 scale of an observer that saw data (0-d, or [C] for a per-channel
+    observer); raises if its range is missing or not finite (never a silent 1.0)."""
     mn, mx = obs.min_max()
     if not bool(torch.isfinite(mn).all() and torch.isfinite(mx).all()):
         raise QuantscaleError(
             f"{obs.name} observer saw {obs.count} batch(es) but gave no finite range "
             f"({mn.tolist()}, {mx.tolist()})"
         )
-    return compute_qparams(_ACT_ARGS, mn, mx).scale.reshape(())
+    scale = compute_qparams(obs.args, mn, mx).scale
+    return scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1)
 
 
 def weight_args(fmt: WeightFormat, in_features: int, projection: bool) -> QuantArgs:
@@ -285,8 +315,10 @@ class QLinear(_QWeight):
         bias = self.bias if use_bias else None
         if mode in ("float", "calibrate"):  # (GPTQ runs later layers on earlier frozen ones)
             return F.linear(x, self.float_weight(), bias)
-        if mode == "int8" and act is not None and self.quantized:
+        if mode == "int8" and act is not None and self.quantized and not act.per_channel:
             return self._int8(x, act, bias)
+        # (per-channel input scales vary along the reduction: no INT8 x INT8 matmul form;
+        # the product of the dequantized INT8 values is computed instead)
         x_in = act.qdq(x) if act is not None else x
         return F.linear(x_in, self.float_weight(), bias)
 
@@ -499,7 +531,9 @@ class QMixerBase(nn.Module):
     def _add_acts(self, channels: dict[str, int]) -> None:
         for point in ACTIVATION_POINTS[self.kind]:
             if self.specs[point].quantize:
-                self.acts[act_key(point)] = ActQuant(channels[point])
+                act = self.acts[act_key(point)] = ActQuant(channels[point])
+                if self.specs[point].per_channel:
+                    act.set_per_channel()
 
     def act(self, point: str) -> ActQuant | None:
         """The quantizer of an activation point, or None when the point stays float."""
@@ -551,7 +585,7 @@ class QMixerBase(nn.Module):
     def finish_activations(self) -> None:
         """Static activation scales from the observers (the weights stay float)."""
         for act in self._act_quants():
-            act.channel_amax = None
+            act.channel_amax, act.channel_sample = None, None
             act.finish()
         self._acts_done = True
 

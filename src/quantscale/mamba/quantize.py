@@ -9,7 +9,9 @@ each block's projections get the Hessians of the inputs the already quantized bl
 (`calibration.sequential.layerwise`, as the LLM path runs GPTQ), the activation scales coming
 from the float calibration pass as Quamba calibrates them. With `a16_budget: k` a scan first
 quantizes each block alone W4A8 (`block_sensitivity`) and keeps the k blocks whose loss rises
-most at W4A16 (Quamba2's mixed W4A8 / W4A16).
+most at W4A16 (Quamba2's mixed W4A8 / W4A16); with `scale_budget: k` the same scan picks the
+k blocks whose activation scales are multiplied by `scale_factor` (the plan's x0.8 variant).
+`adaptive_groups` picks Quamba2's group count per block (`adaptive_group_count`).
 `save_quantized` writes config.json (with a `quantization_config` whose `quant_method` is
 `checkpoint.layouts.QUAMBA_METHOD`, "quamba") and model.safetensors (INT8 weights, float32
 scales, group maps); `load_quantized` rebuilds the model from them and reproduces the same
@@ -24,7 +26,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -42,6 +44,7 @@ from quantscale.mamba.mixers import (
     MambaKind,
     MambaRecipe,
     child_module,
+    layer_index,
     layer_points,
     mamba_kind,
     mixer_shape,
@@ -52,6 +55,7 @@ from quantscale.mamba.mixers import (
     resolve_points,
 )
 from quantscale.mamba.quamba import (
+    _ACT_ARGS,
     MODES,
     ActQuant,
     Mode,
@@ -64,6 +68,7 @@ from quantscale.mamba.quamba import (
 from quantscale.models.adapter import decoder_layers
 from quantscale.models.loader import tied_embeddings
 from quantscale.progress import track
+from quantscale.qdq import compute_qparams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -71,6 +76,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 SCHEME_W8A8 = "W8A8"
 SCAN_BATCHES = 4  # calibration batches each trial of the mixed-precision scan calibrates on
+GROUP_SAMPLE_ROWS = 4096  # calibration tokens the adaptive group count scores candidates on
 
 
 def n_parameters(model: nn.Module) -> int:
@@ -98,38 +104,81 @@ def _x_act(mixer: QMixerBase) -> ActQuant:
     return act
 
 
-def _plan(mixer: QMixerBase, kind: MambaKind, recipe: MambaRecipe) -> GroupPlan:
+def _plan(mixer: QMixerBase, kind: MambaKind, head_groups: int, channel_groups: int) -> GroupPlan:
     """Grouping plan of one mixer from the channel ranges of its x."""
     amax = _x_act(mixer).channel_amax
     assert amax is not None, "channel ranges tracked"
     if kind == "mamba":
-        return plan_channels(amax, recipe.head_groups, recipe.channel_groups)
+        return plan_channels(amax, head_groups, channel_groups)
     shape = mixer_shape(mixer, kind)
     stats = amax.reshape(shape["ssd_groups"], -1, shape["head_dim"])
-    return plan_heads(stats, recipe.head_groups, recipe.channel_groups)
+    return plan_heads(stats, head_groups, channel_groups)
+
+
+def plan_sqnr(plan: GroupPlan, amax: torch.Tensor, sample: torch.Tensor) -> float:
+    """SQNR (dB) of a sample of x [rows, channels] after the INT8 round trip with the plan's
+    group scales (min-max: each group's largest channel range, `amax` [channels])."""
+    from quantscale.eval.error import sqnr_db
+    from quantscale.formats.intq import dequantize_int, quantize_int
+
+    group_amax = torch.zeros(plan.n_groups).scatter_reduce(
+        0, plan.group_id, amax[plan.perm].float(), "amax"
+    )
+    scale = compute_qparams(_ACT_ARGS, -group_amax, group_amax).scale[plan.group_id]
+    x = sample[:, plan.perm].float()
+    return sqnr_db(x, dequantize_int(quantize_int(x, scale), scale))
+
+
+def smallest_within(sqnrs: dict[int, float], threshold_db: float) -> int:
+    """The smallest candidate whose SQNR is within `threshold_db` of the best one's."""
+    best = max(sqnrs.values())
+    return min(k for k, v in sqnrs.items() if v >= best - threshold_db)
+
+
+def adaptive_group_count(
+    mixer: QMixerBase, kind: MambaKind, recipe: MambaRecipe
+) -> tuple[int, dict[int, float]]:
+    """(chosen k, SQNR per candidate k) of one mixer: `smallest_within` over the recipe's
+    `adaptive_groups`, each a plan of k head groups x k channel groups scored by `plan_sqnr`
+    on the sampled calibration tokens."""
+    act = _x_act(mixer)
+    assert act.channel_amax is not None and act.channel_sample, "channels tracked"
+    sample = torch.cat(act.channel_sample)
+    candidates = recipe.adaptive_groups or []
+    sqnrs = {k: plan_sqnr(_plan(mixer, kind, k, k), act.channel_amax, sample) for k in candidates}
+    return smallest_within(sqnrs, recipe.adaptive_sqnr_db), sqnrs
 
 
 def _group_and_reorder(
     model: nn.Module, batches: Sequence[torch.Tensor], kind: MambaKind, recipe: MambaRecipe
-) -> None:
+) -> dict[int, dict]:
     """Quamba2: measure x's channel ranges, cluster, reorder weights, set the group maps
-    (in the mixers whose ssm.x has piecewise scales)."""
+    (in the mixers whose ssm.x has piecewise scales). Returns, with `adaptive_groups`, each
+    block's chosen k and candidate SQNRs."""
     mixers = {
         i: m
         for i, m in quantized_mixers(model).items()
         if m.act("ssm.x") is not None and m.specs["ssm.x"].piecewise
     }
     if not mixers:
-        return
+        return {}
+    adaptive = recipe.adaptive_groups is not None
     for mixer in mixers.values():
-        _x_act(mixer).track_channels()
+        _x_act(mixer).track_channels(GROUP_SAMPLE_ROWS if adaptive else 0)
     run_batches(model, batches, "channel ranges")
-    for mixer in mixers.values():
-        plan = _plan(mixer, kind, recipe)
+    chosen = {}
+    for i, mixer in mixers.items():
+        groups = (recipe.head_groups, recipe.channel_groups)
+        if adaptive:
+            k, sqnrs = adaptive_group_count(mixer, kind, recipe)
+            chosen[i] = {"k": k, "sqnr_db": {str(c): v for c, v in sqnrs.items()}}
+            groups = (k, k)
+        plan = _plan(mixer, kind, *groups)
         act = _x_act(mixer)
-        act.channel_amax = None
+        act.channel_amax, act.channel_sample = None, None
         reorder_mixer(mixer, kind, plan)
         act.set_groups(plan.group_id, plan.n_groups)
+    return chosen
 
 
 @torch.no_grad()
@@ -154,10 +203,7 @@ def quantize_mamba(
     kind = mamba_kind(model)
     model.eval()
     n_params = n_parameters(model)
-    scores = None
-    if recipe.a16_budget is not None:
-        scores = block_sensitivity(model, batches, recipe)
-        recipe = recipe.model_copy(update={"a16_layers": most_sensitive(scores, recipe)})
+    recipe, scores = _choose_sensitive(model, batches, recipe)
     specs = resolve_points(kind, recipe, n_params)
     _, layers = decoder_layers(model)
     chosen = quantized_layers(len(layers), recipe)
@@ -165,8 +211,9 @@ def quantize_mamba(
         mixer = child_module(layers[i], "mixer")
         own = layer_points(specs, kind, recipe, i, len(layers))
         layers[i].mixer = quantized_mixer(mixer, kind, own, recipe.weight_format)
-    _group_and_reorder(model, batches, kind, recipe)
+    groups = _group_and_reorder(model, batches, kind, recipe)
     mixers = quantized_mixers(model)
+    _set_scale_factors(mixers, recipe, len(layers))
     for mixer in mixers.values():
         if recipe.rotate:  # after Quamba2's reordering of out_proj's input columns
             mixer.add_out_hadamard()
@@ -181,7 +228,33 @@ def quantize_mamba(
     if specs["norm.weight"].quantize:
         _round_norms(model, chosen)
     model.config.quantization_config = quantization_config(recipe, n_params, chosen, scores)
+    if groups:
+        model.config.quantization_config["group_counts"] = {str(i): g for i, g in groups.items()}
     return model
+
+
+def _choose_sensitive(
+    model: PreTrainedModel, batches: Sequence[torch.Tensor], recipe: MambaRecipe
+) -> tuple[MambaRecipe, dict[int, float] | None]:
+    """The recipe with `a16_layers` / `scale_layers` chosen by the sensitivity scan where
+    it has a budget for them, and the scan's scores (None: no scan)."""
+    if recipe.a16_budget is None and recipe.scale_budget is None:
+        return recipe, None
+    scores = block_sensitivity(model, batches, recipe)
+    update = {}
+    if recipe.a16_budget is not None:
+        update["a16_layers"] = most_sensitive(scores, recipe.a16_budget, "a16_budget")
+    if recipe.scale_budget is not None:
+        update["scale_layers"] = most_sensitive(scores, recipe.scale_budget, "scale_budget")
+    return recipe.model_copy(update=update), scores
+
+
+def _set_scale_factors(mixers: dict[int, QMixerBase], recipe: MambaRecipe, n_layers: int) -> None:
+    """Give the activation quantizers of the recipe's `scale_layers` its `scale_factor`."""
+    for i in recipe.scale_layers:
+        mixer = mixers.get(layer_index(i, n_layers, "scale_layers"))
+        for act in [] if mixer is None else mixer.acts.values():
+            cast(ActQuant, act).scale_factor = recipe.scale_factor
 
 
 def _gptq_layers(
@@ -235,7 +308,15 @@ def block_sensitivity(
     from quantscale.eval.perplexity import perplexity
 
     probe = batches[0]
-    w4a8 = recipe.model_copy(update={"a16_budget": None, "a16_layers": [], "activation_bits": 8})
+    w4a8 = recipe.model_copy(
+        update={
+            "a16_budget": None,
+            "a16_layers": [],
+            "scale_budget": None,
+            "scale_layers": [],
+            "activation_bits": 8,
+        }
+    )
     base = math.log(perplexity(model, probe, seq_len=probe.shape[1]))
     _, layers = decoder_layers(model)
     candidates = quantized_layers(len(layers), recipe)
@@ -249,14 +330,11 @@ def block_sensitivity(
     return scores
 
 
-def most_sensitive(scores: dict[int, float], recipe: MambaRecipe) -> list[int]:
-    """The `recipe.a16_budget` blocks with the largest scores (ties: the earlier block),
-    in block order."""
-    budget = recipe.a16_budget or 0
+def most_sensitive(scores: dict[int, float], budget: int, field: str = "a16_budget") -> list[int]:
+    """The `budget` blocks with the largest scores (ties: the earlier block), in block
+    order; `field` names the recipe field in the error."""
     if budget > len(scores):
-        raise QuantscaleError(
-            f"a16_budget {budget}: only {len(scores)} quantized blocks to keep at W4A16"
-        )
+        raise QuantscaleError(f"{field} {budget}: only {len(scores)} quantized blocks to choose")
     ranked = sorted(scores, key=lambda i: (-scores[i], i))
     return sorted(ranked[:budget])
 

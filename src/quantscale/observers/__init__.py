@@ -9,9 +9,18 @@ from quantscale.observers.base import (
     get_observer,
     register_observer,
 )
-from quantscale.observers.kl import KLObserver, kl_threshold_bin
+from quantscale.observers.kl import (
+    KLObserver,
+    MaxEntropyObserver,
+    entropy_threshold_bin,
+    kl_threshold_bin,
+)
 from quantscale.observers.mse import MSEObserver
-from quantscale.observers.percentile import PercentileObserver, row_quantile
+from quantscale.observers.percentile import (
+    PercentileMSEObserver,
+    PercentileObserver,
+    row_quantile,
+)
 
 __all__ = [
     "OBSERVERS",
@@ -19,10 +28,13 @@ __all__ = [
     "EMAObserver",
     "KLObserver",
     "MSEObserver",
+    "MaxEntropyObserver",
     "MinMaxObserver",
     "Observer",
+    "PercentileMSEObserver",
     "PercentileObserver",
     "aciq_alpha",
+    "entropy_threshold_bin",
     "get_observer",
     "kl_threshold_bin",
     "register_observer",

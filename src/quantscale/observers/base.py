@@ -7,7 +7,9 @@ range for the whole tensor. For `dynamic: local` args (NVFP4 activations) the ra
 per-tensor: it sets the static global scale (`qdq.nvfp4_global_scale(obs.amax())`), the
 group scales being computed at run time. Per-batch statistics combine across `update` calls by
 `combine`: 'minmax' (running extremes), 'ema' (w += sigma*(cur - w), first batch seeds it)
-or 'mean' (running average).
+or 'mean' (running average). With `sigma_warmup` N the EMA's momentum 1 - sigma ramps up
+linearly over the first N batches (the weight of batch t, t = 1 .. N-1, is
+1 - (1 - sigma) * t / N), so the first batch does not dominate a short calibration.
 
 With several ranks (`quantscale.distributed`) each observer saw its rank's batches; `reduce()`
 makes every rank hold the job's range, as each observer defines it: 'minmax' takes the
@@ -65,9 +67,13 @@ class Observer:
         axis: int | None = None,
         combine: str | None = None,
         sigma: float = 0.01,
+        sigma_warmup: int = 0,
     ) -> None:
         self.args = args if args is not None else QuantArgs()
         self.role, self.axis, self.sigma = role, axis, sigma
+        if sigma_warmup < 0:
+            raise QuantscaleError(f"observer sigma_warmup must be >= 0 batches: {sigma_warmup}")
+        self.sigma_warmup = sigma_warmup
         self.combine = combine or self.default_combine
         if self.combine not in ("minmax", "ema", "mean"):
             raise QuantscaleError(f"observer combine must be minmax, ema or mean: {combine!r}")
@@ -107,13 +113,19 @@ class Observer:
             self.min_val = torch.minimum(old_mn, mn)
             self.max_val = torch.maximum(old_mx, mx)
         elif self.combine == "ema":
-            self.min_val = old_mn + self.sigma * (mn - old_mn)
-            self.max_val = old_mx + self.sigma * (mx - old_mx)
+            sigma = self.ema_weight()
+            self.min_val = old_mn + sigma * (mn - old_mn)
+            self.max_val = old_mx + sigma * (mx - old_mx)
         else:
             n = self.count
             self.min_val = (old_mn * n + mn) / (n + 1)
             self.max_val = (old_mx * n + mx) / (n + 1)
         self.count += 1
+
+    def ema_weight(self) -> float:
+        """The EMA weight of the next batch (`sigma`, or its warm-up value)."""
+        t, n = self.count, self.sigma_warmup
+        return self.sigma if t >= n else 1.0 - (1.0 - self.sigma) * t / n
 
     def reduce(self) -> None:
         """Merge the ranks' states (see the module docstring); a no-op on one process."""

@@ -1,6 +1,9 @@
 """KL (entropy) observer, TensorRT style: a histogram of |x| across batches, then the clip
 threshold whose 2^(bits-1)-level quantized distribution is closest (KL) to the clipped
-reference distribution. Per-tensor only; the resulting range is symmetric."""
+reference distribution; and the max-entropy observer: on the same histogram, the threshold
+whose 2^(bits-1) codes carry the most information (the entropy of the code frequencies, the
+clipped mass in the top code). Per-tensor only; the resulting range is symmetric. (The
+registered alias "entropy" is the KL search, as TensorRT names it.)"""
 
 from __future__ import annotations
 
@@ -41,6 +44,27 @@ def kl_threshold_bin(hist: np.ndarray, levels: int, stride: int = 1) -> int:
         kl = float(np.sum(ps * np.log(ps / qs)))
         if kl < best_kl:
             best_i, best_kl = i, kl
+    return best_i
+
+
+def entropy_threshold_bin(hist: np.ndarray, levels: int, stride: int = 1) -> int:
+    """Number of leading bins i (>= levels) maximizing the entropy of the `levels` codes'
+    frequencies when |x| is clipped at bin i (codes: i bins in `levels` chunks, as
+    `kl_threshold_bin` chunks them; the clipped mass counts in the top code)."""
+    hist = hist.astype(np.float64)
+    n = len(hist)
+    if n <= levels:
+        return n
+    best_i, best_h = n, -np.inf
+    suffix = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])
+    total = max(float(hist.sum()), 1e-300)
+    for i in range(levels, n + 1, stride):
+        codes = np.add.reduceat(hist[:i], (np.arange(levels) * i) // levels)
+        codes[-1] += suffix[i]
+        p = codes[codes > 0] / total
+        h = float(-np.sum(p * np.log(p)))
+        if h > best_h:
+            best_i, best_h = i, h
     return best_i
 
 
@@ -94,5 +118,18 @@ class KLObserver(Observer):
             raise QuantscaleError(f"{self.name} observer has seen no data")
         levels = 1 << (self.args.num_bits - 1)
         i = kl_threshold_bin(self.hist.numpy(), levels, self.stride)
+        t = torch.tensor([i * self.width], dtype=torch.float32)
+        return -t, t
+
+
+@register_observer("max_entropy")
+class MaxEntropyObserver(KLObserver):
+    """The KL observer's histogram, with the max-entropy threshold search."""
+
+    def min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hist is None:
+            raise QuantscaleError(f"{self.name} observer has seen no data")
+        levels = 1 << (self.args.num_bits - 1)
+        i = entropy_threshold_bin(self.hist.numpy(), levels, self.stride)
         t = torch.tensor([i * self.width], dtype=torch.float32)
         return -t, t

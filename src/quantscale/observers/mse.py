@@ -10,7 +10,8 @@ from quantscale.observers.base import Observer, register_observer
 from quantscale.qdq import QParams, compute_qparams, fake_quantize, nvfp4_global_scale
 
 
-def _row_qparams(qp: QParams) -> QParams:
+def row_qparams(qp: QParams) -> QParams:
+    """Per-row qparams [R] shaped [R, 1] to broadcast over rows [R, N]."""
     zp = qp.zero_point[:, None] if qp.zero_point is not None else None
     return QParams(qp.scale[:, None], zp, qp.global_scale)
 
@@ -42,7 +43,7 @@ class MSEObserver(Observer):
         stale = 0
         for i in range(self.grid):
             p = 1.0 - self.maxshrink * i / max(self.grid - 1, 1)
-            qp = _row_qparams(compute_qparams(self.args, mn * p, mx * p, gs))
+            qp = row_qparams(compute_qparams(self.args, mn * p, mx * p, gs))
             err = (fake_quantize(rows, self.args, qp) - rows).abs().pow(self.norm).sum(dim=1)
             better = err < best
             best = torch.where(better, err, best)
