@@ -17,7 +17,8 @@ import torch
 from tiny_models import make_tiny_llama
 
 from quantscale.checkpoint.llama_cpp import gguf_refusals
-from quantscale.checkpoint.runtimes import LLAMA_CPP_CONVERT, runtime_refusals
+from quantscale.checkpoint.refusal import LLAMA_CPP_CONVERT
+from quantscale.checkpoint.runtimes import runtime_refusals
 from quantscale.checkpoint.validate import validate_checkpoint
 from quantscale.export import export_model
 from quantscale.orchestrator import quantize_model

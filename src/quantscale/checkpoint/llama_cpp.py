@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 
 from quantscale.checkpoint.layouts import CT_METHOD, HF_FP8_METHOD, MODELOPT_METHOD
 from quantscale.checkpoint.read import Checkpoint
-from quantscale.checkpoint.runtimes import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
+from quantscale.checkpoint.refusal import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
 from quantscale.errors import CheckpointError
 
 LLAMA_CPP_VERSION = "0.3.36 (llama-cpp-python)"

@@ -77,7 +77,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from quantscale.checkpoint.dequantize import CT, FP8, MODELOPT_NVFP4, StoredWeight, plan_dequantize
 from quantscale.checkpoint.layouts import (
@@ -92,7 +92,9 @@ from quantscale.checkpoint.layouts import (
     detect_layout,
     scale_name_for,
 )
+from quantscale.checkpoint.llama_cpp import convert_refusals
 from quantscale.checkpoint.read import Checkpoint
+from quantscale.checkpoint.refusal import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
@@ -109,7 +111,6 @@ VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
 # as a substring ("transformers": FineGrainedFP8 and compressed-tensors)
-LLAMA_CPP, LLAMA_CPP_CONVERT = "llama.cpp", "llama.cpp convert_hf_to_gguf.py"  # llama_cpp.py
 RUNTIMES: dict[str, tuple[str, ...]] = {
     "vllm": (VLLM,),
     "vllm-cpu": (VLLM, VLLM_CPU),
@@ -118,13 +119,6 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
 }
 NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT)  # rules only a named --runtime selects
 GROUP_STRATEGIES = ("group", "tensor_group")
-
-
-class Refusal(NamedTuple):
-    tensor: str
-    runtime: str
-    version: str
-    reason: str
 
 
 def transformers_block_rule(
@@ -162,8 +156,6 @@ def selects(runtime: str | None, name: str) -> bool:
 def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -> list[Refusal]:
     """(tensor, runtime, version, reason) for every tensor a known runtime refuses or
     mishandles, for the runtimes `runtime` selects (`selects`)."""
-    from quantscale.checkpoint.llama_cpp import convert_refusals
-
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)

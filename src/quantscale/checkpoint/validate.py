@@ -32,7 +32,8 @@ from quantscale.checkpoint.layouts import (
     weight_of_scale,
 )
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
-from quantscale.checkpoint.runtimes import Refusal, runtime_refusals, selects
+from quantscale.checkpoint.refusal import Refusal
+from quantscale.checkpoint.runtimes import runtime_refusals, selects
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, block_grid
 from quantscale.naming import group_names, module_path
