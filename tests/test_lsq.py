@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from test_autoround import layer_errors
 from test_awq import calib_ids, outlier_llama
@@ -92,3 +93,46 @@ def test_cli(tmp_path):
     argv += ["--calib-seq-len", "32"]
     assert main(argv) == 0
     assert (out / "config.json").is_file()
+
+
+def _block_errors(model, ref, ids) -> list[float]:
+    """Each Mamba block's output MSE against the float block, on the quantized inputs."""
+    from quantscale.calibration.sequential import layerwise
+    from quantscale.models.adapter import decoder_layers
+
+    floats = decoder_layers(ref)[1]
+    errors = []
+    for step in layerwise(model, [ids]):
+        with torch.no_grad():
+            args, kwargs = step.inputs[0]
+            ours = step.layer(*args, **kwargs)
+            theirs = floats[step.index](*args, **kwargs)
+        ours, theirs = (o[0] if isinstance(o, tuple) else o for o in (ours, theirs))
+        errors.append(float((ours - theirs).pow(2).mean()))
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_quamba_learned_scales(kind, tmp_path):
+    from test_mamba_quant import MAKERS, _batches, _ids
+
+    from quantscale.mamba.mixers import MambaRecipe
+    from quantscale.mamba.quantize import load_quantized, quantize_mamba, save_quantized
+
+    method = "quamba1" if kind == "mamba" else "quamba2"
+    ref = MAKERS[kind]()
+    plain = quantize_mamba(copy.deepcopy(ref), _batches(), MambaRecipe(method=method))
+    zero = MambaRecipe(method=method, learn_scales=LearnScales(steps=0))
+    same = quantize_mamba(copy.deepcopy(ref), _batches(), zero)
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values())
+    )
+    recipe = MambaRecipe(method=method, learn_scales=LearnScales(steps=30, lr=0.02))
+    learned = quantize_mamba(copy.deepcopy(ref), _batches(), recipe)
+    test_ids = _ids(7)
+    before, after = _block_errors(plain, ref, test_ids), _block_errors(learned, ref, test_ids)
+    assert sum(after) < sum(before), (after, before)
+    save_quantized(learned, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(learned(input_ids=test_ids).logits, loaded(input_ids=test_ids).logits)

@@ -375,7 +375,8 @@ def quantize_checkpoint(
         if ignore:
             raise QuantscaleError("--ignore is not read by the Mamba (Quamba) path; omit it")
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
-        options = {**calib, "calib_data": calib_data, "overwrite": overwrite, "rotate": rotate}
+        options: dict[str, Any] = {**calib, "calib_data": calib_data, "overwrite": overwrite}
+        options.update(rotate=rotate, learn_scales=learn_scales)
         return _quantize_mamba(model_dir, out, scheme, method, fmt, stream, **options)
     from quantscale.export import EXPORTERS, export_model
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from quantscale.algorithms.autoround import _float_copy
 from quantscale.calibration.activations import is_static_int
@@ -33,9 +34,10 @@ from quantscale.scheme import LearnScales
 log = logging.getLogger(__name__)
 
 
-def float_targets(step: LayerStep) -> list[torch.Tensor]:
-    """The float32 outputs of the (not yet quantized) layer on its cached inputs."""
-    layer = copy.deepcopy(step.layer).float()
+def float_targets(step: LayerStep, reference: nn.Module | None = None) -> list[torch.Tensor]:
+    """The float32 outputs of the (not yet quantized) layer, or of its float `reference`,
+    on the layer's cached inputs."""
+    layer = copy.deepcopy(step.layer if reference is None else reference).float()
     with torch.inference_mode():
         return [layer_output(layer(*_float_copy(a), **_float_copy(k))) for a, k in step.inputs]
 
@@ -95,6 +97,41 @@ def adam_best(
     return mean, mean * best_ratio
 
 
+def learn_buffers(
+    step: LayerStep,
+    targets: list[torch.Tensor],
+    shared: list[list[str]],
+    buffer: str,
+    options: LearnScales,
+) -> tuple[list[torch.Tensor], tuple[float, float]]:
+    """Train the scale buffers `buffer` of the modules `shared` names (paths inside
+    `step.layer`; one learned tensor per inner list, starting from its first module's
+    value) on a float32 copy of the layer against `targets`; returns the learned tensors and
+    (start loss, best loss). The layer itself is not changed."""
+    if len(targets) != len(step.inputs):
+        raise QuantscaleError(f"{step.name}: {len(targets)} targets for {len(step.inputs)} inputs")
+    with torch.inference_mode(False), torch.enable_grad():
+        layer = copy.deepcopy(step.layer).float()
+        layer.requires_grad_(False)
+        params = []
+        for members in shared:
+            first = layer.get_submodule(members[0])._buffers[buffer]
+            assert first is not None
+            scale = first.detach().clone().requires_grad_(True)
+            for path in members:
+                layer.get_submodule(path)._buffers[buffer] = scale
+            params.append(scale)
+        held = [t.detach().clone() for t in targets]
+
+        def loss(batch: int) -> torch.Tensor:
+            args, kwargs = _float_copy(step.inputs[batch])
+            return F.mse_loss(layer_output(layer(*args, **kwargs)), held[batch])
+
+        result = adam_best(loss, params, options.steps, options.lr, len(step.inputs), step.index)
+    log.info("%s: learned scales, output MSE %.3g -> %.3g", step.name, *result)
+    return [p.detach() for p in params], result
+
+
 def learn_input_scales(
     step: LayerStep,
     group: dict[str, QuantLinear],
@@ -107,32 +144,12 @@ def learn_input_scales(
     shared = _learnable(step, group)
     if options.steps == 0 or not shared or not step.inputs:
         return None
-    if len(targets) != len(step.inputs):
-        raise QuantscaleError(f"{step.name}: {len(targets)} targets for {len(step.inputs)} inputs")
     prefix = step.name + "."
-    with torch.inference_mode(False), torch.enable_grad():
-        layer = copy.deepcopy(step.layer).float()
-        layer.requires_grad_(False)
-        copies = {n: layer.get_submodule(n[len(prefix) :]) for members in shared for n in members}
-        params = []
-        for members in shared:
-            qp = group[members[0]].input_qparams()
-            assert qp is not None
-            scale = qp.scale.detach().clone().requires_grad_(True)
-            for n in members:
-                copies[n]._buffers["input_scale"] = scale
-            params.append(scale)
-        targets = [t.detach().clone() for t in targets]
-
-        def loss(batch: int) -> torch.Tensor:
-            args, kwargs = _float_copy(step.inputs[batch])
-            return F.mse_loss(layer_output(layer(*args, **kwargs)), targets[batch])
-
-        result = adam_best(loss, params, options.steps, options.lr, len(step.inputs), step.index)
-    for members, scale in zip(shared, params):
+    paths = [[n[len(prefix) :] for n in members] for members in shared]
+    learned, result = learn_buffers(step, targets, paths, "input_scale", options)
+    for members, scale in zip(shared, learned):
         for n in members:
             qp = group[n].input_qparams()
             assert qp is not None
-            group[n].set_input_qparams(QParams(scale.detach(), qp.zero_point, qp.global_scale))
-    log.info("%s: learned input scales, output MSE %.3g -> %.3g", step.name, *result)
+            group[n].set_input_qparams(QParams(scale, qp.zero_point, qp.global_scale))
     return result

@@ -46,6 +46,7 @@ from torch import nn
 
 from quantscale.errors import QuantscaleError
 from quantscale.mamba.grouping import GroupPlan
+from quantscale.scheme import LearnScales
 
 MambaKind = Literal["mamba", "mamba2"]
 MAMBA_MODEL_TYPES: tuple[MambaKind, ...] = ("mamba", "mamba2")
@@ -136,6 +137,7 @@ class MambaRecipe(BaseModel):
     activation_bits: Literal[8, 16] = 8  # 16: float activations in every block (W4A16)
     a16_layers: list[int] = Field(default_factory=list)  # blocks with float activations
     a16_budget: int | None = None  # choose a16_layers: the k most sensitive blocks
+    learn_scales: LearnScales | None = None  # LSQ on each block's scales (algorithms.lsq)
 
     @field_validator(
         "head_groups", "channel_groups", "n_samples", "seq_len", "batch_size", "weight_group_size"
