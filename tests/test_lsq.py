@@ -136,3 +136,21 @@ def test_quamba_learned_scales(kind, tmp_path):
     loaded = load_quantized(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(learned(input_ids=test_ids).logits, loaded(input_ids=test_ids).logits)
+
+
+def test_named_settings_and_refusals(tmp_path):
+    from quantscale.errors import QuantscaleError
+    from quantscale.mamba.evaluate import mamba_sweep_settings
+
+    settings = mamba_sweep_settings()
+    for name, method in (("quamba1-lsq", "quamba1"), ("quamba2-lsq", "quamba2")):
+        setting = settings[name]
+        assert setting is not None and setting.method == method
+        assert setting.learn_scales == LearnScales()
+    w4 = load_recipe("W4A16")
+    w4.learn_scales = LearnScales(steps=5)
+    with pytest.raises(QuantscaleError, match="static integer input activations"):
+        quantize_model(outlier_llama(), w4, calib_ids(), method="rtn")
+    argv = ["quantize", "x", str(tmp_path / "o"), "--scheme", "W8A8", "--method", "rtn"]
+    assert main([*argv, "--learn-scales", "--lsq-steps", "-1"]) == 2
+    assert main([*argv, "--lsq-steps", "5"]) == 2

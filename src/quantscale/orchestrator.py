@@ -100,6 +100,7 @@ def quantize_model(
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     recipe = recipe.with_ignored(model_ignore(model_type))
+    set_learn_scales(recipe, None, False)  # refuses a recipe with nothing to learn
     algorithm = get_algorithm(method, **method_kwargs)
     if recipe.rotate:  # fused into the float weights before anything is quantized
         rotate_model(model, recipe.rotate)

@@ -132,6 +132,10 @@ def learn_scales(args: argparse.Namespace) -> LearnScales | None:
         if args.lsq_steps is not None or args.lsq_lr is not None:
             raise QuantscaleError("--lsq-steps / --lsq-lr need --learn-scales")
         return None
+    if args.lsq_steps is not None and args.lsq_steps < 0:
+        raise QuantscaleError(f"--lsq-steps {args.lsq_steps}: expected >= 0")
+    if args.lsq_lr is not None and not args.lsq_lr > 0:
+        raise QuantscaleError(f"--lsq-lr {args.lsq_lr}: expected > 0")
     given = {"steps": args.lsq_steps, "lr": args.lsq_lr}
     return LearnScales(**{k: v for k, v in given.items() if v is not None})
 
