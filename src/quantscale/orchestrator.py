@@ -93,6 +93,8 @@ def quantize_model(
     `transforms` run on each decoder layer before it is calibrated (see `LayerTransform`).
     `true_sequential`: calibrate each layer stage by stage (see the module docstring); None
     takes the algorithm's `true_sequential` attribute (off for RTN and GPTQ).
+    `recipe.learn_scales`: each layer's static input scales are then learned (LSQ,
+    `algorithms.lsq`) against the float layer on the same cached inputs.
     Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
     Group sizes that do not divide a layer's in_features are logged as warnings (vLLM refuses
     such weights: `checkpoint.runtimes.vllm_group_rule`).
