@@ -3,7 +3,7 @@
 scales; held-out Wikipedia perplexity as `benchmarks/gptq.py --table` measures it.
 
     .venv/bin/python benchmarks/lsq.py [--samples 16] [--steps 24] [--lr 0.02]
-        [--batch-size 1] [--observers minmax,mse]
+        [--batch-size 1] [--observers minmax,mse] [--rotate] [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--observers", default="minmax,mse")
+    ap.add_argument("--rotate", action="store_true", help="Hadamard rotations first (R1+R2+R4)")
+    ap.add_argument("--json", type=Path, default=RESULTS)
     a = ap.parse_args()
 
     import torch
@@ -52,17 +54,20 @@ def main() -> None:
                 assert group.input_activations is not None
                 update = {"observer": observer}
                 group.input_activations = group.input_activations.model_copy(update=update)
+            if a.rotate:
+                recipe.rotate = "hadamard"
             if steps is not None:
                 recipe.learn_scales = LearnScales(steps=steps, lr=a.lr)
             model = copy.deepcopy(base)
             start = time.perf_counter()
             quantize_model(model, recipe, calib, method="rtn", batch_size=a.batch_size)
             took = time.perf_counter() - start
-            key = f"W8A8/{observer}" + ("" if steps is None else f"+lsq{steps}")
+            key = f"W8A8/{observer}" + ("/rotated" if a.rotate else "")
+            key += "" if steps is None else f"+lsq{steps}"
             rows[key] = {"ppl": perplexity(model, ev), "quantize_s": took}
             print(json.dumps({key: rows[key]}), flush=True)
-    settings = {k: getattr(a, k) for k in ("samples", "steps", "lr", "batch_size")}
-    common.write_results(RESULTS, {"machine": common.machine(), **settings, **rows})
+    settings = {k: getattr(a, k) for k in ("samples", "steps", "lr", "batch_size", "rotate")}
+    common.write_results(a.json, {"machine": common.machine(), **settings, **rows})
 
 
 if __name__ == "__main__":
