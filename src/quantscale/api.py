@@ -41,8 +41,10 @@ from quantscale.orchestrator import (
     quantize_checkpoint,
     quantize_model,
     set_kv_cache,
+    set_learn_scales,
     set_rotation,
 )
+from quantscale.scheme import LearnScales
 from quantscale.streaming import StreamOptions
 
 __all__ = ["convert", "evaluate", "inspect", "quantize", "validate"]
@@ -67,6 +69,7 @@ def quantize(
     kv_cache: str | None = None,
     importance: str | os.PathLike | None = None,
     rotate: str | None = None,
+    learn_scales: int | LearnScales | None = None,
 ) -> Path | nn.Module:
     """Quantize `model` with `scheme` (preset name or recipe file) by `method` ('gptq', the
     default, 'rtn', 'awq', 'awq+gptq': AWQ scales, then GPTQ rounding, 'autoround': learned
@@ -76,7 +79,9 @@ def quantize(
     Quamba way (no method or format applies). `kv_cache` ('fp8' | 'fp8-head'): static FP8
     KV-cache scales calibrated on the same data. `importance`: importance-weighted RTN from
     that statistics file (collected on the calibration data and written there if absent).
-    `rotate` ('hadamard'): Hadamard rotations fused before quantizing (`algorithms.rotation`)."""
+    `rotate` ('hadamard'): Hadamard rotations fused before quantizing (`algorithms.rotation`).
+    `learn_scales` (Adam steps per layer, or `scheme.LearnScales`): static activation scales
+    learned after calibration (LSQ, `algorithms.lsq`; W8A8 / W4A8 static, Quamba)."""
     gptq = gptq or GPTQOptions()
     settings = CalibrationSettings(calib_samples, calib_seq_len, calibration)
     if isinstance(model, nn.Module):
@@ -86,6 +91,7 @@ def quantize(
         recipe = gptq.recipe(scheme)
         set_kv_cache(recipe, kv_cache, format if output_dir is not None else None, stream)
         set_rotation(recipe, rotate, format if output_dir is not None else None, stream)
+        set_learn_scales(recipe, learn_scales, stream)
         where = "quantize(<in-memory model>, tokenizer=None)"
         batches = settings.batches(tokenizer, recipe, method, where)
         options = gptq.method_options(method)
@@ -114,6 +120,7 @@ def quantize(
         kv_cache=kv_cache,
         importance=importance,
         rotate=rotate,
+        learn_scales=learn_scales,
     )
 
 

@@ -47,9 +47,10 @@ from quantscale.algorithms.layer import (
     quantize_layer,
     refuse_tied_linears,
 )
+from quantscale.algorithms.lsq import float_targets, learn_input_scales
 from quantscale.algorithms.rotation import check_rotation, rotate_model
 from quantscale.algorithms.rtn import rtn_quantize
-from quantscale.calibration.activations import has_static_activations
+from quantscale.calibration.activations import has_static_activations, is_static_int
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
 from quantscale.checkpoint.dequantize import parse_dtype
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
@@ -62,7 +63,7 @@ from quantscale.naming import model_ignore
 from quantscale.qdq import QParams
 from quantscale.runtime.kv_cache import KV_CHOICES, calibrate_kv_cache, fp8_kv_args
 from quantscale.runtime.qlinear import QuantLinear, replace_linears
-from quantscale.scheme import QuantScheme, Recipe, load_recipe, with_group_size
+from quantscale.scheme import LearnScales, QuantScheme, Recipe, load_recipe, with_group_size
 from quantscale.streaming import StreamOptions, quantize_streamed
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def quantize_model(
     `transforms` run on each decoder layer before it is calibrated (see `LayerTransform`).
     `true_sequential`: calibrate each layer stage by stage (see the module docstring); None
     takes the algorithm's `true_sequential` attribute (off for RTN and GPTQ).
+    `recipe.learn_scales`: each layer's static input scales are then learned (LSQ,
+    `algorithms.lsq`) against the float layer on the same cached inputs.
     Returns the QuantLinear modules by name; the recipe is kept as `model.quantscale_recipe`.
     Group sizes that do not divide a layer's in_features are logged as warnings (vLLM refuses
     such weights: `checkpoint.runtimes.vllm_group_rule`).
@@ -99,6 +102,7 @@ def quantize_model(
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     recipe = recipe.with_ignored(model_ignore(model_type))
+    set_learn_scales(recipe, None, False)  # refuses a recipe with nothing to learn
     algorithm = get_algorithm(method, **method_kwargs)
     if recipe.rotate:  # fused into the float weights before anything is quantized
         rotate_model(model, recipe.rotate)
@@ -127,7 +131,8 @@ def quantize_model(
     else:
         if true_sequential is None:
             true_sequential = algorithm.true_sequential
-        _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential)
+        learn = recipe.learn_scales
+        _quantize_with_data(model, linears, algorithm, data, transforms, true_sequential, learn)
     if kv is not None:  # on the quantized model, as the runtime's cache will see it
         calibrate_kv_cache(model, kv, lambda: run_batches(model, data))
     cast(Any, model).quantscale_recipe = recipe  # what the exporters write
@@ -141,14 +146,22 @@ def _quantize_with_data(
     data: list[torch.Tensor],
     transforms: Sequence[LayerTransform] = (),
     sequential: bool = False,
+    learn_scales: LearnScales | None = None,
 ) -> None:
     prefix, layers = decoder_layers(model)
     groups = by_layer(linears, prefix, len(layers))
+    if learn_scales is not None and distributed.active():
+        raise QuantscaleError("learned activation scales run in one process (without torchrun)")
     data = distributed.rank_slice(data)  # with several ranks: this rank's share
     for step in layerwise(model, data, description="calibrate"):
         for transform in transforms:
             transform(step)
+        learn = learn_scales is not None and learn_scales.steps > 0 and groups[step.index]
+        targets = float_targets(step) if learn else []
         quantize_layer(step, groups[step.index], algorithm, sequential)
+        if learn:
+            assert learn_scales is not None
+            learn_input_scales(step, groups[step.index], targets, learn_scales)
     rest = {n: q for n, q in linears.items() if not any(n in g for g in groups)}
     if rest:  # Linears outside the decoder layers: one pass of the whole model
         calibrate_group(rest, algorithm, lambda: run_batches(model, data))
@@ -339,6 +352,7 @@ def quantize_checkpoint(
     importance: str | os.PathLike | None = None,
     rotate: str | None = None,
     ignore: Sequence[str] = (),
+    learn_scales: int | LearnScales | None = None,
 ) -> Path:
     """Quantize the checkpoint (or named model) `model_dir` with `scheme` (preset name or
     recipe file) by `method` ('rtn' | 'gptq' | 'awq' | 'awq+gptq' | 'autoround' |
@@ -352,7 +366,9 @@ def quantize_checkpoint(
     same data (compressed-tensors `kv_cache_scheme`). `importance`: importance-weighted RTN
     (`algorithms.importance`) from that statistics file, collected on the calibration data
     and written there first when it does not exist. `rotate` ('hadamard'): Hadamard
-    rotations fused before quantizing (`algorithms.rotation`; in-memory path only). Launched
+    rotations fused before quantizing (`algorithms.rotation`; in-memory path only).
+    `learn_scales` (steps, or `scheme.LearnScales`): static input scales learned per layer
+    after calibration (`algorithms.lsq`; in-memory path only). Launched
     by torchrun with several processes, the ranks calibrate their shares of the data and
     rank 0 writes (`quantscale.distributed`): the same output as one process."""
     distributed.init_from_env()
@@ -362,7 +378,8 @@ def quantize_checkpoint(
         if ignore:
             raise QuantscaleError("--ignore is not read by the Mamba (Quamba) path; omit it")
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
-        options = {**calib, "calib_data": calib_data, "overwrite": overwrite, "rotate": rotate}
+        options: dict[str, Any] = {**calib, "calib_data": calib_data, "overwrite": overwrite}
+        options.update(rotate=rotate, learn_scales=learn_scales)
         return _quantize_mamba(model_dir, out, scheme, method, fmt, stream, **options)
     from quantscale.export import EXPORTERS, export_model
 
@@ -377,6 +394,7 @@ def quantize_checkpoint(
     recipe = gptq.recipe(scheme)
     set_kv_cache(recipe, kv_cache, fmt, stream)
     set_rotation(recipe, rotate, fmt, stream)
+    set_learn_scales(recipe, learn_scales, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
     path = loader.resolve_model(model_dir)
     model_type = loader.read_config(path).get("model_type")
@@ -465,6 +483,23 @@ def set_rotation(recipe: Recipe, rotate: str | None, fmt: str | None, stream: ob
         raise QuantscaleError(
             "a rotated model needs its online down_proj Hadamard recorded, which only "
             f"{' and '.join(ROTATION_FORMATS)} (transform_config) does; not --format {fmt}"
+        )
+
+
+def set_learn_scales(recipe: Recipe, learn: int | LearnScales | None, stream: object) -> None:
+    """Apply `--learn-scales` (steps, or the options) to the recipe; refuse the streamed
+    path and a recipe without static integer input activations."""
+    if learn is not None:
+        recipe.learn_scales = learn if isinstance(learn, LearnScales) else LearnScales(steps=learn)
+    if recipe.learn_scales is None:
+        return
+    if stream:
+        raise QuantscaleError("learned activation scales run on the in-memory path (omit --stream)")
+    schemes = [*recipe.config_groups.values(), *(s for s in recipe.overrides.values() if s)]
+    if not any(is_static_int(s.input_activations) for s in schemes):
+        raise QuantscaleError(
+            "learned activation scales need static integer input activations (W8A8, W4A8); "
+            f"recipe {recipe.name or ''!r} has none"
         )
 
 

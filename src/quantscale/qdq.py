@@ -17,10 +17,12 @@ compressed-tensors rounds (other schemes round x / scale and add their integer z
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from quantscale.errors import QuantscaleError
 from quantscale.formats.fp4 import (
     E2M1_MAX,
     e2m1_decode,
@@ -233,6 +235,28 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor
     if zp is not None:
         grid.sub_(zp)
     return grid.mul_(_effective_scale(x, args, qp)).to(x.dtype)
+
+
+def lsq_fake_quantize(x: torch.Tensor, args: QuantArgs, qp: QParams) -> torch.Tensor:
+    """`fake_quantize` of an integer activation, differentiable in x and in `qp.scale` as
+    LSQ (Esser et al. 2020) trains it: a straight-through round, the scale's gradient
+    (round(v) - v inside the grid, its bounds outside) scaled by 1 / sqrt(N * Qp), N the
+    elements per scale, Qp the grid's top. The zero point (asymmetric args) stays fixed."""
+    if args.type != "int" or args.superblock:
+        raise QuantscaleError(f"learned scales need integer activations, not {args.type}")
+    qmin, qmax = int_range(args.num_bits)
+    scale = _effective_scale(x, args, qp)
+    g = 1.0 / math.sqrt(max(1, x.numel() // max(1, qp.scale.numel())) * qmax)
+    scale = scale * g + (scale - scale * g).detach()
+    zp = _zero_point(x, args, qp)
+    v = x.float() / scale
+    if zp is not None:
+        v = v + zp.detach()
+    v = v.clamp(qmin, qmax)
+    v = v + (v.round() - v).detach()
+    if zp is not None:
+        v = v - zp.detach()
+    return (v * scale).to(x.dtype)
 
 
 def fake_quantize_dynamic(

@@ -245,6 +245,16 @@ def _set_end(glob: str, start: int) -> int:
     return glob.find("]", k)
 
 
+class LearnScales(BaseModel):
+    """Learned static activation scales (`algorithms.lsq`): Adam steps per decoder layer and
+    the learning rate relative to each scale's observer value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=100, ge=0)
+    lr: float = Field(default=0.01, gt=0)
+
+
 class Recipe(BaseModel):
     """A quantization request: config groups, ignore list and per-module overrides."""
 
@@ -258,6 +268,7 @@ class Recipe(BaseModel):
     format: str | None = None
     rotate: Literal["hadamard"] | None = None  # algorithms.rotation, fused before quantizing
     gguf_mix: Literal["Q4_K_M"] | None = None  # GGUF_MIXES: resolved by `place_ggml_blocks`
+    learn_scales: LearnScales | None = None  # algorithms.lsq, after each layer's calibration
 
     @field_validator("overrides", mode="before")
     @classmethod

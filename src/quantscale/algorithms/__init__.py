@@ -1,5 +1,6 @@
-"""Weight algorithms behind one contract (`algorithms.base`): RTN, GPTQ, AWQ, AutoRound; and
-the layer transforms that prepare a layer for them (smoothing).
+"""Weight algorithms behind one contract (`algorithms.base`): RTN, GPTQ, AWQ, AutoRound; the
+layer transforms that prepare a layer for them (smoothing); and the learned static activation
+scales run after a layer is calibrated (`lsq`, `Recipe.learn_scales`).
 
 Importing the package registers every weight algorithm: the modules are imported here by
 name, so a broken one raises its own error.

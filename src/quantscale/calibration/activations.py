@@ -35,6 +35,11 @@ def is_static(args: QuantArgs | None) -> bool:
     return args is not None and (not args.dynamic or args.dynamic == "local")
 
 
+def is_static_int(args: QuantArgs | None) -> bool:
+    """Whether these activation args have a static integer scale (what LSQ learns)."""
+    return args is not None and not args.dynamic and args.type == "int"
+
+
 def has_static_activations(schemes: Iterable[QuantScheme]) -> bool:
     """Whether any scheme has static (calibrated) input or output activation scales."""
     return any(is_static(s.input_activations) or is_static(s.output_activations) for s in schemes)

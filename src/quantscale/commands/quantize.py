@@ -1,5 +1,5 @@
 """`quantscale quantize MODEL_DIR OUT --scheme SCHEME [--method rtn|gptq|awq|awq+gptq|autoround]
-[--format F]`.
+[--format F] [--learn-scales [--lsq-steps N] [--lsq-lr X]]`.
 
 `--scheme fp8-block` without `--method` streams the checkpoint shard by shard (`SCHEMES`);
 any other preset or recipe file (or a Mamba / Mamba2 model) loads the model, calibrates and
@@ -28,6 +28,7 @@ from quantscale.commands.options import (
 from quantscale.errors import QuantscaleError
 
 if TYPE_CHECKING:
+    from quantscale.scheme import LearnScales
     from quantscale.streaming import StreamOptions
 
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         importance=args.importance,
         rotate=args.rotate,
         ignore=args.ignore,
+        learn_scales=learn_scales(args),
     )
     from quantscale import distributed
 
@@ -119,6 +121,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
     distributed.shutdown()
     return 0
+
+
+def learn_scales(args: argparse.Namespace) -> LearnScales | None:
+    """`--learn-scales` with `--lsq-steps` / `--lsq-lr` as `scheme.LearnScales`, or None;
+    the step and rate options refused without `--learn-scales`."""
+    from quantscale.scheme import LearnScales
+
+    if not args.learn_scales:
+        if args.lsq_steps is not None or args.lsq_lr is not None:
+            raise QuantscaleError("--lsq-steps / --lsq-lr need --learn-scales")
+        return None
+    if args.lsq_steps is not None and args.lsq_steps < 0:
+        raise QuantscaleError(f"--lsq-steps {args.lsq_steps}: expected >= 0")
+    if args.lsq_lr is not None and not args.lsq_lr > 0:
+        raise QuantscaleError(f"--lsq-lr {args.lsq_lr}: expected > 0")
+    given = {"steps": args.lsq_steps, "lr": args.lsq_lr}
+    return LearnScales(**{k: v for k, v in given.items() if v is not None})
 
 
 def stream_options(args: argparse.Namespace) -> StreamOptions | bool:
@@ -194,6 +213,22 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--autoround-lr", type=float, default=None, help="autoround: learning rate (1 / steps)"
+    )
+    p.add_argument(
+        "--learn-scales",
+        action="store_true",
+        help="learn the static activation scales (W8A8 / W4A8 static, Mamba Quamba) per "
+        "decoder layer after calibration: LSQ, Adam on the layer's output MSE against the "
+        "float layer",
+    )
+    p.add_argument(
+        "--lsq-steps", type=int, default=None, help="--learn-scales: Adam steps per layer (100)"
+    )
+    p.add_argument(
+        "--lsq-lr",
+        type=float,
+        default=None,
+        help="--learn-scales: learning rate relative to each observer scale (0.01)",
     )
     p.add_argument(
         "--importance",

@@ -31,6 +31,7 @@ from quantscale.mamba.quantize import (
     scheme_recipe,
 )
 from quantscale.observers import PercentileObserver, get_observer
+from quantscale.scheme import LearnScales
 
 PROBE_WINDOWS = 8
 PROBE_LEN = 512
@@ -99,6 +100,8 @@ def mamba_sweep_settings() -> dict[str, MambaRecipe | None]:
             update={"points": _x_rule("percentile", alpha=0.99999, sigma=0.01)}
         ),
         **w4_settings(),
+        "quamba1-lsq": q1.model_copy(update={"learn_scales": LearnScales()}),
+        "quamba2-lsq": q2.model_copy(update={"learn_scales": LearnScales()}),
     }
 
 

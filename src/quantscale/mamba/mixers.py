@@ -57,6 +57,7 @@ from torch import nn
 
 from quantscale.errors import QuantscaleError
 from quantscale.mamba.grouping import GroupPlan
+from quantscale.scheme import LearnScales
 
 MambaKind = Literal["mamba", "mamba2"]
 MAMBA_MODEL_TYPES: tuple[MambaKind, ...] = ("mamba", "mamba2")
@@ -156,6 +157,7 @@ class MambaRecipe(BaseModel):
     scale_factor: float = 0.8
     adaptive_groups: list[int] | None = None  # Quamba2: candidate k per block (k x k groups)
     adaptive_sqnr_db: float = 1.0
+    learn_scales: LearnScales | None = None  # LSQ on each block's scales (algorithms.lsq)
 
     @field_validator(
         "head_groups", "channel_groups", "n_samples", "seq_len", "batch_size", "weight_group_size"

@@ -48,7 +48,14 @@ from quantscale.mamba.mixers import (
     WeightFormat,
 )
 from quantscale.observers import Observer, get_observer
-from quantscale.qdq import WEIGHT, compute_qparams, quantize, reduce_minmax
+from quantscale.qdq import (
+    WEIGHT,
+    QParams,
+    compute_qparams,
+    lsq_fake_quantize,
+    quantize,
+    reduce_minmax,
+)
 from quantscale.runtime.hadamard import apply_hadamard, hadamard
 from quantscale.scheme import QuantArgs, Strategy
 
@@ -187,7 +194,11 @@ class ActQuant(nn.Module):
         return dequantize_int(q, _scale_view(self.channel_scale(), q.ndim, dim % q.ndim))
 
     def qdq(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Quantize then dequantize (float32)."""
+        """Quantize then dequantize (float32); LSQ's differentiable round trip while the
+        scale requires grad (`algorithms.lsq`)."""
+        if self.scale.requires_grad and torch.is_grad_enabled():
+            scale = _scale_view(self.channel_scale(), x.ndim, dim % x.ndim)
+            return lsq_fake_quantize(x.float(), _ACT_ARGS, QParams(scale))
         return self.dequantize(self.quantize(x, dim), dim)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from quantscale.algorithms.gptq import HessianAccumulator
+from quantscale.algorithms.lsq import float_targets, learn_buffers
 from quantscale.calibration.sequential import layerwise
 from quantscale.checkpoint.layouts import QUAMBA_METHOD
 from quantscale.checkpoint.read import SINGLE_NAME, Checkpoint
@@ -69,6 +70,7 @@ from quantscale.models.adapter import decoder_layers
 from quantscale.models.loader import tied_embeddings
 from quantscale.progress import track
 from quantscale.qdq import compute_qparams
+from quantscale.scheme import LearnScales
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -207,6 +209,8 @@ def quantize_mamba(
     specs = resolve_points(kind, recipe, n_params)
     _, layers = decoder_layers(model)
     chosen = quantized_layers(len(layers), recipe)
+    learns = recipe.learn_scales is not None and recipe.learn_scales.steps > 0
+    float_layers = copy.deepcopy(layers) if learns else None  # LSQ's targets
     for i in chosen:
         mixer = child_module(layers[i], "mixer")
         own = layer_points(specs, kind, recipe, i, len(layers))
@@ -227,6 +231,7 @@ def quantize_mamba(
             mixer.freeze()
     if specs["norm.weight"].quantize:
         _round_norms(model, chosen)
+    _learn_scales(model, batches, mixers, float_layers, recipe.learn_scales)
     model.config.quantization_config = quantization_config(recipe, n_params, chosen, scores)
     if groups:
         model.config.quantization_config["group_counts"] = {str(i): g for i, g in groups.items()}
@@ -286,6 +291,34 @@ def _gptq_layers(
             for handle in handles:
                 handle.remove()
         mixer.freeze(hessians={name: acc.hessian() for name, acc in accs.items()})
+
+
+def _learn_scales(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    mixers: dict[int, QMixerBase],
+    float_layers: nn.ModuleList | None,
+    options: LearnScales | None,
+) -> None:
+    """LSQ on each quantized block's static activation scales (`algorithms.lsq`), block by
+    block on the inputs the quantized blocks before it give, against the float block (its
+    fake-quant mode: the INT8 matmuls have no gradient); nothing without `float_layers`."""
+    if float_layers is None or options is None:
+        return
+    for step in layerwise(model, list(batches), "learn scales"):
+        mixer = mixers.get(step.index)
+        if mixer is None or not len(mixer.acts):
+            continue
+        targets = float_targets(step, float_layers[step.index])
+        keys = list(mixer.acts)
+        mixer.set_mode("fake")
+        try:
+            paths = [[f"mixer.acts.{k}"] for k in keys]
+            learned, _ = learn_buffers(step, targets, paths, "scale", options)
+        finally:
+            mixer.set_mode("int8")
+        for key, scale in zip(keys, learned):
+            cast(ActQuant, mixer.acts[key]).scale = scale.clone()
 
 
 def _hessian_hook(acc: HessianAccumulator, quantized: bool):
@@ -403,14 +436,18 @@ def quantize_mamba_checkpoint(
     overwrite: bool = False,
     rotate: str | None = None,
     method: str | None = None,
+    learn_scales: int | LearnScales | None = None,
 ) -> Path:
     """Load a float Mamba model (directory or `fixture:<kind>`), calibrate it the Quamba way
     on `calib_samples` windows of `calib_seq_len` tokens (of `calib_data`, default the
     Wikipedia calibration split) and save it to `out`; returns the written directory.
     `rotate` ('hadamard'): the out_proj input Hadamard (the recipe's `rotate`); `method`:
-    the weight method ('rtn' / 'gptq', `scheme_recipe`)."""
+    the weight method ('rtn' / 'gptq', `scheme_recipe`); `learn_scales` (steps or options):
+    LSQ on every block's activation scales (the recipe's `learn_scales`)."""
+    if isinstance(learn_scales, int):
+        learn_scales = LearnScales(steps=learn_scales)
     recipe = scheme_recipe(scheme, method).with_options(
-        n_samples=calib_samples, seq_len=calib_seq_len, rotate=rotate
+        n_samples=calib_samples, seq_len=calib_seq_len, rotate=rotate, learn_scales=learn_scales
     )
     return quantize_and_save(model_dir, out, recipe, calib_data, overwrite)
 

@@ -35,6 +35,7 @@ from quantscale.qdq import (
     compute_qparams,
     fake_quantize,
     fake_quantize_dynamic,
+    lsq_fake_quantize,
     quantize,
     reduce_minmax,
 )
@@ -180,6 +181,8 @@ class QuantLinear(nn.Module):
         qp = self._qparams(role)
         if qp is None:  # static scheme, not calibrated yet
             return x
+        if qp.scale.requires_grad and torch.is_grad_enabled():  # scales being learned
+            return lsq_fake_quantize(x, args, qp)
         return fake_quantize(x, args, qp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
