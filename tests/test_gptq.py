@@ -143,6 +143,23 @@ def test_actorder_weight_keeps_static_groups():
     assert torch.equal(default.weight, res.weight)  # the default when the scheme sets none
 
 
+@pytest.mark.parametrize("actorder", ["weight", None])
+def test_weight_observer_sets_the_gptq_scales(actorder):
+    """A scheme's weight observer ('mse': a clipping search) sets GPTQ's group scales as it
+    sets RTN's; before, GPTQ always took min-max scales and ignored it."""
+    w, h = _problem(out=16, inp=64)
+    minmax = QuantArgs(num_bits=4, group_size=16, actorder="weight")
+    mse = minmax.model_copy(update={"observer": "mse"})
+    res = gptq_quantize(w, h, mse, actorder=actorder)
+    _, qp_mse = rtn_weight(w, mse)
+    _, qp_minmax = rtn_weight(w, minmax)
+    assert not torch.equal(qp_mse.scale, qp_minmax.scale)
+    if actorder == "weight":  # static groups: the observer runs once on the original weight
+        torch.testing.assert_close(res.qparams.scale, qp_mse.scale)
+    assert torch.equal(fake_quantize(res.weight, mse, res.qparams), res.weight)
+    assert not torch.equal(res.weight, gptq_quantize(w, h, minmax, actorder=actorder).weight)
+
+
 def test_dead_columns_are_kept():
     w, h = _problem(out=8, inp=32)
     h[:, 3] = 0

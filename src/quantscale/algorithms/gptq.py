@@ -51,8 +51,8 @@ from torch import nn
 from quantscale import distributed
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import (
-    full_range,
     held_scales,
+    range_qparams,
     rtn_weight,
     set_stacked,
     stacked_weight,
@@ -63,16 +63,13 @@ from quantscale.errors import QuantscaleError
 from quantscale.formats.fp4 import pack_fp4, unpack_fp4
 from quantscale.models.moe import expert_of
 from quantscale.qdq import (
-    WEIGHT,
     QParams,
     _block,
     _expand,
-    compute_qparams,
     dequantize,
     fake_quantize,
     nvfp4_global_scale,
     quantize,
-    reduce_minmax,
 )
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantArgs
@@ -274,13 +271,12 @@ class _Scales:
         self.perm: torch.Tensor | None = None
 
     def qparams_of(self, w: torch.Tensor) -> list[QParams]:
-        """Min-max qparams of each weight of the batch w [E, rows, cols]."""
-        out = []
-        for we, gs in zip(w, self.global_scales):
-            mn, mx = reduce_minmax(we, self.args, WEIGHT)
-            qp = full_range(self.args, compute_qparams(self.args, mn, mx, gs))
-            out.append(held_scales(self.args, qp, self.scale_dtype))
-        return out
+        """Qparams of each weight of the batch w [E, rows, cols] (`rtn.range_qparams`: min-max,
+        or the scheme's weight observer, e.g. 'mse')."""
+        return [
+            held_scales(self.args, range_qparams(we, self.args, gs), self.scale_dtype)
+            for we, gs in zip(w, self.global_scales)
+        ]
 
     def _expanded(self, w: torch.Tensor, qps: list[QParams], zero: bool) -> torch.Tensor:
         parts = []
