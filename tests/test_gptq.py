@@ -393,3 +393,32 @@ def test_handed_over_hessian_retries_dampening_in_place():
     want = inverse_hessian_factor(h, 0.01)
     got = inverse_hessian_factors(h.clone()[None], 0.01, owned=True)[0]
     assert torch.equal(got, want)
+
+
+def test_weight_observer_option_reaches_the_checkpoint(tmp_path):
+    """`quantize --weight-observer mse` (GPTQOptions.weight_observer): the config names the
+    observer, the scales differ from min-max's, the streamed path writes the same tensors;
+    an observer that cannot set weight scales is refused by name."""
+    import json
+
+    from test_streaming import assert_same_checkpoint, make_checkpoint, run, tensors
+
+    from quantscale.cli import main
+    from quantscale.orchestrator import GPTQOptions
+
+    root = make_checkpoint(tmp_path, layers=2)
+    argv = ["quantize", str(root / "m"), str(root / "cli"), "--scheme", "W4A16"]
+    argv += ["--method", "gptq", "--group-size", "32", "--weight-observer", "mse"]
+    argv += ["--calib-data", str(root / "calib.txt"), "--calib-samples", "8"]
+    assert main([*argv, "--calib-seq-len", "32"]) == 0
+    config = json.loads((root / "cli" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["observer"] == "memoryless_mse"
+    mse = GPTQOptions(group_size=32, weight_observer="mse")
+    mem = run(root, "mem", "W4A16", "gptq", gptq=mse)
+    assert_same_checkpoint(mem, run(root, "st", "W4A16", "gptq", stream=True, gptq=mse))
+    minmax = tensors(run(root, "minmax", "W4A16", "gptq", gptq=GPTQOptions(group_size=32)))
+    ours = tensors(mem)
+    scales = [n for n in ours if n.endswith("weight_scale")]
+    assert scales and any(not torch.equal(ours[n], minmax[n]) for n in scales)
+    with pytest.raises(QuantscaleError, match="--weight-observer 'kl'"):
+        GPTQOptions(weight_observer="kl").recipe("W4A16")

@@ -277,6 +277,11 @@ def is_mamba(spec: str | os.PathLike) -> bool:
 # ------------------------------------------------------------------ checkpoint to checkpoint
 
 
+# Weight observers a scheme's weights can take (`--weight-observer`): min-max, or 'mse', a
+# clipping search per scale group (RTN, GPTQ and AutoRound's starting scales).
+WEIGHT_OBSERVERS = ("minmax", "mse")
+
+
 @dataclass(frozen=True)
 class GPTQOptions:
     """The weight options of `quantize_checkpoint` (`--group-size`; GPTQ's: `--actorder`,
@@ -297,16 +302,27 @@ class GPTQOptions:
     expert_parallel: bool = False  # torchrun, MoE: each expert's Hessians on one rank
     autoround_steps: int = 200
     autoround_lr: float | None = None  # None: 1 / autoround_steps
+    weight_observer: str | None = None  # None keeps the scheme's (min-max); 'mse' searches
 
     def recipe(self, scheme: str) -> Recipe:
-        """The scheme's recipe with `group_size` and `actorder` applied to every weight."""
+        """The scheme's recipe with `group_size`, `actorder` and `weight_observer` applied to
+        every weight."""
         recipe = load_recipe(scheme)
         if self.group_size is not None:
             recipe = with_group_size(recipe, self.group_size)
+        update: dict[str, Any] = {}
         if self.actorder and self.actorder != "none":
-            for group in recipe.config_groups.values():
-                if group.weights is not None:
-                    update = {"actorder": self.actorder}
+            update["actorder"] = self.actorder
+        if self.weight_observer is not None:
+            if self.weight_observer not in WEIGHT_OBSERVERS:
+                raise QuantscaleError(
+                    f"--weight-observer {self.weight_observer!r}: expected one of "
+                    f"{', '.join(WEIGHT_OBSERVERS)}"
+                )
+            update["observer"] = self.weight_observer
+        if update:
+            for group in [*recipe.config_groups.values(), *recipe.overrides.values()]:
+                if group is not None and group.weights is not None:
                     group.weights = group.weights.model_copy(update=update)
         return recipe
 
