@@ -79,7 +79,14 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Protocol
 
-from quantscale.checkpoint.dequantize import CT, FP8, MODELOPT_NVFP4, StoredWeight, plan_dequantize
+from quantscale.checkpoint.dequantize import (
+    CT,
+    FP8,
+    MODELOPT_NVFP4,
+    DequantPlan,
+    StoredWeight,
+    plan_dequantize,
+)
 from quantscale.checkpoint.layouts import (
     CT_INT,
     CT_METHOD,
@@ -98,7 +105,7 @@ from quantscale.checkpoint.refusal import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
-from quantscale.naming import group_names, module_kind, module_path
+from quantscale.naming import fused_siblings, group_names, module_kind, module_path
 from quantscale.scheme import QuantScheme, Recipe, match_pattern
 
 log = logging.getLogger(__name__)
@@ -214,6 +221,16 @@ _VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it 
         "builds Jamba's Mamba1 mixer projections without a quantization config "
         "(layers/mamba/mamba_mixer.py): the quantized tensors have no parameter to load "
         "into; keep them float (--ignore 're:.*\\.mamba\\..*') for vLLM",
+    ),
+    **dict.fromkeys(
+        ("mamba", "falcon_mamba"),
+        (
+            r"re:.*\.mixer\.(in_proj|x_proj|dt_proj|out_proj)$",
+            "builds the Mamba1 mixer's projections without a quantization config "
+            "(layers/mamba/mamba_mixer.py, models/mamba.py): the quantized tensors have no "
+            "parameter to load into; vLLM serves Mamba1 models in bf16 only (the CPU build "
+            "not even that: no selective_scan_fwd)",
+        ),
     ),
     "qwen3_next": (
         r"re:.*\.(gate|shared_expert_gate)$",
@@ -447,6 +464,41 @@ FP8_PER_TENSOR_REASON = (
 )
 
 
+SGL_PACK_BLOCK = 32  # convert_weight_packed's int8 BLOCK_N (check_cpu_sgl_kernel admits 16)
+
+
+def int8_sgl_pack_rule(rows: int, cols: int) -> str | None:
+    """Why vLLM CPU (AMX) fails to load an int8 W8A8 layer of `rows` output features (the
+    fused layer's, e.g. q/k/v together) and `cols` inputs; None when it loads."""
+    if cols % 32 or rows % 16 or rows % SGL_PACK_BLOCK == 0:
+        return None
+    return (
+        f"fails at load (CPU build, CPUs with AMX): {rows} output features pass "
+        "check_cpu_sgl_kernel (a multiple of 16) but the AMX int8 weight packing "
+        "(convert_weight_packed) needs a multiple of 32: `RuntimeError: Expected N == BLOCK_N "
+        "to be true, but got false` while processing the weights (seen on our Mamba2 "
+        "fixture's in_proj, 656 x 128); keep this layer float (--ignore) for vLLM CPU"
+    )
+
+
+def _int8_sgl_refusals(plan: DequantPlan) -> list[Refusal]:
+    """Int8 W8A8 weights whose fused layer (`naming.fused_siblings`) `int8_sgl_pack_rule`
+    refuses; every stored weight of that layer is named."""
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        if sw.kind != CT or sw.fmt != CT_INT or len(sw.shape) != 2:
+            continue
+        module = module_path(sw.name)
+        rows = [
+            s.shape[0]
+            for s in plan.weights.values()
+            if module_path(s.name) in fused_siblings(module) and s.fmt == CT_INT
+        ]
+        if reason := int8_sgl_pack_rule(sum(rows), sw.shape[1]):
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
+    return found
+
+
 def _int4_packed(sw: StoredWeight) -> bool:
     """A compressed-tensors 4-bit integer weight (what vLLM CPU's CPUWNA16 kernel takes)."""
     args = sw.args
@@ -512,4 +564,4 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, W4A8_REASON))
         if scale := _static_int8_input(ckpt, sw):
             found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
-    return found
+    return found + _int8_sgl_refusals(plan)
