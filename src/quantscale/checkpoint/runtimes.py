@@ -58,10 +58,13 @@ Rules come from running the runtime here, and each is pinned by a test
   `quant_config=None` (models/qwen3_next.py), and its gated-delta-net `in_proj_ba` has no
   block-wise FP8 (layers/mamba/gdn/qwen_gdn_linear_attn.py). The Mamba2 mixer (Bamba,
   Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
-  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32 (bf16 fixtures, not
-  quantized: no compressed-tensors export of Mamba exists): the Mamba2 fixture is served at
-  our perplexity (357.2893 both, same greedy text); the Mamba1 one loads and its first
-  forward fails (`selective_scan_fwd` is not in the CPU build).
+  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32: the bf16 Mamba2
+  fixture is served at our perplexity (357.2893 both, same greedy text), its FP8 dynamic
+  compressed-tensors export too (0.9993 of ours); its W8A8 exports fail at load on this AMX
+  host (`Expected N == BLOCK_N`: the AMX int8 weight packing needs output rows in multiples
+  of 32, in_proj has 656; `int8_sgl_pack_rule`); the Mamba1 one loads and its first forward
+  fails (`selective_scan_fwd` is not in the CPU build). Pure Mamba1 models (mamba,
+  falcon_mamba) are built on the same unquantized mixer as Jamba's.
 
 - llama.cpp (llama-cpp-python 0.3.36): GGUF files and the converter a user runs on a
   safetensors checkpoint, in checkpoint/llama_cpp.py.
@@ -215,9 +218,10 @@ def expert_refusals(ckpt: Checkpoint) -> list[Refusal]:
     return found
 
 
-_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it quantized)
+_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, version, why vLLM cannot load it)
     "jamba": (
         r"re:.*\.mamba\.(in_proj|x_proj|dt_proj|out_proj)$",
+        VLLM_SOURCE,
         "builds Jamba's Mamba1 mixer projections without a quantization config "
         "(layers/mamba/mamba_mixer.py): the quantized tensors have no parameter to load "
         "into; keep them float (--ignore 're:.*\\.mamba\\..*') for vLLM",
@@ -226,14 +230,17 @@ _VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it 
         ("mamba", "falcon_mamba"),
         (
             r"re:.*\.mixer\.(in_proj|x_proj|dt_proj|out_proj)$",
-            "builds the Mamba1 mixer's projections without a quantization config "
-            "(layers/mamba/mamba_mixer.py, models/mamba.py): the quantized tensors have no "
-            "parameter to load into; vLLM serves Mamba1 models in bf16 only (the CPU build "
-            "not even that: no selective_scan_fwd)",
+            VLLM_VERSION,
+            "refuses to load: vLLM builds the Mamba1 mixer's projections without a "
+            "quantization config (layers/mamba/mamba_mixer.py), so the first scale fails to "
+            "load (`AttributeError: 'MergedColumnParallelLinear' object has no attribute "
+            "'data'`, vLLM CPU on our Mamba fixture's W8A8 dynamic export); vLLM serves "
+            "Mamba1 models in bf16 only (its CPU build not even that: no selective_scan_fwd)",
         ),
     ),
     "qwen3_next": (
         r"re:.*\.(gate|shared_expert_gate)$",
+        VLLM_SOURCE,
         "builds Qwen3-Next's router gate and shared_expert_gate with quant_config=None "
         "(models/qwen3_next.py): keep them float",
     ),
@@ -265,9 +272,9 @@ def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
         plan = plan_dequantize(ckpt)
     except CheckpointError:
         return []
-    pattern, reason = rule
+    pattern, version, reason = rule
     return [
-        Refusal(stored, VLLM, VLLM_SOURCE, reason)
+        Refusal(stored, VLLM, version, reason)
         for stored, sw in sorted(plan.weights.items())
         if match_pattern(module_path(sw.name), pattern)
     ]
@@ -452,8 +459,9 @@ STATIC_INT8_REASON = (
 FP8_SCALED_MM_REASON = (
     "loads but runs FP8 matmuls through torch._scaled_mm (CPU build only, CPUs without "
     "AMX-FP8): oneDNN's reference f8 kernel (37 s per 512x576x1536 GEMM on one thread, bf16 "
-    "10 ms); on a few cores the first forward ends in `RPC call to execute_model timed out` "
-    "(300 s); for vLLM CPU export W8A8_DYNAMIC or W4A16"
+    "10 ms); on a few cores the first forward of a SmolLM2-sized model ends in `RPC call to "
+    "execute_model timed out` (300 s; our 1.5M-parameter Mamba2 fixture was served, 302 s "
+    "against 88 s in bf16); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 FP8_PER_TENSOR_REASON = (
     "does not run these FP8 activations as exported (CPU build only; read from its source, "
