@@ -244,3 +244,20 @@ def test_vllm_cpu_names_the_in_proj_its_int8_packing_refuses(root, scheme):
     assert packing == {f"backbone.layers.{i}.mixer.in_proj.weight" for i in range(2)}
     assert all("BLOCK_N" in r.reason or r.tensor.endswith("input_scale") for r in found)
     assert runtime_refusals(str(out), "vllm") == []  # a CPU-build rule
+
+
+@pytest.mark.parametrize(("intermediate", "flagged"), [(48, set()), (40, {"gate_proj", "up_proj"})])
+def test_int8_sgl_rule_counts_the_rows_vllm_fuses(tmp_path, intermediate, flagged):
+    """vLLM packs q/k/v and gate/up as one layer: a Llama with 16-row k / v (4 heads of 16,
+    1 KV head: 64 + 16 + 16 = 96 rows) and 48-row gate / up (96 fused) passes; gate / up of
+    40 rows each (80 fused) is named, both of them; down_proj (40 inputs) takes oneDNN."""
+    from tiny_models import make_tiny_llama
+
+    from quantscale.export import export_model
+    from quantscale.orchestrator import quantize_model
+
+    model = make_tiny_llama(96, 64, intermediate, num_key_value_heads=1)
+    quantize_model(model, "W8A8_DYNAMIC", None, method="rtn")
+    out = export_model(model, tmp_path / "llama", CT)
+    found = {r.tensor for r in runtime_refusals(str(out), "vllm-cpu") if "BLOCK_N" in r.reason}
+    assert found == {f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in flagged}
