@@ -261,3 +261,17 @@ def test_int8_sgl_rule_counts_the_rows_vllm_fuses(tmp_path, intermediate, flagge
     out = export_model(model, tmp_path / "llama", CT)
     found = {r.tensor for r in runtime_refusals(str(out), "vllm-cpu") if "BLOCK_N" in r.reason}
     assert found == {f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in flagged}
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_transformers_dynamic_int8_rule(root, kind):
+    """`validate --runtime transformers` names every projection of a W8A8 dynamic export (the
+    amax / 127.5 grid), none of a static or FP8 one; without --runtime it stays quiet."""
+    dynamic = str(_export(root, kind, "W8A8_DYNAMIC"))
+    named = {r.tensor for r in runtime_refusals(dynamic, "transformers") if "127.5" in r.reason}
+    assert named == {
+        f"backbone.layers.{i}.mixer.{p}.weight" for i in range(2) for p in QUANTIZED[kind]
+    }
+    assert not [r for r in runtime_refusals(dynamic) if "127.5" in r.reason]
+    for scheme in ("W8A8", "FP8_DYNAMIC"):
+        assert runtime_refusals(str(_export(root, kind, scheme)), "transformers") == []

@@ -51,6 +51,10 @@ Rules come from running the runtime here, and each is pinned by a test
   experts randomly initialized (Nemotron-H). Granite-4 hybrid (granitemoehybrid) experts are
   read only as the fused `block_sparse_moe.input_linear` / `output_linear`: per-expert
   tensors are ignored in every scheme and the experts stay random, without an error.
+- Dynamic int8 activations under transformers 5.24 + compressed-tensors 0.20 (run on our
+  Mamba / Mamba2 fixtures' W8A8 dynamic exports, tests/test_mamba_export.py): the per-token
+  scale is amax / 127.5, ours and vLLM CPU's amax / 127, so the logits are close, not ours.
+  Selected only by a named `--runtime transformers` (it fires on every W8A8 dynamic export).
 - Hybrid mixers in vLLM, read from its source (vllm-project/vllm, not run here): the Mamba1
   mixer Jamba uses (model_executor/layers/mamba/mamba_mixer.py) builds in_proj, x_proj,
   dt_proj and out_proj without a quantization config, so quantized tensors there have no
@@ -116,6 +120,7 @@ log = logging.getLogger(__name__)
 TRANSFORMERS = "transformers (FineGrainedFP8)"
 TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
+CT_DYNAMIC_INT8 = "transformers (compressed-tensors, dynamic int8)"  # a named-only rule
 CT_VERSIONS = "0.20"
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
@@ -127,7 +132,7 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
     "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
-NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT)  # rules only a named --runtime selects
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC_INT8)  # only a named --runtime selects
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -169,7 +174,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
-    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + dynamic_int8_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -261,6 +266,38 @@ def mamba1_cpu_refusals(ckpt: Checkpoint) -> list[Refusal]:
     if (ckpt.config or {}).get("model_type") not in MAMBA1_MODELS:
         return []
     return [Refusal("config.json model_type", VLLM_CPU, VLLM_VERSION, MAMBA1_CPU_REASON)]
+
+
+DYNAMIC_INT8_REASON = (
+    "loads and runs, but quantizes these dynamic per-token int8 activations with the scale "
+    "amax / 127.5 (compressed-tensors' calculate_qparams: its symmetric range, 255 / 2; one "
+    "scale for the whole tensor when the input is 2-D) where quantscale and vLLM CPU (its AMX "
+    "int8_scaled_mm_with_quant, run) use amax / 127: close to this export's model, not equal "
+    "(Mamba2 fixture W8A8 dynamic: perplexity 322.985 against our 323.216); evaluate it with "
+    "quantscale's reader (`quantscale eval`) or vLLM"
+)
+
+
+def dynamic_int8_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Int8 weights with dynamic per-token int8 inputs (not MoE experts: `expert_refusals`
+    names those), which compressed-tensors under transformers quantizes on another grid."""
+    qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") != CT_METHOD:
+        return []
+    try:
+        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
+    except (CheckpointError, ValueError):
+        return []
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        module = module_path(sw.name)
+        scheme = recipe.scheme_for(module) if sw.fmt == CT_INT else None
+        acts = scheme.input_activations if scheme is not None else None
+        if acts is None or module_kind(module).startswith("experts."):
+            continue
+        if acts.type == "int" and acts.dynamic and acts.strategy == "token":
+            found.append(Refusal(stored, CT_DYNAMIC_INT8, CT_VERSIONS, DYNAMIC_INT8_REASON))
+    return found
 
 
 def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
