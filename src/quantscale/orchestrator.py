@@ -14,7 +14,8 @@ stages before it. Weight-only RTN runs no calibration forward at all.
 `quantize_checkpoint(model_dir, out, scheme, ...)` is the whole job behind `quantscale
 quantize`: load, calibrate on Wikipedia windows (or a text file), quantize, export in one of
 the `export.EXPORTERS` formats; a Mamba / Mamba2 model is quantized the Quamba way
-(`mamba.quantize.quantize_mamba_checkpoint`). `load_model(spec)` loads any model the tools
+(`mamba.quantize.quantize_mamba_checkpoint`), or with `--format compressed-tensors` its Linear
+layers as an LLM's. `load_model(spec)` loads any model the tools
 read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints, Mamba fixtures.
 """
 
@@ -359,7 +360,8 @@ def quantize_checkpoint(
     'awq+autoround', default gptq) and write it to `out` in format `fmt` (default
     compressed-tensors), calibrating on `calib_samples` windows of `calib_seq_len` tokens of
     `calib_data` (default: the Wikipedia calibration split). A Mamba / Mamba2 model is
-    quantized the Quamba way (method rtn / gptq for its weights; no format applies).
+    quantized the Quamba way (method rtn / gptq for its weights) unless `fmt` is
+    'compressed-tensors': then its Linear layers are, as an LLM's (`mamba_linear_source`).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
