@@ -51,6 +51,10 @@ Rules come from running the runtime here, and each is pinned by a test
   experts randomly initialized (Nemotron-H). Granite-4 hybrid (granitemoehybrid) experts are
   read only as the fused `block_sparse_moe.input_linear` / `output_linear`: per-expert
   tensors are ignored in every scheme and the experts stay random, without an error.
+- Dynamic int8 activations under transformers 5.24 + compressed-tensors 0.20 (run on our
+  Mamba / Mamba2 fixtures' W8A8 dynamic exports, tests/test_mamba_export.py): the per-token
+  scale is amax / 127.5, ours and vLLM CPU's amax / 127, so the logits are close, not ours.
+  Selected only by a named `--runtime transformers` (it fires on every W8A8 dynamic export).
 - Hybrid mixers in vLLM, read from its source (vllm-project/vllm, not run here): the Mamba1
   mixer Jamba uses (model_executor/layers/mamba/mamba_mixer.py) builds in_proj, x_proj,
   dt_proj and out_proj without a quantization config, so quantized tensors there have no
@@ -58,10 +62,13 @@ Rules come from running the runtime here, and each is pinned by a test
   `quant_config=None` (models/qwen3_next.py), and its gated-delta-net `in_proj_ba` has no
   block-wise FP8 (layers/mamba/gdn/qwen_gdn_linear_attn.py). The Mamba2 mixer (Bamba,
   Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
-  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32 (bf16 fixtures, not
-  quantized: no compressed-tensors export of Mamba exists): the Mamba2 fixture is served at
-  our perplexity (357.2893 both, same greedy text); the Mamba1 one loads and its first
-  forward fails (`selective_scan_fwd` is not in the CPU build).
+  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32: the bf16 Mamba2
+  fixture is served at our perplexity (357.2893 both, same greedy text), its FP8 dynamic
+  compressed-tensors export too (0.9993 of ours); its W8A8 exports fail at load on this AMX
+  host (`Expected N == BLOCK_N`: the AMX int8 weight packing needs output rows in multiples
+  of 32, in_proj has 656; `int8_sgl_pack_rule`); the Mamba1 one loads and its first forward
+  fails (`selective_scan_fwd` is not in the CPU build). Pure Mamba1 models (mamba,
+  falcon_mamba) are built on the same unquantized mixer as Jamba's.
 
 - llama.cpp (llama-cpp-python 0.3.36): GGUF files and the converter a user runs on a
   safetensors checkpoint, in checkpoint/llama_cpp.py.
@@ -79,7 +86,14 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Protocol
 
-from quantscale.checkpoint.dequantize import CT, FP8, MODELOPT_NVFP4, StoredWeight, plan_dequantize
+from quantscale.checkpoint.dequantize import (
+    CT,
+    FP8,
+    MODELOPT_NVFP4,
+    DequantPlan,
+    StoredWeight,
+    plan_dequantize,
+)
 from quantscale.checkpoint.layouts import (
     CT_INT,
     CT_METHOD,
@@ -98,7 +112,7 @@ from quantscale.checkpoint.refusal import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
-from quantscale.naming import group_names, module_kind, module_path
+from quantscale.naming import fused_siblings, group_names, module_kind, module_path
 from quantscale.scheme import QuantScheme, Recipe, match_pattern
 
 log = logging.getLogger(__name__)
@@ -106,6 +120,7 @@ log = logging.getLogger(__name__)
 TRANSFORMERS = "transformers (FineGrainedFP8)"
 TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
+CT_DYNAMIC_INT8 = "transformers (compressed-tensors, dynamic int8)"  # a named-only rule
 CT_VERSIONS = "0.20"
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
@@ -117,7 +132,7 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
     "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
-NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT)  # rules only a named --runtime selects
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC_INT8)  # only a named --runtime selects
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -159,7 +174,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
-    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + dynamic_int8_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -208,15 +223,29 @@ def expert_refusals(ckpt: Checkpoint) -> list[Refusal]:
     return found
 
 
-_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it quantized)
+_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, version, why vLLM cannot load it)
     "jamba": (
         r"re:.*\.mamba\.(in_proj|x_proj|dt_proj|out_proj)$",
+        VLLM_SOURCE,
         "builds Jamba's Mamba1 mixer projections without a quantization config "
         "(layers/mamba/mamba_mixer.py): the quantized tensors have no parameter to load "
         "into; keep them float (--ignore 're:.*\\.mamba\\..*') for vLLM",
     ),
+    **dict.fromkeys(
+        ("mamba", "falcon_mamba"),
+        (
+            r"re:.*\.mixer\.(in_proj|x_proj|dt_proj|out_proj)$",
+            VLLM_VERSION,
+            "refuses to load: vLLM builds the Mamba1 mixer's projections without a "
+            "quantization config (layers/mamba/mamba_mixer.py), so the first scale fails to "
+            "load (`AttributeError: 'MergedColumnParallelLinear' object has no attribute "
+            "'data'`, vLLM CPU on our Mamba fixture's W8A8 dynamic export); vLLM serves "
+            "Mamba1 models in bf16 only (its CPU build not even that: no selective_scan_fwd)",
+        ),
+    ),
     "qwen3_next": (
         r"re:.*\.(gate|shared_expert_gate)$",
+        VLLM_SOURCE,
         "builds Qwen3-Next's router gate and shared_expert_gate with quant_config=None "
         "(models/qwen3_next.py): keep them float",
     ),
@@ -239,6 +268,38 @@ def mamba1_cpu_refusals(ckpt: Checkpoint) -> list[Refusal]:
     return [Refusal("config.json model_type", VLLM_CPU, VLLM_VERSION, MAMBA1_CPU_REASON)]
 
 
+DYNAMIC_INT8_REASON = (
+    "loads and runs, but quantizes these dynamic per-token int8 activations with the scale "
+    "amax / 127.5 (compressed-tensors' calculate_qparams: its symmetric range, 255 / 2; one "
+    "scale for the whole tensor when the input is 2-D) where quantscale and vLLM CPU (its AMX "
+    "int8_scaled_mm_with_quant, run) use amax / 127: close to this export's model, not equal "
+    "(Mamba2 fixture W8A8 dynamic: perplexity 322.985 against our 323.216); evaluate it with "
+    "quantscale's reader (`quantscale eval`) or vLLM"
+)
+
+
+def dynamic_int8_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Int8 weights with dynamic per-token int8 inputs (not MoE experts: `expert_refusals`
+    names those), which compressed-tensors under transformers quantizes on another grid."""
+    qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") != CT_METHOD:
+        return []
+    try:
+        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
+    except (CheckpointError, ValueError):
+        return []
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        module = module_path(sw.name)
+        scheme = recipe.scheme_for(module) if sw.fmt == CT_INT else None
+        acts = scheme.input_activations if scheme is not None else None
+        if acts is None or module_kind(module).startswith("experts."):
+            continue
+        if acts.type == "int" and acts.dynamic and acts.strategy == "token":
+            found.append(Refusal(stored, CT_DYNAMIC_INT8, CT_VERSIONS, DYNAMIC_INT8_REASON))
+    return found
+
+
 def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """Quantized weights of hybrid mixers vLLM builds unquantized (module docstring)."""
     rule = _VLLM_UNQUANTIZED.get(str((ckpt.config or {}).get("model_type")))
@@ -248,9 +309,9 @@ def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
         plan = plan_dequantize(ckpt)
     except CheckpointError:
         return []
-    pattern, reason = rule
+    pattern, version, reason = rule
     return [
-        Refusal(stored, VLLM, VLLM_SOURCE, reason)
+        Refusal(stored, VLLM, version, reason)
         for stored, sw in sorted(plan.weights.items())
         if match_pattern(module_path(sw.name), pattern)
     ]
@@ -435,8 +496,9 @@ STATIC_INT8_REASON = (
 FP8_SCALED_MM_REASON = (
     "loads but runs FP8 matmuls through torch._scaled_mm (CPU build only, CPUs without "
     "AMX-FP8): oneDNN's reference f8 kernel (37 s per 512x576x1536 GEMM on one thread, bf16 "
-    "10 ms); on a few cores the first forward ends in `RPC call to execute_model timed out` "
-    "(300 s); for vLLM CPU export W8A8_DYNAMIC or W4A16"
+    "10 ms); on a few cores the first forward of a SmolLM2-sized model ends in `RPC call to "
+    "execute_model timed out` (300 s; our 1.5M-parameter Mamba2 fixture was served, 302 s "
+    "against 88 s in bf16); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 FP8_PER_TENSOR_REASON = (
     "does not run these FP8 activations as exported (CPU build only; read from its source, "
@@ -445,6 +507,41 @@ FP8_PER_TENSOR_REASON = (
     "torch._scaled_mm's reference f8 kernel (the FP8 dynamic rule); for vLLM CPU export "
     "W8A8_DYNAMIC or W4A16"
 )
+
+
+SGL_PACK_BLOCK = 32  # convert_weight_packed's int8 BLOCK_N (check_cpu_sgl_kernel admits 16)
+
+
+def int8_sgl_pack_rule(rows: int, cols: int) -> str | None:
+    """Why vLLM CPU (AMX) fails to load an int8 W8A8 layer of `rows` output features (the
+    fused layer's, e.g. q/k/v together) and `cols` inputs; None when it loads."""
+    if cols % 32 or rows % 16 or rows % SGL_PACK_BLOCK == 0:
+        return None
+    return (
+        f"fails at load (CPU build, CPUs with AMX): {rows} output features pass "
+        "check_cpu_sgl_kernel (a multiple of 16) but the AMX int8 weight packing "
+        "(convert_weight_packed) needs a multiple of 32: `RuntimeError: Expected N == BLOCK_N "
+        "to be true, but got false` while processing the weights (seen on our Mamba2 "
+        "fixture's in_proj, 656 x 128); keep this layer float (--ignore) for vLLM CPU"
+    )
+
+
+def _int8_sgl_refusals(plan: DequantPlan) -> list[Refusal]:
+    """Int8 W8A8 weights whose fused layer (`naming.fused_siblings`) `int8_sgl_pack_rule`
+    refuses; every stored weight of that layer is named."""
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        if sw.kind != CT or sw.fmt != CT_INT or len(sw.shape) != 2:
+            continue
+        module = module_path(sw.name)
+        rows = [
+            s.shape[0]
+            for s in plan.weights.values()
+            if module_path(s.name) in fused_siblings(module) and s.fmt == CT_INT
+        ]
+        if reason := int8_sgl_pack_rule(sum(rows), sw.shape[1]):
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
+    return found
 
 
 def _int4_packed(sw: StoredWeight) -> bool:
@@ -512,4 +609,4 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, W4A8_REASON))
         if scale := _static_int8_input(ckpt, sw):
             found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
-    return found
+    return found + _int8_sgl_refusals(plan)

@@ -243,7 +243,7 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         dest="format",
         choices=sorted(EXPORTERS),
         default=None,
-        help="output format (default compressed-tensors)",
+        help="output format (default compressed-tensors; a Mamba model: the Quamba layout)",
     )
     add_calibration_options(p, batch_size=4)
     add_dtype_option(p, default="bfloat16")
@@ -323,7 +323,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="fp8-block",
         help="fp8-block (streaming) or a preset (W4A16, NVFP4, W8A8, ...) or a recipe YAML/JSON; "
         "a Mamba / Mamba2 model: W8A8 (Quamba), W4A8 / W4A16 (Quamba2 int4 weights, "
-        "--method rtn|gptq) or a MambaRecipe YAML",
+        "--method rtn|gptq) or a MambaRecipe YAML; with --format compressed-tensors any "
+        "preset on its Linear layers (in_proj, x_proj, out_proj), as an LLM's",
     )
     p.add_argument("--block", type=parse_block, default=(128, 128), help="tile, e.g. 128x128")
     p.add_argument(
