@@ -160,6 +160,33 @@ def test_weight_observer_sets_the_gptq_scales(actorder):
     assert not torch.equal(res.weight, gptq_quantize(w, h, minmax, actorder=actorder).weight)
 
 
+@pytest.mark.parametrize("preset", ["W4A16", "NVFP4A16", "W8A16", "FP8"])
+def test_clip_search_keeps_each_rows_best_factor(preset):
+    """`clip`: every output row is the row of the single-factor solve with the least loss
+    (rows are independent in GPTQ), on the grid of the qparams returned; the total loss is
+    at most each factor's; a per-tensor scale (FP8) takes one factor for the weight. With
+    groups of 128, rows differ in the factor they prefer (int4: 1.0 for some, 0.9 or 0.8 for
+    most, on this problem)."""
+    w, h = _problem(out=32, inp=256, n=1024)
+    args = preset_scheme(preset).weights
+    grid = (1.0, 0.9, 0.8)
+    res = gptq_quantize(w, h, args, clip=grid)
+    single = [gptq_quantize(w, h, args, clip=(f,)) for f in grid]
+    assert torch.equal(single[0].weight, gptq_quantize(w, h, args).weight)
+    assert res.loss <= min(r.loss for r in single) * (1 + 1e-6)
+    assert torch.equal(fake_quantize(res.weight, args, res.qparams), res.weight)
+    chosen = [
+        [f for f, r in zip(grid, single) if torch.equal(res.weight[i], r.weight[i])]
+        for i in range(w.shape[0])
+    ]
+    assert all(chosen), "each row comes from one of the single-factor solves"
+    if args.strategy == "tensor":
+        assert any(torch.equal(res.weight, r.weight) for r in single)
+    if preset == "W4A16":
+        assert len({c[0] for c in chosen}) > 1, "rows chose different factors"
+        assert res.loss < 0.95 * single[0].loss
+
+
 def test_dead_columns_are_kept():
     w, h = _problem(out=8, inp=32)
     h[:, 3] = 0
@@ -422,3 +449,27 @@ def test_weight_observer_option_reaches_the_checkpoint(tmp_path):
     assert scales and any(not torch.equal(ours[n], minmax[n]) for n in scales)
     with pytest.raises(QuantscaleError, match="--weight-observer 'kl'"):
         GPTQOptions(weight_observer="kl").recipe("W4A16")
+
+
+def test_gptq_clip_option_cli_stream_and_refusal(tmp_path):
+    """`quantize --gptq-clip` (the default grid) writes what GPTQOptions(clip=CLIP_GRID)
+    writes, in memory and streamed; factors outside (0, 1] are refused by name."""
+    from test_streaming import assert_same_checkpoint, make_checkpoint, run, tensors
+
+    from quantscale.algorithms.gptq import CLIP_GRID
+    from quantscale.cli import main
+    from quantscale.orchestrator import GPTQOptions
+
+    root = make_checkpoint(tmp_path, layers=2)
+    argv = ["quantize", str(root / "m"), str(root / "cli"), "--scheme", "W4A16"]
+    argv += ["--method", "gptq", "--group-size", "32", "--gptq-clip"]
+    argv += ["--calib-data", str(root / "calib.txt"), "--calib-samples", "8"]
+    assert main([*argv, "--calib-seq-len", "32", "--calib-batch-size", "4"]) == 0
+    options = GPTQOptions(group_size=32, clip=CLIP_GRID)
+    mem = run(root, "mem", "W4A16", "gptq", gptq=options)
+    assert_same_checkpoint(root / "cli", mem)
+    assert_same_checkpoint(mem, run(root, "st", "W4A16", "gptq", stream=True, gptq=options))
+    plain = tensors(run(root, "plain", "W4A16", "gptq", gptq=GPTQOptions(group_size=32)))
+    assert any(not torch.equal(t, plain[n]) for n, t in tensors(mem).items())
+    with pytest.raises(QuantscaleError, match="--gptq-clip 1.2"):
+        GPTQOptions(clip=(1.2,)).method_options("gptq")

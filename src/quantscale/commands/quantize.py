@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             f"--scheme {args.scheme}{' --method ' + args.method if args.method else ''} runs "
             "in one process"
         )
+    from quantscale.algorithms.gptq import CLIP_GRID
     from quantscale.orchestrator import GPTQOptions, quantize_checkpoint
 
     gptq = GPTQOptions(
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         autoround_steps=args.autoround_steps,
         autoround_lr=args.autoround_lr,
         weight_observer=args.weight_observer,
+        clip=CLIP_GRID if args.gptq_clip == () else args.gptq_clip,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -155,6 +157,15 @@ def stream_options(args: argparse.Namespace) -> StreamOptions | bool:
     return StreamOptions(
         work_dir=args.work_dir, device=args.device or "auto", max_memory=args.max_memory
     )
+
+
+def _factors(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated shrink factors, e.g. 1,0.9,0.8"
+        ) from err
 
 
 def _size(text: str) -> int:
@@ -268,6 +279,17 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weights per scale group of an int group scheme (W4A16 default 128; use one "
         "dividing in_features for vLLM / compressed-tensors, e.g. 64 for SmolLM2's 576)",
+    )
+    p.add_argument(
+        "--gptq-clip",
+        type=_factors,
+        nargs="?",
+        const=(),
+        default=None,
+        help="GPTQ clipping search: solve with the weight ranges shrunk by each factor "
+        "(default grid 1,0.95,0.9,0.85,0.8), each output row keeping the one of least "
+        "output error on the calibration data (SmolLM2 W4A16 31.78 -> 27.73 perplexity, "
+        "about 1.5x the GPTQ time)",
     )
     p.add_argument(
         "--weight-observer",
