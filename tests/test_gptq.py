@@ -170,8 +170,8 @@ def test_clip_search_keeps_each_rows_best_factor(preset):
     w, h = _problem(out=32, inp=256, n=1024)
     args = preset_scheme(preset).weights
     grid = (1.0, 0.9, 0.8)
-    res = gptq_quantize(w, h, args, clip=grid)
-    single = [gptq_quantize(w, h, args, clip=(f,)) for f in grid]
+    res = gptq_quantize(w, h, args, clip_search=grid)
+    single = [gptq_quantize(w, h, args, clip_search=(f,)) for f in grid]
     assert torch.equal(single[0].weight, gptq_quantize(w, h, args).weight)
     assert res.loss <= min(r.loss for r in single) * (1 + 1e-6)
     assert torch.equal(fake_quantize(res.weight, args, res.qparams), res.weight)
@@ -452,7 +452,7 @@ def test_weight_observer_option_reaches_the_checkpoint(tmp_path):
 
 
 def test_gptq_clip_option_cli_stream_and_refusal(tmp_path):
-    """`quantize --gptq-clip` (the default grid) writes what GPTQOptions(clip=CLIP_GRID)
+    """`quantize --gptq-clip` (the default grid) writes what GPTQOptions(clip_search=CLIP_GRID)
     writes, in memory and streamed; factors outside (0, 1] are refused by name."""
     from test_streaming import assert_same_checkpoint, make_checkpoint, run, tensors
 
@@ -465,11 +465,11 @@ def test_gptq_clip_option_cli_stream_and_refusal(tmp_path):
     argv += ["--method", "gptq", "--group-size", "32", "--gptq-clip"]
     argv += ["--calib-data", str(root / "calib.txt"), "--calib-samples", "8"]
     assert main([*argv, "--calib-seq-len", "32", "--calib-batch-size", "4"]) == 0
-    options = GPTQOptions(group_size=32, clip=CLIP_GRID)
+    options = GPTQOptions(group_size=32, clip_search=CLIP_GRID)
     mem = run(root, "mem", "W4A16", "gptq", gptq=options)
     assert_same_checkpoint(root / "cli", mem)
     assert_same_checkpoint(mem, run(root, "st", "W4A16", "gptq", stream=True, gptq=options))
     plain = tensors(run(root, "plain", "W4A16", "gptq", gptq=GPTQOptions(group_size=32)))
     assert any(not torch.equal(t, plain[n]) for n, t in tensors(mem).items())
     with pytest.raises(QuantscaleError, match="--gptq-clip 1.2"):
-        GPTQOptions(clip=(1.2,)).method_options("gptq")
+        GPTQOptions(clip_search=(1.2,)).method_options("gptq")

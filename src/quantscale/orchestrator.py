@@ -304,7 +304,7 @@ class GPTQOptions:
     autoround_steps: int = 200
     autoround_lr: float | None = None  # None: 1 / autoround_steps
     weight_observer: str | None = None  # None keeps the scheme's (min-max); 'mse' searches
-    clip: tuple[float, ...] | None = None  # GPTQ's clipping search (`--gptq-clip`)
+    clip_search: tuple[float, ...] | None = None  # GPTQ's clipping search (`--gptq-clip`)
 
     def recipe(self, scheme: str) -> Recipe:
         """The scheme's recipe with `group_size`, `actorder` and `weight_observer` applied to
@@ -346,13 +346,14 @@ class GPTQOptions:
             kwargs["hessian_dtype"] = self.hessian_dtype
         if self.expert_parallel:
             kwargs["expert_parallel"] = True
-        if self.clip is not None:
-            if not self.clip or not all(0.0 < f <= 1.0 for f in self.clip):
+        if self.clip_search is not None:
+            grid = self.clip_search
+            if not grid or not all(0.0 < f <= 1.0 for f in grid):
                 raise QuantscaleError(
-                    f"--gptq-clip {','.join(map(str, self.clip))}: expected shrink factors in "
+                    f"--gptq-clip {','.join(map(str, grid))}: expected shrink factors in "
                     "(0, 1], e.g. 1,0.95,0.9,0.85,0.8"
                 )
-            kwargs["clip"] = tuple(self.clip)
+            kwargs["clip_search"] = tuple(grid)
         return kwargs
 
 

@@ -385,7 +385,7 @@ def gptq_quantize(
     actorder: str | None = "args",
     global_scale: torch.Tensor | None = None,
     scale_dtype: torch.dtype | None | str = "weight",
-    clip: tuple[float, ...] | None = None,
+    clip_search: tuple[float, ...] | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize weight w [out, in] with Hessian [in, in]; see the module docstring.
 
@@ -398,7 +398,7 @@ def gptq_quantize(
     `scale_dtype` "weight": `rtn.weight_scale_dtype` (int and FP8 scales rounded to the
     scheme's scale dtype or w's 16-bit dtype, so that runtimes which hold scales in the model
     dtype dequantize to exactly the weights returned here).
-    `clip` (e.g. `CLIP_GRID`): static ranges shrunk by each factor, each output row solved
+    `clip_search` (e.g. `CLIP_GRID`): static ranges shrunk by each factor, each output row solved
     on the one of least GPTQ loss (`_clip_search`); None: the observer's ranges.
     """
     h = hessian[0] if isinstance(hessian, list) else hessian
@@ -419,7 +419,7 @@ def gptq_quantize(
         actorder=actorder,
         global_scales=[global_scale],
         scale_dtype=scale_dtype,
-        clip=clip,
+        clip_search=clip_search,
     )
     return batch[0]
 
@@ -434,15 +434,15 @@ def gptq_quantize_batch(
     actorder: str | None = "args",
     global_scales: list[torch.Tensor | None] | None = None,
     scale_dtype: torch.dtype | None | str = "weight",
-    clip: tuple[float, ...] | None = None,
+    clip_search: tuple[float, ...] | None = None,
 ) -> list[GPTQResult]:
     """`gptq_quantize` of E independent weights w [E, out, in] with their Hessians
     [E, in, in] at once (MoE experts): one batched Cholesky, and the column loop on the whole
     batch, each weight with its own act-order permutation, scales and NVFP4 global scale.
     Every operation is the per-weight one on a batch, so each result equals `gptq_quantize`'s
     up to the rounding of the batched matmul kernels (bitwise on the CPUs we tried). A
-    one-element list hands the Hessians over, as in `gptq_quantize`. `clip`: the clipping
-    search (`_clip_search`; static scales only)."""
+    one-element list hands the Hessians over, as in `gptq_quantize`. `clip_search`: the
+    clipping search (`_clip_search`; static scales only)."""
     shape = (hessian[0] if isinstance(hessian, list) else hessian).shape
     if w.ndim != 3 or shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise QuantscaleError(
@@ -463,8 +463,8 @@ def gptq_quantize_batch(
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
     scales = _Scales(args, gs, static, dtype)
-    if clip is not None and static:
-        wt, qp_static, losses = _clip_search(wf, perm, upper, args, scales, block_size, clip)
+    if clip_search is not None and static:
+        wt, qp_static, losses = _clip_search(wf, perm, upper, args, scales, block_size, clip_search)
     else:
         if static:
             qp_static = scales.qparams_of(wf)
@@ -774,7 +774,7 @@ class GPTQ:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     hessian_dtype: str | None = None
     expert_parallel: bool = False
-    clip: tuple[float, ...] | None = None  # the clipping search's factors (`_clip_search`)
+    clip_search: tuple[float, ...] | None = None  # the factors of `_clip_search`
     report: list[dict] = field(default_factory=list)
     _tracker: _InputTracker | None = field(default=None, repr=False)
 
@@ -949,7 +949,7 @@ class GPTQ:
             "block_size": self.block_size,
             "dampening_frac": self.dampening_frac,
             "actorder": self.actorder,
-            "clip": self.clip,
+            "clip_search": self.clip_search,
         }
 
     def _report(self, stack: list[str], tokens: int, method: str, loss: float, batch: int) -> None:

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         autoround_steps=args.autoround_steps,
         autoround_lr=args.autoround_lr,
         weight_observer=args.weight_observer,
-        clip=CLIP_GRID if args.gptq_clip == () else args.gptq_clip,
+        clip_search=CLIP_GRID if args.gptq_clip == () else args.gptq_clip,
     )
     out = quantize_checkpoint(
         args.model_dir,
