@@ -259,9 +259,11 @@ class _Scales:
         global_scales: list[torch.Tensor | None],
         static: bool,
         scale_dtype: torch.dtype | None = None,
+        clip: float = 1.0,
     ) -> None:
         self.args, self.global_scales, self.static = args, global_scales, static
-        self.scale_dtype = scale_dtype
+        self.scale_dtype, self.clip = scale_dtype, clip
+        self.fixed: list[QParams] = []
         self.width = 0 if static else _segment_width(args)
         self.start = -1
         self.scale_t: torch.Tensor | None = None
@@ -272,13 +274,17 @@ class _Scales:
         self.grouped_zp: torch.Tensor | None = None
         self.perm: torch.Tensor | None = None
 
-    def qparams_of(self, w: torch.Tensor, clip: float = 1.0) -> list[QParams]:
+    def qparams_of(self, w: torch.Tensor) -> list[QParams]:
         """Qparams of each weight of the batch w [E, rows, cols] (`rtn.range_qparams`: min-max,
-        or the scheme's weight observer, e.g. 'mse'), on ranges shrunk by `clip`."""
+        or the scheme's weight observer, e.g. 'mse'), on ranges shrunk by `self.clip`."""
         return [
-            held_scales(self.args, range_qparams(we, self.args, gs, clip), self.scale_dtype)
+            held_scales(self.args, range_qparams(we, self.args, gs, self.clip), self.scale_dtype)
             for we, gs in zip(w, self.global_scales)
         ]
+
+    def qparams(self) -> list[QParams]:
+        """Each weight's qparams: the static ones, or its groups' in group order."""
+        return self.fixed if self.static else [self.assembled(e) for e in range(len(self.parts))]
 
     def _expanded(self, w: torch.Tensor, qps: list[QParams], zero: bool) -> torch.Tensor:
         parts = []
@@ -303,6 +309,7 @@ class _Scales:
         """Hold the fixed qparams of weights [E, rows, cols] per column group, unexpanded;
         `column` expands a chunk of columns (in perm's order) at a time, never the whole
         weight."""
+        self.fixed = qps
         rows, self.cols = shape[1], shape[2]
         self.width = _segment_width(self.args) if self.args.strategy in _DYNAMIC else self.cols
         scales = [self._grouped(qp.scale, qp.global_scale, rows) for qp in qps]
@@ -462,15 +469,16 @@ def gptq_quantize_batch(
     static = args.strategy not in _DYNAMIC or actorder == "weight" or bool(args.superblock)
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
-    scales = _Scales(args, gs, static, dtype)
-    if clip_search is not None and static:
-        wt, qp_static, losses = _clip_search(wf, perm, upper, args, scales, block_size, clip_search)
+    if clip_search is not None:
+        make = lambda clip: _Scales(args, gs, static, dtype, clip)  # noqa: E731
+        wt, qps, losses = _clip_search(wf, perm, upper, args, make, block_size, clip_search)
     else:
+        scales = _Scales(args, gs, static, dtype)
         if static:
-            qp_static = scales.qparams_of(wf)
-            scales.set_static(wf.shape, qp_static, perm)
+            scales.set_static(wf.shape, scales.qparams_of(wf), perm)
         wt = _transposed(wf, perm)
         losses = _column_loop(wt, upper, args, scales, block_size).sum(1).tolist()
+        qps = scales.qparams()
     del wf, upper
     q = wt.transpose(1, 2)
     g_idx: list[torch.Tensor | None] = [None] * w.shape[0]
@@ -483,8 +491,7 @@ def gptq_quantize_batch(
             g_idx = [groups[i].to(torch.int32) for i in inv]
     out = []
     for e in range(w.shape[0]):
-        qp = qp_static[e] if static else scales.assembled(e)
-        out.append(GPTQResult(q[e].to(w.dtype).contiguous(), qp, g_idx[e], losses[e]))
+        out.append(GPTQResult(q[e].to(w.dtype).contiguous(), qps[e], g_idx[e], losses[e]))
     return out
 
 
@@ -493,23 +500,26 @@ def _clip_search(
     perm: torch.Tensor | None,
     upper: torch.Tensor,
     args: QuantArgs,
-    scales: _Scales,
+    make: Callable[[float], _Scales],
     block_size: int,
     clip: tuple[float, ...],
 ) -> tuple[torch.Tensor, list[QParams], list[float]]:
-    """GPTQ with the static ranges shrunk by each factor of `clip` (1.0: the observer's);
-    each output row keeps the factor of least GPTQ loss (rows are independent, so the
-    result is one GPTQ solve on the chosen scales). Scales that span rows (tensor, block)
-    take one factor per weight. -> (wt [E, cols, rows], qparams, losses)."""
+    """GPTQ with the ranges (static, or each group's as it opens) shrunk by each factor of
+    `clip` (1.0: the observer's); each output row keeps the factor of least GPTQ loss (rows
+    are independent, so the result is one GPTQ solve on the chosen scales). Scales that span
+    rows (tensor, block) take one factor per weight. -> (wt [E, cols, rows], qparams,
+    losses)."""
     per_row = args.strategy in ("channel", "group", "tensor_group")
     best_wt: torch.Tensor | None = None
     best_qp: list[QParams] = []
     best: torch.Tensor | None = None
     for factor in clip:
-        qps = scales.qparams_of(wf, factor)
-        scales.set_static(wf.shape, qps, perm)
+        scales = make(factor)
+        if scales.static:
+            scales.set_static(wf.shape, scales.qparams_of(wf), perm)
         wt = _transposed(wf, perm)
         loss = _column_loop(wt, upper, args, scales, block_size)
+        qps = scales.qparams()
         if not per_row:
             loss = loss.sum(1, keepdim=True).expand_as(loss).contiguous()
         if best is None or best_wt is None:
