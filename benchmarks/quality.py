@@ -5,11 +5,12 @@ venvs (benchmarks/gptq.py's jobs) and AutoRound W4A16 (`--peers autoround`, auto
 in its own venv), all on the same calibration and held-out tokens.
 
 Methods: rtn, gptq, awq, awq+gptq, importance (importance-weighted RTN: per-channel mean x^2
-collected on the calibration tokens, in the timed part), and for schemes with static
-activations (W8A8, W4A8) smooth (SmoothQuant with the per-layer alpha search, then RTN) and
-rotate (Hadamard R1+R2+R4, then RTN). Combinations that do not apply are skipped (AWQ on a
-static-activation scheme; smooth / rotate on weight-only schemes); a method the model refuses
-(rotation of Gemma-3's (1 + weight) RMSNorm) is a row with its error.
+collected on the calibration tokens, in the timed part), gptq-clip / awq+gptq-clip (GPTQ's
+clipping search, `quantize --gptq-clip`), gptq-mse (`--weight-observer mse`), and for schemes
+with static activations (W8A8, W4A8) smooth (SmoothQuant with the per-layer alpha search,
+then RTN) and rotate (Hadamard R1+R2+R4, then RTN). Combinations that do not apply are
+skipped (AWQ on a static-activation scheme; smooth / rotate on weight-only schemes); a method
+the model refuses (rotation of Gemma-3's (1 + weight) RMSNorm) is a row with its error.
 
 Calibration: `--samples` windows of 512 tokens from the calibration articles (<bos> first for
 Gemma-3), seed 0, the same tensor for every row and peer. Perplexity: the first 4,096 held-out
@@ -38,9 +39,9 @@ import common  # noqa: E402
 import gptq  # noqa: E402
 
 SCHEMES = ("W4A16", "NVFP4A16", "MXFP4A16", "W8A8", "W4A8")
-METHODS = ("rtn", "gptq", "awq", "awq+gptq", "importance", "smooth", "rotate")
+METHODS = ("rtn", "gptq", "gptq-clip", "awq", "awq+gptq", "importance", "smooth", "rotate")
 STATIC_ONLY = {"smooth", "rotate"}  # transforms that target activation quantization
-WEIGHT_ONLY = {"awq", "awq+gptq", "importance"}  # 4-bit weight searches: not for int8
+WEIGHT_ONLY = {"awq", "awq+gptq", "awq+gptq-clip", "importance"}  # 4-bit searches: not int8
 GROUP = 128
 JSON_PATH = gptq.RESULTS_DIR / "quality.json"
 AUTOROUND_REQS = ["auto-round==0.16.1"]  # its own venv, beside common.TORCH_PIN
@@ -110,8 +111,18 @@ def quantize_row(model, scheme: str, method: str, calib) -> None:
         stats = collect_importance(model, names, as_batches(calib, 4))
         quantize_model(model, recipe, None, "rtn-importance", importance=stats)
     else:
+        options: dict = {}
+        if method.endswith("-clip"):  # quantize --gptq-clip
+            from quantscale.algorithms.gptq import CLIP_GRID
+
+            method, options = method.removesuffix("-clip"), {"clip_search": CLIP_GRID}
+        elif method == "gptq-mse":  # quantize --weight-observer mse
+            method = "gptq"
+            for group in recipe.config_groups.values():
+                if group.weights is not None:
+                    group.weights.observer = "mse"
         data = None if method == "rtn" and scheme not in ("W8A8", "W4A8") else calib
-        quantize_model(model, recipe, data, method=method, batch_size=4)
+        quantize_model(model, recipe, data, method=method, batch_size=4, **options)
 
 
 def measure(model, tok, ev, zeroshot: bool) -> dict:
