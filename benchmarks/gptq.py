@@ -59,8 +59,10 @@ from quantscale.scheme import preset_recipe
 recipe = preset_recipe("W4A16")
 group = recipe.config_groups["group_0"]
 group.weights = group.weights.model_copy(update={"group_size": int(sys.argv[4])})
+from quantscale.algorithms.gptq import CLIP_GRID
+clip = {"clip_search": CLIP_GRID} if sys.argv[7:8] == ["1"] else {}
 quantize_model(model, recipe, calib, method="gptq", batch_size=4, actorder=sys.argv[5],
-               true_sequential=sys.argv[6] == "1")
+               true_sequential=sys.argv[6] == "1", **clip)
 t3 = time.perf_counter()
 print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s": t3 - t2,
                              "ppl": perplexity(model, tokens)}))
@@ -208,6 +210,7 @@ def bench(
     actorder: str = "weight",
     true_sequential: bool = False,
     json_path: Path | None = None,
+    clip: bool = False,
 ) -> dict:
     from quantscale.cache import cache_dir
     from quantscale.data.assets import smollm2_checkpoint
@@ -223,6 +226,7 @@ def bench(
         "group_size": group,
         "ours_actorder": actorder,
         "ours_true_sequential": true_sequential,
+        "ours_clip_search": clip,
     }
     for model_name in models:
         ckpt = tiny_checkpoint(work) if model_name == "tiny" else smollm2_checkpoint()
@@ -232,7 +236,7 @@ def bench(
                 name,
                 py,
                 _job_file(work, name, code),
-                [ckpt, calib, ev, group, actorder, int(true_sequential)],
+                [ckpt, calib, ev, group, actorder, int(true_sequential), int(clip)],
             )
             for name, (py, code) in jobs_code.items()
         }
@@ -242,7 +246,7 @@ def bench(
         _print(model_name, results[model_name])
     results["rows"] = table_rows(results, models, samples, group)
     tag = "" if only is None else "_" + "_".join(only)
-    seq = "_ts" if true_sequential else ""
+    seq = ("_ts" if true_sequential else "") + ("_clip" if clip else "")
     path = json_path or RESULTS_DIR / f"gptq_g{group}_{'_'.join(models)}_{actorder}{seq}{tag}.json"
     common.write_results(path, results)
     print(f"\nwrote {path}")
@@ -362,6 +366,9 @@ def main() -> None:
     ap.add_argument(
         "--true-sequential", action="store_true", help="ours: q/k/v, o, gate/up, down in turn"
     )
+    ap.add_argument(
+        "--clip", action="store_true", help="ours: the clipping search (quantize --gptq-clip)"
+    )
     ap.add_argument("--table", action="store_true", help="SmolLM2 bf16/RTN/GPTQ ppl table")
     ap.add_argument("--schemes", default=",".join(TABLE_SCHEMES))
     ap.add_argument(
@@ -390,6 +397,7 @@ def main() -> None:
         a.actorder,
         a.true_sequential,
         a.json,
+        a.clip,
     )
 
 
