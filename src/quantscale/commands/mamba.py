@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="mamba_command", metavar="ACTION", required=True)
 
     f = sub.add_parser("fixture", help="train (once) and describe the cached fixture models")
-    f.add_argument("--kind", choices=["mamba", "mamba2", "all"], default="all")
+    f.add_argument("--kind", choices=["mamba", "mamba2", "bamba", "all"], default="all")
     f.set_defaults(func=run_fixture)
 
     q = sub.add_parser("quantize", help="calibrate, quantize and save a Mamba model")
