@@ -220,22 +220,11 @@ def restore_linears(model: nn.Module, originals: Mapping[str, nn.Module]) -> Non
 # ------------------------------------------------------------------ loading
 
 
-def _mamba_fixture(spec: str) -> bool:
-    from quantscale.mamba.fixtures import FIXTURE_PREFIX
-
-    return spec.startswith(FIXTURE_PREFIX)
-
-
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer or None) of anything the tools read: a checkpoint dir or named model
     (`models.loader`), our fake-quant saves (with their QuantLinears and static scales), a
     Quamba checkpoint (`mamba.quantize.load_quantized`, INT8 mixers) or `fixture:<kind>`."""
-    text = os.fspath(spec)
-    if _mamba_fixture(text):
-        from quantscale.mamba.fixtures import load_mamba
-
-        return load_mamba(text, dtype)
-    path = loader.resolve_model(text)
+    path = loader.resolve_model(spec)
     if loader.quant_method(loader.read_config(path)) == QUAMBA_METHOD:
         from quantscale.mamba.quantize import load_quantized
 
@@ -264,12 +253,14 @@ def load_evaluated(
 
 
 def is_mamba(spec: str | os.PathLike) -> bool:
-    """Whether `spec` names a Mamba fixture or a checkpoint of a Mamba / Mamba2 model."""
+    """Whether `spec` names a Mamba-only fixture or a checkpoint of a Mamba / Mamba2 model
+    (a hybrid, `fixture:bamba` included, is not: it goes through the LLM pipeline)."""
+    from quantscale.mamba.fixtures import FIXTURE_PREFIX, is_mamba_fixture
     from quantscale.mamba.mixers import is_mamba_config
 
     text = os.fspath(spec)
-    if _mamba_fixture(text):
-        return True
+    if text.startswith(FIXTURE_PREFIX):
+        return is_mamba_fixture(text)
     if not (Path(text) / "config.json").is_file():
         return False
     return is_mamba_config(loader.read_config(text))

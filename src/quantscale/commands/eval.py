@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "model",
-        help="checkpoint dir loadable by transformers, a GGUF file (or a dir holding one), or "
-        f"one of {list(NAMED_MODELS)}",
+        help="checkpoint dir loadable by transformers, a GGUF file (or a dir holding one), "
+        f"one of {list(NAMED_MODELS)} or a trained fixture (fixture:mamba2, fixture:bamba)",
     )
     parser.add_argument("--baseline", help="checkpoint dir or name to compare against")
     parser.add_argument(

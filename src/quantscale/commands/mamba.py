@@ -1,10 +1,11 @@
 """`quantscale mamba ...`: Quamba-style static INT8 for Mamba / Mamba2 models.
 
-  quantscale mamba fixture [--kind mamba|mamba2|all]     train (once) the cached fixtures
+  quantscale mamba fixture [--kind mamba|mamba2|bamba|all]  train (once) the cached fixtures
   quantscale mamba quantize MODEL OUT [--method quamba2 --groups 4x4 ...]
   quantscale mamba eval [--model MODEL] [--settings bf16,quamba1,quamba2|all] [--json F]
 
-MODEL is a checkpoint directory (with its tokenizer) or `fixture:mamba` / `fixture:mamba2`.
+MODEL is a checkpoint directory (with its tokenizer) or `fixture:mamba` / `fixture:mamba2`;
+`fixture:bamba` is a hybrid: `quantscale quantize` / `eval` take it (docs/hybrid.md).
 `eval` quantizes the model once per named setting (see
 `quantscale.mamba.evaluate.mamba_sweep_settings`) and prints held-out Wikipedia perplexity and
 cloze accuracy next to the unquantized (bf16) baseline, the SQNR of the final hidden states
@@ -113,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="mamba_command", metavar="ACTION", required=True)
 
     f = sub.add_parser("fixture", help="train (once) and describe the cached fixture models")
-    f.add_argument("--kind", choices=["mamba", "mamba2", "all"], default="all")
+    f.add_argument("--kind", choices=["mamba", "mamba2", "bamba", "all"], default="all")
     f.set_defaults(func=run_fixture)
 
     q = sub.add_parser("quantize", help="calibrate, quantize and save a Mamba model")
