@@ -33,13 +33,14 @@ from quantscale.data.calibration import CalibrationSource
 from quantscale.errors import QuantscaleError
 from quantscale.eval.runner import DEFAULT_TASKS
 from quantscale.eval.runner import evaluate as evaluate_model
-from quantscale.models.loader import load_tokenizer, resolve_model
+from quantscale.models.loader import load_tokenizer
 from quantscale.orchestrator import (
     CalibrationSettings,
     GPTQOptions,
     load_evaluated,
     quantize_checkpoint,
     quantize_model,
+    resolve_model,
     set_kv_cache,
     set_learn_scales,
     set_rotation,

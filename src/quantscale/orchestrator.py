@@ -220,11 +220,20 @@ def restore_linears(model: nn.Module, originals: Mapping[str, nn.Module]) -> Non
 # ------------------------------------------------------------------ loading
 
 
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """`models.loader.resolve_model`, and a trained fixture `fixture:<kind>`
+    (`mamba.fixtures`, trained into the cache on first use)."""
+    from quantscale.mamba.fixtures import fixture_checkpoint, fixture_kind
+
+    kind = fixture_kind(spec)
+    return fixture_checkpoint(kind) if kind is not None else loader.resolve_model(spec)
+
+
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """(model, tokenizer or None) of anything the tools read: a checkpoint dir or named model
     (`models.loader`), our fake-quant saves (with their QuantLinears and static scales), a
     Quamba checkpoint (`mamba.quantize.load_quantized`, INT8 mixers) or `fixture:<kind>`."""
-    path = loader.resolve_model(spec)
+    path = resolve_model(spec)
     if loader.quant_method(loader.read_config(path)) == QUAMBA_METHOD:
         from quantscale.mamba.quantize import load_quantized
 
@@ -413,7 +422,7 @@ def quantize_checkpoint(
     set_rotation(recipe, rotate, fmt, stream)
     set_learn_scales(recipe, learn_scales, stream)
     settings = CalibrationSettings(calib_samples, calib_seq_len, calib_data, calib_batch_size)
-    path = loader.resolve_model(model_dir)
+    path = resolve_model(model_dir)
     model_type = loader.read_config(path).get("model_type")
     recipe = recipe.with_ignored([*ignore, *model_ignore(model_type)])
     if stream:

@@ -19,8 +19,8 @@ from quantscale.commands.options import add_dtype_option, torch_dtype
 from quantscale.errors import QuantscaleError
 from quantscale.eval.generate import generate_text
 from quantscale.eval.runner import TASKS, evaluate
-from quantscale.models.loader import NAMED_MODELS, load_tokenizer, resolve_model
-from quantscale.orchestrator import READERS, load_evaluated
+from quantscale.models.loader import NAMED_MODELS, load_tokenizer
+from quantscale.orchestrator import READERS, load_evaluated, resolve_model
 
 # Metrics where lower is better; the others are accuracies.
 LOWER_IS_BETTER = {"ppl"}

@@ -43,16 +43,11 @@ PASSED_THROUGH = (HF_FP8_METHOD, CT_METHOD)
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
-    """A checkpoint directory, one of NAMED_MODELS built in the cache, or a trained fixture
-    `fixture:<kind>` (`mamba.fixtures`, trained into the cache on first use)."""
+    """A checkpoint directory or one of NAMED_MODELS built in the cache (trained fixtures,
+    `fixture:<kind>`, resolve one layer up: `orchestrator.resolve_model`)."""
     text = os.fspath(spec)
     if text in NAMED_MODELS:
         return NAMED_MODELS[text]()
-    from quantscale.mamba.fixtures import fixture_checkpoint, fixture_kind
-
-    kind = fixture_kind(text)
-    if kind is not None:
-        return fixture_checkpoint(kind)
     path = Path(text)
     if not (path / "config.json").is_file():
         raise QuantscaleError(
