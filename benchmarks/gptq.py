@@ -102,7 +102,7 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s
 GPTQMODEL_JOB = (
     PPL
     + """
-import sys, os, time, json, types, importlib.machinery
+import sys, os, tempfile, time, json, types, importlib.machinery
 t0 = time.perf_counter()
 torch.set_num_threads(2)
 """
@@ -123,7 +123,7 @@ with tempfile.TemporaryDirectory() as d:
     model.save(d)
     q = GPTQModel.load(d, device="cpu")
     print("BENCH " + json.dumps({"ppl": perplexity(q.model, tokens)}))
-""".replace("import sys, os,", "import sys, os, tempfile,")
+"""
 )
 
 # GPTQModel sizes its CPU pool as (cores + 1) // 2 = 1 here, below the 2 workers its model
