@@ -351,7 +351,7 @@ def eval_data(src: Path, where: Path) -> Path:
     return path
 
 
-def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok) -> dict:
+def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok, log: Path) -> dict:
     found = run.extra
     row = {"export": export.name, "runtime": runtime, "wall_s": round(run.wall_s, 1)}
     if "ppl" in found:
@@ -361,16 +361,33 @@ def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok) 
             row["same_greedy"] = found["greedy"] == ours.get("greedy")
     else:
         why = found.get("refused") or (run.output_tail.strip().splitlines() or ["no output"])[-1]
-        if cause := _cause(run.output_tail):
+        output = log.read_text(errors="replace") if log.is_file() else run.output_tail
+        if cause := _cause(output):
             why = f"{why} ({cause})"
         row.update(loads=False, refused=why[:400])
     return row
 
 
-def _cause(tail: str) -> str | None:
-    """The last error line of a job's output other than vLLM's EngineDeadError wrapper."""
-    lines = [ln for ln in tail.splitlines() if "Error" in ln and "EngineDeadError" not in ln]
-    return lines[-1].rpartition("] ")[2].strip() if lines else None
+WRAPPERS = ("EngineDeadError", "Engine core initialization failed")  # vLLM's, not causes
+
+
+def _cause(output: str) -> str | None:
+    """The last error line of a job's output other than vLLM's wrappers, with the indented
+    lines that continue it (the reasons of `Failed to find a kernel ...`)."""
+    lines = [ln.rpartition("] ")[2] for ln in output.splitlines()]
+    hits = [
+        i
+        for i, ln in enumerate(lines)
+        if "Error" in ln and not any(w in ln for w in WRAPPERS) and "BENCH" not in ln
+    ]
+    if not hits:
+        return None
+    more = []
+    for ln in lines[hits[-1] + 1 : hits[-1] + 5]:
+        if not ln.startswith(" "):
+            break
+        more.append(ln.strip())
+    return " ".join([lines[hits[-1]].strip(), *more])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             run = run_runtime(runtime, pythons[runtime], path, export, data, src, args.timeout)
             if runtime == "quantscale":
                 ours = run.extra
-            rows.append(_row(export, runtime, run, ours, tok))
+            log = work / "logs" / f"{export.name}.{runtime}.log"
+            rows.append(_row(export, runtime, run, ours, tok, log))
             print(json.dumps(rows[-1]), flush=True)
     common.write_results(args.json, {"machine": common.machine(), "rows": rows})
     print_rows(rows)

