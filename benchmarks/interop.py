@@ -8,7 +8,8 @@ GGUF, our fake-quant model of the same scheme), the ratio, and the first 24 gree
 fixed prompt (or the runtime's refusal in its own words). Each runtime runs in its own process
 and virtual environment, under `--timeout` seconds, its whole output kept in `--work`/logs:
 
-- `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
+- `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers),
+  float32, or bf16 where float32 fails (its error kept as `float32_refused`);
 - `ct-decompress`: compressed-tensors' own ModelCompressor lifecycle on a compressed-tensors
   file (schemes applied, the file's tensors loaded as stored, `decompress_model`), its weights
   then scored in a plain dense model: weight decoding only, activations not quantized;
@@ -78,6 +79,7 @@ EXPORTS = [
     Export("W8A8_dynamic_kv_fp8", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8")),
     Export("W8A8_dynamic_kv_fp8_head", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8-head")),
     Export("FP8_block_hf", "FP8_BLOCK", "hf"),
+    Export("FP8_block_hf_64x128", "FP8_BLOCK", "hf", flags=("--block", "64x128")),
     Export("NVFP4A16", "NVFP4A16"),
     Export("MXFP4A16", "MXFP4A16"),
     Export("NVFP4A16_modelopt", "NVFP4A16", "modelopt"),
@@ -160,11 +162,18 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 path = Path(sys.argv[1])
 gguf = {"gguf_file": "model.gguf"} if (path / "model.gguf").is_file() else {}
-try:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **gguf).eval()
-    torch_scores(model)
-except Exception as exc:  # the runtime's own words are the result
-    report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
+float32 = None
+for dtype in (torch.float32, torch.bfloat16):  # bf16 only where float32 fails
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **gguf).eval()
+        if float32:
+            report(float32_refused=float32)
+        torch_scores(model)
+        break
+    except Exception as exc:  # the runtime's own words are the result
+        float32 = f"{type(exc).__name__}: {str(exc)[:300]}"
+else:
+    report(refused=float32)
 """
 )
 
@@ -356,6 +365,8 @@ def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok, 
     row = {"export": export.name, "runtime": runtime, "wall_s": round(run.wall_s, 1)}
     if "ppl" in found:
         row.update(loads=True, ppl=found["ppl"], greedy=tok.decode(found["greedy"]))
+        if "float32_refused" in found:  # scored in bf16
+            row["float32_refused"] = found["float32_refused"]
         if ours and "ppl" in ours:
             row["ratio"] = found["ppl"] / ours["ppl"]
             row["same_greedy"] = found["greedy"] == ours.get("greedy")

@@ -81,9 +81,17 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Protocol
 
-from quantscale.checkpoint.dequantize import CT, FP8, MODELOPT_NVFP4, StoredWeight, plan_dequantize
+from quantscale.checkpoint.dequantize import (
+    CT,
+    FP8,
+    MODELOPT_NVFP4,
+    DequantPlan,
+    StoredWeight,
+    plan_dequantize,
+)
 from quantscale.checkpoint.layouts import (
     CT_INT,
     CT_METHOD,
@@ -92,6 +100,7 @@ from quantscale.checkpoint.layouts import (
     CT_PACKED,
     HF_FP8,
     HF_FP8_METHOD,
+    MODELOPT_METHOD,
     config_block,
     detect_layout,
     scale_name_for,
@@ -111,7 +120,8 @@ TRANSFORMERS = "transformers (FineGrainedFP8)"
 TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
 CT_VERSIONS = "0.20"
-CT_DYNAMIC = "transformers (compressed-tensors dynamic int)"  # a --runtime-only rule
+CT_NUMERICS = "transformers (compressed-tensors numerics)"  # --runtime-only rules
+TF_MODELOPT = "transformers (no ModelOpt reader)"
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
@@ -122,7 +132,8 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
     "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
-NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC)  # rules only a named --runtime selects
+# rules only a named --runtime selects
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_NUMERICS, TF_MODELOPT)
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -164,7 +175,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
-    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + dynamic_int_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + ct_numerics_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -237,10 +248,30 @@ DYNAMIC_INT_REASON = (
 )
 
 
-def dynamic_int_refusals(ckpt: Checkpoint) -> list[Refusal]:
-    """The non-expert weights whose dynamic symmetric int input activations compressed-tensors
-    quantizes on its own grid (experts: `expert_refusals`)."""
+FP4_DTYPE_REASON = (
+    "fails at the first forward when loaded with dtype=torch.float32: compressed-tensors "
+    "decompresses FP4 weights to bfloat16 whatever the model dtype (unpack_fp4_from_uint8's "
+    "default), `RuntimeError: expected m1 and m2 to have the same dtype, but got: float != "
+    "c10::BFloat16` (SmolLM2 NVFP4A16 and MXFP4A16); load with dtype=torch.bfloat16"
+)
+MODELOPT_REASON = (
+    "does not read ModelOpt checkpoints (5.24: `Unknown quantization type, got modelopt`): "
+    "it loads the packed FP4 weights into float Linear shapes and refuses the size mismatch "
+    "(`ignore_mismatched_sizes`); export --format compressed-tensors for transformers"
+)
+
+
+def ct_numerics_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """How transformers runs what it loads: non-expert weights whose dynamic symmetric int
+    activations compressed-tensors quantizes on its own grid (experts: `expert_refusals`),
+    FP4 weights it decompresses to bf16; every quantized weight of a ModelOpt file."""
     qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") == MODELOPT_METHOD:
+        try:
+            weights = plan_dequantize(ckpt).weights
+        except CheckpointError:
+            return []
+        return [Refusal(n, TF_MODELOPT, "5.24", MODELOPT_REASON) for n in sorted(weights)]
     if qc.get("quant_method") != CT_METHOD:
         return []
     try:
@@ -252,10 +283,12 @@ def dynamic_int_refusals(ckpt: Checkpoint) -> list[Refusal]:
         module = module_path(sw.name)
         scheme = recipe.scheme_for(module)
         acts = scheme.input_activations if scheme is not None else None
+        if sw.fmt in (CT_NVFP4, CT_MXFP4):
+            found.append(Refusal(stored, CT_NUMERICS, CT_VERSIONS, FP4_DTYPE_REASON))
         if module_kind(module).startswith("experts.") or acts is None:
             continue
         if acts.dynamic and acts.type == "int" and acts.symmetric:
-            found.append(Refusal(stored, CT_DYNAMIC, CT_VERSIONS, DYNAMIC_INT_REASON))
+            found.append(Refusal(stored, CT_NUMERICS, CT_VERSIONS, DYNAMIC_INT_REASON))
     return found
 
 
@@ -441,7 +474,9 @@ def _vllm_cpu_reason(sw: StoredWeight, block: tuple[int, int] | None) -> str:
     """Why vLLM's CPU build cannot serve this weight ("" when it can)."""
     if sw.kind == MODELOPT_NVFP4 or sw.fmt in (CT_NVFP4, CT_MXFP4):
         return (
-            "refuses to load (CPU build only): no FP4 kernel (NVFP4, NVFP4A16, MXFP4) on CPU; "
+            "refuses to load (CPU build only): no FP4 kernel (NVFP4, NVFP4A16, MXFP4) on CPU "
+            "(SmolLM2 NVFP4A16: `Forced NVFP4 kernel MarlinNvFp4LinearKernel is not supported: "
+            "Marlin FP4 not available`); "
             "for vLLM CPU export W4A16 (int4, a group size dividing in_features) or FP8 "
             "dynamic, or serve FP4 on a GPU build"
         )
@@ -455,12 +490,69 @@ def _vllm_cpu_reason(sw: StoredWeight, block: tuple[int, int] | None) -> str:
             "dividing in_features"
         )
     if sw.kind == FP8 and block is not None:
-        return (
-            f"refuses to load (CPU build only): block-wise FP8 ({block[0]}x{block[1]}) runs "
-            "only on CPUs with Intel AMX (refused on an AMD host); for vLLM CPU without AMX "
-            "export FP8 dynamic (per-channel weights) or W8A8 dynamic"
-        )
+        return _fp8_block_cpu_reason(block)
     return ""
+
+
+def _fp8_block_cpu_reason(block: tuple[int, int]) -> str:
+    """What vLLM's CPU build does with block-wise FP8 weights: it depends on the host's AMX."""
+    bn, bk = block
+    if bk != 128 or bn % 32:
+        return (
+            f"refuses to load (CPU build only, any CPU): its FP8 block kernels need a K block "
+            f"of 128 and an N block a multiple of 32, not {bn}x{bk} (CPUFp8BlockScaledMMKernel "
+            "can_implement); re-export with --block 64x128 or 128x128"
+        )
+    return (
+        f"depends on the host's AMX (CPU build only): block-wise FP8 ({bn}x{bk}) is refused "
+        "on CPUs without AMX tiles (/proc/cpuinfo amx_tile; seen on an AMD host); with AMX "
+        "tiles and no AMX-FP8 (amx_fp8) it loads as W8A16 (CPUFp8BlockScaledMMKernel, seen on "
+        "a Xeon with amx_tile): bf16 activations, not this export's dynamic FP8 ones; for "
+        "vLLM CPU without AMX export W8A8_DYNAMIC"
+    )
+
+
+MERGED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's fused layers
+
+
+def merged_block_refusals(plan: DequantPlan) -> list[Refusal]:
+    """Block-FP8 weights vLLM fuses (qkv_proj, gate_up_proj) after a shard whose rows are not
+    a multiple of block_n: their scale rows land on another shard's rows."""
+    weights = {module_path(sw.name): (stored, sw) for stored, sw in plan.weights.items()}
+    if plan.block is None or not weights:
+        return []
+    bn, bk = plan.block
+    found = []
+    for module in sorted(weights):
+        parent, _, leaf = module.rpartition(".")
+        group = next((g for g in MERGED if g[0] == leaf), None)
+        shards = [weights.get(f"{parent}.{name}") for name in group or ()]
+        if not shards or any(s is None or s[1].kind != FP8 for s in shards):
+            continue
+        rows = [s[1].shape[0] for s in shards if s is not None]
+        ragged = next((i for i, r in enumerate(rows[:-1]) if r % bn), None)
+        if ragged is None:
+            continue
+        fit = math.gcd(*rows) & -math.gcd(*rows)  # the largest power of two dividing all
+        reason = MERGED_BLOCK_REASON.format(
+            fused="+".join(g.removesuffix("_proj") for g in group or ()),
+            shard=(group or ())[ragged],
+            rows=rows[ragged],
+            bn=bn,
+            fix=f"{min(fit, bn)}x{bk}",
+        )
+        found += [Refusal(s[0], VLLM, VLLM_VERSION, reason) for s in shards[ragged + 1 :] if s]
+    return found
+
+
+MERGED_BLOCK_REASON = (
+    "loads with the wrong block scales (every build: the shard placement is linear.py's; "
+    "seen on vLLM CPU, SmolLM2 FP8 block 128x128 perplexity 28.80 against our 23.01): vLLM "
+    "fuses {fused} and allows shards whose rows are not a multiple of block_n={bn} ({shard} "
+    "has {rows}), placing each shard's scale rows at ceil(offset / {bn}) "
+    "(adjust_block_scale_shard) while its kernels read the fused weight on one {bn}-row "
+    "grid: this shard runs with its neighbours' scales; re-export with --block {fix}"
+)
 
 
 def _static_int8_input(ckpt: Checkpoint, sw: StoredWeight) -> str | None:
@@ -484,11 +576,12 @@ FP8_SCALED_MM_REASON = (
     "(300 s); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 FP8_PER_TENSOR_REASON = (
-    "does not run these FP8 activations as exported (CPU build only; read from its source, "
-    "not run): with AMX, CPUFp8PerTensorScaledMMLinearKernel runs a per-tensor FP8 weight "
-    "W8A16 (activations stay bf16, the static input scale unused); without it "
-    "torch._scaled_mm's reference f8 kernel (the FP8 dynamic rule); for vLLM CPU export "
-    "W8A8_DYNAMIC or W4A16"
+    "refuses to load (CPU build only, any CPU): after loading it requantizes each per-tensor "
+    "FP8 weight to the largest scale of its fused layer (qkv_proj, gate_up_proj; "
+    "requantize_with_max_scale) with scaled_fp8_quant, whose CPU op is a stub: "
+    "`RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s) but "
+    "received 4 argument(s)` (SmolLM2 FP8 static, after selecting "
+    "CPUFp8PerTensorScaledMMLinearKernel); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 
 
@@ -512,8 +605,7 @@ def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
     """Which CPU kernel family an FP8 (not block-wise) weight selects, as a reason."""
     scale = ckpt.tensors.get(sw.parts.get("scale", ""))
     per_tensor = scale is not None and math.prod(scale.shape) == 1
-    static = f"{module_path(sw.name)}.input_scale" in ckpt.tensors
-    return FP8_PER_TENSOR_REASON if per_tensor and static else FP8_SCALED_MM_REASON
+    return FP8_PER_TENSOR_REASON if per_tensor else FP8_SCALED_MM_REASON
 
 
 W4A8_REASON = (
@@ -554,7 +646,7 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     except CheckpointError:
         return []  # a broken layout is validate's "layout" error already
     block = plan.block or (DEFAULT_BLOCK if detect_layout(ckpt) is HF_FP8 else None)
-    found = []
+    found = merged_block_refusals(replace(plan, block=block))
     for stored, sw in sorted(plan.weights.items()):
         group = _weight_group(sw)
         if group and (reason := vllm_group_rule(sw.shape[-1], group)):
