@@ -79,7 +79,8 @@ EXPORTS = [
     Export("W8A8_dynamic_kv_fp8", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8")),
     Export("W8A8_dynamic_kv_fp8_head", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8-head")),
     Export("FP8_block_hf", "FP8_BLOCK", "hf"),
-    Export("FP8_block_hf_64x128", "FP8_BLOCK", "hf", flags=("--block", "64x128")),
+    Export("FP8_block_hf_stream", "fp8-block", "hf"),
+    Export("FP8_block_hf_64x128", "fp8-block", "hf", flags=("--block", "64x128")),
     Export("NVFP4A16", "NVFP4A16"),
     Export("MXFP4A16", "MXFP4A16"),
     Export("NVFP4A16_modelopt", "NVFP4A16", "modelopt"),
@@ -332,9 +333,11 @@ def write_export(export: Export, src: Path, out: Path) -> tuple[Path | None, str
         return src, ""
     if out.exists():
         return out, ""
-    method = ["--method", export.method, "--calib-samples", "32"]
+    method = ["--method", export.method, "--calib-samples", "32", "--format", export.fmt]
+    if export.scheme == "fp8-block":  # the streamed HF FP8 block scheme: no calibration
+        method = []
     cmd = [sys.executable, "-m", "quantscale", "-q", "quantize", str(src), str(out)]
-    cmd += ["--scheme", export.scheme, *method, "--format", export.fmt, *export.flags]
+    cmd += ["--scheme", export.scheme, *method, *export.flags]
     if export.gguf:  # as our fake-quant reference model is built: float32 weights
         cmd += ["--dtype", "float32"]
     done = subprocess.run(cmd, capture_output=True, text=True)

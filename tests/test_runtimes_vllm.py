@@ -1,9 +1,11 @@
 """`validate --runtime vllm / vllm-cpu` on our own exports (checkpoint.runtimes vLLM rules).
 
 The refusals were seen serving SmolLM2 exports in vLLM CPU 0.32.0 (vLLM does not run here):
-W4A16 g128 on 576-wide layers refused at load on every build; FP8 block (no AMX), NVFP4A16 /
-NVFP4 / MXFP4 (no FP4 kernel) refused; static W8A8 served as dynamic (AMX) or stalled (no
-AMX), FP8 dynamic stalled in torch._scaled_mm; bf16, W8A8 dynamic and W4A16 g64 served (the
+W4A16 g128 on 576-wide layers refused at load on every build; FP8 block 128x128 served with
+k / v scales on the wrong rows (fused qkv_proj; 64x128 served right) as W8A16 on AMX (refused
+without AMX), NVFP4A16 / NVFP4 / MXFP4 (no FP4 kernel), W8A16 (no 8-bit WNA16 kernel) and FP8
+static (stub requantize op) refused; static W8A8 served as dynamic (AMX) or stalled (no AMX),
+FP8 dynamic stalled in torch._scaled_mm; bf16, W8A8 dynamic and W4A16 g64 served (the
 module docstring of checkpoint.runtimes). Each test exports with our exporters and checks
 that the rule names the tensors on the bad case and stays silent on the good one.
 """

