@@ -174,6 +174,21 @@ def test_merged_fp8_block_shards_named(tmp_path):
     assert [r for r in runtime_refusals(fixed, "vllm-cpu") if r.runtime == VLLM] == []
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+def test_quantize_warns_on_misplaced_fp8_block_shards(tmp_path, caplog, streamed):
+    """Both FP8 block exports (the streamed fp8-block scheme, the FP8_BLOCK preset) warn
+    before writing what the merged-shard rule will flag."""
+    shapes = {"num_attention_heads": 9, "num_key_value_heads": 3}
+    with caplog.at_level(logging.WARNING, logger="quantscale.checkpoint.runtimes"):
+        if streamed:
+            _hf_fp8(tmp_path, WIDE, **shapes)
+        else:
+            model = make_tiny_llama(96, WIDE, 256, torch.bfloat16, **shapes)
+            quantize_model(model, "FP8_BLOCK", CALIB)
+    warned = [r.getMessage() for r in caplog.records if "wrong scales" in r.getMessage()]
+    assert len(warned) == 1 and "4 modules" in warned[0] and "--block 64x128" in warned[0]
+
+
 def test_static_int8_activations_stall_the_cpu_build(tmp_path):
     out = _export(tmp_path, "W8A8")
     named = _modules(validate_checkpoint(out, runtime="vllm-cpu"), VLLM_CPU)

@@ -442,12 +442,14 @@ class SchemedLinear(Protocol):
     """What `ragged_group_warnings` reads of a QuantLinear."""
 
     in_features: int
+    out_features: int
     scheme: QuantScheme
 
 
 def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
     """Log (and return) one warning per `vllm_group_rule` reason for the QuantLinears that
-    will be exported group-quantized with a group not dividing their in_features."""
+    will be exported group-quantized with a group not dividing their in_features, and per
+    `misplaced_shards` reason for block-FP8 ones."""
     by_reason: dict[str, list[str]] = defaultdict(list)
     for name, ql in linears.items():
         w = ql.scheme.weights
@@ -462,6 +464,14 @@ def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
     ]
     for message in messages:
         log.warning(message)
+    blocks: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
+    for name, ql in linears.items():
+        w = ql.scheme.weights
+        if w is not None and w.type == "float" and w.strategy == "block" and w.block_structure:
+            bn, bk = w.block_structure
+            blocks[(bn, bk)][name] = ql.out_features
+    for block, rows in blocks.items():
+        messages += merged_block_warnings(rows, block)
     return messages
 
 
@@ -519,34 +529,58 @@ def _fp8_block_cpu_reason(block: tuple[int, int]) -> str:
 MERGED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's fused layers
 
 
-def merged_block_refusals(plan: DequantPlan) -> list[Refusal]:
-    """Block-FP8 weights vLLM fuses (qkv_proj, gate_up_proj) after a shard whose rows are not
-    a multiple of block_n: their scale rows land on another shard's rows."""
-    weights = {module_path(sw.name): (stored, sw) for stored, sw in plan.weights.items()}
-    if plan.block is None or not weights:
-        return []
-    bn, bk = plan.block
-    found = []
-    for module in sorted(weights):
+def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[str, str]:
+    """{module: reason} for the block-FP8 modules vLLM fuses (qkv_proj, gate_up_proj) after a
+    shard whose rows (`rows`: module path -> out_features) block_n does not divide: their
+    scale rows land on another shard's rows."""
+    bn, bk = block
+    found = {}
+    for module in sorted(rows):
         parent, _, leaf = module.rpartition(".")
-        group = next((g for g in MERGED if g[0] == leaf), None)
-        shards = [weights.get(f"{parent}.{name}") for name in group or ()]
-        if not shards or any(s is None or s[1].kind != FP8 for s in shards):
+        group = next((g for g in MERGED if g[0] == leaf), ())
+        shards = [f"{parent}.{name}" for name in group]
+        if not group or any(s not in rows for s in shards):
             continue
-        rows = [s[1].shape[0] for s in shards if s is not None]
-        ragged = next((i for i, r in enumerate(rows[:-1]) if r % bn), None)
+        sizes = [rows[s] for s in shards]
+        ragged = next((i for i, r in enumerate(sizes[:-1]) if r % bn), None)
         if ragged is None:
             continue
-        fit = math.gcd(*rows) & -math.gcd(*rows)  # the largest power of two dividing all
+        fit = math.gcd(*sizes) & -math.gcd(*sizes)  # the largest power of two dividing all
         reason = MERGED_BLOCK_REASON.format(
-            fused="+".join(g.removesuffix("_proj") for g in group or ()),
-            shard=(group or ())[ragged],
-            rows=rows[ragged],
+            fused="+".join(g.removesuffix("_proj") for g in group),
+            shard=group[ragged],
+            rows=sizes[ragged],
             bn=bn,
             fix=f"{min(fit, bn)}x{bk}",
         )
-        found += [Refusal(s[0], VLLM, VLLM_VERSION, reason) for s in shards[ragged + 1 :] if s]
+        found.update({s: reason for s in shards[ragged + 1 :]})
     return found
+
+
+def merged_block_refusals(plan: DequantPlan) -> list[Refusal]:
+    """`misplaced_shards` of a checkpoint's block-FP8 weights, from the dequantize plan."""
+    if plan.block is None:
+        return []
+    stored = {module_path(sw.name): n for n, sw in plan.weights.items() if sw.kind == FP8}
+    rows = {module_path(sw.name): sw.shape[0] for sw in plan.weights.values() if sw.kind == FP8}
+    found = misplaced_shards(rows, plan.block)
+    return [Refusal(stored[m], VLLM, VLLM_VERSION, reason) for m, reason in found.items()]
+
+
+def merged_block_warnings(rows: Mapping[str, int], block: tuple[int, int]) -> list[str]:
+    """Log (and return) one warning per `misplaced_shards` reason, before an export writes
+    those block-FP8 modules."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for module, reason in misplaced_shards(rows, block).items():
+        by_reason[reason].append(module)
+    messages = [
+        f"{VLLM} {VLLM_VERSION} will run {len(names)} modules ({group_names(names)}) with "
+        f"wrong scales: {reason}"
+        for reason, names in by_reason.items()
+    ]
+    for message in messages:
+        log.warning(message)
+    return messages
 
 
 MERGED_BLOCK_REASON = (
