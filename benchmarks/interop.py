@@ -79,6 +79,7 @@ EXPORTS = [
     Export("W8A8_dynamic_kv_fp8", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8")),
     Export("W8A8_dynamic_kv_fp8_head", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8-head")),
     Export("FP8_block_hf", "FP8_BLOCK", "hf"),
+    Export("FP8_block_ct", "FP8_BLOCK"),
     Export("FP8_block_hf_stream", "fp8-block", "hf"),
     Export("FP8_block_hf_64x128", "fp8-block", "hf", flags=("--block", "64x128")),
     Export("NVFP4A16", "NVFP4A16"),
