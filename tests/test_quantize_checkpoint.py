@@ -112,7 +112,7 @@ def test_mamba_models_take_the_quamba_path(tmp_path, monkeypatch):
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "mamba2"}))
-    with pytest.raises(QuantscaleError, match="quantized the Quamba way"):
+    with pytest.raises(QuantscaleError, match="Quamba layout.*not --format gguf"):
         quantize_checkpoint(tmp_path / "m", tmp_path / "o", "W8A8", fmt="gguf")
     calls = []
     monkeypatch.setattr(mq, "quantize_mamba_checkpoint", lambda *a, **k: calls.append((a, k)))
@@ -129,6 +129,7 @@ def test_mamba_models_take_the_quamba_path(tmp_path, monkeypatch):
                 "calib_data": "t",
                 "overwrite": False,
                 "rotate": None,
+                "learn_scales": None,
             },
         )
     ]

@@ -76,7 +76,8 @@ def quantize(
     rounding, or 'awq+autoround'; their options in `gptq`) to `format`
     (default compressed-tensors). Returns the written directory, or the model itself when
     it was given in memory without an `output_dir`. A Mamba checkpoint is quantized the
-    Quamba way (no method or format applies). `kv_cache` ('fp8' | 'fp8-head'): static FP8
+    Quamba way without a `format`; with format 'compressed-tensors' (and a scheme preset)
+    its Linear layers are, as an LLM's. `kv_cache` ('fp8' | 'fp8-head'): static FP8
     KV-cache scales calibrated on the same data. `importance`: importance-weighted RTN from
     that statistics file (collected on the calibration data and written there if absent).
     `rotate` ('hadamard'): Hadamard rotations fused before quantizing (`algorithms.rotation`).

@@ -46,16 +46,23 @@ DEFAULT_IGNORE = (
     "*.shared_expert_gate",
 )
 
-# Hybrid (attention + Mamba / linear-attention) architectures: Linears kept float on top of
-# DEFAULT_IGNORE, by config.json model_type, with the reason (docs/hybrid.md has the whole
+# Hybrid (attention + Mamba / linear-attention) and Mamba1 architectures: Linears kept float on
+# top of DEFAULT_IGNORE, by config.json model_type, with the reason (docs/hybrid.md has the whole
 # per-mixer table). The SSM parameters (A_log, D, dt_bias), conv1d, norms and routers are not
 # Linears or are default-ignored already.
+_MAMBA1_DT = (
+    "transformers' Mamba1 forward multiplies dt_proj.weight directly (no module call), so a "
+    "quantized dt_proj would run on its dequantized weight with float inputs; vLLM builds "
+    "Mamba1 mixers without a quantization config"
+)
 HYBRID_FLOAT: dict[str, dict[str, str]] = {
     "jamba": {
         "*.mamba.dt_proj": "Jamba's forward multiplies dt_proj.weight directly (no module call) "
         "unless config._is_quantized is set, so a calibrated dt_proj sees no input; vLLM builds "
         "Mamba1 mixers without a quantization config",
     },
+    "mamba": {"*.mixer.dt_proj": _MAMBA1_DT},
+    "falcon_mamba": {"*.mixer.dt_proj": _MAMBA1_DT},
     "zamba2": {
         "*.gate_up_proj_adapter_list.*": "each hybrid layer holds the low-rank adapters of "
         "every use of its shared block and runs only its own, so the others see no input",

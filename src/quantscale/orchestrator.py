@@ -14,7 +14,8 @@ stages before it. Weight-only RTN runs no calibration forward at all.
 `quantize_checkpoint(model_dir, out, scheme, ...)` is the whole job behind `quantscale
 quantize`: load, calibrate on Wikipedia windows (or a text file), quantize, export in one of
 the `export.EXPORTERS` formats; a Mamba / Mamba2 model is quantized the Quamba way
-(`mamba.quantize.quantize_mamba_checkpoint`). `load_model(spec)` loads any model the tools
+(`mamba.quantize.quantize_mamba_checkpoint`), or with `--format compressed-tensors` its Linear
+layers as an LLM's. `load_model(spec)` loads any model the tools
 read: a checkpoint dir or named model, our fake-quant saves, Quamba checkpoints, Mamba fixtures.
 """
 
@@ -277,6 +278,11 @@ def is_mamba(spec: str | os.PathLike) -> bool:
 # ------------------------------------------------------------------ checkpoint to checkpoint
 
 
+# Weight observers a scheme's weights can take (`--weight-observer`): min-max, or 'mse', a
+# clipping search per scale group (RTN, GPTQ and AutoRound's starting scales).
+WEIGHT_OBSERVERS = ("minmax", "mse")
+
+
 @dataclass(frozen=True)
 class GPTQOptions:
     """The weight options of `quantize_checkpoint` (`--group-size`; GPTQ's: `--actorder`,
@@ -297,16 +303,28 @@ class GPTQOptions:
     expert_parallel: bool = False  # torchrun, MoE: each expert's Hessians on one rank
     autoround_steps: int = 200
     autoround_lr: float | None = None  # None: 1 / autoround_steps
+    weight_observer: str | None = None  # None keeps the scheme's (min-max); 'mse' searches
+    clip: tuple[float, ...] | None = None  # GPTQ's clipping search (`--gptq-clip`)
 
     def recipe(self, scheme: str) -> Recipe:
-        """The scheme's recipe with `group_size` and `actorder` applied to every weight."""
+        """The scheme's recipe with `group_size`, `actorder` and `weight_observer` applied to
+        every weight."""
         recipe = load_recipe(scheme)
         if self.group_size is not None:
             recipe = with_group_size(recipe, self.group_size)
+        update: dict[str, Any] = {}
         if self.actorder and self.actorder != "none":
-            for group in recipe.config_groups.values():
-                if group.weights is not None:
-                    update = {"actorder": self.actorder}
+            update["actorder"] = self.actorder
+        if self.weight_observer is not None:
+            if self.weight_observer not in WEIGHT_OBSERVERS:
+                raise QuantscaleError(
+                    f"--weight-observer {self.weight_observer!r}: expected one of "
+                    f"{', '.join(WEIGHT_OBSERVERS)}"
+                )
+            update["observer"] = self.weight_observer
+        if update:
+            for group in [*recipe.config_groups.values(), *recipe.overrides.values()]:
+                if group is not None and group.weights is not None:
                     group.weights = group.weights.model_copy(update=update)
         return recipe
 
@@ -328,6 +346,13 @@ class GPTQOptions:
             kwargs["hessian_dtype"] = self.hessian_dtype
         if self.expert_parallel:
             kwargs["expert_parallel"] = True
+        if self.clip is not None:
+            if not self.clip or not all(0.0 < f <= 1.0 for f in self.clip):
+                raise QuantscaleError(
+                    f"--gptq-clip {','.join(map(str, self.clip))}: expected shrink factors in "
+                    "(0, 1], e.g. 1,0.95,0.9,0.85,0.8"
+                )
+            kwargs["clip"] = tuple(self.clip)
         return kwargs
 
 
@@ -359,7 +384,8 @@ def quantize_checkpoint(
     'awq+autoround', default gptq) and write it to `out` in format `fmt` (default
     compressed-tensors), calibrating on `calib_samples` windows of `calib_seq_len` tokens of
     `calib_data` (default: the Wikipedia calibration split). A Mamba / Mamba2 model is
-    quantized the Quamba way (method rtn / gptq for its weights; no format applies).
+    quantized the Quamba way (method rtn / gptq for its weights) unless `fmt` is
+    'compressed-tensors': then its Linear layers are, as an LLM's (`mamba_linear_source`).
     `stream` (True or `streaming.StreamOptions`): layer by layer from the shards, resumable
     (`streaming.quantize_streamed`); the same tensors as the in-memory path. `kv_cache`
     ('fp8' per tensor, 'fp8-head' per KV head): static FP8 KV-cache scales calibrated on the
@@ -374,13 +400,12 @@ def quantize_checkpoint(
     distributed.init_from_env()
     if Path(out).exists() and not overwrite:
         raise QuantscaleError(f"{out}: already exists (pass --overwrite to replace it)")
-    if is_mamba(model_dir):
-        if ignore:
-            raise QuantscaleError("--ignore is not read by the Mamba (Quamba) path; omit it")
+    if is_mamba(model_dir) and fmt is None:
         calib = {"calib_samples": calib_samples, "calib_seq_len": calib_seq_len}
         options: dict[str, Any] = {**calib, "calib_data": calib_data, "overwrite": overwrite}
         options.update(rotate=rotate, learn_scales=learn_scales)
-        return _quantize_mamba(model_dir, out, scheme, method, fmt, stream, **options)
+        return _quantize_mamba(model_dir, out, scheme, method, stream, ignore, **options)
+    model_dir = mamba_linear_source(model_dir, scheme, fmt, rotate)
     from quantscale.export import EXPORTERS, export_model
 
     if importance is not None:
@@ -564,12 +589,15 @@ def _quantize_mamba(
     out: str | os.PathLike,
     scheme: str,
     method: str | None,
-    fmt: str | None,
     stream: object,
+    ignore: Sequence[str],
     **options: Any,
 ) -> Path:
     """The Quamba path of `quantize_checkpoint` (one process, in memory)."""
     from quantscale.mamba.quantize import quantize_mamba_checkpoint
+
+    if ignore:
+        raise QuantscaleError("--ignore is not read by the Mamba (Quamba) path; omit it")
 
     if distributed.active():
         raise QuantscaleError(f"{model_dir}: a Mamba model is quantized by one process")
@@ -580,11 +608,46 @@ def _quantize_mamba(
         raise QuantscaleError(
             f"{model_dir}: a Mamba model calibrates on a text file or token ids [N, L]"
         )
-    if fmt is not None:
-        raise QuantscaleError(
-            f"{model_dir}: a Mamba model is quantized the Quamba way; --format does not apply"
-        )
     return quantize_mamba_checkpoint(model_dir, out, scheme, method=method, **options)
+
+
+MAMBA_LINEAR_FORMATS = ("compressed-tensors",)  # formats a Mamba model's Linears go to
+
+
+def mamba_linear_source(
+    model_dir: str | os.PathLike, scheme: str, fmt: str | None, rotate: str | None
+) -> str | os.PathLike:
+    """The float checkpoint directory a Mamba / Mamba2 model (`fixture:<kind>` resolved to
+    its cached checkpoint) is read from when the LLM path quantizes its Linears (in_proj,
+    x_proj, out_proj; `--format compressed-tensors` with a scheme preset); any other model
+    as it is. Refused: other formats, `--rotate`, and Quamba recipes (their conv1d /
+    SSM-input scales and piecewise groups have no compressed-tensors field)."""
+    from quantscale.mamba.fixtures import FIXTURE_PREFIX, fixture_checkpoint
+    from quantscale.scheme import PRESETS, normalize_preset_name
+
+    if not is_mamba(model_dir):
+        return model_dir
+    if fmt not in MAMBA_LINEAR_FORMATS:
+        raise QuantscaleError(
+            f"{model_dir}: a Mamba model is written in the Quamba layout (no --format) or, its "
+            f"Linear layers only, as {' / '.join(MAMBA_LINEAR_FORMATS)}; not --format {fmt}"
+        )
+    if normalize_preset_name(os.fspath(scheme)) not in PRESETS:
+        raise QuantscaleError(
+            f"{model_dir}: --format {fmt} writes a Mamba model's Linear layers with a scheme "
+            f"preset (W8A8_DYNAMIC, W8A8, FP8_DYNAMIC, ...), not {os.fspath(scheme)!r}: a Quamba "
+            "recipe's conv1d / SSM-input (x, B, C, dt, z) scales and piecewise groups have no "
+            "compressed-tensors field (omit --format for the Quamba layout)"
+        )
+    if rotate is not None:
+        raise QuantscaleError(
+            f"{model_dir}: --rotate on a Mamba model is Quamba's out_proj Hadamard, which "
+            f"--format {fmt} does not record; omit --format (Quamba layout) or --rotate"
+        )
+    text = os.fspath(model_dir)
+    if text.startswith(FIXTURE_PREFIX):
+        return fixture_checkpoint(text[len(FIXTURE_PREFIX) :])
+    return model_dir
 
 
 def _quantize_experts(

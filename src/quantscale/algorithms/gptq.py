@@ -51,8 +51,8 @@ from torch import nn
 from quantscale import distributed
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import (
-    full_range,
     held_scales,
+    range_qparams,
     rtn_weight,
     set_stacked,
     stacked_weight,
@@ -63,16 +63,13 @@ from quantscale.errors import QuantscaleError
 from quantscale.formats.fp4 import pack_fp4, unpack_fp4
 from quantscale.models.moe import expert_of
 from quantscale.qdq import (
-    WEIGHT,
     QParams,
     _block,
     _expand,
-    compute_qparams,
     dequantize,
     fake_quantize,
     nvfp4_global_scale,
     quantize,
-    reduce_minmax,
 )
 from quantscale.runtime.qlinear import QuantLinear
 from quantscale.scheme import QuantArgs
@@ -82,6 +79,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 128
 DEFAULT_DAMPENING = 0.01
 DEFAULT_ACTORDER = "weight"
+# `--gptq-clip`: the ranges' shrink factors GPTQ tries, per output row the one of least loss
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8)
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes: experts' Hessians or batched-solve workspace at once
 _DYNAMIC = ("group", "tensor_group", "block")
 
@@ -273,14 +272,13 @@ class _Scales:
         self.grouped_zp: torch.Tensor | None = None
         self.perm: torch.Tensor | None = None
 
-    def qparams_of(self, w: torch.Tensor) -> list[QParams]:
-        """Min-max qparams of each weight of the batch w [E, rows, cols]."""
-        out = []
-        for we, gs in zip(w, self.global_scales):
-            mn, mx = reduce_minmax(we, self.args, WEIGHT)
-            qp = full_range(self.args, compute_qparams(self.args, mn, mx, gs))
-            out.append(held_scales(self.args, qp, self.scale_dtype))
-        return out
+    def qparams_of(self, w: torch.Tensor, clip: float = 1.0) -> list[QParams]:
+        """Qparams of each weight of the batch w [E, rows, cols] (`rtn.range_qparams`: min-max,
+        or the scheme's weight observer, e.g. 'mse'), on ranges shrunk by `clip`."""
+        return [
+            held_scales(self.args, range_qparams(we, self.args, gs, clip), self.scale_dtype)
+            for we, gs in zip(w, self.global_scales)
+        ]
 
     def _expanded(self, w: torch.Tensor, qps: list[QParams], zero: bool) -> torch.Tensor:
         parts = []
@@ -387,6 +385,7 @@ def gptq_quantize(
     actorder: str | None = "args",
     global_scale: torch.Tensor | None = None,
     scale_dtype: torch.dtype | None | str = "weight",
+    clip: tuple[float, ...] | None = None,
 ) -> GPTQResult:
     """GPTQ-quantize weight w [out, in] with Hessian [in, in]; see the module docstring.
 
@@ -399,6 +398,8 @@ def gptq_quantize(
     `scale_dtype` "weight": `rtn.weight_scale_dtype` (int and FP8 scales rounded to the
     scheme's scale dtype or w's 16-bit dtype, so that runtimes which hold scales in the model
     dtype dequantize to exactly the weights returned here).
+    `clip` (e.g. `CLIP_GRID`): static ranges shrunk by each factor, each output row solved
+    on the one of least GPTQ loss (`_clip_search`); None: the observer's ranges.
     """
     h = hessian[0] if isinstance(hessian, list) else hessian
     if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
@@ -418,6 +419,7 @@ def gptq_quantize(
         actorder=actorder,
         global_scales=[global_scale],
         scale_dtype=scale_dtype,
+        clip=clip,
     )
     return batch[0]
 
@@ -432,13 +434,15 @@ def gptq_quantize_batch(
     actorder: str | None = "args",
     global_scales: list[torch.Tensor | None] | None = None,
     scale_dtype: torch.dtype | None | str = "weight",
+    clip: tuple[float, ...] | None = None,
 ) -> list[GPTQResult]:
     """`gptq_quantize` of E independent weights w [E, out, in] with their Hessians
     [E, in, in] at once (MoE experts): one batched Cholesky, and the column loop on the whole
     batch, each weight with its own act-order permutation, scales and NVFP4 global scale.
     Every operation is the per-weight one on a batch, so each result equals `gptq_quantize`'s
     up to the rounding of the batched matmul kernels (bitwise on the CPUs we tried). A
-    one-element list hands the Hessians over, as in `gptq_quantize`."""
+    one-element list hands the Hessians over, as in `gptq_quantize`. `clip`: the clipping
+    search (`_clip_search`; static scales only)."""
     shape = (hessian[0] if isinstance(hessian, list) else hessian).shape
     if w.ndim != 3 or shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise QuantscaleError(
@@ -459,13 +463,15 @@ def gptq_quantize_batch(
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
     scales = _Scales(args, gs, static, dtype)
-    if static:
-        qp_static = scales.qparams_of(wf)
-        scales.set_static(wf.shape, qp_static, perm)
-    wt = _transposed(wf, perm)
-    del wf
-    losses = _column_loop(wt, upper, args, scales, block_size)
-    del upper
+    if clip is not None and static:
+        wt, qp_static, losses = _clip_search(wf, perm, upper, args, scales, block_size, clip)
+    else:
+        if static:
+            qp_static = scales.qparams_of(wf)
+            scales.set_static(wf.shape, qp_static, perm)
+        wt = _transposed(wf, perm)
+        losses = _column_loop(wt, upper, args, scales, block_size).sum(1).tolist()
+    del wf, upper
     q = wt.transpose(1, 2)
     g_idx: list[torch.Tensor | None] = [None] * w.shape[0]
     if perm is not None:
@@ -480,6 +486,61 @@ def gptq_quantize_batch(
         qp = qp_static[e] if static else scales.assembled(e)
         out.append(GPTQResult(q[e].to(w.dtype).contiguous(), qp, g_idx[e], losses[e]))
     return out
+
+
+def _clip_search(
+    wf: torch.Tensor,
+    perm: torch.Tensor | None,
+    upper: torch.Tensor,
+    args: QuantArgs,
+    scales: _Scales,
+    block_size: int,
+    clip: tuple[float, ...],
+) -> tuple[torch.Tensor, list[QParams], list[float]]:
+    """GPTQ with the static ranges shrunk by each factor of `clip` (1.0: the observer's);
+    each output row keeps the factor of least GPTQ loss (rows are independent, so the
+    result is one GPTQ solve on the chosen scales). Scales that span rows (tensor, block)
+    take one factor per weight. -> (wt [E, cols, rows], qparams, losses)."""
+    per_row = args.strategy in ("channel", "group", "tensor_group")
+    best_wt: torch.Tensor | None = None
+    best_qp: list[QParams] = []
+    best: torch.Tensor | None = None
+    for factor in clip:
+        qps = scales.qparams_of(wf, factor)
+        scales.set_static(wf.shape, qps, perm)
+        wt = _transposed(wf, perm)
+        loss = _column_loop(wt, upper, args, scales, block_size)
+        if not per_row:
+            loss = loss.sum(1, keepdim=True).expand_as(loss).contiguous()
+        if best is None or best_wt is None:
+            best_wt, best_qp, best = wt, qps, loss
+            continue
+        better = loss < best  # [E, rows]
+        best = torch.where(better, loss, best)
+        for e, rows in enumerate(better):  # in place: two weight-sized copies at most
+            idx = rows.nonzero().squeeze(1)
+            best_wt[e][:, idx] = wt[e][:, idx]
+        best_qp = [_rows_where(b, new, old) for b, new, old in zip(better, qps, best_qp)]
+        del wt
+    assert best_wt is not None and best is not None
+    return best_wt, best_qp, best[:, :1].sum(1).tolist() if not per_row else best.sum(1).tolist()
+
+
+def _rows_where(better: torch.Tensor, new: QParams, old: QParams) -> QParams:
+    """qparams taking `new`'s rows where `better` [rows], else `old`'s; a scale of one row
+    (per-tensor, chosen per weight) takes `new` when any row is better."""
+
+    def pick(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None or b is None:
+            return a
+        if a.ndim == 0 or a.shape[0] != better.shape[0]:
+            return a if bool(better.any()) else b
+        mask = better.reshape(-1, *([1] * (a.ndim - 1)))
+        return torch.where(mask, a, b)
+
+    scale = pick(new.scale, old.scale)
+    assert scale is not None
+    return QParams(scale, pick(new.zero_point, old.zero_point), new.global_scale)
 
 
 def _transposed(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -545,14 +606,15 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) ->
 
 def _column_loop(
     wt: torch.Tensor, upper: torch.Tensor, args: QuantArgs, scales: _Scales, block_size: int
-) -> list[float]:
+) -> torch.Tensor:
     """The GPTQ loop over a batch wt [E, cols, rows], which ends holding the fake-quantized
-    weights (each column is replaced once quantized) -> each weight's loss.
+    weights (each column is replaced once quantized) -> each row's loss [E, rows] (float64).
 
-    loss = sum of (w - q)^2 / (2 U_ii^2) over columns (U: the factor), GPTQ's own estimate.
+    loss = sum of (w - q)^2 / (2 U_ii^2) over columns (U: the factor), GPTQ's own estimate:
+    the row's output error tr(dW H dW^T) / 2 on the damped Hessian (rows are independent).
     """
     cols = wt.shape[1]
-    losses = [0.0] * wt.shape[0]
+    losses = torch.zeros(wt.shape[0], wt.shape[2], dtype=torch.float64, device=wt.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = wt[:, i1:i2]
@@ -568,8 +630,7 @@ def _column_loop(
             err1[:, i] = err
             if i + 1 < i2 - i1:
                 w1[:, i + 1 :].addcmul_(hinv1[:, i, i + 1 :, None], err[:, None, :], value=-1.0)
-        block_loss = err1.pow(2).sum((1, 2)).tolist()
-        losses = [loss + part / 2 for loss, part in zip(losses, block_loss)]
+        losses += err1.pow(2).sum(1).double() / 2
         if i2 < cols:
             wt[:, i2:].baddbmm_(upper[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1.0)
     return losses
@@ -713,6 +774,7 @@ class GPTQ:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     hessian_dtype: str | None = None
     expert_parallel: bool = False
+    clip: tuple[float, ...] | None = None  # the clipping search's factors (`_clip_search`)
     report: list[dict] = field(default_factory=list)
     _tracker: _InputTracker | None = field(default=None, repr=False)
 
@@ -887,6 +949,7 @@ class GPTQ:
             "block_size": self.block_size,
             "dampening_frac": self.dampening_frac,
             "actorder": self.actorder,
+            "clip": self.clip,
         }
 
     def _report(self, stack: list[str], tokens: int, method: str, loss: float, batch: int) -> None:

@@ -30,11 +30,13 @@ _HALF = (torch.bfloat16, torch.float16)
 _MINMAX = (None, "minmax", "static_minmax", "memoryless_minmax")
 
 
-def observed_qparams(w: torch.Tensor, args: QuantArgs) -> QParams:
+def observed_qparams(
+    w: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None, clip: float = 1.0
+) -> QParams:
     """The weight's qparams from min-max ranges, or `args.observer` (e.g. 'mse') with
-    `args.observer_kwargs`."""
-    global_scale = None
-    if args.is_nvfp4:
+    `args.observer_kwargs`, the ranges shrunk by `clip`; NVFP4's `global_scale` defaults to
+    the weight's own."""
+    if args.is_nvfp4 and global_scale is None:
         global_scale = nvfp4_global_scale(w.detach().abs().amax() if w.numel() else 0.0)
     if args.observer in _MINMAX:
         mn, mx = reduce_minmax(w, args, WEIGHT)
@@ -42,6 +44,8 @@ def observed_qparams(w: torch.Tensor, args: QuantArgs) -> QParams:
         obs = get_observer(args.observer, args=args, role=WEIGHT, **args.observer_kwargs)
         obs.update(w)
         mn, mx = obs.min_max()
+    if clip != 1.0:
+        mn, mx = mn * clip, mx * clip
     return compute_qparams(args, mn, mx, global_scale)
 
 
@@ -86,12 +90,18 @@ def held_scales(args: QuantArgs, qp: QParams, dtype: torch.dtype | None) -> QPar
     return stored_scales(qp, dtype)
 
 
+def range_qparams(
+    w: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None, clip: float = 1.0
+) -> QParams:
+    """The `observed_qparams`, min-max symmetric int scales on the `full_range` (a searching
+    observer such as 'mse' keeps the scale it found)."""
+    qp = observed_qparams(w, args, global_scale, clip)
+    return full_range(args, qp) if args.observer in _MINMAX else qp
+
+
 def rtn_qparams(w: torch.Tensor, args: QuantArgs) -> QParams:
-    """RTN's qparams: the `observed_qparams`, min-max symmetric int scales on the
-    `full_range`, held as the format holds them (`held_scales`)."""
-    qp = observed_qparams(w, args)
-    qp = full_range(args, qp) if args.observer in _MINMAX else qp
-    return held_scales(args, qp, weight_scale_dtype(args, w.dtype))
+    """RTN's qparams: the `range_qparams`, held as the format holds them (`held_scales`)."""
+    return held_scales(args, range_qparams(w, args), weight_scale_dtype(args, w.dtype))
 
 
 def rtn_weight(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, QParams]:

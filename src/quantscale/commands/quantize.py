@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             f"--scheme {args.scheme}{' --method ' + args.method if args.method else ''} runs "
             "in one process"
         )
+    from quantscale.algorithms.gptq import CLIP_GRID
     from quantscale.orchestrator import GPTQOptions, quantize_checkpoint
 
     gptq = GPTQOptions(
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         expert_parallel=args.expert_parallel,
         autoround_steps=args.autoround_steps,
         autoround_lr=args.autoround_lr,
+        weight_observer=args.weight_observer,
+        clip=CLIP_GRID if args.gptq_clip == () else args.gptq_clip,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -159,6 +162,15 @@ def stream_options(args: argparse.Namespace) -> StreamOptions | bool:
     return StreamOptions(
         work_dir=args.work_dir, device=args.device or "auto", max_memory=args.max_memory
     )
+
+
+def _factors(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(f) for f in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated shrink factors, e.g. 1,0.9,0.8"
+        ) from err
 
 
 def _size(text: str) -> int:
@@ -247,7 +259,7 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         dest="format",
         choices=sorted(EXPORTERS),
         default=None,
-        help="output format (default compressed-tensors)",
+        help="output format (default compressed-tensors; a Mamba model: the Quamba layout)",
     )
     add_calibration_options(p, batch_size=4)
     add_dtype_option(p, default="bfloat16")
@@ -272,6 +284,24 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weights per scale group of an int group scheme (W4A16 default 128; use one "
         "dividing in_features for vLLM / compressed-tensors, e.g. 64 for SmolLM2's 576)",
+    )
+    p.add_argument(
+        "--gptq-clip",
+        type=_factors,
+        nargs="?",
+        const=(),
+        default=None,
+        help="GPTQ clipping search: solve with the weight ranges shrunk by each factor "
+        "(default grid 1,0.95,0.9,0.85,0.8), each output row keeping the one of least "
+        "output error on the calibration data (SmolLM2 W4A16 31.78 -> 27.73 perplexity, "
+        "about 1.5x the GPTQ time)",
+    )
+    p.add_argument(
+        "--weight-observer",
+        choices=["minmax", "mse"],
+        default=None,
+        help="weight scales (RTN, GPTQ, AutoRound): min-max (default) or mse, a clipping "
+        "search per scale group (Gemma-3 W4A16 GPTQ 33.23 -> 31.57 perplexity)",
     )
     p.add_argument(
         "--kv-cache",
@@ -320,7 +350,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="fp8-block",
         help="fp8-block (streaming) or a preset (W4A16, NVFP4, W8A8, ...) or a recipe YAML/JSON; "
         "a Mamba / Mamba2 model: W8A8 (Quamba), W4A8 / W4A16 (Quamba2 int4 weights, "
-        "--method rtn|gptq) or a MambaRecipe YAML",
+        "--method rtn|gptq) or a MambaRecipe YAML; with --format compressed-tensors any "
+        "preset on its Linear layers (in_proj, x_proj, out_proj), as an LLM's",
     )
     p.add_argument(
         "--block", type=parse_block, default=None, help="fp8-block's tile (128x128), e.g. 64x128"
