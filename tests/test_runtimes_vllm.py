@@ -128,14 +128,11 @@ def test_cpu_build_refuses_fp4_and_fp8_block(tmp_path, fmt, scheme):
     message = next(f.message for f in cpu.errors if f.message.startswith(VLLM_CPU))
     assert "CPU build only" in message
     assert ("amx_tile" if scheme == "FP8_BLOCK" else "FP4") in message
-    # GPU builds serve it (FP8 block: but v_proj after the 64-row k_proj, the merged rule);
-    # without --runtime the CPU-build rules stay quiet
-    merged = {t for t in _modules(validate_checkpoint(out, runtime="vllm"), VLLM)}
-    assert merged == (
-        {f"model.layers.{i}.self_attn.v_proj.weight" for i in (0, 1)}
-        if scheme == "FP8_BLOCK"
-        else set()
-    )
+    # GPU builds serve it (FP8 block: but the 64-row k_proj fused into qkv_proj, the merged
+    # rule); without --runtime the CPU-build rules stay quiet
+    merged = _modules(validate_checkpoint(out, runtime="vllm"), VLLM)
+    ragged = {f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, 1)}
+    assert merged == (ragged if scheme == "FP8_BLOCK" else set())
     assert {f.code for f in validate_checkpoint(out).findings} <= {"runtime-refuses"}
     assert not _modules(validate_checkpoint(out), VLLM_CPU)
 
@@ -174,6 +171,28 @@ def test_merged_fp8_block_shards_named(tmp_path):
     assert [r for r in runtime_refusals(fixed, "vllm-cpu") if r.runtime == VLLM] == []
 
 
+def test_compressed_tensors_fp8_block_shards_refused(tmp_path):
+    """The compressed-tensors FP8_BLOCK export of SmolLM2's shapes: vLLM refuses q_proj and
+    k_proj at load (`Weight output_partition_size = 576 is not divisible by weight
+    quantization block_n = 128`, run on vLLM CPU); transformers fails on the 576-wide
+    activation groups."""
+    model = make_tiny_llama(
+        96, WIDE, 256, torch.bfloat16, num_attention_heads=9, num_key_value_heads=3
+    )
+    quantize_model(model, "FP8_BLOCK", CALIB)
+    out = export_model(model, tmp_path / "out", "compressed-tensors")
+    vllm = [r for r in runtime_refusals(out, "vllm") if r.runtime == VLLM]
+    assert {r.tensor.split(".")[-2] for r in vllm} == {"q_proj", "k_proj"}
+    q = next(r for r in vllm if "q_proj" in r.tensor)
+    assert (
+        "output_partition_size = 576 is not divisible by weight quantization block_n = 128"
+        in q.reason
+    )
+    tf = [r for r in runtime_refusals(out, "transformers") if "unflatten" in r.reason]
+    assert {r.tensor.split(".")[-2] for r in tf} == RAGGED  # in_features 576; down_proj 256
+    assert "Provided sizes [5, 128]" in tf[0].reason
+
+
 @pytest.mark.parametrize("streamed", [True, False])
 def test_quantize_warns_on_misplaced_fp8_block_shards(tmp_path, caplog, streamed):
     """Both FP8 block exports (the streamed fp8-block scheme, the FP8_BLOCK preset) warn
@@ -185,7 +204,7 @@ def test_quantize_warns_on_misplaced_fp8_block_shards(tmp_path, caplog, streamed
         else:
             model = make_tiny_llama(96, WIDE, 256, torch.bfloat16, **shapes)
             quantize_model(model, "FP8_BLOCK", CALIB)
-    warned = [r.getMessage() for r in caplog.records if "wrong scales" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "mis-scale" in r.getMessage()]
     assert len(warned) == 1 and "4 modules" in warned[0] and "--block 64x128" in warned[0]
 
 

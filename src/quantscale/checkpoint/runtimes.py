@@ -450,6 +450,31 @@ def ct_group_refusals(ckpt: Checkpoint) -> list[Refusal]:
         group = _weight_group(sw) if sw.kind == CT else None
         if group and (reason := ct_group_rule(sw.shape[-1], group)):
             found.append(Refusal(stored, CT_RUNTIME, CT_VERSIONS, reason))
+    return found + _ct_act_group_refusals(ckpt, weights)
+
+
+def _ct_act_group_refusals(ckpt: Checkpoint, weights: Mapping[str, StoredWeight]) -> list[Refusal]:
+    """Weights whose group-quantized input activations (FP8_BLOCK's dynamic groups of 128)
+    compressed-tensors cannot split: in_features not a multiple of the group."""
+    try:
+        recipe = Recipe.from_quantization_config(ckpt.quantization_config or {})
+    except ValueError:
+        return []
+    found = []
+    for stored, sw in sorted(weights.items()):
+        scheme = recipe.scheme_for(module_path(sw.name))
+        acts = scheme.input_activations if scheme is not None else None
+        if acts is None or acts.strategy != "group" or not acts.group_size:
+            continue
+        cols, group = sw.shape[-1], acts.group_size
+        if cols % group:
+            reason = (
+                f"fails at the first forward: unflatten: Provided sizes [{-(-cols // group)}, "
+                f"{group}] don't multiply up to the size of dim 2 ({cols}) in the input tensor "
+                f"(dynamic activation groups of {group} over {cols} inputs; SmolLM2 FP8 block); "
+                "use FP8_DYNAMIC for transformers"
+            )
+            found.append(Refusal(stored, CT_RUNTIME, CT_VERSIONS, reason))
     return found
 
 
@@ -563,21 +588,29 @@ def _fp8_block_cpu_reason(block: tuple[int, int]) -> str:
     )
 
 
-def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[str, str]:
-    """{module: reason} for the block-FP8 modules vLLM fuses (qkv_proj, gate_up_proj) after a
-    shard whose rows (`rows`: module path -> out_features) block_n does not divide: their
-    scale rows land on another shard's rows."""
-    bn, bk = block
-    found = {}
+def _ragged_fused(rows: Mapping[str, int], bn: int) -> list[tuple[list[str], list[int], int]]:
+    """(shard modules, their rows, index of the first non-last shard block_n does not divide)
+    for each layer vLLM fuses (`naming.fused_siblings`: qkv_proj, gate_up_proj) from `rows`
+    (module path -> out_features)."""
+    found = []
     for module in sorted(rows):
         shards = fused_siblings(module)
         if len(shards) == 1 or shards[0] != module or any(s not in rows for s in shards):
             continue
-        group = [s.rpartition(".")[2] for s in shards]
         sizes = [rows[s] for s in shards]
         ragged = next((i for i, r in enumerate(sizes[:-1]) if r % bn), None)
-        if ragged is None:
-            continue
+        if ragged is not None:
+            found.append((shards, sizes, ragged))
+    return found
+
+
+def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[str, str]:
+    """{module: reason} for the HF block-FP8 modules vLLM fuses after a shard whose rows
+    block_n does not divide: their scale rows land on another shard's rows."""
+    bn, bk = block
+    found = {}
+    for shards, sizes, ragged in _ragged_fused(rows, bn):
+        group = [s.rpartition(".")[2] for s in shards]
         fit = math.gcd(*sizes) & -math.gcd(*sizes)  # the largest power of two dividing all
         reason = MERGED_BLOCK_REASON.format(
             fused="+".join(g.removesuffix("_proj") for g in group),
@@ -590,14 +623,36 @@ def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[st
     return found
 
 
-def merged_block_refusals(plan: DequantPlan) -> list[Refusal]:
-    """`misplaced_shards` of a checkpoint's block-FP8 weights, from the dequantize plan."""
+CT_MERGED_BLOCK_REASON = (
+    "refuses to load on every build (seen on vLLM CPU, SmolLM2 FP8 block): Weight "
+    "output_partition_size = {rows} is not divisible by weight quantization block_n = {bn} "
+    "(validate_fp8_block_shape on a fused layer; the compressed-tensors path gets no "
+    "allowance, HF-layout files load with misplaced scales instead); write blocks of "
+    "{fit} rows (a recipe with block_structure [{fit}, {bk}], or --scheme fp8-block --block "
+    "{fit}x{bk})"
+)
+
+
+def merged_block_refusals(plan: DequantPlan, hf: bool) -> list[Refusal]:
+    """Block-FP8 weights of the layers vLLM fuses, from the dequantize plan: HF layout
+    (`hf`) the shards after a ragged one (`misplaced_shards`), compressed-tensors every
+    non-last shard block_n does not divide (refused at load)."""
     if plan.block is None:
         return []
     stored = {module_path(sw.name): n for n, sw in plan.weights.items() if sw.kind == FP8}
     rows = {module_path(sw.name): sw.shape[0] for sw in plan.weights.values() if sw.kind == FP8}
-    found = misplaced_shards(rows, plan.block)
-    return [Refusal(stored[m], VLLM, VLLM_VERSION, reason) for m, reason in found.items()]
+    if hf:
+        found = misplaced_shards(rows, plan.block)
+        return [Refusal(stored[m], VLLM, VLLM_VERSION, reason) for m, reason in found.items()]
+    bn, bk = plan.block
+    refused = []
+    for shards, sizes, _ in _ragged_fused(rows, bn):
+        fit = min(math.gcd(*sizes) & -math.gcd(*sizes), bn)
+        for shard, size in zip(shards[:-1], sizes[:-1], strict=True):
+            if size % bn:
+                reason = CT_MERGED_BLOCK_REASON.format(rows=size, bn=bn, fit=fit, bk=bk)
+                refused.append(Refusal(stored[shard], VLLM, VLLM_VERSION, reason))
+    return refused
 
 
 def merged_block_warnings(rows: Mapping[str, int], block: tuple[int, int]) -> list[str]:
@@ -607,8 +662,8 @@ def merged_block_warnings(rows: Mapping[str, int], block: tuple[int, int]) -> li
     for module, reason in misplaced_shards(rows, block).items():
         by_reason[reason].append(module)
     messages = [
-        f"{VLLM} {VLLM_VERSION} will run {len(names)} modules ({group_names(names)}) with "
-        f"wrong scales: {reason}"
+        f"{VLLM} {VLLM_VERSION} will mis-scale (HF layout) or refuse (compressed-tensors) "
+        f"{len(names)} modules ({group_names(names)}): {reason}"
         for reason, names in by_reason.items()
     ]
     for message in messages:
@@ -754,7 +809,7 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     except CheckpointError:
         return []  # a broken layout is validate's "layout" error already
     block = plan.block or (DEFAULT_BLOCK if detect_layout(ckpt) is HF_FP8 else None)
-    found = merged_block_refusals(replace(plan, block=block))
+    found = merged_block_refusals(replace(plan, block=block), detect_layout(ckpt) is HF_FP8)
     for stored, sw in sorted(plan.weights.items()):
         group = _weight_group(sw)
         if group and (reason := vllm_group_rule(sw.shape[-1], group)):
