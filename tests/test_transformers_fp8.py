@@ -51,9 +51,10 @@ def test_smollm2_widths_are_refused_and_predicted(tmp_path):
     fp8, _ = _make(tmp_path, hidden=576, intermediate=1536, heads=9, kv_heads=3)
     with pytest.raises(Exception) as err:
         _load(fp8)
-    refusals = runtime_refusals(fp8)
+    found = runtime_refusals(fp8)  # also vLLM's merged-shard rule (k / v after q's 576 rows)
+    refusals = [r for r in found if r.runtime == TRANSFORMERS]
     assert {r.tensor.split(".")[-2] for r in refusals} == set(PROJ)
-    assert all(r.runtime == TRANSFORMERS and "refuses" in r.reason for r in refusals)
+    assert all("refuses" in r.reason for r in refusals)
     assert "q_proj" in [r.tensor.split(".")[-2] for r in refusals]
     message = str(err.value) + repr(err.value.__cause__) + repr(err.value.__context__)
     assert "automatic conversion" in message or "not divisible by scale grid" in message

@@ -17,6 +17,7 @@ import torch
 from quantscale import progress
 from quantscale.checkpoint.layouts import CT_SCALE, HF_SCALE, FP8Facts, hf_fp8_config, hf_scale_name
 from quantscale.checkpoint.read import Checkpoint, TensorInfo
+from quantscale.checkpoint.runtimes import merged_block_warnings
 from quantscale.checkpoint.transform import ShardRunner, TensorPlan, transform_checkpoint
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp8 import DEFAULT_BLOCK, E4M3, block_grid
@@ -86,6 +87,7 @@ def quantize_checkpoint_fp8(
     targets = {n for n, i in ckpt.tensors.items() if quantizable(i, ignore)}
     if not targets:
         raise QuantscaleError(f"{ckpt.path}: no 2-D weight left to quantize after ignores")
+    merged_block_warnings({module_path(n): ckpt.tensors[n].shape[0] for n in targets}, block)
     if backend == "auto":
         total = sum(math.prod(ckpt.tensors[n].shape) for n in targets)
         backend = choose_backend(total)

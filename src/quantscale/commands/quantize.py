@@ -56,7 +56,7 @@ def run_fp8_block(args: argparse.Namespace) -> int:
     out = quantize_checkpoint_fp8(
         args.model_dir,
         args.out,
-        block=args.block,
+        block=args.block or (128, 128),
         ignore=args.ignore,
         scale_fmt=args.scale_fmt,
         overwrite=args.overwrite,
@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     handler = SCHEMES.get(args.scheme)
     if handler is not None and args.method is None:
         return handler(args)
+    if args.block is not None:
+        raise QuantscaleError(
+            f"--block applies to the streamed --scheme fp8-block only (without --method); "
+            f"--scheme {args.scheme} takes its blocks from the scheme (FP8_BLOCK: 128x128)"
+        )
     if args.ray or args.ray_address or args.rank is not None or args.world_size is not None:
         raise QuantscaleError(
             "--ray / --rank / --world-size spread the streamed fp8-block scheme's shards; "
@@ -348,7 +353,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--method rtn|gptq) or a MambaRecipe YAML; with --format compressed-tensors any "
         "preset on its Linear layers (in_proj, x_proj, out_proj), as an LLM's",
     )
-    p.add_argument("--block", type=parse_block, default=(128, 128), help="tile, e.g. 128x128")
+    p.add_argument(
+        "--block", type=parse_block, default=None, help="fp8-block's tile (128x128), e.g. 64x128"
+    )
     p.add_argument(
         "--ignore",
         nargs="*",
