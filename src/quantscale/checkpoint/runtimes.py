@@ -519,13 +519,11 @@ def ragged_group_warnings(linears: Mapping[str, SchemedLinear]) -> list[str]:
             continue
         if reason := vllm_group_rule(ql.in_features, w.group_size):
             by_reason[reason].append(name)
-    messages = [
-        f"{VLLM} {VLLM_VERSION} will refuse {len(names)} modules ({group_names(names)}): "
-        f"{reason} (compressed-tensors under transformers fails on them at the first forward)"
-        for reason, names in by_reason.items()
-    ]
-    for message in messages:
-        log.warning(message)
+    messages = _log_warnings(
+        by_reason,
+        "will refuse",
+        " (compressed-tensors under transformers fails on them at the first forward)",
+    )
     blocks: dict[tuple[int, int], dict[str, int]] = defaultdict(dict)
     for name, ql in linears.items():
         w = ql.scheme.weights
@@ -661,9 +659,14 @@ def merged_block_warnings(rows: Mapping[str, int], block: tuple[int, int]) -> li
     by_reason: dict[str, list[str]] = defaultdict(list)
     for module, reason in misplaced_shards(rows, block).items():
         by_reason[reason].append(module)
+    return _log_warnings(by_reason, "will mis-scale (HF layout) or refuse (compressed-tensors)")
+
+
+def _log_warnings(by_reason: Mapping[str, list[str]], verb: str, tail: str = "") -> list[str]:
+    """Log (and return) one "vLLM <version> <verb> N modules (...): <reason>" warning per
+    reason."""
     messages = [
-        f"{VLLM} {VLLM_VERSION} will mis-scale (HF layout) or refuse (compressed-tensors) "
-        f"{len(names)} modules ({group_names(names)}): {reason}"
+        f"{VLLM} {VLLM_VERSION} {verb} {len(names)} modules ({group_names(names)}): {reason}{tail}"
         for reason, names in by_reason.items()
     ]
     for message in messages:
