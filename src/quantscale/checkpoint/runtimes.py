@@ -209,16 +209,25 @@ EXPERT_REASONS = {
 }
 
 
+def _ct_plan(ckpt: Checkpoint) -> tuple[DequantPlan, Recipe] | None:
+    """(dequantize plan, recipe) of a compressed-tensors checkpoint; None for another layout,
+    or a broken layout or config (validate reports those itself)."""
+    qc = ckpt.quantization_config or {}
+    if qc.get("quant_method") != CT_METHOD:
+        return None
+    try:
+        return plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
+    except (CheckpointError, ValueError):
+        return None
+
+
 def expert_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """Quantized MoE expert weights transformers' compressed-tensors path loads wrongly or not
     at all (see the module docstring); weight-only experts load exactly."""
-    qc = ckpt.quantization_config or {}
-    if qc.get("quant_method") != CT_METHOD:
+    parsed = _ct_plan(ckpt)
+    if parsed is None:
         return []
-    try:
-        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
-    except (CheckpointError, ValueError):
-        return []  # validate reports a broken layout or config itself
+    plan, recipe = parsed
     granite = (ckpt.config or {}).get("model_type") == "granitemoehybrid"
     found = []
     for stored, sw in sorted(plan.weights.items()):
@@ -330,13 +339,10 @@ DYNAMIC_INT8_REASON = (
 def dynamic_int8_refusals(ckpt: Checkpoint) -> list[Refusal]:
     """Int8 weights with dynamic per-token int8 inputs (not MoE experts: `expert_refusals`
     names those), which compressed-tensors under transformers quantizes on another grid."""
-    qc = ckpt.quantization_config or {}
-    if qc.get("quant_method") != CT_METHOD:
+    parsed = _ct_plan(ckpt)
+    if parsed is None:
         return []
-    try:
-        plan, recipe = plan_dequantize(ckpt), Recipe.from_quantization_config(qc)
-    except (CheckpointError, ValueError):
-        return []
+    plan, recipe = parsed
     found = []
     for stored, sw in sorted(plan.weights.items()):
         module = module_path(sw.name)
