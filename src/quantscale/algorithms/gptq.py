@@ -405,7 +405,7 @@ def gptq_quantize(
     `scale_dtype` "weight": `rtn.weight_scale_dtype` (int and FP8 scales rounded to the
     scheme's scale dtype or w's 16-bit dtype, so that runtimes which hold scales in the model
     dtype dequantize to exactly the weights returned here).
-    `clip_search` (e.g. `CLIP_GRID`): static ranges shrunk by each factor, each output row solved
+    `clip_search` (e.g. `CLIP_GRID`): the ranges shrunk by each factor, each output row solved
     on the one of least GPTQ loss (`_clip_search`); None: the observer's ranges.
     """
     h = hessian[0] if isinstance(hessian, list) else hessian
@@ -449,7 +449,7 @@ def gptq_quantize_batch(
     Every operation is the per-weight one on a batch, so each result equals `gptq_quantize`'s
     up to the rounding of the batched matmul kernels (bitwise on the CPUs we tried). A
     one-element list hands the Hessians over, as in `gptq_quantize`. `clip_search`: the
-    clipping search (`_clip_search`; static scales only)."""
+    clipping search (`_clip_search`)."""
     shape = (hessian[0] if isinstance(hessian, list) else hessian).shape
     if w.ndim != 3 or shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise QuantscaleError(
@@ -470,7 +470,7 @@ def gptq_quantize_batch(
     dtype = weight_scale_dtype(args, w.dtype) if scale_dtype == "weight" else scale_dtype
     assert not isinstance(dtype, str), f"scale_dtype {scale_dtype!r}: a torch dtype or 'weight'"
     if clip_search is not None:
-        make = lambda clip: _Scales(args, gs, static, dtype, clip)  # noqa: E731
+        make = functools.partial(_Scales, args, gs, static, dtype)
         wt, qps, losses = _clip_search(wf, perm, upper, args, make, block_size, clip_search)
     else:
         scales = _Scales(args, gs, static, dtype)
@@ -510,9 +510,9 @@ def _clip_search(
     rows (tensor, block) take one factor per weight. -> (wt [E, cols, rows], qparams,
     losses)."""
     per_row = args.strategy in ("channel", "group", "tensor_group")
-    best_wt: torch.Tensor | None = None
+    best_wt = torch.empty(0)
     best_qp: list[QParams] = []
-    best: torch.Tensor | None = None
+    best: torch.Tensor | None = None  # loss [E, rows], or [E, 1] when chosen per weight
     for factor in clip:
         scales = make(factor)
         if scales.static:
@@ -521,19 +521,20 @@ def _clip_search(
         loss = _column_loop(wt, upper, args, scales, block_size)
         qps = scales.qparams()
         if not per_row:
-            loss = loss.sum(1, keepdim=True).expand_as(loss).contiguous()
-        if best is None or best_wt is None:
+            loss = loss.sum(1, keepdim=True)
+        if best is None:
             best_wt, best_qp, best = wt, qps, loss
             continue
-        better = loss < best  # [E, rows]
-        best = torch.where(better, loss, best)
+        lower = loss < best
+        best = torch.where(lower, loss, best)
+        better = lower.expand(-1, wt.shape[2])  # [E, rows]
         for e, rows in enumerate(better):  # in place: two weight-sized copies at most
             idx = rows.nonzero().squeeze(1)
             best_wt[e][:, idx] = wt[e][:, idx]
         best_qp = [_rows_where(b, new, old) for b, new, old in zip(better, qps, best_qp)]
         del wt
-    assert best_wt is not None and best is not None
-    return best_wt, best_qp, best[:, :1].sum(1).tolist() if not per_row else best.sum(1).tolist()
+    assert best is not None, "an empty clip grid"
+    return best_wt, best_qp, best.sum(1).tolist()
 
 
 def _rows_where(better: torch.Tensor, new: QParams, old: QParams) -> QParams:

@@ -16,6 +16,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from quantscale.algorithms.gptq import CLIP_GRID
 from quantscale.commands.options import (
     add_calibration_options,
     add_dtype_option,
@@ -26,6 +27,7 @@ from quantscale.commands.options import (
     print_written,
 )
 from quantscale.errors import QuantscaleError
+from quantscale.orchestrator import WEIGHT_OBSERVERS
 
 if TYPE_CHECKING:
     from quantscale.scheme import LearnScales
@@ -86,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
             f"--scheme {args.scheme}{' --method ' + args.method if args.method else ''} runs "
             "in one process"
         )
-    from quantscale.algorithms.gptq import CLIP_GRID
     from quantscale.orchestrator import GPTQOptions, quantize_checkpoint
 
     gptq = GPTQOptions(
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         autoround_steps=args.autoround_steps,
         autoround_lr=args.autoround_lr,
         weight_observer=args.weight_observer,
-        clip_search=CLIP_GRID if args.gptq_clip == () else args.gptq_clip,
+        clip_search=args.gptq_clip,
     )
     out = quantize_checkpoint(
         args.model_dir,
@@ -289,16 +290,16 @@ def add_calibrated_options(p: argparse.ArgumentParser) -> None:
         "--gptq-clip",
         type=_factors,
         nargs="?",
-        const=(),
+        const=CLIP_GRID,
         default=None,
         help="GPTQ clipping search: solve with the weight ranges shrunk by each factor "
-        "(default grid 1,0.95,0.9,0.85,0.8), each output row keeping the one of least "
+        f"(default grid {','.join(map(str, CLIP_GRID))}), each output row keeping the one of least "
         "output error on the calibration data (SmolLM2 W4A16 31.78 -> 27.73 perplexity, "
         "about 1.5x the GPTQ time)",
     )
     p.add_argument(
         "--weight-observer",
-        choices=["minmax", "mse"],
+        choices=WEIGHT_OBSERVERS,
         default=None,
         help="weight scales (RTN, GPTQ, AutoRound): min-max (default) or mse, a clipping "
         "search per scale group (Gemma-3 W4A16 GPTQ 33.23 -> 31.57 perplexity)",
