@@ -99,6 +99,22 @@ def test_rotated_two_ranks_equal_one_process(tiny, one_thread):
     assert json.loads((one / "config.json").read_text())["quantization_config"]["transform_config"]
 
 
+def test_clip_search_and_mse_observer_two_ranks_equal_one_process(tiny, one_thread):
+    """`--gptq-clip --weight-observer mse` under torchrun: the owner rank's clipped solve and
+    its codes reach every rank; the checkpoint is the one process's bit for bit."""
+    from quantscale.algorithms.gptq import CLIP_GRID
+
+    calib = {**CALIB, "calib_batch_size": 2, "calib_data": tiny / "calib.txt"}
+    options = GPTQOptions(hessian_dtype="float64", clip_search=CLIP_GRID, weight_observer="mse")
+    one = quantize_checkpoint(
+        tiny / "m", tiny / "one-clip", "w4a16", method="gptq", gptq=options, **calib
+    )
+    flags = ("--gptq-clip", "--weight-observer", "mse")
+    two = torchrun(tiny, "two-clip", "w4a16", False, flags=flags)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_checkpoint(one, tiny / "two-clip")
+
+
 @pytest.mark.parametrize("memory", [None, "60KB"], ids=["one-pass", "expert-passes"])
 def test_moe_two_ranks_equal_one_process(tmp_path, one_thread, memory):
     """Qwen3-MoE (4 experts): expert batches and the other Linears solved on their owners,
