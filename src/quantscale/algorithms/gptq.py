@@ -30,7 +30,7 @@ Columns that never saw a non-zero input (H[i, i] == 0) are kept and quantized on
 (reference GPTQ zeroes them, which would erase MoE experts that got no tokens).
 
 `gptq_quantize_batch` runs the same solve on a batch of E weights [E, out, in] with their own
-Hessians (MoE experts): one batched Cholesky, the column loop over the whole batch, each
+Hessians (MoE experts): one factorization per Hessian, the column loop over the whole batch, each
 weight with its own act-order permutation (gathered per batch index), scales and NVFP4 global
 scale; `gptq_quantize` is the batch of one, so both are the same code. The batched ops are the
 per-weight ones on a batch (baddbmm / addcmul / batched LAPACK calls), and on the CPUs we tried
@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from quantscale import distributed
+from quantscale.algorithms import cholesky
 from quantscale.algorithms.base import register_algorithm
 from quantscale.algorithms.rtn import (
     held_scales,
@@ -155,7 +156,7 @@ class HessianAccumulator:
 
     def take(self) -> torch.Tensor:
         """`hessian()` computed in place of the sum, which the accumulator then drops: the
-        caller holds the only reference (a solve can free it once factored)."""
+        caller holds the only reference (a solve can overwrite it with its factor)."""
         assert self.sum is not None, "hessian of a rank that does not own it"
         total, self.sum = self.sum, None
         with torch.inference_mode():  # the sum may be an inference tensor (calibration's)
@@ -185,52 +186,30 @@ def inverse_hessian_factors(
     h: torch.Tensor, dampening_frac: float, owned: bool = False
 ) -> torch.Tensor:
     """`inverse_hessian_factor` of each Hessian of a batch [E, n, n]; a Hessian that is not
-    positive definite retries with tenfold dampening. The factorizations run one matrix at a
-    time: on CPU that is ~2x faster than torch's batched Cholesky (measured on 64 x 256^2),
-    bitwise equal to it, and holds one matrix's temporaries at a time. `owned`: h is the
-    caller's to overwrite (damped in place, no copy) and, for a batch of one, to free once
-    factored (the caller passes it as a temporary), so that the factor of an n-column
-    Hessian peaks at two n x n matrices instead of four."""
+    positive definite retries with tenfold dampening. Each factor is computed in its
+    Hessian's storage (`cholesky.upper_inverse_factor_`: one n x n matrix and n x 512
+    panels), one matrix at a time. `owned`: h is the caller's to overwrite and is returned
+    as the factors; otherwise the factors are a new tensor and h is left as it was."""
     diag = h.diagonal(dim1=-2, dim2=-1)
-    diag = torch.where(diag == 0, torch.ones_like(diag), diag)
+    diag = torch.where(diag == 0, torch.ones_like(diag), diag)  # a copy: h is overwritten
     base = diag.mean(-1).double()
-    if owned and h.shape[0] == 1:
-        box = [h[0]]
-        del h
-        return _inverse_factor(box, diag[0], base[0], dampening_frac, owned=True)[None]
-    factors = [
-        _inverse_factor([h[e]], diag[e], base[e], dampening_frac, owned) for e in range(h.shape[0])
-    ]
-    return torch.stack(factors) if len(factors) > 1 else factors[0][None]
+    out = h if owned else h.clone()
+    del h
+    for e in range(out.shape[0]):
+        _inverse_factor_(out[e], diag[e], base[e], dampening_frac)
+    return out
 
 
-def _inverse_factor(
-    box: list[torch.Tensor],
-    diag: torch.Tensor,
-    base: torch.Tensor,
-    dampening_frac: float,
-    owned: bool = False,
-) -> torch.Tensor:
-    """Upper Cholesky factor of (h + damp*I)^-1 for the one Hessian h [n, n] in `box` (its
-    diagonal with zeros replaced by ones, `diag`, and their mean, `base`). `owned`: h is
-    damped in place and released after its Cholesky (the box held the last reference); if
-    the inverse then fails its own Cholesky, the retry rebuilds h from that inverse."""
-    frac = dampening_frac
-    h = box.pop()
-    for _ in range(5):
-        damped = h if owned else h.clone()
-        damped.diagonal().copy_(diag).add_((base * frac).float())
-        chol, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if owned and int(info) == 0:
-            del h
-        inverse = torch.cholesky_inverse(chol)
-        del chol
-        upper, info_inv = torch.linalg.cholesky_ex(inverse, upper=True)
-        if int(info) == 0 and int(info_inv) == 0:
-            return upper
-        if owned and int(info) == 0:
-            h = torch.linalg.inv(inverse)  # h was freed: the damped Hessian, up to rounding
+def _inverse_factor_(a: torch.Tensor, diag: torch.Tensor, base: torch.Tensor, frac: float) -> None:
+    """a [n, n] -> the upper factor of (a + damp I)^-1 in place, damp = frac * base, the
+    diagonal taken from `diag` (a's own, zeros replaced by ones); tenfold dampening (up to
+    4 times) while a + damp I is not positive definite."""
+    for attempt in range(5):
+        if attempt:
+            cholesky.restore_upper(a)
+        a.diagonal().copy_(diag).add_((base * frac).float())
+        if cholesky.upper_inverse_factor_(a):
+            return
         frac = max(frac * 10, 1e-6)
     raise QuantscaleError(
         f"GPTQ: the Hessian ({diag.shape[-1]} columns) is not positive definite even with "
@@ -396,8 +375,8 @@ def gptq_quantize(
 ) -> GPTQResult:
     """GPTQ-quantize weight w [out, in] with Hessian [in, in]; see the module docstring.
 
-    A Hessian passed in a one-element list is handed over: the solve overwrites it and frees
-    it once factored (`[acc.take()]`: the factor then peaks at two Hessian-sized matrices).
+    A Hessian passed in a one-element list is handed over: the solve overwrites it with its
+    factor (`[acc.take()]`: the solve then holds one Hessian-sized matrix, not two).
 
     `actorder` "args" takes `args.actorder`, else `DEFAULT_ACTORDER`; None turns it off.
     NVFP4's `global_scale` (448*6/amax) defaults to the whole weight's; pass a shared one for
@@ -444,7 +423,7 @@ def gptq_quantize_batch(
     clip_search: tuple[float, ...] | None = None,
 ) -> list[GPTQResult]:
     """`gptq_quantize` of E independent weights w [E, out, in] with their Hessians
-    [E, in, in] at once (MoE experts): one batched Cholesky, and the column loop on the whole
+    [E, in, in] at once (MoE experts): the factors, and the column loop on the whole
     batch, each weight with its own act-order permutation, scales and NVFP4 global scale.
     Every operation is the per-weight one on a batch, so each result equals `gptq_quantize`'s
     up to the rounding of the batched matmul kernels (bitwise on the CPUs we tried). A
@@ -476,10 +455,11 @@ def gptq_quantize_batch(
         scales = _Scales(args, gs, static, dtype)
         if static:
             scales.set_static(wf.shape, scales.qparams_of(wf), perm)
-        wt = _transposed(wf, perm)
+        del wf  # wt is made from w: one float32 copy of the weight at a time
+        wt = _transposed(w.detach(), perm)
         losses = _column_loop(wt, upper, args, scales, block_size).sum(1).tolist()
         qps = scales.qparams()
-    del wf, upper
+    del upper
     q = wt.transpose(1, 2)
     g_idx: list[torch.Tensor | None] = [None] * w.shape[0]
     if perm is not None:
@@ -555,13 +535,12 @@ def _rows_where(better: torch.Tensor, new: QParams, old: QParams) -> QParams:
 
 
 def _transposed(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-    """A new [E, cols, rows] tensor: each weight of w [E, rows, cols] transposed, its columns
-    (rows of the result) in perm's order."""
-    if perm is None:
-        out = w.transpose(1, 2).contiguous()
-        return out.clone() if out.data_ptr() == w.data_ptr() else out
-    parts = [we.t().index_select(0, p) for we, p in zip(w, perm)]
-    return torch.stack(parts) if len(parts) > 1 else parts[0][None]
+    """A new float32 [E, cols, rows] tensor: each weight of w [E, rows, cols] transposed, its
+    columns (rows of the result) in perm's order."""
+    out = torch.empty(w.shape[0], w.shape[2], w.shape[1], device=w.device)
+    for we, oe, p in zip(w, out, perm if perm is not None else [None] * w.shape[0]):
+        oe.copy_(we.t() if p is None else we.t().index_select(0, p))
+    return out
 
 
 def _ordered_factors(
@@ -569,7 +548,7 @@ def _ordered_factors(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(act-order permutations [E, n] or None, factors [E, n, n] of the permuted Hessians); a
     Hessian shared by the whole batch (`expand`ed: stride 0) is permuted and factored once.
-    A one-element list hands the Hessian over: it is overwritten and freed once factored."""
+    A one-element list hands the Hessian over: it is overwritten with its factor."""
     with torch.inference_mode():  # factors are only read; the Hessian may be an inference tensor
         return _factors(hessian, actorder, dampening_frac)
 
@@ -587,7 +566,8 @@ def _factors(
     perm = None
     if actorder is not None:
         perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
-        box, owned = [_permuted(h, perm)], True
+        box = [_permute_(h, perm) if owned else _permuted(h, perm)]
+        owned = True
         del h
     else:
         box = [h]
@@ -607,6 +587,30 @@ def _permuted(h: torch.Tensor, perm: torch.Tensor, chunk: int = 1024) -> torch.T
         for start in range(0, p.shape[0], chunk):
             oe[start : start + chunk] = he.index_select(0, p[start : start + chunk])[:, p]
     return out
+
+
+def _permute_(h: torch.Tensor, perm: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """`_permuted` in h's own storage: columns a chunk of rows at a time, then rows along
+    the permutation's cycles (one row held aside per cycle). Returns h."""
+    n = h.shape[-1]
+    for he, p in zip(h, perm):
+        for start in range(0, n, chunk):
+            he[start : start + chunk] = he[start : start + chunk].index_select(1, p)
+        order = p.tolist()  # row i of the result is row order[i] of the input
+        seen = [False] * n
+        for first in range(n):
+            if seen[first] or order[first] == first:
+                continue
+            held, i = he[first].clone(), first
+            while True:
+                seen[i] = True
+                j = order[i]
+                if j == first:
+                    he[i] = held
+                    break
+                he[i] = he[j]
+                i = j
+    return h
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -916,7 +920,7 @@ class GPTQ:
         hand_over: bool = False,
     ) -> None:
         """GPTQ (or RTN without enough tokens) of the Linears sharing `acc`; `hand_over`: no
-        other solve reads acc, so its last stack takes the Hessian (freed once factored)."""
+        other solve reads acc, so its last stack takes the Hessian (overwritten with its factor)."""
         args = linears[names[0]].scheme.weights
         assert args is not None, "finish_layer passes quantized weights only"
         tokens = acc.count if acc is not None else 0
