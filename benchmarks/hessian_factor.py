@@ -31,7 +31,8 @@ n, method, threads = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(threads)
 from quantscale.algorithms import cholesky
 x = torch.randn(256, n, generator=torch.Generator().manual_seed(0))
-h = x.t() @ x * (2 / 256)
+h = x.t() @ x
+h.mul_(2 / 256)
 del x
 h.diagonal().add_(0.01 * float(h.diagonal().mean()))
 probe = h[:1, :1].clone()  # warm the LAPACK / BLAS libraries on a 1 x 1 problem
