@@ -8,7 +8,11 @@ factor's extra memory, in units of one n x n matrix. Sizes: Llama-3-8B's q/k/v /
 up inputs (4,096) and its down_proj input (14,336). Repeats alternate the two methods.
 
     .venv/bin/python benchmarks/hessian_factor.py [--sizes 4096,14336] [--repeats 2]
-        [--threads 2] [--json bench-results/hessian_factor.json]
+        [--threads 1] [--quick] [--json bench-results/hessian_factor.json]
+
+`--quick`: 4,096 only, one repeat. One thread by default: with two, MKL's `cholesky_inverse`
+stalls whenever the other core is busy (5-12 s instead of 0.2 s for 2,048 columns, seen on the
+loaded 2-core machine), which would measure contention, not the factorization.
 """
 
 from __future__ import annotations
@@ -72,10 +76,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="4096,14336", type=lambda t: [int(v) for v in t.split(",")])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="4,096 columns, one repeat")
     ap.add_argument("--json", type=Path, default=RESULTS)
     a = ap.parse_args()
-    results: dict = {"machine": common.machine(), "rows": {}}
+    if a.quick:
+        a.sizes, a.repeats = [4096], 1
+    results: dict = {"machine": common.machine(), "threads": a.threads, "sizes": {}, "rows": []}
     for n in a.sizes:
         runs: dict[str, list[dict]] = {"textbook": [], "in-place": []}
         for _ in range(a.repeats):
@@ -91,9 +98,18 @@ def main() -> None:
             for m, rs in runs.items()
         }
         row["load"] = common.loadavg()
-        results["rows"][str(n)] = row
+        results["sizes"][str(n)] = row
+        for method, r in row.items():
+            if method != "load":
+                summary = {"ok": True, "wall_min_s": r["best_s"], "loadavg": row["load"]}
+                note = f"{r['extra_matrices']:.2f} extra n x n matrices"
+                job = f"GPTQ inverse-Hessian factor, {n} columns"
+                tool = f"quantscale {method}" if method == "in-place" else "torch textbook chain"
+                results["rows"].append(
+                    common.result_row(job, tool, summary, ours="quantscale in-place", note=note)
+                )
     table = []
-    for n, row in results["rows"].items():
+    for n, row in results["sizes"].items():
         t, ours = row["textbook"], row["in-place"]
         table.append(
             [

@@ -1,6 +1,6 @@
 """Run every benchmark in this folder and print one table: quantscale vs peers vs the machine.
 
-Each benchmark module present (kernels, fp8_block, calibration, gptq, moe_gptq, mamba_speed,
+Each benchmark module present (kernels, fp8_block, calibration, gptq, hessian_factor, moe_gptq,
 streaming_scale) runs as a subprocess, `python benchmarks/X.py [--quick] --json
 bench-results/X.json`; one whose --help lacks `--json` (or `--quick`, in a quick run) is
 skipped with a note, and so are moe_gptq and streaming_scale in a quick run (`FULL_ONLY`).
@@ -30,7 +30,15 @@ import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "bench-results"
-MODULES = ("kernels", "fp8_block", "calibration", "gptq", "moe_gptq", "streaming_scale")
+MODULES = (
+    "kernels",
+    "fp8_block",
+    "calibration",
+    "gptq",
+    "hessian_factor",
+    "moe_gptq",
+    "streaming_scale",
+)
 MODULES += ("mamba_speed",)
 FULL_ONLY = ("moe_gptq", "streaming_scale")  # minutes / hours on 2 cores: not in --quick
 QUICK_BUDGET_S = 280  # --quick: all modules together, so the run stays under 5 minutes
