@@ -25,12 +25,16 @@ from quantscale.scheme import load_recipe
 STEPS = 40
 
 
-def layer_errors(scheme: str, method: str, **options) -> list[float]:
+def layer_errors(
+    scheme: str, method: str, ids: torch.Tensor | None = None, **options
+) -> list[float]:
     """Each decoder layer's output MSE against the float model's layer on the same inputs
-    (the quantized model's own inputs, as the algorithm saw them), on held-out ids."""
+    (the quantized model's own inputs, as the algorithm saw them), on held-out ids;
+    calibration on `ids` (default `calib_ids()`)."""
     ref = outlier_llama()
     model = copy.deepcopy(ref)
-    quantize_model(model, scheme, calib_ids(), method=method, **options)
+    ids = calib_ids() if ids is None else ids
+    quantize_model(model, scheme, ids, method=method, **options)
     test_ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(2))
     float_layers = decoder_layers(ref)[1]
     errors = []

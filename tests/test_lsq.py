@@ -40,9 +40,13 @@ def test_lsq_gradient_is_the_papers():
 
 
 def test_learned_scales_lower_the_layer_error():
+    """On held-out ids. 32 calibration windows: with 8 x 48 tokens the learned scales fit
+    them too closely (on an AMD EPYC, min-max: layer 0's held-out error 1.16x the observer's;
+    0.69x with 32 windows)."""
+    ids = torch.randint(0, 128, (32, 48), generator=torch.Generator().manual_seed(1))
     for observer in ("minmax", "mse"):
-        static = layer_errors(recipe("W8A8", None, observer), "rtn")
-        learned = layer_errors(recipe("W8A8", 30, observer), "rtn")
+        static = layer_errors(recipe("W8A8", None, observer), "rtn", ids)
+        learned = layer_errors(recipe("W8A8", 30, observer), "rtn", ids)
         assert all(a < r for a, r in zip(learned, static)), (observer, learned, static)
         assert sum(learned) < 0.95 * sum(static), (observer, learned, static)
 
