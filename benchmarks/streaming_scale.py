@@ -9,8 +9,10 @@ default (small: the point is memory and the streamed path, not accuracy).
 
 Jobs, each its own process under GNU time (peak RSS of the process): quantscale `--stream`
 W4A16 GPTQ (int4, group 128) and NVFP4A16 GPTQ; llm-compressor 0.14 (GPTQModifier, the same
-schemes, whole model loaded in bf16); GPTQModel 7.3 (W4A16 only: it has no NVFP4). No
-act-order anywhere. Each peer runs with `--timeout`; a timeout or an OOM kill is reported as
+schemes, whole model loaded in bf16); GPTQModel 7.3 (W4A16 only: it has no NVFP4). The peers
+run without act-order; ours with its default, "weight" (the Hessian's column order, group
+scales fixed from the original weight: the same output format). Each peer runs with
+`--timeout`; a timeout or an OOM kill is reported as
 the result it is. The table gives wall time, peak RSS and peak RSS over the checkpoint's size
 (the goal for ours: under 25%). `--resume` adds the kill-and-rerun job: ours W4A16 killed
 (SIGKILL) after a random layer, rerun with the same command; it reports the rerun's time
