@@ -305,3 +305,47 @@ def perplexity(model, tokens, seq_len=512):
             count += ids.shape[1] - 1
     return math.exp(nll / count)
 """
+
+# Zero-shot multiple choice for benchmark jobs, ours and the peers' (one scorer for every row
+# of a table): BENCH_ZS_ROWS names a JSON file {task: [{query, choices, gold}, ...]}. Each
+# choice is scored as lm-eval does: the continuation is the tokens of `query + " " + choice`
+# after those of `query`, its summed log-likelihood gives acc, divided by the choice's
+# length in characters acc_norm. The choices of one item run as one right-padded batch (the
+# padding follows every scored position, so no mask), keeping only the logits that score.
+ZS_ENV = "BENCH_ZS_ROWS"
+ZS_CODE = """
+import json, os, torch
+def _choice_scores(model, tok, head, query, choices):
+    ctx = head + tok(query, add_special_tokens=False)["input_ids"]
+    seqs = [head + tok(query + " " + c, add_special_tokens=False)["input_ids"] for c in choices]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    keep = torch.arange(len(ctx) - 1, width - 1)
+    logp = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
+    logp = logp.log_softmax(-1)
+    scores = []
+    for i, s in enumerate(seqs):
+        n = len(s) - len(ctx)
+        target = ids[i, len(ctx):len(s)]
+        scores.append(float(logp[i, :n].gather(-1, target[:, None]).sum()))
+    return scores
+def zeroshot(model, tok):
+    path = os.environ.get("BENCH_ZS_ROWS")
+    if not path:
+        return {}
+    bos = os.environ.get("BENCH_BOS_ID")
+    head = [int(bos)] if bos else []
+    out = {}
+    with torch.inference_mode():
+        for task, rows in json.loads(open(path).read()).items():
+            hits = hits_norm = 0
+            for row in rows:
+                ll = _choice_scores(model, tok, head, row["query"], row["choices"])
+                norm = [x / len(c) for x, c in zip(ll, row["choices"])]
+                hits += ll.index(max(ll)) == row["gold"]
+                hits_norm += norm.index(max(norm)) == row["gold"]
+            out[task], out[task + "_norm"] = hits / len(rows), hits_norm / len(rows)
+    return out
+"""
