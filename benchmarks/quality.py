@@ -1,8 +1,9 @@
-"""Quality table: held-out Wikipedia perplexity (and, with --zeroshot, the BIG-bench zero-shot
-accuracy of `quantscale eval --tasks zeroshot`) and time to quantize, for models x schemes x
-methods, ours in this process and (--peers) llm-compressor / GPTQModel GPTQ W4A16 in their own
-venvs (benchmarks/gptq.py's jobs) and AutoRound W4A16 (`--peers autoround`, auto-round 0.16.1
-in its own venv), all on the same calibration and held-out tokens.
+"""Quality table: held-out Wikipedia perplexity (and, with --zeroshot, the zero-shot accuracy
+of `quantscale eval --tasks zeroshot`: HellaSwag, PIQA, ARC-Easy, Social IQa, 200 items each)
+and time to quantize, for models x schemes x methods, ours in this process and (--peers)
+llm-compressor / GPTQModel GPTQ W4A16 in their own venvs (benchmarks/gptq.py's jobs) and
+AutoRound W4A16 (`--peers autoround`, auto-round 0.16.1 in its own venv), all on the same
+calibration and held-out tokens.
 
 Methods: rtn, gptq, awq, awq+gptq, importance (importance-weighted RTN: per-channel mean x^2
 collected on the calibration tokens, in the timed part), gptq-clip / awq+gptq-clip (GPTQ's
@@ -257,7 +258,7 @@ def main() -> None:
     )
     ap.add_argument("--autoround-iters", type=int, default=200, help="AutoRound steps per layer")
     ap.add_argument("--only-peers", action="store_true", help="no rows of ours (but bf16)")
-    ap.add_argument("--zeroshot", action="store_true", help="BIG-bench zero-shot (358 MB sdist)")
+    ap.add_argument("--zeroshot", action="store_true", help="zero-shot MC (85 MB wheel)")
     ap.add_argument("--json", type=Path, default=JSON_PATH)
     ap.add_argument("--show", type=Path, nargs="+", help="print the table of these results files")
     a = ap.parse_args()
