@@ -6,7 +6,8 @@ Methods: rtn, gptq, awq, awq+gptq, importance (importance-weighted RTN: per-chan
 collected on the calibration tokens, in the timed part), gptq-clip / awq+gptq-clip (GPTQ's
 clipping search, `quantize --gptq-clip`), gptq-mse (`--weight-observer mse`), and for schemes
 with static activations (W8A8, W4A8) smooth (SmoothQuant with the per-layer alpha search,
-then RTN) and rotate (Hadamard R1+R2+R4, then RTN). Combinations that do not apply are
+then RTN), sq / sq+gptq (SmoothQuant at alpha 0.85 on every mapping, then RTN / GPTQ) and
+rotate (Hadamard R1+R2+R4, then RTN). Combinations that do not apply are
 skipped (AWQ on a static-activation scheme; smooth / rotate on weight-only schemes); a method
 the model refuses (rotation of Gemma-3's (1 + weight) RMSNorm) is a row with its error.
 
@@ -48,11 +49,12 @@ import gptq  # noqa: E402
 SCHEMES = ("W4A16", "NVFP4A16", "MXFP4A16", "W8A8", "W4A8")
 METHODS = (
     "rtn", "gptq", "gptq-clip", "gptq-mse", "awq", "awq+gptq", "awq+gptq-clip", "importance",
-    "smooth", "rotate",
+    "smooth", "sq", "sq+gptq", "rotate",
 )  # fmt: skip
-STATIC_ONLY = {"smooth", "rotate"}  # transforms that target activation quantization
+STATIC_ONLY = {"smooth", "sq", "sq+gptq", "rotate"}  # transforms for activation quantization
 WEIGHT_ONLY = {"awq", "awq+gptq", "awq+gptq-clip", "importance"}  # 4-bit searches: not int8
 GROUP = 128
+SQ_ALPHA = 0.85  # "sq" / "sq+gptq": SmoothQuant's migration strength on every mapping
 JSON_PATH = gptq.RESULTS_DIR / "quality.json"
 ZS_ROWS = "zeroshot-rows.json"  # in the work folder: the items every job scores
 AUTOROUND_REQS = ["auto-round==0.16.1"]  # its own venv, beside common.TORCH_PIN
@@ -207,6 +209,9 @@ def quantize_row(model, scheme: str, method: str, calib) -> None:
     if method == "smooth":
         search = "qkv=search+gate_up=search+down=search"
         quantize_model(model, recipe, calib, "rtn", 4, [SmoothQuant(search)])
+    elif method in ("sq", "sq+gptq"):  # one alpha everywhere: no search
+        weights = "gptq" if method == "sq+gptq" else "rtn"
+        quantize_model(model, recipe, calib, weights, 4, [SmoothQuant(SQ_ALPHA)])
     elif method == "importance":
         names = list(targeted_linears(model, recipe))
         stats = collect_importance(model, names, as_batches(calib, 4))
