@@ -8,7 +8,7 @@ rows (in the file's order, no shuffle, so `n_items` takes the first items as lm-
 `quantscale/eval/tasks/` are rendered into `<cache>/zeroshot/tasks/`, a folder that also works
 with `lm_eval --include_path <it> --tasks qs_hellaswag --device cpu`.
 lm-eval scores each option by its summed log-likelihood after the query (`acc`) and by
-log-likelihood per byte (`acc_norm`).
+that divided by the option's length in characters (`acc_norm`).
 """
 
 from __future__ import annotations
