@@ -139,10 +139,15 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "quantize_s
 """
 )
 
-# gptq.py's GPTQModel job (int4 g128 sym, desc_act, damp 0.01), scored after its reload.
+# gptq.py's GPTQModel job (int4 g128 sym, desc_act, damp 0.01), scored after its reload on
+# its plain torch kernel: the CPU int4pack kernel it picks by default refuses a group size that
+# does not divide the input width (SmolLM2's 576 at g128).
 _GPTQMODEL_PPL = '    print("BENCH " + json.dumps({"ppl": perplexity(q.model, tokens)}))\n'
-assert _GPTQMODEL_PPL in gptq.GPTQMODEL_JOB
+_GPTQMODEL_LOAD = 'q = GPTQModel.load(d, device="cpu")'
+assert _GPTQMODEL_PPL in gptq.GPTQMODEL_JOB and _GPTQMODEL_LOAD in gptq.GPTQMODEL_JOB
 GPTQMODEL_JOB = common.ZS_CODE + gptq.GPTQMODEL_JOB.replace(
+    _GPTQMODEL_LOAD, 'q = GPTQModel.load(d, device="cpu", backend="gptq_torch")'
+).replace(
     _GPTQMODEL_PPL,
     _GPTQMODEL_PPL
     + "    from transformers import AutoTokenizer\n"
