@@ -11,7 +11,7 @@ from test_awq import calib_ids, hidden, outlier_llama
 from test_streaming import assert_same_checkpoint, make_checkpoint, run
 
 from quantscale.algorithms import get_algorithm
-from quantscale.algorithms.autoround import AutoRound, Rounding
+from quantscale.algorithms.autoround import AutoRound, Rounding, compute_dtype
 from quantscale.calibration.sequential import layerwise
 from quantscale.cli import main
 from quantscale.errors import QuantscaleError
@@ -66,6 +66,22 @@ def test_model_output_error_and_losses():
         options = {"steps": STEPS} if method == "autoround" else {}
         quantize_model(model, "W4A16", ids, method=method, **options)
         errors[method] = float((hidden(model, test_ids) - ref).pow(2).mean())
+    assert errors["autoround"] < 0.5 * errors["rtn"], errors
+
+
+def test_bfloat16_layers_learn_in_bfloat16():
+    model = outlier_llama()
+    assert compute_dtype(model) == torch.float32
+    assert compute_dtype(model.to(torch.float16)) == torch.float32
+    ref = outlier_llama().to(torch.bfloat16)
+    assert compute_dtype(ref) == torch.bfloat16
+    test_ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(2))
+    errors = {}
+    for method, options in (("rtn", {}), ("autoround", {"steps": STEPS})):
+        model = copy.deepcopy(ref)
+        quantize_model(model, "W4A16", calib_ids(), method=method, **options)
+        diff = hidden(model, test_ids) - hidden(ref, test_ids)
+        errors[method] = float(diff.float().pow(2).mean())
     assert errors["autoround"] < 0.5 * errors["rtn"], errors
 
 
