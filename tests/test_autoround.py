@@ -12,7 +12,8 @@ from test_streaming import assert_same_checkpoint, make_checkpoint, run
 
 from quantscale.algorithms import get_algorithm
 from quantscale.algorithms.autoround import AutoRound, Rounding, compute_dtype
-from quantscale.calibration.sequential import layerwise
+from quantscale.algorithms.layer import quantize_layer
+from quantscale.calibration.sequential import layer_output, layerwise
 from quantscale.cli import main
 from quantscale.errors import QuantscaleError
 from quantscale.models.adapter import decoder_layers
@@ -50,8 +51,8 @@ def layer_errors(
 
 @pytest.mark.parametrize("scheme", ["W4A16", "NVFP4A16", "MXFP4A16"])
 def test_autoround_lowers_the_layer_error_against_rtn(scheme):
-    rtn = layer_errors(scheme, "rtn")
-    learned = layer_errors(scheme, "autoround", steps=STEPS)
+    rtn = layer_errors(scheme, "rtn")  # the objective without the float stream
+    learned = layer_errors(scheme, "autoround", steps=STEPS, float_stream=False)
     assert all(a < 0.8 * r for a, r in zip(learned, rtn)), (learned, rtn)
 
 
@@ -67,6 +68,29 @@ def test_model_output_error_and_losses():
         quantize_model(model, "W4A16", ids, method=method, **options)
         errors[method] = float((hidden(model, test_ids) - ref).pow(2).mean())
     assert errors["autoround"] < 0.5 * errors["rtn"], errors
+
+
+def test_targets_follow_the_float_model():
+    """With the float stream, each layer's targets are the float model's own layer outputs
+    (on the float hidden states), not the float layer on the quantized inputs."""
+    ref = outlier_llama()
+    model = copy.deepcopy(ref)
+    ids = list(calib_ids().split(4))
+    seen: list[torch.Tensor] = []
+    for layer in decoder_layers(ref)[1]:
+        layer.register_forward_hook(lambda _m, _a, out: seen.append(layer_output(out)))
+    with torch.no_grad():
+        for batch in ids:
+            ref(input_ids=batch)
+    n_layers = len(decoder_layers(ref)[1])
+    expected = [torch.cat(seen[i::n_layers]) for i in range(n_layers)]
+    linears = replace_linears(model, load_recipe("W4A16"))
+    algo = AutoRound(steps=2)
+    for step in layerwise(model, ids):
+        group = {n: q for n, q in linears.items() if n.startswith(f"{step.name}.")}
+        quantize_layer(step, group, algo)
+        assert algo._stream is not None and algo._stream[0] == step.index
+        torch.testing.assert_close(torch.cat(algo._stream[1]), expected[step.index])
 
 
 def test_bfloat16_layers_learn_in_bfloat16():

@@ -2,7 +2,10 @@
 signed-gradient descent on the layer's output error.
 
 Per decoder layer, on the layer's own calibration inputs (each layer fed by the quantized
-layers before it), every fused stack of its quantized Linears (`rtn.fused_stacks`: q/k/v,
+layers before it) against the float model's outputs of that layer (`float_stream`, as
+AutoRound does: the float layer on the float model's hidden states, carried from layer to
+layer; off, or for the first layer of a resumed streamed run: the float layer on the same
+quantized inputs), every fused stack of its quantized Linears (`rtn.fused_stacks`: q/k/v,
 gate/up share their global / per-tensor scales as with RTN) gets a rounding offset V (the
 weight's shape, in [-0.5, 0.5], init 0) and, for group / channel scales, clip factors a, b per
 (row, group) (in [0.5, 1], init 1) that shrink the group's min / max. Each step: the float
@@ -10,13 +13,13 @@ weights clamped to [a * min, b * max] give the scales exactly as RTN computes th
 (`rtn.rtn_qparams`, held scale dtype included); the weight is rounded as round(w / s + V)
 on the scheme's grid (integers, E2M1 or E4M3: V is added in units of the scale, then the
 value rounded to the nearest grid point), with a straight-through estimator for the rounding
-and for the scale (s moves with the clipped range); the loss is the MSE between the float
-layer's output and the output with these weights, on one cached calibration batch (a copy of
-the layer and of its inputs, made once per layer, in `compute_dtype`: bfloat16 for a
-bfloat16 model, as AutoRound runs, else float32); every parameter moves by -lr * sign(grad),
-lr decayed linearly to 0, V and the clip factors clamped to their ranges. The parameters of
-least loss seen (the initial RTN point included; each step's loss relative to its batch's RTN
-loss, since batches differ more than steps) are kept, and `finish_layer` sets the weights from them
+and for the scale (s moves with the clipped range); the loss is the MSE between that target
+and the layer's output with these weights, on one cached calibration batch (a copy of the
+layer and of its inputs, made once per layer, in `compute_dtype`: bfloat16 for a bfloat16
+model, as AutoRound runs, else float32); every parameter moves by -lr * sign(grad), lr
+decayed linearly to 0, V and the clip factors clamped to their ranges. The parameters of least
+loss seen (the initial RTN point included; each step's loss relative to its batch's RTN loss,
+since batches differ more than steps) are kept, and `finish_layer` sets the weights from them
 (`ql.set_weight` with the codes' dequantized values and their qparams), so that every export
 path writes them unchanged. `steps=0` is RTN exactly.
 
@@ -47,7 +50,7 @@ from quantscale.algorithms.rtn import (
     set_stacked,
     stacked_weight,
 )
-from quantscale.calibration.sequential import LayerStep, layer_output
+from quantscale.calibration.sequential import LayerStep, layer_output, replace_hidden
 from quantscale.errors import QuantscaleError
 from quantscale.formats.fp4 import E2M1_MAX
 from quantscale.formats.fp8 import E4M3_MAX
@@ -158,6 +161,10 @@ def _float_copy(obj: Any, dtype: torch.dtype = torch.float32) -> Any:
     return obj
 
 
+def _hidden_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
+    return tuple((args[0] if args else kwargs["hidden_states"]).shape)
+
+
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype the layer's forward / backward run in: bfloat16 for a bfloat16 layer (its
     matmuls are ~4x faster than float32 on CPUs with AVX512-BF16; AutoRound runs its blocks
@@ -185,17 +192,24 @@ class LayerLoss:
             weights.update({f"{self.paths[n]}.weight": w for n, w in zip(r.names, parts)})
         args, kwargs = self.inputs[batch]
         out = layer_output(functional_call(self.layer, weights, args, kwargs))
-        return F.mse_loss(out.float(), self.targets[batch])
+        return F.mse_loss(out.float(), self.targets[batch].float())
 
 
-def layer_loss(step: LayerStep, group: dict[str, QuantLinear]) -> LayerLoss:
-    """A copy of `step.layer` in its compute dtype, its inputs and its float outputs."""
+def layer_loss(
+    step: LayerStep, group: dict[str, QuantLinear], float_hidden: list[torch.Tensor] | None = None
+) -> LayerLoss:
+    """A copy of `step.layer` in its compute dtype, its inputs and its float outputs: on
+    `float_hidden` (the float model's hidden states at this layer) when given, else on the
+    layer's own inputs."""
     dtype = compute_dtype(step.layer)
     layer = copy.deepcopy(step.layer).to(dtype)
     layer.requires_grad_(False)
     inputs = [_float_copy(x, dtype) for x in step.inputs]
+    sources = inputs
+    if float_hidden is not None:
+        sources = [replace_hidden(h.to(dtype), a, k) for h, (a, k) in zip(float_hidden, inputs)]
     with torch.no_grad():
-        targets = [layer_output(layer(*a, **k)).float() for a, k in inputs]
+        targets = [layer_output(layer(*a, **k)) for a, k in sources]
     prefix = step.name + "."
     paths = {n: n[len(prefix) :] for n in group if n.startswith(prefix)}
     return LayerLoss(layer, inputs, targets, paths, dtype)
@@ -254,15 +268,28 @@ class AutoRound:
     needs_data = True
     true_sequential = False
 
-    def __init__(self, steps: int = STEPS, lr: float | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, steps: int = STEPS, lr: float | None = None, seed: int = 0, float_stream: bool = True
+    ) -> None:
         if steps < 0:
             raise QuantscaleError(f"autoround steps {steps}: expected >= 0")
         if lr is not None and lr <= 0:
             raise QuantscaleError(f"autoround lr {lr}: expected > 0")
         self.steps, self.seed = steps, seed
         self.lr = lr if lr is not None else 1.0 / max(1, steps)
+        self.float_stream = float_stream
         self.results: dict[str, tuple[list[str], torch.Tensor, QParams]] = {}
         self.losses: dict[str, tuple[float, float]] = {}
+        self._stream: tuple[int, list[torch.Tensor]] | None = None  # (layer index, outputs)
+
+    def _float_hidden(self, step: LayerStep) -> list[torch.Tensor] | None:
+        """The float model's hidden states at this layer: the float outputs of the layer
+        before (None when it learned nothing, e.g. the first layer of a resumed run)."""
+        if not self.float_stream or self._stream is None or self._stream[0] != step.index - 1:
+            return None
+        hidden = self._stream[1]
+        shapes = [_hidden_shape(a, k) for a, k in step.inputs]
+        return hidden if shapes == [tuple(h.shape) for h in hidden] else None
 
     def prepare_layer(
         self, step: LayerStep, group: dict[str, QuantLinear], run: Callable[[], object]
@@ -273,7 +300,8 @@ class AutoRound:
             roundings = self._roundings(step, group)
             if self.steps > 0 and roundings and step.inputs:
                 with torch.enable_grad():
-                    loss = layer_loss(step, group)
+                    loss = layer_loss(step, group, self._float_hidden(step))
+                    self._stream = (step.index, loss.targets)
                     self.losses[step.name] = sign_descent(
                         lambda b: loss(b, roundings),
                         roundings,
