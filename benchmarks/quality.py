@@ -7,7 +7,9 @@ collected on the calibration tokens, in the timed part), gptq-clip / awq+gptq-cl
 clipping search, `quantize --gptq-clip`), gptq-mse (`--weight-observer mse`), and for schemes
 with static activations (W8A8, W4A8) smooth (SmoothQuant with the per-layer alpha search,
 then RTN), sq / sq+gptq (SmoothQuant at alpha 0.85 on every mapping, then RTN / GPTQ) and
-rotate (Hadamard R1+R2+R4, then RTN). Combinations that do not apply are
+rotate (Hadamard R1+R2+R4, then RTN); autoround (our SignRound, `--our-autoround-steps` steps,
+default 100; not in the default --methods: minutes per scheme) for weight-only schemes.
+Combinations that do not apply are
 skipped (AWQ on a static-activation scheme; smooth / rotate on weight-only schemes); a method
 the model refuses (rotation of Gemma-3's (1 + weight) RMSNorm) is a row with its error.
 
@@ -49,11 +51,13 @@ import gptq  # noqa: E402
 SCHEMES = ("W4A16", "NVFP4A16", "MXFP4A16", "W8A8", "W4A8")
 METHODS = (
     "rtn", "gptq", "gptq-clip", "gptq-mse", "awq", "awq+gptq", "awq+gptq-clip", "importance",
-    "smooth", "sq", "sq+gptq", "rotate",
+    "smooth", "sq", "sq+gptq", "rotate", "autoround",
 )  # fmt: skip
+SLOW = {"autoround"}  # left out of the default --methods
 STATIC_ONLY = {"smooth", "sq", "sq+gptq", "rotate"}  # transforms for activation quantization
-WEIGHT_ONLY = {"awq", "awq+gptq", "awq+gptq-clip", "importance"}  # 4-bit searches: not int8
+WEIGHT_ONLY = {"awq", "awq+gptq", "awq+gptq-clip", "importance", "autoround"}  # not on int8
 GROUP = 128
+OUR_AUTOROUND_STEPS = 100  # our autoround row's steps per layer (the peer row's iters: 100)
 SQ_ALPHA = 0.85  # "sq" / "sq+gptq": SmoothQuant's migration strength on every mapping
 JSON_PATH = gptq.RESULTS_DIR / "quality.json"
 ZS_ROWS = "zeroshot-rows.json"  # in the work folder: the items every job scores
@@ -199,7 +203,9 @@ def check_groups(model, group: int = GROUP) -> list[str]:
     ]
 
 
-def quantize_row(model, scheme: str, method: str, calib) -> None:
+def quantize_row(
+    model, scheme: str, method: str, calib, autoround_steps: int = OUR_AUTOROUND_STEPS
+) -> None:
     """Quantize `model` in place with our `method` for `scheme` on `calib` [N, 512]."""
     from quantscale.algorithms.importance import collect_importance
     from quantscale.algorithms.smoothing import SmoothQuant
@@ -227,6 +233,8 @@ def quantize_row(model, scheme: str, method: str, calib) -> None:
             from quantscale.algorithms.gptq import CLIP_GRID
 
             method, options = method.removesuffix("-clip"), {"clip_search": CLIP_GRID}
+        elif method == "autoround":
+            options = {"steps": autoround_steps}
         elif method == "gptq-mse":  # quantize --weight-observer mse
             method = "gptq"
             for group in recipe.config_groups.values():
@@ -319,7 +327,14 @@ def bf16_row(subject: Subject, zeroshot: bool, res: Results) -> None:
     res.add(f"{subject.name}/bf16/-", {"tool": "bf16", **row})
 
 
-def our_rows(subject: Subject, scheme: str, methods, zeroshot: bool, res: Results) -> None:
+def our_rows(
+    subject: Subject,
+    scheme: str,
+    methods,
+    zeroshot: bool,
+    res: Results,
+    autoround_steps: int = OUR_AUTOROUND_STEPS,
+) -> None:
     """Our rows of one model and scheme (methods that do not apply are skipped)."""
     from quantscale.errors import QuantscaleError
 
@@ -329,7 +344,7 @@ def our_rows(subject: Subject, scheme: str, methods, zeroshot: bool, res: Result
         key, model = f"{subject.name}/{scheme}/{method}", copy.deepcopy(subject.base)
         start = time.perf_counter()
         try:
-            quantize_row(model, scheme, method, subject.calib)
+            quantize_row(model, scheme, method, subject.calib, autoround_steps)
         except QuantscaleError as err:
             res.add(key, {"tool": "quantscale", "error": str(err)})
             continue
@@ -424,7 +439,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(m for m in METHODS if m not in SLOW))
     ap.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens")
     ap.add_argument(
         "--peers",
@@ -435,6 +450,12 @@ def main() -> None:
         "AutoRound of autoround",
     )
     ap.add_argument("--autoround-iters", type=int, default=200, help="AutoRound steps per layer")
+    ap.add_argument(
+        "--our-autoround-steps",
+        type=int,
+        default=OUR_AUTOROUND_STEPS,
+        help="our autoround row's steps per layer",
+    )
     ap.add_argument("--only-peers", action="store_true", help="no rows of ours (but bf16)")
     ap.add_argument("--zeroshot", action="store_true", help="zero-shot accuracy of every row")
     ap.add_argument("--zeroshot-items", type=int, default=200, help="items per zero-shot task")
@@ -475,7 +496,7 @@ def main() -> None:
         for sub in subjects:
             use_env(envs[sub.name])
             if not a.only_peers:
-                our_rows(sub, scheme, methods, a.zeroshot, res)
+                our_rows(sub, scheme, methods, a.zeroshot, res, a.our_autoround_steps)
             if a.peers:
                 tools = a.peers.split(",")
                 peer_rows(sub.name, scheme, a.samples, envs[sub.name], tools, a.autoround_iters,
