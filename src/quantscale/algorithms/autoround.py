@@ -263,7 +263,9 @@ def sign_descent(
 @register_algorithm("autoround")
 class AutoRound:
     """SignRound per decoder layer (module docstring): `steps` sign-gradient steps of
-    learning rate `lr` (default 1 / steps), one cached calibration batch per step."""
+    learning rate `lr` (default 1 / steps), one cached calibration batch per step, against
+    the float model's layer outputs (`float_stream`; False: the float layer on the same
+    quantized inputs)."""
 
     needs_data = True
     true_sequential = False
