@@ -10,6 +10,10 @@ alternating, each in its own process and venv:
   `static_minmax` (running extremes, the same statistic as our `minmax`; its own `minmax`
   is a moving average), sequential pipeline (its default for calibrating modifiers).
 `--calib-dtype bfloat16` runs our calibration's matmuls in bf16 (`qlinear.compute_dtype`).
+`--calib-kernel aten,onednn` runs ours once per kernel (`qlinear.matmul_kernel`; 'aten', the
+default, is F.linear's BLAS; 'onednn' float32 matmuls by oneDNN, outputs within float32
+rounding of aten's, not the same bits), all in the same alternation, named quantscale and
+quantscale[onednn].
 With `--smooth ALPHA` both first smooth the model (SmoothQuant): ours is the `SmoothQuant`
 layer transform (its mappings: qkv, gate_up, up->down, GQA-aware v->o, or those of
 `--our-mappings`), llm-compressor's `SmoothQuantModifier` runs with its default Llama mappings
@@ -21,6 +25,7 @@ calibrated in-memory model on the same held-out tokens, computed by the same cod
 
     .venv/bin/python benchmarks/calibration.py [--schemes W8A8,FP8] [--samples 128]
         [--seq-len 512] [--repeats 1] [--smooth 0.5] [--observer mse] [--quick]
+        [--calib-kernel aten,onednn]
         [--json bench-results/calibration.json]
 """
 
@@ -49,16 +54,16 @@ import torch
 from transformers import AutoModelForCausalLM
 from quantscale.algorithms.smoothing import SmoothQuant
 from quantscale.orchestrator import quantize_model
-from quantscale.runtime.qlinear import compute_dtype
+from quantscale.runtime.qlinear import compute_dtype, matmul_kernel
 from quantscale.scheme import Recipe
 t1 = time.perf_counter()
-path, calib_path, eval_path, recipe, batch_size, smooth, calib_dtype = sys.argv[1:8]
+path, calib_path, eval_path, recipe, batch_size, smooth, calib_dtype, kernel = sys.argv[1:9]
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 calib, tokens = torch.load(calib_path), torch.load(eval_path)
 ppl_float = perplexity(model, tokens)
 t2 = time.perf_counter()
 transforms = [SmoothQuant(smooth)] if smooth else []
-with compute_dtype(getattr(torch, calib_dtype)):
+with compute_dtype(getattr(torch, calib_dtype)), matmul_kernel(kernel):
     quantize_model(model, Recipe.model_validate_json(recipe), calib,
                    batch_size=int(batch_size), transforms=transforms)
 t3 = time.perf_counter()
@@ -117,6 +122,11 @@ def our_recipe(scheme: str, observer: str | None):
     return with_activations(recipe, observer=observer) if observer else recipe
 
 
+def our_name(kernel: str) -> str:
+    """Our job's name: quantscale, or quantscale[onednn] for another matmul kernel."""
+    return "quantscale" if kernel == "aten" else f"quantscale[{kernel}]"
+
+
 def llmc_groups(recipe) -> str:
     """Our recipe's config groups in compressed-tensors layout: the saved config names each
     observer as llm-compressor does (our minmax -> its static_minmax)."""
@@ -166,9 +176,10 @@ def run(args: argparse.Namespace) -> dict:
         recipe = our_recipe(scheme, args.observer)
         ours = [*base, recipe.model_dump_json(), bs, ours_smooth, args.calib_dtype]
         jobs = {
-            "quantscale": lambda a=ours: common.run_job(
+            our_name(kernel): lambda a=[*ours, kernel]: common.run_job(
                 "quantscale", [common.this_python(), "-c", OURS_JOB, *a]
             )
+            for kernel in args.calib_kernel
         }
         if llmc is not None:
             theirs = [*base, llmc_groups(recipe), bs, smooth, mappings]
@@ -248,6 +259,12 @@ def main() -> int:
         help="our calibration matmuls' dtype (the model and evaluation stay float32)",
     )
     parser.add_argument(
+        "--calib-kernel",
+        default=["aten"],
+        type=lambda t: t.split(","),
+        help="our matmul kernels, one job each (aten, onednn; e.g. aten,onednn)",
+    )
+    parser.add_argument(
         "--our-mappings",
         default="ALPHA",
         help="our smoothing spec, ALPHA replaced by --smooth (e.g. qkv=ALPHA+gate_up=ALPHA)",
@@ -261,6 +278,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="W8A8 on 8 x 128 tokens")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
+    unknown = set(args.calib_kernel) - {"aten", "onednn"}
+    if unknown:
+        parser.error(f"--calib-kernel: unknown {sorted(unknown)} (aten, onednn)")
     if args.quick:
         args.schemes, args.samples, args.seq_len, args.eval_tokens = ["W8A8"], 8, 128, 1024
     payload = {

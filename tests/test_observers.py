@@ -46,6 +46,17 @@ def test_minmax_running_and_per_channel_axis():
     assert per.min_max()[1].tolist() == [2.0, 4.0, 0.5]
 
 
+def test_per_tensor_range_is_the_per_row_one():
+    """The one-row fast path (a full aminmax) gives what the per-row reduction gives."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16) * 5
+    obs = get_observer("minmax", args=QuantArgs(strategy="tensor"))
+    obs.update(x)
+    mn, mx = torch.aminmax(x.reshape(1, -1), dim=1)
+    assert obs.min_max()[0].shape == (1,)
+    assert torch.equal(obs.min_max()[0], mn) and torch.equal(obs.min_max()[1], mx)
+
+
 def test_ema_formula():
     obs = get_observer("ema", sigma=0.1)
     obs.update(torch.tensor([-1.0, 1.0]))

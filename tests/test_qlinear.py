@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 from quantscale.algorithms.rtn import quantize_weight_rtn
+from quantscale.errors import QuantscaleError
 from quantscale.qdq import QParams, dequantize, fake_quantize, quantize
-from quantscale.runtime.qlinear import QuantLinear, compute_dtype, quant_linears, replace_linears
+from quantscale.runtime.qlinear import (
+    QuantLinear,
+    compute_dtype,
+    matmul_kernel,
+    quant_linears,
+    replace_linears,
+)
 from quantscale.scheme import preset_recipe, preset_scheme
 
 
@@ -113,3 +120,23 @@ def test_compute_dtype_context_runs_the_matmul_in_bf16():
     assert not torch.equal(fast, ref)
     assert float((fast - ref).abs().max()) < 0.02 * float(ref.abs().max())
     assert torch.equal(ql(x).detach(), ref)  # the context is left
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_onednn_matmul_kernel_within_float32_rounding():
+    ql = QuantLinear.from_linear(_linear(64, 32), preset_scheme("W8A8"))
+    _rtn(ql)
+    x = torch.randn(2, 4, 64)
+    with torch.no_grad():
+        ref = ql(x)
+        with matmul_kernel("onednn"):
+            fast = ql(x)
+    assert fast.shape == ref.shape and fast.dtype == torch.float32
+    assert float((fast - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    with matmul_kernel("onednn"):  # a gradient wanted: F.linear
+        x.requires_grad_(True)
+        ql(x).sum().backward()
+    assert x.grad is not None
+    with pytest.raises(QuantscaleError, match="matmul kernel"):
+        with matmul_kernel("blas"):
+            pass

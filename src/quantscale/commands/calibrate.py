@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from quantscale.algorithms.smoothing import SmoothQuant
     from quantscale.export.fake_quant import save_quantized
     from quantscale.orchestrator import load_model, quantize_model
-    from quantscale.runtime.qlinear import compute_dtype
+    from quantscale.runtime.qlinear import compute_dtype, matmul_kernel
 
     if args.out.exists() and not args.overwrite:
         from quantscale.errors import OutputExistsError
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     transforms = [SmoothQuant(args.smooth, objective=args.smooth_objective)] if args.smooth else []
     start = time.perf_counter()
     calib = calibration_tokens(tokenizer, args)
-    with compute_dtype(torch_dtype(args.calib_dtype)):
+    kernel = getattr(args, "calib_kernel", "aten")  # absent from namespaces built before it
+    with compute_dtype(torch_dtype(args.calib_dtype)), matmul_kernel(kernel):
         quantize_model(model, recipe, calib, args.method, args.calib_batch_size, transforms)
     seconds = time.perf_counter() - start
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)

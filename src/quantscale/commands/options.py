@@ -1,8 +1,9 @@
 """Command-line options shared by several sub-commands, spelled one way everywhere.
 
 Calibration: `--calib-samples N`, `--calib-seq-len L`, `--calib-data PATH`,
-`--calib-batch-size B` and, where a command runs its calibration forwards in another dtype,
-`--calib-dtype`. Model dtype: `--dtype`; replacing an output: `--overwrite`.
+`--calib-batch-size B` and, where a command runs its calibration forwards in another dtype
+or kernel, `--calib-dtype` / `--calib-kernel`. Model dtype: `--dtype`; replacing an output:
+`--overwrite`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def add_calibration_options(
     batch_size: int = 8,
     calib_dtype: bool = False,
 ) -> None:
-    """--calib-samples / --calib-seq-len / --calib-data / --calib-batch-size [/ --calib-dtype]."""
+    """--calib-samples / --calib-seq-len / --calib-data / --calib-batch-size [/ --calib-dtype,
+    --calib-kernel]."""
     parser.add_argument(
         "--calib-samples", type=int, default=samples, help=f"calibration windows ({samples})"
     )
@@ -50,6 +52,14 @@ def add_calibration_options(
             default="float32",
             help="dtype of the calibration forwards' matmuls (bfloat16: ~4x faster GEMMs on "
             "AVX512-BF16 CPUs; the saved model keeps its dtype)",
+        )
+        parser.add_argument(
+            "--calib-kernel",
+            choices=("aten", "onednn"),
+            default="aten",
+            help="float32 matmul kernel of the calibration forwards (aten: F.linear's BLAS; "
+            "onednn: ~2x on AMD EPYC, the same float32 arithmetic summed in another order, so "
+            "scales may differ in the last bits)",
         )
 
 

@@ -94,7 +94,12 @@ class Observer:
         return to_rows(x, self.args, self.role)
 
     def observe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row (min, max) of one batch, each [R]."""
+        """Per-row (min, max) of one batch, each [R]. One row (a per-tensor range) takes the
+        full reduction: along a dimension, torch.aminmax of one row is about 15x slower (a
+        [1, 6.3M] activation: 22 ms against 1.5 ms); min and max are exact either way."""
+        if rows.shape[0] == 1:
+            mn, mx = torch.aminmax(rows)
+            return mn.reshape(1), mx.reshape(1)
         return torch.aminmax(rows, dim=1)
 
     def update(self, x: torch.Tensor) -> None:
