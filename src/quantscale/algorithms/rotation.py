@@ -15,20 +15,32 @@ with fixed Hadamards, nothing learned): `rotate_model(model, "hadamard")`.
 The float model's outputs are unchanged (up to rounding); the massive activations of a few
 residual / down_proj channels are spread over all channels, which is what static INT8
 activations need. Everything is computed in float64, then cast back to the weights' dtype.
+
+`quantize_model` with layer transforms (smoothing) fuses R1 and R2 first and R4 per layer
+after the transforms (`rotate_for`), so that up_proj -> down_proj smoothing sees down_proj's
+own input: its weight becomes W diag(s) H. Kind "hadamard-smooth" adds that smoothing
+(SmoothQuant, alpha `SMOOTH_DOWN_ALPHA`, on the `down` mapping only) itself. Why: a few tokens
+carry SmolLM2's massive down_proj inputs, on one channel; R4 alone spreads that spike over
+the token's channels, and a static per-tensor scale must still cover it, while smoothing divides
+the channel out for every token first. The export is the same as "hadamard" (the smoothing is
+in the weights; the online R4 is recorded).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from quantscale.algorithms.smoothing import Smoothing, SmoothQuant
 from quantscale.errors import QuantscaleError
 from quantscale.models.adapter import causal_lm, decoder_layers
-from quantscale.runtime.hadamard import add_online_hadamard, hadamard
+from quantscale.runtime.hadamard import add_online_hadamard, hadamard, has_online_hadamard
 
-ROTATIONS = ("hadamard",)
+ROTATIONS = ("hadamard", "hadamard-smooth")
+SMOOTH_DOWN_ALPHA = 0.85  # "hadamard-smooth": SmoothQuant's alpha on up_proj -> down_proj
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -146,10 +158,29 @@ def _rotate_heads(v_proj: nn.Module, o_proj: nn.Module, h: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> nn.Module:
+def rotate_down(layer: nn.Module) -> None:
+    """R4 of one decoder layer: down_proj's weight W H, its input x H online (idempotent)."""
+    down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if down is None or has_online_hadamard(down):
+        return
+    _set(down, _w(down) @ hadamard(_w(down).shape[1]))
+    add_online_hadamard(down)
+
+
+def rotate_down_step(step: Any) -> None:
+    """`rotate_down` as a `quantize_model` layer transform (after the smoothing ones)."""
+    rotate_down(step.layer)
+
+
+@torch.no_grad()
+def rotate_model(
+    model: nn.Module, kind: str = "hadamard", seed: int = 0, online: bool = True
+) -> nn.Module:
     """Fuse R1, R2 and R4 (module docstring) into `model` in place and return it; the
-    down_proj modules get their online Hadamard. Refuses non-Llama-style layers and a model
-    already quantized (run it on the float model, before `quantize_model`)."""
+    down_proj modules get their online Hadamard. `online` False leaves R4 out, for the caller
+    to apply per layer (`rotate_down`), e.g. after smoothing up_proj -> down_proj. Refuses
+    non-Llama-style layers and a model already quantized (run it on the float model, before
+    `quantize_model`)."""
     check_rotation(kind)
     lm = causal_lm(model)
     prefix, layers = decoder_layers(model)
@@ -178,7 +209,26 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> nn.
             bias = _b(p[name])
             _set(p[name], q.T @ _w(p[name]), None if bias is None else bias @ q)
         _rotate_heads(p["v_proj"], p["o_proj"], r2)
-        down = p["down_proj"]
-        _set(down, _w(down) @ hadamard(_w(down).shape[1]))
-        add_online_hadamard(down)
+        if online:
+            rotate_down(layers[i])
     return model
+
+
+def rotate_for(
+    model: nn.Module, kind: str, transforms: Sequence[Callable[[Any], None]] = ()
+) -> list[Callable[[Any], None]]:
+    """Fuse rotation `kind` into the float `model` for `quantize_model`; returns the layer
+    transforms to run. With none (kind "hadamard"), R4 is fused here too; otherwise R1 and R2
+    are, and R4 runs per layer after the transforms (`rotate_down_step`). "hadamard-smooth"
+    puts SmoothQuant(down=SMOOTH_DOWN_ALPHA) first (refused beside another down smoothing)."""
+    check_rotation(kind)
+    steps = list(transforms)
+    if kind == "hadamard-smooth":
+        if any(isinstance(t, Smoothing) and "down" in t.alphas for t in steps):
+            raise QuantscaleError(
+                "--rotate hadamard-smooth smooths up_proj -> down_proj itself; drop 'down' "
+                "from the other smoothing (or use --rotate hadamard)"
+            )
+        steps.insert(0, SmoothQuant({"down": SMOOTH_DOWN_ALPHA}))
+    rotate_model(model, kind, online=not steps)
+    return [*steps, rotate_down_step] if steps else []
