@@ -8,7 +8,7 @@ clipping search, `quantize --gptq-clip`), gptq-mse (`--weight-observer mse`), an
 with static activations (W8A8, W4A8) smooth (SmoothQuant with the per-layer alpha search,
 then RTN), sq / sq+gptq (SmoothQuant at alpha 0.85 on every mapping, then RTN / GPTQ) and
 rotate (Hadamard R1+R2+R4, then RTN), rotate-smooth (`--rotate hadamard-smooth`: R1+R2,
-SmoothQuant 0.85 on up_proj -> down_proj, then R4 and RTN); autoround (our SignRound,
+SmoothQuant 0.5 on up_proj -> down_proj, then R4 and RTN); autoround (our SignRound,
 `--our-autoround-steps` steps, default 100; not in the default --methods: minutes per scheme)
 for weight-only schemes. Combinations that do not apply are skipped (AWQ on a
 static-activation scheme; smooth / rotate on weight-only schemes); a method the model refuses

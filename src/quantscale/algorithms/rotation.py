@@ -40,7 +40,9 @@ from quantscale.models.adapter import causal_lm, decoder_layers
 from quantscale.runtime.hadamard import add_online_hadamard, hadamard, has_online_hadamard
 
 ROTATIONS = ("hadamard", "hadamard-smooth")
-SMOOTH_DOWN_ALPHA = 0.85  # "hadamard-smooth": SmoothQuant's alpha on up_proj -> down_proj
+# "hadamard-smooth": SmoothQuant's alpha on up_proj -> down_proj (SmolLM2-135M W8A8, 16 x 512
+# calibration, 4,096 held-out tokens, bf16 22.487: 0.4 22.79, 0.5 22.65, 0.6 22.67, 0.85 22.89)
+SMOOTH_DOWN_ALPHA = 0.5
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _NORMS = ("input_layernorm", "post_attention_layernorm")
