@@ -402,3 +402,18 @@ def test_api_rotates_an_in_memory_model():
     assert model.quantscale_recipe.rotate == "hadamard"
     assert has_online_hadamard(model.model.layers[0].mlp.down_proj)
     assert (_logits(model, ids) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_api_rotates_with_down_smoothing_and_refuses_it_for_mamba(tmp_path):
+    from test_mamba_quant import _tiny_checkpoint
+
+    model = _llama(torch.float32)
+    ids = _ids(seed=1)
+    ref = _logits(model, ids)
+    qs.quantize(model, scheme="W8A8", method="rtn", rotate="hadamard-smooth", calibration=_ids(4))
+    assert model.quantscale_recipe.rotate == "hadamard-smooth"
+    assert has_online_hadamard(model.model.layers[0].mlp.down_proj)
+    assert (_logits(model, ids) - ref).abs().max() < 0.05 * ref.abs().max()
+    model_dir, calib, _ = _tiny_checkpoint(tmp_path)
+    with pytest.raises(QuantscaleError, match="takes --rotate hadamard"):
+        qs.quantize(model_dir, tmp_path / "q", "W8A8", rotate="hadamard-smooth", calibration=calib)
