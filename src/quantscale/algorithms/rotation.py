@@ -19,11 +19,12 @@ activations need. Everything is computed in float64, then cast back to the weigh
 `quantize_model` with layer transforms (smoothing) fuses R1 and R2 first and R4 per layer
 after the transforms (`rotate_for`), so that up_proj -> down_proj smoothing sees down_proj's
 own input: its weight becomes W diag(s) H. Kind "hadamard-smooth" adds that smoothing
-(SmoothQuant, alpha `SMOOTH_DOWN_ALPHA`, on the `down` mapping only) itself. Why: a few tokens
-carry SmolLM2's massive down_proj inputs, on one channel; R4 alone spreads that spike over
-the token's channels, and a static per-tensor scale must still cover it, while smoothing divides
-the channel out for every token first. The export is the same as "hadamard" (the smoothing is
-in the weights; the online R4 is recorded).
+(SmoothQuant, alpha `SMOOTH_DOWN_ALPHA`, on the `down` mapping only) itself. Why: SmolLM2's
+massive down_proj inputs sit on the first token of a window, in one channel (layer 11: ~3,000
+in channel 1229, every other token below 13). R4 alone spreads the spike over that token's
+channels (max 105 against a median token max of 0.53), and a static per-tensor scale must
+still cover it; smoothing first divides the channel out for every token. The export is the
+same as "hadamard" (the smoothing is in the weights; the online R4 is recorded).
 """
 
 from __future__ import annotations
