@@ -7,9 +7,10 @@ collected on the calibration tokens, in the timed part), gptq-clip / awq+gptq-cl
 clipping search, `quantize --gptq-clip`), gptq-mse (`--weight-observer mse`), and for schemes
 with static activations (W8A8, W4A8) smooth (SmoothQuant with the per-layer alpha search,
 then RTN), sq / sq+gptq (SmoothQuant at alpha 0.85 on every mapping, then RTN / GPTQ) and
-rotate (Hadamard R1+R2+R4, then RTN); autoround (our SignRound, `--our-autoround-steps` steps,
-default 100; not in the default --methods: minutes per scheme) for weight-only schemes.
-Combinations that do not apply are
+rotate (Hadamard R1+R2+R4, then RTN), rotate-smooth (`--rotate hadamard-smooth`: R1+R2,
+SmoothQuant 0.5 on up_proj -> down_proj, then R4 and RTN; rotate-smooth+gptq: GPTQ weights);
+autoround (our SignRound, `--our-autoround-steps` steps, default 100; not in the default
+--methods: minutes per scheme) for weight-only schemes. Combinations that do not apply are
 skipped (AWQ on a static-activation scheme; smooth / rotate on weight-only schemes); a method
 the model refuses (rotation of Gemma-3's (1 + weight) RMSNorm) is a row with its error.
 
@@ -51,10 +52,10 @@ import gptq  # noqa: E402
 SCHEMES = ("W4A16", "NVFP4A16", "MXFP4A16", "W8A8", "W4A8")
 METHODS = (
     "rtn", "gptq", "gptq-clip", "gptq-mse", "awq", "awq+gptq", "awq+gptq-clip", "importance",
-    "smooth", "sq", "sq+gptq", "rotate", "autoround",
+    "smooth", "sq", "sq+gptq", "rotate", "rotate-smooth", "rotate-smooth+gptq", "autoround",
 )  # fmt: skip
 SLOW = {"autoround"}  # left out of the default --methods
-STATIC_ONLY = {"smooth", "sq", "sq+gptq", "rotate"}  # transforms for activation quantization
+STATIC_ONLY = {"smooth", "sq", "sq+gptq", "rotate", "rotate-smooth", "rotate-smooth+gptq"}
 WEIGHT_ONLY = {"awq", "awq+gptq", "awq+gptq-clip", "importance", "autoround"}  # not on int8
 GROUP = 128
 OUR_AUTOROUND_STEPS = 100  # our autoround row's steps per layer (the peer row's iters: 100)
@@ -214,9 +215,9 @@ def quantize_row(
     from quantscale.scheme import load_recipe
 
     recipe = load_recipe(scheme)
-    if method == "rotate":
-        recipe.rotate = "hadamard"
-        method = "rtn"
+    if method.startswith("rotate"):
+        recipe.rotate = "hadamard-smooth" if "smooth" in method else "hadamard"
+        method = "gptq" if method.endswith("+gptq") else "rtn"
     if method == "smooth":
         search = "qkv=search+gate_up=search+down=search"
         quantize_model(model, recipe, calib, "rtn", 4, [SmoothQuant(search)])

@@ -13,8 +13,8 @@ from tiny_models import make_tiny_llama
 from torch import nn
 
 import quantscale as qs
-from quantscale.algorithms.rotation import residual_rotation, rotate_model
-from quantscale.algorithms.smoothing import SmoothQuant
+from quantscale.algorithms.rotation import residual_rotation, rotate_down, rotate_model
+from quantscale.algorithms.smoothing import SmoothQuant, smooth_model
 from quantscale.calibration.activations import ActivationCalibrator
 from quantscale.checkpoint.validate import validate_checkpoint
 from quantscale.errors import QuantscaleError
@@ -140,26 +140,26 @@ def _massive(model: nn.Module, factor: float = 200.0) -> None:
             layer.mlp.down_proj.weight[:, 5] /= factor
 
 
-def _w8a8_error(rotate: bool) -> float:
+def _w8a8_error(rotate: str | None) -> float:
     model = _llama(torch.float32)
     _massive(model)
     ids, calib = _ids(seed=1), _ids(8, seed=2)
     ref = _logits(model, ids)
     recipe = load_recipe("W8A8")
-    recipe.rotate = "hadamard" if rotate else None
+    recipe.rotate = rotate  # type: ignore[assignment]
     quantize_model(model, recipe, calib, "rtn")
     return float(((_logits(model, ids) - ref) ** 2).mean() / (ref**2).mean())
 
 
 def test_rotation_lowers_w8a8_static_error_with_a_massive_channel():
-    plain, rotated = _w8a8_error(False), _w8a8_error(True)
+    plain, rotated = _w8a8_error(None), _w8a8_error("hadamard")
     assert rotated < 0.5 * plain, (plain, rotated)
 
 
-def _rotated_w8a8() -> tuple[nn.Module, torch.Tensor]:
+def _rotated_w8a8(kind: str = "hadamard") -> tuple[nn.Module, torch.Tensor]:
     model = _llama(torch.float32)
     recipe = load_recipe("W8A8")
-    recipe.rotate = "hadamard"
+    recipe.rotate = kind  # type: ignore[assignment]
     quantize_model(model, recipe, _ids(8, seed=2), "rtn")
     return model, _ids(seed=1)
 
@@ -188,12 +188,65 @@ def test_compressed_tensors_export_records_the_transform_and_reloads(tmp_path):
     assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-4)
 
 
-def test_smoothing_the_rotated_down_proj_is_refused():
+def test_smoothing_a_down_proj_already_rotated_online_is_refused():
+    model = rotate_model(_llama(torch.float32))
+    with pytest.raises(QuantscaleError, match="rotated online"):
+        smooth_model(model, "down=0.5", [_ids(4)])
+
+
+def test_r4_after_down_smoothing_keeps_the_float_logits():
+    """R1 + R2, then up_proj -> down_proj smoothing, then R4 per layer (`rotate_for`'s order):
+    down_proj's weight is W diag(s) H and the logits stay the float model's."""
+    model = _llama()
+    _massive(model)
+    ids = _ids()
+    before = _logits(model, ids)
+    rotate_model(model, online=False)
+    assert not has_online_hadamard(model.model.layers[0].mlp.down_proj)
+    smooth_model(model, "down=0.85", [_ids(4, seed=3)])
+    for layer in model.model.layers:
+        rotate_down(layer)
+        rotate_down(layer)  # idempotent
+    assert all(has_online_hadamard(layer.mlp.down_proj) for layer in model.model.layers)
+    assert (_logits(model, ids) - before).abs().max() < 1e-5 * before.abs().max()
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_rotation_composes_with_smoothing_transforms(given):
+    """`--rotate hadamard` with a down smoothing transform, or `--rotate hadamard-smooth`: the
+    smoothing runs before R4 instead of being refused, and the online Hadamard is kept."""
     model = _llama(torch.float32)
     recipe = load_recipe("W8A8")
-    recipe.rotate = "hadamard"
-    with pytest.raises(QuantscaleError, match="rotated online"):
-        quantize_model(model, recipe, _ids(4), "rtn", transforms=[SmoothQuant("down=0.5")])
+    recipe.rotate = "hadamard" if given else "hadamard-smooth"
+    smooth = SmoothQuant("down=0.5") if given else SmoothQuant("qkv=0.5")
+    quantize_model(model, recipe, _ids(4), "rtn", transforms=[smooth])
+    assert len(smooth.scales) == 2
+    assert all(has_online_hadamard(layer.mlp.down_proj) for layer in model.model.layers)
+    assert model.quantscale_recipe.rotate == recipe.rotate
+
+
+def test_hadamard_smooth_refuses_a_second_down_smoothing():
+    recipe = load_recipe("W8A8")
+    recipe.rotate = "hadamard-smooth"
+    with pytest.raises(QuantscaleError, match="drop 'down'"):
+        quantize_model(_llama(torch.float32), recipe, _ids(4), "rtn", 4, [SmoothQuant(0.5)])
+
+
+def test_hadamard_smooth_lowers_w8a8_static_error_with_a_massive_channel():
+    plain, rotated = _w8a8_error(None), _w8a8_error("hadamard")
+    smoothed = _w8a8_error("hadamard-smooth")
+    assert smoothed < 0.5 * plain and smoothed < 0.5 * rotated, (plain, rotated, smoothed)
+
+
+def test_hadamard_smooth_exports_the_online_transform(tmp_path):
+    model, ids = _rotated_w8a8("hadamard-smooth")
+    out = export_model(model, tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(qc["transform_config"]["config_groups"]) == {"R4"}
+    loaded = load_quantized_checkpoint(out)
+    assert loaded.quantscale_recipe.rotate == "hadamard"  # the same online transform
+    assert has_online_hadamard(loaded.model.layers[1].mlp.down_proj)
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-4)
 
 
 def test_quantized_or_unsupported_models_are_refused():
@@ -349,3 +402,18 @@ def test_api_rotates_an_in_memory_model():
     assert model.quantscale_recipe.rotate == "hadamard"
     assert has_online_hadamard(model.model.layers[0].mlp.down_proj)
     assert (_logits(model, ids) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_api_rotates_with_down_smoothing_and_refuses_it_for_mamba(tmp_path):
+    from test_mamba_quant import _tiny_checkpoint
+
+    model = _llama(torch.float32)
+    ids = _ids(seed=1)
+    ref = _logits(model, ids)
+    qs.quantize(model, scheme="W8A8", method="rtn", rotate="hadamard-smooth", calibration=_ids(4))
+    assert model.quantscale_recipe.rotate == "hadamard-smooth"
+    assert has_online_hadamard(model.model.layers[0].mlp.down_proj)
+    assert (_logits(model, ids) - ref).abs().max() < 0.05 * ref.abs().max()
+    model_dir, calib, _ = _tiny_checkpoint(tmp_path)
+    with pytest.raises(QuantscaleError, match="takes --rotate hadamard"):
+        qs.quantize(model_dir, tmp_path / "q", "W8A8", rotate="hadamard-smooth", calibration=calib)

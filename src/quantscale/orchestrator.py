@@ -49,7 +49,7 @@ from quantscale.algorithms.layer import (
     refuse_tied_linears,
 )
 from quantscale.algorithms.lsq import float_targets, learn_input_scales
-from quantscale.algorithms.rotation import check_rotation, rotate_model
+from quantscale.algorithms.rotation import check_rotation, rotate_for
 from quantscale.algorithms.rtn import rtn_quantize
 from quantscale.calibration.activations import has_static_activations, is_static_int
 from quantscale.calibration.sequential import LayerStep, as_batches, layerwise, run_batches
@@ -106,7 +106,7 @@ def quantize_model(
     set_learn_scales(recipe, None, False)  # refuses a recipe with nothing to learn
     algorithm = get_algorithm(method, **method_kwargs)
     if recipe.rotate:  # fused into the float weights before anything is quantized
-        rotate_model(model, recipe.rotate)
+        transforms = rotate_for(model, recipe.rotate, transforms)
     refuse_tied_linears(model, recipe)
     linears = replace_linears(model, recipe)
     if not linears:
@@ -604,6 +604,11 @@ def _quantize_mamba(
         raise QuantscaleError(f"{model_dir}: a Mamba model is quantized by one process")
     if stream:
         raise QuantscaleError(f"{model_dir}: a Mamba model cannot be streamed (omit --stream)")
+    if options.get("rotate") not in (None, "hadamard"):
+        raise QuantscaleError(
+            f"{model_dir}: a Mamba model takes --rotate hadamard (Quamba's out_proj Hadamard), "
+            f"not {options['rotate']!r}"
+        )
     data = options.get("calib_data")
     if data is not None and not isinstance(data, (str, os.PathLike, torch.Tensor)):
         raise QuantscaleError(

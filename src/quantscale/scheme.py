@@ -266,7 +266,8 @@ class Recipe(BaseModel):
     overrides: dict[str, QuantScheme | None] = Field(default_factory=dict)
     kv_cache_scheme: QuantArgs | None = None
     format: str | None = None
-    rotate: Literal["hadamard"] | None = None  # algorithms.rotation, fused before quantizing
+    # algorithms.rotation, fused before quantizing; "hadamard-smooth" reloads as "hadamard"
+    rotate: Literal["hadamard", "hadamard-smooth"] | None = None
     gguf_mix: Literal["Q4_K_M"] | None = None  # GGUF_MIXES: resolved by `place_ggml_blocks`
     learn_scales: LearnScales | None = None  # algorithms.lsq, after each layer's calibration
 

@@ -133,8 +133,9 @@ def add_rotate_option(parser: argparse.ArgumentParser) -> None:
     """--rotate: a rotation fused into the model before quantizing (algorithms.rotation)."""
     parser.add_argument(
         "--rotate",
-        choices=["hadamard"],
+        choices=["hadamard", "hadamard-smooth"],
         default=None,
         help="Hadamard rotations (QuaRot-style) before quantizing: R1 on the residual stream "
-        "and R2 per head fused into the weights, R4 on the down_proj input applied online",
+        "and R2 per head fused into the weights, R4 on the down_proj input applied online; "
+        "hadamard-smooth: SmoothQuant (alpha 0.5) on up_proj -> down_proj before R4 (LLMs)",
     )
