@@ -278,9 +278,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="W8A8 on 8 x 128 tokens")
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
-    unknown = set(args.calib_kernel) - {"aten", "onednn"}
+    from quantscale.runtime.qlinear import MATMUL_KERNELS
+
+    unknown = set(args.calib_kernel) - set(MATMUL_KERNELS)
     if unknown:
-        parser.error(f"--calib-kernel: unknown {sorted(unknown)} (aten, onednn)")
+        parser.error(f"--calib-kernel: unknown {sorted(unknown)} ({', '.join(MATMUL_KERNELS)})")
     if args.quick:
         args.schemes, args.samples, args.seq_len, args.eval_tokens = ["W8A8"], 8, 128, 1024
     payload = {

@@ -11,7 +11,7 @@ from test_awq import calib_ids, hidden, outlier_llama
 from test_streaming import assert_same_checkpoint, make_checkpoint, run
 
 from quantscale.algorithms import get_algorithm
-from quantscale.algorithms.autoround import AutoRound, Rounding, compute_dtype
+from quantscale.algorithms.autoround import AutoRound, Rounding, layer_compute_dtype
 from quantscale.algorithms.layer import quantize_layer
 from quantscale.calibration.sequential import layer_output, layerwise
 from quantscale.cli import main
@@ -95,10 +95,10 @@ def test_targets_follow_the_float_model():
 
 def test_bfloat16_layers_learn_in_bfloat16():
     model = outlier_llama()
-    assert compute_dtype(model) == torch.float32
-    assert compute_dtype(model.to(torch.float16)) == torch.float32
+    assert layer_compute_dtype(model) == torch.float32
+    assert layer_compute_dtype(model.to(torch.float16)) == torch.float32
     ref = outlier_llama().to(torch.bfloat16)
-    assert compute_dtype(ref) == torch.bfloat16
+    assert layer_compute_dtype(ref) == torch.bfloat16
     test_ids = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(2))
     errors = {}
     for method, options in (("rtn", {}), ("autoround", {"steps": STEPS})):

@@ -15,7 +15,7 @@ on the scheme's grid (integers, E2M1 or E4M3: V is added in units of the scale, 
 value rounded to the nearest grid point), with a straight-through estimator for the rounding
 and for the scale (s moves with the clipped range); the loss is the MSE between that target
 and the layer's output with these weights, on one cached calibration batch (a copy of the
-layer and of its inputs, made once per layer, in `compute_dtype`: bfloat16 for a bfloat16
+layer and of its inputs, made once per layer, in `layer_compute_dtype`: bfloat16 for a bfloat16
 model, as AutoRound runs, else float32); every parameter moves by -lr * sign(grad), lr
 decayed linearly to 0, V and the clip factors clamped to their ranges. The parameters of least
 loss seen (the initial RTN point included; each step's loss relative to its batch's RTN loss,
@@ -165,7 +165,7 @@ def _hidden_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
     return tuple((args[0] if args else kwargs["hidden_states"]).shape)
 
 
-def compute_dtype(layer: nn.Module) -> torch.dtype:
+def layer_compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype the layer's forward / backward run in: bfloat16 for a bfloat16 layer (its
     matmuls are ~4x faster than float32 on CPUs with AVX512-BF16; AutoRound runs its blocks
     in bfloat16 too), float32 otherwise (float16's range is too narrow for the gradients)."""
@@ -201,7 +201,7 @@ def layer_loss(
     """A copy of `step.layer` in its compute dtype, its inputs and its float outputs: on
     `float_hidden` (the float model's hidden states at this layer) when given, else on the
     layer's own inputs."""
-    dtype = compute_dtype(step.layer)
+    dtype = layer_compute_dtype(step.layer)
     layer = copy.deepcopy(step.layer).to(dtype)
     layer.requires_grad_(False)
     inputs = [_float_copy(x, dtype) for x in step.inputs]

@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     transforms = [SmoothQuant(args.smooth, objective=args.smooth_objective)] if args.smooth else []
     start = time.perf_counter()
     calib = calibration_tokens(tokenizer, args)
-    kernel = getattr(args, "calib_kernel", "aten")  # absent from namespaces built before it
-    with compute_dtype(torch_dtype(args.calib_dtype)), matmul_kernel(kernel):
+    with compute_dtype(torch_dtype(args.calib_dtype)), matmul_kernel(args.calib_kernel):
         quantize_model(model, recipe, calib, args.method, args.calib_batch_size, transforms)
     seconds = time.perf_counter() - start
     out = save_quantized(model, args.out, tokenizer, overwrite=args.overwrite)
